@@ -1,0 +1,420 @@
+//! One error model for both transports.
+//!
+//! An [`Error`] carries a gRPC [`Code`], a stable machine-readable `reason`
+//! (UPPER_SNAKE, like `USER_NOT_FOUND`), a human `message` and string
+//! `metadata`. It travels to gRPC clients as a `tonic::Status` whose details
+//! hold a `google.rpc.Status` with a `google.rpc.ErrorInfo` (the layout
+//! `tonic-types`, grpc-gateway and Kratos also read), and to HTTP clients as
+//! the matching HTTP status with a JSON body `{code, reason, message,
+//! metadata}`. Each conversion has its inverse, so a client sees the same
+//! error whichever transport it used.
+
+use std::{borrow::Cow, collections::BTreeMap, fmt};
+
+use bytes::Bytes;
+use http::StatusCode;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+pub use tonic::Code;
+
+/// The `ErrorInfo.domain` Trellis writes; readers accept any domain.
+const DOMAIN: &str = "trellis";
+const ERROR_INFO_TYPE: &str = "type.googleapis.com/google.rpc.ErrorInfo";
+
+/// A typed error that both transports render the same way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    code: Code,
+    reason: Cow<'static, str>,
+    message: String,
+    metadata: BTreeMap<String, String>,
+}
+
+impl Error {
+    /// An error with a code, a stable UPPER_SNAKE reason and a message.
+    ///
+    /// `Code::Ok` is not an error; it is recorded as `Code::Unknown`.
+    pub fn new(code: Code, reason: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+        let code = if code == Code::Ok { Code::Unknown } else { code };
+        let reason = reason.into();
+        debug_assert!(is_upper_snake(&reason), "error reason {reason:?} is not UPPER_SNAKE");
+        Error { code, reason, message: message.into(), metadata: BTreeMap::new() }
+    }
+
+    /// INVALID_ARGUMENT for one field: reason `INVALID_FIELD`, metadata `field`.
+    pub fn invalid_argument(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::new(Code::InvalidArgument, "INVALID_FIELD", message).with_metadata("field", field)
+    }
+
+    /// NOT_FOUND with the given reason.
+    pub fn not_found(reason: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+        Error::new(Code::NotFound, reason, message)
+    }
+
+    /// ALREADY_EXISTS with the given reason.
+    pub fn already_exists(reason: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+        Error::new(Code::AlreadyExists, reason, message)
+    }
+
+    /// UNAVAILABLE with reason `UNAVAILABLE`: the caller may retry.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Error::new(Code::Unavailable, "UNAVAILABLE", message)
+    }
+
+    /// INTERNAL with reason `INTERNAL`. Keep details out of `message`; log them.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Error::new(Code::Internal, "INTERNAL", message)
+    }
+
+    /// Adds one metadata entry (builder style).
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// The gRPC status code.
+    pub fn code(&self) -> Code {
+        self.code
+    }
+
+    /// The stable machine-readable reason, e.g. `USER_NOT_FOUND`.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// The human-readable message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Structured context, e.g. `field` for INVALID_ARGUMENT.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// The HTTP status this error maps to.
+    pub fn http_status(&self) -> StatusCode {
+        code_to_http_status(self.code)
+    }
+
+    /// The JSON body an HTTP client receives.
+    pub fn to_body(&self) -> ErrorBody {
+        ErrorBody {
+            code: code_name(self.code).to_owned(),
+            reason: self.reason.to_string(),
+            message: self.message.clone(),
+            metadata: self.metadata.clone(),
+        }
+    }
+
+    /// Rebuilds an error from an HTTP response's status and body.
+    ///
+    /// A body in the Trellis shape is read as is; anything else (a proxy's
+    /// HTML page, an empty body) becomes an error whose code follows the HTTP
+    /// status and whose message is the start of the body.
+    pub fn from_http(status: StatusCode, body: &[u8]) -> Self {
+        if let Ok(parsed) = serde_json::from_slice::<ErrorBody>(body)
+            && let Some(code) = code_from_name(&parsed.code)
+        {
+            let reason = if parsed.reason.is_empty() { code_name(code).to_owned() } else { parsed.reason };
+            return Error {
+                code: if code == Code::Ok { Code::Unknown } else { code },
+                reason: Cow::Owned(reason),
+                message: parsed.message,
+                metadata: parsed.metadata,
+            };
+        }
+        let code = code_from_http_status(status);
+        let text = String::from_utf8_lossy(&body[..body.len().min(1024)]).trim().to_owned();
+        let message = if text.is_empty() {
+            status.canonical_reason().unwrap_or("unknown HTTP status").to_owned()
+        } else {
+            text
+        };
+        Error::new(code, code_name(code), message).with_metadata("http_status", status.as_str())
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", code_name(self.code), self.reason, self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// The JSON body of an error response: `{code, reason, message, metadata}`.
+///
+/// `code` is the gRPC code's canonical name (`NOT_FOUND`); a number is
+/// accepted when reading.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The gRPC code's canonical name, e.g. `INVALID_ARGUMENT`.
+    #[serde(deserialize_with = "code_from_json")]
+    pub code: String,
+    /// The stable machine-readable reason.
+    #[serde(default)]
+    pub reason: String,
+    /// The human-readable message.
+    #[serde(default)]
+    pub message: String,
+    /// Structured context.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+fn code_from_json<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NameOrNumber {
+        Name(String),
+        Number(i32),
+    }
+    Ok(match NameOrNumber::deserialize(d)? {
+        NameOrNumber::Name(name) => name,
+        NameOrNumber::Number(n) => code_name(Code::from_i32(n)).to_owned(),
+    })
+}
+
+impl axum_core::response::IntoResponse for Error {
+    fn into_response(self) -> axum_core::response::Response {
+        let body = serde_json::to_vec(&self.to_body()).unwrap_or_else(|_| b"{}".to_vec());
+        let mut response = axum_core::response::Response::new(axum_core::body::Body::from(body));
+        *response.status_mut() = self.http_status();
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+// google.rpc.Status and google.rpc.ErrorInfo, declared by hand: two small
+// messages do not justify a codegen step or another dependency.
+#[derive(Clone, PartialEq, Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<Any>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct Any {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ErrorInfo {
+    #[prost(string, tag = "1")]
+    reason: String,
+    #[prost(string, tag = "2")]
+    domain: String,
+    #[prost(btree_map = "string, string", tag = "3")]
+    metadata: BTreeMap<String, String>,
+}
+
+impl From<Error> for tonic::Status {
+    fn from(err: Error) -> Self {
+        let info = ErrorInfo { reason: err.reason.to_string(), domain: DOMAIN.to_owned(), metadata: err.metadata };
+        let details = RpcStatus {
+            code: err.code as i32,
+            message: err.message.clone(),
+            details: vec![Any { type_url: ERROR_INFO_TYPE.to_owned(), value: info.encode_to_vec() }],
+        };
+        tonic::Status::with_details(err.code, err.message, Bytes::from(details.encode_to_vec()))
+    }
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        let code = if status.code() == Code::Ok { Code::Unknown } else { status.code() };
+        let info = RpcStatus::decode(status.details())
+            .ok()
+            .and_then(|s| s.details.into_iter().find(|d| d.type_url == ERROR_INFO_TYPE))
+            .and_then(|any| ErrorInfo::decode(any.value.as_slice()).ok());
+        let (reason, metadata) = match info {
+            Some(info) if !info.reason.is_empty() => (Cow::Owned(info.reason), info.metadata),
+            Some(info) => (Cow::Borrowed(code_name(code)), info.metadata),
+            None => (Cow::Borrowed(code_name(code)), BTreeMap::new()),
+        };
+        Error { code, reason, message: status.message().to_owned(), metadata }
+    }
+}
+
+/// The canonical UPPER_SNAKE name of a gRPC code, e.g. `NOT_FOUND`.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+const ALL_CODES: [Code; 17] = [
+    Code::Ok,
+    Code::Cancelled,
+    Code::Unknown,
+    Code::InvalidArgument,
+    Code::DeadlineExceeded,
+    Code::NotFound,
+    Code::AlreadyExists,
+    Code::PermissionDenied,
+    Code::ResourceExhausted,
+    Code::FailedPrecondition,
+    Code::Aborted,
+    Code::OutOfRange,
+    Code::Unimplemented,
+    Code::Internal,
+    Code::Unavailable,
+    Code::DataLoss,
+    Code::Unauthenticated,
+];
+
+fn code_from_name(name: &str) -> Option<Code> {
+    ALL_CODES.into_iter().find(|c| code_name(*c) == name)
+}
+
+/// The HTTP status for a gRPC code (the mapping in `google/rpc/code.proto`).
+pub fn code_to_http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+    }
+}
+
+/// The gRPC code for an HTTP status when the body says nothing better.
+pub fn code_from_http_status(status: StatusCode) -> Code {
+    match status.as_u16() {
+        200..=299 => Code::Ok,
+        400 => Code::InvalidArgument,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::NotFound,
+        408 | 504 => Code::DeadlineExceeded,
+        409 => Code::Aborted,
+        413 | 429 => Code::ResourceExhausted,
+        499 => Code::Cancelled,
+        501 => Code::Unimplemented,
+        502 | 503 => Code::Unavailable,
+        400..=499 => Code::FailedPrecondition,
+        _ => Code::Unknown,
+    }
+}
+
+fn is_upper_snake(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some('A'..='Z'))
+        && chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_error_code() -> impl Strategy<Value = Code> {
+        (1i32..=16).prop_map(Code::from_i32)
+    }
+
+    fn any_error() -> impl Strategy<Value = Error> {
+        (
+            any_error_code(),
+            "[A-Z][A-Z0-9_]{0,40}",
+            any::<String>(),
+            proptest::collection::btree_map("[a-z_]{1,12}", any::<String>(), 0..4),
+        )
+            .prop_map(|(code, reason, message, metadata)| {
+                let mut err = Error::new(code, reason, message);
+                err.metadata = metadata;
+                err
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn survives_grpc_then_http(err in any_error()) {
+            let via_grpc = Error::from(tonic::Status::from(err.clone()));
+            prop_assert_eq!(&via_grpc, &err);
+            let body = serde_json::to_vec(&via_grpc.to_body()).unwrap();
+            let via_http = Error::from_http(via_grpc.http_status(), &body);
+            prop_assert_eq!(&via_http, &err);
+            let back_to_grpc = Error::from(tonic::Status::from(via_http));
+            prop_assert_eq!(back_to_grpc, err);
+        }
+
+        #[test]
+        fn http_status_always_an_error(code in any_error_code()) {
+            let status = code_to_http_status(code);
+            prop_assert!(status.is_client_error() || status.is_server_error());
+        }
+    }
+
+    #[test]
+    fn plain_status_gets_code_name_as_reason() {
+        let err = Error::from(tonic::Status::not_found("no such user"));
+        assert_eq!(err.reason(), "NOT_FOUND");
+        assert_eq!(err.message(), "no such user");
+    }
+
+    #[test]
+    fn foreign_http_body_maps_by_status() {
+        let err = Error::from_http(StatusCode::BAD_GATEWAY, b"<html>bad gateway</html>");
+        assert_eq!(err.code(), Code::Unavailable);
+        assert_eq!(err.message(), "<html>bad gateway</html>");
+        assert_eq!(err.metadata().get("http_status").map(String::as_str), Some("502"));
+    }
+
+    #[test]
+    fn numeric_code_accepted_in_json() {
+        let body = br#"{"code":5,"reason":"USER_NOT_FOUND","message":"gone"}"#;
+        let err = Error::from_http(StatusCode::NOT_FOUND, body);
+        assert_eq!(err.code(), Code::NotFound);
+        assert_eq!(err.reason(), "USER_NOT_FOUND");
+    }
+
+    #[test]
+    fn http_body_has_the_documented_shape() {
+        let err = Error::invalid_argument("email", "bad email");
+        let json: serde_json::Value = serde_json::to_value(err.to_body()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "code": "INVALID_ARGUMENT",
+                "reason": "INVALID_FIELD",
+                "message": "bad email",
+                "metadata": {"field": "email"}
+            })
+        );
+    }
+}

@@ -1,0 +1,31 @@
+//! The vocabulary every Trellis crate shares: the [`Error`] model that both
+//! transports speak, and the service [`lifecycle`].
+//!
+//! Nothing here does I/O. Higher crates (`trellis-transport`, the registry,
+//! telemetry) follow the lifecycle and convert errors at their edges; keeping
+//! both here lets them agree without depending on each other.
+//!
+//! ```
+//! use trellis_core::{Code, Error};
+//!
+//! let err = Error::invalid_argument("email", "email must contain '@'");
+//! assert_eq!(err.code(), Code::InvalidArgument);
+//! assert_eq!(err.reason(), "INVALID_FIELD");
+//! assert_eq!(err.metadata().get("field").map(String::as_str), Some("email"));
+//!
+//! // The same error reaches a gRPC client as a Status ...
+//! let status = tonic::Status::from(err.clone());
+//! assert_eq!(Error::from(status), err);
+//! // ... and an HTTP client as 400 with a JSON body.
+//! assert_eq!(err.http_status(), http::StatusCode::BAD_REQUEST);
+//! ```
+
+#![warn(missing_docs)]
+
+mod error;
+pub mod lifecycle;
+mod server;
+
+pub use error::{Code, Error, ErrorBody, code_from_http_status, code_name, code_to_http_status};
+pub use lifecycle::{Lifecycle, State};
+pub use server::{BoxError, Drain, Server, ServerFuture};

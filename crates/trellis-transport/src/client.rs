@@ -1,0 +1,67 @@
+//! Client channels to one address over HTTP/2.
+//!
+//! Discovery and load balancing (later) wrap the same settings; this is the
+//! direct form, for a known address.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::TransportError;
+
+/// Timeouts and keep-alive for a client channel.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// How long to wait for the TCP connection and HTTP/2 handshake. Default: 3 s.
+    pub connect_timeout: Duration,
+    /// Per-request timeout, also sent as `grpc-timeout` so the server gives
+    /// up at the same time. `None` leaves calls unbounded. Default: 10 s.
+    pub request_timeout: Option<Duration>,
+    /// HTTP/2 keep-alive ping interval; `None` disables pings. Default: 30 s.
+    pub keepalive_interval: Option<Duration>,
+    /// How long to wait for a ping's ack before the connection is closed. Default: 10 s.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Some(Duration::from_secs(10)),
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+fn endpoint(target: &str, config: &ClientConfig) -> Result<Endpoint, TransportError> {
+    let uri = if target.contains("://") { target.to_owned() } else { format!("http://{target}") };
+    let mut endpoint = Endpoint::from_shared(uri.clone())
+        .map_err(|e| TransportError::InvalidUri { uri, reason: e.to_string() })?
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true)
+        .keep_alive_timeout(config.keepalive_timeout)
+        .keep_alive_while_idle(config.keepalive_interval.is_some());
+    if let Some(interval) = config.keepalive_interval {
+        endpoint = endpoint.http2_keep_alive_interval(interval);
+    }
+    if let Some(timeout) = config.request_timeout {
+        endpoint = endpoint.timeout(timeout);
+    }
+    Ok(endpoint)
+}
+
+/// Connects to `target` (`host:port` or `http://host:port`) and returns a
+/// channel for generated tonic clients; fails if the connection cannot be
+/// made within the connect timeout.
+pub async fn connect(target: &str, config: &ClientConfig) -> Result<Channel, TransportError> {
+    endpoint(target, config)?
+        .connect()
+        .await
+        .map_err(|source| TransportError::Connect { uri: target.to_owned(), source })
+}
+
+/// Like [`connect`], but connects on first use and reconnects as needed.
+pub fn connect_lazy(target: &str, config: &ClientConfig) -> Result<Channel, TransportError> {
+    Ok(endpoint(target, config)?.connect_lazy())
+}

@@ -1,0 +1,284 @@
+//! The shared-port server: accept loop, per-connection protocol detection,
+//! and graceful drain.
+
+use std::{convert::Infallible, net::SocketAddr, time::Duration};
+
+use axum::{Router, extract::DefaultBodyLimit};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+    service::TowerToHyperService,
+};
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tonic::{server::NamedService, service::RoutesBuilder};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use trellis_core::{BoxError, Drain, Server, ServerFuture, State};
+
+use crate::{
+    Limits, ServerConfig, TransportError,
+    health::{self, LifecycleHealth},
+    steer::Steer,
+};
+
+/// Builds a [`GrpcHttpServer`]: add tonic services, descriptor sets for
+/// reflection, and an axum router, then [`bind`](Self::bind).
+pub struct GrpcHttpServerBuilder {
+    config: ServerConfig,
+    routes: RoutesBuilder,
+    service_names: Vec<String>,
+    descriptor_sets: Vec<&'static [u8]>,
+    http: Router,
+}
+
+impl GrpcHttpServerBuilder {
+    /// Adds a generated tonic service (e.g. `UserServiceServer::new(svc)`).
+    /// Its health status follows the lifecycle under its full name.
+    pub fn grpc_service<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<http::Request<tonic::body::Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.service_names.push(S::NAME.to_owned());
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Registers an encoded `FileDescriptorSet` (as produced by protox or
+    /// `tonic-prost-build`) with the reflection service.
+    pub fn file_descriptor_set(mut self, encoded: &'static [u8]) -> Self {
+        self.descriptor_sets.push(encoded);
+        self
+    }
+
+    /// Merges routes into the HTTP side. The probe paths (`/livez`,
+    /// `/readyz`, `/startupz`) are reserved.
+    pub fn http_router(mut self, router: Router) -> Self {
+        self.http = self.http.merge(router);
+        self
+    }
+
+    /// Binds the listeners. A taken or invalid address fails here, before
+    /// anything starts.
+    pub async fn bind(self) -> Result<GrpcHttpServer, TransportError> {
+        let (probes, probes_rx) = watch::channel(State::Starting);
+        let closed = CancellationToken::new();
+        let health_service = LifecycleHealth::new(&self.service_names, probes_rx.clone(), closed.clone());
+
+        let reflection = || {
+            self.descriptor_sets.iter().fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                |b, fds| b.register_encoded_file_descriptor_set(fds),
+            )
+        };
+        let reflection_v1 = reflection().build_v1().map_err(|e| TransportError::Reflection(e.to_string()))?;
+        let reflection_v1alpha =
+            reflection().build_v1alpha().map_err(|e| TransportError::Reflection(e.to_string()))?;
+
+        let mut routes = self.routes;
+        routes.add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
+        let grpc = routes.routes().prepare().into_axum_router();
+
+        let http = self
+            .http
+            .merge(health::probe_router(probes_rx.clone()))
+            .layer(DefaultBodyLimit::max(self.config.limits.max_body_bytes));
+
+        let listener = bind(self.config.listen).await?;
+        let local_addr = listener.local_addr().map_err(|source| TransportError::Bind { addr: self.config.listen, source })?;
+        let admin = match self.config.admin_listen {
+            Some(addr) => {
+                let l = bind(addr).await?;
+                let a = l.local_addr().map_err(|source| TransportError::Bind { addr, source })?;
+                Some((l, a))
+            }
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|(_, a)| *a);
+
+        Ok(GrpcHttpServer {
+            listener,
+            local_addr,
+            admin,
+            admin_addr,
+            steer: Steer { grpc, http, timeout: self.config.limits.request_timeout },
+            admin_steer: Steer {
+                grpc: tonic::service::Routes::default().into_axum_router(),
+                http: health::probe_router(probes_rx),
+                timeout: self.config.limits.request_timeout,
+            },
+            probes,
+            closed,
+            service_names: self.service_names,
+            limits: self.config.limits,
+        })
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, TransportError> {
+    TcpListener::bind(addr).await.map_err(|source| TransportError::Bind { addr, source })
+}
+
+/// gRPC and HTTP on one bound port (plus an optional admin port), ready to
+/// be run by a `trellis::App` (it implements [`trellis_core::Server`]).
+pub struct GrpcHttpServer {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    admin: Option<(TcpListener, SocketAddr)>,
+    admin_addr: Option<SocketAddr>,
+    steer: Steer,
+    admin_steer: Steer,
+    probes: watch::Sender<State>,
+    closed: CancellationToken,
+    service_names: Vec<String>,
+    limits: Limits,
+}
+
+impl GrpcHttpServer {
+    /// Starts building a server.
+    pub fn builder(config: ServerConfig) -> GrpcHttpServerBuilder {
+        GrpcHttpServerBuilder {
+            config,
+            routes: RoutesBuilder::default(),
+            service_names: Vec::new(),
+            descriptor_sets: Vec::new(),
+            http: Router::new(),
+        }
+    }
+
+    /// The bound address of the main (gRPC + HTTP) listener.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The bound address of the admin listener, if one was configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The full names of the gRPC services this server reports health for.
+    pub fn service_names(&self) -> &[String] {
+        &self.service_names
+    }
+}
+
+impl Server for GrpcHttpServer {
+    fn describe(&self) -> String {
+        match self.admin_addr {
+            Some(admin) => format!("grpc+http {} (admin {admin})", self.local_addr),
+            None => format!("grpc+http {}", self.local_addr),
+        }
+    }
+
+    fn serve(self: Box<Self>, lifecycle: watch::Receiver<State>, drain: Drain) -> ServerFuture {
+        Box::pin(async move {
+            let this = *self;
+            tokio::spawn(follow_lifecycle(lifecycle, this.probes));
+            let (closed, watching) = (this.closed, drain.clone());
+            tokio::spawn(async move {
+                watching.started().await;
+                closed.cancel();
+            });
+            let builder = connection_builder(&this.limits);
+            let main = accept_loop(this.listener, this.local_addr, this.steer, builder.clone(), drain.clone());
+            match this.admin {
+                Some((listener, addr)) => {
+                    let admin = accept_loop(listener, addr, this.admin_steer, builder, drain);
+                    tokio::join!(main, admin);
+                }
+                None => main.await,
+            }
+            Ok::<(), BoxError>(())
+        })
+    }
+}
+
+fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper refuses buffers below 8 KiB.
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(limits.http2_keepalive_interval)
+        .keep_alive_timeout(limits.http2_keepalive_timeout);
+    builder
+}
+
+/// Accepts connections until the drain starts, then closes the listener (new
+/// connections are refused from that moment), asks every connection to
+/// finish (GOAWAY on HTTP/2, close-after-response on HTTP/1.1) and waits up
+/// to the grace period before cutting the rest.
+async fn accept_loop(
+    listener: TcpListener,
+    addr: SocketAddr,
+    steer: Steer,
+    builder: auto::Builder<TokioExecutor>,
+    drain: Drain,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = drain.started() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(pair) => pair,
+                    Err(err) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(%addr, error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if let Err(err) = stream.set_nodelay(true) {
+                    debug!(%peer, error = %err, "cannot set TCP_NODELAY");
+                }
+                let service = TowerToHyperService::new(steer.clone());
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                let connection = graceful.watch(connection);
+                connections.spawn(async move {
+                    if let Err(err) = connection.await {
+                        debug!(%peer, error = %err, "connection closed with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    let open = connections.len();
+    info!(%addr, open_connections = open, grace = ?drain.grace(), "draining");
+    if tokio::time::timeout(drain.grace(), graceful.shutdown()).await.is_err() {
+        warn!(%addr, remaining = connections.len(), "grace period over; closing remaining connections");
+        connections.abort_all();
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+/// Mirrors the instance lifecycle into the server's own state channel (read
+/// by probes and gRPC health) until the lifecycle's owner goes away.
+async fn follow_lifecycle(mut lifecycle: watch::Receiver<State>, probes: watch::Sender<State>) {
+    loop {
+        let state = *lifecycle.borrow_and_update();
+        probes.send_replace(state);
+        if state == State::Stopped || lifecycle.changed().await.is_err() {
+            return;
+        }
+    }
+}

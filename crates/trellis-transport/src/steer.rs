@@ -1,0 +1,125 @@
+//! Routes each request on the shared port by content type, under a deadline.
+//!
+//! gRPC requests (`content-type: application/grpc*`) go to the tonic routes,
+//! everything else to the axum router. Steering by content type rather than
+//! by path lets a later JSON face of an RPC (`POST /pkg.Service/Method` with
+//! a JSON body) live on the HTTP side under the same path as the gRPC method.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::{body::Body, response::IntoResponse};
+use http::{HeaderMap, Request, Response};
+use tower::Service;
+use trellis_core::{Code, Error};
+
+/// Whether a request is gRPC, by its content type.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The per-connection service: gRPC or HTTP, with the request timeout.
+#[derive(Clone)]
+pub(crate) struct Steer {
+    pub(crate) grpc: axum::Router,
+    pub(crate) http: axum::Router,
+    pub(crate) timeout: Option<Duration>,
+}
+
+impl<B> Service<Request<B>> for Steer
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Both routers are always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let grpc = is_grpc(req.headers());
+        let timeout = if grpc {
+            let caller = req.headers().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
+            match (self.timeout, caller) {
+                (Some(own), Some(theirs)) => Some(own.min(theirs)),
+                (own, theirs) => own.or(theirs),
+            }
+        } else {
+            self.timeout
+        };
+        let fut = if grpc { self.grpc.call(req) } else { self.http.call(req) };
+        Box::pin(async move {
+            let Some(timeout) = timeout else { return fut.await };
+            match tokio::time::timeout(timeout, fut).await {
+                Ok(response) => response,
+                Err(_) if grpc => Ok(tonic::Status::new(
+                    Code::DeadlineExceeded,
+                    format!("request did not complete within {timeout:?}"),
+                )
+                .into_http()),
+                Err(_) => Ok(Error::new(
+                    Code::DeadlineExceeded,
+                    "REQUEST_TIMEOUT",
+                    format!("request did not complete within {timeout:?}"),
+                )
+                .into_response()),
+            }
+        })
+    }
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H M S m u n).
+pub(crate) fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeouts() {
+        assert_eq!(parse_grpc_timeout(b"100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout(b"99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(parse_grpc_timeout(b"123456789S"), None, "more than 8 digits");
+        assert_eq!(parse_grpc_timeout(b"S"), None);
+        assert_eq!(parse_grpc_timeout(b"10x"), None);
+        assert_eq!(parse_grpc_timeout(b""), None);
+    }
+
+    #[test]
+    fn recognises_grpc_content_types() {
+        let mut h = HeaderMap::new();
+        assert!(!is_grpc(&h));
+        h.insert(http::header::CONTENT_TYPE, "application/grpc+proto".parse().unwrap());
+        assert!(is_grpc(&h));
+        h.insert(http::header::CONTENT_TYPE, "application/json".parse().unwrap());
+        assert!(!is_grpc(&h));
+    }
+}

@@ -1,0 +1,174 @@
+//! The App lifecycle seen from outside, over real sockets: gRPC health,
+//! HTTP probes, and graceful drain.
+
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::sync::oneshot;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use trellis::{
+    App, State,
+    transport::{GrpcHttpServer, ServerConfig},
+};
+use trellis_testkit::http;
+
+async fn grpc_status(addr: SocketAddr) -> ServingStatus {
+    let channel = trellis::transport::connect(&addr.to_string(), &Default::default()).await.unwrap();
+    let res = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    res.into_inner().status()
+}
+
+async fn wait_for(rx: &mut tokio::sync::watch::Receiver<State>, state: State) {
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| *s == state)).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_not_serving_then_serving_then_not_serving() {
+    let server = GrpcHttpServer::builder(ServerConfig::default()).bind().await.unwrap();
+    let addr = server.local_addr();
+    let (gate_tx, gate_rx) = oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let app = App::builder("probe-test")
+        .server(server)
+        .after_start(|| async move { gate_rx.await.map_err(|e| e.to_string()) })
+        // Long enough to observe the draining state while still accepting.
+        .pre_stop_delay(Duration::from_millis(1500))
+        .build();
+    let mut lifecycle = app.lifecycle();
+    let running = tokio::spawn(app.run_until(async move {
+        let _ = stop_rx.await;
+    }));
+
+    // Starting: serving connections, but not ready.
+    assert_eq!(grpc_status(addr).await, ServingStatus::NotServing);
+    assert_eq!(http::get(addr, "/readyz").await.unwrap().status, 503);
+    assert_eq!(http::get(addr, "/startupz").await.unwrap().status, 503);
+    assert_eq!(http::get(addr, "/livez").await.unwrap().status, 200);
+
+    // A watcher sees every transition from here on.
+    let channel = trellis::transport::connect(&addr.to_string(), &Default::default()).await.unwrap();
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::NotServing);
+
+    gate_tx.send(()).unwrap();
+    wait_for(&mut lifecycle, State::Ready).await;
+    assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
+    assert_eq!(grpc_status(addr).await, ServingStatus::Serving);
+    let ready = http::get(addr, "/readyz").await.unwrap();
+    assert_eq!(ready.status, 200);
+    assert!(ready.body.contains("\"ready\""), "{}", ready.body);
+    assert_eq!(http::get(addr, "/startupz").await.unwrap().status, 200);
+
+    stop_tx.send(()).unwrap();
+    wait_for(&mut lifecycle, State::Draining).await;
+    assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::NotServing);
+    // During the pre-stop delay the server still answers, but is not ready.
+    assert_eq!(grpc_status(addr).await, ServingStatus::NotServing);
+    assert_eq!(http::get(addr, "/readyz").await.unwrap().status, 503);
+    assert_eq!(http::get(addr, "/livez").await.unwrap().status, 200);
+
+    running.await.unwrap().unwrap();
+    assert_eq!(*lifecycle.borrow(), State::Stopped);
+}
+
+fn slow_server_router() -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/slow",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                "done"
+            }),
+        )
+        .route(
+            "/forever",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                "never"
+            }),
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_in_flight_and_refuses_new_connections() {
+    let server = GrpcHttpServer::builder(ServerConfig::default()).http_router(slow_server_router()).bind().await.unwrap();
+    let addr = server.local_addr();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let app = App::builder("drain-test").server(server).shutdown_timeout(Duration::from_secs(5)).build();
+    let mut lifecycle = app.lifecycle();
+    let running = tokio::spawn(app.run_until(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_for(&mut lifecycle, State::Ready).await;
+
+    let in_flight = tokio::spawn(http::get(addr, "/slow"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    stop_tx.send(()).unwrap();
+    wait_for(&mut lifecycle, State::Draining).await;
+    // Give the accept loop a moment to close the listener.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = tokio::net::TcpStream::connect(addr).await;
+    assert!(refused.is_err(), "a new connection was accepted after draining began");
+
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, "done");
+    running.await.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "drain waited for the full timeout: {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_cuts_requests_that_outlive_the_shutdown_timeout() {
+    let server = GrpcHttpServer::builder(ServerConfig::default()).http_router(slow_server_router()).bind().await.unwrap();
+    let addr = server.local_addr();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let app = App::builder("deadline-test").server(server).shutdown_timeout(Duration::from_millis(500)).build();
+    let mut lifecycle = app.lifecycle();
+    let running = tokio::spawn(app.run_until(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_for(&mut lifecycle, State::Ready).await;
+    let stuck = tokio::spawn(http::get(addr, "/forever"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let started = std::time::Instant::now();
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(3), running).await.expect("app did not stop near its deadline").unwrap().unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    let cut = stuck.await.unwrap();
+    assert!(cut.is_err() || cut.as_ref().is_ok_and(|r| r.status != 200), "stuck request completed: {cut:?}");
+}
+
+#[tokio::test]
+async fn failing_start_hook_stops_the_app_with_its_stage() {
+    let server = GrpcHttpServer::builder(ServerConfig::default()).bind().await.unwrap();
+    let app = App::builder("hook-test")
+        .server(server)
+        .before_start(|| async { Err::<(), _>("database unreachable") })
+        .build();
+    let err = app.run_until(std::future::pending()).await.unwrap_err();
+    assert_eq!(err.to_string(), "before_start hook failed: database unreachable");
+}
+
+#[tokio::test]
+async fn request_timeout_answers_504_with_the_error_body() {
+    let mut config = ServerConfig::default();
+    config.limits.request_timeout = Some(Duration::from_millis(100));
+    let server = GrpcHttpServer::builder(config).http_router(slow_server_router()).bind().await.unwrap();
+    let addr = server.local_addr();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let running = tokio::spawn(App::builder("timeout-test").server(server).build().run_until(async move {
+        let _ = stop_rx.await;
+    }));
+    let res = http::get(addr, "/slow").await.unwrap();
+    assert_eq!(res.status, 504);
+    let body: serde_json::Value = serde_json::from_str(&res.body).unwrap();
+    assert_eq!(body["code"], "DEADLINE_EXCEEDED");
+    assert_eq!(body["reason"], "REQUEST_TIMEOUT");
+    stop_tx.send(()).unwrap();
+    running.await.unwrap().unwrap();
+}
