@@ -1,0 +1,162 @@
+//! The `trellis` binary end to end: real processes, real ports, real signals.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use shop_user::api::v1::{CreateUserRequest, GetUserRequest, User, user_service_client::UserServiceClient};
+use trellis_testkit::http;
+
+/// A `trellis` child process, killed if the test ends early.
+struct Trellis(Child, BufReader<std::process::ChildStdout>);
+
+impl Drop for Trellis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Trellis {
+    fn spawn(args: &[&str]) -> Trellis {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // One reader for the life of the child: a reader per call could
+        // buffer (and lose) lines past the one it returns.
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Trellis(child, stdout)
+    }
+
+    /// Reads stdout until a line starting with `prefix`, returns that line.
+    fn line_starting_with(&mut self, prefix: &str) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.1.read_line(&mut line).unwrap();
+            assert!(n > 0, "trellis exited before printing {prefix:?}: {}", self.stderr());
+            if line.starts_with(prefix) {
+                return line;
+            }
+        }
+    }
+
+    fn stderr(&mut self) -> String {
+        use std::io::Read;
+        let mut s = String::new();
+        if let Some(mut e) = self.0.stderr.take() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+
+    fn signal(&self, signal: i32) {
+        unsafe {
+            libc::kill(self.0.id() as i32, signal);
+        }
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "trellis did not exit within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+async fn wait_ready(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if http::get(addr, "/readyz").await.is_ok_and(|r| r.status == 200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{addr} never became ready");
+}
+
+async fn create_and_get(addr: SocketAddr) {
+    let channel = trellis::transport::connect(&addr.to_string(), &Default::default()).await.unwrap();
+    let mut client = UserServiceClient::new(channel);
+    let created = client
+        .create_user(CreateUserRequest {
+            user: Some(User { email: "grace@example.com".into(), display_name: "Grace".into(), ..Default::default() }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = client.get_user(GetUserRequest { id: created.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(got, created);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_the_shop_and_exits_zero_on_sigterm() {
+    let data = tempfile::tempdir().unwrap();
+    let mut trellis = Trellis::spawn(&["up", "--base-port", "0", "--data-dir", data.path().to_str().unwrap()]);
+    trellis.line_starting_with("SERVICE");
+    let row = trellis.line_starting_with("user");
+    let addr: SocketAddr = row.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(row.contains(&format!("http://{addr}/readyz")), "{row}");
+
+    wait_ready(addr).await;
+    create_and_get(addr).await;
+    assert!(data.path().join("user.db").exists(), "user data is not under --data-dir");
+
+    trellis.signal(libc::SIGTERM);
+    let status = trellis.wait(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "stderr: {}", trellis.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_one_service_and_exits_zero_on_sigint() {
+    let data = tempfile::tempdir().unwrap();
+    let port = trellis_testkit::free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let mut trellis = Trellis::spawn(&["serve", "user", "--listen", &listen, "--data-dir", data.path().to_str().unwrap()]);
+    trellis.line_starting_with("user serving");
+    let addr: SocketAddr = listen.parse().unwrap();
+    wait_ready(addr).await;
+    create_and_get(addr).await;
+    trellis.signal(libc::SIGINT);
+    assert_eq!(trellis.wait(Duration::from_secs(15)).code(), Some(0), "stderr: {}", trellis.stderr());
+}
+
+#[test]
+fn a_taken_port_names_the_port_and_the_flag() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["serve", "user", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", data.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("port {port} is already in use")), "{stderr}");
+    assert!(stderr.contains("--listen"), "{stderr}");
+}
+
+#[test]
+fn a_bad_database_url_names_it() {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["serve", "user", "--listen", "127.0.0.1:0", "--data-dir", data.path().to_str().unwrap()])
+        .args(["--database-url", "mysql://nowhere/shop"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mysql://nowhere/shop"), "{stderr}");
+}
