@@ -163,7 +163,7 @@ async fn up(data_dir: PathBuf, host: std::net::IpAddr, base_port: u16, shutdown:
         started.push((service, s));
     }
 
-    println!("{:<10} {:<22} {}", "SERVICE", "ADDRESS", "HEALTH");
+    println!("{:<10} {:<22} HEALTH", "SERVICE", "ADDRESS");
     for (service, s) in &started {
         println!("{:<10} {:<22} http://{}/readyz", service.name(), s.addr, s.addr);
     }

@@ -327,7 +327,7 @@ pub fn code_from_http_status(status: StatusCode) -> Code {
         499 => Code::Cancelled,
         501 => Code::Unimplemented,
         502 | 503 => Code::Unavailable,
-        400..=499 => Code::FailedPrecondition,
+        402..=499 => Code::FailedPrecondition,
         _ => Code::Unknown,
     }
 }

@@ -1,8 +1,11 @@
 //! The App lifecycle seen from outside, over real sockets: gRPC health,
 //! HTTP probes, and graceful drain.
 
+mod support;
+
 use std::{net::SocketAddr, time::Duration};
 
+use support::Running;
 use tokio::sync::oneshot;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use trellis::{
@@ -17,26 +20,18 @@ async fn grpc_status(addr: SocketAddr) -> ServingStatus {
     res.into_inner().status()
 }
 
-async fn wait_for(rx: &mut tokio::sync::watch::Receiver<State>, state: State) {
-    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| *s == state)).await.unwrap().unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_not_serving_then_serving_then_not_serving() {
     let server = GrpcHttpServer::builder(ServerConfig::default()).bind().await.unwrap();
     let addr = server.local_addr();
     let (gate_tx, gate_rx) = oneshot::channel::<()>();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let app = App::builder("probe-test")
         .server(server)
         .after_start(|| async move { gate_rx.await.map_err(|e| e.to_string()) })
         // Long enough to observe the draining state while still accepting.
         .pre_stop_delay(Duration::from_millis(1500))
         .build();
-    let mut lifecycle = app.lifecycle();
-    let running = tokio::spawn(app.run_until(async move {
-        let _ = stop_rx.await;
-    }));
+    let mut running = Running::spawn(app);
 
     // Starting: serving connections, but not ready.
     assert_eq!(grpc_status(addr).await, ServingStatus::NotServing);
@@ -54,7 +49,7 @@ async fn health_reports_not_serving_then_serving_then_not_serving() {
     assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::NotServing);
 
     gate_tx.send(()).unwrap();
-    wait_for(&mut lifecycle, State::Ready).await;
+    running.wait_for(State::Ready).await;
     assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
     assert_eq!(grpc_status(addr).await, ServingStatus::Serving);
     let ready = http::get(addr, "/readyz").await.unwrap();
@@ -62,15 +57,16 @@ async fn health_reports_not_serving_then_serving_then_not_serving() {
     assert!(ready.body.contains("\"ready\""), "{}", ready.body);
     assert_eq!(http::get(addr, "/startupz").await.unwrap().status, 200);
 
-    stop_tx.send(()).unwrap();
-    wait_for(&mut lifecycle, State::Draining).await;
+    running.begin_stop();
+    running.wait_for(State::Draining).await;
     assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::NotServing);
     // During the pre-stop delay the server still answers, but is not ready.
     assert_eq!(grpc_status(addr).await, ServingStatus::NotServing);
     assert_eq!(http::get(addr, "/readyz").await.unwrap().status, 503);
     assert_eq!(http::get(addr, "/livez").await.unwrap().status, 200);
 
-    running.await.unwrap().unwrap();
+    let lifecycle = running.lifecycle.clone();
+    running.join().await.unwrap();
     assert_eq!(*lifecycle.borrow(), State::Stopped);
 }
 
@@ -96,19 +92,14 @@ fn slow_server_router() -> axum::Router {
 async fn drain_finishes_in_flight_and_refuses_new_connections() {
     let server = GrpcHttpServer::builder(ServerConfig::default()).http_router(slow_server_router()).bind().await.unwrap();
     let addr = server.local_addr();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let app = App::builder("drain-test").server(server).shutdown_timeout(Duration::from_secs(5)).build();
-    let mut lifecycle = app.lifecycle();
-    let running = tokio::spawn(app.run_until(async move {
-        let _ = stop_rx.await;
-    }));
-    wait_for(&mut lifecycle, State::Ready).await;
+    let mut running =
+        Running::ready(App::builder("drain-test").server(server).shutdown_timeout(Duration::from_secs(5)).build()).await;
 
     let in_flight = tokio::spawn(http::get(addr, "/slow"));
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
-    stop_tx.send(()).unwrap();
-    wait_for(&mut lifecycle, State::Draining).await;
+    running.begin_stop();
+    running.wait_for(State::Draining).await;
     // Give the accept loop a moment to close the listener.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let refused = tokio::net::TcpStream::connect(addr).await;
@@ -117,7 +108,7 @@ async fn drain_finishes_in_flight_and_refuses_new_connections() {
     let response = in_flight.await.unwrap().unwrap();
     assert_eq!(response.status, 200);
     assert_eq!(response.body, "done");
-    running.await.unwrap().unwrap();
+    running.join().await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(5), "drain waited for the full timeout: {:?}", started.elapsed());
 }
 
@@ -125,19 +116,14 @@ async fn drain_finishes_in_flight_and_refuses_new_connections() {
 async fn drain_cuts_requests_that_outlive_the_shutdown_timeout() {
     let server = GrpcHttpServer::builder(ServerConfig::default()).http_router(slow_server_router()).bind().await.unwrap();
     let addr = server.local_addr();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let app = App::builder("deadline-test").server(server).shutdown_timeout(Duration::from_millis(500)).build();
-    let mut lifecycle = app.lifecycle();
-    let running = tokio::spawn(app.run_until(async move {
-        let _ = stop_rx.await;
-    }));
-    wait_for(&mut lifecycle, State::Ready).await;
+    let running =
+        Running::ready(App::builder("deadline-test").server(server).shutdown_timeout(Duration::from_millis(500)).build())
+            .await;
     let stuck = tokio::spawn(http::get(addr, "/forever"));
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let started = std::time::Instant::now();
-    stop_tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(3), running).await.expect("app did not stop near its deadline").unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(3), running.stop()).await.expect("app did not stop near its deadline").unwrap();
     assert!(started.elapsed() >= Duration::from_millis(500));
     let cut = stuck.await.unwrap();
     assert!(cut.is_err() || cut.as_ref().is_ok_and(|r| r.status != 200), "stuck request completed: {cut:?}");
@@ -160,15 +146,11 @@ async fn request_timeout_answers_504_with_the_error_body() {
     config.limits.request_timeout = Some(Duration::from_millis(100));
     let server = GrpcHttpServer::builder(config).http_router(slow_server_router()).bind().await.unwrap();
     let addr = server.local_addr();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let running = tokio::spawn(App::builder("timeout-test").server(server).build().run_until(async move {
-        let _ = stop_rx.await;
-    }));
+    let running = Running::ready(App::builder("timeout-test").server(server).build()).await;
     let res = http::get(addr, "/slow").await.unwrap();
     assert_eq!(res.status, 504);
     let body: serde_json::Value = serde_json::from_str(&res.body).unwrap();
     assert_eq!(body["code"], "DEADLINE_EXCEEDED");
     assert_eq!(body["reason"], "REQUEST_TIMEOUT");
-    stop_tx.send(()).unwrap();
-    running.await.unwrap().unwrap();
+    running.stop().await.unwrap();
 }

@@ -86,7 +86,7 @@ impl SqlUserRepo {
         let connect = |source| StoreError::Connect { url: shown.clone(), source };
         #[cfg(feature = "sqlite")]
         if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
-            use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+            use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
             if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|e| connect(sqlx::Error::Io(e)))?;
             }
@@ -96,27 +96,13 @@ impl SqlUserRepo {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(5));
-            let pool = SqlitePoolOptions::new()
-                .max_connections(max_connections.max(1))
-                .acquire_timeout(Duration::from_secs(5))
-                .connect_with(options)
-                .await
-                .map_err(connect)?;
-            migrator().run(&pool).await.map_err(|source| StoreError::Migrate { url: shown.clone(), source })?;
-            return Ok(SqlUserRepo::Sqlite(pool));
+            return Ok(SqlUserRepo::Sqlite(open_pool(options, max_connections, &shown).await?));
         }
         #[cfg(feature = "postgres")]
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+            use sqlx::postgres::PgConnectOptions;
             let options: PgConnectOptions = url.parse().map_err(connect)?;
-            let pool = PgPoolOptions::new()
-                .max_connections(max_connections.max(1))
-                .acquire_timeout(Duration::from_secs(5))
-                .connect_with(options)
-                .await
-                .map_err(connect)?;
-            migrator().run(&pool).await.map_err(|source| StoreError::Migrate { url: shown.clone(), source })?;
-            return Ok(SqlUserRepo::Postgres(pool));
+            return Ok(SqlUserRepo::Postgres(open_pool(options, max_connections, &shown).await?));
         }
         #[cfg(not(any(feature = "sqlite", feature = "postgres")))]
         let _ = connect;
@@ -127,6 +113,26 @@ impl SqlUserRepo {
     pub async fn close(&self) {
         with_pool!(self, pool => pool.close().await)
     }
+}
+
+/// Opens a pool of at most `max_connections` and applies the migrations.
+async fn open_pool<DB>(
+    options: <DB::Connection as sqlx::Connection>::Options,
+    max_connections: u32,
+    shown: &str,
+) -> Result<sqlx::Pool<DB>, StoreError>
+where
+    DB: sqlx::Database,
+    DB::Connection: sqlx::migrate::Migrate,
+{
+    let pool = sqlx::pool::PoolOptions::<DB>::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .map_err(|source| StoreError::Connect { url: shown.to_owned(), source })?;
+    migrator().run(&pool).await.map_err(|source| StoreError::Migrate { url: shown.to_owned(), source })?;
+    Ok(pool)
 }
 
 /// The URL with any password replaced, for messages and logs.

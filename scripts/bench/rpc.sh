@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GetUser over gRPC: the Trellis server (`trellis serve user`) against the
+# same handler on a bare tonic server, with the same load generator in the
+# same run. Rounds alternate (bare, trellis, bare, trellis, ...) over one
+# SQLite database; the server is pinned to CPU 1, the load generator to CPU 0.
+#
+#   scripts/bench/rpc.sh            # defaults: 3 rounds x 10 s, 32 callers, 4 connections
+#   ROUNDS=5 SECS=20 CONC=64 CONNS=8 scripts/bench/rpc.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROUNDS=${ROUNDS:-3}; SECS=${SECS:-10}; CONC=${CONC:-32}; CONNS=${CONNS:-4}
+cargo build --release -q -p trellis-cli --bin trellis
+cargo build --release -q -p shop-user --example bare_tonic --example grpc_load
+bin=target/release
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+pin() { if command -v taskset >/dev/null; then exec taskset -c "$1" "${@:2}"; else exec "${@:2}"; fi; }
+wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+run_bare() {
+  pin 1 "$bin/examples/bare_tonic" 127.0.0.1:19100 "sqlite://$work/user.db" > "$work/bare.out" 2>&1 &
+  local pid=$!; pids+=("$pid")
+  for _ in $(seq 200); do grep -q seeded "$work/bare.out" 2>/dev/null && break; sleep 0.05; done
+  wait_port 19100
+  id=$(awk '/seeded/{print $2}' "$work/bare.out")
+  echo "bare-tonic $( pin 0 "$bin/examples/grpc_load" 127.0.0.1:19100 "$id" "$CONC" "$CONNS" "$SECS")"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+
+run_trellis() {
+  RUST_LOG=warn pin 1 "$bin/trellis" serve user --listen 127.0.0.1:19101 --data-dir "$work" > "$work/trellis.out" 2>&1 &
+  local pid=$!; pids+=("$pid")
+  wait_port 19101
+  echo "trellis    $( pin 0 "$bin/examples/grpc_load" 127.0.0.1:19101 "$id" "$CONC" "$CONNS" "$SECS")"
+  if ! kill -TERM "$pid" 2>/dev/null; then echo "trellis exited early:" >&2; cat "$work/trellis.out" >&2; fi
+  wait "$pid" 2>/dev/null || true
+}
+
+echo "GetUser, ${CONC} callers over ${CONNS} connections, ${SECS}s per run, ${ROUNDS} rounds"
+for _ in $(seq "$ROUNDS"); do run_bare; run_trellis; done | tee "$work/results"
+awk '{ for (i=2;i<=NF;i++) { split($i,kv,"="); if (kv[1]=="rps") { s[$1]+=kv[2]; n[$1]++ } } }
+     END { b=s["bare-tonic"]/n["bare-tonic"]; t=s["trellis"]/n["trellis"];
+           printf "mean rps: bare-tonic %.0f, trellis %.0f, ratio trellis/bare %.3f\n", b, t, t/b }' "$work/results"
