@@ -102,13 +102,26 @@ pub struct Engine {
 impl Engine {
     /// Spawns `command` as a new process group with its output in a log file
     /// under `dir`. The process also dies if the test process dies.
-    pub(crate) fn spawn(
-        name: &'static str,
-        mut command: Command,
-        dir: tempfile::TempDir,
-    ) -> Result<Engine, TestkitError> {
+    pub(crate) fn spawn(name: &'static str, command: Command, dir: tempfile::TempDir) -> Result<Engine, TestkitError> {
         let log_path = dir.path().join(format!("{name}.log"));
-        let log = File::create(&log_path).map_err(io_err(format!("cannot create {}", log_path.display())))?;
+        let child = Self::start_child(name, command, &log_path)?;
+        Ok(Engine { name, child, log_path, dir })
+    }
+
+    /// Kills the running process and starts `command` in its place (same
+    /// temp dir, same log), for restart tests.
+    pub(crate) fn respawn(&mut self, command: Command) -> Result<(), TestkitError> {
+        self.kill();
+        self.child = Self::start_child(self.name, command, &self.log_path)?;
+        Ok(())
+    }
+
+    fn start_child(name: &'static str, mut command: Command, log_path: &Path) -> Result<Child, TestkitError> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .map_err(io_err(format!("cannot open {}", log_path.display())))?;
         let log_err = log.try_clone().map_err(io_err("cannot clone log handle"))?;
         command.stdin(Stdio::null()).stdout(log).stderr(log_err).process_group(0);
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
@@ -120,8 +133,7 @@ impl Engine {
                 Ok(())
             });
         }
-        let child = command.spawn().map_err(io_err(format!("cannot spawn {name}")))?;
-        Ok(Engine { name, child, log_path, dir })
+        command.spawn().map_err(io_err(format!("cannot spawn {name}")))
     }
 
     /// The engine's temp dir (data, config, log).

@@ -22,7 +22,9 @@ fn loopback(port: u16) -> SocketAddr {
 /// An etcd v3 server (single member).
 pub struct Etcd {
     engine: Engine,
+    bin: std::path::PathBuf,
     client: SocketAddr,
+    peer: SocketAddr,
 }
 
 impl Etcd {
@@ -32,22 +34,49 @@ impl Etcd {
         with_retries(|| {
             let dir = temp_dir("etcd")?;
             let (client, peer) = (loopback(free_port()?), loopback(free_port()?));
-            let mut cmd = Command::new(&bin);
-            cmd.arg("--name=testkit")
-                .arg(format!("--data-dir={}", dir.path().join("data").display()))
-                .arg(format!("--listen-client-urls=http://{client}"))
-                .arg(format!("--advertise-client-urls=http://{client}"))
-                .arg(format!("--listen-peer-urls=http://{peer}"))
-                .arg(format!("--initial-advertise-peer-urls=http://{peer}"))
-                .arg(format!("--initial-cluster=testkit=http://{peer}"))
-                .arg("--logger=zap")
-                .arg("--log-outputs=stderr");
-            let mut engine = Engine::spawn("etcd", cmd, dir)?;
-            engine.wait_ready(READY_TIMEOUT, |_| {
-                http_get_blocking(client, "/health").is_some_and(|(s, b)| s == 200 && b.contains("true"))
-            })?;
-            Ok(Etcd { engine, client })
+            let command = Self::command(&bin, dir.path(), client, peer);
+            let mut engine = Engine::spawn("etcd", command, dir)?;
+            Self::wait_healthy(&mut engine, client)?;
+            Ok(Etcd { engine, bin: bin.clone(), client, peer })
         })
+    }
+
+    fn command(bin: &std::path::Path, dir: &std::path::Path, client: SocketAddr, peer: SocketAddr) -> Command {
+        let mut cmd = Command::new(bin);
+        cmd.arg("--name=testkit")
+            .arg(format!("--data-dir={}", dir.join("data").display()))
+            .arg(format!("--listen-client-urls=http://{client}"))
+            .arg(format!("--advertise-client-urls=http://{client}"))
+            .arg(format!("--listen-peer-urls=http://{peer}"))
+            .arg(format!("--initial-advertise-peer-urls=http://{peer}"))
+            .arg(format!("--initial-cluster=testkit=http://{peer}"))
+            .arg("--logger=zap")
+            .arg("--log-outputs=stderr");
+        cmd
+    }
+
+    fn wait_healthy(engine: &mut Engine, client: SocketAddr) -> Result<(), TestkitError> {
+        engine.wait_ready(READY_TIMEOUT, |_| {
+            http_get_blocking(client, "/health").is_some_and(|(s, b)| s == 200 && b.contains("true"))
+        })
+    }
+
+    /// Kills etcd (SIGKILL), leaving its data; [`Etcd::restart`] brings it back.
+    pub fn stop(&mut self) {
+        self.engine.kill();
+    }
+
+    /// Starts etcd again on the same ports, with its data (`wipe = false`)
+    /// or with an empty data dir (`wipe = true`, as after losing the cluster).
+    pub fn restart(&mut self, wipe: bool) -> Result<(), TestkitError> {
+        self.engine.kill();
+        if wipe {
+            let data = self.engine.dir().join("data");
+            std::fs::remove_dir_all(&data).map_err(io_err(format!("cannot wipe {}", data.display())))?;
+        }
+        let command = Self::command(&self.bin, self.engine.dir(), self.client, self.peer);
+        self.engine.respawn(command)?;
+        Self::wait_healthy(&mut self.engine, self.client)
     }
 
     /// The client address, `127.0.0.1:PORT`.
