@@ -3,11 +3,14 @@
 
 mod services;
 
-use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
-use trellis::{App, ShutdownSignal};
+use trellis::{
+    App, ShutdownSignal,
+    registry::ServiceRegistry,
+};
 
 use crate::services::{Service, StartError};
 
@@ -43,6 +46,8 @@ enum Command {
         #[arg(long, default_value_t = 8080)]
         base_port: u16,
         #[command(flatten)]
+        registry: RegistryArg,
+        #[command(flatten)]
         shutdown: ShutdownArgs,
     },
     /// Run one service in this process.
@@ -64,8 +69,43 @@ enum Command {
         #[arg(long, env = "TRELLIS_DATABASE_URL")]
         database_url: Option<String>,
         #[command(flatten)]
+        registry: RegistryArg,
+        /// The zone published in the registry.
+        #[arg(long, default_value = "")]
+        zone: String,
+        #[command(flatten)]
         shutdown: ShutdownArgs,
     },
+    /// Inspect a service registry.
+    Registry {
+        #[command(subcommand)]
+        command: RegistryCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegistryCommand {
+    /// List registered instances: endpoints, version, zone, lease time left.
+    Ls {
+        /// Only this service.
+        service: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArg,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct RegistryArg {
+    /// Where instances register and clients discover them: memory:// (this
+    /// process only) or etcd://host:port[,host:port][?ttl=5s].
+    #[arg(long = "registry", env = "TRELLIS_REGISTRY", default_value = "memory://")]
+    url: String,
+}
+
+impl RegistryArg {
+    async fn connect(&self) -> Result<Arc<dyn ServiceRegistry>, String> {
+        trellis::registry::connect(&self.url).await.map_err(|e| format!("{e} (set with --registry)"))
+    }
 }
 
 #[derive(clap::Args, Clone, Copy)]
@@ -73,14 +113,20 @@ struct ShutdownArgs {
     /// How long in-flight requests may take to finish on shutdown (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
-    /// How long to keep serving after readiness turns false, before closing listeners.
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
-    pre_stop_delay: Duration,
+    /// How long to keep serving after deregistering and turning unready,
+    /// before closing listeners (default: 1s, enough for clients to see the
+    /// deregistration).
+    #[arg(long, value_parser = parse_duration)]
+    pre_stop_delay: Option<Duration>,
 }
 
 impl ShutdownArgs {
     fn apply(self, app: trellis::AppBuilder) -> trellis::AppBuilder {
-        app.shutdown_timeout(self.shutdown_timeout).pre_stop_delay(self.pre_stop_delay)
+        let app = app.shutdown_timeout(self.shutdown_timeout);
+        match self.pre_stop_delay {
+            Some(delay) => app.pre_stop_delay(delay),
+            None => app,
+        }
     }
 }
 
@@ -118,9 +164,14 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Up { data_dir, host, base_port, shutdown } => up(data_dir, host, base_port, shutdown).await,
-        Command::Serve { service, listen, admin_listen, data_dir, database_url, shutdown } => {
-            serve(service, listen, admin_listen, data_dir, database_url, shutdown).await
+        Command::Up { data_dir, host, base_port, registry, shutdown } => {
+            up(data_dir, host, base_port, registry, shutdown).await
+        }
+        Command::Serve { service, listen, admin_listen, data_dir, database_url, registry, zone, shutdown } => {
+            serve(service, listen, admin_listen, data_dir, database_url, registry, zone, shutdown).await
+        }
+        Command::Registry { command: RegistryCommand::Ls { service, registry } } => {
+            registry_ls(service.as_deref(), &registry).await
         }
     };
     match result {
@@ -132,27 +183,39 @@ async fn main() -> ExitCode {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     service: Service,
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
     data_dir: PathBuf,
     database_url: Option<String>,
+    registry: RegistryArg,
+    zone: String,
     shutdown: ShutdownArgs,
 ) -> Result<(), String> {
     let signal = ShutdownSignal::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let registry = registry.connect().await?;
     let listen = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], service.port(8080))));
     let started = service
         .start(&data_dir, listen, admin_listen, database_url)
         .await
         .map_err(|e| e.explain(service, "--listen"))?;
     println!("{} serving gRPC and HTTP on {} (ready at http://{}/readyz)", service.name(), started.addr, started.addr);
-    let app = started.into_app(shutdown.apply(App::builder(service.name()).version(env!("CARGO_PKG_VERSION"))));
+    let builder = App::builder(service.name()).version(env!("CARGO_PKG_VERSION")).registry(registry).zone(zone);
+    let app = started.into_app(shutdown.apply(builder));
     app.run_until(signal.recv()).await.map_err(|e| format!("{}: {e}", service.name()))
 }
 
-async fn up(data_dir: PathBuf, host: std::net::IpAddr, base_port: u16, shutdown: ShutdownArgs) -> Result<(), String> {
+async fn up(
+    data_dir: PathBuf,
+    host: std::net::IpAddr,
+    base_port: u16,
+    registry: RegistryArg,
+    shutdown: ShutdownArgs,
+) -> Result<(), String> {
     let signal = ShutdownSignal::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let registry = registry.connect().await?;
     let mut started = Vec::new();
     for service in Service::ALL {
         let port = if base_port == 0 { 0 } else { service.port(base_port) };
@@ -172,7 +235,8 @@ async fn up(data_dir: PathBuf, host: std::net::IpAddr, base_port: u16, shutdown:
     let stop = CancellationToken::new();
     let mut running = tokio::task::JoinSet::new();
     for (service, s) in started {
-        let app = s.into_app(shutdown.apply(App::builder(service.name()).version(env!("CARGO_PKG_VERSION"))));
+        let builder = App::builder(service.name()).version(env!("CARGO_PKG_VERSION")).registry(registry.clone());
+        let app = s.into_app(shutdown.apply(builder));
         let stop = stop.clone();
         running.spawn(async move { (service, app.run_until(stop.cancelled_owned()).await) });
     }
@@ -192,6 +256,31 @@ async fn up(data_dir: PathBuf, host: std::net::IpAddr, base_port: u16, shutdown:
         failures.extend(describe_exit(joined));
     }
     if failures.is_empty() { Ok(()) } else { Err(failures.join("; ")) }
+}
+
+async fn registry_ls(service: Option<&str>, registry: &RegistryArg) -> Result<(), String> {
+    let registry = registry.connect().await?;
+    let listed = registry.list(service).await.map_err(|e| e.to_string())?;
+    println!("{:<10} {:<38} {:<8} {:<6} {:<6} ENDPOINTS", "SERVICE", "INSTANCE", "VERSION", "ZONE", "TTL");
+    for l in &listed {
+        let i = &l.instance;
+        let endpoints: Vec<String> = i.endpoints.iter().map(|(p, a)| format!("{p}={a}")).collect();
+        let ttl = l.ttl_left.map(|t| format!("{}s", t.as_secs())).unwrap_or_else(|| "-".into());
+        let or_dash = |s: &str| if s.is_empty() { "-".to_owned() } else { s.to_owned() };
+        println!(
+            "{:<10} {:<38} {:<8} {:<6} {:<6} {}",
+            i.service,
+            i.id,
+            or_dash(&i.version),
+            or_dash(&i.zone),
+            ttl,
+            endpoints.join(" ")
+        );
+    }
+    if listed.is_empty() {
+        eprintln!("no instances registered{}", service.map(|s| format!(" for {s}")).unwrap_or_default());
+    }
+    Ok(())
 }
 
 fn describe_exit(

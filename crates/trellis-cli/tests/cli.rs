@@ -1,80 +1,17 @@
 //! The `trellis` binary end to end: real processes, real ports, real signals.
 
+mod support;
+
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
+use support::Trellis;
+
 use shop_user::api::v1::{CreateUserRequest, GetUserRequest, User, user_service_client::UserServiceClient};
 use trellis_testkit::http;
-
-/// A `trellis` child process, killed if the test ends early.
-struct Trellis(Child, BufReader<std::process::ChildStdout>);
-
-impl Drop for Trellis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Trellis {
-    fn spawn(args: &[&str]) -> Trellis {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // One reader for the life of the child: a reader per call could
-        // buffer (and lose) lines past the one it returns.
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Trellis(child, stdout)
-    }
-
-    /// Reads stdout until a line starting with `prefix`, returns that line.
-    fn line_starting_with(&mut self, prefix: &str) -> String {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = self.1.read_line(&mut line).unwrap();
-            assert!(n > 0, "trellis exited before printing {prefix:?}: {}", self.stderr());
-            if line.starts_with(prefix) {
-                return line;
-            }
-        }
-    }
-
-    fn stderr(&mut self) -> String {
-        use std::io::Read;
-        let mut s = String::new();
-        if let Some(mut e) = self.0.stderr.take() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    }
-
-    fn signal(&self, signal: i32) {
-        unsafe {
-            libc::kill(self.0.id() as i32, signal);
-        }
-    }
-
-    /// Waits for the process to exit, up to `timeout`.
-    fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "trellis did not exit within {timeout:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 async fn wait_ready(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -1,6 +1,6 @@
 //! The contract between an `App` and the servers it runs.
 
-use std::{future::Future, pin::Pin, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::Pin, time::Duration};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,13 @@ pub type ServerFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send
 pub trait Server: Send + 'static {
     /// A short description for logs, e.g. `grpc+http 127.0.0.1:8082`.
     fn describe(&self) -> String;
+
+    /// What this server offers to clients, by protocol (`grpc`, `http`), for
+    /// registration. Servers that clients do not call (admin, consumers)
+    /// return nothing, the default.
+    fn endpoints(&self) -> Vec<(String, SocketAddr)> {
+        Vec::new()
+    }
 
     /// Serves until `drain` is cancelled, then stops accepting, lets in-flight
     /// work finish within [`Drain::grace`], and returns.

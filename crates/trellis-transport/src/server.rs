@@ -177,6 +177,10 @@ impl Server for GrpcHttpServer {
         }
     }
 
+    fn endpoints(&self) -> Vec<(String, SocketAddr)> {
+        vec![("grpc".to_owned(), self.local_addr), ("http".to_owned(), self.local_addr)]
+    }
+
     fn serve(self: Box<Self>, lifecycle: watch::Receiver<State>, drain: Drain) -> ServerFuture {
         Box::pin(async move {
             let this = *self;

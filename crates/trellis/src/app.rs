@@ -7,12 +7,17 @@
 //! requests drain, up to the shutdown deadline. Reversing any two of these
 //! steps turns a deploy into failed requests.
 
-use std::{future::Future, pin::Pin, time::Duration};
+use std::{collections::BTreeMap, future::Future, net::IpAddr, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use trellis_core::{BoxError, Drain, Lifecycle, Server, State};
+use trellis_registry::{Instance, Registration, Registry};
+
+/// The pre-stop delay used when a registry is set and none was chosen:
+/// long enough for a deregistration to reach watching clients.
+const DEFAULT_REGISTERED_PRE_STOP_DELAY: Duration = Duration::from_secs(1);
 
 type Hook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>> + Send>;
 
@@ -61,9 +66,20 @@ pub struct AppBuilder {
     after_start: Vec<Hook>,
     before_stop: Vec<Hook>,
     after_stop: Vec<Hook>,
-    pre_stop_delay: Duration,
+    pre_stop_delay: Option<Duration>,
     shutdown_timeout: Duration,
     lifecycle: Lifecycle,
+    registry: Option<Arc<dyn Registry>>,
+    registration: RegistrationInfo,
+}
+
+/// What an app publishes about itself besides its name, version and endpoints.
+#[derive(Debug, Clone, Default)]
+struct RegistrationInfo {
+    zone: String,
+    weight: Option<u32>,
+    metadata: BTreeMap<String, String>,
+    advertise_host: Option<IpAddr>,
 }
 
 fn hook<F, Fut, E>(f: F) -> Hook
@@ -139,9 +155,42 @@ impl AppBuilder {
     }
 
     /// How long to keep serving after readiness goes false and before
-    /// listeners close, so that deregistration reaches clients. Default: 0.
+    /// listeners close, so that deregistration reaches clients. Default: 1 s
+    /// when a registry is set, otherwise 0.
     pub fn pre_stop_delay(mut self, delay: Duration) -> Self {
-        self.pre_stop_delay = delay;
+        self.pre_stop_delay = Some(delay);
+        self
+    }
+
+    /// Registers the instance in `registry` once Ready, and deregisters it
+    /// first thing when draining.
+    pub fn registry(mut self, registry: Arc<dyn Registry>) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// The zone published with the instance (for zone-aware balancing).
+    pub fn zone(mut self, zone: impl Into<String>) -> Self {
+        self.registration.zone = zone.into();
+        self
+    }
+
+    /// The weight published with the instance (default 100).
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.registration.weight = Some(weight);
+        self
+    }
+
+    /// A metadata entry published with the instance.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.registration.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// The host published for servers that listen on an unspecified address
+    /// (`0.0.0.0`, `::`). Without it such servers are published as 127.0.0.1.
+    pub fn advertise_host(mut self, host: IpAddr) -> Self {
+        self.registration.advertise_host = Some(host);
         self
     }
 
@@ -177,9 +226,11 @@ impl App {
             after_start: Vec::new(),
             before_stop: Vec::new(),
             after_stop: Vec::new(),
-            pre_stop_delay: Duration::ZERO,
+            pre_stop_delay: None,
             shutdown_timeout: Duration::from_secs(10),
             lifecycle: Lifecycle::new(),
+            registry: None,
+            registration: RegistrationInfo::default(),
         }
     }
 
@@ -213,7 +264,15 @@ impl App {
             pre_stop_delay,
             shutdown_timeout,
             lifecycle,
+            registry,
+            registration,
         } = self.builder;
+        let pre_stop_delay = pre_stop_delay.unwrap_or(if registry.is_some() {
+            DEFAULT_REGISTERED_PRE_STOP_DELAY
+        } else {
+            Duration::ZERO
+        });
+        let endpoints: Vec<(String, SocketAddr)> = servers.iter().flat_map(|s| s.endpoints()).collect();
         run_hooks("before_start", before_start).await?;
 
         let token = CancellationToken::new();
@@ -227,11 +286,19 @@ impl App {
         }
 
         let mut failure = None;
+        let mut registered: Option<Registration> = None;
         if let Err(err) = run_hooks("after_start", after_start).await {
             failure = Some(err);
         } else {
             lifecycle.advance(State::Ready);
             info!(service = %info.name, version = %info.version, instance = %info.instance_id, "ready");
+            if let Some(registry) = &registry {
+                let instance = instance(&info, &registration, &endpoints);
+                match registry.register(instance).await {
+                    Ok(r) => registered = Some(r),
+                    Err(err) => error!(service = %info.name, error = %err, "registration failed; serving unregistered"),
+                }
+            }
             tokio::pin!(shutdown);
             tokio::select! {
                 _ = &mut shutdown => {}
@@ -246,6 +313,13 @@ impl App {
         // the pre-stop delay, and only then stop accepting.
         lifecycle.advance(State::Draining);
         info!(service = %info.name, "draining");
+        // Deregister before anything else, so clients stop picking this
+        // instance while it can still serve what they already sent.
+        if let Some(registration) = registered.take()
+            && let Err(err) = registration.deregister().await
+        {
+            warn!(service = %info.name, error = %err, "deregistration failed; the lease will expire");
+        }
         if let Err(err) = run_hooks("before_stop", before_stop).await {
             error!(service = %info.name, error = %err, "continuing shutdown");
             failure.get_or_insert(err);
@@ -278,6 +352,23 @@ impl App {
             None => Ok(()),
         }
     }
+}
+
+/// The instance an app publishes: its identity, endpoints and labels.
+fn instance(info: &AppInfo, registration: &RegistrationInfo, endpoints: &[(String, SocketAddr)]) -> Instance {
+    let mut instance = Instance::new(&info.name, &info.instance_id).with_version(&info.version).with_zone(&registration.zone);
+    if let Some(weight) = registration.weight {
+        instance = instance.with_weight(weight);
+    }
+    instance.metadata = registration.metadata.clone();
+    for (protocol, addr) in endpoints {
+        let mut addr = *addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(registration.advertise_host.unwrap_or(IpAddr::from([127, 0, 0, 1])));
+        }
+        instance.endpoints.insert(protocol.clone(), addr.to_string());
+    }
+    instance
 }
 
 fn server_exit(joined: Result<(String, Result<(), BoxError>), tokio::task::JoinError>) -> Result<(), AppError> {

@@ -27,6 +27,7 @@
 //! |---|---|---|
 //! | `trellis-core` | [`Error`], [`Code`], [`State`], [`Lifecycle`], [`core`] | error model, lifecycle, the `Server` contract |
 //! | `trellis-transport` | [`transport`] | gRPC + HTTP on one port, health, probes, clients |
+//! | `trellis-registry` | [`registry`] | registration and discovery (memory, etcd with feature `etcd`) |
 
 #![warn(missing_docs)]
 
@@ -36,4 +37,5 @@ mod signal;
 pub use app::{App, AppBuilder, AppError, AppInfo};
 pub use signal::{ShutdownSignal, shutdown_signal};
 pub use trellis_core::{self as core, Code, Error, Lifecycle, State};
+pub use trellis_registry as registry;
 pub use trellis_transport as transport;

@@ -154,3 +154,37 @@ async fn request_timeout_answers_504_with_the_error_body() {
     assert_eq!(body["reason"], "REQUEST_TIMEOUT");
     running.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_when_ready_and_deregisters_before_the_listener_closes() {
+    use trellis::registry::{Discovery, MemoryRegistry};
+    let registry = MemoryRegistry::new();
+    let mut instances = registry.watch("reg-test").await.unwrap();
+    let server = GrpcHttpServer::builder(ServerConfig::default()).bind().await.unwrap();
+    let addr = server.local_addr();
+    let (gate_tx, gate_rx) = oneshot::channel::<()>();
+    let app = App::builder("reg-test")
+        .version("1.2.3")
+        .zone("z1")
+        .registry(std::sync::Arc::new(registry.clone()))
+        .server(server)
+        .after_start(|| async move { gate_rx.await.map_err(|e| e.to_string()) })
+        .pre_stop_delay(Duration::from_millis(800))
+        .build();
+    let mut running = Running::spawn(app);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(instances.borrow().is_empty(), "registered before Ready");
+
+    gate_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), instances.wait_for(|s| s.len() == 1)).await.unwrap().unwrap();
+    let published = instances.borrow().first().cloned().unwrap();
+    assert_eq!(published.endpoint("grpc"), Some(addr.to_string().as_str()));
+    assert_eq!(published.endpoint("http"), Some(addr.to_string().as_str()));
+    assert_eq!((published.version.as_str(), published.zone.as_str()), ("1.2.3", "z1"));
+
+    running.begin_stop();
+    tokio::time::timeout(Duration::from_secs(5), instances.wait_for(|s| s.is_empty())).await.unwrap().unwrap();
+    // Gone from the registry while the listener still serves (pre-stop delay).
+    assert_eq!(http::get(addr, "/livez").await.unwrap().status, 200);
+    running.join().await.unwrap();
+}

@@ -1,0 +1,91 @@
+//! `trellis serve --registry etcd://` against a real etcd: registration,
+//! crash (SIGKILL: gone after the TTL), clean stop (SIGTERM: gone at once),
+//! and `trellis registry ls`.
+
+mod support;
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use support::Trellis;
+use trellis::registry::{Discovery, EtcdOptions, EtcdRegistry, InstanceSet};
+use trellis_testkit::Etcd;
+
+async fn watch_users(etcd: &Etcd) -> tokio::sync::watch::Receiver<InstanceSet> {
+    let registry = EtcdRegistry::connect(EtcdOptions::new([etcd.endpoint()])).await.unwrap();
+    registry.watch("user").await.unwrap()
+}
+
+fn serve(etcd: &Etcd, data: &std::path::Path, ttl_secs: u64) -> (Trellis, String) {
+    let listen = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap());
+    let registry = format!("etcd://{}?ttl={ttl_secs}s", etcd.addr());
+    let mut trellis = Trellis::spawn(&[
+        "serve",
+        "user",
+        "--listen",
+        &listen,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--registry",
+        &registry,
+        "--zone",
+        "z1",
+    ]);
+    trellis.line_starting_with("user serving");
+    (trellis, listen)
+}
+
+async fn wait_for(rx: &mut tokio::sync::watch::Receiver<InstanceSet>, within: Duration, f: impl FnMut(&InstanceSet) -> bool) {
+    tokio::time::timeout(within, rx.wait_for(f)).await.expect("registry did not reach the expected state").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_disappears_after_its_ttl() {
+    let etcd = Etcd::start().unwrap();
+    let mut users = watch_users(&etcd).await;
+    let data = tempfile::tempdir().unwrap();
+    let (mut trellis, listen) = serve(&etcd, data.path(), 2);
+    wait_for(&mut users, Duration::from_secs(10), |s| s.len() == 1).await;
+    let instance = users.borrow().first().cloned().unwrap();
+    assert_eq!(instance.endpoint("grpc"), Some(listen.as_str()));
+    assert_eq!(instance.zone, "z1");
+
+    let killed = Instant::now();
+    trellis.signal(libc::SIGKILL);
+    trellis.wait(Duration::from_secs(5));
+    // Nobody deregistered it: it stays until the lease expires.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(users.borrow().len(), 1, "a crashed instance vanished before its TTL");
+    wait_for(&mut users, Duration::from_secs(10), |s| s.is_empty()).await;
+    let gone = killed.elapsed();
+    eprintln!("SIGKILL -> gone from the registry: {gone:?} (TTL 2 s)");
+    assert!(gone >= Duration::from_secs(1), "removed too early: {gone:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_instance_disappears_at_once_and_ls_shows_it_before() {
+    let etcd = Etcd::start().unwrap();
+    let mut users = watch_users(&etcd).await;
+    let data = tempfile::tempdir().unwrap();
+    let (mut trellis, listen) = serve(&etcd, data.path(), 10);
+    wait_for(&mut users, Duration::from_secs(10), |s| s.len() == 1).await;
+
+    let ls = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["registry", "ls", "user", "--registry", &format!("etcd://{}", etcd.addr())])
+        .output()
+        .unwrap();
+    assert!(ls.status.success(), "{}", String::from_utf8_lossy(&ls.stderr));
+    let out = String::from_utf8_lossy(&ls.stdout);
+    let row = out.lines().find(|l| l.starts_with("user")).unwrap_or_else(|| panic!("no user row in:\n{out}"));
+    assert!(row.contains(&format!("grpc={listen}")) && row.contains("z1") && row.contains("0.1.0"), "{row}");
+    let ttl: u64 = row.split_whitespace().nth(4).unwrap().trim_end_matches('s').parse().unwrap();
+    assert!((1..=10).contains(&ttl), "{row}");
+
+    let stopped = Instant::now();
+    trellis.signal(libc::SIGTERM);
+    wait_for(&mut users, Duration::from_secs(3), |s| s.is_empty()).await;
+    eprintln!("SIGTERM -> gone from the registry: {:?} (TTL 10 s)", stopped.elapsed());
+    assert_eq!(trellis.wait(Duration::from_secs(15)).code(), Some(0));
+}
