@@ -1,0 +1,174 @@
+//! One endpoint of a service and what the client has learnt about it.
+
+use std::{
+    sync::{
+        OnceLock,
+        atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+/// Latency assumed for an endpoint before its first response.
+const DEFAULT_RTT_NS: f64 = 1_000_000.0;
+/// How fast the latency EWMA forgets (time constant).
+const DECAY_NS: f64 = 10_000_000_000.0;
+
+/// Nanoseconds since the first call in this process (a cheap monotonic clock).
+pub(crate) fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// An endpoint: where it is, its weight and zone, and live statistics.
+///
+/// Statistics are updated with relaxed atomics: a pick may see a slightly
+/// stale value, which costs nothing in balance quality and keeps a pick
+/// free of locks.
+#[derive(Debug)]
+pub struct Endpoint {
+    id: String,
+    address: String,
+    weight: u32,
+    zone: String,
+    pub(crate) channel: Option<tonic::transport::Channel>,
+    in_flight: AtomicU32,
+    requests: AtomicU64,
+    ewma_ns: AtomicU64,
+    last_sample_ns: AtomicU64,
+    pub(crate) current_weight: AtomicI64,
+    consecutive_failures: AtomicU32,
+    ejected_until_ns: AtomicU64,
+    ejections: AtomicU32,
+}
+
+impl Endpoint {
+    /// An endpoint with no statistics yet. `weight` 0 is treated as 1.
+    pub fn new(id: impl Into<String>, address: impl Into<String>, weight: u32, zone: impl Into<String>) -> Self {
+        Endpoint {
+            id: id.into(),
+            address: address.into(),
+            weight: weight.max(1),
+            zone: zone.into(),
+            channel: None,
+            in_flight: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            ewma_ns: AtomicU64::new(0),
+            last_sample_ns: AtomicU64::new(0),
+            current_weight: AtomicI64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until_ns: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+        }
+    }
+
+    /// The instance id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// `host:port`.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The weight (at least 1).
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// The zone, empty when unknown.
+    pub fn zone(&self) -> &str {
+        &self.zone
+    }
+
+    /// Requests sent and not yet answered.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Relaxed)
+    }
+
+    /// Requests started on this endpoint since it joined.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Relaxed)
+    }
+
+    /// Marks a request as started; pair with [`Endpoint::finish`].
+    pub fn start(&self) {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.requests.fetch_add(1, Relaxed);
+    }
+
+    /// Marks a request as finished after `rtt`.
+    pub fn finish(&self, rtt: Duration) {
+        self.in_flight.fetch_sub(1, Relaxed);
+        self.observe(rtt);
+    }
+
+    /// Feeds one latency sample into the peak EWMA: a slower sample is taken
+    /// at once, faster ones pull the average down over ~10 s. Reacting to
+    /// slowness at once and to recovery gradually is what lets p2c steer
+    /// away from a degrading endpoint before its queue grows.
+    pub fn observe(&self, rtt: Duration) {
+        let now = now_ns();
+        let last = self.last_sample_ns.swap(now, Relaxed);
+        let sample = rtt.as_nanos() as f64;
+        let prev = f64::from_bits(self.ewma_ns.load(Relaxed));
+        let next = if prev == 0.0 || sample > prev {
+            sample
+        } else {
+            let w = (-(now.saturating_sub(last) as f64) / DECAY_NS).exp();
+            prev * w + sample * (1.0 - w)
+        };
+        self.ewma_ns.store(next.to_bits(), Relaxed);
+    }
+
+    /// The latency estimate in nanoseconds (a default before any sample).
+    pub fn latency_ns(&self) -> f64 {
+        let v = f64::from_bits(self.ewma_ns.load(Relaxed));
+        if v == 0.0 { DEFAULT_RTT_NS } else { v }
+    }
+
+    /// p2c's cost: expected latency × queue.
+    pub fn cost(&self) -> f64 {
+        self.latency_ns() * f64::from(self.in_flight() + 1)
+    }
+
+    /// Whether the endpoint is ejected at `now_ns`.
+    pub fn is_ejected_at(&self, now: u64) -> bool {
+        self.ejected_until_ns.load(Relaxed) > now
+    }
+
+    /// Whether the endpoint is ejected now.
+    pub fn is_ejected(&self) -> bool {
+        self.is_ejected_at(now_ns())
+    }
+
+    /// Records a success: resets the failure streak.
+    pub(crate) fn record_success(&self) {
+        self.consecutive_failures.store(0, Relaxed);
+    }
+
+    /// Records a failure; returns the streak length.
+    pub(crate) fn record_failure(&self) -> u32 {
+        self.consecutive_failures.fetch_add(1, Relaxed) + 1
+    }
+
+    /// Ejects for `base × times ejected so far` (capped), resetting the streak.
+    pub(crate) fn eject(&self, base: Duration, max: Duration) -> Duration {
+        let times = self.ejections.fetch_add(1, Relaxed) + 1;
+        let duration = base.saturating_mul(times).min(max);
+        self.ejected_until_ns.store(now_ns() + duration.as_nanos() as u64, Relaxed);
+        self.consecutive_failures.store(0, Relaxed);
+        duration
+    }
+
+    /// Copies the learnt statistics from `old` (same instance, new set).
+    pub(crate) fn inherit(&self, old: &Endpoint) {
+        self.ewma_ns.store(old.ewma_ns.load(Relaxed), Relaxed);
+        self.last_sample_ns.store(old.last_sample_ns.load(Relaxed), Relaxed);
+        self.in_flight.store(old.in_flight.load(Relaxed), Relaxed);
+        self.requests.store(old.requests.load(Relaxed), Relaxed);
+        self.consecutive_failures.store(old.consecutive_failures.load(Relaxed), Relaxed);
+        self.ejected_until_ns.store(old.ejected_until_ns.load(Relaxed), Relaxed);
+        self.ejections.store(old.ejections.load(Relaxed), Relaxed);
+    }
+}
