@@ -29,6 +29,9 @@ use crate::{
     SmoothWeightedRoundRobin, endpoint::now_ns, hash::hash_key,
 };
 
+/// The latency a failed request counts as, for p2c's cost.
+const FAILURE_PENALTY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The error type of [`BalancedChannel`]: always a `tonic::Status` inside,
 /// so generated clients report UNAVAILABLE with the reason.
 pub type BalanceError = Box<dyn std::error::Error + Send + Sync>;
@@ -324,6 +327,11 @@ impl Service<Request<Body>> for BalancedChannel {
             let guard = InFlight { endpoint: endpoint.clone(), started: Instant::now() };
             let result = channel.oneshot(request).await;
             let failed = result.as_ref().map_or(true, is_failure);
+            if failed {
+                // A refused connection fails fast; without a penalty p2c
+                // would prefer the dead endpoint until it is ejected.
+                endpoint.observe(FAILURE_PENALTY);
+            }
             shared.record(&endpoint, failed);
             drop(guard);
             result.map_err(|e| {

@@ -89,3 +89,98 @@ async fn a_stopped_instance_disappears_at_once_and_ls_shows_it_before() {
     eprintln!("SIGTERM -> gone from the registry: {:?} (TTL 10 s)", stopped.elapsed());
     assert_eq!(trellis.wait(Duration::from_secs(15)).code(), Some(0));
 }
+
+/// Calls ListUsers in a loop from `callers` tasks until `stop`; returns (ok, failed).
+fn call_in_a_loop(
+    channel: trellis::balance::BalancedChannel,
+    callers: usize,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    use shop_user::api::v1::{ListUsersRequest, user_service_client::UserServiceClient};
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..callers {
+            let (channel, stop) = (channel.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut client = UserServiceClient::new(channel);
+                let (mut ok, mut failed) = (0u64, Vec::new());
+                while !stop.is_cancelled() {
+                    match client.list_users(ListUsersRequest { page_size: 1, page_token: String::new() }).await {
+                        Ok(_) => ok += 1,
+                        Err(status) => failed.push(format!("{:?}: {}", status.code(), status.message())),
+                    }
+                }
+                (ok, failed)
+            }));
+        }
+        let (mut ok, mut failed) = (0, Vec::new());
+        for t in tasks {
+            let (o, f) = t.await.unwrap();
+            ok += o;
+            failed.extend(f);
+        }
+        (ok, failed)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_see_no_failed_call_while_an_instance_stops_with_sigterm() {
+    let etcd = Etcd::start().unwrap();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut first, _) = serve(&etcd, d1.path(), 5);
+    let (mut second, _) = serve(&etcd, d2.path(), 5);
+    let registry = EtcdRegistry::connect(EtcdOptions::new([etcd.endpoint()])).await.unwrap();
+    let channel = trellis::client(&registry, "user").await.unwrap();
+    let mut users = registry.watch("user").await.unwrap();
+    wait_for(&mut users, Duration::from_secs(10), |s| s.len() == 2).await;
+    for _ in 0..200 {
+        if channel.endpoints().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let calls = call_in_a_loop(channel.clone(), 8, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.signal(libc::SIGTERM);
+    assert_eq!(first.wait(Duration::from_secs(15)).code(), Some(0));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let (ok, failed) = calls.await.unwrap();
+    eprintln!("calls during the stop: {ok} ok, {} failed", failed.len());
+    assert!(failed.is_empty(), "{} failed calls, first: {:?}", failed.len(), failed.first());
+    assert!(ok > 100, "too few calls to mean anything: {ok}");
+    assert_eq!(channel.endpoints().len(), 1);
+    second.signal(libc::SIGTERM);
+    second.wait(Duration::from_secs(15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_call_cached_endpoints_while_etcd_is_down_and_instances_reregister() {
+    let mut etcd = Etcd::start().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let (mut server, listen) = serve(&etcd, data.path(), 2);
+    let registry = EtcdRegistry::connect(EtcdOptions::new([etcd.endpoint()])).await.unwrap();
+    let mut users = registry.watch("user").await.unwrap();
+    wait_for(&mut users, Duration::from_secs(10), |s| s.len() == 1).await;
+    let channel = trellis::client(&registry, "user").await.unwrap();
+
+    etcd.stop();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let calls = call_in_a_loop(channel.clone(), 2, stop.clone());
+    // Longer than the TTL: nothing in the client depends on etcd being up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    let (ok, failed) = calls.await.unwrap();
+    assert!(failed.is_empty() && ok > 10, "{ok} ok, {} failed while etcd was down", failed.len());
+
+    // etcd comes back empty; the instance registers itself again.
+    etcd.restart(true).unwrap();
+    let fresh = EtcdRegistry::connect(EtcdOptions::new([etcd.endpoint()])).await.unwrap();
+    let mut again = fresh.watch("user").await.unwrap();
+    wait_for(&mut again, Duration::from_secs(15), |s| s.len() == 1).await;
+    assert_eq!(again.borrow()[0].endpoint("grpc"), Some(listen.as_str()));
+    server.signal(libc::SIGTERM);
+    assert_eq!(server.wait(Duration::from_secs(15)).code(), Some(0));
+}

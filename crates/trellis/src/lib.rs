@@ -28,6 +28,7 @@
 //! | `trellis-core` | [`Error`], [`Code`], [`State`], [`Lifecycle`], [`core`] | error model, lifecycle, the `Server` contract |
 //! | `trellis-transport` | [`transport`] | gRPC + HTTP on one port, health, probes, clients |
 //! | `trellis-registry` | [`registry`] | registration and discovery (memory, etcd with feature `etcd`) |
+//! | `trellis-balance` | [`balance`], [`client`] | client-side load balancing over discovered endpoints |
 
 #![warn(missing_docs)]
 
@@ -37,5 +38,24 @@ mod signal;
 pub use app::{App, AppBuilder, AppError, AppInfo};
 pub use signal::{ShutdownSignal, shutdown_signal};
 pub use trellis_core::{self as core, Code, Error, Lifecycle, State};
+pub use trellis_balance as balance;
 pub use trellis_registry as registry;
+
+/// A balanced channel to `service`, discovered through `discovery`, with the
+/// default policy (p2c-EWMA), outlier detection and timeouts; hand it to a
+/// generated tonic client:
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let registry = trellis::registry::connect("memory://").await?;
+/// let channel = trellis::client(registry.as_ref(), "user").await?;
+/// // let mut users = UserServiceClient::new(channel);
+/// # let _ = channel; Ok(()) }
+/// ```
+pub async fn client(
+    discovery: &dyn registry::Discovery,
+    service: &str,
+) -> Result<balance::BalancedChannel, registry::RegistryError> {
+    balance::BalancedChannel::discover(discovery, service, balance::BalanceConfig::default()).await
+}
 pub use trellis_transport as transport;
