@@ -260,7 +260,7 @@ async fn up(
 
 async fn registry_ls(service: Option<&str>, registry: &RegistryArg) -> Result<(), String> {
     let registry = registry.connect().await?;
-    let listed = registry.list(service).await.map_err(|e| e.to_string())?;
+    let listed = registry.list(service).await.map_err(|e| format!("{e} (set with --registry)"))?;
     println!("{:<10} {:<38} {:<8} {:<6} {:<6} ENDPOINTS", "SERVICE", "INSTANCE", "VERSION", "ZONE", "TTL");
     for l in &listed {
         let i = &l.instance;
