@@ -112,3 +112,20 @@ async fn connecting_to_a_closed_port_fails_with_the_target() {
     let bad = trellis::transport::connect("http://[not a uri", &config).await.unwrap_err();
     assert!(matches!(bad, TransportError::InvalidUri { .. }), "{bad}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_routes_answer_over_h2c_as_well_as_http1() {
+    use tower::ServiceExt;
+    let server = GrpcHttpServer::builder(ServerConfig::default()).http_router(router()).bind().await.unwrap();
+    let addr = server.local_addr();
+    let running = run(server).await;
+    // A tonic channel speaks HTTP/2 with prior knowledge: plain h2c.
+    let channel = trellis::transport::connect(&addr.to_string(), &Default::default()).await.unwrap();
+    let request = h::Request::get(format!("http://{addr}/readyz")).body(tonic::body::Body::empty()).unwrap();
+    let response = channel.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), h::Version::HTTP_2);
+    // And HTTP/1.1 on the same port.
+    assert_eq!(http::get(addr, "/readyz").await.unwrap().status, 200);
+    running.stop().await.unwrap();
+}
