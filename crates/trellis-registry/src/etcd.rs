@@ -7,17 +7,17 @@
 //! backoff until it succeeds, so an instance re-registers by itself. A
 //! process that dies stops renewing and its key expires with the lease.
 //!
-//! Discovery: list the prefix, then watch from the listed revision + 1. A
-//! broken stream resumes from the last revision seen; a compacted revision
-//! (the watch is cancelled with `compact_revision` set) forces a fresh list.
-//! Throughout, the receiver keeps the last known set.
+//! Discovery: a [`trellis_etcd::mirror_prefix`] of the service's prefix
+//! (list, watch from the listed revision, resume after a broken stream,
+//! list again after compaction); the receiver keeps the last known set.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
+use trellis_etcd::Backoff;
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::{BoxFuture, Discovery, Instance, InstanceSet, Listed, Registration, Registry, RegistryError, Session};
 
@@ -104,22 +104,6 @@ impl EtcdRegistry {
 
 fn unavailable(options: &EtcdOptions, e: etcd_client::Error) -> RegistryError {
     RegistryError::Unavailable { endpoint: options.endpoints.join(","), reason: e.to_string() }
-}
-
-/// Capped exponential backoff for reconnect loops.
-struct Backoff(Duration);
-
-impl Backoff {
-    fn new() -> Self {
-        Backoff(Duration::from_millis(100))
-    }
-    async fn wait(&mut self) {
-        tokio::time::sleep(self.0).await;
-        self.0 = (self.0 * 2).min(Duration::from_secs(2));
-    }
-    fn reset(&mut self) {
-        self.0 = Duration::from_millis(100);
-    }
 }
 
 /// Grants a lease and writes the instance under it; returns the lease id.
@@ -249,117 +233,13 @@ fn decode(key: &[u8], value: &[u8]) -> Option<Instance> {
     }
 }
 
-/// Lists the prefix: instances by key, and the revision of the listing.
-async fn list_prefix(
-    client: &mut Client,
-    prefix: &str,
-) -> Result<(BTreeMap<Vec<u8>, Instance>, i64), etcd_client::Error> {
-    let resp = client.get(prefix, Some(GetOptions::new().with_prefix())).await?;
-    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-    let set = resp.kvs().iter().filter_map(|kv| decode(kv.key(), kv.value()).map(|i| (kv.key().to_vec(), i))).collect();
-    Ok((set, revision))
-}
-
-fn snapshot(set: &BTreeMap<Vec<u8>, Instance>) -> InstanceSet {
-    set.values().cloned().collect()
-}
-
-/// Follows a prefix until every receiver is gone.
-async fn run_watch(
-    mut client: Client,
-    prefix: String,
-    mut set: BTreeMap<Vec<u8>, Instance>,
-    mut revision: i64,
-    tx: watch::Sender<InstanceSet>,
-) {
-    let mut backoff = Backoff::new();
-    // `Some(rev)`: resume the watch after `rev`; `None`: list again first.
-    let mut resume = Some(revision);
-    loop {
-        if tx.is_closed() {
-            return;
-        }
-        let after = match resume {
-            Some(rev) => rev,
-            None => match tokio::select! { _ = tx.closed() => return, r = list_prefix(&mut client, &prefix) => r } {
-                Ok((fresh, rev)) => {
-                    set = fresh;
-                    revision = rev;
-                    tx.send_replace(snapshot(&set));
-                    rev
-                }
-                Err(err) => {
-                    debug!(%prefix, error = %err, "list failed; keeping the last known set");
-                    tokio::select! { _ = tx.closed() => return, _ = backoff.wait() => {} }
-                    continue;
-                }
-            },
-        };
-        let options = WatchOptions::new().with_prefix().with_start_revision(after + 1);
-        let mut stream = match client.watch(prefix.as_str(), Some(options)).await {
-            Ok(stream) => stream,
-            Err(err) => {
-                debug!(%prefix, error = %err, "watch failed; keeping the last known set");
-                tokio::select! { _ = tx.closed() => return, _ = backoff.wait() => {} }
-                continue;
-            }
-        };
-        loop {
-            let msg = tokio::select! { _ = tx.closed() => return, m = stream.message() => m };
-            match msg {
-                Ok(Some(resp)) => {
-                    backoff.reset();
-                    if resp.compact_revision() > 0 {
-                        info!(%prefix, compact_revision = resp.compact_revision(), "watch compacted; listing again");
-                        resume = None;
-                        break;
-                    }
-                    if resp.canceled() {
-                        debug!(%prefix, reason = resp.cancel_reason(), "watch cancelled; resuming");
-                        resume = Some(revision);
-                        break;
-                    }
-                    let mut changed = false;
-                    for event in resp.events() {
-                        let Some(kv) = event.kv() else { continue };
-                        match event.event_type() {
-                            EventType::Put => {
-                                if let Some(instance) = decode(kv.key(), kv.value()) {
-                                    set.insert(kv.key().to_vec(), instance);
-                                    changed = true;
-                                }
-                            }
-                            EventType::Delete => changed |= set.remove(kv.key()).is_some(),
-                        }
-                        revision = revision.max(kv.mod_revision());
-                    }
-                    if let Some(h) = resp.header() {
-                        revision = revision.max(h.revision());
-                    }
-                    if changed {
-                        tx.send_replace(snapshot(&set));
-                    }
-                }
-                Ok(None) | Err(_) => {
-                    debug!(%prefix, revision, "watch stream ended; resuming from the last revision");
-                    resume = Some(revision);
-                    tokio::select! { _ = tx.closed() => return, _ = backoff.wait() => {} }
-                    break;
-                }
-            }
-        }
-    }
-}
-
 impl Discovery for EtcdRegistry {
     fn watch(&self, service: &str) -> BoxFuture<'_, Result<watch::Receiver<InstanceSet>, RegistryError>> {
         let prefix = self.service_prefix(service);
         Box::pin(async move {
-            let mut client = self.client.clone();
-            let (set, revision) = list_prefix(&mut client, &prefix).await.map_err(|e| unavailable(&self.options, e))?;
-            let (tx, rx) = watch::channel(snapshot(&set));
-            tokio::spawn(run_watch(client, prefix, set, revision, tx));
-            Ok(rx)
+            trellis_etcd::mirror_prefix(self.client.clone(), prefix, |kv| decode(kv.key(), kv.value()))
+                .await
+                .map_err(|e| unavailable(&self.options, e))
         })
     }
 
@@ -397,35 +277,6 @@ impl Discovery for EtcdRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A watcher that resumes after a revision etcd has since compacted must
-    /// list again rather than miss what happened in between.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn watch_resumed_past_a_compaction_lists_again() {
-        let etcd = trellis_testkit::Etcd::start().unwrap();
-        let registry = EtcdRegistry::connect(EtcdOptions::new([etcd.endpoint()])).await.unwrap();
-        let mut client = registry.client.clone();
-        let prefix = registry.service_prefix("user");
-        let put = |id: &str| (format!("{prefix}{id}"), serde_json::to_string(&Instance::new("user", id)).unwrap());
-
-        let (k, v) = put("a");
-        client.put(k, v, None).await.unwrap();
-        let (stale_set, stale_revision) = list_prefix(&mut client, &prefix).await.unwrap();
-
-        // What the stale watcher has not seen: b arrives, a leaves, history is compacted.
-        let (k, v) = put("b");
-        client.put(k, v, None).await.unwrap();
-        let deleted = client.delete(put("a").0, None).await.unwrap();
-        let now = deleted.header().map(|h| h.revision()).unwrap();
-        client.compact(now, None).await.unwrap();
-
-        let (tx, mut rx) = watch::channel(snapshot(&stale_set));
-        tokio::spawn(run_watch(client, prefix, stale_set, stale_revision, tx));
-        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.len() == 1 && s[0].id == "b"))
-            .await
-            .expect("the watcher did not recover from the compaction")
-            .unwrap();
-    }
 
     #[test]
     fn parses_urls() {
