@@ -1,0 +1,431 @@
+//! The config store: evaluates layers into a typed snapshot and keeps it
+//! current as sources change, never publishing a value that failed.
+
+use std::{
+    marker::PhantomData,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info};
+
+use crate::{
+    ConfigError, Validate,
+    files::FileSources,
+    value::{Layer, env_layer, merge},
+};
+
+/// One applied configuration.
+#[derive(Debug)]
+pub struct Snapshot<T> {
+    /// The typed value.
+    pub config: T,
+    /// A hash of the merged document: equal versions, equal configs.
+    pub version: String,
+    /// When this snapshot was applied.
+    pub applied_at: SystemTime,
+    /// Each layer that contributed, with its own version where it has one
+    /// (etcd's revision).
+    pub sources: Vec<(String, Option<String>)>,
+}
+
+#[derive(Default)]
+struct Stats {
+    failures: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// A typed configuration that stays current. Cheap to clone.
+pub struct Config<T> {
+    rx: watch::Receiver<Arc<Snapshot<T>>>,
+    stats: Arc<Stats>,
+}
+
+impl<T> Clone for Config<T> {
+    fn clone(&self) -> Self {
+        Config { rx: self.rx.clone(), stats: self.stats.clone() }
+    }
+}
+
+type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Builds a [`Config`]: add sources lowest first, then [`build`](Self::build).
+pub struct ConfigBuilder<T> {
+    files: FileSources,
+    env_prefix: Option<String>,
+    env: Option<Vec<(String, String)>>,
+    #[cfg(feature = "etcd")]
+    etcd: Option<(Vec<String>, String)>,
+    watch: bool,
+    debounce: Duration,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Config<T>
+where
+    T: DeserializeOwned + Validate + Send + Sync + 'static,
+{
+    /// Starts a builder with no sources (defaults only), watching on.
+    pub fn builder() -> ConfigBuilder<T> {
+        ConfigBuilder {
+            files: FileSources::default(),
+            env_prefix: None,
+            env: None,
+            #[cfg(feature = "etcd")]
+            etcd: None,
+            watch: true,
+            debounce: Duration::from_millis(150),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T> ConfigBuilder<T>
+where
+    T: DeserializeOwned + Validate + Send + Sync + 'static,
+{
+    /// A file (TOML/YAML/JSON by extension) or a directory of them.
+    pub fn file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.files.push(path.into());
+        self
+    }
+
+    /// The environment layer: variables `{prefix}_A__B` set `a.b`.
+    pub fn env(mut self, prefix: impl Into<String>) -> Self {
+        self.env_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Uses these variables instead of the process environment (for the
+    /// environment layer and placeholders); for tests and embedding.
+    pub fn env_vars(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.env = Some(vars.into_iter().collect());
+        self
+    }
+
+    /// An etcd key prefix as the top layer (`{prefix}a/b` or `{prefix}a.b` sets `a.b`).
+    #[cfg(feature = "etcd")]
+    pub fn etcd(mut self, endpoints: Vec<String>, prefix: impl Into<String>) -> Self {
+        self.etcd = Some((endpoints, prefix.into()));
+        self
+    }
+
+    /// Whether to follow changes (default true).
+    pub fn watch(mut self, watch: bool) -> Self {
+        self.watch = watch;
+        self
+    }
+
+    /// How long file changes must be quiet before a reload (default 150 ms).
+    pub fn debounce(mut self, debounce: Duration) -> Self {
+        self.debounce = debounce;
+        self
+    }
+
+    /// Loads every source once (any error fails the build: a service must
+    /// not start on a config it cannot read), then follows changes.
+    pub async fn build(self) -> Result<Config<T>, ConfigError> {
+        let env_vars: Vec<(String, String)> = self.env.clone().unwrap_or_else(|| std::env::vars().collect());
+        let lookup: EnvLookup = {
+            let vars = env_vars.clone();
+            Arc::new(move |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+        };
+        let file_layers = self.files.load(&*lookup)?;
+        let env_layer = self.env_prefix.as_deref().map(|p| env_layer(p, env_vars));
+
+        #[cfg(feature = "etcd")]
+        let remote = match &self.etcd {
+            Some((endpoints, prefix)) => Some(crate::etcd::RemoteSource::connect(endpoints, prefix).await?),
+            None => None,
+        };
+        #[cfg(not(feature = "etcd"))]
+        let remote: Option<NoRemote> = None;
+
+        let mut state = Layers { files: file_layers, env: env_layer, remote: remote.as_ref().map(|r| r.layer()) };
+        let first = evaluate::<T>(&state.all())?;
+        info!(version = %first.version, "config loaded");
+        let (tx, rx) = watch::channel(Arc::new(first));
+        let stats = Arc::new(Stats::default());
+
+        if self.watch {
+            let (file_tx, file_rx) = mpsc::channel(1);
+            let watcher = if self.files.is_empty() { None } else { Some(self.files.watch(file_tx)?) };
+            let pipeline = Pipeline { tx, stats: stats.clone(), files: self.files, lookup, debounce: self.debounce };
+            tokio::spawn(async move {
+                // The watcher lives as long as the pipeline.
+                let _watcher = watcher;
+                pipeline.run(&mut state, file_rx, remote).await;
+            });
+        }
+        Ok(Config { rx, stats })
+    }
+}
+
+/// Stands in for the remote source when etcd support is compiled out.
+#[cfg(not(feature = "etcd"))]
+struct NoRemote;
+
+#[cfg(not(feature = "etcd"))]
+impl NoRemote {
+    fn layer(&self) -> Layer {
+        unreachable!("no remote source without the etcd feature")
+    }
+    async fn changed(&mut self) -> Option<Layer> {
+        std::future::pending().await
+    }
+}
+
+#[cfg(feature = "etcd")]
+type Remote = crate::etcd::RemoteSource;
+#[cfg(not(feature = "etcd"))]
+type Remote = NoRemote;
+
+/// The accepted layers: replaced only by updates that evaluate cleanly.
+struct Layers {
+    files: Vec<Layer>,
+    env: Option<Layer>,
+    remote: Option<Layer>,
+}
+
+impl Layers {
+    fn all(&self) -> Vec<Layer> {
+        self.files.iter().cloned().chain(self.env.clone()).chain(self.remote.clone()).collect()
+    }
+}
+
+struct Pipeline<T> {
+    tx: watch::Sender<Arc<Snapshot<T>>>,
+    stats: Arc<Stats>,
+    files: FileSources,
+    lookup: EnvLookup,
+    debounce: Duration,
+}
+
+impl<T> Pipeline<T>
+where
+    T: DeserializeOwned + Validate + Send + Sync + 'static,
+{
+    async fn run(self, state: &mut Layers, mut file_rx: mpsc::Receiver<()>, mut remote: Option<Remote>) {
+        loop {
+            tokio::select! {
+                _ = self.tx.closed() => return,
+                Some(()) = file_rx.recv() => {
+                    // Wait for the burst of events of one save to end.
+                    while let Ok(Some(())) = tokio::time::timeout(self.debounce, file_rx.recv()).await {}
+                    match self.files.load(&*self.lookup) {
+                        Ok(files) => {
+                            let candidate = Layers { files, env: state.env.clone(), remote: state.remote.clone() };
+                            if self.apply(&candidate) {
+                                *state = candidate;
+                            }
+                        }
+                        Err(err) => self.reject(&err),
+                    }
+                }
+                Some(layer) = async { match remote.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } } => {
+                    let candidate = Layers { files: state.files.clone(), env: state.env.clone(), remote: Some(layer) };
+                    if self.apply(&candidate) {
+                        *state = candidate;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Evaluates `candidate`; publishes it if it differs. Returns whether it was accepted.
+    fn apply(&self, candidate: &Layers) -> bool {
+        match evaluate::<T>(&candidate.all()) {
+            Ok(snapshot) => {
+                let changed = self.tx.borrow().version != snapshot.version;
+                if changed {
+                    info!(version = %snapshot.version, "config applied");
+                    self.tx.send_replace(Arc::new(snapshot));
+                }
+                true
+            }
+            Err(err) => {
+                self.reject(&err);
+                false
+            }
+        }
+    }
+
+    fn reject(&self, err: &ConfigError) {
+        self.stats.failures.fetch_add(1, Relaxed);
+        *self.stats.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(err.to_string());
+        error!(error = %err, "config update rejected; keeping the last good config");
+    }
+}
+
+/// Merges, deserializes, checks for unknown keys and validates.
+fn evaluate<T: DeserializeOwned + Validate>(layers: &[Layer]) -> Result<Snapshot<T>, ConfigError> {
+    let merged = merge(layers);
+    let source = |key: &str| merged.source_of(key).unwrap_or("defaults").to_owned();
+    let mut unknown: Vec<String> = Vec::new();
+    let mut on_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let de = serde_ignored::Deserializer::new(merged.doc.clone(), &mut on_unknown);
+    let config: T = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        ConfigError::Type { source_name: source(&key), key, reason: e.inner().to_string() }
+    })?;
+    // The environment carries much besides config; only other sources must be exact.
+    if let Some(key) = unknown.into_iter().find(|k| !source(k).starts_with("env ")) {
+        return Err(ConfigError::Type { source_name: source(&key), key, reason: "unknown key".into() });
+    }
+    config.validate().map_err(|invalid| ConfigError::Invalid {
+        source_name: source(&invalid.key),
+        key: invalid.key,
+        reason: invalid.message,
+    })?;
+    let canonical = serde_json::to_string(&merged.doc).unwrap_or_default();
+    Ok(Snapshot {
+        config,
+        version: format!("{:016x}", fnv1a(canonical.as_bytes())),
+        applied_at: SystemTime::now(),
+        sources: layers.iter().map(|l| (l.source.clone(), l.version.clone())).collect(),
+    })
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+impl<T: Send + Sync + 'static> Config<T> {
+    /// The config in force now.
+    pub fn current(&self) -> Arc<Snapshot<T>> {
+        self.rx.borrow().clone()
+    }
+
+    /// A receiver of every applied snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot<T>>> {
+        self.rx.clone()
+    }
+
+    /// A receiver of one part of the config that changes only when that
+    /// part changes (not on every reload).
+    pub fn section<S, F>(&self, select: F) -> watch::Receiver<S>
+    where
+        S: PartialEq + Send + Sync + 'static,
+        F: Fn(&T) -> S + Send + 'static,
+    {
+        let mut rx = self.rx.clone();
+        let (tx, out) = watch::channel(select(&rx.borrow_and_update().config));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    changed = rx.changed() => if changed.is_err() { return },
+                }
+                let next = select(&rx.borrow_and_update().config);
+                tx.send_if_modified(|current| {
+                    if *current == next {
+                        false
+                    } else {
+                        *current = next;
+                        true
+                    }
+                });
+            }
+        });
+        out
+    }
+
+    /// Updates rejected since start (`config_reload_failures_total`).
+    pub fn reload_failures(&self) -> u64 {
+        self.stats.failures.load(Relaxed)
+    }
+
+    /// The most recent rejection, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.stats.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+impl<T: Serialize + Send + Sync + 'static> Config<T> {
+    /// What `/debug/config` shows: the config (secrets redacted), its
+    /// version and time, its sources, and the reload failures.
+    pub fn debug_view(&self) -> serde_json::Value {
+        let snapshot = self.current();
+        let applied_ms = snapshot.applied_at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        serde_json::json!({
+            "version": snapshot.version,
+            "applied_at_unix_ms": applied_ms,
+            "sources": snapshot.sources.iter().map(|(s, v)| serde_json::json!({"source": s, "version": v})).collect::<Vec<_>>(),
+            "config_reload_failures_total": self.reload_failures(),
+            "last_error": self.last_error(),
+            "config": serde_json::to_value(&snapshot.config).unwrap_or(serde_json::Value::Null),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde::Deserialize;
+    use serde_json::json;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(default)]
+    struct Probe {
+        a: u32,
+        nested: Nested,
+    }
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(default)]
+    struct Nested {
+        b: u32,
+    }
+    impl Default for Probe {
+        fn default() -> Self {
+            Probe { a: 1000, nested: Nested { b: 2000 } }
+        }
+    }
+    impl Validate for Probe {}
+
+    fn layer(source: &str, a: Option<u32>, b: Option<u32>) -> Layer {
+        let mut doc = json!({});
+        if let Some(a) = a {
+            doc["a"] = json!(a);
+        }
+        if let Some(b) = b {
+            doc["nested"] = json!({ "b": b });
+        }
+        Layer { source: source.into(), doc, version: None }
+    }
+
+    proptest! {
+        /// For every key, the highest layer that sets it wins: defaults <
+        /// file < directory file < env < remote; and the error path names
+        /// that same layer.
+        #[test]
+        fn the_highest_layer_that_sets_a_key_wins(
+            values in proptest::collection::vec((proptest::option::of(0u32..100), proptest::option::of(0u32..100)), 4)
+        ) {
+            let names = ["file a.toml", "file conf.d/b.yaml", "env APP_*", "etcd /p/"];
+            let layers: Vec<Layer> = values.iter().zip(names).map(|((a, b), n)| layer(n, *a, *b)).collect();
+            let snapshot = evaluate::<Probe>(&layers).unwrap();
+            let top = |pick: fn(&(Option<u32>, Option<u32>)) -> Option<u32>| values.iter().rev().find_map(pick);
+            prop_assert_eq!(snapshot.config.a, top(|v| v.0).unwrap_or(1000));
+            prop_assert_eq!(snapshot.config.nested.b, top(|v| v.1).unwrap_or(2000));
+            let merged = merge(&layers);
+            let expected_source = values.iter().zip(names).rev().find(|(v, _)| v.0.is_some()).map(|(_, n)| n);
+            prop_assert_eq!(merged.source_of("a"), expected_source);
+        }
+    }
+
+    #[test]
+    fn equal_content_has_equal_versions() {
+        let one = evaluate::<Probe>(&[layer("x", Some(1), None)]).unwrap();
+        let two = evaluate::<Probe>(&[layer("y", Some(1), None)]).unwrap();
+        let three = evaluate::<Probe>(&[layer("x", Some(2), None)]).unwrap();
+        assert_eq!(one.version, two.version);
+        assert_ne!(one.version, three.version);
+    }
+}
