@@ -1,18 +1,21 @@
 //! `trellis`: runs the reference shop on one machine (`trellis up`) or one
-//! service per process (`trellis serve SERVICE`).
+//! service per process (`trellis serve SERVICE`), and inspects the registry
+//! and the config centre.
 
+mod config_cmd;
+mod logging;
 mod services;
 
-use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use trellis::{
-    App, ShutdownSignal,
-    registry::ServiceRegistry,
-};
+use trellis::{App, ShutdownSignal, registry::ServiceRegistry, transport::ServerConfig};
 
-use crate::services::{Service, StartError};
+use crate::{
+    logging::{LogControl, LogFormat},
+    services::{ConfigSources, Service, StartError},
+};
 
 #[derive(Parser)]
 #[command(name = "trellis", version, about = "Trellis: a Rust microservice platform and its reference shop")]
@@ -22,13 +25,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Auto,
-    Json,
-    Pretty,
 }
 
 #[derive(Subcommand)]
@@ -45,6 +41,12 @@ enum Command {
         /// 0 gives each a free port.
         #[arg(long, default_value_t = 8080)]
         base_port: u16,
+        /// A directory with one config file (or directory) per service:
+        /// user.toml, user.yaml, user/ ...
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        config_source: ConfigSourceArg,
         #[command(flatten)]
         registry: RegistryArg,
         #[command(flatten)]
@@ -58,16 +60,21 @@ enum Command {
         /// Address for gRPC and HTTP (default: the service's port on 127.0.0.1).
         #[arg(long)]
         listen: Option<SocketAddr>,
-        /// An optional HTTP-only admin address for probes.
+        /// An HTTP-only admin address for probes and /debug/config.
         #[arg(long)]
         admin_listen: Option<SocketAddr>,
         /// Where the service keeps its data (SQLite by default).
         #[arg(long, default_value = "./.trellis")]
         data_dir: PathBuf,
-        /// The service's database instead of SQLite under --data-dir, e.g.
+        /// The service's database, over `database.url` from config, e.g.
         /// postgres://user@host:5432/db.
         #[arg(long, env = "TRELLIS_DATABASE_URL")]
         database_url: Option<String>,
+        /// The service's config: a TOML/YAML/JSON file or a directory of them.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        config_source: ConfigSourceArg,
         #[command(flatten)]
         registry: RegistryArg,
         /// The zone published in the registry.
@@ -80,6 +87,11 @@ enum Command {
     Registry {
         #[command(subcommand)]
         command: RegistryCommand,
+    },
+    /// Read, change and follow settings in the config centre (etcd).
+    Config {
+        #[command(subcommand)]
+        command: config_cmd::ConfigCommand,
     },
 }
 
@@ -99,80 +111,71 @@ struct RegistryArg {
     /// Where instances register and clients discover them: memory:// (this
     /// process only) or etcd://host:port[,host:port][?ttl=5s].
     #[arg(long = "registry", env = "TRELLIS_REGISTRY", default_value = "memory://")]
-    url: String,
+    registry: String,
 }
 
 impl RegistryArg {
     async fn connect(&self) -> Result<Arc<dyn ServiceRegistry>, String> {
-        trellis::registry::connect(&self.url).await.map_err(|e| format!("{e} (set with --registry)"))
+        trellis::registry::connect(&self.registry).await.map_err(|e| format!("{e} (set with --registry)"))
     }
+}
+
+#[derive(clap::Args, Clone)]
+struct ConfigSourceArg {
+    /// A remote config layer: etcd://host:port[,host:port]/prefix; each
+    /// service reads {prefix}/{service}/, watched.
+    #[arg(long = "config-source", env = "TRELLIS_CONFIG_SOURCE")]
+    config_source: Option<String>,
 }
 
 #[derive(clap::Args, Clone, Copy)]
 struct ShutdownArgs {
-    /// How long in-flight requests may take to finish on shutdown (e.g. 10s, 500ms).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    shutdown_timeout: Duration,
+    /// How long in-flight requests may take to finish on shutdown (e.g. 10s,
+    /// 500ms); over `server.shutdown_timeout` from config (default 10s).
+    #[arg(long, value_parser = parse_duration)]
+    shutdown_timeout: Option<Duration>,
     /// How long to keep serving after deregistering and turning unready,
-    /// before closing listeners (default: 1s, enough for clients to see the
-    /// deregistration).
+    /// before closing listeners; over `server.pre_stop_delay` (default 1s).
     #[arg(long, value_parser = parse_duration)]
     pre_stop_delay: Option<Duration>,
 }
 
-impl ShutdownArgs {
-    fn apply(self, app: trellis::AppBuilder) -> trellis::AppBuilder {
-        let app = app.shutdown_timeout(self.shutdown_timeout);
-        match self.pre_stop_delay {
-            Some(delay) => app.pre_stop_delay(delay),
-            None => app,
-        }
-    }
-}
-
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a duration like 10s or 500ms"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?} has an unknown unit {unit:?}; use ms, s or m")),
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = match format {
-        LogFormat::Json => true,
-        LogFormat::Pretty => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
-    };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
+    trellis::config::duration::parse(s)
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log = logging::init(cli.log_format);
     let result = match cli.command {
-        Command::Up { data_dir, host, base_port, registry, shutdown } => {
-            up(data_dir, host, base_port, registry, shutdown).await
+        Command::Up { data_dir, host, base_port, config, config_source, registry, shutdown } => {
+            up(&log, data_dir, host, base_port, config, config_source, registry, shutdown).await
         }
-        Command::Serve { service, listen, admin_listen, data_dir, database_url, registry, zone, shutdown } => {
-            serve(service, listen, admin_listen, data_dir, database_url, registry, zone, shutdown).await
+        Command::Serve {
+            service,
+            listen,
+            admin_listen,
+            data_dir,
+            database_url,
+            config,
+            config_source,
+            registry,
+            zone,
+            shutdown,
+        } => {
+            let sources = ConfigSources::for_serve(config, config_source.config_source);
+            let server = ServerConfig {
+                listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], service.port(8080)))),
+                admin_listen,
+                ..ServerConfig::default()
+            };
+            serve(&log, service, sources, server, data_dir, database_url, registry, zone, shutdown).await
         }
         Command::Registry { command: RegistryCommand::Ls { service, registry } } => {
             registry_ls(service.as_deref(), &registry).await
         }
+        Command::Config { command } => config_cmd::run(command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -185,9 +188,10 @@ async fn main() -> ExitCode {
 
 #[allow(clippy::too_many_arguments)]
 async fn serve(
+    log: &LogControl,
     service: Service,
-    listen: Option<SocketAddr>,
-    admin_listen: Option<SocketAddr>,
+    sources: ConfigSources,
+    server: ServerConfig,
     data_dir: PathBuf,
     database_url: Option<String>,
     registry: RegistryArg,
@@ -196,21 +200,31 @@ async fn serve(
 ) -> Result<(), String> {
     let signal = ShutdownSignal::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let registry = registry.connect().await?;
-    let listen = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], service.port(8080))));
     let started = service
-        .start(&data_dir, listen, admin_listen, database_url)
+        .start(&sources, &data_dir, server, database_url)
         .await
         .map_err(|e| e.explain(service, "--listen"))?;
-    println!("{} serving gRPC and HTTP on {} (ready at http://{}/readyz)", service.name(), started.addr, started.addr);
+    log.follow(started.common.log_level.clone());
+    let admin = started.admin.map(|a| format!(", admin on {a}")).unwrap_or_default();
+    println!(
+        "{} serving gRPC and HTTP on {} (ready at http://{}/readyz){admin}",
+        service.name(),
+        started.addr,
+        started.addr
+    );
     let builder = App::builder(service.name()).version(env!("CARGO_PKG_VERSION")).registry(registry).zone(zone);
-    let app = started.into_app(shutdown.apply(builder));
+    let app = started.into_app(builder, shutdown.shutdown_timeout, shutdown.pre_stop_delay);
     app.run_until(signal.recv()).await.map_err(|e| format!("{}: {e}", service.name()))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn up(
+    log: &LogControl,
     data_dir: PathBuf,
     host: std::net::IpAddr,
     base_port: u16,
+    config: Option<PathBuf>,
+    config_source: ConfigSourceArg,
     registry: RegistryArg,
     shutdown: ShutdownArgs,
 ) -> Result<(), String> {
@@ -219,10 +233,14 @@ async fn up(
     let mut started = Vec::new();
     for service in Service::ALL {
         let port = if base_port == 0 { 0 } else { service.port(base_port) };
+        let sources = ConfigSources::for_up(service, config.as_deref(), config_source.config_source.clone())?;
+        let server = ServerConfig { listen: SocketAddr::new(host, port), ..ServerConfig::default() };
         let s = service
-            .start(&data_dir, SocketAddr::new(host, port), None, None)
+            .start(&sources, &data_dir, server, None)
             .await
             .map_err(|e: StartError| e.explain(service, "--base-port"))?;
+        // With several services, the last `log.level` change wins.
+        log.follow(s.common.log_level.clone());
         started.push((service, s));
     }
 
@@ -236,7 +254,7 @@ async fn up(
     let mut running = tokio::task::JoinSet::new();
     for (service, s) in started {
         let builder = App::builder(service.name()).version(env!("CARGO_PKG_VERSION")).registry(registry.clone());
-        let app = s.into_app(shutdown.apply(builder));
+        let app = s.into_app(builder, shutdown.shutdown_timeout, shutdown.pre_stop_delay);
         let stop = stop.clone();
         running.spawn(async move { (service, app.run_until(stop.cancelled_owned()).await) });
     }
@@ -304,7 +322,7 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("5d").is_err());
     }
 
     #[test]

@@ -1,18 +1,74 @@
-//! The reference services the CLI knows how to run, and their default ports.
+//! The reference services the CLI runs: their default ports, how their
+//! config is found, and how each is started.
 
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use clap::ValueEnum;
-use trellis::{App, AppBuilder, transport::ServerConfig};
+use tokio::sync::watch;
+use trellis::{
+    App, AppBuilder,
+    config::{Config, ConfigError},
+    transport::ServerConfig,
+};
 
 /// A service of the reference shop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Service {
     /// User accounts.
     User,
+}
+
+/// Where a service's config comes from.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSources {
+    /// Files: the `--config` path (for `up`, the service's files inside it).
+    pub files: Vec<PathBuf>,
+    /// `etcd://host:port/prefix`; the service reads `{prefix}/{service}/`.
+    pub etcd: Option<String>,
+}
+
+impl ConfigSources {
+    /// For `serve`: `--config` is the service's file or directory.
+    pub fn for_serve(path: Option<PathBuf>, etcd: Option<String>) -> Self {
+        ConfigSources { files: path.into_iter().collect(), etcd }
+    }
+
+    /// For `up`: `--config` is a directory holding `{service}.toml|yaml|yml|json`
+    /// and/or a `{service}/` directory per service.
+    pub fn for_up(service: Service, dir: Option<&Path>, etcd: Option<String>) -> Result<Self, String> {
+        let mut files = Vec::new();
+        if let Some(dir) = dir {
+            if !dir.is_dir() {
+                return Err(format!(
+                    "--config {} is not a directory; for `trellis up` it holds one file per service, e.g. {}.toml",
+                    dir.display(),
+                    service.name()
+                ));
+            }
+            for ext in ["toml", "yaml", "yml", "json"] {
+                let f = dir.join(format!("{}.{ext}", service.name()));
+                if f.is_file() {
+                    files.push(f);
+                }
+            }
+            let sub = dir.join(service.name());
+            if sub.is_dir() {
+                files.push(sub);
+            }
+        }
+        Ok(ConfigSources { files, etcd })
+    }
+}
+
+/// The settings the CLI itself reads from a service's config.
+pub struct Common {
+    pub shutdown_timeout: Duration,
+    pub pre_stop_delay: Option<Duration>,
+    pub log_level: watch::Receiver<String>,
 }
 
 impl Service {
@@ -34,35 +90,71 @@ impl Service {
         base.saturating_add(offset)
     }
 
-    /// Opens the service's store and binds its listener.
+    /// Checks `key = value` against the service's config type.
+    pub fn check_setting(self, key: &str, value: &str) -> Result<(), ConfigError> {
+        match self {
+            Service::User => trellis::config::check_setting::<shop_user::UserSettings>(key, value),
+        }
+    }
+
+    /// Loads the service's config, opens its store and binds its listener.
     pub async fn start(
         self,
+        sources: &ConfigSources,
         data_dir: &Path,
-        listen: SocketAddr,
-        admin_listen: Option<SocketAddr>,
+        server: ServerConfig,
         database_url: Option<String>,
     ) -> Result<Started, StartError> {
-        let server = ServerConfig { listen, admin_listen, ..ServerConfig::default() };
+        let listen = server.listen;
         match self {
             Service::User => {
-                let mut config = shop_user::UserConfig::embedded(data_dir);
-                if let Some(url) = database_url {
-                    config.database_url = url;
-                }
-                let service = shop_user::UserService::bind(&config, server).await.map_err(|e| match e {
-                    shop_user::BuildError::Transport(t) if t.is_addr_in_use() => StartError::PortInUse(listen),
-                    other => StartError::Other(other.to_string(), data_dir.to_owned()),
-                })?;
-                Ok(Started { addr: service.local_addr(), inner: StartedInner::User(service) })
+                let config = load::<shop_user::UserSettings>(self, sources).await.map_err(StartError::Config)?;
+                let current = config.current();
+                let common = Common {
+                    shutdown_timeout: current.config.server.shutdown_timeout,
+                    pre_stop_delay: current.config.server.pre_stop_delay,
+                    log_level: config.section(|s| s.log.level.clone()),
+                };
+                let service = shop_user::UserService::bind_with_config(config, data_dir, database_url, server)
+                    .await
+                    .map_err(|e| match e {
+                        shop_user::BuildError::Transport(t) if t.is_addr_in_use() => StartError::PortInUse(listen),
+                        other => StartError::Other(other.to_string(), data_dir.to_owned()),
+                    })?;
+                Ok(Started {
+                    addr: service.local_addr(),
+                    admin: service.admin_addr(),
+                    common,
+                    inner: StartedInner::User(service),
+                })
             }
         }
     }
+}
+
+async fn load<T>(service: Service, sources: &ConfigSources) -> Result<Config<T>, String>
+where
+    T: serde::de::DeserializeOwned + trellis::config::Validate + Send + Sync + 'static,
+{
+    let mut builder = Config::<T>::builder().env("TRELLIS");
+    for f in &sources.files {
+        builder = builder.file(f);
+    }
+    if let Some(url) = &sources.etcd {
+        let (endpoints, prefix) = trellis::config::parse_etcd_url(url).map_err(|e| format!("--config-source: {e}"))?;
+        builder = builder.etcd(endpoints, format!("{prefix}{}/", service.name()));
+    }
+    builder.build().await.map_err(|e| e.to_string())
 }
 
 /// A bound service, ready to be turned into an [`App`].
 pub struct Started {
     /// Where it serves gRPC and HTTP.
     pub addr: SocketAddr,
+    /// Its admin address, if any.
+    pub admin: Option<SocketAddr>,
+    /// Settings the CLI applies.
+    pub common: Common,
     inner: StartedInner,
 }
 
@@ -71,8 +163,12 @@ enum StartedInner {
 }
 
 impl Started {
-    /// The app that runs this service.
-    pub fn into_app(self, app: AppBuilder) -> App {
+    /// The app that runs this service; `shutdown` flags override config.
+    pub fn into_app(self, app: AppBuilder, shutdown_timeout: Option<Duration>, pre_stop_delay: Option<Duration>) -> App {
+        let mut app = app.shutdown_timeout(shutdown_timeout.unwrap_or(self.common.shutdown_timeout));
+        if let Some(delay) = pre_stop_delay.or(self.common.pre_stop_delay) {
+            app = app.pre_stop_delay(delay);
+        }
         match self.inner {
             StartedInner::User(s) => s.into_app(app),
         }
@@ -84,6 +180,8 @@ impl Started {
 pub enum StartError {
     /// Its port is taken.
     PortInUse(SocketAddr),
+    /// Its config could not be loaded.
+    Config(String),
     /// Anything else, with the data dir for context.
     Other(String, PathBuf),
 }
@@ -98,6 +196,7 @@ impl StartError {
                 addr.port(),
                 addr.ip()
             ),
+            StartError::Config(message) => format!("{}: config: {message}", service.name()),
             StartError::Other(message, data_dir) => {
                 format!("{}: {message} (data dir {})", service.name(), data_dir.display())
             }

@@ -101,11 +101,13 @@ impl FileSources {
         };
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let Ok(event) = event else { return };
-            let interesting = match event.kind {
-                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-                _ => false,
-            };
+            let interesting = matches!(
+                event.kind,
+                EventKind::Create(_)
+                    | EventKind::Modify(_)
+                    | EventKind::Remove(_)
+                    | EventKind::Access(AccessKind::Close(AccessMode::Write))
+            );
             if interesting && event.paths.iter().any(|p| relevant(p)) {
                 // Full means a reload is already pending: dropping is fine.
                 let _ = tx.try_send(());

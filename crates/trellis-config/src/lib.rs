@@ -60,8 +60,12 @@ mod value;
 
 #[cfg(feature = "etcd")]
 pub use etcd::parse_url as parse_etcd_url;
+/// The etcd prefix mirror the remote layer uses, for tools that follow
+/// settings (`trellis config watch`).
+#[cfg(feature = "etcd")]
+pub use trellis_etcd::mirror_prefix as etcd_mirror;
 pub use secret::Secret;
-pub use store::{Config, ConfigBuilder, Snapshot};
+pub use store::{Config, ConfigBuilder, Snapshot, check_setting};
 
 /// A type that checks its own values after they parse.
 pub trait Validate {

@@ -263,6 +263,19 @@ where
     }
 }
 
+/// Checks one setting against `T` before it is written anywhere: the
+/// defaults plus `key = value` (value read as the environment and etcd
+/// layers read it) must parse and validate. Used by `trellis config set`.
+pub fn check_setting<T: DeserializeOwned + Validate>(key: &str, value: &str) -> Result<(), ConfigError> {
+    let segments: Vec<String> = key.split(['/', '.']).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    if segments.is_empty() {
+        return Err(ConfigError::Type { key: key.to_owned(), source_name: "the command line".into(), reason: "empty key".into() });
+    }
+    let mut doc = serde_json::Value::Object(serde_json::Map::new());
+    crate::value::set_path(&mut doc, &segments, crate::value::scalar(value));
+    evaluate::<T>(&[Layer { source: "the command line".into(), doc, version: None }]).map(drop)
+}
+
 /// Merges, deserializes, checks for unknown keys and validates.
 fn evaluate<T: DeserializeOwned + Validate>(layers: &[Layer]) -> Result<Snapshot<T>, ConfigError> {
     let merged = merge(layers);
@@ -411,9 +424,10 @@ mod tests {
             let names = ["file a.toml", "file conf.d/b.yaml", "env APP_*", "etcd /p/"];
             let layers: Vec<Layer> = values.iter().zip(names).map(|((a, b), n)| layer(n, *a, *b)).collect();
             let snapshot = evaluate::<Probe>(&layers).unwrap();
-            let top = |pick: fn(&(Option<u32>, Option<u32>)) -> Option<u32>| values.iter().rev().find_map(pick);
-            prop_assert_eq!(snapshot.config.a, top(|v| v.0).unwrap_or(1000));
-            prop_assert_eq!(snapshot.config.nested.b, top(|v| v.1).unwrap_or(2000));
+            let top_a = values.iter().rev().find_map(|v| v.0);
+            let top_b = values.iter().rev().find_map(|v| v.1);
+            prop_assert_eq!(snapshot.config.a, top_a.unwrap_or(1000));
+            prop_assert_eq!(snapshot.config.nested.b, top_b.unwrap_or(2000));
             let merged = merge(&layers);
             let expected_source = values.iter().zip(names).rev().find(|(v, _)| v.0.is_some()).map(|(_, n)| n);
             prop_assert_eq!(merged.source_of("a"), expected_source);

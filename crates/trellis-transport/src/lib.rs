@@ -46,4 +46,4 @@ pub use config::{Limits, ServerConfig};
 pub use error::TransportError;
 pub use health::probe_router;
 pub use server::{GrpcHttpServer, GrpcHttpServerBuilder};
-pub use steer::is_grpc;
+pub use steer::{RequestTimeout, is_grpc};

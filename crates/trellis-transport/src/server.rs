@@ -18,7 +18,7 @@ use trellis_core::{BoxError, Drain, Server, ServerFuture, State};
 use crate::{
     Limits, ServerConfig, TransportError,
     health::{self, LifecycleHealth},
-    steer::Steer,
+    steer::{RequestTimeout, Steer},
 };
 
 /// Builds a [`GrpcHttpServer`]: add tonic services, descriptor sets for
@@ -29,6 +29,7 @@ pub struct GrpcHttpServerBuilder {
     service_names: Vec<String>,
     descriptor_sets: Vec<&'static [u8]>,
     http: Router,
+    debug: Router,
 }
 
 impl GrpcHttpServerBuilder {
@@ -64,6 +65,13 @@ impl GrpcHttpServerBuilder {
         self
     }
 
+    /// Merges operator routes (`/debug/config`, later `/metrics`): served on
+    /// the admin listener when there is one, else on the main port.
+    pub fn debug_router(mut self, router: Router) -> Self {
+        self.debug = self.debug.merge(router);
+        self
+    }
+
     /// Binds the listeners. A taken or invalid address fails here, before
     /// anything starts.
     pub async fn bind(self) -> Result<GrpcHttpServer, TransportError> {
@@ -86,10 +94,15 @@ impl GrpcHttpServerBuilder {
         routes.add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
         let grpc = routes.routes().prepare().into_axum_router();
 
-        let http = self
-            .http
-            .merge(health::probe_router(probes_rx.clone()))
-            .layer(DefaultBodyLimit::max(self.config.limits.max_body_bytes));
+        let mut http = self.http.merge(health::probe_router(probes_rx.clone()));
+        let mut admin_http = health::probe_router(probes_rx);
+        if self.config.admin_listen.is_some() {
+            admin_http = admin_http.merge(self.debug);
+        } else {
+            http = http.merge(self.debug);
+        }
+        let http = http.layer(DefaultBodyLimit::max(self.config.limits.max_body_bytes));
+        let timeout = RequestTimeout::new(self.config.limits.request_timeout);
 
         let listener = bind(self.config.listen).await?;
         let local_addr = listener.local_addr().map_err(|source| TransportError::Bind { addr: self.config.listen, source })?;
@@ -108,12 +121,8 @@ impl GrpcHttpServerBuilder {
             local_addr,
             admin,
             admin_addr,
-            steer: Steer { grpc, http, timeout: self.config.limits.request_timeout },
-            admin_steer: Steer {
-                grpc: tonic::service::Routes::default().into_axum_router(),
-                http: health::probe_router(probes_rx),
-                timeout: self.config.limits.request_timeout,
-            },
+            steer: Steer { grpc, http, timeout: timeout.clone() },
+            admin_steer: Steer { grpc: tonic::service::Routes::default().into_axum_router(), http: admin_http, timeout },
             probes,
             closed,
             service_names: self.service_names,
@@ -150,6 +159,7 @@ impl GrpcHttpServer {
             service_names: Vec::new(),
             descriptor_sets: Vec::new(),
             http: Router::new(),
+            debug: Router::new(),
         }
     }
 
@@ -161,6 +171,11 @@ impl GrpcHttpServer {
     /// The bound address of the admin listener, if one was configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The request timeout, adjustable while the server runs.
+    pub fn request_timeout(&self) -> RequestTimeout {
+        self.steer.timeout.clone()
     }
 
     /// The full names of the gRPC services this server reports health for.

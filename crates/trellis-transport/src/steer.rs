@@ -9,6 +9,10 @@ use std::{
     convert::Infallible,
     future::Future,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -25,12 +29,40 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// The server's request timeout, adjustable while it runs (from the config
+/// centre). Reading it costs one relaxed atomic load per request.
+#[derive(Debug, Clone)]
+pub struct RequestTimeout(Arc<AtomicU64>);
+
+impl RequestTimeout {
+    /// A timeout; `None` disables it.
+    pub fn new(timeout: Option<Duration>) -> Self {
+        let t = RequestTimeout(Arc::new(AtomicU64::new(0)));
+        t.set(timeout);
+        t
+    }
+
+    /// The timeout in force.
+    pub fn get(&self) -> Option<Duration> {
+        match self.0.load(Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Changes the timeout for requests that start from now on.
+    pub fn set(&self, timeout: Option<Duration>) {
+        let ms = timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)).unwrap_or(0);
+        self.0.store(ms, Relaxed);
+    }
+}
+
 /// The per-connection service: gRPC or HTTP, with the request timeout.
 #[derive(Clone)]
 pub(crate) struct Steer {
     pub(crate) grpc: axum::Router,
     pub(crate) http: axum::Router,
-    pub(crate) timeout: Option<Duration>,
+    pub(crate) timeout: RequestTimeout,
 }
 
 impl<B> Service<Request<B>> for Steer
@@ -51,12 +83,12 @@ where
         let grpc = is_grpc(req.headers());
         let timeout = if grpc {
             let caller = req.headers().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
-            match (self.timeout, caller) {
+            match (self.timeout.get(), caller) {
                 (Some(own), Some(theirs)) => Some(own.min(theirs)),
                 (own, theirs) => own.or(theirs),
             }
         } else {
-            self.timeout
+            self.timeout.get()
         };
         let fut = if grpc { self.grpc.call(req) } else { self.http.call(req) };
         Box::pin(async move {

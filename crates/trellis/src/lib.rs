@@ -29,16 +29,19 @@
 //! | `trellis-transport` | [`transport`] | gRPC + HTTP on one port, health, probes, clients |
 //! | `trellis-registry` | [`registry`] | registration and discovery (memory, etcd with feature `etcd`) |
 //! | `trellis-balance` | [`balance`], [`client`] | client-side load balancing over discovered endpoints |
+//! | `trellis-config` | [`config`], [`settings`] | typed layered config with hot reload (files, env, etcd) |
 
 #![warn(missing_docs)]
 
 mod app;
+pub mod settings;
 mod signal;
 
 pub use app::{App, AppBuilder, AppError, AppInfo};
 pub use signal::{ShutdownSignal, shutdown_signal};
 pub use trellis_core::{self as core, Code, Error, Lifecycle, State};
 pub use trellis_balance as balance;
+pub use trellis_config as config;
 pub use trellis_registry as registry;
 
 /// A balanced channel to `service`, discovered through `discovery`, with the

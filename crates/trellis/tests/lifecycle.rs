@@ -141,17 +141,24 @@ async fn failing_start_hook_stops_the_app_with_its_stage() {
 }
 
 #[tokio::test]
-async fn request_timeout_answers_504_with_the_error_body() {
+async fn request_timeout_answers_504_and_follows_live_changes() {
     let mut config = ServerConfig::default();
     config.limits.request_timeout = Some(Duration::from_millis(100));
     let server = GrpcHttpServer::builder(config).http_router(slow_server_router()).bind().await.unwrap();
     let addr = server.local_addr();
+    let timeout = server.request_timeout();
     let running = Running::ready(App::builder("timeout-test").server(server).build()).await;
     let res = http::get(addr, "/slow").await.unwrap();
     assert_eq!(res.status, 504);
     let body: serde_json::Value = serde_json::from_str(&res.body).unwrap();
     assert_eq!(body["code"], "DEADLINE_EXCEEDED");
     assert_eq!(body["reason"], "REQUEST_TIMEOUT");
+
+    // Changed while running (what the config centre does): the next request sees it.
+    timeout.set(Some(Duration::from_secs(5)));
+    assert_eq!(http::get(addr, "/slow").await.unwrap().status, 200);
+    timeout.set(Some(Duration::from_millis(50)));
+    assert_eq!(http::get(addr, "/slow").await.unwrap().status, 504);
     running.stop().await.unwrap();
 }
 

@@ -32,8 +32,11 @@ pub mod service;
 
 use std::{net::SocketAddr, path::Path};
 
+use serde::{Deserialize, Serialize};
 use trellis::{
     App, AppBuilder,
+    config::{Config, Invalid, Secret, Validate},
+    settings::{LogSettings, ServerSettings},
     transport::{GrpcHttpServer, ServerConfig, TransportError},
 };
 
@@ -57,6 +60,75 @@ impl UserConfig {
     /// SQLite in `data_dir/user.db`: the one-machine default.
     pub fn embedded(data_dir: &Path) -> Self {
         UserConfig { database_url: format!("sqlite://{}", data_dir.join("user.db").display()), max_connections: 8 }
+    }
+}
+
+/// The user service's configuration, as loaded by the config centre
+/// (`user.toml`, `TRELLIS_*`, etcd `{prefix}user/`).
+///
+/// ```toml
+/// [server]
+/// request_timeout = "5s"   # live
+///
+/// [log]
+/// level = "info"           # live
+///
+/// [database]
+/// url = "postgres://app:${DB_PASSWORD}@db:5432/shop"   # restart
+/// max_connections = 16                                  # restart
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UserSettings {
+    /// Server limits and timeouts.
+    pub server: ServerSettings,
+    /// Logging.
+    pub log: LogSettings,
+    /// Where users are stored.
+    pub database: DatabaseSettings,
+}
+
+/// The user store's settings (applied on restart).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DatabaseSettings {
+    /// `sqlite://PATH` or `postgres://...`; unset means SQLite in the data dir.
+    pub url: Option<Secret<String>>,
+    /// The most connections to hold. Default: 8.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings { url: None, max_connections: 8 }
+    }
+}
+
+impl Validate for UserSettings {
+    fn validate(&self) -> Result<(), Invalid> {
+        self.server.validate("server")?;
+        if !(1..=1000).contains(&self.database.max_connections) {
+            return Err(Invalid::new("database.max_connections", "must be between 1 and 1000"));
+        }
+        if let Some(url) = &self.database.url {
+            let url = url.expose();
+            if !["sqlite:", "postgres://", "postgresql://"].iter().any(|p| url.starts_with(p)) {
+                return Err(Invalid::new("database.url", "must start with sqlite:, postgres:// or postgresql://"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl UserSettings {
+    /// The store settings these describe, SQLite under `data_dir` unless a URL is set.
+    pub fn store(&self, data_dir: &Path) -> UserConfig {
+        let mut config = UserConfig::embedded(data_dir);
+        if let Some(url) = &self.database.url {
+            config.database_url = url.expose().clone();
+        }
+        config.max_connections = self.database.max_connections;
+        config
     }
 }
 
@@ -98,6 +170,33 @@ impl UserService {
     /// The admin address, if configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.server.admin_addr()
+    }
+
+    /// Opens the store and binds the server from a loaded config, and keeps
+    /// the live settings (request timeout) following it. `/debug/config`
+    /// is served on the admin listener (or the main port without one).
+    pub async fn bind_with_config(
+        config: Config<UserSettings>,
+        data_dir: &Path,
+        database_url: Option<String>,
+        mut server: ServerConfig,
+    ) -> Result<UserService, BuildError> {
+        let settings = config.current();
+        let mut store_config = settings.config.store(data_dir);
+        if let Some(url) = database_url {
+            store_config.database_url = url;
+        }
+        server.limits = settings.config.server.limits();
+        let store = data::SqlUserRepo::open(&store_config.database_url, store_config.max_connections).await?;
+        let handler = service::UserServiceHandler::new(biz::Users::new(store.clone()));
+        let server = GrpcHttpServer::builder(server)
+            .grpc_service(api::v1::user_service_server::UserServiceServer::new(handler))
+            .file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+            .debug_router(trellis::settings::debug_router(config.clone()))
+            .bind()
+            .await?;
+        trellis::settings::follow_request_timeout(&config, |s: &UserSettings| &s.server, server.request_timeout());
+        Ok(UserService { server, store })
     }
 
     /// Adds the server to `app` and closes the store after it stops.

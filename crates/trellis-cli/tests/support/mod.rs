@@ -20,15 +20,31 @@ impl Drop for Trellis {
 
 impl Trellis {
     pub fn spawn(args: &[&str]) -> Trellis {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        Self::spawn_with_log(args, Some("info"))
+    }
+
+    /// Like `spawn`; `rust_log: None` leaves RUST_LOG unset so that the
+    /// config's `log.level` governs.
+    pub fn spawn_with_log(args: &[&str], rust_log: Option<&str>) -> Trellis {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_trellis"));
+        command.env_remove("RUST_LOG");
+        if let Some(level) = rust_log {
+            command.env("RUST_LOG", level);
+        }
+        let mut child = command
             .args(args)
-            .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         // One reader for the life of the child: a reader per call could
         // buffer (and lose) lines past the one it returns.
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Trellis(child, stdout)
+    }
+
+    /// Wraps a child spawned by the test itself (stdout and stderr piped).
+    pub fn from_child(mut child: Child) -> Trellis {
         let stdout = BufReader::new(child.stdout.take().unwrap());
         Trellis(child, stdout)
     }
