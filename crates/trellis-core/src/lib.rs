@@ -22,6 +22,7 @@
 
 #![warn(missing_docs)]
 
+pub mod deadline;
 mod error;
 pub mod lifecycle;
 mod server;

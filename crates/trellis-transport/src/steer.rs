@@ -81,19 +81,26 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let grpc = is_grpc(req.headers());
-        let timeout = if grpc {
-            let caller = req.headers().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
-            match (self.timeout.get(), caller) {
-                (Some(own), Some(theirs)) => Some(own.min(theirs)),
-                (own, theirs) => own.or(theirs),
-            }
+        let caller = if grpc {
+            req.headers().get("grpc-timeout").and_then(|v| trellis_core::deadline::parse_grpc_timeout(v.as_bytes()))
         } else {
-            self.timeout.get()
+            req.headers()
+                .get(trellis_core::deadline::HTTP_TIMEOUT_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_millis)
+        };
+        let timeout = match (self.timeout.get(), caller) {
+            (Some(own), Some(theirs)) => Some(own.min(theirs)),
+            (own, theirs) => own.or(theirs),
         };
         let fut = if grpc { self.grpc.call(req) } else { self.http.call(req) };
         Box::pin(async move {
             let Some(timeout) = timeout else { return fut.await };
-            match tokio::time::timeout(timeout, fut).await {
+            // Outbound calls made while handling this request inherit what is left.
+            let deadline = tokio::time::Instant::now() + timeout;
+            let fut = trellis_core::deadline::scope(deadline, fut);
+            match tokio::time::timeout_at(deadline, fut).await {
                 Ok(response) => response,
                 Err(_) if grpc => Ok(tonic::Status::new(
                     Code::DeadlineExceeded,
@@ -111,39 +118,9 @@ where
     }
 }
 
-/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H M S m u n).
-pub(crate) fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
-    let (&unit, digits) = value.split_last()?;
-    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
-    Some(match unit {
-        b'H' => Duration::from_secs(n * 3600),
-        b'M' => Duration::from_secs(n * 60),
-        b'S' => Duration::from_secs(n),
-        b'm' => Duration::from_millis(n),
-        b'u' => Duration::from_micros(n),
-        b'n' => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_grpc_timeouts() {
-        assert_eq!(parse_grpc_timeout(b"100m"), Some(Duration::from_millis(100)));
-        assert_eq!(parse_grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout(b"99999999n"), Some(Duration::from_nanos(99_999_999)));
-        assert_eq!(parse_grpc_timeout(b"123456789S"), None, "more than 8 digits");
-        assert_eq!(parse_grpc_timeout(b"S"), None);
-        assert_eq!(parse_grpc_timeout(b"10x"), None);
-        assert_eq!(parse_grpc_timeout(b""), None);
-    }
 
     #[test]
     fn recognises_grpc_content_types() {

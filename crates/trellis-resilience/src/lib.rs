@@ -1,0 +1,37 @@
+//! Resilience as tower layers, usable on clients and servers, in Trellis'
+//! own stacks and in plain axum or tonic ones.
+//!
+//! | layer | what it does |
+//! |---|---|
+//! | [`DeadlineLayer`] | sends the smaller of its own timeout and what is left of the inbound request's deadline downstream (`grpc-timeout` / `x-request-timeout-ms`), fails fast once nothing is left, and enforces it locally |
+//! | [`CircuitBreakerLayer`] | fails fast while the downstream is failing: a classic Closed/Open/HalfOpen breaker over a time window ([`Breaker`]), or Google SRE adaptive throttling ([`SreBreaker`]) |
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use tower::ServiceBuilder;
+//! use trellis_resilience::{Breaker, BreakerConfig, CircuitBreakerLayer, DeadlineLayer};
+//!
+//! let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:8082").connect_lazy();
+//! let stack = ServiceBuilder::new()
+//!     .layer(DeadlineLayer::new(Some(Duration::from_secs(2))))
+//!     .layer(CircuitBreakerLayer::new(Breaker::new(BreakerConfig::default())))
+//!     .service(channel);
+//! // let mut users = UserServiceClient::new(stack);
+//! # let _ = stack; Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod breaker;
+pub mod deadline;
+
+pub use breaker::{
+    Breaker, BreakerConfig, BreakerState, CircuitBreaker, CircuitBreakerLayer, Outcome, Permit, Policy, SreBreaker, SreConfig,
+    Trip, classify,
+};
+pub use deadline::{Deadline, DeadlineLayer};
+
+/// The error type of Trellis' layers: boxed, with a `tonic::Status` inside
+/// for rejections, so generated clients report the right code.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
