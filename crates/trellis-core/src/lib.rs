@@ -30,3 +30,8 @@ mod server;
 pub use error::{Code, Error, ErrorBody, code_from_http_status, code_name, code_to_http_status};
 pub use lifecycle::{Lifecycle, State};
 pub use server::{BoxError, Drain, Server, ServerFuture};
+
+/// The peer address of the connection a request arrived on; the Trellis
+/// server puts it in every request's extensions (for per-IP limits, logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerAddr(pub std::net::SocketAddr);

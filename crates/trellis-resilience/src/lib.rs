@@ -4,6 +4,7 @@
 //! | layer | what it does |
 //! |---|---|
 //! | [`DeadlineLayer`] | sends the smaller of its own timeout and what is left of the inbound request's deadline downstream (`grpc-timeout` / `x-request-timeout-ms`), fails fast once nothing is left, and enforces it locally |
+//! | [`RateLimitLayer`] | GCRA per route and per key (client IP, header): [`LocalLimiter`] in process, bounded memory; [`RedisLimiter`] shared by all instances (feature `redis`) with a fallback when Redis is down; 429 + `Retry-After` / RESOURCE_EXHAUSTED + `grpc-retry-pushback-ms` |
 //! | [`CircuitBreakerLayer`] | fails fast while the downstream is failing: a classic Closed/Open/HalfOpen breaker over a time window ([`Breaker`]), or Google SRE adaptive throttling ([`SreBreaker`]) |
 //!
 //! ```no_run
@@ -25,12 +26,18 @@
 
 pub mod breaker;
 pub mod deadline;
+pub mod rate_limit;
+#[cfg(feature = "redis")]
+pub mod redis_limit;
 
 pub use breaker::{
     Breaker, BreakerConfig, BreakerState, CircuitBreaker, CircuitBreakerLayer, Outcome, Permit, Policy, SreBreaker, SreConfig,
     Trip, classify,
 };
 pub use deadline::{Deadline, DeadlineLayer};
+pub use rate_limit::{Decision, KeyBy, Limiter, LocalLimiter, PeerAddr, Quota, RateLimit, RateLimitLayer};
+#[cfg(feature = "redis")]
+pub use redis_limit::{RedisFallback, RedisLimiter};
 
 /// The error type of Trellis' layers: boxed, with a `tonic::Status` inside
 /// for rejections, so generated clients report the right code.

@@ -30,6 +30,7 @@ pub struct GrpcHttpServerBuilder {
     descriptor_sets: Vec<&'static [u8]>,
     http: Router,
     debug: Router,
+    layers: Vec<Box<dyn Fn(Router) -> Router + Send + Sync>>,
 }
 
 impl GrpcHttpServerBuilder {
@@ -65,6 +66,20 @@ impl GrpcHttpServerBuilder {
         self
     }
 
+    /// Wraps the user's gRPC services and HTTP routes (not health,
+    /// reflection or probes) in `layer`, e.g. a rate limit. Add services and
+    /// routes first; rejections must be responses, not errors.
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
+        L::Service: tower::Service<http::Request<axum::body::Body>, Error = Infallible> + Clone + Send + Sync + 'static,
+        <L::Service as tower::Service<http::Request<axum::body::Body>>>::Response: axum::response::IntoResponse + 'static,
+        <L::Service as tower::Service<http::Request<axum::body::Body>>>::Future: Send + 'static,
+    {
+        self.layers.push(Box::new(move |router: Router| router.route_layer(layer.clone())));
+        self
+    }
+
     /// Merges operator routes (`/debug/config`, later `/metrics`): served on
     /// the admin listener when there is one, else on the main port.
     pub fn debug_router(mut self, router: Router) -> Self {
@@ -90,11 +105,27 @@ impl GrpcHttpServerBuilder {
         let reflection_v1alpha =
             reflection().build_v1alpha().map_err(|e| TransportError::Reflection(e.to_string()))?;
 
-        let mut routes = self.routes;
-        routes.add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
-        let grpc = routes.routes().prepare().into_axum_router();
+        // Layers wrap the user's routes only: health, reflection and the
+        // probes must answer even when a limit or breaker rejects traffic.
+        let mut user_grpc = self.routes.routes();
+        let mut user_http = self.http;
+        for layer in &self.layers {
+            if user_grpc.axum_router_mut().has_routes() {
+                let router = std::mem::take(user_grpc.axum_router_mut());
+                *user_grpc.axum_router_mut() = layer(router);
+            }
+            if user_http.has_routes() {
+                user_http = layer(user_http);
+            }
+        }
+        let grpc = user_grpc
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .prepare()
+            .into_axum_router();
 
-        let mut http = self.http.merge(health::probe_router(probes_rx.clone()));
+        let mut http = user_http.merge(health::probe_router(probes_rx.clone()));
         let mut admin_http = health::probe_router(probes_rx);
         if self.config.admin_listen.is_some() {
             admin_http = admin_http.merge(self.debug);
@@ -121,8 +152,13 @@ impl GrpcHttpServerBuilder {
             local_addr,
             admin,
             admin_addr,
-            steer: Steer { grpc, http, timeout: timeout.clone() },
-            admin_steer: Steer { grpc: tonic::service::Routes::default().into_axum_router(), http: admin_http, timeout },
+            steer: Steer { grpc, http, timeout: timeout.clone(), peer: None },
+            admin_steer: Steer {
+                grpc: tonic::service::Routes::default().into_axum_router(),
+                http: admin_http,
+                timeout,
+                peer: None,
+            },
             probes,
             closed,
             service_names: self.service_names,
@@ -160,6 +196,7 @@ impl GrpcHttpServer {
             descriptor_sets: Vec::new(),
             http: Router::new(),
             debug: Router::new(),
+            layers: Vec::new(),
         }
     }
 
@@ -269,7 +306,7 @@ async fn accept_loop(
                 if let Err(err) = stream.set_nodelay(true) {
                     debug!(%peer, error = %err, "cannot set TCP_NODELAY");
                 }
-                let service = TowerToHyperService::new(steer.clone());
+                let service = TowerToHyperService::new(Steer { peer: Some(peer), ..steer.clone() });
                 let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
                 let connection = graceful.watch(connection);
                 connections.spawn(async move {

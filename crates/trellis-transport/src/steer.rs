@@ -63,6 +63,8 @@ pub(crate) struct Steer {
     pub(crate) grpc: axum::Router,
     pub(crate) http: axum::Router,
     pub(crate) timeout: RequestTimeout,
+    /// The connection's peer, set per connection.
+    pub(crate) peer: Option<std::net::SocketAddr>,
 }
 
 impl<B> Service<Request<B>> for Steer
@@ -79,7 +81,10 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if let Some(peer) = self.peer {
+            req.extensions_mut().insert(trellis_core::PeerAddr(peer));
+        }
         let grpc = is_grpc(req.headers());
         let caller = if grpc {
             req.headers().get("grpc-timeout").and_then(|v| trellis_core::deadline::parse_grpc_timeout(v.as_bytes()))

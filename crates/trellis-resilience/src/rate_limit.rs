@@ -1,0 +1,343 @@
+//! Rate limiting: GCRA locally (per process) or in Redis (shared by every
+//! instance), per route and per key, as a server-side layer.
+//!
+//! GCRA (the generic cell rate algorithm) keeps one number per key: the
+//! theoretical arrival time (TAT) of the next request. A request at `now`
+//! is allowed if `TAT - now <= burst tolerance`, and moves TAT on by one
+//! emission interval (`period / rate`). That is a token bucket without the
+//! refill bookkeeping: one compare-and-swap per decision, and a key whose
+//! TAT is in the past holds no information, so idle keys can be dropped at
+//! any time. That is how [`LocalLimiter`] keeps memory bounded.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    hash::{BuildHasher, RandomState},
+    pin::Pin,
+    sync::{
+        Arc, Mutex, OnceLock, PoisonError,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use http::{HeaderValue, Request, Response, StatusCode};
+use tower::{Layer, Service};
+
+/// How many requests per period, with what burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Requests allowed per `period` on average.
+    pub rate: u32,
+    /// The period. Default: 1 s.
+    pub period: Duration,
+    /// Requests allowed at once after idleness (at least 1). Default: `rate`.
+    pub burst: u32,
+}
+
+impl Quota {
+    /// `rate` per second, burst `rate`.
+    pub fn per_second(rate: u32) -> Self {
+        Quota { rate: rate.max(1), period: Duration::from_secs(1), burst: rate.max(1) }
+    }
+
+    /// The same quota with another burst.
+    pub fn with_burst(mut self, burst: u32) -> Self {
+        self.burst = burst.max(1);
+        self
+    }
+
+    /// Nanoseconds between two requests at the steady rate.
+    pub fn emission_interval_ns(&self) -> u64 {
+        (self.period.as_nanos() as u64 / u64::from(self.rate.max(1))).max(1)
+    }
+
+    /// How far ahead of now the TAT may run.
+    pub fn burst_tolerance_ns(&self) -> u64 {
+        self.emission_interval_ns() * u64::from(self.burst.max(1) - 1)
+    }
+}
+
+/// A limiter's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Go ahead.
+    Allow,
+    /// Not now; try again after this long.
+    Deny {
+        /// When a retry would be allowed.
+        retry_after: Duration,
+    },
+}
+
+fn monotonic_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    // +1 s so that a fresh TAT of 0 is always "in the past".
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1_000_000_000
+}
+
+/// One GCRA cell: the TAT in ns on [`monotonic_ns`]'s clock.
+fn gcra(tat: &AtomicU64, quota: &Quota, now: u64) -> Decision {
+    let (interval, tolerance) = (quota.emission_interval_ns(), quota.burst_tolerance_ns());
+    let mut current = tat.load(Relaxed);
+    loop {
+        let start = current.max(now);
+        if start - now > tolerance {
+            return Decision::Deny { retry_after: Duration::from_nanos(start - now - tolerance) };
+        }
+        match tat.compare_exchange_weak(current, start + interval, Relaxed, Relaxed) {
+            Ok(_) => return Decision::Allow,
+            Err(seen) => current = seen,
+        }
+    }
+}
+
+const SHARDS: usize = 16;
+
+/// One shard of keyed cells: key → TAT.
+type Shard = Mutex<HashMap<String, Arc<AtomicU64>>>;
+
+/// A per-process GCRA limiter keyed by string, with bounded memory.
+pub struct LocalLimiter {
+    quota: Quota,
+    global: AtomicU64,
+    shards: Box<[Shard]>,
+    max_keys_per_shard: usize,
+    overflow: AtomicU64,
+    hasher: RandomState,
+}
+
+impl LocalLimiter {
+    /// A limiter applying `quota` to each key, tracking at most `max_keys`
+    /// keys (beyond that, new keys share one overflow cell until idle keys
+    /// are swept).
+    pub fn new(quota: Quota, max_keys: usize) -> Self {
+        LocalLimiter {
+            quota,
+            global: AtomicU64::new(0),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            max_keys_per_shard: (max_keys / SHARDS).max(1),
+            overflow: AtomicU64::new(0),
+            hasher: RandomState::new(),
+        }
+    }
+
+    /// The quota.
+    pub fn quota(&self) -> Quota {
+        self.quota
+    }
+
+    /// Checks one request for `key` (`None`: the limiter's single global cell).
+    pub fn check(&self, key: Option<&str>) -> Decision {
+        let now = monotonic_ns();
+        let Some(key) = key else { return gcra(&self.global, &self.quota, now) };
+        let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
+        let cell = {
+            let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            match map.get(key) {
+                Some(cell) => cell.clone(),
+                None => {
+                    if map.len() >= self.max_keys_per_shard {
+                        // A key whose TAT has passed is indistinguishable from a new one.
+                        map.retain(|_, tat| tat.load(Relaxed) > now);
+                    }
+                    if map.len() >= self.max_keys_per_shard {
+                        drop(map);
+                        return gcra(&self.overflow, &self.quota, now);
+                    }
+                    map.entry(key.to_owned()).or_default().clone()
+                }
+            }
+        };
+        gcra(&cell, &self.quota, now)
+    }
+
+    /// Keys currently tracked (for tests and metrics).
+    pub fn tracked_keys(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len()).sum()
+    }
+}
+
+/// Something that decides; local or shared.
+pub trait Limiter: Send + Sync + 'static {
+    /// Decides for one request with `key`.
+    fn check<'a>(&'a self, key: Option<&'a str>) -> Pin<Box<dyn Future<Output = Decision> + Send + 'a>>;
+}
+
+impl Limiter for LocalLimiter {
+    fn check<'a>(&'a self, key: Option<&'a str>) -> Pin<Box<dyn Future<Output = Decision> + Send + 'a>> {
+        let d = LocalLimiter::check(self, key);
+        Box::pin(std::future::ready(d))
+    }
+}
+
+/// What a request is limited by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyBy {
+    /// One budget for everything through the layer.
+    Global,
+    /// Per route: the request path (a gRPC method).
+    Route,
+    /// Per client IP (from the connection; set by the Trellis server).
+    ClientIp,
+    /// Per value of a header (tenant, user, API key); requests without it
+    /// share one budget.
+    Header(String),
+}
+
+impl KeyBy {
+    fn key<B>(&self, req: &Request<B>) -> Option<String> {
+        match self {
+            KeyBy::Global => None,
+            KeyBy::Route => Some(req.uri().path().to_owned()),
+            KeyBy::ClientIp => Some(
+                req.extensions()
+                    .get::<PeerAddr>()
+                    .map(|p| p.0.ip().to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+            ),
+            KeyBy::Header(name) => Some(format!(
+                "{name}={}",
+                req.headers().get(name.as_str()).and_then(|v| v.to_str().ok()).unwrap_or("")
+            )),
+        }
+    }
+}
+
+pub use trellis_core::PeerAddr;
+
+/// Rate-limits a service: rejected HTTP requests get 429 with `Retry-After`
+/// and a JSON error body; gRPC requests get RESOURCE_EXHAUSTED with
+/// `grpc-retry-pushback-ms`.
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    limiter: Arc<dyn Limiter>,
+    key: KeyBy,
+}
+
+impl RateLimitLayer {
+    /// Limits with `limiter`, keyed by `key`.
+    pub fn new(limiter: Arc<dyn Limiter>, key: KeyBy) -> Self {
+        RateLimitLayer { limiter, key }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit { inner, limiter: self.limiter.clone(), key: self.key.clone() }
+    }
+}
+
+/// A rate-limited service (see [`RateLimitLayer`]).
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    limiter: Arc<dyn Limiter>,
+    key: KeyBy,
+}
+
+/// The response for a rejected request.
+fn rejection<RB: Default>(grpc: bool, retry_after: Duration) -> Response<RB> {
+    let mut response = Response::new(RB::default());
+    let millis = retry_after.as_millis().max(1);
+    if grpc {
+        let headers = response.headers_mut();
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from_static("8"));
+        headers.insert("grpc-message", HeaderValue::from_static("rate%20limit%20exceeded"));
+        if let Ok(v) = HeaderValue::from_str(&millis.to_string()) {
+            headers.insert("grpc-retry-pushback-ms", v);
+        }
+    } else {
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+            response.headers_mut().insert(http::header::RETRY_AFTER, v);
+        }
+    }
+    response
+}
+
+// Rejections are responses, never errors: the inner error type passes
+// through, so the layer wraps infallible services (axum routes) as they are.
+impl<S, B, RB> Service<Request<B>> for RateLimit<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Error: Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    RB: Default + From<String> + Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let limiter = self.limiter.clone();
+        let key = self.key.key(&req);
+        // Take the service that was driven to readiness; leave a clone.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            match limiter.check(key.as_deref()).await {
+                Decision::Allow => inner.call(req).await,
+                Decision::Deny { retry_after } => {
+                    let grpc = req
+                        .headers()
+                        .get(http::header::CONTENT_TYPE)
+                        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                    let mut response: Response<RB> = rejection(grpc, retry_after);
+                    if !grpc {
+                        let body = serde_json::json!({
+                            "code": "RESOURCE_EXHAUSTED",
+                            "reason": "RATE_LIMITED",
+                            "message": format!("rate limit exceeded; retry after {} ms", retry_after.as_millis().max(1)),
+                            "metadata": {"retry_after_ms": retry_after.as_millis().max(1).to_string()},
+                        });
+                        *response.body_mut() = RB::from(body.to_string());
+                        response
+                            .headers_mut()
+                            .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    }
+                    Ok(response)
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gcra_allows_the_burst_then_the_rate() {
+        let quota = Quota::per_second(10).with_burst(3);
+        let tat = AtomicU64::new(0);
+        let t0 = 10_000_000_000u64;
+        assert!((0..3).all(|_| gcra(&tat, &quota, t0) == Decision::Allow));
+        let Decision::Deny { retry_after } = gcra(&tat, &quota, t0) else { panic!("burst exceeded") };
+        assert_eq!(retry_after, Duration::from_millis(100));
+        assert_eq!(gcra(&tat, &quota, t0 + 100_000_000), Decision::Allow, "one interval later");
+        assert!(matches!(gcra(&tat, &quota, t0 + 100_000_000), Decision::Deny { .. }));
+        // After a long idle the whole burst is back.
+        let later = t0 + 10_000_000_000;
+        assert!((0..3).all(|_| gcra(&tat, &quota, later) == Decision::Allow));
+    }
+
+    #[test]
+    fn keys_are_bounded_and_idle_keys_swept() {
+        let limiter = LocalLimiter::new(Quota::per_second(1000), 160);
+        for i in 0..10_000 {
+            limiter.check(Some(&format!("client-{i}")));
+        }
+        assert!(limiter.tracked_keys() <= 160, "tracked {}", limiter.tracked_keys());
+    }
+}

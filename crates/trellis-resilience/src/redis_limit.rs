@@ -1,0 +1,137 @@
+//! A GCRA limit shared by every instance, kept in Redis.
+//!
+//! One Lua script does the whole decision atomically on the server, using
+//! Redis' own clock (`TIME`), so instances with skewed clocks still share
+//! one budget. Each key's TAT expires when it no longer matters, so idle
+//! keys cost nothing. When Redis cannot answer within the timeout, the
+//! configured [`RedisFallback`] decides: a local limiter, allow, or deny.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::{Duration, Instant},
+};
+
+use redis::{Script, aio::ConnectionManager};
+use tracing::warn;
+
+use crate::rate_limit::{Decision, Limiter, LocalLimiter, Quota};
+
+const GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+if tat - now > tolerance then
+  return tat - now - tolerance
+end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+return 0
+"#;
+
+/// What to do when Redis does not answer.
+pub enum RedisFallback {
+    /// Limit per process with this limiter (e.g. the shared quota divided
+    /// by the number of instances).
+    Local(LocalLimiter),
+    /// Let everything through.
+    Allow,
+    /// Reject everything.
+    Deny,
+}
+
+/// A GCRA limiter in Redis.
+pub struct RedisLimiter {
+    connection: ConnectionManager,
+    script: Script,
+    quota: Quota,
+    prefix: String,
+    timeout: Duration,
+    fallback: RedisFallback,
+    // After a failure Redis is not asked again until this time (ms since
+    // `created`), so a dead Redis costs one timeout per second, not one
+    // per request.
+    created: Instant,
+    skip_until_ms: AtomicU64,
+}
+
+/// How long to use the fallback without asking Redis after it failed.
+const RETRY_REDIS_AFTER: Duration = Duration::from_secs(1);
+
+impl RedisLimiter {
+    /// A limiter at `url` (`redis://host:port`), keys under `prefix`.
+    /// Connects lazily: a limiter can start while Redis is down (and uses
+    /// the fallback until it is up).
+    pub fn new(url: &str, prefix: &str, quota: Quota, fallback: RedisFallback) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(200)))
+            .set_response_timeout(Some(Duration::from_millis(200)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(RedisLimiter {
+            connection,
+            script: Script::new(GCRA),
+            quota,
+            prefix: prefix.to_owned(),
+            timeout: Duration::from_millis(50),
+            fallback,
+            created: Instant::now(),
+            skip_until_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// How long to wait for Redis before falling back (default 50 ms).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn ask(&self, key: &str) -> Result<Decision, String> {
+        let mut connection = self.connection.clone();
+        let mut invocation = self.script.key(format!("{}{key}", self.prefix));
+        invocation.arg(self.quota.emission_interval_ns() / 1000).arg(self.quota.burst_tolerance_ns() / 1000);
+        let wait_us: i64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
+            .await
+            .map_err(|_| format!("no answer within {:?}", self.timeout))?
+            .map_err(|e| e.to_string())?;
+        Ok(if wait_us <= 0 {
+            Decision::Allow
+        } else {
+            Decision::Deny { retry_after: Duration::from_micros(wait_us as u64) }
+        })
+    }
+}
+
+impl Limiter for RedisLimiter {
+    fn check<'a>(&'a self, key: Option<&'a str>) -> Pin<Box<dyn Future<Output = Decision> + Send + 'a>> {
+        Box::pin(async move {
+            let now_ms = self.created.elapsed().as_millis() as u64;
+            let answer = if now_ms < self.skip_until_ms.load(Relaxed) {
+                Err(None)
+            } else {
+                self.ask(key.unwrap_or("_global")).await.map_err(Some)
+            };
+            match answer {
+                Ok(decision) => decision,
+                Err(err) => {
+                    if let Some(err) = err {
+                        warn!(error = %err, retry_in = ?RETRY_REDIS_AFTER, "redis rate limit unavailable; using the fallback");
+                        let retry_at = self.created.elapsed() + RETRY_REDIS_AFTER;
+                        self.skip_until_ms.store(retry_at.as_millis() as u64, Relaxed);
+                    }
+                    match &self.fallback {
+                        RedisFallback::Local(local) => local.check(key),
+                        RedisFallback::Allow => Decision::Allow,
+                        RedisFallback::Deny => Decision::Deny { retry_after: Duration::from_secs(1) },
+                    }
+                }
+            }
+        })
+    }
+}
