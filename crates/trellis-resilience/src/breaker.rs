@@ -130,8 +130,41 @@ struct Bucket {
     slow: AtomicU32,
 }
 
-/// A window of buckets over a monotonic clock (tokio's, so tests can pause it).
+/// Where breakers read the time.
+///
+/// The default is the kernel's coarse monotonic clock: a few nanoseconds
+/// to read, millisecond-ish resolution, plenty for windows of seconds. Tests
+/// use tokio's clock so they can pause and advance it.
+#[derive(Debug, Clone, Copy)]
+pub enum Clock {
+    /// `CLOCK_MONOTONIC_COARSE` (the default).
+    Coarse,
+    /// `tokio::time::Instant`, which `tokio::time::pause()` controls.
+    Tokio,
+}
+
+impl Clock {
+    fn now_ms(self, start: Instant) -> u64 {
+        match self {
+            Clock::Tokio => start.elapsed().as_millis() as u64,
+            Clock::Coarse => coarse_ms(),
+        }
+    }
+}
+
+fn coarse_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime only writes the timespec we pass.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    if rc != 0 {
+        return std::time::UNIX_EPOCH.elapsed().map(|d| d.as_millis() as u64).unwrap_or(0);
+    }
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// A window of buckets over a monotonic clock.
 struct Window {
+    clock: Clock,
     start: Instant,
     bucket_ms: u64,
     buckets: Box<[Bucket]>,
@@ -145,15 +178,19 @@ struct Totals {
 }
 
 impl Window {
-    fn new(window: Duration, buckets: u32) -> Self {
+    fn new(window: Duration, buckets: u32, clock: Clock) -> Self {
         let n = buckets.max(1);
         let bucket_ms = (window.as_millis() as u64 / u64::from(n)).max(1);
-        // Epoch 0 is "never used": real epochs start at 1.
-        Window { start: Instant::now(), bucket_ms, buckets: (0..n).map(|_| Bucket::default()).collect() }
+        Window { clock, start: Instant::now(), bucket_ms, buckets: (0..n).map(|_| Bucket::default()).collect() }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms(self.start)
     }
 
     fn epoch(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64 / self.bucket_ms + 1
+        // Epoch 0 is "never used": real epochs start at 1.
+        self.now_ms() / self.bucket_ms + 1
     }
 
     /// The bucket for now, reset first if it still holds an older slice.
@@ -209,9 +246,14 @@ pub struct Breaker {
 }
 
 impl Breaker {
-    /// A closed breaker.
+    /// A closed breaker on the coarse clock.
     pub fn new(config: BreakerConfig) -> Self {
-        let window = Window::new(config.window, config.buckets);
+        Self::with_clock(config, Clock::Coarse)
+    }
+
+    /// A closed breaker on `clock` (tests: [`Clock::Tokio`]).
+    pub fn with_clock(config: BreakerConfig, clock: Clock) -> Self {
+        let window = Window::new(config.window, config.buckets, clock);
         Breaker {
             config,
             state: AtomicU8::new(CLOSED),
@@ -239,7 +281,7 @@ impl Breaker {
     }
 
     fn now_ms(&self) -> u64 {
-        self.window.start.elapsed().as_millis() as u64
+        self.window.now_ms()
     }
 
     fn trip(&self, from: u8, why: Trip) {
@@ -368,16 +410,35 @@ pub struct SreBreaker {
     // `calls` counts requests (including those rejected here), `failures`
     // is unused, `slow` counts accepts.
     window: Window,
+    // The probability is recomputed when the bucket changes or every
+    // RECOMPUTE_EVERY admissions, not on each one: summing the window is
+    // the expensive part of a decision.
+    cached_p: AtomicU64,
+    cached_epoch: AtomicU64,
+    since_recompute: AtomicU32,
 }
 
+const RECOMPUTE_EVERY: u32 = 16;
+
 impl SreBreaker {
-    /// A breaker with no history.
+    /// A breaker with no history, on the coarse clock.
     pub fn new(config: SreConfig) -> Self {
-        let window = Window::new(config.window, config.buckets);
-        SreBreaker { config, window }
+        Self::with_clock(config, Clock::Coarse)
     }
 
-    /// The probability a request is rejected now.
+    /// A breaker on `clock` (tests: [`Clock::Tokio`]).
+    pub fn with_clock(config: SreConfig, clock: Clock) -> Self {
+        let window = Window::new(config.window, config.buckets, clock);
+        SreBreaker {
+            config,
+            window,
+            cached_p: AtomicU64::new(0f64.to_bits()),
+            cached_epoch: AtomicU64::new(0),
+            since_recompute: AtomicU32::new(0),
+        }
+    }
+
+    /// The probability a request is rejected now, computed afresh.
     pub fn rejection_probability(&self) -> f64 {
         let t = self.window.totals();
         if t.calls < self.config.min_requests {
@@ -390,7 +451,18 @@ impl SreBreaker {
 
 impl Policy for SreBreaker {
     fn acquire(&self) -> Option<Permit> {
-        let p = self.rejection_probability();
+        let epoch = self.window.epoch();
+        let stale = self.cached_epoch.load(Relaxed) != epoch
+            || self.since_recompute.fetch_add(1, Relaxed) + 1 >= RECOMPUTE_EVERY;
+        let p = if stale {
+            let p = self.rejection_probability();
+            self.cached_p.store(p.to_bits(), Relaxed);
+            self.cached_epoch.store(epoch, Relaxed);
+            self.since_recompute.store(0, Relaxed);
+            p
+        } else {
+            f64::from_bits(self.cached_p.load(Relaxed))
+        };
         self.window.current().calls.fetch_add(1, Relaxed);
         if p > 0.0 && random_unit() < p { None } else { Some(Permit::Normal) }
     }

@@ -31,7 +31,7 @@ pub mod rate_limit;
 pub mod redis_limit;
 
 pub use breaker::{
-    Breaker, BreakerConfig, BreakerState, CircuitBreaker, CircuitBreakerLayer, Outcome, Permit, Policy, SreBreaker, SreConfig,
+    Breaker, BreakerConfig, BreakerState, CircuitBreaker, Clock, CircuitBreakerLayer, Outcome, Permit, Policy, SreBreaker, SreConfig,
     Trip, classify,
 };
 pub use deadline::{Deadline, DeadlineLayer};

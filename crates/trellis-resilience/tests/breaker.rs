@@ -7,7 +7,7 @@ use std::{sync::atomic::Ordering, time::Duration};
 
 use proptest::prelude::*;
 use trellis_resilience::{
-    Breaker, BreakerConfig, BreakerState, CircuitBreakerLayer, Outcome, Permit, Policy, SreBreaker, SreConfig, Trip,
+    Breaker, BreakerConfig, BreakerState, CircuitBreakerLayer, Clock, Outcome, Permit, Policy, SreBreaker, SreConfig, Trip,
 };
 
 const FAST: Duration = Duration::from_millis(1);
@@ -28,7 +28,10 @@ fn call(b: &Breaker, outcome: Outcome) -> bool {
 
 #[tokio::test(start_paused = true)]
 async fn opens_on_a_failure_ratio_fails_fast_then_half_opens_and_closes() {
-    let b = Breaker::new(BreakerConfig { open_duration: Duration::from_secs(5), half_open_probes: 3, ..ratio_only(10, 0.5) });
+    let b = Breaker::with_clock(
+        BreakerConfig { open_duration: Duration::from_secs(5), half_open_probes: 3, ..ratio_only(10, 0.5) },
+        Clock::Tokio,
+    );
     let mut events = b.subscribe();
     for i in 0..9 {
         call(&b, if i % 2 == 0 { Outcome::Failure } else { Outcome::Success });
@@ -58,7 +61,7 @@ async fn opens_on_a_failure_ratio_fails_fast_then_half_opens_and_closes() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_probe_opens_it_again() {
-    let b = Breaker::new(BreakerConfig { consecutive_failures: Some(3), ..BreakerConfig::default() });
+    let b = Breaker::with_clock(BreakerConfig { consecutive_failures: Some(3), ..BreakerConfig::default() }, Clock::Tokio);
     for _ in 0..3 {
         call(&b, Outcome::Failure);
     }
@@ -72,11 +75,10 @@ async fn a_failed_probe_opens_it_again() {
 
 #[tokio::test(start_paused = true)]
 async fn slow_calls_trip_when_configured() {
-    let b = Breaker::new(BreakerConfig {
-        slow_call_ratio: Some(0.5),
-        slow_call_threshold: Duration::from_millis(200),
-        ..ratio_only(4, 0.9)
-    });
+    let b = Breaker::with_clock(
+        BreakerConfig { slow_call_ratio: Some(0.5), slow_call_threshold: Duration::from_millis(200), ..ratio_only(4, 0.9) },
+        Clock::Tokio,
+    );
     for slow in [false, true, false, true] {
         let p = b.acquire().unwrap();
         b.record(p, Outcome::Success, if slow { Duration::from_millis(300) } else { FAST });
@@ -86,7 +88,7 @@ async fn slow_calls_trip_when_configured() {
 
 #[tokio::test(start_paused = true)]
 async fn failures_age_out_of_the_window() {
-    let b = Breaker::new(BreakerConfig { window: Duration::from_secs(10), ..ratio_only(10, 0.5) });
+    let b = Breaker::with_clock(BreakerConfig { window: Duration::from_secs(10), ..ratio_only(10, 0.5) }, Clock::Tokio);
     for _ in 0..4 {
         call(&b, Outcome::Failure);
     }
