@@ -152,6 +152,11 @@ impl Clock {
     }
 }
 
+/// Milliseconds on the coarse monotonic clock.
+pub(crate) fn coarse_now_ms() -> u64 {
+    coarse_ms()
+}
+
 fn coarse_ms() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime only writes the timespec we pass.
@@ -475,7 +480,7 @@ impl Policy for SreBreaker {
 }
 
 /// A uniform random number in [0, 1) from a per-thread xorshift.
-fn random_unit() -> f64 {
+pub(crate) fn random_unit() -> f64 {
     use std::cell::Cell;
     thread_local! {
         static STATE: Cell<u64> = Cell::new({
