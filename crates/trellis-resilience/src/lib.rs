@@ -6,6 +6,7 @@
 //! | [`DeadlineLayer`] | sends the smaller of its own timeout and what is left of the inbound request's deadline downstream (`grpc-timeout` / `x-request-timeout-ms`), fails fast once nothing is left, and enforces it locally |
 //! | [`RateLimitLayer`] | GCRA per route and per key (client IP, header): [`LocalLimiter`] in process, bounded memory; [`RedisLimiter`] shared by all instances (feature `redis`) with a fallback when Redis is down; 429 + `Retry-After` / RESOURCE_EXHAUSTED + `grpc-retry-pushback-ms` |
 //! | [`RetryLayer`] | retries what is safe to retry (connect errors, UNAVAILABLE, RESOURCE_EXHAUSTED with pushback, 502–504 on idempotent HTTP) with fixed, exponential or jittered backoff, within the caller's deadline and a [`RetryBudget`] |
+//! | [`ConcurrencyLimitLayer`] | sheds requests above a concurrency limit with 503 / UNAVAILABLE: fixed (a bulkhead per dependency) or adaptive (Vegas) |
 //! | [`CircuitBreakerLayer`] | fails fast while the downstream is failing: a classic Closed/Open/HalfOpen breaker over a time window ([`Breaker`]), or Google SRE adaptive throttling ([`SreBreaker`]) |
 //!
 //! ```no_run
@@ -26,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod breaker;
+pub mod concurrency;
 pub mod deadline;
 pub mod rate_limit;
 pub mod retry;
@@ -36,6 +38,7 @@ pub use breaker::{
     Breaker, BreakerConfig, BreakerState, CircuitBreaker, Clock, CircuitBreakerLayer, Outcome, Permit, Policy, SreBreaker, SreConfig,
     Trip, classify,
 };
+pub use concurrency::{Admitted, ConcurrencyLimit, ConcurrencyLimitLayer, LimitKind, Shed};
 pub use deadline::{Deadline, DeadlineLayer};
 pub use retry::{Backoff, Retry, RetryBudget, RetryLayer, RetryPolicy};
 pub use rate_limit::{Decision, KeyBy, Limiter, LocalLimiter, PeerAddr, Quota, RateLimit, RateLimitLayer};

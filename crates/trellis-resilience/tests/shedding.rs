@@ -1,0 +1,115 @@
+//! Load shedding on the Trellis server: an adaptive limit finds a slow
+//! handler's capacity and sheds the rest; a fixed bulkhead sheds exactly
+//! what exceeds it.
+
+mod support;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+use trellis_core::{Drain, Lifecycle, Server, State};
+use trellis_resilience::{ConcurrencyLimit, ConcurrencyLimitLayer, LimitKind};
+use trellis_testkit::http;
+use trellis_transport::{GrpcHttpServer, ServerConfig};
+
+async fn serve(router: axum::Router, limit: Arc<ConcurrencyLimit>, hop: Option<support::Hop>) -> (std::net::SocketAddr, CancellationToken) {
+    let mut builder = GrpcHttpServer::builder(ServerConfig::default()).http_router(router);
+    if let Some(hop) = hop {
+        builder = builder.grpc_service(hop);
+    }
+    let server = builder.layer(ConcurrencyLimitLayer::new(limit)).bind().await.unwrap();
+    let addr = server.local_addr();
+    let lifecycle = Lifecycle::new();
+    lifecycle.advance(State::Ready);
+    let stop = CancellationToken::new();
+    tokio::spawn(Box::new(server).serve(lifecycle.subscribe(), Drain::new(stop.clone(), Duration::from_millis(100))));
+    // The lifecycle must outlive the test's requests.
+    std::mem::forget(lifecycle);
+    (addr, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adaptive_limit_finds_the_capacity_and_sheds_the_rest() {
+    // The handler can do 4 things at once, 5 ms each; the rest queue.
+    let capacity = Arc::new(tokio::sync::Semaphore::new(4));
+    let router = axum::Router::new().route(
+        "/work",
+        axum::routing::get(move || {
+            let capacity = capacity.clone();
+            async move {
+                let _permit = capacity.acquire().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                "done"
+            }
+        }),
+    );
+    let limit = ConcurrencyLimit::new(LimitKind::Adaptive { initial: 64, min: 2, max: 256 });
+    let (addr, stop) = serve(router, limit.clone(), None).await;
+
+    let mut callers = Vec::new();
+    for _ in 0..64 {
+        callers.push(tokio::spawn(async move {
+            let (mut ok, mut shed) = (0u32, 0u32);
+            for _ in 0..30 {
+                let res = http::get(addr, "/work").await.unwrap();
+                match res.status {
+                    200 => ok += 1,
+                    503 => {
+                        assert!(res.body.contains("OVERLOADED"), "{}", res.body);
+                        shed += 1;
+                    }
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+            (ok, shed)
+        }));
+    }
+    let (mut ok, mut shed) = (0, 0);
+    for c in callers {
+        let (o, s) = c.await.unwrap();
+        ok += o;
+        shed += s;
+    }
+    eprintln!("adaptive limit settled at {} (started at 64); {ok} served, {shed} shed", limit.limit());
+    assert!(shed > 0, "an overloaded handler must shed");
+    assert!(ok > 100, "and still serve: {ok}");
+    assert!(limit.limit() < 32, "the limit should have come down towards the capacity of 4: {}", limit.limit());
+    assert_eq!(limit.in_flight(), 0, "every admitted request released its slot");
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulkhead_sheds_exactly_what_exceeds_it_on_both_faces() {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let waiting = gate.clone();
+    let router = axum::Router::new().route(
+        "/hold",
+        axum::routing::get(move || {
+            let waiting = waiting.clone();
+            async move {
+                waiting.notified().await;
+                "released"
+            }
+        }),
+    );
+    let limit = ConcurrencyLimit::new(LimitKind::Fixed(3));
+    let (addr, stop) = serve(router, limit.clone(), Some(support::hop(Duration::ZERO, None))).await;
+    let held: Vec<_> = (0..3).map(|_| tokio::spawn(http::get(addr, "/hold"))).collect();
+    for _ in 0..100 {
+        if limit.in_flight() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(limit.in_flight(), 3);
+    assert_eq!(http::get(addr, "/hold").await.unwrap().status, 503);
+    let err = support::call(&mut support::client(addr, None)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert_eq!(http::get(addr, "/readyz").await.unwrap().status, 200, "probes are never shed");
+    gate.notify_waiters();
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap().status, 200);
+    }
+    assert_eq!(limit.shed_total(), 2);
+    stop.cancel();
+}
