@@ -59,7 +59,7 @@ impl Vegas {
     fn update(&mut self, rtt: Duration, in_flight: usize) -> usize {
         let rtt = (rtt.as_nanos() as f64).max(1.0);
         self.samples += 1;
-        if self.rtt_noload == 0.0 || rtt < self.rtt_noload || self.samples % Self::PROBE_EVERY == 0 {
+        if self.rtt_noload == 0.0 || rtt < self.rtt_noload || self.samples.is_multiple_of(Self::PROBE_EVERY) {
             self.rtt_noload = rtt;
         }
         let log = self.limit.log10().max(1.0);
@@ -152,33 +152,72 @@ impl Drop for Admitted {
     }
 }
 
-/// Sheds requests above a [`ConcurrencyLimit`]: HTTP 503 with a JSON error,
-/// gRPC UNAVAILABLE.
-#[derive(Clone)]
-pub struct ConcurrencyLimitLayer {
-    limit: Arc<ConcurrencyLimit>,
+/// Decides whether a request is admitted; the ticket is held until it
+/// completes. Implemented by [`ConcurrencyLimit`] and
+/// [`CpuShedder`](crate::CpuShedder).
+pub trait Admission: Send + Sync + 'static {
+    /// Held while the request runs; dropping it records the completion.
+    type Ticket: Send + 'static;
+    /// Admits one request, or `None` to shed it.
+    fn admit(self: &Arc<Self>) -> Option<Self::Ticket>;
 }
 
-impl ConcurrencyLimitLayer {
-    /// Sheds above `limit`.
-    pub fn new(limit: Arc<ConcurrencyLimit>) -> Self {
-        ConcurrencyLimitLayer { limit }
+impl Admission for ConcurrencyLimit {
+    type Ticket = Admitted;
+    fn admit(self: &Arc<Self>) -> Option<Admitted> {
+        self.try_acquire()
     }
 }
 
-impl<S> Layer<S> for ConcurrencyLimitLayer {
-    type Service = Shed<S>;
-
-    fn layer(&self, inner: S) -> Shed<S> {
-        Shed { inner, limit: self.limit.clone() }
+impl Admission for crate::CpuShedder {
+    type Ticket = crate::CpuAdmitted;
+    fn admit(self: &Arc<Self>) -> Option<crate::CpuAdmitted> {
+        self.try_acquire()
     }
 }
 
-/// A service behind a concurrency limit (see [`ConcurrencyLimitLayer`]).
-#[derive(Clone)]
-pub struct Shed<S> {
+/// Sheds what its [`Admission`] refuses: HTTP 503 with a JSON error, gRPC
+/// UNAVAILABLE.
+pub struct ShedLayer<A> {
+    gate: Arc<A>,
+}
+
+impl<A> Clone for ShedLayer<A> {
+    fn clone(&self) -> Self {
+        ShedLayer { gate: self.gate.clone() }
+    }
+}
+
+impl<A: Admission> ShedLayer<A> {
+    /// Sheds what `gate` refuses.
+    pub fn new(gate: Arc<A>) -> Self {
+        ShedLayer { gate }
+    }
+}
+
+/// Sheds above a [`ConcurrencyLimit`].
+pub type ConcurrencyLimitLayer = ShedLayer<ConcurrencyLimit>;
+/// Sheds when the CPU is hot and the service is over its proven capacity.
+pub type CpuShedLayer = ShedLayer<crate::CpuShedder>;
+
+impl<S, A> Layer<S> for ShedLayer<A> {
+    type Service = Shed<S, A>;
+
+    fn layer(&self, inner: S) -> Shed<S, A> {
+        Shed { inner, gate: self.gate.clone() }
+    }
+}
+
+/// A service behind a [`ShedLayer`].
+pub struct Shed<S, A> {
     inner: S,
-    limit: Arc<ConcurrencyLimit>,
+    gate: Arc<A>,
+}
+
+impl<S: Clone, A> Clone for Shed<S, A> {
+    fn clone(&self) -> Self {
+        Shed { inner: self.inner.clone(), gate: self.gate.clone() }
+    }
 }
 
 fn overloaded<RB: Default + From<String>>(grpc: bool) -> Response<RB> {
@@ -198,8 +237,9 @@ fn overloaded<RB: Default + From<String>>(grpc: bool) -> Response<RB> {
     }
 }
 
-impl<S, B, RB> Service<Request<B>> for Shed<S>
+impl<S, A, B, RB> Service<Request<B>> for Shed<S, A>
 where
+    A: Admission,
     S: Service<Request<B>, Response = Response<RB>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
@@ -214,7 +254,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let Some(admitted) = self.limit.try_acquire() else {
+        let Some(admitted) = self.gate.admit() else {
             let grpc = req
                 .headers()
                 .get(http::header::CONTENT_TYPE)
