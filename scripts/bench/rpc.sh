@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GetUser over gRPC: the Trellis server (`trellis serve user`) against the
-# same handler on a bare tonic server, with the same load generator in the
-# same run. Rounds alternate (bare, trellis, bare, trellis, ...) over one
-# SQLite database; the server is pinned to CPU 1, the load generator to CPU 0.
+# GetUser over gRPC: the Trellis server (`trellis serve user`, with its
+# default resilience stack) against the same handler on a bare tonic server,
+# and against Trellis with the stack switched off by config, with the same
+# load generator in the same run. Rounds alternate over one SQLite database;
+# the server is pinned to CPU 1, the load generator to CPU 0.
 #
 #   scripts/bench/rpc.sh            # defaults: 3 rounds x 10 s, 32 callers, 4 connections
 #   ROUNDS=5 SECS=20 CONC=64 CONNS=8 scripts/bench/rpc.sh
@@ -29,17 +30,23 @@ run_bare() {
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 
-run_trellis() {
-  RUST_LOG=warn pin 1 "$bin/trellis" serve user --listen 127.0.0.1:19101 --data-dir "$work" > "$work/trellis.out" 2>&1 &
+run_trellis() { # label [env assignments...]
+  local label=$1; shift
+  env "$@" RUST_LOG=warn taskset -c 1 "$bin/trellis" serve user --listen 127.0.0.1:19101 --data-dir "$work" > "$work/trellis.out" 2>&1 &
   local pid=$!; pids+=("$pid")
   wait_port 19101
-  echo "trellis    $( pin 0 "$bin/examples/grpc_load" 127.0.0.1:19101 "$id" "$CONC" "$CONNS" "$SECS")"
+  echo "$label $( pin 0 "$bin/examples/grpc_load" 127.0.0.1:19101 "$id" "$CONC" "$CONNS" "$SECS")"
   if ! kill -TERM "$pid" 2>/dev/null; then echo "trellis exited early:" >&2; cat "$work/trellis.out" >&2; fi
   wait "$pid" 2>/dev/null || true
 }
 
 echo "GetUser, ${CONC} callers over ${CONNS} connections, ${SECS}s per run, ${ROUNDS} rounds"
-for _ in $(seq "$ROUNDS"); do run_bare; run_trellis; done | tee "$work/results"
+for _ in $(seq "$ROUNDS"); do
+  run_bare
+  run_trellis trellis-stack
+  run_trellis trellis-bare TRELLIS_SERVER__SHEDDING__CONCURRENCY=off TRELLIS_SERVER__SHEDDING__CPU_THRESHOLD=0
+done | tee "$work/results"
 awk '{ for (i=2;i<=NF;i++) { split($i,kv,"="); if (kv[1]=="rps") { s[$1]+=kv[2]; n[$1]++ } } }
-     END { b=s["bare-tonic"]/n["bare-tonic"]; t=s["trellis"]/n["trellis"];
-           printf "mean rps: bare-tonic %.0f, trellis %.0f, ratio trellis/bare %.3f\n", b, t, t/b }' "$work/results"
+     END { b=s["bare-tonic"]/n["bare-tonic"]; t=s["trellis-stack"]/n["trellis-stack"]; u=s["trellis-bare"]/n["trellis-bare"];
+           printf "mean rps: bare-tonic %.0f, trellis with the default stack %.0f, trellis without it %.0f\n", b, t, u;
+           printf "ratios: trellis(stack)/bare-tonic %.3f, stack/no-stack %.3f\n", t/b, t/u }' "$work/results"

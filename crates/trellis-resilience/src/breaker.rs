@@ -587,6 +587,18 @@ impl<S: Clone, P> Clone for CircuitBreaker<S, P> {
     }
 }
 
+impl<S, P> CircuitBreaker<S, P> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
 impl<S, P, B, RB> Service<Request<B>> for CircuitBreaker<S, P>
 where
     S: Service<Request<B>, Response = Response<RB>>,

@@ -77,9 +77,21 @@ fn monotonic_ns() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1_000_000_000
 }
 
-/// One GCRA cell: the TAT in ns on [`monotonic_ns`]'s clock.
-fn gcra(tat: &AtomicU64, quota: &Quota, now: u64) -> Decision {
-    let (interval, tolerance) = (quota.emission_interval_ns(), quota.burst_tolerance_ns());
+/// A quota in the form GCRA uses.
+struct Cell {
+    interval: u64,
+    tolerance: u64,
+}
+
+impl From<&Quota> for Cell {
+    fn from(q: &Quota) -> Self {
+        Cell { interval: q.emission_interval_ns(), tolerance: q.burst_tolerance_ns() }
+    }
+}
+
+/// One GCRA decision on `tat` (ns on [`monotonic_ns`]'s clock).
+fn gcra(tat: &AtomicU64, cell: &Cell, now: u64) -> Decision {
+    let (interval, tolerance) = (cell.interval, cell.tolerance);
     let mut current = tat.load(Relaxed);
     loop {
         let start = current.max(now);
@@ -98,9 +110,12 @@ const SHARDS: usize = 16;
 /// One shard of keyed cells: key → TAT.
 type Shard = Mutex<HashMap<String, Arc<AtomicU64>>>;
 
-/// A per-process GCRA limiter keyed by string, with bounded memory.
+/// A per-process GCRA limiter keyed by string, with bounded memory. Its
+/// quota can change while it runs ([`LocalLimiter::set_quota`]).
 pub struct LocalLimiter {
-    quota: Quota,
+    // 0 = unlimited. Read per decision, so a change applies at once.
+    interval_ns: AtomicU64,
+    tolerance_ns: AtomicU64,
     global: AtomicU64,
     shards: Box<[Shard]>,
     max_keys_per_shard: usize,
@@ -114,7 +129,8 @@ impl LocalLimiter {
     /// are swept).
     pub fn new(quota: Quota, max_keys: usize) -> Self {
         LocalLimiter {
-            quota,
+            interval_ns: AtomicU64::new(quota.emission_interval_ns()),
+            tolerance_ns: AtomicU64::new(quota.burst_tolerance_ns()),
             global: AtomicU64::new(0),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             max_keys_per_shard: (max_keys / SHARDS).max(1),
@@ -123,17 +139,31 @@ impl LocalLimiter {
         }
     }
 
-    /// The quota.
-    pub fn quota(&self) -> Quota {
-        self.quota
+    /// A limiter that allows everything until a quota is set.
+    pub fn unlimited(max_keys: usize) -> Self {
+        let limiter = Self::new(Quota::per_second(1), max_keys);
+        limiter.set_quota(None);
+        limiter
+    }
+
+    /// Changes the quota for decisions from now on; `None` lifts the limit.
+    pub fn set_quota(&self, quota: Option<Quota>) {
+        let (interval, tolerance) = quota.map_or((0, 0), |q| (q.emission_interval_ns(), q.burst_tolerance_ns()));
+        self.tolerance_ns.store(tolerance, Relaxed);
+        self.interval_ns.store(interval, Relaxed);
     }
 
     /// Checks one request for `key` (`None`: the limiter's single global cell).
     pub fn check(&self, key: Option<&str>) -> Decision {
+        let interval = self.interval_ns.load(Relaxed);
+        if interval == 0 {
+            return Decision::Allow;
+        }
+        let cell = Cell { interval, tolerance: self.tolerance_ns.load(Relaxed) };
         let now = monotonic_ns();
-        let Some(key) = key else { return gcra(&self.global, &self.quota, now) };
+        let Some(key) = key else { return gcra(&self.global, &cell, now) };
         let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
-        let cell = {
+        let tat_cell = {
             let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
             match map.get(key) {
                 Some(cell) => cell.clone(),
@@ -144,13 +174,13 @@ impl LocalLimiter {
                     }
                     if map.len() >= self.max_keys_per_shard {
                         drop(map);
-                        return gcra(&self.overflow, &self.quota, now);
+                        return gcra(&self.overflow, &cell, now);
                     }
                     map.entry(key.to_owned()).or_default().clone()
                 }
             }
         };
-        gcra(&cell, &self.quota, now)
+        gcra(&tat_cell, &cell, now)
     }
 
     /// Keys currently tracked (for tests and metrics).
@@ -319,7 +349,7 @@ mod tests {
 
     #[test]
     fn gcra_allows_the_burst_then_the_rate() {
-        let quota = Quota::per_second(10).with_burst(3);
+        let quota = Cell::from(&Quota::per_second(10).with_burst(3));
         let tat = AtomicU64::new(0);
         let t0 = 10_000_000_000u64;
         assert!((0..3).all(|_| gcra(&tat, &quota, t0) == Decision::Allow));
@@ -330,6 +360,18 @@ mod tests {
         // After a long idle the whole burst is back.
         let later = t0 + 10_000_000_000;
         assert!((0..3).all(|_| gcra(&tat, &quota, later) == Decision::Allow));
+    }
+
+    #[test]
+    fn the_quota_changes_live_and_zero_lifts_it() {
+        let limiter = LocalLimiter::new(Quota::per_second(1).with_burst(1), 10);
+        assert_eq!(limiter.check(None), Decision::Allow);
+        assert!(matches!(limiter.check(None), Decision::Deny { .. }));
+        limiter.set_quota(None);
+        assert!((0..100).all(|_| limiter.check(None) == Decision::Allow));
+        limiter.set_quota(Some(Quota::per_second(1000).with_burst(5)));
+        assert!((0..5).all(|_| limiter.check(Some("k")) == Decision::Allow));
+        assert!(matches!(limiter.check(Some("k")), Decision::Deny { .. }));
     }
 
     #[test]

@@ -209,6 +209,18 @@ pub struct Retry<S> {
     budget: std::sync::Arc<RetryBudget>,
 }
 
+impl<S> Retry<S> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
 impl<S, RB> Service<Request<tonic::body::Body>> for Retry<S>
 where
     S: Service<Request<tonic::body::Body>, Response = Response<RB>> + Clone + Send + 'static,

@@ -30,6 +30,7 @@
 //! | `trellis-registry` | [`registry`] | registration and discovery (memory, etcd with feature `etcd`) |
 //! | `trellis-balance` | [`balance`], [`client`] | client-side load balancing over discovered endpoints |
 //! | `trellis-config` | [`config`], [`settings`] | typed layered config with hot reload (files, env, etcd) |
+//! | `trellis-resilience` | [`resilience`], [`resilient_client`] | deadlines, retries, breakers, rate limits, load shedding |
 
 #![warn(missing_docs)]
 
@@ -43,6 +44,7 @@ pub use trellis_core::{self as core, Code, Error, Lifecycle, State};
 pub use trellis_balance as balance;
 pub use trellis_config as config;
 pub use trellis_registry as registry;
+pub use trellis_resilience as resilience;
 
 /// A balanced channel to `service`, discovered through `discovery`, with the
 /// default policy (p2c-EWMA), outlier detection and timeouts; hand it to a
@@ -60,5 +62,29 @@ pub async fn client(
     service: &str,
 ) -> Result<balance::BalancedChannel, registry::RegistryError> {
     balance::BalancedChannel::discover(discovery, service, balance::BalanceConfig::default()).await
+}
+
+/// The default client stack, outermost first: deadline (10 s of its own,
+/// or what is left of the inbound request's) → retries (3 attempts, full
+/// jitter, 20 % budget) → circuit breaker per method → the balanced
+/// channel.
+pub type ResilientChannel = resilience::Deadline<
+    resilience::Retry<resilience::CircuitBreaker<balance::BalancedChannel, resilience::Breaker>>,
+>;
+
+/// [`client`] with the default client resilience stack ([`ResilientChannel`]).
+pub async fn resilient_client(
+    discovery: &dyn registry::Discovery,
+    service: &str,
+) -> Result<ResilientChannel, registry::RegistryError> {
+    use tower::Layer;
+    let channel = client(discovery, service).await?;
+    let breaker = resilience::CircuitBreakerLayer::per_method(|| resilience::Breaker::new(Default::default()));
+    let retry = resilience::RetryLayer::new(
+        resilience::RetryPolicy::default(),
+        std::sync::Arc::new(resilience::RetryBudget::new(0.2, 10)),
+    );
+    let deadline = resilience::DeadlineLayer::new(Some(std::time::Duration::from_secs(10)));
+    Ok(deadline.layer(retry.layer(breaker.layer(channel))))
 }
 pub use trellis_transport as transport;

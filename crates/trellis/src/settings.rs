@@ -8,12 +8,23 @@
 //! | `log.level` | live (when the binary wires it, as `trellis` does) |
 //! | `server.max_body_bytes`, `server.max_header_bytes`, `server.max_concurrent_streams` | on restart |
 //! | `server.shutdown_timeout`, `server.pre_stop_delay` | on restart |
+//! | `server.rate_limit.rate`, `server.rate_limit.burst` | live |
+//! | `server.rate_limit.key`, `server.shedding.*` | on restart |
+//!
+//! The default server stack, outermost first: rate limit (per key, off
+//! until `rate` is set) → adaptive concurrency limit (Vegas) → CPU shedding
+//! (above 80 % CPU) → the request timeout → the handler. Health, reflection
+//! and probes are outside it.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use trellis_config::{Config, Invalid};
-use trellis_transport::{Limits, RequestTimeout};
+use trellis_resilience::{
+    ConcurrencyLimit, ConcurrencyLimitLayer, CpuShedLayer, CpuShedder, KeyBy, LimitKind, LocalLimiter, ProcessCpu,
+    Quota, RateLimitLayer,
+};
+use trellis_transport::{GrpcHttpServerBuilder, Limits, RequestTimeout};
 
 /// The server part of a service's config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,6 +47,74 @@ pub struct ServerSettings {
     /// Default: unset (1s with a registry, else 0).
     #[serde(with = "trellis_config::duration::option")]
     pub pre_stop_delay: Option<Duration>,
+    /// Per-key request rate limits.
+    pub rate_limit: RateLimitSettings,
+    /// Load shedding.
+    pub shedding: SheddingSettings,
+}
+
+/// A local rate limit (GCRA) in front of the service's own routes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RateLimitSettings {
+    /// Requests per second per key; 0 means no limit. Live. Default: 0.
+    pub rate: u32,
+    /// Requests allowed at once after idleness; 0 means `rate`. Live.
+    pub burst: u32,
+    /// What a key is: `global`, `route`, `client_ip` or `header:NAME`.
+    /// Restart. Default: `client_ip`.
+    pub key: String,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        RateLimitSettings { rate: 0, burst: 0, key: "client_ip".into() }
+    }
+}
+
+impl RateLimitSettings {
+    fn quota(&self) -> Option<Quota> {
+        (self.rate > 0).then(|| Quota::per_second(self.rate).with_burst(if self.burst == 0 { self.rate } else { self.burst }))
+    }
+
+    fn key_by(&self) -> Option<KeyBy> {
+        match self.key.as_str() {
+            "global" => Some(KeyBy::Global),
+            "route" => Some(KeyBy::Route),
+            "client_ip" => Some(KeyBy::ClientIp),
+            other => other.strip_prefix("header:").filter(|h| !h.is_empty()).map(|h| KeyBy::Header(h.to_ascii_lowercase())),
+        }
+    }
+}
+
+/// When to shed load instead of queueing it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SheddingSettings {
+    /// `adaptive` (Vegas, between 10 and `max_concurrency`), `off`, or a
+    /// number for a fixed cap. Restart. Default: `adaptive`.
+    pub concurrency: String,
+    /// The adaptive limit's ceiling. Restart. Default: 1000.
+    pub max_concurrency: usize,
+    /// Shed when the process uses more than this per mille of the machine's
+    /// CPU and is over its proven capacity; 0 disables. Restart. Default: 800.
+    pub cpu_threshold: u32,
+}
+
+impl Default for SheddingSettings {
+    fn default() -> Self {
+        SheddingSettings { concurrency: "adaptive".into(), max_concurrency: 1000, cpu_threshold: 800 }
+    }
+}
+
+impl SheddingSettings {
+    fn limit(&self) -> Option<LimitKind> {
+        match self.concurrency.as_str() {
+            "off" => None,
+            "adaptive" => Some(LimitKind::Adaptive { initial: 100, min: 10, max: self.max_concurrency.max(10) }),
+            n => n.parse::<usize>().ok().map(LimitKind::Fixed),
+        }
+    }
 }
 
 impl Default for ServerSettings {
@@ -48,6 +127,8 @@ impl Default for ServerSettings {
             max_concurrent_streams: limits.max_concurrent_streams,
             shutdown_timeout: Duration::from_secs(10),
             pre_stop_delay: None,
+            rate_limit: RateLimitSettings::default(),
+            shedding: SheddingSettings::default(),
         }
     }
 }
@@ -78,8 +159,57 @@ impl ServerSettings {
         if self.max_concurrent_streams == 0 {
             return Err(Invalid::new(format!("{prefix}.max_concurrent_streams"), "must be positive"));
         }
+        if self.rate_limit.key_by().is_none() {
+            return Err(Invalid::new(
+                format!("{prefix}.rate_limit.key"),
+                "must be global, route, client_ip or header:NAME",
+            ));
+        }
+        if self.shedding.concurrency != "off" && self.shedding.limit().is_none_or(|l| matches!(l, LimitKind::Fixed(0))) {
+            return Err(Invalid::new(format!("{prefix}.shedding.concurrency"), "must be adaptive, off or a positive number"));
+        }
+        if self.shedding.cpu_threshold > 1000 {
+            return Err(Invalid::new(format!("{prefix}.shedding.cpu_threshold"), "is per mille: 0 to 1000"));
+        }
         Ok(())
     }
+
+    /// Adds the default server stack these settings describe to `builder`
+    /// (after the service's routes): rate limit, adaptive concurrency, CPU
+    /// shedding. Returns the rate limiter, whose quota can follow the config
+    /// ([`follow_rate_limit`]).
+    pub fn apply_stack(&self, mut builder: GrpcHttpServerBuilder) -> (GrpcHttpServerBuilder, Arc<LocalLimiter>) {
+        let limiter = Arc::new(LocalLimiter::unlimited(100_000));
+        limiter.set_quota(self.rate_limit.quota());
+        // Validation guarantees a key; a config built without it limits per client.
+        let key = self.rate_limit.key_by().unwrap_or(KeyBy::ClientIp);
+        // `layer` wraps from the inside out: the last added runs first.
+        if self.shedding.cpu_threshold > 0 {
+            builder = builder.layer(CpuShedLayer::new(CpuShedder::new(ProcessCpu::global(), self.shedding.cpu_threshold)));
+        }
+        if let Some(kind) = self.shedding.limit() {
+            builder = builder.layer(ConcurrencyLimitLayer::new(ConcurrencyLimit::new(kind)));
+        }
+        builder = builder.layer(RateLimitLayer::new(limiter.clone(), key));
+        (builder, limiter)
+    }
+}
+
+/// Keeps a running rate limiter's quota in step with the config.
+pub fn follow_rate_limit<T: Send + Sync + 'static>(
+    config: &Config<T>,
+    select: fn(&T) -> &ServerSettings,
+    limiter: Arc<LocalLimiter>,
+) {
+    let mut section = config.section(move |c| select(c).rate_limit.quota());
+    tokio::spawn(async move {
+        loop {
+            limiter.set_quota(*section.borrow_and_update());
+            if section.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// Logging.

@@ -251,3 +251,83 @@ async fn refuses_an_unsupported_database_url_naming_it() {
     let text = err.to_string();
     assert!(text.contains("mysql://db/shop") && text.contains("sqlite://"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_stack_rate_limits_live_from_config_and_the_resilient_client_calls_through() {
+    use trellis::config::Config;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("user.toml");
+    std::fs::write(&file, "[server.rate_limit]\nrate = 0\nkey = \"route\"\n").unwrap();
+    let config = Config::<shop_user::UserSettings>::builder().file(&file).env_vars(Vec::new()).build().await.unwrap();
+    let service = UserService::bind_with_config(config.clone(), dir.path(), None, ServerConfig::default()).await.unwrap();
+    let addr = service.local_addr();
+    let registry = trellis::registry::MemoryRegistry::new();
+    let app = service.into_app(App::builder("user-stack").registry(std::sync::Arc::new(registry.clone())));
+    let mut lifecycle = app.lifecycle();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until(async move {
+        let _ = stopped.await;
+    }));
+    lifecycle.wait_for(|s| *s == State::Ready).await.unwrap();
+
+    // Through discovery, deadline, retries and a breaker.
+    let channel = trellis::resilient_client(&registry, "user-stack").await.unwrap();
+    for _ in 0..200 {
+        if !channel.get_ref().get_ref().get_ref().endpoints().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut client = UserServiceClient::new(channel);
+    let list = || shop_user::api::v1::ListUsersRequest { page_size: 1, page_token: String::new() };
+    for _ in 0..20 {
+        client.list_users(list()).await.unwrap();
+    }
+
+    // A limit set while running applies to the next requests.
+    std::fs::write(&file, "[server.rate_limit]\nrate = 2\nburst = 2\nkey = \"route\"\n").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while config.current().config.server.rate_limit.rate != 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut direct = UserServiceClient::new(trellis::transport::connect(&addr.to_string(), &Default::default()).await.unwrap());
+    let results: Vec<Result<_, tonic::Status>> = futures_in_order(&mut direct, 4).await;
+    let limited = results.iter().filter(|r| r.as_ref().is_err_and(|s| s.code() == Code::ResourceExhausted)).count();
+    assert!(limited >= 2, "with rate 2/s, burst 2, most of 4 quick calls are limited: {results:?}");
+
+    // And lifted again.
+    std::fs::write(&file, "[server.rate_limit]\nrate = 0\nkey = \"route\"\n").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while config.current().config.server.rate_limit.rate != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..10 {
+        direct.list_users(list()).await.unwrap();
+    }
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
+async fn futures_in_order(
+    client: &mut UserServiceClient<Channel>,
+    n: usize,
+) -> Vec<Result<shop_user::api::v1::ListUsersResponse, tonic::Status>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(
+            client
+                .list_users(shop_user::api::v1::ListUsersRequest { page_size: 1, page_token: String::new() })
+                .await
+                .map(tonic::Response::into_inner),
+        );
+    }
+    out
+}
