@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GetUser over gRPC: the Trellis server (`trellis serve user`, with its
 # default resilience stack) against the same handler on a bare tonic server,
-# and against Trellis with the stack switched off by config, with the same
-# load generator in the same run. Rounds alternate over one SQLite database;
+# and against Trellis with both load shedders switched on by config, with
+# the same load generator in the same run. Rounds alternate over one SQLite database;
 # the server is pinned to CPU 1, the load generator to CPU 0.
 #
 #   scripts/bench/rpc.sh            # defaults: 3 rounds x 10 s, 32 callers, 4 connections
@@ -44,9 +44,9 @@ echo "GetUser, ${CONC} callers over ${CONNS} connections, ${SECS}s per run, ${RO
 for _ in $(seq "$ROUNDS"); do
   run_bare
   run_trellis trellis-stack
-  run_trellis trellis-bare TRELLIS_SERVER__SHEDDING__CONCURRENCY=off TRELLIS_SERVER__SHEDDING__CPU_THRESHOLD=0
+  run_trellis trellis-shed TRELLIS_SERVER__SHEDDING__CONCURRENCY=adaptive TRELLIS_SERVER__SHEDDING__CPU_THRESHOLD=800
 done | tee "$work/results"
 awk '{ for (i=2;i<=NF;i++) { split($i,kv,"="); if (kv[1]=="rps") { s[$1]+=kv[2]; n[$1]++ } } }
-     END { b=s["bare-tonic"]/n["bare-tonic"]; t=s["trellis-stack"]/n["trellis-stack"]; u=s["trellis-bare"]/n["trellis-bare"];
-           printf "mean rps: bare-tonic %.0f, trellis with the default stack %.0f, trellis without it %.0f\n", b, t, u;
-           printf "ratios: trellis(stack)/bare-tonic %.3f, stack/no-stack %.3f\n", t/b, t/u }' "$work/results"
+     END { b=s["bare-tonic"]/n["bare-tonic"]; t=s["trellis-stack"]/n["trellis-stack"]; u=s["trellis-shed"]/n["trellis-shed"];
+           printf "mean ok rps: bare-tonic %.0f, trellis (default stack) %.0f, trellis (shedding on) %.0f\n", b, t, u;
+           printf "ratios: default stack / bare tonic %.3f, shedding on / default stack %.3f\n", t/b, u/t }' "$work/results"
