@@ -199,6 +199,8 @@ impl<A: Admission> ShedLayer<A> {
 pub type ConcurrencyLimitLayer = ShedLayer<ConcurrencyLimit>;
 /// Sheds when the CPU is hot and the service is over its proven capacity.
 pub type CpuShedLayer = ShedLayer<crate::CpuShedder>;
+/// Sheds while a standing queue holds requests longer than a target.
+pub type DelayShedLayer = ShedLayer<crate::DelayShedder>;
 
 impl<S, A> Layer<S> for ShedLayer<A> {
     type Service = Shed<S, A>;

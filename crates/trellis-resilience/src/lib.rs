@@ -7,6 +7,7 @@
 //! | [`RateLimitLayer`] | GCRA per route and per key (client IP, header): [`LocalLimiter`] in process, bounded memory; [`RedisLimiter`] shared by all instances (feature `redis`) with a fallback when Redis is down; 429 + `Retry-After` / RESOURCE_EXHAUSTED + `grpc-retry-pushback-ms` |
 //! | [`RetryLayer`] | retries what is safe to retry (connect errors, UNAVAILABLE, RESOURCE_EXHAUSTED with pushback, 502–504 on idempotent HTTP) with fixed, exponential or jittered backoff, within the caller's deadline and a [`RetryBudget`] |
 //! | [`ConcurrencyLimitLayer`] | sheds requests above a concurrency limit with 503 / UNAVAILABLE: fixed (a bulkhead per dependency) or adaptive (Vegas) |
+//! | [`DelayShedLayer`] | sheds while the standing queueing delay (min latency over 100 ms minus the no-load latency) exceeds a target, down to the in-flight Little's law allows; leaves a merely busy service alone (on by default) |
 //! | [`CpuShedLayer`] | when the CPU is hot, sheds requests beyond what the service has shown it completes (max throughput × min latency), as Kratos' BBR does |
 //! | [`CircuitBreakerLayer`] | fails fast while the downstream is failing: a classic Closed/Open/HalfOpen breaker over a time window ([`Breaker`]), or Google SRE adaptive throttling ([`SreBreaker`]) |
 //!
@@ -28,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod breaker;
+pub mod codel;
 pub mod concurrency;
 pub mod cpu_shed;
 pub mod deadline;
@@ -40,7 +42,10 @@ pub use breaker::{
     Breaker, BreakerConfig, BreakerState, CircuitBreaker, Clock, CircuitBreakerLayer, Outcome, Permit, Policy, SreBreaker, SreConfig,
     Trip, classify,
 };
-pub use concurrency::{Admission, Admitted, ConcurrencyLimit, ConcurrencyLimitLayer, CpuShedLayer, LimitKind, Shed, ShedLayer};
+pub use codel::{DelayAdmitted, DelayShedder};
+pub use concurrency::{
+    Admission, Admitted, ConcurrencyLimit, ConcurrencyLimitLayer, CpuShedLayer, DelayShedLayer, LimitKind, Shed, ShedLayer,
+};
 pub use cpu_shed::{CpuAdmitted, CpuShedder, CpuSource, ProcessCpu};
 pub use deadline::{Deadline, DeadlineLayer};
 pub use retry::{Backoff, Retry, RetryBudget, RetryLayer, RetryPolicy};

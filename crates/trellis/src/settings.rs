@@ -12,11 +12,12 @@
 //! | `server.rate_limit.key`, `server.shedding.*` | on restart |
 //!
 //! The server stack, outermost first: rate limit (per key, off until `rate`
-//! is set) → concurrency limit (off unless configured: a fixed cap or
-//! adaptive) → CPU shedding (off unless `cpu_threshold` is set) → the
-//! request timeout → the handler. Shedding is off by default because both
-//! shedders cost a saturated but healthy service a third of its requests
-//! (docs/resilience.md). Health, reflection
+//! is set) → queueing-delay shedding (on: sheds only while a standing queue
+//! holds requests longer than 5 ms) → concurrency limit (off unless
+//! configured: a fixed cap or adaptive) → CPU shedding (off unless
+//! `cpu_threshold` is set) → the request timeout → the handler. The
+//! concurrency and CPU shedders are off by default because they cost a
+//! saturated but healthy service a third of its requests (docs/resilience.md). Health, reflection
 //! and probes are outside it.
 
 use std::{sync::Arc, time::Duration};
@@ -24,8 +25,8 @@ use std::{sync::Arc, time::Duration};
 use serde::{Deserialize, Serialize};
 use trellis_config::{Config, Invalid};
 use trellis_resilience::{
-    ConcurrencyLimit, ConcurrencyLimitLayer, CpuShedLayer, CpuShedder, KeyBy, LimitKind, LocalLimiter, ProcessCpu,
-    Quota, RateLimitLayer,
+    ConcurrencyLimit, ConcurrencyLimitLayer, CpuShedLayer, CpuShedder, DelayShedLayer, DelayShedder, KeyBy, LimitKind,
+    LocalLimiter, ProcessCpu, Quota, RateLimitLayer,
 };
 use trellis_transport::{GrpcHttpServerBuilder, Limits, RequestTimeout};
 
@@ -94,6 +95,11 @@ impl RateLimitSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SheddingSettings {
+    /// Shed while requests wait in a standing queue longer than this (the
+    /// minimum latency over 100 ms minus the no-load latency); `null`
+    /// disables. Leaves a merely busy service alone. Restart. Default: 5ms.
+    #[serde(with = "trellis_config::duration::option")]
+    pub queue_delay: Option<Duration>,
     /// `adaptive` (Vegas, between 10 and `max_concurrency`), `off`, or a
     /// number for a fixed cap. Restart. Default: `off`: a latency-based
     /// limit trades throughput for latency (measured: 0.77× goodput on a
@@ -113,7 +119,13 @@ pub struct SheddingSettings {
 
 impl Default for SheddingSettings {
     fn default() -> Self {
-        SheddingSettings { concurrency: "off".into(), max_concurrency: 1000, cpu_threshold: 0, cpu_headroom: 2.0 }
+        SheddingSettings {
+            queue_delay: Some(Duration::from_millis(5)),
+            concurrency: "off".into(),
+            max_concurrency: 1000,
+            cpu_threshold: 0,
+            cpu_headroom: 2.0,
+        }
     }
 }
 
@@ -204,6 +216,9 @@ impl ServerSettings {
         }
         if let Some(kind) = self.shedding.limit() {
             builder = builder.layer(ConcurrencyLimitLayer::new(ConcurrencyLimit::new(kind)));
+        }
+        if let Some(target) = self.shedding.queue_delay {
+            builder = builder.layer(DelayShedLayer::new(DelayShedder::new(target)));
         }
         builder = builder.layer(RateLimitLayer::new(limiter.clone(), key));
         (builder, limiter)

@@ -1,0 +1,179 @@
+//! Shedding by standing queueing delay (CoDel applied to requests, as
+//! Facebook's Thrift servers do).
+//!
+//! The minimum latency over an interval (100 ms) minus the no-load latency
+//! is the *standing* queueing delay: a burst, or a bounded set of callers
+//! keeping a service busy, leaves it small; arrivals beyond capacity make
+//! it grow. While it exceeds the target (5 ms), the shedder admits only the
+//! in-flight that Little's law gives for the target at the current
+//! throughput — `throughput × (no-load latency + target)` — and sheds the
+//! rest with 503 / UNAVAILABLE. It does nothing to a service that is merely
+//! busy, which is why it can be on by default where the CPU and Vegas
+//! shedders cannot.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+/// The state of a queueing-delay shedder.
+pub struct DelayShedder {
+    target_us: u64,
+    interval_ms: u64,
+    start: Instant,
+    in_flight: AtomicUsize,
+    /// The lowest latency seen (re-learnt every 100 intervals).
+    noload_us: AtomicU64,
+    /// The interval being measured: its number, lowest latency, completions.
+    epoch: AtomicU64,
+    interval_min_us: AtomicU64,
+    interval_done: AtomicU64,
+    /// Set at each interval's end from the one that just finished.
+    overloaded: AtomicBool,
+    allowed_in_flight: AtomicUsize,
+    shed: AtomicU64,
+}
+
+impl DelayShedder {
+    /// Sheds while the standing queueing delay exceeds `target`.
+    pub fn new(target: Duration) -> Arc<Self> {
+        Arc::new(DelayShedder {
+            target_us: target.as_micros().max(1) as u64,
+            interval_ms: 100,
+            start: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            noload_us: AtomicU64::new(u64::MAX),
+            epoch: AtomicU64::new(0),
+            interval_min_us: AtomicU64::new(u64::MAX),
+            interval_done: AtomicU64::new(0),
+            overloaded: AtomicBool::new(false),
+            allowed_in_flight: AtomicUsize::new(usize::MAX),
+            shed: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether the last complete interval showed a standing queue.
+    pub fn is_overloaded(&self) -> bool {
+        self.overloaded.load(Relaxed)
+    }
+
+    /// Requests shed since start.
+    pub fn shed_total(&self) -> u64 {
+        self.shed.load(Relaxed)
+    }
+
+    fn roll(&self) {
+        let epoch = self.start.elapsed().as_millis() as u64 / self.interval_ms;
+        let seen = self.epoch.load(Relaxed);
+        if seen == epoch || self.epoch.compare_exchange(seen, epoch, Relaxed, Relaxed).is_err() {
+            return;
+        }
+        // This thread closes interval `seen`.
+        let min = self.interval_min_us.swap(u64::MAX, Relaxed);
+        let done = self.interval_done.swap(0, Relaxed);
+        if epoch.is_multiple_of(100) {
+            // Re-learn the no-load latency from what is seen now.
+            self.noload_us.store(min, Relaxed);
+        }
+        let noload = self.noload_us.load(Relaxed);
+        if min == u64::MAX || noload == u64::MAX || epoch != seen + 1 {
+            // No traffic, or a gap: no standing queue to speak of.
+            self.overloaded.store(false, Relaxed);
+            self.allowed_in_flight.store(usize::MAX, Relaxed);
+            return;
+        }
+        let standing = min.saturating_sub(noload);
+        let overloaded = standing > self.target_us;
+        let throughput_per_s = done as f64 * 1000.0 / self.interval_ms as f64;
+        let allowed = (throughput_per_s * (noload + self.target_us) as f64 / 1e6).ceil().max(1.0) as usize;
+        self.allowed_in_flight.store(if overloaded { allowed } else { usize::MAX }, Relaxed);
+        self.overloaded.store(overloaded, Relaxed);
+    }
+
+    /// Admits a request unless the shedder is holding a standing queue down.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<DelayAdmitted> {
+        self.roll();
+        let now = self.in_flight.fetch_add(1, Relaxed) + 1;
+        if now > self.allowed_in_flight.load(Relaxed) {
+            self.in_flight.fetch_sub(1, Relaxed);
+            self.shed.fetch_add(1, Relaxed);
+            return None;
+        }
+        Some(DelayAdmitted { shedder: self.clone(), started: Instant::now() })
+    }
+
+    fn finish(&self, latency: Duration) {
+        self.in_flight.fetch_sub(1, Relaxed);
+        let us = latency.as_micros() as u64;
+        self.roll();
+        self.interval_min_us.fetch_min(us, Relaxed);
+        self.interval_done.fetch_add(1, Relaxed);
+        self.noload_us.fetch_min(us, Relaxed);
+    }
+}
+
+/// An admitted request; dropping it records its latency.
+pub struct DelayAdmitted {
+    shedder: Arc<DelayShedder>,
+    started: Instant,
+}
+
+impl Drop for DelayAdmitted {
+    fn drop(&mut self) {
+        self.shedder.finish(self.started.elapsed());
+    }
+}
+
+impl crate::Admission for DelayShedder {
+    type Ticket = DelayAdmitted;
+    fn admit(self: &Arc<Self>) -> Option<DelayAdmitted> {
+        self.try_acquire()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds one interval of completions with the given latencies.
+    fn interval(s: &Arc<DelayShedder>, latencies_us: &[u64]) {
+        for l in latencies_us {
+            s.finish_for_test(*l);
+        }
+        std::thread::sleep(Duration::from_millis(105));
+        s.roll();
+    }
+
+    impl DelayShedder {
+        fn finish_for_test(&self, us: u64) {
+            self.in_flight.fetch_add(1, Relaxed);
+            self.finish(Duration::from_micros(us));
+        }
+    }
+
+    #[test]
+    fn a_busy_but_bounded_queue_is_not_overload() {
+        let s = DelayShedder::new(Duration::from_millis(5));
+        interval(&s, &[100; 10]); // no-load latency 0.1 ms
+        // Saturated, a couple of ms of queueing at worst: keep serving.
+        interval(&s, &[1500, 2000, 1800, 1600]);
+        assert!(!s.is_overloaded());
+        assert!((0..1000).map(|_| s.try_acquire()).all(|a| a.is_some()));
+    }
+
+    #[test]
+    fn a_standing_queue_sheds_down_to_littles_law() {
+        let s = DelayShedder::new(Duration::from_millis(5));
+        interval(&s, &[1000; 10]); // no-load latency 1 ms
+        // Every request in the interval waited at least 40 ms: a standing queue.
+        interval(&s, &[40_000; 80]); // 800/s
+        assert!(s.is_overloaded());
+        // 800/s × (1 ms + 5 ms) = 4.8, so 5 in flight.
+        let admitted: Vec<_> = std::iter::from_fn(|| s.try_acquire()).take(100).collect();
+        assert_eq!(admitted.len(), 5);
+        assert!(s.shed_total() >= 1);
+    }
+}
