@@ -15,7 +15,10 @@ use std::{
 };
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use trellis_resilience::{Breaker, BreakerConfig, Outcome, Policy, SreBreaker, SreConfig};
+use trellis_resilience::{
+    Breaker, BreakerConfig, ConcurrencyLimit, DelayShedder, LimitKind, LocalLimiter, Outcome, Policy, Quota, SreBreaker,
+    SreConfig,
+};
 
 fn decide(p: &dyn Policy) {
     if let Some(permit) = p.acquire() {
@@ -37,6 +40,14 @@ fn bench(c: &mut Criterion) {
     }
     group.finish();
 
+    // Limiters and shedders: admit (and release, for the shedders).
+    let local = Arc::new(LocalLimiter::new(Quota::per_second(u32::MAX / 2), 100_000));
+    let fixed = ConcurrencyLimit::new(LimitKind::Fixed(1_000_000));
+    let vegas = ConcurrencyLimit::new(LimitKind::Adaptive { initial: 1000, min: 10, max: 1_000_000 });
+    let delay = DelayShedder::new(Duration::from_millis(5));
+    group_limiters(c, "decision/uncontended", &local, &fixed, &vegas, &delay, false);
+    group_limiters(c, "decision/2_threads", &local, &fixed, &vegas, &delay, true);
+
     let mut group = c.benchmark_group("decision/2_threads");
     for (name, p) in &policies {
         let stop = Arc::new(AtomicBool::new(false));
@@ -55,6 +66,41 @@ fn bench(c: &mut Criterion) {
         let _ = other.join();
     }
     group.finish();
+}
+
+fn group_limiters(
+    c: &mut Criterion,
+    name: &str,
+    local: &Arc<LocalLimiter>,
+    fixed: &Arc<ConcurrencyLimit>,
+    vegas: &Arc<ConcurrencyLimit>,
+    delay: &Arc<DelayShedder>,
+    contended: bool,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let other = contended.then(|| {
+        let (local, fixed, vegas, delay, stop) = (local.clone(), fixed.clone(), vegas.clone(), delay.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                black_box(local.check(Some("tenant-a")));
+                black_box(local.check(None));
+                drop(black_box(fixed.try_acquire()));
+                drop(black_box(vegas.try_acquire()));
+                drop(black_box(delay.try_acquire()));
+            }
+        })
+    });
+    let mut group = c.benchmark_group(name);
+    group.bench_function("local_limiter_global", |b| b.iter(|| black_box(local.check(None))));
+    group.bench_function("local_limiter_keyed", |b| b.iter(|| black_box(local.check(Some("tenant-a")))));
+    group.bench_function("bulkhead_admit_release", |b| b.iter(|| drop(black_box(fixed.try_acquire()))));
+    group.bench_function("vegas_admit_release", |b| b.iter(|| drop(black_box(vegas.try_acquire()))));
+    group.bench_function("queue_delay_admit_release", |b| b.iter(|| drop(black_box(delay.try_acquire()))));
+    group.finish();
+    stop.store(true, Ordering::Relaxed);
+    if let Some(o) = other {
+        let _ = o.join();
+    }
 }
 
 criterion_group!(benches, bench);

@@ -346,6 +346,47 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the arrival pattern, GCRA never admits more than
+        /// `burst + rate × elapsed` over any stretch starting from idle,
+        /// and a request it denies would have broken that bound or the rate.
+        #[test]
+        fn never_admits_more_than_burst_plus_rate(
+            rate in 1u32..1000,
+            burst in 1u32..50,
+            gaps_us in proptest::collection::vec(0u64..20_000, 1..400),
+        ) {
+            let quota = Quota::per_second(rate).with_burst(burst);
+            let cell = Cell::from(&quota);
+            let tat = AtomicU64::new(0);
+            let start = 10_000_000_000u64;
+            let (mut now, mut admitted) = (start, 0u64);
+            for gap in gaps_us {
+                now += gap * 1000;
+                if gcra(&tat, &cell, now) == Decision::Allow {
+                    admitted += 1;
+                }
+                let elapsed_s = (now - start) as f64 / 1e9;
+                let bound = f64::from(burst) + f64::from(rate) * elapsed_s;
+                prop_assert!(admitted as f64 <= bound + 1e-9, "admitted {admitted} > {bound}");
+            }
+        }
+
+        /// Requests spaced at exactly the emission interval are all admitted.
+        #[test]
+        fn a_steady_stream_at_the_rate_is_never_denied(rate in 1u32..10_000, n in 1usize..500) {
+            let quota = Quota::per_second(rate).with_burst(1);
+            let cell = Cell::from(&quota);
+            let tat = AtomicU64::new(0);
+            let mut now = 10_000_000_000u64;
+            for _ in 0..n {
+                prop_assert_eq!(gcra(&tat, &cell, now), Decision::Allow);
+                now += quota.emission_interval_ns();
+            }
+        }
+    }
 
     #[test]
     fn gcra_allows_the_burst_then_the_rate() {
