@@ -22,8 +22,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use tower::{Layer, Service};
+
+use crate::reject::{Refusal, is_grpc};
 
 /// How the limit is chosen.
 pub enum LimitKind {
@@ -222,23 +224,6 @@ impl<S: Clone, A> Clone for Shed<S, A> {
     }
 }
 
-fn overloaded<RB: Default + From<String>>(grpc: bool) -> Response<RB> {
-    if grpc {
-        let mut response = Response::new(RB::default());
-        let h = response.headers_mut();
-        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        h.insert("grpc-status", HeaderValue::from_static("14"));
-        h.insert("grpc-message", HeaderValue::from_static("overloaded%3B%20retry%20elsewhere"));
-        response
-    } else {
-        let body = r#"{"code":"UNAVAILABLE","reason":"OVERLOADED","message":"overloaded; retry elsewhere","metadata":{}}"#;
-        let mut response = Response::new(RB::from(body.to_owned()));
-        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        response
-    }
-}
-
 impl<S, A, B, RB> Service<Request<B>> for Shed<S, A>
 where
     A: Admission,
@@ -257,11 +242,15 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let Some(admitted) = self.gate.admit() else {
-            let grpc = req
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-            return Box::pin(std::future::ready(Ok(overloaded(grpc))));
+            let refusal = Refusal {
+                grpc_status: "14",
+                http_status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "UNAVAILABLE",
+                reason: "OVERLOADED",
+                message: "overloaded; retry elsewhere".into(),
+                headers: &[],
+            };
+            return Box::pin(std::future::ready(Ok(refusal.into_response(is_grpc(req.headers())))));
         };
         let fut = self.inner.call(req);
         Box::pin(async move {

@@ -49,12 +49,6 @@ pub struct Deadline<S> {
     timeout: Option<Duration>,
 }
 
-fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
 fn min_opt(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -96,7 +90,7 @@ where
                     Err(Box::new(Status::deadline_exceeded("no time left before the caller's deadline")) as BoxError)
                 });
             }
-            let (name, value) = if is_grpc(&req) {
+            let (name, value) = if crate::reject::is_grpc(req.headers()) {
                 // A deadline the caller set on the request itself also counts.
                 let set = req.headers().get("grpc-timeout").and_then(|v| deadline::parse_grpc_timeout(v.as_bytes()));
                 ("grpc-timeout", deadline::grpc_timeout_value(min_opt(Some(budget), set).unwrap_or(budget)))

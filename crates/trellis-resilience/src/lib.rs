@@ -37,6 +37,7 @@ pub mod rate_limit;
 pub mod retry;
 #[cfg(feature = "redis")]
 pub mod redis_limit;
+mod reject;
 
 pub use breaker::{
     Breaker, BreakerConfig, BreakerState, CircuitBreaker, Clock, CircuitBreakerLayer, Outcome, Permit, Policy, SreBreaker, SreConfig,

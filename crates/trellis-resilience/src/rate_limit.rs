@@ -22,8 +22,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use tower::{Layer, Service};
+
+use crate::reject::{Refusal, is_grpc};
 
 /// How many requests per period, with what burst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,28 +271,6 @@ pub struct RateLimit<S> {
     key: KeyBy,
 }
 
-/// The response for a rejected request.
-fn rejection<RB: Default>(grpc: bool, retry_after: Duration) -> Response<RB> {
-    let mut response = Response::new(RB::default());
-    let millis = retry_after.as_millis().max(1);
-    if grpc {
-        let headers = response.headers_mut();
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert("grpc-status", HeaderValue::from_static("8"));
-        headers.insert("grpc-message", HeaderValue::from_static("rate%20limit%20exceeded"));
-        if let Ok(v) = HeaderValue::from_str(&millis.to_string()) {
-            headers.insert("grpc-retry-pushback-ms", v);
-        }
-    } else {
-        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-        if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
-            response.headers_mut().insert(http::header::RETRY_AFTER, v);
-        }
-    }
-    response
-}
-
 // Rejections are responses, never errors: the inner error type passes
 // through, so the layer wraps infallible services (axum routes) as they are.
 impl<S, B, RB> Service<Request<B>> for RateLimit<S>
@@ -312,6 +292,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let limiter = self.limiter.clone();
         let key = self.key.key(&req);
+        let grpc = is_grpc(req.headers());
         // Take the service that was driven to readiness; leave a clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -319,24 +300,18 @@ where
             match limiter.check(key.as_deref()).await {
                 Decision::Allow => inner.call(req).await,
                 Decision::Deny { retry_after } => {
-                    let grpc = req
-                        .headers()
-                        .get(http::header::CONTENT_TYPE)
-                        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-                    let mut response: Response<RB> = rejection(grpc, retry_after);
-                    if !grpc {
-                        let body = serde_json::json!({
-                            "code": "RESOURCE_EXHAUSTED",
-                            "reason": "RATE_LIMITED",
-                            "message": format!("rate limit exceeded; retry after {} ms", retry_after.as_millis().max(1)),
-                            "metadata": {"retry_after_ms": retry_after.as_millis().max(1).to_string()},
-                        });
-                        *response.body_mut() = RB::from(body.to_string());
-                        response
-                            .headers_mut()
-                            .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                    }
-                    Ok(response)
+                    let millis = retry_after.as_millis().max(1);
+                    let secs = (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1);
+                    let headers = [("grpc-retry-pushback-ms", millis.to_string()), ("retry-after", secs.to_string())];
+                    let refusal = Refusal {
+                        grpc_status: "8",
+                        http_status: StatusCode::TOO_MANY_REQUESTS,
+                        code: "RESOURCE_EXHAUSTED",
+                        reason: "RATE_LIMITED",
+                        message: format!("rate limit exceeded; retry after {millis} ms"),
+                        headers: if grpc { &headers[..1] } else { &headers[1..] },
+                    };
+                    Ok(refusal.into_response(grpc))
                 }
             }
         })

@@ -243,10 +243,7 @@ where
         let (policy, budget) = (self.policy.clone(), self.budget.clone());
         Box::pin(async move {
             budget.deposit();
-            let grpc = req
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            let grpc = crate::reject::is_grpc(req.headers());
             let idempotent = grpc || matches!(*req.method(), Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS);
             let (parts, body) = req.into_parts();
             // Buffer the body so it can be sent again; too big: no retries.

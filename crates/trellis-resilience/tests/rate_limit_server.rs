@@ -6,8 +6,6 @@ mod support;
 
 use std::{sync::Arc, time::Duration};
 
-use tokio_util::sync::CancellationToken;
-use trellis_core::{Drain, Lifecycle, Server, State};
 use trellis_resilience::{KeyBy, LocalLimiter, Quota, RateLimitLayer};
 use trellis_testkit::http;
 use trellis_transport::{GrpcHttpServer, ServerConfig};
@@ -17,18 +15,11 @@ async fn limits_each_route_on_both_faces_but_never_the_probes() {
     let limiter = Arc::new(LocalLimiter::new(Quota { rate: 2, period: Duration::from_secs(60), burst: 2 }, 1000));
     let router = axum::Router::new().route("/hello", axum::routing::get(|| async { "hi" }));
     let hop = support::hop(Duration::ZERO, None);
-    let server = GrpcHttpServer::builder(ServerConfig::default())
+    let builder = GrpcHttpServer::builder(ServerConfig::default())
         .grpc_service(hop)
         .http_router(router)
-        .layer(RateLimitLayer::new(limiter.clone(), KeyBy::Route))
-        .bind()
-        .await
-        .unwrap();
-    let addr = server.local_addr();
-    let lifecycle = Lifecycle::new();
-    lifecycle.advance(State::Ready);
-    let stop = CancellationToken::new();
-    tokio::spawn(Box::new(server).serve(lifecycle.subscribe(), Drain::new(stop.clone(), Duration::from_millis(100))));
+        .layer(RateLimitLayer::new(limiter.clone(), KeyBy::Route));
+    let (addr, stop, _lifecycle) = support::start(builder).await;
 
     // HTTP: two allowed, then 429 with the error body and Retry-After.
     for _ in 0..2 {
@@ -67,17 +58,10 @@ async fn limits_each_route_on_both_faces_but_never_the_probes() {
 async fn client_ip_keys_come_from_the_connection() {
     let limiter = Arc::new(LocalLimiter::new(Quota { rate: 1, period: Duration::from_secs(60), burst: 3 }, 1000));
     let router = axum::Router::new().route("/hello", axum::routing::get(|| async { "hi" }));
-    let server = GrpcHttpServer::builder(ServerConfig::default())
+    let builder = GrpcHttpServer::builder(ServerConfig::default())
         .http_router(router)
-        .layer(RateLimitLayer::new(limiter.clone(), KeyBy::ClientIp))
-        .bind()
-        .await
-        .unwrap();
-    let addr = server.local_addr();
-    let lifecycle = Lifecycle::new();
-    lifecycle.advance(State::Ready);
-    let stop = CancellationToken::new();
-    tokio::spawn(Box::new(server).serve(lifecycle.subscribe(), Drain::new(stop.clone(), Duration::from_millis(100))));
+        .layer(RateLimitLayer::new(limiter.clone(), KeyBy::ClientIp));
+    let (addr, stop, _lifecycle) = support::start(builder).await;
     let statuses: Vec<u16> = futures(addr, 4).await;
     assert_eq!(statuses, [200, 200, 200, 429]);
     assert_eq!(limiter.tracked_keys(), 1, "one client IP, one key");

@@ -7,25 +7,17 @@ mod support;
 use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
-use trellis_core::{Drain, Lifecycle, Server, State};
+use trellis_core::Lifecycle;
 use trellis_resilience::{ConcurrencyLimit, ConcurrencyLimitLayer, LimitKind};
 use trellis_testkit::http;
 use trellis_transport::{GrpcHttpServer, ServerConfig};
 
-async fn serve(router: axum::Router, limit: Arc<ConcurrencyLimit>, hop: Option<support::Hop>) -> (std::net::SocketAddr, CancellationToken) {
+async fn serve(router: axum::Router, limit: Arc<ConcurrencyLimit>, hop: Option<support::Hop>) -> (std::net::SocketAddr, CancellationToken, Lifecycle) {
     let mut builder = GrpcHttpServer::builder(ServerConfig::default()).http_router(router);
     if let Some(hop) = hop {
         builder = builder.grpc_service(hop);
     }
-    let server = builder.layer(ConcurrencyLimitLayer::new(limit)).bind().await.unwrap();
-    let addr = server.local_addr();
-    let lifecycle = Lifecycle::new();
-    lifecycle.advance(State::Ready);
-    let stop = CancellationToken::new();
-    tokio::spawn(Box::new(server).serve(lifecycle.subscribe(), Drain::new(stop.clone(), Duration::from_millis(100))));
-    // The lifecycle must outlive the test's requests.
-    std::mem::forget(lifecycle);
-    (addr, stop)
+    support::start(builder.layer(ConcurrencyLimitLayer::new(limit))).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,7 +36,7 @@ async fn an_adaptive_limit_finds_the_capacity_and_sheds_the_rest() {
         }),
     );
     let limit = ConcurrencyLimit::new(LimitKind::Adaptive { initial: 64, min: 2, max: 256 });
-    let (addr, stop) = serve(router, limit.clone(), None).await;
+    let (addr, stop, _lifecycle) = serve(router, limit.clone(), None).await;
 
     let mut callers = Vec::new();
     for _ in 0..64 {
@@ -93,7 +85,7 @@ async fn a_bulkhead_sheds_exactly_what_exceeds_it_on_both_faces() {
         }),
     );
     let limit = ConcurrencyLimit::new(LimitKind::Fixed(3));
-    let (addr, stop) = serve(router, limit.clone(), Some(support::hop(Duration::ZERO, None))).await;
+    let (addr, stop, _lifecycle) = serve(router, limit.clone(), Some(support::hop(Duration::ZERO, None))).await;
     let held: Vec<_> = (0..3).map(|_| tokio::spawn(http::get(addr, "/hold"))).collect();
     for _ in 0..100 {
         if limit.in_flight() == 3 {
@@ -130,26 +122,17 @@ fn slow_handler() -> axum::Router {
     )
 }
 
-async fn serve_with_delay_shedder(shedder: Arc<trellis_resilience::DelayShedder>) -> (std::net::SocketAddr, CancellationToken) {
-    let server = GrpcHttpServer::builder(ServerConfig::default())
+async fn serve_with_delay_shedder(shedder: Arc<trellis_resilience::DelayShedder>) -> (std::net::SocketAddr, CancellationToken, Lifecycle) {
+    let builder = GrpcHttpServer::builder(ServerConfig::default())
         .http_router(slow_handler())
-        .layer(trellis_resilience::DelayShedLayer::new(shedder))
-        .bind()
-        .await
-        .unwrap();
-    let addr = server.local_addr();
-    let lifecycle = Lifecycle::new();
-    lifecycle.advance(State::Ready);
-    let stop = CancellationToken::new();
-    tokio::spawn(Box::new(server).serve(lifecycle.subscribe(), Drain::new(stop.clone(), Duration::from_millis(100))));
-    std::mem::forget(lifecycle);
-    (addr, stop)
+        .layer(trellis_resilience::DelayShedLayer::new(shedder));
+    support::start(builder).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_delay_shedding_leaves_a_busy_service_alone_and_sheds_real_overload() {
     let shedder = trellis_resilience::DelayShedder::new(Duration::from_millis(5));
-    let (addr, stop) = serve_with_delay_shedder(shedder.clone()).await;
+    let (addr, stop, _lifecycle) = serve_with_delay_shedder(shedder.clone()).await;
 
     // Busy but keeping up: 6 callers in a closed loop on a capacity of 4.
     let mut callers = Vec::new();

@@ -128,13 +128,20 @@ impl Drop for Running {
 }
 
 pub async fn serve(hop: Hop) -> Running {
-    let server = GrpcHttpServer::builder(ServerConfig::default()).grpc_service(hop.clone()).bind().await.unwrap();
+    let (addr, stop, lifecycle) = start(GrpcHttpServer::builder(ServerConfig::default()).grpc_service(hop.clone())).await;
+    Running { addr, hop, stop, _lifecycle: lifecycle }
+}
+
+/// Binds `builder` and serves it as Ready until the token is cancelled (or
+/// the lifecycle dropped).
+pub async fn start(builder: trellis_transport::GrpcHttpServerBuilder) -> (SocketAddr, CancellationToken, Lifecycle) {
+    let server = builder.bind().await.unwrap();
     let addr = server.local_addr();
     let lifecycle = Lifecycle::new();
     lifecycle.advance(State::Ready);
     let stop = CancellationToken::new();
     tokio::spawn(Box::new(server).serve(lifecycle.subscribe(), Drain::new(stop.clone(), Duration::from_millis(100))));
-    Running { addr, hop, stop, _lifecycle: lifecycle }
+    (addr, stop, lifecycle)
 }
 
 pub fn hop(delay: Duration, next: Option<SocketAddr>) -> Hop {
