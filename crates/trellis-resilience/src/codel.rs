@@ -23,8 +23,8 @@ use std::{
 pub struct DelayShedder {
     target_us: u64,
     interval_ms: u64,
-    start: Instant,
     in_flight: AtomicUsize,
+    closed_intervals: AtomicU64,
     /// The lowest latency seen (re-learnt every 100 intervals).
     noload_us: AtomicU64,
     /// The interval being measured: its number, lowest latency, completions.
@@ -43,8 +43,8 @@ impl DelayShedder {
         Arc::new(DelayShedder {
             target_us: target.as_micros().max(1) as u64,
             interval_ms: 100,
-            start: Instant::now(),
             in_flight: AtomicUsize::new(0),
+            closed_intervals: AtomicU64::new(0),
             noload_us: AtomicU64::new(u64::MAX),
             epoch: AtomicU64::new(0),
             interval_min_us: AtomicU64::new(u64::MAX),
@@ -66,7 +66,8 @@ impl DelayShedder {
     }
 
     fn roll(&self) {
-        let epoch = self.start.elapsed().as_millis() as u64 / self.interval_ms;
+        // Intervals are 100 ms: the coarse clock (a few ns) is precise enough.
+        let epoch = crate::breaker::coarse_now_ms() / self.interval_ms;
         let seen = self.epoch.load(Relaxed);
         if seen == epoch || self.epoch.compare_exchange(seen, epoch, Relaxed, Relaxed).is_err() {
             return;
@@ -74,8 +75,8 @@ impl DelayShedder {
         // This thread closes interval `seen`.
         let min = self.interval_min_us.swap(u64::MAX, Relaxed);
         let done = self.interval_done.swap(0, Relaxed);
-        if epoch.is_multiple_of(100) {
-            // Re-learn the no-load latency from what is seen now.
+        if (self.closed_intervals.fetch_add(1, Relaxed) + 1).is_multiple_of(100) {
+            // Re-learn the no-load latency every 100 intervals (10 s).
             self.noload_us.store(min, Relaxed);
         }
         let noload = self.noload_us.load(Relaxed);
@@ -95,7 +96,7 @@ impl DelayShedder {
 
     /// Admits a request unless the shedder is holding a standing queue down.
     pub fn try_acquire(self: &Arc<Self>) -> Option<DelayAdmitted> {
-        self.roll();
+        // Intervals roll on completions; admission only reads the verdict.
         let now = self.in_flight.fetch_add(1, Relaxed) + 1;
         if now > self.allowed_in_flight.load(Relaxed) {
             self.in_flight.fetch_sub(1, Relaxed);
@@ -138,12 +139,24 @@ impl crate::Admission for DelayShedder {
 mod tests {
     use super::*;
 
-    /// Feeds one interval of completions with the given latencies.
+    /// Sleeps into the next 100 ms interval.
+    fn next_interval() {
+        let now = crate::breaker::coarse_now_ms();
+        std::thread::sleep(Duration::from_millis(100 - now % 100 + 10));
+    }
+
+    /// Feeds one interval of completions with the given latencies (the
+    /// first completion closes the interval before).
     fn interval(s: &Arc<DelayShedder>, latencies_us: &[u64]) {
+        next_interval();
         for l in latencies_us {
             s.finish_for_test(*l);
         }
-        std::thread::sleep(Duration::from_millis(105));
+    }
+
+    /// Closes the interval being fed.
+    fn close(s: &Arc<DelayShedder>) {
+        next_interval();
         s.roll();
     }
 
@@ -160,6 +173,7 @@ mod tests {
         interval(&s, &[100; 10]); // no-load latency 0.1 ms
         // Saturated, a couple of ms of queueing at worst: keep serving.
         interval(&s, &[1500, 2000, 1800, 1600]);
+        close(&s);
         assert!(!s.is_overloaded());
         assert!((0..1000).map(|_| s.try_acquire()).all(|a| a.is_some()));
     }
@@ -170,6 +184,7 @@ mod tests {
         interval(&s, &[1000; 10]); // no-load latency 1 ms
         // Every request in the interval waited at least 40 ms: a standing queue.
         interval(&s, &[40_000; 80]); // 800/s
+        close(&s);
         assert!(s.is_overloaded());
         // 800/s × (1 ms + 5 ms) = 4.8, so 5 in flight.
         let admitted: Vec<_> = std::iter::from_fn(|| s.try_acquire()).take(100).collect();

@@ -129,12 +129,14 @@ impl ConcurrencyLimit {
             self.shed.fetch_add(1, Relaxed);
             return None;
         }
-        Some(Admitted { limit: self.clone(), started: Instant::now() })
+        // Only the adaptive limit learns from latency; a bulkhead skips the clock.
+        let started = self.adaptive.as_ref().map(|_| Instant::now());
+        Some(Admitted { limit: self.clone(), started })
     }
 
-    fn release(&self, rtt: Duration) {
+    fn release(&self, rtt: Option<Duration>) {
         let in_flight = self.in_flight.fetch_sub(1, Relaxed);
-        if let Some(g) = &self.adaptive {
+        if let (Some(g), Some(rtt)) = (&self.adaptive, rtt) {
             let next = g.lock().unwrap_or_else(PoisonError::into_inner).update(rtt, in_flight);
             self.limit.store(next, Relaxed);
         }
@@ -145,12 +147,12 @@ impl ConcurrencyLimit {
 /// to the adaptive limit.
 pub struct Admitted {
     limit: Arc<ConcurrencyLimit>,
-    started: Instant,
+    started: Option<Instant>,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.limit.release(self.started.elapsed());
+        self.limit.release(self.started.map(|s| s.elapsed()));
     }
 }
 
