@@ -22,21 +22,8 @@ async fn serve(router: axum::Router, limit: Arc<ConcurrencyLimit>, hop: Option<s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adaptive_limit_finds_the_capacity_and_sheds_the_rest() {
-    // The handler can do 4 things at once, 5 ms each; the rest queue.
-    let capacity = Arc::new(tokio::sync::Semaphore::new(4));
-    let router = axum::Router::new().route(
-        "/work",
-        axum::routing::get(move || {
-            let capacity = capacity.clone();
-            async move {
-                let _permit = capacity.acquire().await.unwrap();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                "done"
-            }
-        }),
-    );
     let limit = ConcurrencyLimit::new(LimitKind::Adaptive { initial: 64, min: 2, max: 256 });
-    let (addr, stop, _lifecycle) = serve(router, limit.clone(), None).await;
+    let (addr, stop, _lifecycle) = serve(slow_handler(), limit.clone(), None).await;
 
     let mut callers = Vec::new();
     for _ in 0..64 {
