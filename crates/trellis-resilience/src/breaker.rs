@@ -200,7 +200,11 @@ impl Window {
 
     /// The bucket for now, reset first if it still holds an older slice.
     fn current(&self) -> &Bucket {
-        let epoch = self.epoch();
+        self.bucket_at(self.epoch())
+    }
+
+    /// The bucket for `epoch` (from [`Window::epoch`]), reset if stale.
+    fn bucket_at(&self, epoch: u64) -> &Bucket {
         let bucket = &self.buckets[(epoch % self.buckets.len() as u64) as usize];
         let seen = bucket.epoch.load(Relaxed);
         if seen != epoch && bucket.epoch.compare_exchange(seen, epoch, SeqCst, Relaxed).is_ok() {
@@ -468,7 +472,7 @@ impl Policy for SreBreaker {
         } else {
             f64::from_bits(self.cached_p.load(Relaxed))
         };
-        self.window.current().calls.fetch_add(1, Relaxed);
+        self.window.bucket_at(epoch).calls.fetch_add(1, Relaxed);
         if p > 0.0 && random_unit() < p { None } else { Some(Permit::Normal) }
     }
 

@@ -16,8 +16,10 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
+
+use crate::clock::Stamp;
 
 /// The state of a queueing-delay shedder.
 pub struct DelayShedder {
@@ -103,7 +105,7 @@ impl DelayShedder {
             self.shed.fetch_add(1, Relaxed);
             return None;
         }
-        Some(DelayAdmitted { shedder: self.clone(), started: Instant::now() })
+        Some(DelayAdmitted { shedder: self.clone(), started: Stamp::now() })
     }
 
     fn finish(&self, latency: Duration) {
@@ -119,7 +121,7 @@ impl DelayShedder {
 /// An admitted request; dropping it records its latency.
 pub struct DelayAdmitted {
     shedder: Arc<DelayShedder>,
-    started: Instant,
+    started: Stamp,
 }
 
 impl Drop for DelayAdmitted {

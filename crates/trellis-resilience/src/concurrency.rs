@@ -19,13 +19,16 @@ use std::{
         atomic::{AtomicUsize, Ordering::Relaxed},
     },
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use http::{Request, Response, StatusCode};
 use tower::{Layer, Service};
 
-use crate::reject::{Refusal, is_grpc};
+use crate::{
+    clock::Stamp,
+    reject::{Refusal, is_grpc},
+};
 
 /// How the limit is chosen.
 pub enum LimitKind {
@@ -130,7 +133,7 @@ impl ConcurrencyLimit {
             return None;
         }
         // Only the adaptive limit learns from latency; a bulkhead skips the clock.
-        let started = self.adaptive.as_ref().map(|_| Instant::now());
+        let started = self.adaptive.as_ref().map(|_| Stamp::now());
         Some(Admitted { limit: self.clone(), started })
     }
 
@@ -147,7 +150,7 @@ impl ConcurrencyLimit {
 /// to the adaptive limit.
 pub struct Admitted {
     limit: Arc<ConcurrencyLimit>,
-    started: Option<Instant>,
+    started: Option<Stamp>,
 }
 
 impl Drop for Admitted {

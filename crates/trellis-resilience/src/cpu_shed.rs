@@ -183,7 +183,7 @@ impl CpuShedder {
             return None;
         }
         self.in_flight.fetch_add(1, Relaxed);
-        Some(CpuAdmitted { shedder: self.clone(), started: Instant::now() })
+        Some(CpuAdmitted { shedder: self.clone(), started: crate::clock::Stamp::now() })
     }
 
     fn finish(&self, rtt: Duration) {
@@ -203,7 +203,7 @@ impl CpuShedder {
 /// An admitted request; dropping it records its completion.
 pub struct CpuAdmitted {
     shedder: Arc<CpuShedder>,
-    started: Instant,
+    started: crate::clock::Stamp,
 }
 
 impl Drop for CpuAdmitted {

@@ -29,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod breaker;
+mod clock;
 pub mod codel;
 pub mod concurrency;
 pub mod cpu_shed;

@@ -15,11 +15,11 @@ use std::{
     hash::{BuildHasher, RandomState},
     pin::Pin,
     sync::{
-        Arc, Mutex, OnceLock, PoisonError,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use http::{Request, Response, StatusCode};
@@ -74,9 +74,8 @@ pub enum Decision {
 }
 
 fn monotonic_ns() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
     // +1 s so that a fresh TAT of 0 is always "in the past".
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1_000_000_000
+    crate::clock::now_ns() + 1_000_000_000
 }
 
 /// A quota in the form GCRA uses.
