@@ -89,6 +89,9 @@ pub struct BreakerConfig {
     pub window: Duration,
     /// How many buckets the window is split into. Default: 10.
     pub buckets: u32,
+    /// Judge the last this many calls instead of a time window (Resilience4j's
+    /// count-based window). Default: None (time-based).
+    pub count_window: Option<u32>,
     /// No ratio trips the breaker before this many calls in the window. Default: 20.
     pub min_calls: u32,
     /// Trip when failures reach this share of calls. Default: 0.5.
@@ -110,6 +113,7 @@ impl Default for BreakerConfig {
         BreakerConfig {
             window: Duration::from_secs(10),
             buckets: 10,
+            count_window: None,
             min_calls: 20,
             failure_ratio: 0.5,
             slow_call_ratio: None,
@@ -238,6 +242,79 @@ impl Window {
     }
 }
 
+/// The last N outcomes in a ring, with running totals.
+struct CountWindow {
+    slots: Box<[AtomicU8]>,
+    next: AtomicU64,
+    calls: AtomicU32,
+    failures: AtomicU32,
+    slow: AtomicU32,
+}
+
+const EMPTY: u8 = 0;
+const FAILED: u8 = 1;
+const SLOW: u8 = 2;
+const FILLED: u8 = 4;
+
+impl CountWindow {
+    fn new(n: u32) -> Self {
+        CountWindow {
+            slots: (0..n.max(1)).map(|_| AtomicU8::new(EMPTY)).collect(),
+            next: AtomicU64::new(0),
+            calls: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            slow: AtomicU32::new(0),
+        }
+    }
+
+    fn push(&self, failed: bool, slow: bool) {
+        let i = (self.next.fetch_add(1, Relaxed) % self.slots.len() as u64) as usize;
+        let new = FILLED | if failed { FAILED } else { 0 } | if slow { SLOW } else { 0 };
+        let old = self.slots[i].swap(new, Relaxed);
+        // Replace the outcome that falls out of the window with the new one.
+        if old & FILLED == 0 {
+            self.calls.fetch_add(1, Relaxed);
+        }
+        match (old & FAILED != 0, failed) {
+            (false, true) => {
+                self.failures.fetch_add(1, Relaxed);
+            }
+            (true, false) => {
+                self.failures.fetch_sub(1, Relaxed);
+            }
+            _ => {}
+        }
+        match (old & SLOW != 0, slow) {
+            (false, true) => {
+                self.slow.fetch_add(1, Relaxed);
+            }
+            (true, false) => {
+                self.slow.fetch_sub(1, Relaxed);
+            }
+            _ => {}
+        }
+    }
+
+    fn totals(&self) -> Totals {
+        Totals { calls: self.calls.load(Relaxed), failures: self.failures.load(Relaxed), slow: self.slow.load(Relaxed) }
+    }
+
+    fn clear(&self) {
+        for slot in self.slots.iter() {
+            let old = slot.swap(EMPTY, Relaxed);
+            if old & FILLED != 0 {
+                self.calls.fetch_sub(1, Relaxed);
+                if old & FAILED != 0 {
+                    self.failures.fetch_sub(1, Relaxed);
+                }
+                if old & SLOW != 0 {
+                    self.slow.fetch_sub(1, Relaxed);
+                }
+            }
+        }
+    }
+}
+
 const CLOSED: u8 = 0;
 const OPEN: u8 = 1;
 const HALF_OPEN: u8 = 2;
@@ -251,6 +328,7 @@ pub struct Breaker {
     probe_successes: AtomicU32,
     consecutive: AtomicU32,
     window: Window,
+    count_window: Option<CountWindow>,
     events: watch::Sender<(BreakerState, Option<Trip>)>,
 }
 
@@ -263,7 +341,9 @@ impl Breaker {
     /// A closed breaker on `clock` (tests: [`Clock::Tokio`]).
     pub fn with_clock(config: BreakerConfig, clock: Clock) -> Self {
         let window = Window::new(config.window, config.buckets, clock);
+        let count_window = config.count_window.map(CountWindow::new);
         Breaker {
+            count_window,
             config,
             state: AtomicU8::new(CLOSED),
             opened_at_ms: AtomicU64::new(0),
@@ -304,13 +384,19 @@ impl Breaker {
     fn close(&self) {
         if self.state.compare_exchange(HALF_OPEN, CLOSED, SeqCst, Relaxed).is_ok() {
             self.window.clear();
+            if let Some(c) = &self.count_window {
+                c.clear();
+            }
             self.consecutive.store(0, Relaxed);
             self.events.send_replace((BreakerState::Closed, None));
         }
     }
 
     fn check_ratios(&self) {
-        let t = self.window.totals();
+        let t = match &self.count_window {
+            Some(c) => c.totals(),
+            None => self.window.totals(),
+        };
         if t.calls < self.config.min_calls.max(1) {
             return;
         }
@@ -364,14 +450,22 @@ impl Policy for Breaker {
             // A call admitted before the breaker opened: nothing to learn.
             return;
         }
-        let bucket = self.window.current();
-        bucket.calls.fetch_add(1, Relaxed);
-        if slow {
-            bucket.slow.fetch_add(1, Relaxed);
+        let failed = outcome == Outcome::Failure;
+        match &self.count_window {
+            Some(c) => c.push(failed, slow),
+            None => {
+                let bucket = self.window.current();
+                bucket.calls.fetch_add(1, Relaxed);
+                if slow {
+                    bucket.slow.fetch_add(1, Relaxed);
+                }
+                if failed {
+                    bucket.failures.fetch_add(1, Relaxed);
+                }
+            }
         }
         match outcome {
             Outcome::Failure => {
-                bucket.failures.fetch_add(1, Relaxed);
                 let run = self.consecutive.fetch_add(1, Relaxed) + 1;
                 if self.config.consecutive_failures.is_some_and(|n| run >= n) {
                     self.trip(CLOSED, Trip::ConsecutiveFailures);

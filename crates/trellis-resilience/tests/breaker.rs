@@ -104,7 +104,53 @@ async fn failures_age_out_of_the_window() {
     assert_eq!(b.state(), BreakerState::Closed);
 }
 
+#[test]
+fn a_count_window_judges_the_last_n_calls_whenever_they_happened() {
+    let b = Breaker::new(BreakerConfig { count_window: Some(10), ..ratio_only(10, 0.5) });
+    // 4 old failures, then 10 successes push them out of the window.
+    for _ in 0..4 {
+        call(&b, Outcome::Failure);
+    }
+    for _ in 0..10 {
+        call(&b, Outcome::Success);
+    }
+    // 4 failures in the last 10: below half.
+    for _ in 0..4 {
+        call(&b, Outcome::Failure);
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+    // The 5th failure in the last 10 trips it.
+    call(&b, Outcome::Failure);
+    assert_eq!(*b.subscribe().borrow(), (BreakerState::Open, Some(Trip::FailureRatio)));
+}
+
 proptest! {
+    /// A count window behaves like the model over the last N calls.
+    #[test]
+    fn a_count_window_opens_exactly_when_the_last_n_say(
+        outcomes in proptest::collection::vec(any::<bool>(), 1..200),
+        n in 1u32..30,
+        ratio_pct in 10u32..100,
+    ) {
+        let ratio = f64::from(ratio_pct) / 100.0;
+        let b = Breaker::new(BreakerConfig { count_window: Some(n), ..ratio_only(n, ratio) });
+        let mut last: std::collections::VecDeque<bool> = Default::default();
+        let mut open = false;
+        for failed in outcomes {
+            let admitted = call(&b, if failed { Outcome::Failure } else { Outcome::Success });
+            prop_assert_eq!(admitted, !open);
+            if !open {
+                last.push_back(failed);
+                if last.len() > n as usize {
+                    last.pop_front();
+                }
+                let failures = last.iter().filter(|f| **f).count() as f64;
+                open = failed && last.len() >= n as usize && failures / last.len() as f64 >= ratio;
+            }
+            prop_assert_eq!(b.state() == BreakerState::Open, open);
+        }
+    }
+
     /// Within one window, the breaker opens exactly when a model that counts
     /// calls and failures says it should, and never before.
     #[test]
