@@ -31,6 +31,7 @@
 //! | `trellis-balance` | [`balance`], [`client`] | client-side load balancing over discovered endpoints |
 //! | `trellis-config` | [`config`], [`settings`] | typed layered config with hot reload (files, env, etcd) |
 //! | `trellis-resilience` | [`resilience`], [`resilient_client`] | deadlines, retries, breakers, rate limits, load shedding |
+//! | `trellis-telemetry` | [`telemetry`] | Prometheus RED metrics at `/metrics` |
 
 #![warn(missing_docs)]
 
@@ -45,6 +46,7 @@ pub use trellis_balance as balance;
 pub use trellis_config as config;
 pub use trellis_registry as registry;
 pub use trellis_resilience as resilience;
+pub use trellis_telemetry as telemetry;
 
 /// A balanced channel to `service`, discovered through `discovery`, with the
 /// default policy (p2c-EWMA), outlier detection and timeouts; hand it to a

@@ -11,7 +11,7 @@
 //! | `server.rate_limit.rate`, `server.rate_limit.burst` | live |
 //! | `server.rate_limit.key`, `server.shedding.*` | on restart |
 //!
-//! The server stack, outermost first: rate limit (per key, off until `rate`
+//! The server stack, outermost first: RED metrics → rate limit (per key, off until `rate`
 //! is set) → queueing-delay shedding (on: sheds only while a standing queue
 //! holds requests longer than 5 ms) → concurrency limit (off unless
 //! configured: a fixed cap or adaptive) → CPU shedding (off unless
@@ -221,6 +221,8 @@ impl ServerSettings {
             builder = builder.layer(DelayShedLayer::new(DelayShedder::new(target)));
         }
         builder = builder.layer(RateLimitLayer::new(limiter.clone(), key));
+        // Outermost: limited and shed requests are measured too.
+        builder = builder.layer(trellis_telemetry::RedLayer::new());
         (builder, limiter)
     }
 }

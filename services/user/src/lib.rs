@@ -189,10 +189,14 @@ impl UserService {
         server.limits = settings.config.server.limits();
         let store = data::SqlUserRepo::open(&store_config.database_url, store_config.max_connections).await?;
         let handler = service::UserServiceHandler::new(biz::Users::new(store.clone()));
-        let builder = GrpcHttpServer::builder(server)
+        let mut builder = GrpcHttpServer::builder(server)
             .grpc_service(api::v1::user_service_server::UserServiceServer::new(handler))
             .file_descriptor_set(api::FILE_DESCRIPTOR_SET)
             .debug_router(trellis::settings::debug_router(config.clone()));
+        match trellis::telemetry::prometheus() {
+            Ok(handle) => builder = builder.debug_router(trellis::telemetry::metrics_router(handle)),
+            Err(err) => tracing::warn!(error = %err, "serving without /metrics"),
+        }
         let (builder, limiter) = settings.config.server.apply_stack(builder);
         let server = builder.bind().await?;
         trellis::settings::follow_request_timeout(&config, |s: &UserSettings| &s.server, server.request_timeout());

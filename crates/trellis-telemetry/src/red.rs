@@ -1,0 +1,132 @@
+//! RED metrics (rate, errors, duration) for every request through a server.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use axum::extract::MatchedPath;
+use http::{Request, Response};
+use metrics::{Unit, describe_gauge, describe_histogram, gauge, histogram};
+use tower::{Layer, Service};
+
+pub(crate) fn describe() {
+    describe_histogram!("rpc_server_duration_seconds", Unit::Seconds, "rpc.server.duration: gRPC server call duration");
+    describe_histogram!(
+        "http_server_request_duration_seconds",
+        Unit::Seconds,
+        "http.server.request.duration: HTTP server request duration"
+    );
+    describe_gauge!("rpc_server_active_requests", "gRPC calls in flight");
+    describe_gauge!("http_server_active_requests", "http.server.active_requests: HTTP requests in flight");
+}
+
+/// Records RED metrics for every request (see the crate docs).
+#[derive(Debug, Clone, Default)]
+pub struct RedLayer;
+
+impl RedLayer {
+    /// A layer recording into the global `metrics` recorder.
+    pub fn new() -> Self {
+        RedLayer
+    }
+}
+
+impl<S> Layer<S> for RedLayer {
+    type Service = Red<S>;
+
+    fn layer(&self, inner: S) -> Red<S> {
+        Red { inner }
+    }
+}
+
+/// A service whose requests are measured.
+#[derive(Debug, Clone)]
+pub struct Red<S> {
+    inner: S,
+}
+
+/// What a request is, for labels.
+enum Kind {
+    Grpc { service: String, method: String },
+    Http { method: String, route: String },
+}
+
+impl<S, B, RB> Service<Request<B>> for Red<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let grpc = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let kind = if grpc {
+            // `/package.Service/Method`
+            let mut parts = req.uri().path().trim_start_matches('/').splitn(2, '/');
+            let service = parts.next().unwrap_or("").to_owned();
+            let method = parts.next().unwrap_or("").to_owned();
+            // Per service only: the method is not known to exist until the call ends.
+            gauge!("rpc_server_active_requests", "rpc_system" => "grpc", "rpc_service" => service.clone()).increment(1.0);
+            Kind::Grpc { service, method }
+        } else {
+            let route = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map(|m| m.as_str().to_owned())
+                .unwrap_or_else(|| "unmatched".into());
+            let method = req.method().as_str().to_owned();
+            gauge!("http_server_active_requests", "http_request_method" => method.clone(), "http_route" => route.clone())
+                .increment(1.0);
+            Kind::Http { method, route }
+        };
+        let started = Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let result = fut.await;
+            let seconds = started.elapsed().as_secs_f64();
+            match kind {
+                Kind::Grpc { service, method } => {
+                    gauge!("rpc_server_active_requests", "rpc_system" => "grpc", "rpc_service" => service.clone()).decrement(1.0);
+                    // Errors from handlers travel trailers-only (status in the
+                    // headers); a status sent in trailers after a body (a
+                    // streaming failure) is counted as the headers say: OK.
+                    let code = match &result {
+                        Ok(r) => r.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_owned(),
+                        Err(_) => "2".to_owned(),
+                    };
+                    // Any method name under a known service reaches here; one
+                    // that does not exist must not become a label of its own,
+                    // or callers could grow the registry without bound.
+                    let method = if code == "12" { "unknown".to_owned() } else { method };
+                    histogram!("rpc_server_duration_seconds", "rpc_system" => "grpc", "rpc_service" => service, "rpc_method" => method, "rpc_grpc_status_code" => code)
+                        .record(seconds);
+                }
+                Kind::Http { method, route } => {
+                    gauge!("http_server_active_requests", "http_request_method" => method.clone(), "http_route" => route.clone())
+                        .decrement(1.0);
+                    let status = match &result {
+                        Ok(r) => r.status().as_u16().to_string(),
+                        Err(_) => "500".to_owned(),
+                    };
+                    histogram!("http_server_request_duration_seconds", "http_request_method" => method, "http_route" => route, "http_response_status_code" => status)
+                        .record(seconds);
+                }
+            }
+            result
+        })
+    }
+}
