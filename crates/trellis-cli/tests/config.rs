@@ -91,6 +91,8 @@ async fn settings_change_live_through_etcd_and_bad_ones_never_land() {
     assert!(err.contains("server.max_concurrent_streams") && err.contains("etcd /trellis/config/user/"), "{err}");
     assert_eq!(view["config"]["server"]["request_timeout"], "50ms");
     assert_eq!(http::get(listen.parse().unwrap(), "/readyz").await.unwrap().status, 200);
+    let metrics = http::get(admin, "/metrics").await.unwrap().body;
+    assert!(metrics.lines().any(|l| l == "config_reload_failures_total 1"), "{metrics}");
 
     // The live log level: debug lines appear after the change.
     let out = trellis(&["config", "set", "user/log.level", "debug", "--config-source", &source]);

@@ -59,6 +59,12 @@ async fn prometheus_scrapes_red_metrics_that_promtool_accepts() {
         "{text}"
     );
     assert_eq!(http::get(listen, "/metrics").await.unwrap().status, 404, "metrics stay off the public port");
+    for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds"] {
+        let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name} in {text}"));
+        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(value > 0.0, "{line}");
+    }
+    assert!(text.contains(&format!("trellis_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{text}");
     Prometheus::check_metrics(&text).unwrap_or_else(|complaints| panic!("promtool: {complaints}\n{text}"));
 
     // Prometheus itself sees the counts.

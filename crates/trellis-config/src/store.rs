@@ -258,6 +258,7 @@ where
 
     fn reject(&self, err: &ConfigError) {
         self.stats.failures.fetch_add(1, Relaxed);
+        metrics::counter!("config_reload_failures_total").increment(1);
         *self.stats.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(err.to_string());
         error!(error = %err, "config update rejected; keeping the last good config");
     }

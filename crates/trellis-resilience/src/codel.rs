@@ -132,6 +132,7 @@ impl Drop for DelayAdmitted {
 
 impl crate::Admission for DelayShedder {
     type Ticket = DelayAdmitted;
+    const REASON: &'static str = "queue_delay";
     fn admit(self: &Arc<Self>) -> Option<DelayAdmitted> {
         self.try_acquire()
     }

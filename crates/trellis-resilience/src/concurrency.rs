@@ -165,12 +165,15 @@ impl Drop for Admitted {
 pub trait Admission: Send + Sync + 'static {
     /// Held while the request runs; dropping it records the completion.
     type Ticket: Send + 'static;
+    /// The `reason` label of `load_shed_total` for requests this sheds.
+    const REASON: &'static str;
     /// Admits one request, or `None` to shed it.
     fn admit(self: &Arc<Self>) -> Option<Self::Ticket>;
 }
 
 impl Admission for ConcurrencyLimit {
     type Ticket = Admitted;
+    const REASON: &'static str = "concurrency";
     fn admit(self: &Arc<Self>) -> Option<Admitted> {
         self.try_acquire()
     }
@@ -178,6 +181,7 @@ impl Admission for ConcurrencyLimit {
 
 impl Admission for crate::CpuShedder {
     type Ticket = crate::CpuAdmitted;
+    const REASON: &'static str = "cpu";
     fn admit(self: &Arc<Self>) -> Option<crate::CpuAdmitted> {
         self.try_acquire()
     }
@@ -247,6 +251,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let Some(admitted) = self.gate.admit() else {
+            metrics::counter!("load_shed_total", "reason" => A::REASON).increment(1);
             let refusal = Refusal {
                 grpc_status: "14",
                 http_status: StatusCode::SERVICE_UNAVAILABLE,

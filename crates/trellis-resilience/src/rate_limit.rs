@@ -299,6 +299,7 @@ where
             match limiter.check(key.as_deref()).await {
                 Decision::Allow => inner.call(req).await,
                 Decision::Deny { retry_after } => {
+                    metrics::counter!("rate_limit_rejections_total").increment(1);
                     let millis = retry_after.as_millis().max(1);
                     let secs = (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1);
                     let headers = [("grpc-retry-pushback-ms", millis.to_string()), ("retry-after", secs.to_string())];

@@ -13,6 +13,14 @@
 //! | `rpc_server_active_requests` (gauge) | `rpc_system`, `rpc_service` |
 //! | `http_server_active_requests` (gauge) | `http_request_method`, `http_route` |
 //!
+//! Also, read at each scrape: the standard process metrics
+//! (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+//! `process_virtual_memory_bytes`, `process_open_fds`, `process_max_fds`,
+//! `process_start_time_seconds`) and `trellis_build_info{version}`; and what
+//! other crates count through the `metrics` facade:
+//! `config_reload_failures_total`, `rate_limit_rejections_total`,
+//! `load_shed_total{reason}`.
+//!
 //! Label values are bounded by what the server registered: HTTP routes are
 //! the matched route templates, and a gRPC method that turns out not to
 //! exist (UNIMPLEMENTED) is counted as `rpc_method="unknown"`, so callers
@@ -28,6 +36,7 @@
 
 #![warn(missing_docs)]
 
+mod process;
 mod red;
 
 use std::{sync::OnceLock, time::Duration};
@@ -81,10 +90,9 @@ pub fn metrics_router(handle: PrometheusHandle) -> axum::Router {
             let handle = handle.clone();
             async move {
                 handle.run_upkeep();
-                (
-                    [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-                    handle.render(),
-                )
+                let mut text = handle.render();
+                process::render(&mut text);
+                ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
             }
         }),
     )

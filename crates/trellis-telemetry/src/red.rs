@@ -21,6 +21,9 @@ pub(crate) fn describe() {
     );
     describe_gauge!("rpc_server_active_requests", "gRPC calls in flight");
     describe_gauge!("http_server_active_requests", "http.server.active_requests: HTTP requests in flight");
+    metrics::describe_counter!("config_reload_failures_total", "Config updates rejected (the last good config stayed)");
+    metrics::describe_counter!("rate_limit_rejections_total", "Requests refused by a rate limit");
+    metrics::describe_counter!("load_shed_total", "Requests shed under load, by reason");
 }
 
 /// Records RED metrics for every request (see the crate docs).

@@ -298,6 +298,13 @@ async fn the_default_stack_rate_limits_live_from_config_and_the_resilient_client
     let results: Vec<Result<_, tonic::Status>> = futures_in_order(&mut direct, 4).await;
     let limited = results.iter().filter(|r| r.as_ref().is_err_and(|s| s.code() == Code::ResourceExhausted)).count();
     assert!(limited >= 2, "with rate 2/s, burst 2, most of 4 quick calls are limited: {results:?}");
+    let exposition = trellis::telemetry::prometheus().unwrap().render();
+    let rejections: u64 = exposition
+        .lines()
+        .find_map(|l| l.strip_prefix("rate_limit_rejections_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no rate_limit_rejections_total in {exposition}"));
+    assert!(rejections >= limited as u64, "{rejections} < {limited}");
 
     // And lifted again.
     std::fs::write(&file, "[server.rate_limit]\nrate = 0\nkey = \"route\"\n").unwrap();
