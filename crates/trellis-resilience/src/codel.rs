@@ -75,11 +75,29 @@ impl DelayShedder {
             return;
         }
         // This thread closes interval `seen`.
+        self.close_interval(seen, epoch);
+    }
+
+    /// Closes interval `seen` on reaching `epoch`: re-learns the baseline
+    /// when due and decides whether a standing queue is being held down.
+    fn close_interval(&self, seen: u64, epoch: u64) {
         let min = self.interval_min_us.swap(u64::MAX, Relaxed);
         let done = self.interval_done.swap(0, Relaxed);
-        if (self.closed_intervals.fetch_add(1, Relaxed) + 1).is_multiple_of(100) {
-            // Re-learn the no-load latency every 100 intervals (10 s).
-            self.noload_us.store(min, Relaxed);
+        let closed = self.closed_intervals.fetch_add(1, Relaxed) + 1;
+        if closed.is_multiple_of(100) && min != u64::MAX {
+            // Every 10 s, re-learn the no-load latency. From a calm interval,
+            // take what it saw; during overload, only move a quarter of the
+            // way: re-learning from an overloaded interval would declare the
+            // queue normal and switch shedding off exactly when it matters,
+            // while never moving would shed forever a service that simply
+            // became slower.
+            let noload = self.noload_us.load(Relaxed);
+            let next = if !self.overloaded.load(Relaxed) || noload == u64::MAX {
+                min
+            } else {
+                noload + min.saturating_sub(noload) / 4
+            };
+            self.noload_us.store(next, Relaxed);
         }
         let noload = self.noload_us.load(Relaxed);
         if min == u64::MAX || noload == u64::MAX || epoch != seen + 1 {
@@ -168,6 +186,32 @@ mod tests {
             self.in_flight.fetch_add(1, Relaxed);
             self.finish(Duration::from_micros(us));
         }
+    }
+
+    /// One interval driven by hand (no sleeping): `done` completions whose
+    /// lowest latency is `min_us`, then the interval closes.
+    fn close_by_hand(s: &DelayShedder, epoch: &mut u64, min_us: u64, done: u64) {
+        // What finish() does for each completion.
+        s.interval_min_us.fetch_min(min_us, Relaxed);
+        s.interval_done.fetch_add(done, Relaxed);
+        s.noload_us.fetch_min(min_us, Relaxed);
+        // What roll() does on reaching the next interval.
+        s.close_interval(*epoch, *epoch + 1);
+        *epoch += 1;
+    }
+
+    #[test]
+    fn sustained_overload_keeps_being_shed_past_the_relearning_period() {
+        let s = DelayShedder::new(Duration::from_millis(5));
+        let mut epoch = 1;
+        close_by_hand(&s, &mut epoch, 1_000, 100); // no-load 1 ms
+        for _ in 0..250 {
+            close_by_hand(&s, &mut epoch, 40_000, 80); // a 40 ms standing queue
+        }
+        assert!(s.is_overloaded(), "25 s of overload must still be treated as overload");
+        // The baseline drifted towards 40 ms but slowly: 2 re-learnings of a quarter.
+        let noload = s.noload_us.load(Relaxed);
+        assert!(noload < 25_000, "no-load latency jumped to {noload} us");
     }
 
     #[test]
