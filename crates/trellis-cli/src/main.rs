@@ -198,8 +198,7 @@ async fn serve(
     zone: String,
     shutdown: ShutdownArgs,
 ) -> Result<(), String> {
-    let signal = ShutdownSignal::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let registry = registry.connect().await?;
+    let (signal, registry) = prepare(&registry).await?;
     let started = service
         .start(&sources, &data_dir, server, database_url)
         .await
@@ -228,8 +227,7 @@ async fn up(
     registry: RegistryArg,
     shutdown: ShutdownArgs,
 ) -> Result<(), String> {
-    let signal = ShutdownSignal::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let registry = registry.connect().await?;
+    let (signal, registry) = prepare(&registry).await?;
     let mut started = Vec::new();
     for service in Service::ALL {
         let port = if base_port == 0 { 0 } else { service.port(base_port) };
@@ -274,6 +272,13 @@ async fn up(
         failures.extend(describe_exit(joined));
     }
     if failures.is_empty() { Ok(()) } else { Err(failures.join("; ")) }
+}
+
+/// What `serve` and `up` need before anything starts: signal handlers
+/// (so the process is never up without a graceful way down) and the registry.
+async fn prepare(registry: &RegistryArg) -> Result<(ShutdownSignal, Arc<dyn ServiceRegistry>), String> {
+    let signal = ShutdownSignal::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    Ok((signal, registry.connect().await?))
 }
 
 async fn registry_ls(service: Option<&str>, registry: &RegistryArg) -> Result<(), String> {

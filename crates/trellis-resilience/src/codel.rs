@@ -69,7 +69,7 @@ impl DelayShedder {
 
     fn roll(&self) {
         // Intervals are 100 ms: the coarse clock (a few ns) is precise enough.
-        let epoch = crate::breaker::coarse_now_ms() / self.interval_ms;
+        let epoch = crate::clock::coarse_now_ms() / self.interval_ms;
         let seen = self.epoch.load(Relaxed);
         if seen == epoch || self.epoch.compare_exchange(seen, epoch, Relaxed, Relaxed).is_err() {
             return;
@@ -162,7 +162,7 @@ mod tests {
 
     /// Sleeps into the next 100 ms interval.
     fn next_interval() {
-        let now = crate::breaker::coarse_now_ms();
+        let now = crate::clock::coarse_now_ms();
         std::thread::sleep(Duration::from_millis(100 - now % 100 + 10));
     }
 

@@ -97,7 +97,7 @@ impl RetryBudget {
 
     fn half(&self) -> &(AtomicU64, AtomicU64, AtomicU64) {
         let now = match self.clock {
-            Clock::Coarse => crate::breaker::coarse_now_ms(),
+            Clock::Coarse => crate::clock::coarse_now_ms(),
             Clock::Tokio => self.start.elapsed().as_millis() as u64,
         };
         let epoch = now / (self.window_ms / 2) + 1;
