@@ -6,7 +6,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicU64, Ordering::{Acquire, Release}},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -257,9 +257,11 @@ where
     }
 
     fn reject(&self, err: &ConfigError) {
-        self.stats.failures.fetch_add(1, Relaxed);
-        metrics::counter!("config_reload_failures_total").increment(1);
+        // The text first, then the count: whoever sees the count rise
+        // also sees the error that raised it.
         *self.stats.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(err.to_string());
+        self.stats.failures.fetch_add(1, Release);
+        metrics::counter!("config_reload_failures_total").increment(1);
         error!(error = %err, "config update rejected; keeping the last good config");
     }
 }
@@ -352,7 +354,7 @@ impl<T: Send + Sync + 'static> Config<T> {
 
     /// Updates rejected since start (`config_reload_failures_total`).
     pub fn reload_failures(&self) -> u64 {
-        self.stats.failures.load(Relaxed)
+        self.stats.failures.load(Acquire)
     }
 
     /// The most recent rejection, if any.
