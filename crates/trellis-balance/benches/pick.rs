@@ -15,12 +15,21 @@ use std::{
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use trellis_balance::{
-    Balancer, ConsistentHash, Endpoint, LeastRequest, P2cEwma, RandomPick, RoundRobin, SmoothWeightedRoundRobin,
-    hash_key,
+    Balancer, ConsistentHash, Endpoint, LeastRequest, P2cEwma, RandomPick, RoundRobin,
+    SmoothWeightedRoundRobin, hash_key,
 };
 
 fn endpoints() -> Vec<Arc<Endpoint>> {
-    (0..10).map(|i| Arc::new(Endpoint::new(format!("e{i}"), format!("10.0.0.{i}:80"), 100 + i * 10, ""))).collect()
+    (0..10)
+        .map(|i| {
+            Arc::new(Endpoint::new(
+                format!("e{i}"),
+                format!("10.0.0.{i}:80"),
+                100 + i * 10,
+                "",
+            ))
+        })
+        .collect()
 }
 
 fn balancers() -> Vec<Box<dyn Balancer>> {
@@ -40,7 +49,9 @@ fn pick(c: &mut Criterion) {
     let mut group = c.benchmark_group("pick/uncontended");
     for b in balancers() {
         b.rebuild(&eps);
-        group.bench_function(b.name(), |bench| bench.iter(|| black_box(b.pick(black_box(&eps), key))));
+        group.bench_function(b.name(), |bench| {
+            bench.iter(|| black_box(b.pick(black_box(&eps), key)))
+        });
     }
     group.finish();
 
@@ -57,7 +68,9 @@ fn pick(c: &mut Criterion) {
                 }
             })
         };
-        group.bench_function(b.name(), |bench| bench.iter(|| black_box(b.pick(black_box(&eps), key))));
+        group.bench_function(b.name(), |bench| {
+            bench.iter(|| black_box(b.pick(black_box(&eps), key)))
+        });
         stop.store(true, Ordering::Relaxed);
         let _ = other.join();
     }

@@ -25,8 +25,8 @@ use trellis_registry::{Discovery, Instance, InstanceSet, RegistryError};
 use trellis_transport::ClientConfig;
 
 use crate::{
-    Balancer, ConsistentHash, Endpoint, LeastRequest, OutlierDetection, P2cEwma, RandomPick, RoundRobin,
-    SmoothWeightedRoundRobin, endpoint::now_ns, hash::hash_key,
+    Balancer, ConsistentHash, Endpoint, LeastRequest, OutlierDetection, P2cEwma, RandomPick,
+    RoundRobin, SmoothWeightedRoundRobin, endpoint::now_ns, hash::hash_key,
 };
 
 /// The latency a failed request counts as, for p2c's cost.
@@ -82,7 +82,10 @@ pub struct Filter {
 impl Filter {
     fn accepts(&self, instance: &Instance) -> bool {
         self.version.as_ref().is_none_or(|v| *v == instance.version)
-            && self.metadata.iter().all(|(k, v)| instance.metadata.get(k) == Some(v))
+            && self
+                .metadata
+                .iter()
+                .all(|(k, v)| instance.metadata.get(k) == Some(v))
     }
 }
 
@@ -134,7 +137,10 @@ struct Shared {
 
 impl Shared {
     fn pool(&self) -> Arc<Pool> {
-        self.pool.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.pool
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Rebuilds the pool from a new instance set, keeping the channels and
@@ -145,17 +151,23 @@ impl Shared {
             old.all.iter().map(|e| ((e.id(), e.address()), e)).collect();
         let mut all = Vec::new();
         for instance in set.iter().filter(|i| self.config.filter.accepts(i)) {
-            let Some(address) = instance.endpoint(&self.config.protocol) else { continue };
+            let Some(address) = instance.endpoint(&self.config.protocol) else {
+                continue;
+            };
             let endpoint = match previous.get(&(instance.id.as_str(), address)) {
-                Some(e) if e.weight() == instance.weight.max(1) && e.zone() == instance.zone => Arc::clone(e),
+                Some(e) if e.weight() == instance.weight.max(1) && e.zone() == instance.zone => {
+                    Arc::clone(e)
+                }
                 found => {
-                    let mut e = Endpoint::new(&instance.id, address, instance.weight, &instance.zone);
+                    let mut e =
+                        Endpoint::new(&instance.id, address, instance.weight, &instance.zone);
                     match found {
                         Some(old) => {
                             e.inherit(old);
                             e.channel = old.channel.clone();
                         }
-                        None => match trellis_transport::connect_lazy(address, &self.config.client) {
+                        None => match trellis_transport::connect_lazy(address, &self.config.client)
+                        {
                             Ok(channel) => e.channel = Some(channel),
                             Err(err) => {
                                 warn!(service = %self.service, %address, error = %err, "skipping an endpoint with an invalid address");
@@ -187,7 +199,11 @@ impl Shared {
         } else {
             let all = eligible(&pool.all, now);
             // Everything ejected: better to try than to fail every request.
-            if all.is_empty() { Cow::Borrowed(pool.all.as_slice()) } else { all }
+            if all.is_empty() {
+                Cow::Borrowed(pool.all.as_slice())
+            } else {
+                all
+            }
         };
         let i = self.balancer.pick(&candidates, key)?;
         candidates.get(i).cloned()
@@ -215,7 +231,12 @@ impl Shared {
 /// The endpoints of `list` not ejected at `now`; borrowed when none is.
 fn eligible(list: &[Arc<Endpoint>], now: u64) -> Cow<'_, [Arc<Endpoint>]> {
     if list.iter().any(|e| e.is_ejected_at(now)) {
-        Cow::Owned(list.iter().filter(|e| !e.is_ejected_at(now)).cloned().collect())
+        Cow::Owned(
+            list.iter()
+                .filter(|e| !e.is_ejected_at(now))
+                .cloned()
+                .collect(),
+        )
     } else {
         Cow::Borrowed(list)
     }
@@ -224,7 +245,10 @@ fn eligible(list: &[Arc<Endpoint>], now: u64) -> Cow<'_, [Arc<Endpoint>]> {
 /// Whether a response counts as a failure for outlier detection.
 fn is_failure(response: &Response<Body>) -> bool {
     matches!(response.status().as_u16(), 502..=504)
-        || response.headers().get("grpc-status").is_some_and(|s| s.as_bytes() == b"14")
+        || response
+            .headers()
+            .get("grpc-status")
+            .is_some_and(|s| s.as_bytes() == b"14")
 }
 
 /// A balanced, discovered channel: pass it to any generated tonic client.
@@ -245,9 +269,15 @@ impl BalancedChannel {
     }
 
     /// Follows an instance-set receiver (from any discovery source).
-    pub fn from_watch(service: &str, mut rx: watch::Receiver<InstanceSet>, config: BalanceConfig) -> BalancedChannel {
+    pub fn from_watch(
+        service: &str,
+        mut rx: watch::Receiver<InstanceSet>,
+        config: BalanceConfig,
+    ) -> BalancedChannel {
         let hash_header = match &config.policy {
-            Policy::ConsistentHash { header } => HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes()).ok(),
+            Policy::ConsistentHash { header } => {
+                HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes()).ok()
+            }
             _ => None,
         };
         let (stop, mut stopped) = oneshot::channel();
@@ -316,15 +346,28 @@ impl Service<Request<Body>> for BalancedChannel {
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let shared = self.shared.clone();
         Box::pin(async move {
-            let key = shared.hash_header.as_ref().and_then(|h| request.headers().get(h)).map(|v| hash_key(v.as_bytes()));
+            let key = shared
+                .hash_header
+                .as_ref()
+                .and_then(|h| request.headers().get(h))
+                .map(|v| hash_key(v.as_bytes()));
             let Some(endpoint) = shared.choose(key) else {
-                return Err(Box::new(Status::unavailable(format!("no endpoints for service {}", shared.service))) as BalanceError);
+                return Err(Box::new(Status::unavailable(format!(
+                    "no endpoints for service {}",
+                    shared.service
+                ))) as BalanceError);
             };
             let Some(channel) = endpoint.channel.clone() else {
-                return Err(Box::new(Status::unavailable(format!("{} has no channel", endpoint.address()))) as BalanceError);
+                return Err(Box::new(Status::unavailable(format!(
+                    "{} has no channel",
+                    endpoint.address()
+                ))) as BalanceError);
             };
             endpoint.start();
-            let guard = InFlight { endpoint: endpoint.clone(), started: Instant::now() };
+            let guard = InFlight {
+                endpoint: endpoint.clone(),
+                started: Instant::now(),
+            };
             let result = channel.oneshot(request).await;
             let failed = result.as_ref().map_or(true, is_failure);
             if failed {
@@ -335,7 +378,11 @@ impl Service<Request<Body>> for BalancedChannel {
             shared.record(&endpoint, failed);
             drop(guard);
             result.map_err(|e| {
-                Box::new(Status::unavailable(format!("{} at {}: {e}", shared.service, endpoint.address()))) as BalanceError
+                Box::new(Status::unavailable(format!(
+                    "{} at {}: {e}",
+                    shared.service,
+                    endpoint.address()
+                ))) as BalanceError
             })
         })
     }

@@ -43,7 +43,12 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// An endpoint with no statistics yet. `weight` 0 is treated as 1.
-    pub fn new(id: impl Into<String>, address: impl Into<String>, weight: u32, zone: impl Into<String>) -> Self {
+    pub fn new(
+        id: impl Into<String>,
+        address: impl Into<String>,
+        weight: u32,
+        zone: impl Into<String>,
+    ) -> Self {
         Endpoint {
             id: id.into(),
             address: address.into(),
@@ -156,7 +161,8 @@ impl Endpoint {
     pub(crate) fn eject(&self, base: Duration, max: Duration) -> Duration {
         let times = self.ejections.fetch_add(1, Relaxed) + 1;
         let duration = base.saturating_mul(times).min(max);
-        self.ejected_until_ns.store(now_ns() + duration.as_nanos() as u64, Relaxed);
+        self.ejected_until_ns
+            .store(now_ns() + duration.as_nanos() as u64, Relaxed);
         self.consecutive_failures.store(0, Relaxed);
         duration
     }
@@ -164,11 +170,14 @@ impl Endpoint {
     /// Copies the learnt statistics from `old` (same instance, new set).
     pub(crate) fn inherit(&self, old: &Endpoint) {
         self.ewma_ns.store(old.ewma_ns.load(Relaxed), Relaxed);
-        self.last_sample_ns.store(old.last_sample_ns.load(Relaxed), Relaxed);
+        self.last_sample_ns
+            .store(old.last_sample_ns.load(Relaxed), Relaxed);
         self.in_flight.store(old.in_flight.load(Relaxed), Relaxed);
         self.requests.store(old.requests.load(Relaxed), Relaxed);
-        self.consecutive_failures.store(old.consecutive_failures.load(Relaxed), Relaxed);
-        self.ejected_until_ns.store(old.ejected_until_ns.load(Relaxed), Relaxed);
+        self.consecutive_failures
+            .store(old.consecutive_failures.load(Relaxed), Relaxed);
+        self.ejected_until_ns
+            .store(old.ejected_until_ns.load(Relaxed), Relaxed);
         self.ejections.store(old.ejections.load(Relaxed), Relaxed);
     }
 }

@@ -39,7 +39,8 @@ mod outlier;
 mod rng;
 
 pub use balancer::{
-    Balancer, ConsistentHash, LeastRequest, P2cEwma, RandomPick, RoundRobin, SmoothWeightedRoundRobin,
+    Balancer, ConsistentHash, LeastRequest, P2cEwma, RandomPick, RoundRobin,
+    SmoothWeightedRoundRobin,
 };
 pub use channel::{BalanceConfig, BalanceError, BalancedChannel, Filter, Policy};
 pub use endpoint::Endpoint;

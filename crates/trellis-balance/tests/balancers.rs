@@ -4,14 +4,22 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use proptest::prelude::*;
 use trellis_balance::{
-    Balancer, ConsistentHash, Endpoint, LeastRequest, P2cEwma, RoundRobin, SmoothWeightedRoundRobin, hash_key,
+    Balancer, ConsistentHash, Endpoint, LeastRequest, P2cEwma, RoundRobin,
+    SmoothWeightedRoundRobin, hash_key,
 };
 
 fn endpoints(weights: &[u32]) -> Vec<Arc<Endpoint>> {
     weights
         .iter()
         .enumerate()
-        .map(|(i, w)| Arc::new(Endpoint::new(format!("e{i}"), format!("10.0.0.{i}:80"), *w, "")))
+        .map(|(i, w)| {
+            Arc::new(Endpoint::new(
+                format!("e{i}"),
+                format!("10.0.0.{i}:80"),
+                *w,
+                "",
+            ))
+        })
         .collect()
 }
 
@@ -76,7 +84,9 @@ fn smooth_wrr_interleaves_like_nginx() {
     // nginx's documented example: weights 5, 1, 1 give a a b a c a a.
     let eps = endpoints(&[5, 1, 1]);
     let b = SmoothWeightedRoundRobin::new();
-    let seq: String = (0..7).map(|_| ["a", "b", "c"][b.pick(&eps, None).unwrap()]).collect();
+    let seq: String = (0..7)
+        .map(|_| ["a", "b", "c"][b.pick(&eps, None).unwrap()])
+        .collect();
     assert_eq!(seq, "aabacaa");
 }
 
@@ -91,7 +101,11 @@ fn p2c_steers_away_from_a_slow_endpoint() {
     for _ in 0..10_000 {
         counts[b.pick(&eps, None).unwrap()] += 1;
     }
-    assert!(counts[3] < 100, "slow endpoint got {} of 10000 picks: {counts:?}", counts[3]);
+    assert!(
+        counts[3] < 100,
+        "slow endpoint got {} of 10000 picks: {counts:?}",
+        counts[3]
+    );
     for (i, c) in counts.iter().take(3).enumerate() {
         assert!(*c > 2500, "fast endpoint {i} got only {c}: {counts:?}");
     }
@@ -138,8 +152,14 @@ fn max_queue_on_slow_endpoint(b: &dyn Balancer) -> u32 {
 fn least_request_balances_uneven_handlers() {
     let rr = max_queue_on_slow_endpoint(&RoundRobin::new());
     let lr = max_queue_on_slow_endpoint(&LeastRequest);
-    assert!(rr > 1000, "round robin should pile up on the slow endpoint, got {rr}");
-    assert!(lr < 20, "least-request let the slow endpoint queue {lr} requests");
+    assert!(
+        rr > 1000,
+        "round robin should pile up on the slow endpoint, got {rr}"
+    );
+    assert!(
+        lr < 20,
+        "least-request let the slow endpoint queue {lr} requests"
+    );
 }
 
 #[test]
@@ -161,6 +181,11 @@ fn every_balancer_spreads_over_all_endpoints_and_handles_empty_sets() {
             let key = Some(hash_key(&k.to_le_bytes()));
             *seen.entry(b.pick(&eps, key).unwrap()).or_insert(0) += 1;
         }
-        assert_eq!(seen.len(), 3, "{} never picked some endpoint: {seen:?}", b.name());
+        assert_eq!(
+            seen.len(),
+            3,
+            "{} never picked some endpoint: {seen:?}",
+            b.name()
+        );
     }
 }

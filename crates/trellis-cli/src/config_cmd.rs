@@ -46,8 +46,11 @@ pub struct Source {
 
 impl Source {
     async fn connect(&self) -> Result<(Client, String), String> {
-        let (endpoints, prefix) = trellis::config::parse_etcd_url(&self.config_source).map_err(|e| format!("--config-source: {e}"))?;
-        let client = Client::connect(&endpoints, None).await.map_err(|e| format!("cannot reach {}: {e}", self.config_source))?;
+        let (endpoints, prefix) = trellis::config::parse_etcd_url(&self.config_source)
+            .map_err(|e| format!("--config-source: {e}"))?;
+        let client = Client::connect(&endpoints, None)
+            .await
+            .map_err(|e| format!("cannot reach {}: {e}", self.config_source))?;
         Ok((client, prefix))
     }
 }
@@ -56,7 +59,9 @@ impl Source {
 fn split_key(key: &str) -> Result<(&str, &str), String> {
     match key.split_once('/') {
         Some((service, path)) if !service.is_empty() && !path.is_empty() => Ok((service, path)),
-        _ => Err(format!("key {key:?} must be SERVICE/PATH, e.g. user/server.request_timeout")),
+        _ => Err(format!(
+            "key {key:?} must be SERVICE/PATH, e.g. user/server.request_timeout"
+        )),
     }
 }
 
@@ -66,24 +71,37 @@ pub async fn run(command: ConfigCommand) -> Result<(), String> {
             let (service, path) = split_key(&key)?;
             let (mut client, prefix) = source.connect().await?;
             let full = format!("{prefix}{service}/{path}");
-            let resp = client.get(full.as_str(), None).await.map_err(|e| e.to_string())?;
+            let resp = client
+                .get(full.as_str(), None)
+                .await
+                .map_err(|e| e.to_string())?;
             match resp.kvs().first() {
                 Some(kv) => {
                     println!("{}", String::from_utf8_lossy(kv.value()));
                     Ok(())
                 }
-                None => Err(format!("{key} is not set in {} (the service uses its default or a lower layer)", source.config_source)),
+                None => Err(format!(
+                    "{key} is not set in {} (the service uses its default or a lower layer)",
+                    source.config_source
+                )),
             }
         }
         ConfigCommand::Set { key, value, source } => {
             let (service, path) = split_key(&key)?;
             match Service::from_str_name(service) {
-                Some(known) => known.check_setting(path, &value).map_err(|e| format!("refusing to set {key}: {e}"))?,
-                None => eprintln!("warning: unknown service {service:?}: writing {key} without checking it"),
+                Some(known) => known
+                    .check_setting(path, &value)
+                    .map_err(|e| format!("refusing to set {key}: {e}"))?,
+                None => eprintln!(
+                    "warning: unknown service {service:?}: writing {key} without checking it"
+                ),
             }
             let (mut client, prefix) = source.connect().await?;
             let full = format!("{prefix}{service}/{path}");
-            let resp = client.put(full.as_str(), value.as_str(), None).await.map_err(|e| e.to_string())?;
+            let resp = client
+                .put(full.as_str(), value.as_str(), None)
+                .await
+                .map_err(|e| e.to_string())?;
             let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             println!("{key} = {value} (revision {revision})");
             Ok(())
@@ -91,7 +109,10 @@ pub async fn run(command: ConfigCommand) -> Result<(), String> {
         ConfigCommand::Watch { key, source } => {
             let (mut client, prefix) = source.connect().await?;
             let full = format!("{prefix}{}", key.trim_end_matches('/'));
-            let initial = client.get(full.as_str(), Some(GetOptions::new().with_prefix())).await.map_err(|e| e.to_string())?;
+            let initial = client
+                .get(full.as_str(), Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(|e| e.to_string())?;
             for kv in initial.kvs() {
                 print_kv(&prefix, kv.key(), kv.value());
             }
@@ -132,7 +153,11 @@ async fn trellis_etcd_mirror(
 
 fn print_kv(prefix: &str, key: &[u8], value: &[u8]) {
     let key = String::from_utf8_lossy(key);
-    println!("{} = {}", key.strip_prefix(prefix).unwrap_or(&key), String::from_utf8_lossy(value));
+    println!(
+        "{} = {}",
+        key.strip_prefix(prefix).unwrap_or(&key),
+        String::from_utf8_lossy(value)
+    );
 }
 
 impl Service {

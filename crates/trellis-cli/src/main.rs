@@ -12,13 +12,19 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use trellis::{App, ShutdownSignal, registry::ServiceRegistry, transport::ServerConfig};
 
+use trellis::telemetry::Telemetry;
+
 use crate::{
-    logging::{LogControl, LogFormat},
+    logging::LogFormat,
     services::{ConfigSources, Service, StartError},
 };
 
 #[derive(Parser)]
-#[command(name = "trellis", version, about = "Trellis: a Rust microservice platform and its reference shop")]
+#[command(
+    name = "trellis",
+    version,
+    about = "Trellis: a Rust microservice platform and its reference shop"
+)]
 struct Cli {
     /// Log format: json (default when stderr is not a terminal) or pretty.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
@@ -110,13 +116,19 @@ enum RegistryCommand {
 struct RegistryArg {
     /// Where instances register and clients discover them: memory:// (this
     /// process only) or etcd://host:port[,host:port][?ttl=5s].
-    #[arg(long = "registry", env = "TRELLIS_REGISTRY", default_value = "memory://")]
+    #[arg(
+        long = "registry",
+        env = "TRELLIS_REGISTRY",
+        default_value = "memory://"
+    )]
     registry: String,
 }
 
 impl RegistryArg {
     async fn connect(&self) -> Result<Arc<dyn ServiceRegistry>, String> {
-        trellis::registry::connect(&self.registry).await.map_err(|e| format!("{e} (set with --registry)"))
+        trellis::registry::connect(&self.registry)
+            .await
+            .map_err(|e| format!("{e} (set with --registry)"))
     }
 }
 
@@ -147,10 +159,41 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log = logging::init(cli.log_format);
+    let process = match &cli.command {
+        Command::Serve { service, .. } => service.name(),
+        _ => "trellis",
+    };
+    // One id for the process: its log lines, its spans' resource and (for
+    // `serve`) its registration.
+    let instance = uuid::Uuid::now_v7().to_string();
+    let log = match logging::init(process, &instance, cli.log_format) {
+        Ok(t) => t,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
-        Command::Up { data_dir, host, base_port, config, config_source, registry, shutdown } => {
-            up(&log, data_dir, host, base_port, config, config_source, registry, shutdown).await
+        Command::Up {
+            data_dir,
+            host,
+            base_port,
+            config,
+            config_source,
+            registry,
+            shutdown,
+        } => {
+            up(
+                &log,
+                data_dir,
+                host,
+                base_port,
+                config,
+                config_source,
+                registry,
+                shutdown,
+            )
+            .await
         }
         Command::Serve {
             service,
@@ -166,17 +209,31 @@ async fn main() -> ExitCode {
         } => {
             let sources = ConfigSources::for_serve(config, config_source.config_source);
             let server = ServerConfig {
-                listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], service.port(8080)))),
+                listen: listen
+                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], service.port(8080)))),
                 admin_listen,
                 ..ServerConfig::default()
             };
-            serve(&log, service, sources, server, data_dir, database_url, registry, zone, shutdown).await
+            serve(
+                &log,
+                service,
+                sources,
+                server,
+                data_dir,
+                database_url,
+                registry,
+                zone,
+                shutdown,
+            )
+            .await
         }
-        Command::Registry { command: RegistryCommand::Ls { service, registry } } => {
-            registry_ls(service.as_deref(), &registry).await
-        }
+        Command::Registry {
+            command: RegistryCommand::Ls { service, registry },
+        } => registry_ls(service.as_deref(), &registry).await,
         Command::Config { command } => config_cmd::run(command).await,
     };
+    // Spans still in the batch go out before the runtime ends.
+    log.shutdown().await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -188,7 +245,7 @@ async fn main() -> ExitCode {
 
 #[allow(clippy::too_many_arguments)]
 async fn serve(
-    log: &LogControl,
+    log: &Telemetry,
     service: Service,
     sources: ConfigSources,
     server: ServerConfig,
@@ -203,22 +260,32 @@ async fn serve(
         .start(&sources, &data_dir, server, database_url)
         .await
         .map_err(|e| e.explain(service, "--listen"))?;
-    log.follow(started.common.log_level.clone());
-    let admin = started.admin.map(|a| format!(", admin on {a}")).unwrap_or_default();
+    log.log().follow(started.common.log_level.clone());
+    log.follow(started.common.trace.clone());
+    let admin = started
+        .admin
+        .map(|a| format!(", admin on {a}"))
+        .unwrap_or_default();
     println!(
         "{} serving gRPC and HTTP on {} (ready at http://{}/readyz){admin}",
         service.name(),
         started.addr,
         started.addr
     );
-    let builder = App::builder(service.name()).version(env!("CARGO_PKG_VERSION")).registry(registry).zone(zone);
+    let builder = App::builder(service.name())
+        .version(env!("CARGO_PKG_VERSION"))
+        .instance_id(log.instance())
+        .registry(registry)
+        .zone(zone);
     let app = started.into_app(builder, shutdown.shutdown_timeout, shutdown.pre_stop_delay);
-    app.run_until(signal.recv()).await.map_err(|e| format!("{}: {e}", service.name()))
+    app.run_until(signal.recv())
+        .await
+        .map_err(|e| format!("{}: {e}", service.name()))
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn up(
-    log: &LogControl,
+    log: &Telemetry,
     data_dir: PathBuf,
     host: std::net::IpAddr,
     base_port: u16,
@@ -230,28 +297,47 @@ async fn up(
     let (signal, registry) = prepare(&registry).await?;
     let mut started = Vec::new();
     for service in Service::ALL {
-        let port = if base_port == 0 { 0 } else { service.port(base_port) };
-        let sources = ConfigSources::for_up(service, config.as_deref(), config_source.config_source.clone())?;
-        let server = ServerConfig { listen: SocketAddr::new(host, port), ..ServerConfig::default() };
+        let port = if base_port == 0 {
+            0
+        } else {
+            service.port(base_port)
+        };
+        let sources = ConfigSources::for_up(
+            service,
+            config.as_deref(),
+            config_source.config_source.clone(),
+        )?;
+        let server = ServerConfig {
+            listen: SocketAddr::new(host, port),
+            ..ServerConfig::default()
+        };
         let s = service
             .start(&sources, &data_dir, server, None)
             .await
             .map_err(|e: StartError| e.explain(service, "--base-port"))?;
-        // With several services, the last `log.level` change wins.
-        log.follow(s.common.log_level.clone());
+        // With several services, the last `log.level` or `trace` change wins.
+        log.log().follow(s.common.log_level.clone());
+        log.follow(s.common.trace.clone());
         started.push((service, s));
     }
 
     println!("{:<10} {:<22} HEALTH", "SERVICE", "ADDRESS");
     for (service, s) in &started {
-        println!("{:<10} {:<22} http://{}/readyz", service.name(), s.addr, s.addr);
+        println!(
+            "{:<10} {:<22} http://{}/readyz",
+            service.name(),
+            s.addr,
+            s.addr
+        );
     }
     println!("data in {}; press Ctrl-C to stop", data_dir.display());
 
     let stop = CancellationToken::new();
     let mut running = tokio::task::JoinSet::new();
     for (service, s) in started {
-        let builder = App::builder(service.name()).version(env!("CARGO_PKG_VERSION")).registry(registry.clone());
+        let builder = App::builder(service.name())
+            .version(env!("CARGO_PKG_VERSION"))
+            .registry(registry.clone());
         let app = s.into_app(builder, shutdown.shutdown_timeout, shutdown.pre_stop_delay);
         let stop = stop.clone();
         running.spawn(async move { (service, app.run_until(stop.cancelled_owned()).await) });
@@ -271,25 +357,51 @@ async fn up(
     while let Some(joined) = running.join_next().await {
         failures.extend(describe_exit(joined));
     }
-    if failures.is_empty() { Ok(()) } else { Err(failures.join("; ")) }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
 }
 
 /// What `serve` and `up` need before anything starts: signal handlers
 /// (so the process is never up without a graceful way down) and the registry.
-async fn prepare(registry: &RegistryArg) -> Result<(ShutdownSignal, Arc<dyn ServiceRegistry>), String> {
-    let signal = ShutdownSignal::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+async fn prepare(
+    registry: &RegistryArg,
+) -> Result<(ShutdownSignal, Arc<dyn ServiceRegistry>), String> {
+    let signal =
+        ShutdownSignal::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     Ok((signal, registry.connect().await?))
 }
 
 async fn registry_ls(service: Option<&str>, registry: &RegistryArg) -> Result<(), String> {
     let registry = registry.connect().await?;
-    let listed = registry.list(service).await.map_err(|e| format!("{e} (set with --registry)"))?;
-    println!("{:<10} {:<38} {:<8} {:<6} {:<6} ENDPOINTS", "SERVICE", "INSTANCE", "VERSION", "ZONE", "TTL");
+    let listed = registry
+        .list(service)
+        .await
+        .map_err(|e| format!("{e} (set with --registry)"))?;
+    println!(
+        "{:<10} {:<38} {:<8} {:<6} {:<6} ENDPOINTS",
+        "SERVICE", "INSTANCE", "VERSION", "ZONE", "TTL"
+    );
     for l in &listed {
         let i = &l.instance;
-        let endpoints: Vec<String> = i.endpoints.iter().map(|(p, a)| format!("{p}={a}")).collect();
-        let ttl = l.ttl_left.map(|t| format!("{}s", t.as_secs())).unwrap_or_else(|| "-".into());
-        let or_dash = |s: &str| if s.is_empty() { "-".to_owned() } else { s.to_owned() };
+        let endpoints: Vec<String> = i
+            .endpoints
+            .iter()
+            .map(|(p, a)| format!("{p}={a}"))
+            .collect();
+        let ttl = l
+            .ttl_left
+            .map(|t| format!("{}s", t.as_secs()))
+            .unwrap_or_else(|| "-".into());
+        let or_dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_owned()
+            } else {
+                s.to_owned()
+            }
+        };
         println!(
             "{:<10} {:<38} {:<8} {:<6} {:<6} {}",
             i.service,
@@ -301,7 +413,10 @@ async fn registry_ls(service: Option<&str>, registry: &RegistryArg) -> Result<()
         );
     }
     if listed.is_empty() {
-        eprintln!("no instances registered{}", service.map(|s| format!(" for {s}")).unwrap_or_default());
+        eprintln!(
+            "no instances registered{}",
+            service.map(|s| format!(" for {s}")).unwrap_or_default()
+        );
     }
     Ok(())
 }

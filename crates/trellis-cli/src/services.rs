@@ -34,12 +34,19 @@ pub struct ConfigSources {
 impl ConfigSources {
     /// For `serve`: `--config` is the service's file or directory.
     pub fn for_serve(path: Option<PathBuf>, etcd: Option<String>) -> Self {
-        ConfigSources { files: path.into_iter().collect(), etcd }
+        ConfigSources {
+            files: path.into_iter().collect(),
+            etcd,
+        }
     }
 
     /// For `up`: `--config` is a directory holding `{service}.toml|yaml|yml|json`
     /// and/or a `{service}/` directory per service.
-    pub fn for_up(service: Service, dir: Option<&Path>, etcd: Option<String>) -> Result<Self, String> {
+    pub fn for_up(
+        service: Service,
+        dir: Option<&Path>,
+        etcd: Option<String>,
+    ) -> Result<Self, String> {
         let mut files = Vec::new();
         if let Some(dir) = dir {
             if !dir.is_dir() {
@@ -69,6 +76,7 @@ pub struct Common {
     pub shutdown_timeout: Duration,
     pub pre_stop_delay: Option<Duration>,
     pub log_level: watch::Receiver<String>,
+    pub trace: watch::Receiver<trellis::settings::TraceSettings>,
 }
 
 impl Service {
@@ -108,19 +116,29 @@ impl Service {
         let listen = server.listen;
         match self {
             Service::User => {
-                let config = load::<shop_user::UserSettings>(self, sources).await.map_err(StartError::Config)?;
+                let config = load::<shop_user::UserSettings>(self, sources)
+                    .await
+                    .map_err(StartError::Config)?;
                 let current = config.current();
                 let common = Common {
                     shutdown_timeout: current.config.server.shutdown_timeout,
                     pre_stop_delay: current.config.server.pre_stop_delay,
                     log_level: config.section(|s| s.log.level.clone()),
+                    trace: config.section(|s| s.trace.clone()),
                 };
-                let service = shop_user::UserService::bind_with_config(config, data_dir, database_url, server)
-                    .await
-                    .map_err(|e| match e {
-                        shop_user::BuildError::Transport(t) if t.is_addr_in_use() => StartError::PortInUse(listen),
-                        other => StartError::Other(other.to_string(), data_dir.to_owned()),
-                    })?;
+                let service = shop_user::UserService::bind_with_config(
+                    config,
+                    data_dir,
+                    database_url,
+                    server,
+                )
+                .await
+                .map_err(|e| match e {
+                    shop_user::BuildError::Transport(t) if t.is_addr_in_use() => {
+                        StartError::PortInUse(listen)
+                    }
+                    other => StartError::Other(other.to_string(), data_dir.to_owned()),
+                })?;
                 Ok(Started {
                     addr: service.local_addr(),
                     admin: service.admin_addr(),
@@ -141,7 +159,8 @@ where
         builder = builder.file(f);
     }
     if let Some(url) = &sources.etcd {
-        let (endpoints, prefix) = trellis::config::parse_etcd_url(url).map_err(|e| format!("--config-source: {e}"))?;
+        let (endpoints, prefix) =
+            trellis::config::parse_etcd_url(url).map_err(|e| format!("--config-source: {e}"))?;
         builder = builder.etcd(endpoints, format!("{prefix}{}/", service.name()));
     }
     builder.build().await.map_err(|e| e.to_string())
@@ -164,8 +183,14 @@ enum StartedInner {
 
 impl Started {
     /// The app that runs this service; `shutdown` flags override config.
-    pub fn into_app(self, app: AppBuilder, shutdown_timeout: Option<Duration>, pre_stop_delay: Option<Duration>) -> App {
-        let mut app = app.shutdown_timeout(shutdown_timeout.unwrap_or(self.common.shutdown_timeout));
+    pub fn into_app(
+        self,
+        app: AppBuilder,
+        shutdown_timeout: Option<Duration>,
+        pre_stop_delay: Option<Duration>,
+    ) -> App {
+        let mut app =
+            app.shutdown_timeout(shutdown_timeout.unwrap_or(self.common.shutdown_timeout));
         if let Some(delay) = pre_stop_delay.or(self.common.pre_stop_delay) {
             app = app.pre_stop_delay(delay);
         }
@@ -198,7 +223,11 @@ impl StartError {
             ),
             StartError::Config(message) => format!("{}: config: {message}", service.name()),
             StartError::Other(message, data_dir) => {
-                format!("{}: {message} (data dir {})", service.name(), data_dir.display())
+                format!(
+                    "{}: {message} (data dir {})",
+                    service.name(),
+                    data_dir.display()
+                )
             }
         }
     }

@@ -10,13 +10,18 @@ use std::{
 
 use support::Trellis;
 
-use shop_user::api::v1::{CreateUserRequest, GetUserRequest, User, user_service_client::UserServiceClient};
+use shop_user::api::v1::{
+    CreateUserRequest, GetUserRequest, User, user_service_client::UserServiceClient,
+};
 use trellis_testkit::http;
 
 async fn wait_ready(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        if http::get(addr, "/readyz").await.is_ok_and(|r| r.status == 200) {
+        if http::get(addr, "/readyz")
+            .await
+            .is_ok_and(|r| r.status == 200)
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -25,23 +30,41 @@ async fn wait_ready(addr: SocketAddr) {
 }
 
 async fn create_and_get(addr: SocketAddr) {
-    let channel = trellis::transport::connect(&addr.to_string(), &Default::default()).await.unwrap();
+    let channel = trellis::transport::connect(&addr.to_string(), &Default::default())
+        .await
+        .unwrap();
     let mut client = UserServiceClient::new(channel);
     let created = client
         .create_user(CreateUserRequest {
-            user: Some(User { email: "grace@example.com".into(), display_name: "Grace".into(), ..Default::default() }),
+            user: Some(User {
+                email: "grace@example.com".into(),
+                display_name: "Grace".into(),
+                ..Default::default()
+            }),
         })
         .await
         .unwrap()
         .into_inner();
-    let got = client.get_user(GetUserRequest { id: created.id.clone() }).await.unwrap().into_inner();
+    let got = client
+        .get_user(GetUserRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got, created);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_serves_the_shop_and_exits_zero_on_sigterm() {
     let data = tempfile::tempdir().unwrap();
-    let mut trellis = Trellis::spawn(&["up", "--base-port", "0", "--data-dir", data.path().to_str().unwrap()]);
+    let mut trellis = Trellis::spawn(&[
+        "up",
+        "--base-port",
+        "0",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+    ]);
     trellis.line_starting_with("SERVICE");
     let row = trellis.line_starting_with("user");
     let addr: SocketAddr = row.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -49,7 +72,10 @@ async fn up_serves_the_shop_and_exits_zero_on_sigterm() {
 
     wait_ready(addr).await;
     create_and_get(addr).await;
-    assert!(data.path().join("user.db").exists(), "user data is not under --data-dir");
+    assert!(
+        data.path().join("user.db").exists(),
+        "user data is not under --data-dir"
+    );
 
     trellis.signal(libc::SIGTERM);
     let status = trellis.wait(Duration::from_secs(15));
@@ -61,13 +87,25 @@ async fn serve_runs_one_service_and_exits_zero_on_sigint() {
     let data = tempfile::tempdir().unwrap();
     let port = trellis_testkit::free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
-    let mut trellis = Trellis::spawn(&["serve", "user", "--listen", &listen, "--data-dir", data.path().to_str().unwrap()]);
+    let mut trellis = Trellis::spawn(&[
+        "serve",
+        "user",
+        "--listen",
+        &listen,
+        "--data-dir",
+        data.path().to_str().unwrap(),
+    ]);
     trellis.line_starting_with("user serving");
     let addr: SocketAddr = listen.parse().unwrap();
     wait_ready(addr).await;
     create_and_get(addr).await;
     trellis.signal(libc::SIGINT);
-    assert_eq!(trellis.wait(Duration::from_secs(15)).code(), Some(0), "stderr: {}", trellis.stderr());
+    assert_eq!(
+        trellis.wait(Duration::from_secs(15)).code(),
+        Some(0),
+        "stderr: {}",
+        trellis.stderr()
+    );
 }
 
 #[test]
@@ -76,12 +114,22 @@ fn a_taken_port_names_the_port_and_the_flag() {
     let port = taken.local_addr().unwrap().port();
     let data = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
-        .args(["serve", "user", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", data.path().to_str().unwrap()])
+        .args([
+            "serve",
+            "user",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("port {port} is already in use")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("port {port} is already in use")),
+        "{stderr}"
+    );
     assert!(stderr.contains("--listen"), "{stderr}");
 }
 
@@ -89,7 +137,14 @@ fn a_taken_port_names_the_port_and_the_flag() {
 fn a_bad_database_url_names_it() {
     let data = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
-        .args(["serve", "user", "--listen", "127.0.0.1:0", "--data-dir", data.path().to_str().unwrap()])
+        .args([
+            "serve",
+            "user",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ])
         .args(["--database-url", "mysql://nowhere/shop"])
         .output()
         .unwrap();

@@ -8,15 +8,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use shop_user::api::v1::{GetUserRequest, ListUsersRequest, user_service_client::UserServiceClient};
+use shop_user::api::v1::{
+    GetUserRequest, ListUsersRequest, user_service_client::UserServiceClient,
+};
 use support::Trellis;
 use trellis_testkit::{Prometheus, http};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_red_metrics_that_promtool_accepts() {
     let data = tempfile::tempdir().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap()).parse().unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap())
+        .parse()
+        .unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap())
+        .parse()
+        .unwrap();
     let mut server = Trellis::spawn(&[
         "serve",
         "user",
@@ -30,42 +36,87 @@ async fn prometheus_scrapes_red_metrics_that_promtool_accepts() {
     server.line_starting_with("user serving");
     let prometheus = Prometheus::start(&[admin]).unwrap();
 
-    let channel = trellis::transport::connect(&listen.to_string(), &Default::default()).await.unwrap();
+    let channel = trellis::transport::connect(&listen.to_string(), &Default::default())
+        .await
+        .unwrap();
     let mut users = UserServiceClient::new(channel);
     for _ in 0..7 {
-        users.list_users(ListUsersRequest { page_size: 1, page_token: String::new() }).await.unwrap();
+        users
+            .list_users(ListUsersRequest {
+                page_size: 1,
+                page_token: String::new(),
+            })
+            .await
+            .unwrap();
     }
     for _ in 0..3 {
-        let err = users.get_user(GetUserRequest { id: "not-a-uuid".into() }).await.unwrap_err();
+        let err = users
+            .get_user(GetUserRequest {
+                id: "not-a-uuid".into(),
+            })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
     }
 
     let exposition = http::get(admin, "/metrics").await.unwrap();
     assert_eq!(exposition.status, 200);
-    assert!(exposition.header("content-type").unwrap().starts_with("text/plain"), "{:?}", exposition.headers);
+    assert!(
+        exposition
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/plain"),
+        "{:?}",
+        exposition.headers
+    );
     let text = exposition.body;
     assert!(
-        text.lines().any(|l| l.starts_with("rpc_server_duration_seconds_count{")
-            && l.contains("rpc_method=\"ListUsers\"")
-            && l.contains("rpc_grpc_status_code=\"0\"")
-            && l.ends_with(" 7")),
+        text.lines()
+            .any(|l| l.starts_with("rpc_server_duration_seconds_count{")
+                && l.contains("rpc_method=\"ListUsers\"")
+                && l.contains("rpc_grpc_status_code=\"0\"")
+                && l.ends_with(" 7")),
         "{text}"
     );
     assert!(
-        text.lines().any(|l| l.starts_with("rpc_server_duration_seconds_count{")
-            && l.contains("rpc_method=\"GetUser\"")
-            && l.contains("rpc_grpc_status_code=\"3\"")
-            && l.ends_with(" 3")),
+        text.lines()
+            .any(|l| l.starts_with("rpc_server_duration_seconds_count{")
+                && l.contains("rpc_method=\"GetUser\"")
+                && l.contains("rpc_grpc_status_code=\"3\"")
+                && l.ends_with(" 3")),
         "{text}"
     );
-    assert_eq!(http::get(listen, "/metrics").await.unwrap().status, 404, "metrics stay off the public port");
-    for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds"] {
-        let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name} in {text}"));
+    assert_eq!(
+        http::get(listen, "/metrics").await.unwrap().status,
+        404,
+        "metrics stay off the public port"
+    );
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"));
         let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(value > 0.0, "{line}");
     }
-    assert!(text.contains(&format!("trellis_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{text}");
-    Prometheus::check_metrics(&text).unwrap_or_else(|complaints| panic!("promtool: {complaints}\n{text}"));
+    assert!(
+        text.contains(&format!(
+            "trellis_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("registry_events_total{event=\"registered\"} 1"),
+        "{text}"
+    );
+    Prometheus::check_metrics(&text)
+        .unwrap_or_else(|complaints| panic!("promtool: {complaints}\n{text}"));
 
     // Prometheus itself sees the counts.
     let query = "/api/v1/query?query=sum(rpc_server_duration_seconds_count%7Brpc_method%3D%22ListUsers%22%7D)";
@@ -75,7 +126,11 @@ async fn prometheus_scrapes_red_metrics_that_promtool_accepts() {
         if res.body.contains("\"7\"]") {
             break;
         }
-        assert!(Instant::now() < deadline, "Prometheus never saw 7 ListUsers calls: {}", res.body);
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never saw 7 ListUsers calls: {}",
+            res.body
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -86,25 +141,52 @@ async fn prometheus_scrapes_red_metrics_that_promtool_accepts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_methods_do_not_become_labels() {
     let data = tempfile::tempdir().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap()).parse().unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap())
+        .parse()
+        .unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap())
+        .parse()
+        .unwrap();
     let mut server = Trellis::spawn(&[
-        "serve", "user", "--listen", &listen.to_string(), "--admin-listen", &admin.to_string(),
-        "--data-dir", data.path().to_str().unwrap(),
+        "serve",
+        "user",
+        "--listen",
+        &listen.to_string(),
+        "--admin-listen",
+        &admin.to_string(),
+        "--data-dir",
+        data.path().to_str().unwrap(),
     ]);
     server.line_starting_with("user serving");
-    let channel = trellis::transport::connect(&listen.to_string(), &Default::default()).await.unwrap();
+    let channel = trellis::transport::connect(&listen.to_string(), &Default::default())
+        .await
+        .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     for i in 0..20 {
         grpc.ready().await.unwrap();
-        let path: ::http::uri::PathAndQuery = format!("/shop.user.v1.UserService/Made{i}Up").parse().unwrap();
+        let path: ::http::uri::PathAndQuery = format!("/shop.user.v1.UserService/Made{i}Up")
+            .parse()
+            .unwrap();
         let codec = tonic_prost::ProstCodec::<ListUsersRequest, ListUsersRequest>::default();
-        let err = grpc.unary(tonic::Request::new(ListUsersRequest::default()), path, codec).await.unwrap_err();
+        let err = grpc
+            .unary(
+                tonic::Request::new(ListUsersRequest::default()),
+                path,
+                codec,
+            )
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unimplemented);
     }
     let text = http::get(admin, "/metrics").await.unwrap().body;
-    assert!(!text.contains("MadeUp") && !text.contains("Made1Up"), "{text}");
-    assert!(text.contains("rpc_method=\"unknown\",rpc_grpc_status_code=\"12\"} 20"), "{text}");
+    assert!(
+        !text.contains("MadeUp") && !text.contains("Made1Up"),
+        "{text}"
+    );
+    assert!(
+        text.contains("rpc_method=\"unknown\",rpc_grpc_status_code=\"12\"} 20"),
+        "{text}"
+    );
     server.signal(libc::SIGTERM);
     server.wait(Duration::from_secs(15));
 }

@@ -14,7 +14,9 @@ use trellis::registry::{Discovery, EtcdOptions, EtcdRegistry, InstanceSet};
 use trellis_testkit::Etcd;
 
 async fn watch_users(etcd: &Etcd) -> tokio::sync::watch::Receiver<InstanceSet> {
-    let registry = EtcdRegistry::connect(EtcdOptions::new([etcd.endpoint()])).await.unwrap();
+    let registry = EtcdRegistry::connect(EtcdOptions::new([etcd.endpoint()]))
+        .await
+        .unwrap();
     registry.watch("user").await.unwrap()
 }
 
@@ -37,8 +39,15 @@ fn serve(etcd: &Etcd, data: &std::path::Path, ttl_secs: u64) -> (Trellis, String
     (trellis, listen)
 }
 
-async fn wait_for(rx: &mut tokio::sync::watch::Receiver<InstanceSet>, within: Duration, f: impl FnMut(&InstanceSet) -> bool) {
-    tokio::time::timeout(within, rx.wait_for(f)).await.expect("registry did not reach the expected state").unwrap();
+async fn wait_for(
+    rx: &mut tokio::sync::watch::Receiver<InstanceSet>,
+    within: Duration,
+    f: impl FnMut(&InstanceSet) -> bool,
+) {
+    tokio::time::timeout(within, rx.wait_for(f))
+        .await
+        .expect("registry did not reach the expected state")
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,11 +66,18 @@ async fn a_killed_instance_disappears_after_its_ttl() {
     trellis.wait(Duration::from_secs(5));
     // Nobody deregistered it: it stays until the lease expires.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(users.borrow().len(), 1, "a crashed instance vanished before its TTL");
+    assert_eq!(
+        users.borrow().len(),
+        1,
+        "a crashed instance vanished before its TTL"
+    );
     wait_for(&mut users, Duration::from_secs(10), |s| s.is_empty()).await;
     let gone = killed.elapsed();
     eprintln!("SIGKILL -> gone from the registry: {gone:?} (TTL 2 s)");
-    assert!(gone >= Duration::from_secs(1), "removed too early: {gone:?}");
+    assert!(
+        gone >= Duration::from_secs(1),
+        "removed too early: {gone:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,26 +89,51 @@ async fn a_stopped_instance_disappears_at_once_and_ls_shows_it_before() {
     wait_for(&mut users, Duration::from_secs(10), |s| s.len() == 1).await;
 
     let ls = Command::new(env!("CARGO_BIN_EXE_trellis"))
-        .args(["registry", "ls", "user", "--registry", &format!("etcd://{}", etcd.addr())])
+        .args([
+            "registry",
+            "ls",
+            "user",
+            "--registry",
+            &format!("etcd://{}", etcd.addr()),
+        ])
         .output()
         .unwrap();
-    assert!(ls.status.success(), "{}", String::from_utf8_lossy(&ls.stderr));
+    assert!(
+        ls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ls.stderr)
+    );
     let out = String::from_utf8_lossy(&ls.stdout);
-    let row = out.lines().find(|l| l.starts_with("user")).unwrap_or_else(|| panic!("no user row in:\n{out}"));
-    assert!(row.contains(&format!("grpc={listen}")) && row.contains("z1") && row.contains("0.1.0"), "{row}");
-    let ttl: u64 = row.split_whitespace().nth(4).unwrap().trim_end_matches('s').parse().unwrap();
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("user"))
+        .unwrap_or_else(|| panic!("no user row in:\n{out}"));
+    assert!(
+        row.contains(&format!("grpc={listen}")) && row.contains("z1") && row.contains("0.1.0"),
+        "{row}"
+    );
+    let ttl: u64 = row
+        .split_whitespace()
+        .nth(4)
+        .unwrap()
+        .trim_end_matches('s')
+        .parse()
+        .unwrap();
     assert!((1..=10).contains(&ttl), "{row}");
 
     let stopped = Instant::now();
     trellis.signal(libc::SIGTERM);
     wait_for(&mut users, Duration::from_secs(3), |s| s.is_empty()).await;
-    eprintln!("SIGTERM -> gone from the registry: {:?} (TTL 10 s)", stopped.elapsed());
+    eprintln!(
+        "SIGTERM -> gone from the registry: {:?} (TTL 10 s)",
+        stopped.elapsed()
+    );
     assert_eq!(trellis.wait(Duration::from_secs(15)).code(), Some(0));
 }
 
 /// Calls ListUsers in a loop from `callers` tasks until `stop`; returns (ok, failed).
 fn call_in_a_loop(
-    channel: trellis::balance::BalancedChannel,
+    channel: trellis::TracedChannel,
     callers: usize,
     stop: tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
@@ -105,9 +146,17 @@ fn call_in_a_loop(
                 let mut client = UserServiceClient::new(channel);
                 let (mut ok, mut failed) = (0u64, Vec::new());
                 while !stop.is_cancelled() {
-                    match client.list_users(ListUsersRequest { page_size: 1, page_token: String::new() }).await {
+                    match client
+                        .list_users(ListUsersRequest {
+                            page_size: 1,
+                            page_token: String::new(),
+                        })
+                        .await
+                    {
                         Ok(_) => ok += 1,
-                        Err(status) => failed.push(format!("{:?}: {}", status.code(), status.message())),
+                        Err(status) => {
+                            failed.push(format!("{:?}: {}", status.code(), status.message()))
+                        }
                     }
                 }
                 (ok, failed)
@@ -129,12 +178,14 @@ async fn clients_see_no_failed_call_while_an_instance_stops_with_sigterm() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (mut first, _) = serve(&etcd, d1.path(), 5);
     let (mut second, _) = serve(&etcd, d2.path(), 5);
-    let registry = EtcdRegistry::connect(EtcdOptions::new([etcd.endpoint()])).await.unwrap();
+    let registry = EtcdRegistry::connect(EtcdOptions::new([etcd.endpoint()]))
+        .await
+        .unwrap();
     let channel = trellis::client(&registry, "user").await.unwrap();
     let mut users = registry.watch("user").await.unwrap();
     wait_for(&mut users, Duration::from_secs(10), |s| s.len() == 2).await;
     for _ in 0..200 {
-        if channel.endpoints().len() == 2 {
+        if channel.get_ref().endpoints().len() == 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -149,9 +200,14 @@ async fn clients_see_no_failed_call_while_an_instance_stops_with_sigterm() {
     stop.cancel();
     let (ok, failed) = calls.await.unwrap();
     eprintln!("calls during the stop: {ok} ok, {} failed", failed.len());
-    assert!(failed.is_empty(), "{} failed calls, first: {:?}", failed.len(), failed.first());
+    assert!(
+        failed.is_empty(),
+        "{} failed calls, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
     assert!(ok > 100, "too few calls to mean anything: {ok}");
-    assert_eq!(channel.endpoints().len(), 1);
+    assert_eq!(channel.get_ref().endpoints().len(), 1);
     second.signal(libc::SIGTERM);
     second.wait(Duration::from_secs(15));
 }
@@ -161,7 +217,9 @@ async fn clients_call_cached_endpoints_while_etcd_is_down_and_instances_reregist
     let mut etcd = Etcd::start().unwrap();
     let data = tempfile::tempdir().unwrap();
     let (mut server, listen) = serve(&etcd, data.path(), 2);
-    let registry = EtcdRegistry::connect(EtcdOptions::new([etcd.endpoint()])).await.unwrap();
+    let registry = EtcdRegistry::connect(EtcdOptions::new([etcd.endpoint()]))
+        .await
+        .unwrap();
     let mut users = registry.watch("user").await.unwrap();
     wait_for(&mut users, Duration::from_secs(10), |s| s.len() == 1).await;
     let channel = trellis::client(&registry, "user").await.unwrap();
@@ -173,11 +231,17 @@ async fn clients_call_cached_endpoints_while_etcd_is_down_and_instances_reregist
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.cancel();
     let (ok, failed) = calls.await.unwrap();
-    assert!(failed.is_empty() && ok > 10, "{ok} ok, {} failed while etcd was down", failed.len());
+    assert!(
+        failed.is_empty() && ok > 10,
+        "{ok} ok, {} failed while etcd was down",
+        failed.len()
+    );
 
     // etcd comes back empty; the instance registers itself again.
     etcd.restart(true).unwrap();
-    let fresh = EtcdRegistry::connect(EtcdOptions::new([etcd.endpoint()])).await.unwrap();
+    let fresh = EtcdRegistry::connect(EtcdOptions::new([etcd.endpoint()]))
+        .await
+        .unwrap();
     let mut again = fresh.watch("user").await.unwrap();
     wait_for(&mut again, Duration::from_secs(15), |s| s.len() == 1).await;
     assert_eq!(again.borrow()[0].endpoint("grpc"), Some(listen.as_str()));

@@ -8,17 +8,26 @@ use serde::{Deserialize, Deserializer, Serializer};
 /// Parses `500ms`, `5s`, `1.5s`, `2m`, `1h`; a bare number is seconds.
 pub fn parse(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let n: f64 = number.parse().map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 5s, 2m, 1h"))?;
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 5s, 2m, 1h"))?;
     let secs = match unit.trim() {
         "ms" => n / 1000.0,
         "s" | "" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        other => return Err(format!("invalid duration {text:?}: unknown unit {other:?}; use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "invalid duration {text:?}: unknown unit {other:?}; use ms, s, m or h"
+            ));
+        }
     };
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {text:?}: out of range"))
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("invalid duration {text:?}: out of range"))
 }
 
 /// Formats the way [`parse`] reads: the largest unit that is exact.

@@ -32,7 +32,9 @@ impl RemoteSource {
         let options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(3))
             .with_timeout(std::time::Duration::from_secs(3));
-        let client = etcd_client::Client::connect(endpoints, Some(options)).await.map_err(unavailable)?;
+        let client = etcd_client::Client::connect(endpoints, Some(options))
+            .await
+            .map_err(unavailable)?;
         let strip = prefix.to_owned();
         let rx = trellis_etcd::mirror_prefix(client, prefix, move |kv| {
             let key = kv.key_str().ok()?.strip_prefix(&strip)?.to_owned();
@@ -41,7 +43,10 @@ impl RemoteSource {
         })
         .await
         .map_err(unavailable)?;
-        Ok(RemoteSource { prefix: prefix.to_owned(), rx })
+        Ok(RemoteSource {
+            prefix: prefix.to_owned(),
+            rx,
+        })
     }
 
     pub(crate) fn layer(&self) -> Layer {
@@ -60,26 +65,44 @@ fn to_layer(prefix: &str, entries: &[(String, String, i64)]) -> Layer {
     let mut doc = Value::Object(Map::new());
     let mut revision = 0;
     for (key, value, rev) in entries {
-        let segments: Vec<String> = key.split(['/', '.']).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+        let segments: Vec<String> = key
+            .split(['/', '.'])
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
         if !segments.is_empty() {
             set_path(&mut doc, &segments, scalar(value));
         }
         revision = revision.max(*rev);
     }
-    Layer { source: format!("etcd {prefix}"), doc, version: Some(format!("revision {revision}")) }
+    Layer {
+        source: format!("etcd {prefix}"),
+        doc,
+        version: Some(format!("revision {revision}")),
+    }
 }
 
 /// Splits `etcd://host:port[,host:port]/prefix` into endpoints and a prefix
 /// ending in `/`.
 pub fn parse_url(url: &str) -> Result<(Vec<String>, String), String> {
-    let rest = url.strip_prefix("etcd://").ok_or_else(|| format!("{url:?} is not an etcd:// URL"))?;
+    let rest = url
+        .strip_prefix("etcd://")
+        .ok_or_else(|| format!("{url:?} is not an etcd:// URL"))?;
     let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let endpoints: Vec<String> = hosts.split(',').filter(|h| !h.is_empty()).map(|h| format!("http://{h}")).collect();
+    let endpoints: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("http://{h}"))
+        .collect();
     if endpoints.is_empty() {
         return Err(format!("{url:?} names no etcd endpoint"));
     }
     let prefix = format!("/{}", path.trim_matches('/'));
-    let prefix = if prefix == "/" { "/trellis/config/".to_owned() } else { format!("{prefix}/") };
+    let prefix = if prefix == "/" {
+        "/trellis/config/".to_owned()
+    } else {
+        format!("{prefix}/")
+    };
     Ok((endpoints, prefix))
 }
 
@@ -91,7 +114,10 @@ mod tests {
     fn parses_urls() {
         assert_eq!(
             parse_url("etcd://a:1,b:2/trellis/config").unwrap(),
-            (vec!["http://a:1".to_owned(), "http://b:2".to_owned()], "/trellis/config/".to_owned())
+            (
+                vec!["http://a:1".to_owned(), "http://b:2".to_owned()],
+                "/trellis/config/".to_owned()
+            )
         );
         assert_eq!(parse_url("etcd://a:1").unwrap().1, "/trellis/config/");
         assert!(parse_url("http://a:1").is_err());

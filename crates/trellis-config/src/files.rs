@@ -38,7 +38,11 @@ pub(crate) fn is_temp(name: &str) -> bool {
 /// Whether `path` is a config file a directory source reads.
 pub(crate) fn is_config_file(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     !is_temp(name) && matches!(ext.as_str(), "toml" | "yaml" | "yml" | "json")
 }
 
@@ -60,7 +64,10 @@ impl FileSources {
     }
 
     /// Reads every file (a directory: its config files in name order).
-    pub(crate) fn load(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<Layer>, ConfigError> {
+    pub(crate) fn load(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<Layer>, ConfigError> {
         let mut layers = Vec::new();
         for path in &self.paths {
             let read_err = |e: std::io::Error| ConfigError::Read {
@@ -97,28 +104,35 @@ impl FileSources {
             .collect();
         let (files2, dirs2) = (files.clone(), dirs.clone());
         let relevant = move |p: &Path| {
-            files2.contains(p) || (p.parent().is_some_and(|d| dirs2.contains(d)) && is_config_file(p))
+            files2.contains(p)
+                || (p.parent().is_some_and(|d| dirs2.contains(d)) && is_config_file(p))
         };
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let Ok(event) = event else { return };
-            let interesting = matches!(
-                event.kind,
-                EventKind::Create(_)
-                    | EventKind::Modify(_)
-                    | EventKind::Remove(_)
-                    | EventKind::Access(AccessKind::Close(AccessMode::Write))
-            );
-            if interesting && event.paths.iter().any(|p| relevant(p)) {
-                // Full means a reload is already pending: dropping is fine.
-                let _ = tx.try_send(());
-            }
-        })
-        .map_err(|e| ConfigError::Read { source_name: "file watcher".into(), reason: e.to_string() })?;
-        for dir in &watched {
-            watcher.watch(dir, RecursiveMode::NonRecursive).map_err(|e| ConfigError::Read {
-                source_name: format!("file watcher on {}", dir.display()),
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                let interesting = matches!(
+                    event.kind,
+                    EventKind::Create(_)
+                        | EventKind::Modify(_)
+                        | EventKind::Remove(_)
+                        | EventKind::Access(AccessKind::Close(AccessMode::Write))
+                );
+                if interesting && event.paths.iter().any(|p| relevant(p)) {
+                    // Full means a reload is already pending: dropping is fine.
+                    let _ = tx.try_send(());
+                }
+            })
+            .map_err(|e| ConfigError::Read {
+                source_name: "file watcher".into(),
                 reason: e.to_string(),
             })?;
+        for dir in &watched {
+            watcher
+                .watch(dir, RecursiveMode::NonRecursive)
+                .map_err(|e| ConfigError::Read {
+                    source_name: format!("file watcher on {}", dir.display()),
+                    reason: e.to_string(),
+                })?;
         }
         Ok(watcher)
     }
@@ -126,11 +140,17 @@ impl FileSources {
 
 fn load_file(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigError> {
     let source = format!("file {}", path.display());
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::Read { source_name: source.clone(), reason: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        source_name: source.clone(),
+        reason: e.to_string(),
+    })?;
     let mut doc = parse_file(path, &text)?;
     expand_placeholders(&mut doc, env, &source, "")?;
-    Ok(Layer { source, doc, version: None })
+    Ok(Layer {
+        source,
+        doc,
+        version: None,
+    })
 }
 
 #[cfg(test)]
@@ -139,7 +159,15 @@ mod tests {
 
     #[test]
     fn recognises_editor_droppings() {
-        for temp in [".config.toml.swp", "config.toml~", "4913", "#config.toml#", ".#config.toml", "config.toml.tmp", "config.toml___jb_tmp___"] {
+        for temp in [
+            ".config.toml.swp",
+            "config.toml~",
+            "4913",
+            "#config.toml#",
+            ".#config.toml",
+            "config.toml.tmp",
+            "config.toml___jb_tmp___",
+        ] {
             assert!(is_temp(temp), "{temp}");
             assert!(!is_config_file(Path::new(temp)), "{temp}");
         }

@@ -60,12 +60,12 @@ mod value;
 
 #[cfg(feature = "etcd")]
 pub use etcd::parse_url as parse_etcd_url;
+pub use secret::Secret;
+pub use store::{Config, ConfigBuilder, Snapshot, check_setting};
 /// The etcd prefix mirror the remote layer uses, for tools that follow
 /// settings (`trellis config watch`).
 #[cfg(feature = "etcd")]
 pub use trellis_etcd::mirror_prefix as etcd_mirror;
-pub use secret::Secret;
-pub use store::{Config, ConfigBuilder, Snapshot, check_setting};
 
 /// A type that checks its own values after they parse.
 pub trait Validate {
@@ -88,7 +88,10 @@ pub struct Invalid {
 impl Invalid {
     /// An invalid value at `key`.
     pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Invalid { key: key.into(), message: message.into() }
+        Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -112,7 +115,9 @@ pub enum ConfigError {
         reason: String,
     },
     /// A `${VAR}` placeholder names an unset variable and has no default.
-    #[error("{key} in {source_name}: environment variable {variable} is not set and has no default")]
+    #[error(
+        "{key} in {source_name}: environment variable {variable} is not set and has no default"
+    )]
     Placeholder {
         /// The key holding the placeholder.
         key: String,

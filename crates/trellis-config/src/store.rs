@@ -6,7 +6,10 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering::{Acquire, Release}},
+        atomic::{
+            AtomicU64,
+            Ordering::{Acquire, Release},
+        },
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -49,7 +52,10 @@ pub struct Config<T> {
 
 impl<T> Clone for Config<T> {
     fn clone(&self) -> Self {
-        Config { rx: self.rx.clone(), stats: self.stats.clone() }
+        Config {
+            rx: self.rx.clone(),
+            stats: self.stats.clone(),
+        }
     }
 }
 
@@ -131,7 +137,10 @@ where
     /// Loads every source once (any error fails the build: a service must
     /// not start on a config it cannot read), then follows changes.
     pub async fn build(self) -> Result<Config<T>, ConfigError> {
-        let env_vars: Vec<(String, String)> = self.env.clone().unwrap_or_else(|| std::env::vars().collect());
+        let env_vars: Vec<(String, String)> = self
+            .env
+            .clone()
+            .unwrap_or_else(|| std::env::vars().collect());
         let lookup: EnvLookup = {
             let vars = env_vars.clone();
             Arc::new(move |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
@@ -141,13 +150,19 @@ where
 
         #[cfg(feature = "etcd")]
         let remote = match &self.etcd {
-            Some((endpoints, prefix)) => Some(crate::etcd::RemoteSource::connect(endpoints, prefix).await?),
+            Some((endpoints, prefix)) => {
+                Some(crate::etcd::RemoteSource::connect(endpoints, prefix).await?)
+            }
             None => None,
         };
         #[cfg(not(feature = "etcd"))]
         let remote: Option<NoRemote> = None;
 
-        let mut state = Layers { files: file_layers, env: env_layer, remote: remote.as_ref().map(|r| r.layer()) };
+        let mut state = Layers {
+            files: file_layers,
+            env: env_layer,
+            remote: remote.as_ref().map(|r| r.layer()),
+        };
         let first = evaluate::<T>(&state.all())?;
         info!(version = %first.version, "config loaded");
         let (tx, rx) = watch::channel(Arc::new(first));
@@ -155,8 +170,18 @@ where
 
         if self.watch {
             let (file_tx, file_rx) = mpsc::channel(1);
-            let watcher = if self.files.is_empty() { None } else { Some(self.files.watch(file_tx)?) };
-            let pipeline = Pipeline { tx, stats: stats.clone(), files: self.files, lookup, debounce: self.debounce };
+            let watcher = if self.files.is_empty() {
+                None
+            } else {
+                Some(self.files.watch(file_tx)?)
+            };
+            let pipeline = Pipeline {
+                tx,
+                stats: stats.clone(),
+                files: self.files,
+                lookup,
+                debounce: self.debounce,
+            };
             tokio::spawn(async move {
                 // The watcher lives as long as the pipeline.
                 let _watcher = watcher;
@@ -195,7 +220,12 @@ struct Layers {
 
 impl Layers {
     fn all(&self) -> Vec<Layer> {
-        self.files.iter().cloned().chain(self.env.clone()).chain(self.remote.clone()).collect()
+        self.files
+            .iter()
+            .cloned()
+            .chain(self.env.clone())
+            .chain(self.remote.clone())
+            .collect()
     }
 }
 
@@ -211,7 +241,12 @@ impl<T> Pipeline<T>
 where
     T: DeserializeOwned + Validate + Send + Sync + 'static,
 {
-    async fn run(self, state: &mut Layers, mut file_rx: mpsc::Receiver<()>, mut remote: Option<Remote>) {
+    async fn run(
+        self,
+        state: &mut Layers,
+        mut file_rx: mpsc::Receiver<()>,
+        mut remote: Option<Remote>,
+    ) {
         loop {
             tokio::select! {
                 _ = self.tx.closed() => return,
@@ -259,7 +294,11 @@ where
     fn reject(&self, err: &ConfigError) {
         // The text first, then the count: whoever sees the count rise
         // also sees the error that raised it.
-        *self.stats.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(err.to_string());
+        *self
+            .stats
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(err.to_string());
         self.stats.failures.fetch_add(1, Release);
         metrics::counter!("config_reload_failures_total").increment(1);
         error!(error = %err, "config update rejected; keeping the last good config");
@@ -269,14 +308,30 @@ where
 /// Checks one setting against `T` before it is written anywhere: the
 /// defaults plus `key = value` (value read as the environment and etcd
 /// layers read it) must parse and validate. Used by `trellis config set`.
-pub fn check_setting<T: DeserializeOwned + Validate>(key: &str, value: &str) -> Result<(), ConfigError> {
-    let segments: Vec<String> = key.split(['/', '.']).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+pub fn check_setting<T: DeserializeOwned + Validate>(
+    key: &str,
+    value: &str,
+) -> Result<(), ConfigError> {
+    let segments: Vec<String> = key
+        .split(['/', '.'])
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
     if segments.is_empty() {
-        return Err(ConfigError::Type { key: key.to_owned(), source_name: "the command line".into(), reason: "empty key".into() });
+        return Err(ConfigError::Type {
+            key: key.to_owned(),
+            source_name: "the command line".into(),
+            reason: "empty key".into(),
+        });
     }
     let mut doc = serde_json::Value::Object(serde_json::Map::new());
     crate::value::set_path(&mut doc, &segments, crate::value::scalar(value));
-    evaluate::<T>(&[Layer { source: "the command line".into(), doc, version: None }]).map(drop)
+    evaluate::<T>(&[Layer {
+        source: "the command line".into(),
+        doc,
+        version: None,
+    }])
+    .map(drop)
 }
 
 /// Merges, deserializes, checks for unknown keys and validates.
@@ -288,11 +343,19 @@ fn evaluate<T: DeserializeOwned + Validate>(layers: &[Layer]) -> Result<Snapshot
     let de = serde_ignored::Deserializer::new(merged.doc.clone(), &mut on_unknown);
     let config: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
-        ConfigError::Type { source_name: source(&key), key, reason: e.inner().to_string() }
+        ConfigError::Type {
+            source_name: source(&key),
+            key,
+            reason: e.inner().to_string(),
+        }
     })?;
     // The environment carries much besides config; only other sources must be exact.
     if let Some(key) = unknown.into_iter().find(|k| !source(k).starts_with("env ")) {
-        return Err(ConfigError::Type { source_name: source(&key), key, reason: "unknown key".into() });
+        return Err(ConfigError::Type {
+            source_name: source(&key),
+            key,
+            reason: "unknown key".into(),
+        });
     }
     config.validate().map_err(|invalid| ConfigError::Invalid {
         source_name: source(&invalid.key),
@@ -304,12 +367,17 @@ fn evaluate<T: DeserializeOwned + Validate>(layers: &[Layer]) -> Result<Snapshot
         config,
         version: format!("{:016x}", fnv1a(canonical.as_bytes())),
         applied_at: SystemTime::now(),
-        sources: layers.iter().map(|l| (l.source.clone(), l.version.clone())).collect(),
+        sources: layers
+            .iter()
+            .map(|l| (l.source.clone(), l.version.clone()))
+            .collect(),
     })
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 impl<T: Send + Sync + 'static> Config<T> {
@@ -359,7 +427,11 @@ impl<T: Send + Sync + 'static> Config<T> {
 
     /// The most recent rejection, if any.
     pub fn last_error(&self) -> Option<String> {
-        self.stats.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.stats
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -368,7 +440,11 @@ impl<T: Serialize + Send + Sync + 'static> Config<T> {
     /// version and time, its sources, and the reload failures.
     pub fn debug_view(&self) -> serde_json::Value {
         let snapshot = self.current();
-        let applied_ms = snapshot.applied_at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let applied_ms = snapshot
+            .applied_at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         serde_json::json!({
             "version": snapshot.version,
             "applied_at_unix_ms": applied_ms,
@@ -400,7 +476,10 @@ mod tests {
     }
     impl Default for Probe {
         fn default() -> Self {
-            Probe { a: 1000, nested: Nested { b: 2000 } }
+            Probe {
+                a: 1000,
+                nested: Nested { b: 2000 },
+            }
         }
     }
     impl Validate for Probe {}
@@ -413,7 +492,11 @@ mod tests {
         if let Some(b) = b {
             doc["nested"] = json!({ "b": b });
         }
-        Layer { source: source.into(), doc, version: None }
+        Layer {
+            source: source.into(),
+            doc,
+            version: None,
+        }
     }
 
     proptest! {

@@ -52,18 +52,29 @@ pub(crate) fn merge(layers: &[Layer]) -> Merged {
     Merged { doc, provenance }
 }
 
-fn merge_into(base: &mut Value, top: &Value, path: &str, source: &str, provenance: &mut BTreeMap<String, String>) {
+fn merge_into(
+    base: &mut Value,
+    top: &Value,
+    path: &str,
+    source: &str,
+    provenance: &mut BTreeMap<String, String>,
+) {
     match (base, top) {
         (Value::Object(b), Value::Object(t)) => {
             for (k, v) in t {
-                let child = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let child = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 match b.get_mut(k) {
                     Some(existing) if existing.is_object() && v.is_object() => {
                         merge_into(existing, v, &child, source, provenance)
                     }
                     _ => {
                         // Everything under the replaced key now comes from `source`.
-                        provenance.retain(|p, _| !(p == &child || p.starts_with(&format!("{child}."))));
+                        provenance
+                            .retain(|p, _| !(p == &child || p.starts_with(&format!("{child}."))));
                         provenance.insert(child, source.to_owned());
                         b.insert(k.clone(), v.clone());
                     }
@@ -80,14 +91,18 @@ fn merge_into(base: &mut Value, top: &Value, path: &str, source: &str, provenanc
 /// Sets `value` at `segments` inside `doc`, creating objects on the way;
 /// a scalar in the way is replaced.
 pub(crate) fn set_path(doc: &mut Value, segments: &[String], value: Value) {
-    let Some((last, parents)) = segments.split_last() else { return };
+    let Some((last, parents)) = segments.split_last() else {
+        return;
+    };
     let mut cursor = doc;
     for segment in parents {
         if !cursor.is_object() {
             *cursor = Value::Object(Map::new());
         }
         let Value::Object(map) = cursor else { return };
-        cursor = map.entry(segment.clone()).or_insert_with(|| Value::Object(Map::new()));
+        cursor = map
+            .entry(segment.clone())
+            .or_insert_with(|| Value::Object(Map::new()));
     }
     if !cursor.is_object() {
         *cursor = Value::Object(Map::new());
@@ -102,7 +117,10 @@ pub(crate) fn set_path(doc: &mut Value, segments: &[String], value: Value) {
 /// number (`"8080"`) to keep it a string.
 pub(crate) fn scalar(text: &str) -> Value {
     let t = text.trim();
-    let looks_structured = t.starts_with(['{', '[', '"']) || t == "true" || t == "false" || t == "null"
+    let looks_structured = t.starts_with(['{', '[', '"'])
+        || t == "true"
+        || t == "false"
+        || t == "null"
         || t.parse::<f64>().is_ok();
     if looks_structured && let Ok(v) = serde_json::from_str::<Value>(t) {
         return v;
@@ -115,20 +133,33 @@ pub(crate) fn env_layer(prefix: &str, vars: impl IntoIterator<Item = (String, St
     let lead = format!("{prefix}_");
     let mut doc = Value::Object(Map::new());
     for (name, value) in vars {
-        let Some(rest) = name.strip_prefix(&lead) else { continue };
+        let Some(rest) = name.strip_prefix(&lead) else {
+            continue;
+        };
         let segments: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
         if segments.iter().any(String::is_empty) {
             continue;
         }
         set_path(&mut doc, &segments, scalar(&value));
     }
-    Layer { source: format!("env {lead}*"), doc, version: None }
+    Layer {
+        source: format!("env {lead}*"),
+        doc,
+        version: None,
+    }
 }
 
 /// Parses a file by extension (`.toml`, `.yaml`/`.yml`, `.json`) into an object.
 pub(crate) fn parse_file(path: &Path, text: &str) -> Result<Value, ConfigError> {
-    let bad = |reason: String| ConfigError::Parse { source_name: format!("file {}", path.display()), reason };
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let bad = |reason: String| ConfigError::Parse {
+        source_name: format!("file {}", path.display()),
+        reason,
+    };
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let doc: Value = match ext.as_str() {
         "toml" => toml::from_str(text).map_err(|e| bad(e.to_string()))?,
         "yaml" | "yml" => {
@@ -139,7 +170,11 @@ pub(crate) fn parse_file(path: &Path, text: &str) -> Result<Value, ConfigError> 
             }
         }
         "json" => serde_json::from_str(text).map_err(|e| bad(e.to_string()))?,
-        other => return Err(bad(format!("unknown format {other:?}; use .toml, .yaml, .yml or .json"))),
+        other => {
+            return Err(bad(format!(
+                "unknown format {other:?}; use .toml, .yaml, .yml or .json"
+            )));
+        }
     };
     match doc {
         Value::Object(_) => Ok(doc),
@@ -160,7 +195,11 @@ pub(crate) fn expand_placeholders(
     match doc {
         Value::Object(map) => {
             for (k, v) in map.iter_mut() {
-                let child = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let child = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 expand_placeholders(v, env, source, &child)?;
             }
         }
@@ -176,7 +215,11 @@ pub(crate) fn expand_placeholders(
                 source_name: source.to_owned(),
                 variable: name,
             })?;
-            *doc = if whole { scalar(&expanded) } else { Value::String(expanded) };
+            *doc = if whole {
+                scalar(&expanded)
+            } else {
+                Value::String(expanded)
+            };
         }
         _ => {}
     }
@@ -257,7 +300,10 @@ mod tests {
     fn unset_placeholder_names_key_source_and_variable() {
         let mut doc = json!({"db": {"url": "${DATABASE_URL}"}});
         let err = expand_placeholders(&mut doc, &env, "file ./c.toml", "").unwrap_err();
-        assert_eq!(err.to_string(), "db.url in file ./c.toml: environment variable DATABASE_URL is not set and has no default");
+        assert_eq!(
+            err.to_string(),
+            "db.url in file ./c.toml: environment variable DATABASE_URL is not set and has no default"
+        );
     }
 
     #[test]
@@ -265,8 +311,14 @@ mod tests {
         let layer = env_layer(
             "TRELLIS",
             [
-                ("TRELLIS_SERVER__REQUEST_TIMEOUT".to_owned(), "5s".to_owned()),
-                ("TRELLIS_DATABASE__MAX_CONNECTIONS".to_owned(), "16".to_owned()),
+                (
+                    "TRELLIS_SERVER__REQUEST_TIMEOUT".to_owned(),
+                    "5s".to_owned(),
+                ),
+                (
+                    "TRELLIS_DATABASE__MAX_CONNECTIONS".to_owned(),
+                    "16".to_owned(),
+                ),
                 ("TRELLIS_FLAG".to_owned(), "true".to_owned()),
                 ("TRELLIS_QUOTED".to_owned(), "\"8080\"".to_owned()),
                 ("OTHER_X".to_owned(), "1".to_owned()),
@@ -281,8 +333,16 @@ mod tests {
 
     #[test]
     fn merge_tracks_the_source_of_each_key() {
-        let a = Layer { source: "file a".into(), doc: json!({"s": {"x": 1, "y": 2}, "z": {"k": 1}}), version: None };
-        let b = Layer { source: "env".into(), doc: json!({"s": {"y": 3}, "z": 5}), version: None };
+        let a = Layer {
+            source: "file a".into(),
+            doc: json!({"s": {"x": 1, "y": 2}, "z": {"k": 1}}),
+            version: None,
+        };
+        let b = Layer {
+            source: "env".into(),
+            doc: json!({"s": {"y": 3}, "z": 5}),
+            version: None,
+        };
         let m = merge(&[a, b]);
         assert_eq!(m.doc, json!({"s": {"x": 1, "y": 3}, "z": 5}));
         assert_eq!(m.source_of("s.x"), Some("file a"));
@@ -299,8 +359,16 @@ mod tests {
         let json = parse_file(Path::new("a.json"), r#"{"server":{"port":1}}"#).unwrap();
         assert_eq!(toml, yaml);
         assert_eq!(yaml, json);
-        assert!(parse_file(Path::new("a.yaml"), "").unwrap().as_object().unwrap().is_empty());
-        let err = parse_file(Path::new("a.toml"), "[server\n").unwrap_err().to_string();
+        assert!(
+            parse_file(Path::new("a.yaml"), "")
+                .unwrap()
+                .as_object()
+                .unwrap()
+                .is_empty()
+        );
+        let err = parse_file(Path::new("a.toml"), "[server\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("file a.toml"), "{err}");
         assert!(parse_file(Path::new("a.ini"), "").is_err());
         assert!(parse_file(Path::new("a.json"), "[1]").is_err());

@@ -9,7 +9,9 @@ use trellis_config::Config;
 use trellis_testkit::Etcd;
 
 async fn load(etcd: &Etcd, file: Option<&std::path::Path>) -> Config<Settings> {
-    let mut b = Config::<Settings>::builder().etcd(vec![etcd.endpoint()], "/trellis/config/app/").env_vars(Vec::new());
+    let mut b = Config::<Settings>::builder()
+        .etcd(vec![etcd.endpoint()], "/trellis/config/app/")
+        .env_vars(Vec::new());
     if let Some(f) = file {
         b = b.file(f);
     }
@@ -19,8 +21,12 @@ async fn load(etcd: &Etcd, file: Option<&std::path::Path>) -> Config<Settings> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_in_etcd_apply_and_override_files() {
     let etcd = Etcd::start().unwrap();
-    let mut kv = etcd_client::Client::connect([etcd.endpoint()], None).await.unwrap();
-    kv.put("/trellis/config/app/workers", "3", None).await.unwrap();
+    let mut kv = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    kv.put("/trellis/config/app/workers", "3", None)
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("app.toml");
     std::fs::write(&file, "workers = 2\nname = \"from-file\"\n").unwrap();
@@ -32,9 +38,18 @@ async fn changes_in_etcd_apply_and_override_files() {
     let mut samples = Vec::new();
     for i in 0..50u32 {
         let started = Instant::now();
-        kv.put("/trellis/config/app/timeout", format!("{}ms", 100 + i), None).await.unwrap();
+        kv.put(
+            "/trellis/config/app/timeout",
+            format!("{}ms", 100 + i),
+            None,
+        )
+        .await
+        .unwrap();
         let want = Duration::from_millis(u64::from(100 + i));
-        eventually("the new timeout", Duration::from_secs(5), || config.current().config.timeout == want).await;
+        eventually("the new timeout", Duration::from_secs(5), || {
+            config.current().config.timeout == want
+        })
+        .await;
         samples.push(started.elapsed());
     }
     samples.sort();
@@ -44,32 +59,70 @@ async fn changes_in_etcd_apply_and_override_files() {
         samples[samples.len() / 2],
         samples[samples.len() * 99 / 100]
     );
-    assert!(config.current().sources.iter().any(|(s, v)| s.starts_with("etcd") && v.is_some()));
+    assert!(
+        config
+            .current()
+            .sources
+            .iter()
+            .any(|(s, v)| s.starts_with("etcd") && v.is_some())
+    );
 
     // Deleting the key falls back to the file.
-    kv.delete("/trellis/config/app/workers", None).await.unwrap();
-    eventually("the file value", Duration::from_secs(5), || config.current().config.workers == 2).await;
+    kv.delete("/trellis/config/app/workers", None)
+        .await
+        .unwrap();
+    eventually("the file value", Duration::from_secs(5), || {
+        config.current().config.workers == 2
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_value_in_etcd_is_rejected_then_a_valid_one_applies() {
     let etcd = Etcd::start().unwrap();
-    let mut kv = etcd_client::Client::connect([etcd.endpoint()], None).await.unwrap();
+    let mut kv = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
     let config = load(&etcd, None).await;
     assert_eq!(config.current().config.workers, 4);
 
-    kv.put("/trellis/config/app/workers", "0", None).await.unwrap();
-    eventually("the rejection", Duration::from_secs(5), || config.reload_failures() == 1).await;
+    kv.put("/trellis/config/app/workers", "0", None)
+        .await
+        .unwrap();
+    eventually("the rejection", Duration::from_secs(5), || {
+        config.reload_failures() == 1
+    })
+    .await;
     let err = config.last_error().unwrap();
-    assert!(err.contains("workers (from etcd /trellis/config/app/)"), "{err}");
-    assert_eq!(config.current().config.workers, 4, "the last good config stays");
+    assert!(
+        err.contains("workers (from etcd /trellis/config/app/)"),
+        "{err}"
+    );
+    assert_eq!(
+        config.current().config.workers,
+        4,
+        "the last good config stays"
+    );
 
-    kv.put("/trellis/config/app/db/pool", "\"lots\"", None).await.unwrap();
-    eventually("the second rejection", Duration::from_secs(5), || config.reload_failures() == 2).await;
-    assert!(config.last_error().unwrap().contains("db.pool"), "{:?}", config.last_error());
+    kv.put("/trellis/config/app/db/pool", "\"lots\"", None)
+        .await
+        .unwrap();
+    eventually("the second rejection", Duration::from_secs(5), || {
+        config.reload_failures() == 2
+    })
+    .await;
+    assert!(
+        config.last_error().unwrap().contains("db.pool"),
+        "{:?}",
+        config.last_error()
+    );
 
-    kv.put("/trellis/config/app/workers", "9", None).await.unwrap();
-    kv.put("/trellis/config/app/db/pool", "12", None).await.unwrap();
+    kv.put("/trellis/config/app/workers", "9", None)
+        .await
+        .unwrap();
+    kv.put("/trellis/config/app/db/pool", "12", None)
+        .await
+        .unwrap();
     eventually("the valid value", Duration::from_secs(5), || {
         let c = config.current();
         c.config.workers == 9 && c.config.db.pool == 12
@@ -80,8 +133,12 @@ async fn an_invalid_value_in_etcd_is_rejected_then_a_valid_one_applies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_down_keeps_the_last_good_config_and_picks_up_changes_after() {
     let mut etcd = Etcd::start().unwrap();
-    let mut kv = etcd_client::Client::connect([etcd.endpoint()], None).await.unwrap();
-    kv.put("/trellis/config/app/workers", "5", None).await.unwrap();
+    let mut kv = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    kv.put("/trellis/config/app/workers", "5", None)
+        .await
+        .unwrap();
     let config = load(&etcd, None).await;
     assert_eq!(config.current().config.workers, 5);
 
@@ -92,7 +149,16 @@ async fn etcd_down_keeps_the_last_good_config_and_picks_up_changes_after() {
 
     etcd.restart(false).unwrap();
     // A change made after the restart, by another client.
-    let mut kv = etcd_client::Client::connect([etcd.endpoint()], None).await.unwrap();
-    kv.put("/trellis/config/app/workers", "6", None).await.unwrap();
-    eventually("the change made after the outage", Duration::from_secs(15), || config.current().config.workers == 6).await;
+    let mut kv = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    kv.put("/trellis/config/app/workers", "6", None)
+        .await
+        .unwrap();
+    eventually(
+        "the change made after the outage",
+        Duration::from_secs(15),
+        || config.current().config.workers == 6,
+    )
+    .await;
 }

@@ -11,11 +11,19 @@ use trellis_config::Config;
 const SETTLE: Duration = Duration::from_millis(700);
 
 fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
-    vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    vars.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 async fn load(path: &Path, vars: &[(&str, &str)]) -> Config<Settings> {
-    Config::<Settings>::builder().file(path).env("APP").env_vars(env(vars)).build().await.unwrap()
+    Config::<Settings>::builder()
+        .file(path)
+        .env("APP")
+        .env_vars(env(vars))
+        .build()
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,10 +34,21 @@ async fn layers_defaults_file_and_env_in_order_with_placeholders() {
     let config = load(&file, &[("DB_HOST", "db1"), ("APP_WORKERS", "6")]).await;
     let s = &config.current().config;
     assert_eq!(s.name, "fallback", "placeholder default");
-    assert_eq!(s.db.url.expose(), "postgres://db1/shop", "placeholder from the environment");
-    assert_eq!(s.db.pool, 3, "a whole-string placeholder takes the number's type");
+    assert_eq!(
+        s.db.url.expose(),
+        "postgres://db1/shop",
+        "placeholder from the environment"
+    );
+    assert_eq!(
+        s.db.pool, 3,
+        "a whole-string placeholder takes the number's type"
+    );
     assert_eq!(s.workers, 6, "env overrides the file");
-    assert_eq!(s.timeout, Duration::from_secs(5), "default where nobody set it");
+    assert_eq!(
+        s.timeout,
+        Duration::from_secs(5),
+        "default where nobody set it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,8 +58,18 @@ async fn a_directory_is_read_in_name_order_skipping_temp_files() {
     fs::write(dir.path().join("20-override.json"), r#"{"workers": 3}"#).unwrap();
     fs::write(dir.path().join(".20-override.json.swp"), "garbage").unwrap();
     fs::write(dir.path().join("notes.txt"), "not config").unwrap();
-    let config = Config::<Settings>::builder().file(dir.path()).build().await.unwrap();
-    assert_eq!((config.current().config.name.as_str(), config.current().config.workers), ("base", 3));
+    let config = Config::<Settings>::builder()
+        .file(dir.path())
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            config.current().config.name.as_str(),
+            config.current().config.workers
+        ),
+        ("base", 3)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,18 +77,50 @@ async fn bad_startup_config_fails_naming_key_and_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("app.toml");
     fs::write(&file, "workers = \"many\"\n").unwrap();
-    let err = Config::<Settings>::builder().file(&file).build().await.err().unwrap().to_string();
-    assert!(err.starts_with("workers (from file ") && err.contains("app.toml"), "{err}");
+    let err = Config::<Settings>::builder()
+        .file(&file)
+        .build()
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.starts_with("workers (from file ") && err.contains("app.toml"),
+        "{err}"
+    );
 
     fs::write(&file, "wrokers = 3\n").unwrap();
-    let err = Config::<Settings>::builder().file(&file).build().await.err().unwrap().to_string();
-    assert!(err.contains("wrokers") && err.contains("unknown key"), "{err}");
+    let err = Config::<Settings>::builder()
+        .file(&file)
+        .build()
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("wrokers") && err.contains("unknown key"),
+        "{err}"
+    );
 
     fs::write(&file, "[db]\npool = 0\n").unwrap();
-    let err = Config::<Settings>::builder().file(&file).build().await.err().unwrap().to_string();
-    assert!(err.contains("db.pool") && err.contains("between 1 and 100"), "{err}");
+    let err = Config::<Settings>::builder()
+        .file(&file)
+        .build()
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("db.pool") && err.contains("between 1 and 100"),
+        "{err}"
+    );
 
-    let err = Config::<Settings>::builder().file(dir.path().join("missing.toml")).build().await.err().unwrap();
+    let err = Config::<Settings>::builder()
+        .file(dir.path().join("missing.toml"))
+        .build()
+        .await
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("missing.toml"), "{err}");
 }
 
@@ -83,7 +144,10 @@ async fn atomic_rename_save_reloads_exactly_once() {
     let tmp = dir.path().join("app.toml.tmp");
     fs::write(&tmp, "workers = 3\n").unwrap();
     fs::rename(&tmp, &file).unwrap();
-    eventually("the reload", Duration::from_secs(5), || config.current().config.workers == 3).await;
+    eventually("the reload", Duration::from_secs(5), || {
+        config.current().config.workers == 3
+    })
+    .await;
     tokio::time::sleep(SETTLE).await;
     assert_eq!(reloads(&count), 1);
 }
@@ -98,13 +162,20 @@ async fn in_place_write_reloads_exactly_once() {
 
     // Truncate, then write in two chunks: a reader in between would see a
     // partial file; the debounce must wait for the whole save.
-    let mut f = fs::OpenOptions::new().write(true).truncate(true).open(&file).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&file)
+        .unwrap();
     f.write_all(b"workers = 3\n").unwrap();
     f.flush().unwrap();
     std::thread::sleep(Duration::from_millis(20));
     f.write_all(b"name = \"edited\"\n").unwrap();
     drop(f);
-    eventually("the reload", Duration::from_secs(5), || config.current().config.name == "edited").await;
+    eventually("the reload", Duration::from_secs(5), || {
+        config.current().config.name == "edited"
+    })
+    .await;
     tokio::time::sleep(SETTLE).await;
     assert_eq!(reloads(&count), 1);
     assert_eq!(config.current().config.workers, 3);
@@ -129,10 +200,17 @@ async fn an_editors_swap_and_backup_dance_reloads_exactly_once() {
     fs::write(&swap, "swap again").unwrap();
     fs::remove_file(&swap).unwrap();
 
-    eventually("the reload", Duration::from_secs(5), || config.current().config.workers == 5).await;
+    eventually("the reload", Duration::from_secs(5), || {
+        config.current().config.workers == 5
+    })
+    .await;
     tokio::time::sleep(SETTLE).await;
     assert_eq!(reloads(&count), 1);
-    assert_eq!(config.reload_failures(), 0, "the moment the file was missing must not count as a failure");
+    assert_eq!(
+        config.reload_failures(),
+        0,
+        "the moment the file was missing must not count as a failure"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +220,13 @@ async fn temp_files_alone_cause_no_reload() {
     fs::write(&file, "workers = 2\n").unwrap();
     let config = load(&file, &[]).await;
     let count = count_reloads(config.subscribe());
-    for name in [".app.toml.swp", "app.toml~", "4913", "#app.toml#", "app.toml___jb_tmp___"] {
+    for name in [
+        ".app.toml.swp",
+        "app.toml~",
+        "4913",
+        "#app.toml#",
+        "app.toml___jb_tmp___",
+    ] {
         fs::write(dir.path().join(name), "workers = 99\n").unwrap();
     }
     // Touching the file without changing it is not a reload either.
@@ -161,18 +245,34 @@ async fn a_bad_edit_is_rejected_and_the_last_good_config_stays() {
     let good_version = config.current().version.clone();
 
     fs::write(&file, "workers = 0\n").unwrap();
-    eventually("the rejection", Duration::from_secs(5), || config.reload_failures() == 1).await;
+    eventually("the rejection", Duration::from_secs(5), || {
+        config.reload_failures() == 1
+    })
+    .await;
     let err = config.last_error().unwrap();
-    assert!(err.contains("workers") && err.contains("app.toml") && err.contains("at least 1"), "{err}");
+    assert!(
+        err.contains("workers") && err.contains("app.toml") && err.contains("at least 1"),
+        "{err}"
+    );
     assert_eq!(config.current().config.workers, 2);
     assert_eq!(config.current().version, good_version);
 
     fs::write(&file, "workers = [\n").unwrap();
-    eventually("the second rejection", Duration::from_secs(5), || config.reload_failures() == 2).await;
-    assert!(config.last_error().unwrap().contains("cannot parse"), "{:?}", config.last_error());
+    eventually("the second rejection", Duration::from_secs(5), || {
+        config.reload_failures() == 2
+    })
+    .await;
+    assert!(
+        config.last_error().unwrap().contains("cannot parse"),
+        "{:?}",
+        config.last_error()
+    );
 
     fs::write(&file, "workers = 7\n").unwrap();
-    eventually("the fix", Duration::from_secs(5), || config.current().config.workers == 7).await;
+    eventually("the fix", Duration::from_secs(5), || {
+        config.current().config.workers == 7
+    })
+    .await;
     assert_eq!(config.reload_failures(), 2);
 }
 
@@ -186,11 +286,21 @@ async fn sections_fire_only_when_they_change_and_secrets_stay_hidden() {
     timeout.borrow_and_update();
 
     fs::write(&file, "workers = 3\n[db]\nurl = \"postgres://u:pw@h/db\"\n").unwrap();
-    eventually("workers", Duration::from_secs(5), || config.current().config.workers == 3).await;
+    eventually("workers", Duration::from_secs(5), || {
+        config.current().config.workers == 3
+    })
+    .await;
     assert!(!timeout.has_changed().unwrap(), "timeout did not change");
 
-    fs::write(&file, "workers = 3\ntimeout = \"250ms\"\n[db]\nurl = \"postgres://u:pw@h/db\"\n").unwrap();
-    tokio::time::timeout(Duration::from_secs(5), timeout.changed()).await.unwrap().unwrap();
+    fs::write(
+        &file,
+        "workers = 3\ntimeout = \"250ms\"\n[db]\nurl = \"postgres://u:pw@h/db\"\n",
+    )
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), timeout.changed())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(*timeout.borrow(), Duration::from_millis(250));
 
     let view = config.debug_view();

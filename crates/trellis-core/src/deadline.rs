@@ -76,7 +76,11 @@ mod tests {
         scope(now + Duration::from_secs(5), async {
             assert_eq!(remaining(), Some(Duration::from_secs(5)));
             scope(now + Duration::from_secs(10), async {
-                assert_eq!(remaining(), Some(Duration::from_secs(5)), "an inner scope cannot extend");
+                assert_eq!(
+                    remaining(),
+                    Some(Duration::from_secs(5)),
+                    "an inner scope cannot extend"
+                );
             })
             .await;
             scope(now + Duration::from_secs(1), async {
@@ -91,17 +95,35 @@ mod tests {
 
     #[test]
     fn parses_grpc_timeouts() {
-        assert_eq!(parse_grpc_timeout(b"100m"), Some(Duration::from_millis(100)));
+        assert_eq!(
+            parse_grpc_timeout(b"100m"),
+            Some(Duration::from_millis(100))
+        );
         assert_eq!(parse_grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
         assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout(b"99999999n"), Some(Duration::from_nanos(99_999_999)));
-        assert_eq!(parse_grpc_timeout(b"123456789S"), None, "more than 8 digits");
+        assert_eq!(
+            parse_grpc_timeout(b"99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        assert_eq!(
+            parse_grpc_timeout(b"123456789S"),
+            None,
+            "more than 8 digits"
+        );
         assert_eq!(parse_grpc_timeout(b"S"), None);
         assert_eq!(parse_grpc_timeout(b"10x"), None);
         assert_eq!(parse_grpc_timeout(b""), None);
-        for d in [Duration::from_micros(1), Duration::from_millis(250), Duration::from_secs(200), Duration::from_secs(200_000)] {
+        for d in [
+            Duration::from_micros(1),
+            Duration::from_millis(250),
+            Duration::from_secs(200),
+            Duration::from_secs(200_000),
+        ] {
             let parsed = parse_grpc_timeout(grpc_timeout_value(d).as_bytes()).unwrap();
-            assert!(parsed <= d && d - parsed < Duration::from_secs(1), "{d:?} -> {parsed:?}");
+            assert!(
+                parsed <= d && d - parsed < Duration::from_secs(1),
+                "{d:?} -> {parsed:?}"
+            );
         }
     }
 

@@ -35,11 +35,27 @@ impl Error {
     /// An error with a code, a stable UPPER_SNAKE reason and a message.
     ///
     /// `Code::Ok` is not an error; it is recorded as `Code::Unknown`.
-    pub fn new(code: Code, reason: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
-        let code = if code == Code::Ok { Code::Unknown } else { code };
+    pub fn new(
+        code: Code,
+        reason: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
+        let code = if code == Code::Ok {
+            Code::Unknown
+        } else {
+            code
+        };
         let reason = reason.into();
-        debug_assert!(is_upper_snake(&reason), "error reason {reason:?} is not UPPER_SNAKE");
-        Error { code, reason, message: message.into(), metadata: BTreeMap::new() }
+        debug_assert!(
+            is_upper_snake(&reason),
+            "error reason {reason:?} is not UPPER_SNAKE"
+        );
+        Error {
+            code,
+            reason,
+            message: message.into(),
+            metadata: BTreeMap::new(),
+        }
     }
 
     /// INVALID_ARGUMENT for one field: reason `INVALID_FIELD`, metadata `field`.
@@ -53,7 +69,10 @@ impl Error {
     }
 
     /// ALREADY_EXISTS with the given reason.
-    pub fn already_exists(reason: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+    pub fn already_exists(
+        reason: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
         Error::new(Code::AlreadyExists, reason, message)
     }
 
@@ -117,18 +136,31 @@ impl Error {
         if let Ok(parsed) = serde_json::from_slice::<ErrorBody>(body)
             && let Some(code) = code_from_name(&parsed.code)
         {
-            let reason = if parsed.reason.is_empty() { code_name(code).to_owned() } else { parsed.reason };
+            let reason = if parsed.reason.is_empty() {
+                code_name(code).to_owned()
+            } else {
+                parsed.reason
+            };
             return Error {
-                code: if code == Code::Ok { Code::Unknown } else { code },
+                code: if code == Code::Ok {
+                    Code::Unknown
+                } else {
+                    code
+                },
                 reason: Cow::Owned(reason),
                 message: parsed.message,
                 metadata: parsed.metadata,
             };
         }
         let code = code_from_http_status(status);
-        let text = String::from_utf8_lossy(&body[..body.len().min(1024)]).trim().to_owned();
+        let text = String::from_utf8_lossy(&body[..body.len().min(1024)])
+            .trim()
+            .to_owned();
         let message = if text.is_empty() {
-            status.canonical_reason().unwrap_or("unknown HTTP status").to_owned()
+            status
+                .canonical_reason()
+                .unwrap_or("unknown HTTP status")
+                .to_owned()
         } else {
             text
         };
@@ -138,7 +170,13 @@ impl Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}: {}", code_name(self.code), self.reason, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            code_name(self.code),
+            self.reason,
+            self.message
+        )
     }
 }
 
@@ -222,11 +260,18 @@ struct ErrorInfo {
 
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
-        let info = ErrorInfo { reason: err.reason.to_string(), domain: DOMAIN.to_owned(), metadata: err.metadata };
+        let info = ErrorInfo {
+            reason: err.reason.to_string(),
+            domain: DOMAIN.to_owned(),
+            metadata: err.metadata,
+        };
         let details = RpcStatus {
             code: err.code as i32,
             message: err.message.clone(),
-            details: vec![Any { type_url: ERROR_INFO_TYPE.to_owned(), value: info.encode_to_vec() }],
+            details: vec![Any {
+                type_url: ERROR_INFO_TYPE.to_owned(),
+                value: info.encode_to_vec(),
+            }],
         };
         tonic::Status::with_details(err.code, err.message, Bytes::from(details.encode_to_vec()))
     }
@@ -234,17 +279,30 @@ impl From<Error> for tonic::Status {
 
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
-        let code = if status.code() == Code::Ok { Code::Unknown } else { status.code() };
+        let code = if status.code() == Code::Ok {
+            Code::Unknown
+        } else {
+            status.code()
+        };
         let info = RpcStatus::decode(status.details())
             .ok()
-            .and_then(|s| s.details.into_iter().find(|d| d.type_url == ERROR_INFO_TYPE))
+            .and_then(|s| {
+                s.details
+                    .into_iter()
+                    .find(|d| d.type_url == ERROR_INFO_TYPE)
+            })
             .and_then(|any| ErrorInfo::decode(any.value.as_slice()).ok());
         let (reason, metadata) = match info {
             Some(info) if !info.reason.is_empty() => (Cow::Owned(info.reason), info.metadata),
             Some(info) => (Cow::Borrowed(code_name(code)), info.metadata),
             None => (Cow::Borrowed(code_name(code)), BTreeMap::new()),
         };
-        Error { code, reason, message: status.message().to_owned(), metadata }
+        Error {
+            code,
+            reason,
+            message: status.message().to_owned(),
+            metadata,
+        }
     }
 }
 
@@ -301,7 +359,9 @@ pub fn code_to_http_status(code: Code) -> StatusCode {
         Code::Ok => StatusCode::OK,
         Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
         Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            StatusCode::BAD_REQUEST
+        }
         Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
@@ -392,7 +452,10 @@ mod tests {
         let err = Error::from_http(StatusCode::BAD_GATEWAY, b"<html>bad gateway</html>");
         assert_eq!(err.code(), Code::Unavailable);
         assert_eq!(err.message(), "<html>bad gateway</html>");
-        assert_eq!(err.metadata().get("http_status").map(String::as_str), Some("502"));
+        assert_eq!(
+            err.metadata().get("http_status").map(String::as_str),
+            Some("502")
+        );
     }
 
     #[test]

@@ -77,9 +77,15 @@ async fn list<T, D: Fn(&KeyValue) -> Option<T>>(
     prefix: &str,
     decode: &D,
 ) -> Result<(BTreeMap<Vec<u8>, T>, i64), etcd_client::Error> {
-    let resp = client.get(prefix, Some(GetOptions::new().with_prefix())).await?;
+    let resp = client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await?;
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-    let entries = resp.kvs().iter().filter_map(|kv| decode(kv).map(|v| (kv.key().to_vec(), v))).collect();
+    let entries = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| decode(kv).map(|v| (kv.key().to_vec(), v)))
+        .collect();
     Ok((entries, revision))
 }
 
@@ -105,21 +111,26 @@ async fn follow<T, D>(
     loop {
         let after = match resume {
             Some(rev) => rev,
-            None => match tokio::select! { _ = tx.closed() => return, r = list(&mut client, &prefix, &decode) => r } {
-                Ok((fresh, rev)) => {
-                    entries = fresh;
-                    revision = rev;
-                    tx.send_replace(snapshot(&entries));
-                    rev
+            None => {
+                match tokio::select! { _ = tx.closed() => return, r = list(&mut client, &prefix, &decode) => r }
+                {
+                    Ok((fresh, rev)) => {
+                        entries = fresh;
+                        revision = rev;
+                        tx.send_replace(snapshot(&entries));
+                        rev
+                    }
+                    Err(err) => {
+                        debug!(%prefix, error = %err, "list failed; keeping the last known state");
+                        tokio::select! { _ = tx.closed() => return, _ = backoff.wait() => {} }
+                        continue;
+                    }
                 }
-                Err(err) => {
-                    debug!(%prefix, error = %err, "list failed; keeping the last known state");
-                    tokio::select! { _ = tx.closed() => return, _ = backoff.wait() => {} }
-                    continue;
-                }
-            },
+            }
         };
-        let options = WatchOptions::new().with_prefix().with_start_revision(after + 1);
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(after + 1);
         let watched = tokio::select! { _ = tx.closed() => return, w = client.watch(prefix.as_str(), Some(options)) => w };
         let mut stream = match watched {
             Ok(stream) => stream,
@@ -198,14 +209,27 @@ mod tests {
         // What the stale mirror has not seen: b arrives, a leaves, history is compacted.
         client.put("/p/b", "b", None).await.unwrap();
         let deleted = client.delete("/p/a", None).await.unwrap();
-        client.compact(deleted.header().map(|h| h.revision()).unwrap(), None).await.unwrap();
+        client
+            .compact(deleted.header().map(|h| h.revision()).unwrap(), None)
+            .await
+            .unwrap();
 
         let (tx, mut rx) = watch::channel(snapshot(&stale));
-        tokio::spawn(follow(client, "/p/".to_owned(), text, stale, stale_revision, tx));
-        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.len() == 1 && s[0] == "b"))
-            .await
-            .expect("the mirror did not recover from the compaction")
-            .unwrap();
+        tokio::spawn(follow(
+            client,
+            "/p/".to_owned(),
+            text,
+            stale,
+            stale_revision,
+            tx,
+        ));
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            rx.wait_for(|s| s.len() == 1 && s[0] == "b"),
+        )
+        .await
+        .expect("the mirror did not recover from the compaction")
+        .unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,8 +243,14 @@ mod tests {
         client.put("/p/b", "2", None).await.unwrap();
         client.put("/p/c", "not a number", None).await.unwrap();
         client.put("/other", "9", None).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.len() == 2)).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.len() == 2))
+            .await
+            .unwrap()
+            .unwrap();
         client.put("/p/a", "oops", None).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| **s == [2])).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| **s == [2]))
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

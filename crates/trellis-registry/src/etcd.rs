@@ -14,12 +14,15 @@
 use std::{sync::Arc, time::Duration};
 
 use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
-use trellis_etcd::Backoff;
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use trellis_etcd::Backoff;
 
-use crate::{BoxFuture, Discovery, Instance, InstanceSet, Listed, Registration, Registry, RegistryError, Session};
+use crate::{
+    BoxFuture, Discovery, Instance, InstanceSet, Listed, Registration, Registry, RegistryError,
+    Session,
+};
 
 /// How to reach etcd and how to use it.
 #[derive(Debug, Clone)]
@@ -48,7 +51,11 @@ impl EtcdOptions {
     /// Parses what follows `etcd://`: `host:port[,host:port][?ttl=5s&prefix=/x/]`.
     pub(crate) fn from_url_rest(rest: &str) -> Result<Self, String> {
         let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let hosts: Vec<&str> = hosts.trim_end_matches('/').split(',').filter(|h| !h.is_empty()).collect();
+        let hosts: Vec<&str> = hosts
+            .trim_end_matches('/')
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .collect();
         if hosts.is_empty() {
             return Err("no etcd endpoint; expected etcd://host:port".into());
         }
@@ -56,14 +63,21 @@ impl EtcdOptions {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
                 Some(("ttl", v)) => {
-                    let secs: u64 = v.trim_end_matches('s').parse().map_err(|_| format!("ttl {v:?} is not whole seconds"))?;
+                    let secs: u64 = v
+                        .trim_end_matches('s')
+                        .parse()
+                        .map_err(|_| format!("ttl {v:?} is not whole seconds"))?;
                     if secs == 0 {
                         return Err("ttl must be at least 1s".into());
                     }
                     options.ttl = Duration::from_secs(secs);
                 }
                 Some(("prefix", v)) => {
-                    options.prefix = if v.ends_with('/') { v.to_owned() } else { format!("{v}/") };
+                    options.prefix = if v.ends_with('/') {
+                        v.to_owned()
+                    } else {
+                        format!("{v}/")
+                    };
                 }
                 _ => return Err(format!("unknown option {pair:?}; known: ttl, prefix")),
             }
@@ -90,11 +104,17 @@ impl EtcdRegistry {
         let client = Client::connect(&options.endpoints, Some(connect))
             .await
             .map_err(|e| unavailable(&options, e))?;
-        Ok(EtcdRegistry { client, options: Arc::new(options) })
+        Ok(EtcdRegistry {
+            client,
+            options: Arc::new(options),
+        })
     }
 
     fn key(&self, instance: &Instance) -> String {
-        format!("{}{}/{}", self.options.prefix, instance.service, instance.id)
+        format!(
+            "{}{}/{}",
+            self.options.prefix, instance.service, instance.id
+        )
     }
 
     fn service_prefix(&self, service: &str) -> String {
@@ -103,13 +123,26 @@ impl EtcdRegistry {
 }
 
 fn unavailable(options: &EtcdOptions, e: etcd_client::Error) -> RegistryError {
-    RegistryError::Unavailable { endpoint: options.endpoints.join(","), reason: e.to_string() }
+    RegistryError::Unavailable {
+        endpoint: options.endpoints.join(","),
+        reason: e.to_string(),
+    }
 }
 
 /// Grants a lease and writes the instance under it; returns the lease id.
-async fn publish(client: &mut Client, key: &str, value: &str, ttl: Duration) -> Result<i64, etcd_client::Error> {
-    let lease = client.lease_grant(ttl.as_secs().max(1) as i64, None).await?.id();
-    client.put(key, value, Some(PutOptions::new().with_lease(lease))).await?;
+async fn publish(
+    client: &mut Client,
+    key: &str,
+    value: &str,
+    ttl: Duration,
+) -> Result<i64, etcd_client::Error> {
+    let lease = client
+        .lease_grant(ttl.as_secs().max(1) as i64, None)
+        .await?
+        .id();
+    client
+        .put(key, value, Some(PutOptions::new().with_lease(lease)))
+        .await?;
     Ok(lease)
 }
 
@@ -134,11 +167,13 @@ async fn run_session(
                 match attempt {
                     Ok(id) => {
                         info!(%key, lease = id, "registered");
+                        event("registered");
                         backoff.reset();
                         id
                     }
                     Err(err) => {
                         warn!(%key, error = %err, "registration failed; retrying");
+                        event("register_failed");
                         tokio::select! { _ = cancel.cancelled() => return, _ = backoff.wait() => {} }
                         continue;
                     }
@@ -157,6 +192,7 @@ async fn run_session(
                             let _ = client.delete(key.as_str(), None).await;
                             let _ = client.lease_revoke(id).await;
                             info!(%key, "deregistered");
+                            event("deregistered");
                             return;
                         }
                         _ = tick.tick() => {
@@ -176,8 +212,14 @@ async fn run_session(
             Err(err) => format!("cannot start keep-alive: {err}"),
         };
         warn!(%key, lease = id, reason = %lost, "lease lost; registering again");
+        event("lease_lost");
         tokio::select! { _ = cancel.cancelled() => return, _ = backoff.wait() => {} }
     }
+}
+
+/// Counts a registry event (`registry_events_total{event}`).
+fn event(kind: &'static str) {
+    metrics::counter!("registry_events_total", "event" => kind).increment(1);
 }
 
 struct EtcdSession {
@@ -201,23 +243,34 @@ impl Registry for EtcdRegistry {
     fn register(&self, instance: Instance) -> BoxFuture<'_, Result<Registration, RegistryError>> {
         Box::pin(async move {
             let key = self.key(&instance);
-            let value = serde_json::to_string(&instance)
-                .map_err(|e| RegistryError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+            let value = serde_json::to_string(&instance).map_err(|e| RegistryError::Corrupt {
+                key: key.clone(),
+                reason: e.to_string(),
+            })?;
             let mut client = self.client.clone();
             // First attempt inline so the caller learns of a bad setup; if etcd
             // is merely down, the session keeps trying in the background.
             let lease = match publish(&mut client, &key, &value, self.options.ttl).await {
                 Ok(id) => {
                     info!(%key, lease = id, "registered");
+                    event("registered");
                     Some(id)
                 }
                 Err(err) => {
                     warn!(%key, error = %err, "etcd unreachable at registration; will keep trying");
+                    event("register_failed");
                     None
                 }
             };
             let cancel = CancellationToken::new();
-            let task = tokio::spawn(run_session(client, key, value, self.options.ttl, lease, cancel.clone()));
+            let task = tokio::spawn(run_session(
+                client,
+                key,
+                value,
+                self.options.ttl,
+                lease,
+                cancel.clone(),
+            ));
             Ok(Registration::new(EtcdSession { cancel, task }))
         })
     }
@@ -234,12 +287,17 @@ fn decode(key: &[u8], value: &[u8]) -> Option<Instance> {
 }
 
 impl Discovery for EtcdRegistry {
-    fn watch(&self, service: &str) -> BoxFuture<'_, Result<watch::Receiver<InstanceSet>, RegistryError>> {
+    fn watch(
+        &self,
+        service: &str,
+    ) -> BoxFuture<'_, Result<watch::Receiver<InstanceSet>, RegistryError>> {
         let prefix = self.service_prefix(service);
         Box::pin(async move {
-            trellis_etcd::mirror_prefix(self.client.clone(), prefix, |kv| decode(kv.key(), kv.value()))
-                .await
-                .map_err(|e| unavailable(&self.options, e))
+            trellis_etcd::mirror_prefix(self.client.clone(), prefix, |kv| {
+                decode(kv.key(), kv.value())
+            })
+            .await
+            .map_err(|e| unavailable(&self.options, e))
         })
     }
 
@@ -256,7 +314,9 @@ impl Discovery for EtcdRegistry {
                 .map_err(|e| unavailable(&self.options, e))?;
             let mut out = Vec::new();
             for kv in resp.kvs() {
-                let Some(instance) = decode(kv.key(), kv.value()) else { continue };
+                let Some(instance) = decode(kv.key(), kv.value()) else {
+                    continue;
+                };
                 let ttl_left = if kv.lease() != 0 {
                     client
                         .lease_time_to_live(kv.lease(), None)

@@ -47,7 +47,11 @@ impl Instance {
     }
 
     /// Adds an endpoint for `protocol` (builder style).
-    pub fn with_endpoint(mut self, protocol: impl Into<String>, address: impl Into<String>) -> Self {
+    pub fn with_endpoint(
+        mut self,
+        protocol: impl Into<String>,
+        address: impl Into<String>,
+    ) -> Self {
         self.endpoints.insert(protocol.into(), address.into());
         self
     }

@@ -93,7 +93,10 @@ pub trait Discovery: Send + Sync + 'static {
     /// Follows `service`: the receiver holds the current instance set and is
     /// updated on every change; while the registry is unreachable it keeps
     /// the last known set.
-    fn watch(&self, service: &str) -> BoxFuture<'_, Result<watch::Receiver<InstanceSet>, RegistryError>>;
+    fn watch(
+        &self,
+        service: &str,
+    ) -> BoxFuture<'_, Result<watch::Receiver<InstanceSet>, RegistryError>>;
 
     /// A one-off listing of `service`, or of every service when `None`,
     /// with the time left on each instance's lease where the backend has one.
@@ -126,7 +129,9 @@ pub struct Registration {
 
 impl Registration {
     pub(crate) fn new(session: impl Session) -> Self {
-        Registration { session: Some(Box::new(session)) }
+        Registration {
+            session: Some(Box::new(session)),
+        }
     }
 
     /// Removes the instance from the registry and stops renewing it.
@@ -152,8 +157,13 @@ impl Drop for Registration {
 
 /// Opens the registry named by `url` (see the table above).
 pub async fn connect(url: &str) -> Result<Arc<dyn ServiceRegistry>, RegistryError> {
-    let invalid = |reason: &str| RegistryError::InvalidUrl { url: url.to_owned(), reason: reason.to_owned() };
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| invalid("expected scheme://..., e.g. memory:// or etcd://127.0.0.1:2379"))?;
+    let invalid = |reason: &str| RegistryError::InvalidUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| invalid("expected scheme://..., e.g. memory:// or etcd://127.0.0.1:2379"))?;
     match scheme {
         "memory" => Ok(Arc::new(MemoryRegistry::global())),
         #[cfg(feature = "etcd")]
@@ -164,8 +174,12 @@ pub async fn connect(url: &str) -> Result<Arc<dyn ServiceRegistry>, RegistryErro
         #[cfg(not(feature = "etcd"))]
         "etcd" => {
             let _ = rest;
-            Err(invalid("this build has no etcd support (cargo feature `etcd`)"))
+            Err(invalid(
+                "this build has no etcd support (cargo feature `etcd`)",
+            ))
         }
-        other => Err(invalid(&format!("unknown registry {other:?}; use memory:// or etcd://host:port"))),
+        other => Err(invalid(&format!(
+            "unknown registry {other:?}; use memory:// or etcd://host:port"
+        ))),
     }
 }

@@ -9,7 +9,8 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
-    BoxFuture, Discovery, Instance, InstanceSet, Listed, Registration, Registry, RegistryError, Session,
+    BoxFuture, Discovery, Instance, InstanceSet, Listed, Registration, Registry, RegistryError,
+    Session,
 };
 
 #[derive(Default)]
@@ -21,7 +22,11 @@ struct State {
 
 impl State {
     fn publish(&mut self, service: &str) {
-        let set: InstanceSet = self.services.get(service).map(|m| m.values().cloned().collect()).unwrap_or_default();
+        let set: InstanceSet = self
+            .services
+            .get(service)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
         if let Some(tx) = self.watchers.get(service) {
             tx.send_replace(set);
         }
@@ -70,6 +75,7 @@ impl Session for MemorySession {
                 }
                 s.publish(&self.service);
             });
+            metrics::counter!("registry_events_total", "event" => "deregistered").increment(1);
             Ok(())
         })
     }
@@ -80,22 +86,39 @@ impl Registry for MemoryRegistry {
         Box::pin(async move {
             let (service, id) = (instance.service.clone(), instance.id.clone());
             self.with(|s| {
-                s.services.entry(service.clone()).or_default().insert(id.clone(), instance);
+                s.services
+                    .entry(service.clone())
+                    .or_default()
+                    .insert(id.clone(), instance);
                 s.publish(&service);
             });
-            Ok(Registration::new(MemorySession { registry: self.clone(), service, id }))
+            metrics::counter!("registry_events_total", "event" => "registered").increment(1);
+            Ok(Registration::new(MemorySession {
+                registry: self.clone(),
+                service,
+                id,
+            }))
         })
     }
 }
 
 impl Discovery for MemoryRegistry {
-    fn watch(&self, service: &str) -> BoxFuture<'_, Result<watch::Receiver<InstanceSet>, RegistryError>> {
+    fn watch(
+        &self,
+        service: &str,
+    ) -> BoxFuture<'_, Result<watch::Receiver<InstanceSet>, RegistryError>> {
         let service = service.to_owned();
         Box::pin(async move {
             Ok(self.with(|s| {
-                let current: InstanceSet =
-                    s.services.get(&service).map(|m| m.values().cloned().collect()).unwrap_or_default();
-                s.watchers.entry(service).or_insert_with(|| watch::channel(current).0).subscribe()
+                let current: InstanceSet = s
+                    .services
+                    .get(&service)
+                    .map(|m| m.values().cloned().collect())
+                    .unwrap_or_default();
+                s.watchers
+                    .entry(service)
+                    .or_insert_with(|| watch::channel(current).0)
+                    .subscribe()
             }))
         })
     }
@@ -109,9 +132,15 @@ impl Discovery for MemoryRegistry {
                     .iter()
                     .filter(|(name, _)| service.as_ref().is_none_or(|want| want == *name))
                     .flat_map(|(_, m)| m.values().cloned())
-                    .map(|instance| Listed { instance, ttl_left: None })
+                    .map(|instance| Listed {
+                        instance,
+                        ttl_left: None,
+                    })
                     .collect();
-                out.sort_by(|a, b| (&a.instance.service, &a.instance.id).cmp(&(&b.instance.service, &b.instance.id)));
+                out.sort_by(|a, b| {
+                    (&a.instance.service, &a.instance.id)
+                        .cmp(&(&b.instance.service, &b.instance.id))
+                });
                 out
             }))
         })
@@ -129,14 +158,32 @@ mod tests {
         assert!(rx.borrow().is_empty());
         let a = registry.register(Instance::new("user", "a")).await.unwrap();
         let _b = registry.register(Instance::new("user", "b")).await.unwrap();
-        let _other = registry.register(Instance::new("order", "c")).await.unwrap();
+        let _other = registry
+            .register(Instance::new("order", "c"))
+            .await
+            .unwrap();
         rx.changed().await.unwrap();
-        assert_eq!(rx.borrow_and_update().iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            rx.borrow_and_update()
+                .iter()
+                .map(|i| i.id.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         a.deregister().await.unwrap();
         rx.changed().await.unwrap();
-        assert_eq!(rx.borrow().iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(
+            rx.borrow()
+                .iter()
+                .map(|i| i.id.as_str())
+                .collect::<Vec<_>>(),
+            ["b"]
+        );
         assert_eq!(registry.list(None).await.unwrap().len(), 2);
-        assert_eq!(registry.list(Some("order")).await.unwrap()[0].instance.id, "c");
+        assert_eq!(
+            registry.list(Some("order")).await.unwrap()[0].instance.id,
+            "c"
+        );
     }
 
     #[tokio::test]
@@ -144,6 +191,12 @@ mod tests {
         let registry = MemoryRegistry::new();
         let mut rx = registry.watch("user").await.unwrap();
         drop(registry.register(Instance::new("user", "a")).await.unwrap());
-        tokio::time::timeout(std::time::Duration::from_secs(1), rx.wait_for(|s| s.is_empty())).await.unwrap().unwrap();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            rx.wait_for(|s| s.is_empty()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
     }
 }

@@ -23,11 +23,16 @@ async fn wait_until(
     what: &str,
     f: impl FnMut(&InstanceSet) -> bool,
 ) {
-    let done = tokio::time::timeout(within, rx.wait_for(f)).await.map(|r| r.map(drop));
+    let done = tokio::time::timeout(within, rx.wait_for(f))
+        .await
+        .map(|r| r.map(drop));
     match done {
         Ok(Ok(())) => {}
         Ok(Err(_)) => panic!("the watch ended while waiting for {what}"),
-        Err(_) => panic!("timed out waiting for {what}; last set {:?}", ids(&rx.borrow())),
+        Err(_) => panic!(
+            "timed out waiting for {what}; last set {:?}",
+            ids(&rx.borrow())
+        ),
     }
 }
 
@@ -44,11 +49,17 @@ async fn registrations_reach_watchers_and_deregistrations_leave_at_once() {
     for i in 0..100 {
         let started = Instant::now();
         let reg = registry
-            .register(Instance::new("user", format!("u{i:03}")).with_endpoint("grpc", format!("127.0.0.1:{}", 9000 + i)))
+            .register(
+                Instance::new("user", format!("u{i:03}"))
+                    .with_endpoint("grpc", format!("127.0.0.1:{}", 9000 + i)),
+            )
             .await
             .unwrap();
         let want = format!("u{i:03}");
-        wait_until(&mut users, Duration::from_secs(5), "registration", |s| s.iter().any(|x| x.id == want)).await;
+        wait_until(&mut users, Duration::from_secs(5), "registration", |s| {
+            s.iter().any(|x| x.id == want)
+        })
+        .await;
         samples.push(started.elapsed());
         registrations.push(reg);
     }
@@ -63,12 +74,20 @@ async fn registrations_reach_watchers_and_deregistrations_leave_at_once() {
     assert_eq!(users.borrow().len(), 100);
     let listed = registry.list(Some("user")).await.unwrap();
     assert_eq!(listed.len(), 100);
-    assert!(listed.iter().all(|l| l.ttl_left.is_some_and(|t| t <= Duration::from_secs(5))), "{listed:?}");
+    assert!(
+        listed
+            .iter()
+            .all(|l| l.ttl_left.is_some_and(|t| t <= Duration::from_secs(5))),
+        "{listed:?}"
+    );
 
     // Deregistration is visible well before any TTL could expire.
     let started = Instant::now();
     registrations.remove(0).deregister().await.unwrap();
-    wait_until(&mut users, Duration::from_secs(2), "deregistration", |s| !s.iter().any(|x| x.id == "u000")).await;
+    wait_until(&mut users, Duration::from_secs(2), "deregistration", |s| {
+        !s.iter().any(|x| x.id == "u000")
+    })
+    .await;
     eprintln!("deregister->gone: {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(2));
 }
@@ -83,11 +102,21 @@ async fn watchers_keep_the_last_set_while_etcd_is_down_and_resume_after() {
 
     etcd.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(ids(&users.borrow()), ["a"], "the last known set must survive an outage");
+    assert_eq!(
+        ids(&users.borrow()),
+        ["a"],
+        "the last known set must survive an outage"
+    );
 
     etcd.restart(false).unwrap();
     let _b = registry.register(Instance::new("user", "b")).await.unwrap();
-    wait_until(&mut users, Duration::from_secs(10), "a and b after the restart", |s| s.len() == 2).await;
+    wait_until(
+        &mut users,
+        Duration::from_secs(10),
+        "a and b after the restart",
+        |s| s.len() == 2,
+    )
+    .await;
     assert_eq!(ids(&users.borrow()), ["a", "b"]);
 }
 
@@ -95,13 +124,22 @@ async fn watchers_keep_the_last_set_while_etcd_is_down_and_resume_after() {
 async fn instances_register_again_after_etcd_loses_its_data() {
     let mut etcd = Etcd::start().unwrap();
     let registry = registry(&etcd, Duration::from_secs(2)).await;
-    let _a = registry.register(Instance::new("user", "a").with_endpoint("grpc", "127.0.0.1:1")).await.unwrap();
+    let _a = registry
+        .register(Instance::new("user", "a").with_endpoint("grpc", "127.0.0.1:1"))
+        .await
+        .unwrap();
 
     etcd.restart(true).unwrap();
     // A fresh cluster knows nothing; the session must notice and write again.
     let observer = registry_fresh(&etcd).await;
     let mut users = observer.watch("user").await.unwrap();
-    wait_until(&mut users, Duration::from_secs(15), "re-registration", |s| ids(s) == ["a"]).await;
+    wait_until(
+        &mut users,
+        Duration::from_secs(15),
+        "re-registration",
+        |s| ids(s) == ["a"],
+    )
+    .await;
     assert_eq!(users.borrow()[0].endpoint("grpc"), Some("127.0.0.1:1"));
 }
 
@@ -112,12 +150,18 @@ async fn registry_fresh(etcd: &Etcd) -> EtcdRegistry {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_that_are_not_instances_are_ignored() {
     let etcd = Etcd::start().unwrap();
-    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None).await.unwrap();
-    raw.put("/trellis/services/user/garbage", "{not json", None).await.unwrap();
+    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    raw.put("/trellis/services/user/garbage", "{not json", None)
+        .await
+        .unwrap();
     let registry = registry(&etcd, Duration::from_secs(5)).await;
     let mut users = registry.watch("user").await.unwrap();
     assert!(users.borrow().is_empty());
-    raw.put("/trellis/services/user/garbage2", "[]", None).await.unwrap();
+    raw.put("/trellis/services/user/garbage2", "[]", None)
+        .await
+        .unwrap();
     let _a = registry.register(Instance::new("user", "a")).await.unwrap();
     wait_until(&mut users, Duration::from_secs(5), "a", |s| ids(s) == ["a"]).await;
     assert_eq!(registry.list(None).await.unwrap().len(), 1);

@@ -16,37 +16,72 @@ use std::{
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use trellis_resilience::{
-    Breaker, BreakerConfig, ConcurrencyLimit, DelayShedder, LimitKind, LocalLimiter, Outcome, Policy, Quota, SreBreaker,
-    SreConfig,
+    Breaker, BreakerConfig, ConcurrencyLimit, DelayShedder, LimitKind, LocalLimiter, Outcome,
+    Policy, Quota, SreBreaker, SreConfig,
 };
 
 fn decide(p: &dyn Policy) {
     if let Some(permit) = p.acquire() {
-        p.record(permit, black_box(Outcome::Success), Duration::from_micros(100));
+        p.record(
+            permit,
+            black_box(Outcome::Success),
+            Duration::from_micros(100),
+        );
     }
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
     let _guard = rt.enter();
     let policies: Vec<(&str, Arc<dyn Policy>)> = vec![
-        ("breaker_closed", Arc::new(Breaker::new(BreakerConfig::default()))),
-        ("sre_throttle", Arc::new(SreBreaker::new(SreConfig::default()))),
+        (
+            "breaker_closed",
+            Arc::new(Breaker::new(BreakerConfig::default())),
+        ),
+        (
+            "sre_throttle",
+            Arc::new(SreBreaker::new(SreConfig::default())),
+        ),
     ];
     let mut group = c.benchmark_group("decision/uncontended");
     for (name, p) in &policies {
         group.bench_function(*name, |b| b.iter(|| decide(p.as_ref())));
-        group.bench_function(format!("{name}_acquire_only"), |b| b.iter(|| black_box(p.acquire())));
+        group.bench_function(format!("{name}_acquire_only"), |b| {
+            b.iter(|| black_box(p.acquire()))
+        });
     }
     group.finish();
 
     // Limiters and shedders: admit (and release, for the shedders).
     let local = Arc::new(LocalLimiter::new(Quota::per_second(u32::MAX / 2), 100_000));
     let fixed = ConcurrencyLimit::new(LimitKind::Fixed(1_000_000));
-    let vegas = ConcurrencyLimit::new(LimitKind::Adaptive { initial: 1000, min: 10, max: 1_000_000 });
+    let vegas = ConcurrencyLimit::new(LimitKind::Adaptive {
+        initial: 1000,
+        min: 10,
+        max: 1_000_000,
+    });
     let delay = DelayShedder::new(Duration::from_millis(5));
-    group_limiters(c, "decision/uncontended", &local, &fixed, &vegas, &delay, false);
-    group_limiters(c, "decision/2_threads", &local, &fixed, &vegas, &delay, true);
+    group_limiters(
+        c,
+        "decision/uncontended",
+        &local,
+        &fixed,
+        &vegas,
+        &delay,
+        false,
+    );
+    group_limiters(
+        c,
+        "decision/2_threads",
+        &local,
+        &fixed,
+        &vegas,
+        &delay,
+        true,
+    );
 
     let mut group = c.benchmark_group("decision/2_threads");
     for (name, p) in &policies {
@@ -79,7 +114,13 @@ fn group_limiters(
 ) {
     let stop = Arc::new(AtomicBool::new(false));
     let other = contended.then(|| {
-        let (local, fixed, vegas, delay, stop) = (local.clone(), fixed.clone(), vegas.clone(), delay.clone(), stop.clone());
+        let (local, fixed, vegas, delay, stop) = (
+            local.clone(),
+            fixed.clone(),
+            vegas.clone(),
+            delay.clone(),
+            stop.clone(),
+        );
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 black_box(local.check(Some("tenant-a")));
@@ -91,11 +132,21 @@ fn group_limiters(
         })
     });
     let mut group = c.benchmark_group(name);
-    group.bench_function("local_limiter_global", |b| b.iter(|| black_box(local.check(None))));
-    group.bench_function("local_limiter_keyed", |b| b.iter(|| black_box(local.check(Some("tenant-a")))));
-    group.bench_function("bulkhead_admit_release", |b| b.iter(|| drop(black_box(fixed.try_acquire()))));
-    group.bench_function("vegas_admit_release", |b| b.iter(|| drop(black_box(vegas.try_acquire()))));
-    group.bench_function("queue_delay_admit_release", |b| b.iter(|| drop(black_box(delay.try_acquire()))));
+    group.bench_function("local_limiter_global", |b| {
+        b.iter(|| black_box(local.check(None)))
+    });
+    group.bench_function("local_limiter_keyed", |b| {
+        b.iter(|| black_box(local.check(Some("tenant-a"))))
+    });
+    group.bench_function("bulkhead_admit_release", |b| {
+        b.iter(|| drop(black_box(fixed.try_acquire())))
+    });
+    group.bench_function("vegas_admit_release", |b| {
+        b.iter(|| drop(black_box(vegas.try_acquire())))
+    });
+    group.bench_function("queue_delay_admit_release", |b| {
+        b.iter(|| drop(black_box(delay.try_acquire())))
+    });
     group.finish();
     stop.store(true, Ordering::Relaxed);
     if let Some(o) = other {

@@ -175,7 +175,12 @@ impl Window {
     fn new(window: Duration, buckets: u32, clock: Clock) -> Self {
         let n = buckets.max(1);
         let bucket_ms = (window.as_millis() as u64 / u64::from(n)).max(1);
-        Window { clock, start: Instant::now(), bucket_ms, buckets: (0..n).map(|_| Bucket::default()).collect() }
+        Window {
+            clock,
+            start: Instant::now(),
+            bucket_ms,
+            buckets: (0..n).map(|_| Bucket::default()).collect(),
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -196,7 +201,12 @@ impl Window {
     fn bucket_at(&self, epoch: u64) -> &Bucket {
         let bucket = &self.buckets[(epoch % self.buckets.len() as u64) as usize];
         let seen = bucket.epoch.load(Relaxed);
-        if seen != epoch && bucket.epoch.compare_exchange(seen, epoch, SeqCst, Relaxed).is_ok() {
+        if seen != epoch
+            && bucket
+                .epoch
+                .compare_exchange(seen, epoch, SeqCst, Relaxed)
+                .is_ok()
+        {
             // A count racing with this reset may be lost; a window is an estimate.
             bucket.calls.store(0, Relaxed);
             bucket.failures.store(0, Relaxed);
@@ -281,7 +291,11 @@ impl CountWindow {
     }
 
     fn totals(&self) -> Totals {
-        Totals { calls: self.calls.load(Relaxed), failures: self.failures.load(Relaxed), slow: self.slow.load(Relaxed) }
+        Totals {
+            calls: self.calls.load(Relaxed),
+            failures: self.failures.load(Relaxed),
+            slow: self.slow.load(Relaxed),
+        }
     }
 
     fn clear(&self) {
@@ -359,20 +373,34 @@ impl Breaker {
     }
 
     fn trip(&self, from: u8, why: Trip) {
-        if self.state.compare_exchange(from, OPEN, SeqCst, Relaxed).is_ok() {
+        if self
+            .state
+            .compare_exchange(from, OPEN, SeqCst, Relaxed)
+            .is_ok()
+        {
             self.opened_at_ms.store(self.now_ms(), SeqCst);
             warn!(reason = ?why, "circuit opened");
+            metrics::counter!("circuit_breaker_transitions_total", "to" => "open").increment(1);
+            if from == CLOSED {
+                metrics::gauge!("circuit_breaker_open").increment(1.0);
+            }
             self.events.send_replace((BreakerState::Open, Some(why)));
         }
     }
 
     fn close(&self) {
-        if self.state.compare_exchange(HALF_OPEN, CLOSED, SeqCst, Relaxed).is_ok() {
+        if self
+            .state
+            .compare_exchange(HALF_OPEN, CLOSED, SeqCst, Relaxed)
+            .is_ok()
+        {
             self.window.clear();
             if let Some(c) = &self.count_window {
                 c.clear();
             }
             self.consecutive.store(0, Relaxed);
+            metrics::counter!("circuit_breaker_transitions_total", "to" => "closed").increment(1);
+            metrics::gauge!("circuit_breaker_open").decrement(1.0);
             self.events.send_replace((BreakerState::Closed, None));
         }
     }
@@ -405,9 +433,16 @@ impl Policy for Breaker {
                 if since < self.config.open_duration.as_millis() as u64 {
                     return None;
                 }
-                if self.state.compare_exchange(OPEN, HALF_OPEN, SeqCst, Relaxed).is_ok() {
+                if self
+                    .state
+                    .compare_exchange(OPEN, HALF_OPEN, SeqCst, Relaxed)
+                    .is_ok()
+                {
                     self.probe_successes.store(0, SeqCst);
-                    self.probes_left.store(self.config.half_open_probes.max(1), SeqCst);
+                    self.probes_left
+                        .store(self.config.half_open_probes.max(1), SeqCst);
+                    metrics::counter!("circuit_breaker_transitions_total", "to" => "half_open")
+                        .increment(1);
                     self.events.send_replace((BreakerState::HalfOpen, None));
                 }
                 self.acquire()
@@ -423,10 +458,13 @@ impl Policy for Breaker {
     fn record(&self, permit: Permit, outcome: Outcome, elapsed: Duration) {
         let slow = elapsed >= self.config.slow_call_threshold;
         if permit == Permit::Probe {
-            let failed = outcome == Outcome::Failure || (slow && self.config.slow_call_ratio.is_some());
+            let failed =
+                outcome == Outcome::Failure || (slow && self.config.slow_call_ratio.is_some());
             if failed {
                 self.trip(HALF_OPEN, Trip::ProbeFailed);
-            } else if self.probe_successes.fetch_add(1, SeqCst) + 1 >= self.config.half_open_probes.max(1) {
+            } else if self.probe_successes.fetch_add(1, SeqCst) + 1
+                >= self.config.half_open_probes.max(1)
+            {
                 self.close();
             }
             return;
@@ -487,7 +525,12 @@ pub struct SreConfig {
 
 impl Default for SreConfig {
     fn default() -> Self {
-        SreConfig { k: 1.5, window: Duration::from_secs(10), buckets: 40, min_requests: 20 }
+        SreConfig {
+            k: 1.5,
+            window: Duration::from_secs(10),
+            buckets: 40,
+            min_requests: 20,
+        }
     }
 }
 
@@ -552,7 +595,11 @@ impl Policy for SreBreaker {
             f64::from_bits(self.cached_p.load(Relaxed))
         };
         self.window.bucket_at(epoch).calls.fetch_add(1, Relaxed);
-        if p > 0.0 && random_unit() < p { None } else { Some(Permit::Normal) }
+        if p > 0.0 && random_unit() < p {
+            None
+        } else {
+            Some(Permit::Normal)
+        }
     }
 
     fn record(&self, _permit: Permit, outcome: Outcome, _elapsed: Duration) {
@@ -602,7 +649,9 @@ pub struct CircuitBreakerLayer<P> {
 
 impl<P> Clone for CircuitBreakerLayer<P> {
     fn clone(&self) -> Self {
-        CircuitBreakerLayer { breakers: self.breakers.clone() }
+        CircuitBreakerLayer {
+            breakers: self.breakers.clone(),
+        }
     }
 }
 
@@ -626,12 +675,16 @@ impl<P> Clone for Breakers<P> {
 impl<P: Policy> CircuitBreakerLayer<P> {
     /// One breaker for every call through the layer.
     pub fn new(policy: P) -> Self {
-        CircuitBreakerLayer { breakers: Breakers::Shared(Arc::new(policy)) }
+        CircuitBreakerLayer {
+            breakers: Breakers::Shared(Arc::new(policy)),
+        }
     }
 
     /// A breaker per request path (gRPC method), made by `make` on first use.
     pub fn per_method(make: impl Fn() -> P + Send + Sync + 'static) -> Self {
-        CircuitBreakerLayer { breakers: Breakers::PerMethod(Arc::default(), Arc::new(make)) }
+        CircuitBreakerLayer {
+            breakers: Breakers::PerMethod(Arc::default(), Arc::new(make)),
+        }
     }
 }
 
@@ -644,7 +697,9 @@ impl<P> Breakers<P> {
                     return p.clone();
                 }
                 let mut map = map.write().unwrap_or_else(PoisonError::into_inner);
-                map.entry(path.to_owned()).or_insert_with(|| Arc::new(make())).clone()
+                map.entry(path.to_owned())
+                    .or_insert_with(|| Arc::new(make()))
+                    .clone()
             }
         }
     }
@@ -654,7 +709,10 @@ impl<S, P: Policy> Layer<S> for CircuitBreakerLayer<P> {
     type Service = CircuitBreaker<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreaker { inner, breakers: self.breakers.clone() }
+        CircuitBreaker {
+            inner,
+            breakers: self.breakers.clone(),
+        }
     }
 }
 
@@ -666,7 +724,10 @@ pub struct CircuitBreaker<S, P> {
 
 impl<S: Clone, P> Clone for CircuitBreaker<S, P> {
     fn clone(&self) -> Self {
-        CircuitBreaker { inner: self.inner.clone(), breakers: self.breakers.clone() }
+        CircuitBreaker {
+            inner: self.inner.clone(),
+            breakers: self.breakers.clone(),
+        }
     }
 }
 
@@ -702,7 +763,9 @@ where
         let Some(permit) = breaker.acquire() else {
             let path = req.uri().path().to_owned();
             return Box::pin(async move {
-                Err(Box::new(Status::unavailable(format!("circuit open for {path}: failing fast"))) as BoxError)
+                Err(Box::new(Status::unavailable(format!(
+                    "circuit open for {path}: failing fast"
+                ))) as BoxError)
             });
         };
         let started = Instant::now();

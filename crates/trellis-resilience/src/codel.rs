@@ -71,7 +71,12 @@ impl DelayShedder {
         // Intervals are 100 ms: the coarse clock (a few ns) is precise enough.
         let epoch = crate::clock::coarse_now_ms() / self.interval_ms;
         let seen = self.epoch.load(Relaxed);
-        if seen == epoch || self.epoch.compare_exchange(seen, epoch, Relaxed, Relaxed).is_err() {
+        if seen == epoch
+            || self
+                .epoch
+                .compare_exchange(seen, epoch, Relaxed, Relaxed)
+                .is_err()
+        {
             return;
         }
         // This thread closes interval `seen`.
@@ -109,8 +114,11 @@ impl DelayShedder {
         let standing = min.saturating_sub(noload);
         let overloaded = standing > self.target_us;
         let throughput_per_s = done as f64 * 1000.0 / self.interval_ms as f64;
-        let allowed = (throughput_per_s * (noload + self.target_us) as f64 / 1e6).ceil().max(1.0) as usize;
-        self.allowed_in_flight.store(if overloaded { allowed } else { usize::MAX }, Relaxed);
+        let allowed = (throughput_per_s * (noload + self.target_us) as f64 / 1e6)
+            .ceil()
+            .max(1.0) as usize;
+        self.allowed_in_flight
+            .store(if overloaded { allowed } else { usize::MAX }, Relaxed);
         self.overloaded.store(overloaded, Relaxed);
     }
 
@@ -123,7 +131,10 @@ impl DelayShedder {
             self.shed.fetch_add(1, Relaxed);
             return None;
         }
-        Some(DelayAdmitted { shedder: self.clone(), started: Stamp::now() })
+        Some(DelayAdmitted {
+            shedder: self.clone(),
+            started: Stamp::now(),
+        })
     }
 
     fn finish(&self, latency: Duration) {
@@ -208,7 +219,10 @@ mod tests {
         for _ in 0..250 {
             close_by_hand(&s, &mut epoch, 40_000, 80); // a 40 ms standing queue
         }
-        assert!(s.is_overloaded(), "25 s of overload must still be treated as overload");
+        assert!(
+            s.is_overloaded(),
+            "25 s of overload must still be treated as overload"
+        );
         // The baseline drifted towards 40 ms but slowly: 2 re-learnings of a quarter.
         let noload = s.noload_us.load(Relaxed);
         assert!(noload < 25_000, "no-load latency jumped to {noload} us");

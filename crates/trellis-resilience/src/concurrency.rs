@@ -64,7 +64,10 @@ impl Vegas {
     fn update(&mut self, rtt: Duration, in_flight: usize) -> usize {
         let rtt = (rtt.as_nanos() as f64).max(1.0);
         self.samples += 1;
-        if self.rtt_noload == 0.0 || rtt < self.rtt_noload || self.samples.is_multiple_of(Self::PROBE_EVERY) {
+        if self.rtt_noload == 0.0
+            || rtt < self.rtt_noload
+            || self.samples.is_multiple_of(Self::PROBE_EVERY)
+        {
             self.rtt_noload = rtt;
         }
         let log = self.limit.log10().max(1.0);
@@ -97,7 +100,13 @@ impl ConcurrencyLimit {
             LimitKind::Adaptive { initial, min, max } => {
                 let (min, max) = (min.max(1), max.max(min.max(1)));
                 let initial = initial.clamp(min, max);
-                let g = Vegas { limit: initial as f64, min: min as f64, max: max as f64, rtt_noload: 0.0, samples: 0 };
+                let g = Vegas {
+                    limit: initial as f64,
+                    min: min as f64,
+                    max: max as f64,
+                    rtt_noload: 0.0,
+                    samples: 0,
+                };
                 (initial, Some(Mutex::new(g)))
             }
         };
@@ -134,13 +143,19 @@ impl ConcurrencyLimit {
         }
         // Only the adaptive limit learns from latency; a bulkhead skips the clock.
         let started = self.adaptive.as_ref().map(|_| Stamp::now());
-        Some(Admitted { limit: self.clone(), started })
+        Some(Admitted {
+            limit: self.clone(),
+            started,
+        })
     }
 
     fn release(&self, rtt: Option<Duration>) {
         let in_flight = self.in_flight.fetch_sub(1, Relaxed);
         if let (Some(g), Some(rtt)) = (&self.adaptive, rtt) {
-            let next = g.lock().unwrap_or_else(PoisonError::into_inner).update(rtt, in_flight);
+            let next = g
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .update(rtt, in_flight);
             self.limit.store(next, Relaxed);
         }
     }
@@ -195,7 +210,9 @@ pub struct ShedLayer<A> {
 
 impl<A> Clone for ShedLayer<A> {
     fn clone(&self) -> Self {
-        ShedLayer { gate: self.gate.clone() }
+        ShedLayer {
+            gate: self.gate.clone(),
+        }
     }
 }
 
@@ -217,7 +234,10 @@ impl<S, A> Layer<S> for ShedLayer<A> {
     type Service = Shed<S, A>;
 
     fn layer(&self, inner: S) -> Shed<S, A> {
-        Shed { inner, gate: self.gate.clone() }
+        Shed {
+            inner,
+            gate: self.gate.clone(),
+        }
     }
 }
 
@@ -229,7 +249,10 @@ pub struct Shed<S, A> {
 
 impl<S: Clone, A> Clone for Shed<S, A> {
     fn clone(&self) -> Self {
-        Shed { inner: self.inner.clone(), gate: self.gate.clone() }
+        Shed {
+            inner: self.inner.clone(),
+            gate: self.gate.clone(),
+        }
     }
 }
 
@@ -260,7 +283,9 @@ where
                 message: "overloaded; retry elsewhere".into(),
                 headers: &[],
             };
-            return Box::pin(std::future::ready(Ok(refusal.into_response(is_grpc(req.headers())))));
+            return Box::pin(std::future::ready(Ok(
+                refusal.into_response(is_grpc(req.headers()))
+            )));
         };
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -288,7 +313,13 @@ mod tests {
 
     #[test]
     fn vegas_shrinks_when_requests_queue_and_grows_when_they_do_not() {
-        let mut v = Vegas { limit: 64.0, min: 2.0, max: 1000.0, rtt_noload: 0.0, samples: 0 };
+        let mut v = Vegas {
+            limit: 64.0,
+            min: 2.0,
+            max: 1000.0,
+            rtt_noload: 0.0,
+            samples: 0,
+        };
         v.update(Duration::from_millis(5), 64);
         // Queueing: latency grows with what is in flight beyond a capacity of 4.
         for _ in 0..200 {
@@ -296,18 +327,32 @@ mod tests {
             let rtt = Duration::from_millis(5).mul_f64((in_flight as f64 / 4.0).max(1.0));
             v.update(rtt, in_flight);
         }
-        assert!(v.limit < 16.0, "limit {} did not come down towards 4", v.limit);
+        assert!(
+            v.limit < 16.0,
+            "limit {} did not come down towards 4",
+            v.limit
+        );
         let low = v.limit;
         // No queueing any more: latency at no-load level, limit in use.
         for _ in 0..200 {
             v.update(Duration::from_millis(5), v.limit as usize);
         }
-        assert!(v.limit > low * 2.0, "limit {} did not recover from {low}", v.limit);
+        assert!(
+            v.limit > low * 2.0,
+            "limit {} did not recover from {low}",
+            v.limit
+        );
     }
 
     #[test]
     fn an_idle_service_does_not_move_the_limit() {
-        let mut v = Vegas { limit: 50.0, min: 1.0, max: 1000.0, rtt_noload: 0.0, samples: 0 };
+        let mut v = Vegas {
+            limit: 50.0,
+            min: 1.0,
+            max: 1000.0,
+            rtt_noload: 0.0,
+            samples: 0,
+        };
         for _ in 0..1000 {
             v.update(Duration::from_millis(100), 1);
         }

@@ -52,7 +52,9 @@ impl ProcessCpu {
     }
 
     fn run(&self) {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as f64;
         let ticks = {
             // SAFETY: sysconf has no preconditions.
             let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -157,18 +159,24 @@ impl CpuShedder {
             max_pass = max_pass.max(passed);
             min_rt_ms = min_rt_ms.min(b.rt_sum_us.load(Relaxed) as f64 / passed as f64 / 1000.0);
         }
-        (max_pass > 0).then(|| (max_pass as f64 * min_rt_ms * (1000 / BUCKET_MS) as f64 / 1000.0).ceil())
+        (max_pass > 0)
+            .then(|| (max_pass as f64 * min_rt_ms * (1000 / BUCKET_MS) as f64 / 1000.0).ceil())
     }
 
     /// Whether to drop a request now.
     pub fn should_drop(&self) -> bool {
         let hot = self.cpu.usage_per_mille() >= self.threshold;
-        let cooling = self.now_ms().saturating_sub(self.last_drop_ms.load(Relaxed)) < 1000
+        let cooling = self
+            .now_ms()
+            .saturating_sub(self.last_drop_ms.load(Relaxed))
+            < 1000
             && self.last_drop_ms.load(Relaxed) != 0;
         if !hot && !cooling {
             return false;
         }
-        let Some(max) = self.max_in_flight() else { return false };
+        let Some(max) = self.max_in_flight() else {
+            return false;
+        };
         // Admitting one more must not take in-flight past the allowance.
         let over = (self.in_flight.load(Relaxed) + 1) as f64 > (max * self.headroom).max(1.0);
         if over {
@@ -183,7 +191,10 @@ impl CpuShedder {
             return None;
         }
         self.in_flight.fetch_add(1, Relaxed);
-        Some(CpuAdmitted { shedder: self.clone(), started: crate::clock::Stamp::now() })
+        Some(CpuAdmitted {
+            shedder: self.clone(),
+            started: crate::clock::Stamp::now(),
+        })
     }
 
     fn finish(&self, rtt: Duration) {
@@ -191,7 +202,11 @@ impl CpuShedder {
         let epoch = self.now_ms() / BUCKET_MS + 1;
         let b = &self.buckets[(epoch % BUCKETS as u64) as usize];
         let seen = b.epoch.load(Relaxed);
-        if seen != epoch && b.epoch.compare_exchange(seen, epoch, Relaxed, Relaxed).is_ok() {
+        if seen != epoch
+            && b.epoch
+                .compare_exchange(seen, epoch, Relaxed, Relaxed)
+                .is_ok()
+        {
             b.passed.store(0, Relaxed);
             b.rt_sum_us.store(0, Relaxed);
         }
@@ -263,8 +278,14 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(110));
         let max = shed.max_in_flight().unwrap();
-        let admitted: Vec<_> = std::iter::from_fn(|| shed.try_acquire()).take(100).collect();
-        assert_eq!(admitted.len() as f64, (max * 3.0).floor().max(1.0), "admits up to 3x the capacity of {max}");
+        let admitted: Vec<_> = std::iter::from_fn(|| shed.try_acquire())
+            .take(100)
+            .collect();
+        assert_eq!(
+            admitted.len() as f64,
+            (max * 3.0).floor().max(1.0),
+            "admits up to 3x the capacity of {max}"
+        );
     }
 
     #[test]

@@ -38,7 +38,10 @@ impl<S> Layer<S> for DeadlineLayer {
     type Service = Deadline<S>;
 
     fn layer(&self, inner: S) -> Deadline<S> {
-        Deadline { inner, timeout: self.timeout }
+        Deadline {
+            inner,
+            timeout: self.timeout,
+        }
     }
 }
 
@@ -87,15 +90,26 @@ where
         if let Some(budget) = budget {
             if budget.is_zero() {
                 return Box::pin(async {
-                    Err(Box::new(Status::deadline_exceeded("no time left before the caller's deadline")) as BoxError)
+                    Err(Box::new(Status::deadline_exceeded(
+                        "no time left before the caller's deadline",
+                    )) as BoxError)
                 });
             }
             let (name, value) = if crate::reject::is_grpc(req.headers()) {
                 // A deadline the caller set on the request itself also counts.
-                let set = req.headers().get("grpc-timeout").and_then(|v| deadline::parse_grpc_timeout(v.as_bytes()));
-                ("grpc-timeout", deadline::grpc_timeout_value(min_opt(Some(budget), set).unwrap_or(budget)))
+                let set = req
+                    .headers()
+                    .get("grpc-timeout")
+                    .and_then(|v| deadline::parse_grpc_timeout(v.as_bytes()));
+                (
+                    "grpc-timeout",
+                    deadline::grpc_timeout_value(min_opt(Some(budget), set).unwrap_or(budget)),
+                )
             } else {
-                (deadline::HTTP_TIMEOUT_HEADER, budget.as_millis().max(1).to_string())
+                (
+                    deadline::HTTP_TIMEOUT_HEADER,
+                    budget.as_millis().max(1).to_string(),
+                )
             };
             if let Ok(value) = HeaderValue::from_str(&value) {
                 req.headers_mut().insert(name, value);
@@ -105,7 +119,9 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let exceeded = |budget: Duration| {
-                Box::new(Status::deadline_exceeded(format!("no response within {budget:?}"))) as BoxError
+                Box::new(Status::deadline_exceeded(format!(
+                    "no response within {budget:?}"
+                ))) as BoxError
             };
             match budget {
                 Some(budget) => match tokio::time::timeout(budget, fut).await {

@@ -35,25 +35,28 @@ pub mod concurrency;
 pub mod cpu_shed;
 pub mod deadline;
 pub mod rate_limit;
-pub mod retry;
 #[cfg(feature = "redis")]
 pub mod redis_limit;
 mod reject;
+pub mod retry;
 
 pub use breaker::{
-    Breaker, BreakerConfig, BreakerState, CircuitBreaker, Clock, CircuitBreakerLayer, Outcome, Permit, Policy, SreBreaker, SreConfig,
-    Trip, classify,
+    Breaker, BreakerConfig, BreakerState, CircuitBreaker, CircuitBreakerLayer, Clock, Outcome,
+    Permit, Policy, SreBreaker, SreConfig, Trip, classify,
 };
 pub use codel::{DelayAdmitted, DelayShedder};
 pub use concurrency::{
-    Admission, Admitted, ConcurrencyLimit, ConcurrencyLimitLayer, CpuShedLayer, DelayShedLayer, LimitKind, Shed, ShedLayer,
+    Admission, Admitted, ConcurrencyLimit, ConcurrencyLimitLayer, CpuShedLayer, DelayShedLayer,
+    LimitKind, Shed, ShedLayer,
 };
 pub use cpu_shed::{CpuAdmitted, CpuShedder, CpuSource, ProcessCpu};
 pub use deadline::{Deadline, DeadlineLayer};
-pub use retry::{Backoff, Retry, RetryBudget, RetryLayer, RetryPolicy};
-pub use rate_limit::{Decision, KeyBy, Limiter, LocalLimiter, PeerAddr, Quota, RateLimit, RateLimitLayer};
+pub use rate_limit::{
+    Decision, KeyBy, Limiter, LocalLimiter, PeerAddr, Quota, RateLimit, RateLimitLayer,
+};
 #[cfg(feature = "redis")]
 pub use redis_limit::{RedisFallback, RedisLimiter};
+pub use retry::{Backoff, Retry, RetryBudget, RetryLayer, RetryPolicy};
 
 /// The error type of Trellis' layers: boxed, with a `tonic::Status` inside
 /// for rejections, so generated clients report the right code.

@@ -41,7 +41,11 @@ pub struct Quota {
 impl Quota {
     /// `rate` per second, burst `rate`.
     pub fn per_second(rate: u32) -> Self {
-        Quota { rate: rate.max(1), period: Duration::from_secs(1), burst: rate.max(1) }
+        Quota {
+            rate: rate.max(1),
+            period: Duration::from_secs(1),
+            burst: rate.max(1),
+        }
     }
 
     /// The same quota with another burst.
@@ -86,7 +90,10 @@ struct Cell {
 
 impl From<&Quota> for Cell {
     fn from(q: &Quota) -> Self {
-        Cell { interval: q.emission_interval_ns(), tolerance: q.burst_tolerance_ns() }
+        Cell {
+            interval: q.emission_interval_ns(),
+            tolerance: q.burst_tolerance_ns(),
+        }
     }
 }
 
@@ -97,7 +104,9 @@ fn gcra(tat: &AtomicU64, cell: &Cell, now: u64) -> Decision {
     loop {
         let start = current.max(now);
         if start - now > tolerance {
-            return Decision::Deny { retry_after: Duration::from_nanos(start - now - tolerance) };
+            return Decision::Deny {
+                retry_after: Duration::from_nanos(start - now - tolerance),
+            };
         }
         match tat.compare_exchange_weak(current, start + interval, Relaxed, Relaxed) {
             Ok(_) => return Decision::Allow,
@@ -149,7 +158,9 @@ impl LocalLimiter {
 
     /// Changes the quota for decisions from now on; `None` lifts the limit.
     pub fn set_quota(&self, quota: Option<Quota>) {
-        let (interval, tolerance) = quota.map_or((0, 0), |q| (q.emission_interval_ns(), q.burst_tolerance_ns()));
+        let (interval, tolerance) = quota.map_or((0, 0), |q| {
+            (q.emission_interval_ns(), q.burst_tolerance_ns())
+        });
         self.tolerance_ns.store(tolerance, Relaxed);
         self.interval_ns.store(interval, Relaxed);
     }
@@ -160,9 +171,14 @@ impl LocalLimiter {
         if interval == 0 {
             return Decision::Allow;
         }
-        let cell = Cell { interval, tolerance: self.tolerance_ns.load(Relaxed) };
+        let cell = Cell {
+            interval,
+            tolerance: self.tolerance_ns.load(Relaxed),
+        };
         let now = monotonic_ns();
-        let Some(key) = key else { return gcra(&self.global, &cell, now) };
+        let Some(key) = key else {
+            return gcra(&self.global, &cell, now);
+        };
         let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
         let tat_cell = {
             let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
@@ -186,18 +202,27 @@ impl LocalLimiter {
 
     /// Keys currently tracked (for tests and metrics).
     pub fn tracked_keys(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len()).sum()
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
     }
 }
 
 /// Something that decides; local or shared.
 pub trait Limiter: Send + Sync + 'static {
     /// Decides for one request with `key`.
-    fn check<'a>(&'a self, key: Option<&'a str>) -> Pin<Box<dyn Future<Output = Decision> + Send + 'a>>;
+    fn check<'a>(
+        &'a self,
+        key: Option<&'a str>,
+    ) -> Pin<Box<dyn Future<Output = Decision> + Send + 'a>>;
 }
 
 impl Limiter for LocalLimiter {
-    fn check<'a>(&'a self, key: Option<&'a str>) -> Pin<Box<dyn Future<Output = Decision> + Send + 'a>> {
+    fn check<'a>(
+        &'a self,
+        key: Option<&'a str>,
+    ) -> Pin<Box<dyn Future<Output = Decision> + Send + 'a>> {
         let d = LocalLimiter::check(self, key);
         Box::pin(std::future::ready(d))
     }
@@ -230,7 +255,10 @@ impl KeyBy {
             ),
             KeyBy::Header(name) => Some(format!(
                 "{name}={}",
-                req.headers().get(name.as_str()).and_then(|v| v.to_str().ok()).unwrap_or("")
+                req.headers()
+                    .get(name.as_str())
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
             )),
         }
     }
@@ -258,7 +286,11 @@ impl<S> Layer<S> for RateLimitLayer {
     type Service = RateLimit<S>;
 
     fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit { inner, limiter: self.limiter.clone(), key: self.key.clone() }
+        RateLimit {
+            inner,
+            limiter: self.limiter.clone(),
+            key: self.key.clone(),
+        }
     }
 }
 
@@ -301,8 +333,12 @@ where
                 Decision::Deny { retry_after } => {
                     metrics::counter!("rate_limit_rejections_total").increment(1);
                     let millis = retry_after.as_millis().max(1);
-                    let secs = (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1);
-                    let headers = [("grpc-retry-pushback-ms", millis.to_string()), ("retry-after", secs.to_string())];
+                    let secs =
+                        (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1);
+                    let headers = [
+                        ("grpc-retry-pushback-ms", millis.to_string()),
+                        ("retry-after", secs.to_string()),
+                    ];
                     let refusal = Refusal {
                         grpc_status: "8",
                         http_status: StatusCode::TOO_MANY_REQUESTS,
@@ -369,10 +405,19 @@ mod tests {
         let tat = AtomicU64::new(0);
         let t0 = 10_000_000_000u64;
         assert!((0..3).all(|_| gcra(&tat, &quota, t0) == Decision::Allow));
-        let Decision::Deny { retry_after } = gcra(&tat, &quota, t0) else { panic!("burst exceeded") };
+        let Decision::Deny { retry_after } = gcra(&tat, &quota, t0) else {
+            panic!("burst exceeded")
+        };
         assert_eq!(retry_after, Duration::from_millis(100));
-        assert_eq!(gcra(&tat, &quota, t0 + 100_000_000), Decision::Allow, "one interval later");
-        assert!(matches!(gcra(&tat, &quota, t0 + 100_000_000), Decision::Deny { .. }));
+        assert_eq!(
+            gcra(&tat, &quota, t0 + 100_000_000),
+            Decision::Allow,
+            "one interval later"
+        );
+        assert!(matches!(
+            gcra(&tat, &quota, t0 + 100_000_000),
+            Decision::Deny { .. }
+        ));
         // After a long idle the whole burst is back.
         let later = t0 + 10_000_000_000;
         assert!((0..3).all(|_| gcra(&tat, &quota, later) == Decision::Allow));
@@ -396,6 +441,10 @@ mod tests {
         for i in 0..10_000 {
             limiter.check(Some(&format!("client-{i}")));
         }
-        assert!(limiter.tracked_keys() <= 160, "tracked {}", limiter.tracked_keys());
+        assert!(
+            limiter.tracked_keys() <= 160,
+            "tracked {}",
+            limiter.tracked_keys()
+        );
     }
 }

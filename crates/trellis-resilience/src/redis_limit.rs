@@ -66,7 +66,12 @@ impl RedisLimiter {
     /// A limiter at `url` (`redis://host:port`), keys under `prefix`.
     /// Connects lazily: a limiter can start while Redis is down (and uses
     /// the fallback until it is up).
-    pub fn new(url: &str, prefix: &str, quota: Quota, fallback: RedisFallback) -> Result<Self, redis::RedisError> {
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        quota: Quota,
+        fallback: RedisFallback,
+    ) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(200)))
@@ -95,21 +100,29 @@ impl RedisLimiter {
     async fn ask(&self, key: &str) -> Result<Decision, String> {
         let mut connection = self.connection.clone();
         let mut invocation = self.script.key(format!("{}{key}", self.prefix));
-        invocation.arg(self.quota.emission_interval_ns() / 1000).arg(self.quota.burst_tolerance_ns() / 1000);
-        let wait_us: i64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
-            .await
-            .map_err(|_| format!("no answer within {:?}", self.timeout))?
-            .map_err(|e| e.to_string())?;
+        invocation
+            .arg(self.quota.emission_interval_ns() / 1000)
+            .arg(self.quota.burst_tolerance_ns() / 1000);
+        let wait_us: i64 =
+            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
+                .await
+                .map_err(|_| format!("no answer within {:?}", self.timeout))?
+                .map_err(|e| e.to_string())?;
         Ok(if wait_us <= 0 {
             Decision::Allow
         } else {
-            Decision::Deny { retry_after: Duration::from_micros(wait_us as u64) }
+            Decision::Deny {
+                retry_after: Duration::from_micros(wait_us as u64),
+            }
         })
     }
 }
 
 impl Limiter for RedisLimiter {
-    fn check<'a>(&'a self, key: Option<&'a str>) -> Pin<Box<dyn Future<Output = Decision> + Send + 'a>> {
+    fn check<'a>(
+        &'a self,
+        key: Option<&'a str>,
+    ) -> Pin<Box<dyn Future<Output = Decision> + Send + 'a>> {
         Box::pin(async move {
             let now_ms = self.created.elapsed().as_millis() as u64;
             let answer = if now_ms < self.skip_until_ms.load(Relaxed) {
@@ -123,12 +136,15 @@ impl Limiter for RedisLimiter {
                     if let Some(err) = err {
                         warn!(error = %err, retry_in = ?RETRY_REDIS_AFTER, "redis rate limit unavailable; using the fallback");
                         let retry_at = self.created.elapsed() + RETRY_REDIS_AFTER;
-                        self.skip_until_ms.store(retry_at.as_millis() as u64, Relaxed);
+                        self.skip_until_ms
+                            .store(retry_at.as_millis() as u64, Relaxed);
                     }
                     match &self.fallback {
                         RedisFallback::Local(local) => local.check(key),
                         RedisFallback::Allow => Decision::Allow,
-                        RedisFallback::Deny => Decision::Deny { retry_after: Duration::from_secs(1) },
+                        RedisFallback::Deny => Decision::Deny {
+                            retry_after: Duration::from_secs(1),
+                        },
                     }
                 }
             }

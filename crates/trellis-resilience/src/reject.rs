@@ -32,7 +32,10 @@ impl Refusal<'_> {
         let mut response = if grpc {
             let mut r = Response::new(RB::default());
             let h = r.headers_mut();
-            h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
             h.insert("grpc-status", HeaderValue::from_static(self.grpc_status));
             if let Ok(v) = HeaderValue::from_str(&percent_encode(&self.message)) {
                 h.insert("grpc-message", v);
@@ -47,7 +50,10 @@ impl Refusal<'_> {
             });
             let mut r = Response::new(RB::from(body.to_string()));
             *r.status_mut() = self.http_status;
-            r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             r
         };
         for (name, value) in self.headers {
@@ -62,6 +68,12 @@ impl Refusal<'_> {
 /// `grpc-message` is percent-encoded (gRPC over HTTP/2 spec).
 fn percent_encode(s: &str) -> String {
     s.bytes()
-        .map(|b| if (0x20..0x7f).contains(&b) && b != b'%' { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if (0x20..0x7f).contains(&b) && b != b'%' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }

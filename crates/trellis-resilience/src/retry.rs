@@ -58,7 +58,10 @@ impl Backoff {
     /// The wait before retry number `n` (0 = the first retry), given the
     /// previous wait.
     pub fn delay(&self, n: u32, previous: Duration, random: f64) -> Duration {
-        let exp = |base: Duration, max: Duration| base.saturating_mul(1u32.checked_shl(n.min(30)).unwrap_or(u32::MAX)).min(max);
+        let exp = |base: Duration, max: Duration| {
+            base.saturating_mul(1u32.checked_shl(n.min(30)).unwrap_or(u32::MAX))
+                .min(max)
+        };
         match *self {
             Backoff::Fixed(d) => d,
             Backoff::Exponential { base, max } => exp(base, max),
@@ -103,7 +106,12 @@ impl RetryBudget {
         let epoch = now / (self.window_ms / 2) + 1;
         let half = &self.halves[(epoch % 2) as usize];
         let seen = half.0.load(Relaxed);
-        if seen != epoch && half.0.compare_exchange(seen, epoch, Relaxed, Relaxed).is_ok() {
+        if seen != epoch
+            && half
+                .0
+                .compare_exchange(seen, epoch, Relaxed, Relaxed)
+                .is_ok()
+        {
             half.1.store(0, Relaxed);
             half.2.store(0, Relaxed);
         }
@@ -118,11 +126,11 @@ impl RetryBudget {
     /// Takes one retry from the budget, if there is one.
     pub fn withdraw(&self) -> bool {
         let current = self.half();
-        let (requests, retries) = self
-            .halves
-            .iter()
-            .fold((0u64, 0u64), |(q, r), h| (q + h.1.load(Relaxed), r + h.2.load(Relaxed)));
-        let allowed = self.ratio * requests as f64 + f64::from(self.min_per_second) * (self.window_ms as f64 / 1000.0);
+        let (requests, retries) = self.halves.iter().fold((0u64, 0u64), |(q, r), h| {
+            (q + h.1.load(Relaxed), r + h.2.load(Relaxed))
+        });
+        let allowed = self.ratio * requests as f64
+            + f64::from(self.min_per_second) * (self.window_ms as f64 / 1000.0);
         if (retries as f64) < allowed {
             current.2.fetch_add(1, Relaxed);
             true
@@ -147,14 +155,20 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
             max_attempts: 3,
-            backoff: Backoff::FullJitter { base: Duration::from_millis(25), max: Duration::from_secs(1) },
+            backoff: Backoff::FullJitter {
+                base: Duration::from_millis(25),
+                max: Duration::from_secs(1),
+            },
             max_buffered_body: 64 * 1024,
         }
     }
 }
 
 /// Why an attempt may be retried, and the server's pushback if it gave one.
-fn retryable<B>(result: &Result<Response<B>, BoxError>, idempotent: bool) -> Option<Option<Duration>> {
+fn retryable<B>(
+    result: &Result<Response<B>, BoxError>,
+    idempotent: bool,
+) -> Option<Option<Duration>> {
     match result {
         // Transport errors: the request may not have been sent. tonic's
         // channel surfaces connect failures here.
@@ -197,7 +211,11 @@ impl<S> Layer<S> for RetryLayer {
     type Service = Retry<S>;
 
     fn layer(&self, inner: S) -> Retry<S> {
-        Retry { inner, policy: self.policy.clone(), budget: self.budget.clone() }
+        Retry {
+            inner,
+            policy: self.policy.clone(),
+            budget: self.budget.clone(),
+        }
     }
 }
 
@@ -244,27 +262,43 @@ where
         Box::pin(async move {
             budget.deposit();
             let grpc = crate::reject::is_grpc(req.headers());
-            let idempotent = grpc || matches!(*req.method(), Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS);
+            let idempotent = grpc
+                || matches!(
+                    *req.method(),
+                    Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
+                );
             let (parts, body) = req.into_parts();
             // Buffer the body so it can be sent again; too big: no retries.
             let limited = http_body_util::Limited::new(body, policy.max_buffered_body);
             let bytes: Bytes = match limited.collect().await {
                 Ok(collected) => collected.to_bytes(),
-                Err(err) => return Err(format!("cannot buffer the request body for retries: {err}").into()),
+                Err(err) => {
+                    return Err(format!("cannot buffer the request body for retries: {err}").into());
+                }
             };
             let build = |bytes: Bytes| {
-                let mut req = Request::new(tonic::body::Body::new(http_body_util::Full::new(bytes)));
+                let mut req =
+                    Request::new(tonic::body::Body::new(http_body_util::Full::new(bytes)));
                 *req.method_mut() = parts.method.clone();
                 *req.uri_mut() = parts.uri.clone();
                 *req.version_mut() = parts.version;
                 *req.headers_mut() = parts.headers.clone();
                 req
             };
-            let mut result = first_service.call(build(bytes.clone())).await.map_err(Into::into);
+            let mut result = first_service
+                .call(build(bytes.clone()))
+                .await
+                .map_err(Into::into);
             let mut previous = Duration::ZERO;
             for attempt in 1..policy.max_attempts.max(1) {
-                let Some(pushback) = retryable(&result, idempotent) else { break };
-                let wait = pushback.unwrap_or_else(|| policy.backoff.delay(attempt - 1, previous, crate::breaker::random_unit()));
+                let Some(pushback) = retryable(&result, idempotent) else {
+                    break;
+                };
+                let wait = pushback.unwrap_or_else(|| {
+                    policy
+                        .backoff
+                        .delay(attempt - 1, previous, crate::breaker::random_unit())
+                });
                 previous = wait;
                 if trellis_core::deadline::remaining().is_some_and(|left| left <= wait) {
                     break;
@@ -273,7 +307,11 @@ where
                     break;
                 }
                 tokio::time::sleep(wait).await;
-                result = service.clone().oneshot(build(bytes.clone())).await.map_err(Into::into);
+                result = service
+                    .clone()
+                    .oneshot(build(bytes.clone()))
+                    .await
+                    .map_err(Into::into);
             }
             result
         })
@@ -288,12 +326,24 @@ mod tests {
     fn backoffs() {
         let ms = Duration::from_millis;
         assert_eq!(Backoff::Fixed(ms(10)).delay(5, ms(0), 0.5), ms(10));
-        let exp = Backoff::Exponential { base: ms(10), max: ms(100) };
-        assert_eq!([0, 1, 2, 3, 4].map(|n| exp.delay(n, ms(0), 0.0)), [ms(10), ms(20), ms(40), ms(80), ms(100)]);
-        let full = Backoff::FullJitter { base: ms(10), max: ms(100) };
+        let exp = Backoff::Exponential {
+            base: ms(10),
+            max: ms(100),
+        };
+        assert_eq!(
+            [0, 1, 2, 3, 4].map(|n| exp.delay(n, ms(0), 0.0)),
+            [ms(10), ms(20), ms(40), ms(80), ms(100)]
+        );
+        let full = Backoff::FullJitter {
+            base: ms(10),
+            max: ms(100),
+        };
         assert_eq!(full.delay(2, ms(0), 0.5), ms(20));
         assert_eq!(full.delay(2, ms(0), 0.0), ms(0));
-        let dec = Backoff::DecorrelatedJitter { base: ms(10), max: ms(100) };
+        let dec = Backoff::DecorrelatedJitter {
+            base: ms(10),
+            max: ms(100),
+        };
         assert_eq!(dec.delay(0, ms(0), 1.0), ms(30));
         assert_eq!(dec.delay(1, ms(30), 1.0), ms(90));
         assert_eq!(dec.delay(2, ms(90), 1.0), ms(100));
@@ -302,13 +352,20 @@ mod tests {
 
     #[test]
     fn budget_allows_the_ratio_plus_the_floor() {
-        let budget = RetryBudget { min_per_second: 0, ..RetryBudget::new(0.2, 0) };
+        let budget = RetryBudget {
+            min_per_second: 0,
+            ..RetryBudget::new(0.2, 0)
+        };
         for _ in 0..100 {
             budget.deposit();
         }
         let granted = (0..100).filter(|_| budget.withdraw()).count();
         assert_eq!(granted, 20);
         let floor = RetryBudget::new(0.0, 1);
-        assert_eq!((0..100).filter(|_| floor.withdraw()).count(), 10, "1/s over a 10 s window");
+        assert_eq!(
+            (0..100).filter(|_| floor.withdraw()).count(),
+            10,
+            "1/s over a 10 s window"
+        );
     }
 }

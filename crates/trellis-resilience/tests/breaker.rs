@@ -7,13 +7,19 @@ use std::{sync::atomic::Ordering, time::Duration};
 
 use proptest::prelude::*;
 use trellis_resilience::{
-    Breaker, BreakerConfig, BreakerState, CircuitBreakerLayer, Clock, Outcome, Permit, Policy, SreBreaker, SreConfig, Trip,
+    Breaker, BreakerConfig, BreakerState, CircuitBreakerLayer, Clock, Outcome, Permit, Policy,
+    SreBreaker, SreConfig, Trip,
 };
 
 const FAST: Duration = Duration::from_millis(1);
 
 fn ratio_only(min_calls: u32, ratio: f64) -> BreakerConfig {
-    BreakerConfig { min_calls, failure_ratio: ratio, consecutive_failures: None, ..BreakerConfig::default() }
+    BreakerConfig {
+        min_calls,
+        failure_ratio: ratio,
+        consecutive_failures: None,
+        ..BreakerConfig::default()
+    }
 }
 
 fn call(b: &Breaker, outcome: Outcome) -> bool {
@@ -29,17 +35,35 @@ fn call(b: &Breaker, outcome: Outcome) -> bool {
 #[tokio::test(start_paused = true)]
 async fn opens_on_a_failure_ratio_fails_fast_then_half_opens_and_closes() {
     let b = Breaker::with_clock(
-        BreakerConfig { open_duration: Duration::from_secs(5), half_open_probes: 3, ..ratio_only(10, 0.5) },
+        BreakerConfig {
+            open_duration: Duration::from_secs(5),
+            half_open_probes: 3,
+            ..ratio_only(10, 0.5)
+        },
         Clock::Tokio,
     );
     let mut events = b.subscribe();
     for i in 0..9 {
-        call(&b, if i % 2 == 0 { Outcome::Failure } else { Outcome::Success });
+        call(
+            &b,
+            if i % 2 == 0 {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            },
+        );
     }
-    assert_eq!(b.state(), BreakerState::Closed, "below min_calls nothing trips");
+    assert_eq!(
+        b.state(),
+        BreakerState::Closed,
+        "below min_calls nothing trips"
+    );
     call(&b, Outcome::Failure); // 10 calls, 6 failures
     assert_eq!(b.state(), BreakerState::Open);
-    assert_eq!(*events.borrow_and_update(), (BreakerState::Open, Some(Trip::FailureRatio)));
+    assert_eq!(
+        *events.borrow_and_update(),
+        (BreakerState::Open, Some(Trip::FailureRatio))
+    );
     assert!(b.acquire().is_none(), "open fails fast");
 
     tokio::time::advance(Duration::from_secs(4)).await;
@@ -48,7 +72,10 @@ async fn opens_on_a_failure_ratio_fails_fast_then_half_opens_and_closes() {
     let probes: Vec<Permit> = (0..3).map(|_| b.acquire().unwrap()).collect();
     assert_eq!(b.state(), BreakerState::HalfOpen);
     assert!(probes.iter().all(|p| *p == Permit::Probe));
-    assert!(b.acquire().is_none(), "only half_open_probes calls go through");
+    assert!(
+        b.acquire().is_none(),
+        "only half_open_probes calls go through"
+    );
     for p in probes {
         b.record(p, Outcome::Success, FAST);
     }
@@ -61,34 +88,67 @@ async fn opens_on_a_failure_ratio_fails_fast_then_half_opens_and_closes() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_probe_opens_it_again() {
-    let b = Breaker::with_clock(BreakerConfig { consecutive_failures: Some(3), ..BreakerConfig::default() }, Clock::Tokio);
+    let b = Breaker::with_clock(
+        BreakerConfig {
+            consecutive_failures: Some(3),
+            ..BreakerConfig::default()
+        },
+        Clock::Tokio,
+    );
     for _ in 0..3 {
         call(&b, Outcome::Failure);
     }
-    assert_eq!(*b.subscribe().borrow(), (BreakerState::Open, Some(Trip::ConsecutiveFailures)));
+    assert_eq!(
+        *b.subscribe().borrow(),
+        (BreakerState::Open, Some(Trip::ConsecutiveFailures))
+    );
     tokio::time::advance(Duration::from_secs(5)).await;
     let probe = b.acquire().unwrap();
     b.record(probe, Outcome::Failure, FAST);
-    assert_eq!(*b.subscribe().borrow(), (BreakerState::Open, Some(Trip::ProbeFailed)));
+    assert_eq!(
+        *b.subscribe().borrow(),
+        (BreakerState::Open, Some(Trip::ProbeFailed))
+    );
     assert!(b.acquire().is_none());
 }
 
 #[tokio::test(start_paused = true)]
 async fn slow_calls_trip_when_configured() {
     let b = Breaker::with_clock(
-        BreakerConfig { slow_call_ratio: Some(0.5), slow_call_threshold: Duration::from_millis(200), ..ratio_only(4, 0.9) },
+        BreakerConfig {
+            slow_call_ratio: Some(0.5),
+            slow_call_threshold: Duration::from_millis(200),
+            ..ratio_only(4, 0.9)
+        },
         Clock::Tokio,
     );
     for slow in [false, true, false, true] {
         let p = b.acquire().unwrap();
-        b.record(p, Outcome::Success, if slow { Duration::from_millis(300) } else { FAST });
+        b.record(
+            p,
+            Outcome::Success,
+            if slow {
+                Duration::from_millis(300)
+            } else {
+                FAST
+            },
+        );
     }
-    assert_eq!(*b.subscribe().borrow(), (BreakerState::Open, Some(Trip::SlowCallRatio)));
+    assert_eq!(
+        *b.subscribe().borrow(),
+        (BreakerState::Open, Some(Trip::SlowCallRatio))
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn failures_age_out_of_the_window() {
-    let b = Breaker::with_clock(BreakerConfig { window: Duration::from_secs(10), ..ratio_only(10, 0.5) }, Clock::Tokio);
+    let b = Breaker::with_clock(
+        BreakerConfig {
+            window: Duration::from_secs(10),
+            ..ratio_only(10, 0.5)
+        },
+        Clock::Tokio,
+    );
     for _ in 0..4 {
         call(&b, Outcome::Failure);
     }
@@ -106,7 +166,10 @@ async fn failures_age_out_of_the_window() {
 
 #[test]
 fn a_count_window_judges_the_last_n_calls_whenever_they_happened() {
-    let b = Breaker::new(BreakerConfig { count_window: Some(10), ..ratio_only(10, 0.5) });
+    let b = Breaker::new(BreakerConfig {
+        count_window: Some(10),
+        ..ratio_only(10, 0.5)
+    });
     // 4 old failures, then 10 successes push them out of the window.
     for _ in 0..4 {
         call(&b, Outcome::Failure);
@@ -121,7 +184,10 @@ fn a_count_window_judges_the_last_n_calls_whenever_they_happened() {
     assert_eq!(b.state(), BreakerState::Closed);
     // The 5th failure in the last 10 trips it.
     call(&b, Outcome::Failure);
-    assert_eq!(*b.subscribe().borrow(), (BreakerState::Open, Some(Trip::FailureRatio)));
+    assert_eq!(
+        *b.subscribe().borrow(),
+        (BreakerState::Open, Some(Trip::FailureRatio))
+    );
 }
 
 proptest! {
@@ -206,20 +272,28 @@ fn sre_throttles_a_failing_dependency_and_not_a_healthy_one() {
         }
     }
     assert_eq!(healthy_rejects, 0);
-    assert!(failing_rejects > 1800, "a dependency failing every call should be throttled: {failing_rejects}");
+    assert!(
+        failing_rejects > 1800,
+        "a dependency failing every call should be throttled: {failing_rejects}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_breaker_opens_under_an_error_burst_and_closes_when_the_upstream_recovers() {
     let upstream = support::serve(support::hop(Duration::ZERO, None)).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", upstream.addr)).unwrap().connect_lazy();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", upstream.addr))
+        .unwrap()
+        .connect_lazy();
     let config = BreakerConfig {
         consecutive_failures: Some(5),
         open_duration: Duration::from_millis(300),
         half_open_probes: 2,
         ..BreakerConfig::default()
     };
-    let stack = tower::Layer::layer(&CircuitBreakerLayer::per_method(move || Breaker::new(config.clone())), channel);
+    let stack = tower::Layer::layer(
+        &CircuitBreakerLayer::per_method(move || Breaker::new(config.clone())),
+        channel,
+    );
     let mut client = tonic::client::Grpc::new(stack);
 
     support::call(&mut client).await.unwrap();
@@ -235,12 +309,58 @@ async fn a_breaker_opens_under_an_error_burst_and_closes_when_the_upstream_recov
         assert_eq!(err.code(), tonic::Code::Unavailable);
         assert!(err.message().contains("circuit open"), "{err}");
     }
-    assert_eq!(upstream.hop.seen.lock().unwrap().len(), reached, "an open breaker let calls through");
+    assert_eq!(
+        upstream.hop.seen.lock().unwrap().len(),
+        reached,
+        "an open breaker let calls through"
+    );
 
     upstream.hop.failing.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(350)).await;
     for _ in 0..5 {
         support::call(&mut client).await.unwrap();
     }
-    assert_eq!(upstream.hop.seen.lock().unwrap().len(), reached + 5, "probes, then normal traffic");
+    assert_eq!(
+        upstream.hop.seen.lock().unwrap().len(),
+        reached + 5,
+        "probes, then normal traffic"
+    );
+}
+
+#[test]
+fn state_changes_are_counted_and_the_open_gauge_follows() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, || {
+        let b = Breaker::new(BreakerConfig {
+            consecutive_failures: Some(3),
+            open_duration: Duration::ZERO,
+            half_open_probes: 1,
+            ..BreakerConfig::default()
+        });
+        for _ in 0..3 {
+            call(&b, Outcome::Failure);
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        let text = handle.render();
+        assert!(
+            text.contains("circuit_breaker_transitions_total{to=\"open\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("circuit_breaker_open 1"), "{text}");
+
+        let probe = b.acquire().expect("open_duration is over: a probe");
+        b.record(probe, Outcome::Success, FAST);
+        assert_eq!(b.state(), BreakerState::Closed);
+        let text = handle.render();
+        assert!(
+            text.contains("circuit_breaker_transitions_total{to=\"half_open\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("circuit_breaker_transitions_total{to=\"closed\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("circuit_breaker_open 0"), "{text}");
+    });
 }

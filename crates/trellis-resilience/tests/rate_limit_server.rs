@@ -12,7 +12,14 @@ use trellis_transport::{GrpcHttpServer, ServerConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_each_route_on_both_faces_but_never_the_probes() {
-    let limiter = Arc::new(LocalLimiter::new(Quota { rate: 2, period: Duration::from_secs(60), burst: 2 }, 1000));
+    let limiter = Arc::new(LocalLimiter::new(
+        Quota {
+            rate: 2,
+            period: Duration::from_secs(60),
+            burst: 2,
+        },
+        1000,
+    ));
     let router = axum::Router::new().route("/hello", axum::routing::get(|| async { "hi" }));
     let hop = support::hop(Duration::ZERO, None);
     let builder = GrpcHttpServer::builder(ServerConfig::default())
@@ -30,7 +37,10 @@ async fn limits_each_route_on_both_faces_but_never_the_probes() {
     let retry_after: u64 = limited.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=30).contains(&retry_after), "retry-after {retry_after}");
     let body: serde_json::Value = serde_json::from_str(&limited.body).unwrap();
-    assert_eq!((body["code"].as_str(), body["reason"].as_str()), (Some("RESOURCE_EXHAUSTED"), Some("RATE_LIMITED")));
+    assert_eq!(
+        (body["code"].as_str(), body["reason"].as_str()),
+        (Some("RESOURCE_EXHAUSTED"), Some("RATE_LIMITED"))
+    );
 
     // gRPC: its own route, its own budget.
     let mut client = support::client(addr, None);
@@ -39,24 +49,45 @@ async fn limits_each_route_on_both_faces_but_never_the_probes() {
     }
     let err = support::call(&mut client).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
-    let pushback: u64 = err.metadata().get("grpc-retry-pushback-ms").unwrap().to_str().unwrap().parse().unwrap();
+    let pushback: u64 = err
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(pushback > 1000, "pushback {pushback} ms");
 
     // Probes and health keep answering.
     for _ in 0..20 {
         assert_eq!(http::get(addr, "/readyz").await.unwrap().status, 200);
     }
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     for _ in 0..20 {
-        health.check(tonic_health::pb::HealthCheckRequest::default()).await.unwrap();
+        health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap();
     }
     stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_ip_keys_come_from_the_connection() {
-    let limiter = Arc::new(LocalLimiter::new(Quota { rate: 1, period: Duration::from_secs(60), burst: 3 }, 1000));
+    let limiter = Arc::new(LocalLimiter::new(
+        Quota {
+            rate: 1,
+            period: Duration::from_secs(60),
+            burst: 3,
+        },
+        1000,
+    ));
     let router = axum::Router::new().route("/hello", axum::routing::get(|| async { "hi" }));
     let builder = GrpcHttpServer::builder(ServerConfig::default())
         .http_router(router)

@@ -25,7 +25,13 @@ async fn three_instances_share_one_budget() {
     let redis = Redis::start().unwrap();
     let quota = Quota::per_second(100).with_burst(50);
     let instances: Vec<Arc<RedisLimiter>> = (0..3)
-        .map(|_| Arc::new(RedisLimiter::new(&redis.url(), "rl:", quota, RedisFallback::Deny).unwrap().with_timeout(Duration::from_secs(1))))
+        .map(|_| {
+            Arc::new(
+                RedisLimiter::new(&redis.url(), "rl:", quota, RedisFallback::Deny)
+                    .unwrap()
+                    .with_timeout(Duration::from_secs(1)),
+            )
+        })
         .collect();
     // Warm the connections (lazy) without spending the key's budget.
     for i in &instances {
@@ -33,7 +39,10 @@ async fn three_instances_share_one_budget() {
     }
     let started = Instant::now();
     let until = started + Duration::from_secs(2);
-    let tasks: Vec<_> = instances.iter().map(|i| tokio::spawn(hammer(i.clone(), "tenant-a", until))).collect();
+    let tasks: Vec<_> = instances
+        .iter()
+        .map(|i| tokio::spawn(hammer(i.clone(), "tenant-a", until)))
+        .collect();
     let mut total = 0;
     for t in tasks {
         total += t.await.unwrap();
@@ -41,7 +50,10 @@ async fn three_instances_share_one_budget() {
     let elapsed = started.elapsed().as_secs_f64();
     let expected = 50.0 + 100.0 * elapsed;
     eprintln!("3 instances admitted {total} in {elapsed:.2}s; a single limit allows {expected:.0}");
-    assert!((f64::from(total) - expected).abs() <= expected * 0.05 + 2.0, "admitted {total}, expected ~{expected:.0}");
+    assert!(
+        (f64::from(total) - expected).abs() <= expected * 0.05 + 2.0,
+        "admitted {total}, expected ~{expected:.0}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,10 +61,15 @@ async fn when_redis_dies_the_fallback_decides_without_stalling() {
     let mut redis = Redis::start().unwrap();
     let quota = Quota::per_second(1000);
     let local = LocalLimiter::new(Quota::per_second(5).with_burst(5), 1000);
-    let with_local = RedisLimiter::new(&redis.url(), "rl:", quota, RedisFallback::Local(local)).unwrap();
+    let with_local =
+        RedisLimiter::new(&redis.url(), "rl:", quota, RedisFallback::Local(local)).unwrap();
     let allow = RedisLimiter::new(&redis.url(), "rl:", quota, RedisFallback::Allow).unwrap();
     let deny = RedisLimiter::new(&redis.url(), "rl:", quota, RedisFallback::Deny).unwrap();
-    assert_eq!(with_local.check(Some("k")).await, Decision::Allow, "redis answers while it is up");
+    assert_eq!(
+        with_local.check(Some("k")).await,
+        Decision::Allow,
+        "redis answers while it is up"
+    );
 
     redis.engine().kill();
     let started = Instant::now();
@@ -60,7 +77,10 @@ async fn when_redis_dies_the_fallback_decides_without_stalling() {
     let allowed = decisions.iter().filter(|d| **d == Decision::Allow).count();
     // One timeout, then straight to the fallback: its burst of 5 (a sixth
     // if a refill lands inside the test), then denial.
-    assert!((5..=6).contains(&allowed), "the local fallback's burst, then denial: {decisions:?}");
+    assert!(
+        (5..=6).contains(&allowed),
+        "the local fallback's burst, then denial: {decisions:?}"
+    );
     for _ in 0..10 {
         assert_eq!(allow.check(Some("k")).await, Decision::Allow);
         assert!(matches!(deny.check(Some("k")).await, Decision::Deny { .. }));
@@ -68,7 +88,10 @@ async fn when_redis_dies_the_fallback_decides_without_stalling() {
     let took = started.elapsed();
     eprintln!("40 decisions with redis down took {took:?}");
     // Three limiters, one timeout each (50 ms) at most: no per-request stall.
-    assert!(took < Duration::from_millis(500), "a dead redis stalled the limiter: {took:?}");
+    assert!(
+        took < Duration::from_millis(500),
+        "a dead redis stalled the limiter: {took:?}"
+    );
 }
 
 async fn futures_collect(limiter: &RedisLimiter, n: usize) -> Vec<Decision> {

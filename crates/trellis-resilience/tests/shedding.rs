@@ -12,7 +12,11 @@ use trellis_resilience::{ConcurrencyLimit, ConcurrencyLimitLayer, LimitKind};
 use trellis_testkit::http;
 use trellis_transport::{GrpcHttpServer, ServerConfig};
 
-async fn serve(router: axum::Router, limit: Arc<ConcurrencyLimit>, hop: Option<support::Hop>) -> (std::net::SocketAddr, CancellationToken, Lifecycle) {
+async fn serve(
+    router: axum::Router,
+    limit: Arc<ConcurrencyLimit>,
+    hop: Option<support::Hop>,
+) -> (std::net::SocketAddr, CancellationToken, Lifecycle) {
     let mut builder = GrpcHttpServer::builder(ServerConfig::default()).http_router(router);
     if let Some(hop) = hop {
         builder = builder.grpc_service(hop);
@@ -22,7 +26,11 @@ async fn serve(router: axum::Router, limit: Arc<ConcurrencyLimit>, hop: Option<s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adaptive_limit_finds_the_capacity_and_sheds_the_rest() {
-    let limit = ConcurrencyLimit::new(LimitKind::Adaptive { initial: 64, min: 2, max: 256 });
+    let limit = ConcurrencyLimit::new(LimitKind::Adaptive {
+        initial: 64,
+        min: 2,
+        max: 256,
+    });
     let (addr, stop, _lifecycle) = serve(slow_handler(), limit.clone(), None).await;
 
     let mut callers = Vec::new();
@@ -49,11 +57,22 @@ async fn an_adaptive_limit_finds_the_capacity_and_sheds_the_rest() {
         ok += o;
         shed += s;
     }
-    eprintln!("adaptive limit settled at {} (started at 64); {ok} served, {shed} shed", limit.limit());
+    eprintln!(
+        "adaptive limit settled at {} (started at 64); {ok} served, {shed} shed",
+        limit.limit()
+    );
     assert!(shed > 0, "an overloaded handler must shed");
     assert!(ok > 100, "and still serve: {ok}");
-    assert!(limit.limit() < 32, "the limit should have come down towards the capacity of 4: {}", limit.limit());
-    assert_eq!(limit.in_flight(), 0, "every admitted request released its slot");
+    assert!(
+        limit.limit() < 32,
+        "the limit should have come down towards the capacity of 4: {}",
+        limit.limit()
+    );
+    assert_eq!(
+        limit.in_flight(),
+        0,
+        "every admitted request released its slot"
+    );
     stop.cancel();
 }
 
@@ -72,8 +91,15 @@ async fn a_bulkhead_sheds_exactly_what_exceeds_it_on_both_faces() {
         }),
     );
     let limit = ConcurrencyLimit::new(LimitKind::Fixed(3));
-    let (addr, stop, _lifecycle) = serve(router, limit.clone(), Some(support::hop(Duration::ZERO, None))).await;
-    let held: Vec<_> = (0..3).map(|_| tokio::spawn(http::get(addr, "/hold"))).collect();
+    let (addr, stop, _lifecycle) = serve(
+        router,
+        limit.clone(),
+        Some(support::hop(Duration::ZERO, None)),
+    )
+    .await;
+    let held: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(http::get(addr, "/hold")))
+        .collect();
     for _ in 0..100 {
         if limit.in_flight() == 3 {
             break;
@@ -82,9 +108,15 @@ async fn a_bulkhead_sheds_exactly_what_exceeds_it_on_both_faces() {
     }
     assert_eq!(limit.in_flight(), 3);
     assert_eq!(http::get(addr, "/hold").await.unwrap().status, 503);
-    let err = support::call(&mut support::client(addr, None)).await.unwrap_err();
+    let err = support::call(&mut support::client(addr, None))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
-    assert_eq!(http::get(addr, "/readyz").await.unwrap().status, 200, "probes are never shed");
+    assert_eq!(
+        http::get(addr, "/readyz").await.unwrap().status,
+        200,
+        "probes are never shed"
+    );
     gate.notify_waiters();
     for h in held {
         assert_eq!(h.await.unwrap().unwrap().status, 200);
@@ -109,7 +141,9 @@ fn slow_handler() -> axum::Router {
     )
 }
 
-async fn serve_with_delay_shedder(shedder: Arc<trellis_resilience::DelayShedder>) -> (std::net::SocketAddr, CancellationToken, Lifecycle) {
+async fn serve_with_delay_shedder(
+    shedder: Arc<trellis_resilience::DelayShedder>,
+) -> (std::net::SocketAddr, CancellationToken, Lifecycle) {
     let builder = GrpcHttpServer::builder(ServerConfig::default())
         .http_router(slow_handler())
         .layer(trellis_resilience::DelayShedLayer::new(shedder));
@@ -143,7 +177,10 @@ async fn queue_delay_shedding_leaves_a_busy_service_alone_and_sheds_real_overloa
         tick.tick().await;
         arrivals.push(tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let status = http::get(addr, "/work").await.map(|r| r.status).unwrap_or(0);
+            let status = http::get(addr, "/work")
+                .await
+                .map(|r| r.status)
+                .unwrap_or(0);
             (status, started.elapsed())
         }));
     }

@@ -24,12 +24,19 @@ fn stat() -> Option<(f64, u64, u64, u64)> {
     let start: u64 = fields.get(19)?.parse().ok()?;
     let vsize: u64 = fields.get(20)?.parse().ok()?;
     let rss_pages: u64 = fields.get(21)?.parse().ok()?;
-    Some(((utime + stime) as f64 / ticks_per_second(), vsize, rss_pages * page_size(), start))
+    Some((
+        (utime + stime) as f64 / ticks_per_second(),
+        vsize,
+        rss_pages * page_size(),
+        start,
+    ))
 }
 
 fn boot_time() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
-    text.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok())
+    text.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn max_fds() -> Option<u64> {
@@ -39,25 +46,64 @@ fn max_fds() -> Option<u64> {
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
-    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n");
+    let _ = write!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n"
+    );
 }
 
 /// Appends the process metrics and build info to an exposition.
 pub(crate) fn render(out: &mut String) {
     if let Some((cpu, vsize, rss, start_ticks)) = stat() {
-        metric(out, "process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.", cpu);
-        metric(out, "process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", vsize);
-        metric(out, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss);
+        metric(
+            out,
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            cpu,
+        );
+        metric(
+            out,
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            vsize,
+        );
+        metric(
+            out,
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            rss,
+        );
         if let Some(boot) = boot_time() {
             let start = boot as f64 + start_ticks as f64 / ticks_per_second();
-            metric(out, "process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", start);
+            metric(
+                out,
+                "process_start_time_seconds",
+                "gauge",
+                "Start time of the process since unix epoch in seconds.",
+                start,
+            );
         }
     }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-        metric(out, "process_open_fds", "gauge", "Number of open file descriptors.", fds.count());
+        metric(
+            out,
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            fds.count(),
+        );
     }
     if let Some(max) = max_fds() {
-        metric(out, "process_max_fds", "gauge", "Maximum number of open file descriptors.", max);
+        metric(
+            out,
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max,
+        );
     }
     let _ = write!(
         out,

@@ -13,17 +13,52 @@ use metrics::{Unit, describe_gauge, describe_histogram, gauge, histogram};
 use tower::{Layer, Service};
 
 pub(crate) fn describe() {
-    describe_histogram!("rpc_server_duration_seconds", Unit::Seconds, "rpc.server.duration: gRPC server call duration");
+    describe_histogram!(
+        "rpc_server_duration_seconds",
+        Unit::Seconds,
+        "rpc.server.duration: gRPC server call duration"
+    );
     describe_histogram!(
         "http_server_request_duration_seconds",
         Unit::Seconds,
         "http.server.request.duration: HTTP server request duration"
     );
     describe_gauge!("rpc_server_active_requests", "gRPC calls in flight");
-    describe_gauge!("http_server_active_requests", "http.server.active_requests: HTTP requests in flight");
-    metrics::describe_counter!("config_reload_failures_total", "Config updates rejected (the last good config stayed)");
-    metrics::describe_counter!("rate_limit_rejections_total", "Requests refused by a rate limit");
+    describe_gauge!(
+        "http_server_active_requests",
+        "http.server.active_requests: HTTP requests in flight"
+    );
+    metrics::describe_counter!(
+        "config_reload_failures_total",
+        "Config updates rejected (the last good config stayed)"
+    );
+    metrics::describe_counter!(
+        "rate_limit_rejections_total",
+        "Requests refused by a rate limit"
+    );
     metrics::describe_counter!("load_shed_total", "Requests shed under load, by reason");
+    describe_histogram!(
+        "rpc_client_duration_seconds",
+        Unit::Seconds,
+        "rpc.client.duration: gRPC client call duration"
+    );
+    describe_histogram!(
+        "http_client_request_duration_seconds",
+        Unit::Seconds,
+        "http.client.request.duration: HTTP client request duration"
+    );
+    metrics::describe_counter!(
+        "circuit_breaker_transitions_total",
+        "Circuit breaker state changes, by the state entered"
+    );
+    metrics::describe_gauge!(
+        "circuit_breaker_open",
+        "Circuit breakers currently open or half-open"
+    );
+    metrics::describe_counter!(
+        "registry_events_total",
+        "Registry and discovery events, by kind"
+    );
 }
 
 /// Records RED metrics for every request (see the crate docs).
@@ -108,13 +143,22 @@ where
                     // headers); a status sent in trailers after a body (a
                     // streaming failure) is counted as the headers say: OK.
                     let code = match &result {
-                        Ok(r) => r.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_owned(),
+                        Ok(r) => r
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("0")
+                            .to_owned(),
                         Err(_) => "2".to_owned(),
                     };
                     // Any method name under a known service reaches here; one
                     // that does not exist must not become a label of its own,
                     // or callers could grow the registry without bound.
-                    let method = if code == "12" { "unknown".to_owned() } else { method };
+                    let method = if code == "12" {
+                        "unknown".to_owned()
+                    } else {
+                        method
+                    };
                     histogram!("rpc_server_duration_seconds", "rpc_system" => "grpc", "rpc_service" => service, "rpc_method" => method, "rpc_grpc_status_code" => code)
                         .record(seconds);
                 }

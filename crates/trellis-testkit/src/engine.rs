@@ -45,8 +45,15 @@ impl fmt::Display for TestkitError {
                 f,
                 "`{binary}` is not installed; install it with `{install}` (or run scripts/test, which installs every engine)"
             ),
-            TestkitError::Start { engine, reason, log } => {
-                write!(f, "{engine} did not start: {reason}\n--- {engine} log (tail) ---\n{log}")
+            TestkitError::Start {
+                engine,
+                reason,
+                log,
+            } => {
+                write!(
+                    f,
+                    "{engine} did not start: {reason}\n--- {engine} log (tail) ---\n{log}"
+                )
             }
             TestkitError::Io { context, source } => write!(f, "{context}: {source}"),
         }
@@ -70,8 +77,18 @@ pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) 
 /// Finds `binary` on `PATH` or in the places Debian and pip put engines
 /// that are not on `PATH` (PostgreSQL's versioned bin directory).
 pub fn find_binary(binary: &'static str, install: &'static str) -> Result<PathBuf, TestkitError> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
-    dirs.extend(["/usr/local/bin", "/usr/bin", "/usr/sbin", "/root/.local/bin"].map(PathBuf::from));
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(
+        [
+            "/usr/local/bin",
+            "/usr/bin",
+            "/usr/sbin",
+            "/root/.local/bin",
+        ]
+        .map(PathBuf::from),
+    );
     if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
         let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("bin")).collect();
         versions.sort();
@@ -87,7 +104,10 @@ pub fn find_binary(binary: &'static str, install: &'static str) -> Result<PathBu
 /// which engine starts absorb by retrying).
 pub fn free_port() -> Result<u16, TestkitError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io_err("cannot find a free port"))?;
-    listener.local_addr().map(|a| a.port()).map_err(io_err("cannot find a free port"))
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(io_err("cannot find a free port"))
 }
 
 /// A running engine process. Killed with its process group on drop.
@@ -102,10 +122,19 @@ pub struct Engine {
 impl Engine {
     /// Spawns `command` as a new process group with its output in a log file
     /// under `dir`. The process also dies if the test process dies.
-    pub(crate) fn spawn(name: &'static str, command: Command, dir: tempfile::TempDir) -> Result<Engine, TestkitError> {
+    pub(crate) fn spawn(
+        name: &'static str,
+        command: Command,
+        dir: tempfile::TempDir,
+    ) -> Result<Engine, TestkitError> {
         let log_path = dir.path().join(format!("{name}.log"));
         let child = Self::start_child(name, command, &log_path)?;
-        Ok(Engine { name, child, log_path, dir })
+        Ok(Engine {
+            name,
+            child,
+            log_path,
+            dir,
+        })
     }
 
     /// Kills the running process and starts `command` in its place (same
@@ -116,14 +145,22 @@ impl Engine {
         Ok(())
     }
 
-    fn start_child(name: &'static str, mut command: Command, log_path: &Path) -> Result<Child, TestkitError> {
+    fn start_child(
+        name: &'static str,
+        mut command: Command,
+        log_path: &Path,
+    ) -> Result<Child, TestkitError> {
         let log = File::options()
             .create(true)
             .append(true)
             .open(log_path)
             .map_err(io_err(format!("cannot open {}", log_path.display())))?;
         let log_err = log.try_clone().map_err(io_err("cannot clone log handle"))?;
-        command.stdin(Stdio::null()).stdout(log).stderr(log_err).process_group(0);
+        command
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0);
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
         unsafe {
             command.pre_exec(|| {
@@ -133,7 +170,9 @@ impl Engine {
                 Ok(())
             });
         }
-        command.spawn().map_err(io_err(format!("cannot spawn {name}")))
+        command
+            .spawn()
+            .map_err(io_err(format!("cannot spawn {name}")))
     }
 
     /// The engine's temp dir (data, config, log).
@@ -210,7 +249,12 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- {} log ({}) ---\n{}", self.name, self.log_path.display(), self.log_tail());
+            eprintln!(
+                "--- {} log ({}) ---\n{}",
+                self.name,
+                self.log_path.display(),
+                self.log_tail()
+            );
         }
         self.kill();
     }
@@ -230,13 +274,18 @@ pub(crate) fn http_get_blocking(addr: SocketAddr, path: &str) -> Option<(u16, St
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Some((status, body))
 }
 
 /// Retries a start a few times: a free port can be taken between our probe
 /// and the engine's bind.
-pub(crate) fn with_retries<T>(mut start: impl FnMut() -> Result<T, TestkitError>) -> Result<T, TestkitError> {
+pub(crate) fn with_retries<T>(
+    mut start: impl FnMut() -> Result<T, TestkitError>,
+) -> Result<T, TestkitError> {
     let mut last = None;
     for _ in 0..3 {
         match start() {
@@ -245,7 +294,11 @@ pub(crate) fn with_retries<T>(mut start: impl FnMut() -> Result<T, TestkitError>
             Err(err) => last = Some(err),
         }
     }
-    Err(last.unwrap_or(TestkitError::Start { engine: "engine", reason: "no attempt made".into(), log: String::new() }))
+    Err(last.unwrap_or(TestkitError::Start {
+        engine: "engine",
+        reason: "no attempt made".into(),
+        log: String::new(),
+    }))
 }
 
 pub(crate) fn temp_dir(engine: &str) -> Result<tempfile::TempDir, TestkitError> {

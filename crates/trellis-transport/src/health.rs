@@ -27,9 +27,18 @@ use trellis_core::State;
 /// The HTTP probe routes (`/livez`, `/readyz`, `/startupz`) over a lifecycle receiver.
 pub fn probe_router(state: watch::Receiver<State>) -> Router {
     Router::new()
-        .route("/livez", get(|s: AxumState<watch::Receiver<State>>| probe(s, State::is_alive)))
-        .route("/readyz", get(|s: AxumState<watch::Receiver<State>>| probe(s, State::is_ready)))
-        .route("/startupz", get(|s: AxumState<watch::Receiver<State>>| probe(s, State::has_started)))
+        .route(
+            "/livez",
+            get(|s: AxumState<watch::Receiver<State>>| probe(s, State::is_alive)),
+        )
+        .route(
+            "/readyz",
+            get(|s: AxumState<watch::Receiver<State>>| probe(s, State::is_ready)),
+        )
+        .route(
+            "/startupz",
+            get(|s: AxumState<watch::Receiver<State>>| probe(s, State::has_started)),
+        )
         .with_state(state)
 }
 
@@ -43,7 +52,10 @@ async fn probe(
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "failing")
     };
-    (code, Json(serde_json::json!({ "status": status, "state": state.as_str() })))
+    (
+        code,
+        Json(serde_json::json!({ "status": status, "state": state.as_str() })),
+    )
 }
 
 /// `grpc.health.v1.Health` over the instance state: SERVING only while Ready.
@@ -62,7 +74,11 @@ impl LifecycleHealth {
         state: watch::Receiver<State>,
         closed: CancellationToken,
     ) -> HealthServer<LifecycleHealth> {
-        HealthServer::new(LifecycleHealth { services: Arc::new(services.iter().cloned().collect()), state, closed })
+        HealthServer::new(LifecycleHealth {
+            services: Arc::new(services.iter().cloned().collect()),
+            state,
+            closed,
+        })
     }
 
     fn knows(&self, service: &str) -> bool {
@@ -71,11 +87,17 @@ impl LifecycleHealth {
 }
 
 fn serving(state: State) -> ServingStatus {
-    if state.is_ready() { ServingStatus::Serving } else { ServingStatus::NotServing }
+    if state.is_ready() {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    }
 }
 
 fn response(status: ServingStatus) -> HealthCheckResponse {
-    HealthCheckResponse { status: status as i32 }
+    HealthCheckResponse {
+        status: status as i32,
+    }
 }
 
 #[tonic::async_trait]
@@ -86,12 +108,17 @@ impl Health for LifecycleHealth {
     ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
         let service = &request.get_ref().service;
         if !self.knows(service) {
-            return Err(tonic::Status::not_found(format!("unknown service {service:?}")));
+            return Err(tonic::Status::not_found(format!(
+                "unknown service {service:?}"
+            )));
         }
-        Ok(tonic::Response::new(response(serving(*self.state.borrow()))))
+        Ok(tonic::Response::new(response(serving(
+            *self.state.borrow(),
+        ))))
     }
 
-    type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, tonic::Status>> + Send>>;
+    type WatchStream =
+        Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, tonic::Status>> + Send>>;
 
     async fn watch(
         &self,
@@ -102,7 +129,13 @@ impl Health for LifecycleHealth {
         let closed = self.closed.clone();
         // Per the protocol an unknown service is reported as SERVICE_UNKNOWN
         // and the stream stays open (the service may appear later).
-        let current = move |s: State| if known { serving(s) } else { ServingStatus::ServiceUnknown };
+        let current = move |s: State| {
+            if known {
+                serving(s)
+            } else {
+                ServingStatus::ServiceUnknown
+            }
+        };
         let first = current(*state.borrow_and_update());
         let stream = watch_stream(first, state, closed, current);
         Ok(tonic::Response::new(Box::pin(stream)))

@@ -10,8 +10,8 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
-use tonic::{server::NamedService, service::RoutesBuilder};
 use tokio_util::sync::CancellationToken;
+use tonic::{server::NamedService, service::RoutesBuilder};
 use tracing::{debug, info, warn};
 use trellis_core::{BoxError, Drain, Server, ServerFuture, State};
 
@@ -72,11 +72,18 @@ impl GrpcHttpServerBuilder {
     pub fn layer<L>(mut self, layer: L) -> Self
     where
         L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
-        L::Service: tower::Service<http::Request<axum::body::Body>, Error = Infallible> + Clone + Send + Sync + 'static,
-        <L::Service as tower::Service<http::Request<axum::body::Body>>>::Response: axum::response::IntoResponse + 'static,
+        L::Service: tower::Service<http::Request<axum::body::Body>, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as tower::Service<http::Request<axum::body::Body>>>::Response:
+            axum::response::IntoResponse + 'static,
         <L::Service as tower::Service<http::Request<axum::body::Body>>>::Future: Send + 'static,
     {
-        self.layers.push(Box::new(move |router: Router| router.route_layer(layer.clone())));
+        self.layers.push(Box::new(move |router: Router| {
+            router.route_layer(layer.clone())
+        }));
         self
     }
 
@@ -92,7 +99,8 @@ impl GrpcHttpServerBuilder {
     pub async fn bind(self) -> Result<GrpcHttpServer, TransportError> {
         let (probes, probes_rx) = watch::channel(State::Starting);
         let closed = CancellationToken::new();
-        let health_service = LifecycleHealth::new(&self.service_names, probes_rx.clone(), closed.clone());
+        let health_service =
+            LifecycleHealth::new(&self.service_names, probes_rx.clone(), closed.clone());
 
         let reflection = || {
             self.descriptor_sets.iter().fold(
@@ -101,9 +109,12 @@ impl GrpcHttpServerBuilder {
                 |b, fds| b.register_encoded_file_descriptor_set(fds),
             )
         };
-        let reflection_v1 = reflection().build_v1().map_err(|e| TransportError::Reflection(e.to_string()))?;
-        let reflection_v1alpha =
-            reflection().build_v1alpha().map_err(|e| TransportError::Reflection(e.to_string()))?;
+        let reflection_v1 = reflection()
+            .build_v1()
+            .map_err(|e| TransportError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| TransportError::Reflection(e.to_string()))?;
 
         // Layers wrap the user's routes only: health, reflection and the
         // probes must answer even when a limit or breaker rejects traffic.
@@ -136,11 +147,18 @@ impl GrpcHttpServerBuilder {
         let timeout = RequestTimeout::new(self.config.limits.request_timeout);
 
         let listener = bind(self.config.listen).await?;
-        let local_addr = listener.local_addr().map_err(|source| TransportError::Bind { addr: self.config.listen, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| TransportError::Bind {
+                addr: self.config.listen,
+                source,
+            })?;
         let admin = match self.config.admin_listen {
             Some(addr) => {
                 let l = bind(addr).await?;
-                let a = l.local_addr().map_err(|source| TransportError::Bind { addr, source })?;
+                let a = l
+                    .local_addr()
+                    .map_err(|source| TransportError::Bind { addr, source })?;
                 Some((l, a))
             }
             None => None,
@@ -152,7 +170,12 @@ impl GrpcHttpServerBuilder {
             local_addr,
             admin,
             admin_addr,
-            steer: Steer { grpc, http, timeout: timeout.clone(), peer: None },
+            steer: Steer {
+                grpc,
+                http,
+                timeout: timeout.clone(),
+                peer: None,
+            },
             admin_steer: Steer {
                 grpc: tonic::service::Routes::default().into_axum_router(),
                 http: admin_http,
@@ -168,7 +191,9 @@ impl GrpcHttpServerBuilder {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, TransportError> {
-    TcpListener::bind(addr).await.map_err(|source| TransportError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| TransportError::Bind { addr, source })
 }
 
 /// gRPC and HTTP on one bound port (plus an optional admin port), ready to
@@ -230,7 +255,10 @@ impl Server for GrpcHttpServer {
     }
 
     fn endpoints(&self) -> Vec<(String, SocketAddr)> {
-        vec![("grpc".to_owned(), self.local_addr), ("http".to_owned(), self.local_addr)]
+        vec![
+            ("grpc".to_owned(), self.local_addr),
+            ("http".to_owned(), self.local_addr),
+        ]
     }
 
     fn serve(self: Box<Self>, lifecycle: watch::Receiver<State>, drain: Drain) -> ServerFuture {
@@ -243,7 +271,13 @@ impl Server for GrpcHttpServer {
                 closed.cancel();
             });
             let builder = connection_builder(&this.limits);
-            let main = accept_loop(this.listener, this.local_addr, this.steer, builder.clone(), drain.clone());
+            let main = accept_loop(
+                this.listener,
+                this.local_addr,
+                this.steer,
+                builder.clone(),
+                drain.clone(),
+            );
             match this.admin {
                 Some((listener, addr)) => {
                     let admin = accept_loop(listener, addr, this.admin_steer, builder, drain);
@@ -320,7 +354,10 @@ async fn accept_loop(
     drop(listener);
     let open = connections.len();
     info!(%addr, open_connections = open, grace = ?drain.grace(), "draining");
-    if tokio::time::timeout(drain.grace(), graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain.grace(), graceful.shutdown())
+        .await
+        .is_err()
+    {
         warn!(%addr, remaining = connections.len(), "grace period over; closing remaining connections");
         connections.abort_all();
     }

@@ -52,7 +52,9 @@ impl RequestTimeout {
 
     /// Changes the timeout for requests that start from now on.
     pub fn set(&self, timeout: Option<Duration>) {
-        let ms = timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)).unwrap_or(0);
+        let ms = timeout
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1))
+            .unwrap_or(0);
         self.0.store(ms, Relaxed);
     }
 }
@@ -87,7 +89,9 @@ where
         }
         let grpc = is_grpc(req.headers());
         let caller = if grpc {
-            req.headers().get("grpc-timeout").and_then(|v| trellis_core::deadline::parse_grpc_timeout(v.as_bytes()))
+            req.headers()
+                .get("grpc-timeout")
+                .and_then(|v| trellis_core::deadline::parse_grpc_timeout(v.as_bytes()))
         } else {
             req.headers()
                 .get(trellis_core::deadline::HTTP_TIMEOUT_HEADER)
@@ -99,9 +103,15 @@ where
             (Some(own), Some(theirs)) => Some(own.min(theirs)),
             (own, theirs) => own.or(theirs),
         };
-        let fut = if grpc { self.grpc.call(req) } else { self.http.call(req) };
+        let fut = if grpc {
+            self.grpc.call(req)
+        } else {
+            self.http.call(req)
+        };
         Box::pin(async move {
-            let Some(timeout) = timeout else { return fut.await };
+            let Some(timeout) = timeout else {
+                return fut.await;
+            };
             // Outbound calls made while handling this request inherit what is left.
             let deadline = tokio::time::Instant::now() + timeout;
             let fut = trellis_core::deadline::scope(deadline, fut);
@@ -131,9 +141,15 @@ mod tests {
     fn recognises_grpc_content_types() {
         let mut h = HeaderMap::new();
         assert!(!is_grpc(&h));
-        h.insert(http::header::CONTENT_TYPE, "application/grpc+proto".parse().unwrap());
+        h.insert(
+            http::header::CONTENT_TYPE,
+            "application/grpc+proto".parse().unwrap(),
+        );
         assert!(is_grpc(&h));
-        h.insert(http::header::CONTENT_TYPE, "application/json".parse().unwrap());
+        h.insert(
+            http::header::CONTENT_TYPE,
+            "application/json".parse().unwrap(),
+        );
         assert!(!is_grpc(&h));
     }
 }

@@ -7,7 +7,10 @@
 //! requests drain, up to the shutdown deadline. Reversing any two of these
 //! steps turns a deploy into failed requests.
 
-use std::{collections::BTreeMap, future::Future, net::IpAddr, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap, future::Future, net::IpAddr, net::SocketAddr, pin::Pin, sync::Arc,
+    time::Duration,
+};
 
 use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -253,7 +256,10 @@ impl App {
 
     /// Runs until `shutdown` resolves (or a server fails), then shuts down
     /// gracefully. For tests and for several apps in one process.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AppError> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), AppError> {
         let AppBuilder {
             info,
             servers,
@@ -272,7 +278,8 @@ impl App {
         } else {
             Duration::ZERO
         });
-        let endpoints: Vec<(String, SocketAddr)> = servers.iter().flat_map(|s| s.endpoints()).collect();
+        let endpoints: Vec<(String, SocketAddr)> =
+            servers.iter().flat_map(|s| s.endpoints()).collect();
         run_hooks("before_start", before_start).await?;
 
         let token = CancellationToken::new();
@@ -296,7 +303,9 @@ impl App {
                 let instance = instance(&info, &registration, &endpoints);
                 match registry.register(instance).await {
                     Ok(r) => registered = Some(r),
-                    Err(err) => error!(service = %info.name, error = %err, "registration failed; serving unregistered"),
+                    Err(err) => {
+                        error!(service = %info.name, error = %err, "registration failed; serving unregistered")
+                    }
                 }
             }
             tokio::pin!(shutdown);
@@ -355,8 +364,14 @@ impl App {
 }
 
 /// The instance an app publishes: its identity, endpoints and labels.
-fn instance(info: &AppInfo, registration: &RegistrationInfo, endpoints: &[(String, SocketAddr)]) -> Instance {
-    let mut instance = Instance::new(&info.name, &info.instance_id).with_version(&info.version).with_zone(&registration.zone);
+fn instance(
+    info: &AppInfo,
+    registration: &RegistrationInfo,
+    endpoints: &[(String, SocketAddr)],
+) -> Instance {
+    let mut instance = Instance::new(&info.name, &info.instance_id)
+        .with_version(&info.version)
+        .with_zone(&registration.zone);
     if let Some(weight) = registration.weight {
         instance = instance.with_weight(weight);
     }
@@ -364,24 +379,37 @@ fn instance(info: &AppInfo, registration: &RegistrationInfo, endpoints: &[(Strin
     for (protocol, addr) in endpoints {
         let mut addr = *addr;
         if addr.ip().is_unspecified() {
-            addr.set_ip(registration.advertise_host.unwrap_or(IpAddr::from([127, 0, 0, 1])));
+            addr.set_ip(
+                registration
+                    .advertise_host
+                    .unwrap_or(IpAddr::from([127, 0, 0, 1])),
+            );
         }
-        instance.endpoints.insert(protocol.clone(), addr.to_string());
+        instance
+            .endpoints
+            .insert(protocol.clone(), addr.to_string());
     }
     instance
 }
 
-fn server_exit(joined: Result<(String, Result<(), BoxError>), tokio::task::JoinError>) -> Result<(), AppError> {
+fn server_exit(
+    joined: Result<(String, Result<(), BoxError>), tokio::task::JoinError>,
+) -> Result<(), AppError> {
     match joined {
         Ok((_, Ok(()))) => Ok(()),
         Ok((server, Err(source))) => Err(AppError::Server { server, source }),
-        Err(join) => Err(AppError::Server { server: "task".into(), source: Box::new(join) }),
+        Err(join) => Err(AppError::Server {
+            server: "task".into(),
+            source: Box::new(join),
+        }),
     }
 }
 
 async fn run_hooks(stage: &'static str, hooks: Vec<Hook>) -> Result<(), AppError> {
     for hook in hooks {
-        hook().await.map_err(|source| AppError::Hook { stage, source })?;
+        hook()
+            .await
+            .map_err(|source| AppError::Hook { stage, source })?;
     }
     Ok(())
 }

@@ -31,7 +31,7 @@
 //! | `trellis-balance` | [`balance`], [`client`] | client-side load balancing over discovered endpoints |
 //! | `trellis-config` | [`config`], [`settings`] | typed layered config with hot reload (files, env, etcd) |
 //! | `trellis-resilience` | [`resilience`], [`resilient_client`] | deadlines, retries, breakers, rate limits, load shedding |
-//! | `trellis-telemetry` | [`telemetry`] | Prometheus RED metrics at `/metrics` |
+//! | `trellis-telemetry` | [`telemetry`], [`http_client`] | JSON logs, OpenTelemetry traces, W3C propagation, Prometheus metrics |
 
 #![warn(missing_docs)]
 
@@ -41,9 +41,9 @@ mod signal;
 
 pub use app::{App, AppBuilder, AppError, AppInfo};
 pub use signal::{ShutdownSignal, shutdown_signal};
-pub use trellis_core::{self as core, Code, Error, Lifecycle, State};
 pub use trellis_balance as balance;
 pub use trellis_config as config;
+pub use trellis_core::{self as core, Code, Error, Lifecycle, State};
 pub use trellis_registry as registry;
 pub use trellis_resilience as resilience;
 pub use trellis_telemetry as telemetry;
@@ -59,19 +59,34 @@ pub use trellis_telemetry as telemetry;
 /// // let mut users = UserServiceClient::new(channel);
 /// # let _ = channel; Ok(()) }
 /// ```
+///
+/// Every call is traced and measured ([`telemetry::ClientTelemetryLayer`]):
+/// a client span under the current one, W3C `traceparent`/`baggage` sent
+/// along, `rpc_client_duration_seconds` recorded.
 pub async fn client(
     discovery: &dyn registry::Discovery,
     service: &str,
-) -> Result<balance::BalancedChannel, registry::RegistryError> {
-    balance::BalancedChannel::discover(discovery, service, balance::BalanceConfig::default()).await
+) -> Result<TracedChannel, registry::RegistryError> {
+    use tower::Layer;
+    let channel =
+        balance::BalancedChannel::discover(discovery, service, balance::BalanceConfig::default())
+            .await?;
+    Ok(telemetry::ClientTelemetryLayer::new().layer(channel))
 }
+
+/// A balanced channel whose calls are traced and measured.
+pub type TracedChannel = telemetry::ClientTelemetry<balance::BalancedChannel>;
 
 /// The default client stack, outermost first: deadline (10 s of its own,
 /// or what is left of the inbound request's) → retries (3 attempts, full
-/// jitter, 20 % budget) → circuit breaker per method → the balanced
-/// channel.
+/// jitter, 20 % budget) → telemetry (a span and a measurement per attempt)
+/// → circuit breaker per method → the balanced channel.
 pub type ResilientChannel = resilience::Deadline<
-    resilience::Retry<resilience::CircuitBreaker<balance::BalancedChannel, resilience::Breaker>>,
+    resilience::Retry<
+        telemetry::ClientTelemetry<
+            resilience::CircuitBreaker<balance::BalancedChannel, resilience::Breaker>,
+        >,
+    >,
 >;
 
 /// [`client`] with the default client resilience stack ([`ResilientChannel`]).
@@ -80,13 +95,49 @@ pub async fn resilient_client(
     service: &str,
 ) -> Result<ResilientChannel, registry::RegistryError> {
     use tower::Layer;
-    let channel = client(discovery, service).await?;
-    let breaker = resilience::CircuitBreakerLayer::per_method(|| resilience::Breaker::new(Default::default()));
+    let channel =
+        balance::BalancedChannel::discover(discovery, service, balance::BalanceConfig::default())
+            .await?;
+    let breaker =
+        resilience::CircuitBreakerLayer::per_method(
+            || resilience::Breaker::new(Default::default()),
+        );
     let retry = resilience::RetryLayer::new(
         resilience::RetryPolicy::default(),
         std::sync::Arc::new(resilience::RetryBudget::new(0.2, 10)),
     );
     let deadline = resilience::DeadlineLayer::new(Some(std::time::Duration::from_secs(10)));
-    Ok(deadline.layer(retry.layer(breaker.layer(channel))))
+    Ok(deadline
+        .layer(retry.layer(telemetry::ClientTelemetryLayer::new().layer(breaker.layer(channel)))))
+}
+
+/// An HTTP client (HTTP/1.1, pooled) for REST calls from one service to
+/// another: traced and measured like [`client`], with the deadline of the
+/// request being handled (or 10 s) sent as `x-request-timeout-ms`.
+pub type HttpClient = resilience::Deadline<
+    telemetry::ClientTelemetry<
+        hyper_util::client::legacy::Client<
+            hyper_util::client::legacy::connect::HttpConnector,
+            axum::body::Body,
+        >,
+    >,
+>;
+
+/// A new [`HttpClient`].
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// use tower::ServiceExt;
+/// let request = http::Request::get("http://127.0.0.1:8082/readyz").body(axum::body::Body::empty())?;
+/// let response = trellis::http_client().oneshot(request).await?;
+/// assert!(response.status().is_success());
+/// # Ok(()) }
+/// ```
+pub fn http_client() -> HttpClient {
+    use tower::Layer;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let deadline = resilience::DeadlineLayer::new(Some(std::time::Duration::from_secs(10)));
+    deadline.layer(telemetry::ClientTelemetryLayer::new().layer(client))
 }
 pub use trellis_transport as transport;

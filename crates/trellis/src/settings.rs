@@ -6,12 +6,15 @@
 //! |---|---|
 //! | `server.request_timeout` | live: requests that start after the change |
 //! | `log.level` | live (when the binary wires it, as `trellis` does) |
+//! | `trace.endpoint`, `trace.sample_ratio` | live (likewise); `OTEL_*` variables win |
+//! | `trace.environment` | on restart |
 //! | `server.max_body_bytes`, `server.max_header_bytes`, `server.max_concurrent_streams` | on restart |
 //! | `server.shutdown_timeout`, `server.pre_stop_delay` | on restart |
 //! | `server.rate_limit.rate`, `server.rate_limit.burst` | live |
 //! | `server.rate_limit.key`, `server.shedding.*` | on restart |
 //!
-//! The server stack, outermost first: RED metrics → rate limit (per key, off until `rate`
+//! The server stack, outermost first: a server span (child of the caller's
+//! `traceparent`) → RED metrics → rate limit (per key, off until `rate`
 //! is set) → queueing-delay shedding (on: sheds only while a standing queue
 //! holds requests longer than 5 ms) → concurrency limit (off unless
 //! configured: a fixed cap or adaptive) → CPU shedding (off unless
@@ -25,10 +28,12 @@ use std::{sync::Arc, time::Duration};
 use serde::{Deserialize, Serialize};
 use trellis_config::{Config, Invalid};
 use trellis_resilience::{
-    ConcurrencyLimit, ConcurrencyLimitLayer, CpuShedLayer, CpuShedder, DelayShedLayer, DelayShedder, KeyBy, LimitKind,
-    LocalLimiter, ProcessCpu, Quota, RateLimitLayer,
+    ConcurrencyLimit, ConcurrencyLimitLayer, CpuShedLayer, CpuShedder, DelayShedLayer,
+    DelayShedder, KeyBy, LimitKind, LocalLimiter, ProcessCpu, Quota, RateLimitLayer,
 };
 use trellis_transport::{GrpcHttpServerBuilder, Limits, RequestTimeout};
+
+pub use trellis_telemetry::TraceSettings;
 
 /// The server part of a service's config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,13 +77,23 @@ pub struct RateLimitSettings {
 
 impl Default for RateLimitSettings {
     fn default() -> Self {
-        RateLimitSettings { rate: 0, burst: 0, key: "client_ip".into() }
+        RateLimitSettings {
+            rate: 0,
+            burst: 0,
+            key: "client_ip".into(),
+        }
     }
 }
 
 impl RateLimitSettings {
     fn quota(&self) -> Option<Quota> {
-        (self.rate > 0).then(|| Quota::per_second(self.rate).with_burst(if self.burst == 0 { self.rate } else { self.burst }))
+        (self.rate > 0).then(|| {
+            Quota::per_second(self.rate).with_burst(if self.burst == 0 {
+                self.rate
+            } else {
+                self.burst
+            })
+        })
     }
 
     fn key_by(&self) -> Option<KeyBy> {
@@ -86,7 +101,10 @@ impl RateLimitSettings {
             "global" => Some(KeyBy::Global),
             "route" => Some(KeyBy::Route),
             "client_ip" => Some(KeyBy::ClientIp),
-            other => other.strip_prefix("header:").filter(|h| !h.is_empty()).map(|h| KeyBy::Header(h.to_ascii_lowercase())),
+            other => other
+                .strip_prefix("header:")
+                .filter(|h| !h.is_empty())
+                .map(|h| KeyBy::Header(h.to_ascii_lowercase())),
         }
     }
 }
@@ -133,7 +151,11 @@ impl SheddingSettings {
     fn limit(&self) -> Option<LimitKind> {
         match self.concurrency.as_str() {
             "off" => None,
-            "adaptive" => Some(LimitKind::Adaptive { initial: 100, min: 10, max: self.max_concurrency.max(10) }),
+            "adaptive" => Some(LimitKind::Adaptive {
+                initial: 100,
+                min: 10,
+                max: self.max_concurrency.max(10),
+            }),
             n => n.parse::<usize>().ok().map(LimitKind::Fixed),
         }
     }
@@ -169,17 +191,32 @@ impl ServerSettings {
 
     /// Checks ranges; `prefix` is where these settings sit (e.g. `server`).
     pub fn validate(&self, prefix: &str) -> Result<(), Invalid> {
-        if self.request_timeout.is_some_and(|t| t < Duration::from_millis(1)) {
-            return Err(Invalid::new(format!("{prefix}.request_timeout"), "must be at least 1ms (or null to disable)"));
+        if self
+            .request_timeout
+            .is_some_and(|t| t < Duration::from_millis(1))
+        {
+            return Err(Invalid::new(
+                format!("{prefix}.request_timeout"),
+                "must be at least 1ms (or null to disable)",
+            ));
         }
         if self.max_body_bytes == 0 {
-            return Err(Invalid::new(format!("{prefix}.max_body_bytes"), "must be positive"));
+            return Err(Invalid::new(
+                format!("{prefix}.max_body_bytes"),
+                "must be positive",
+            ));
         }
         if self.max_header_bytes < 1024 {
-            return Err(Invalid::new(format!("{prefix}.max_header_bytes"), "must be at least 1024"));
+            return Err(Invalid::new(
+                format!("{prefix}.max_header_bytes"),
+                "must be at least 1024",
+            ));
         }
         if self.max_concurrent_streams == 0 {
-            return Err(Invalid::new(format!("{prefix}.max_concurrent_streams"), "must be positive"));
+            return Err(Invalid::new(
+                format!("{prefix}.max_concurrent_streams"),
+                "must be positive",
+            ));
         }
         if self.rate_limit.key_by().is_none() {
             return Err(Invalid::new(
@@ -187,14 +224,28 @@ impl ServerSettings {
                 "must be global, route, client_ip or header:NAME",
             ));
         }
-        if self.shedding.concurrency != "off" && self.shedding.limit().is_none_or(|l| matches!(l, LimitKind::Fixed(0))) {
-            return Err(Invalid::new(format!("{prefix}.shedding.concurrency"), "must be adaptive, off or a positive number"));
+        if self.shedding.concurrency != "off"
+            && self
+                .shedding
+                .limit()
+                .is_none_or(|l| matches!(l, LimitKind::Fixed(0)))
+        {
+            return Err(Invalid::new(
+                format!("{prefix}.shedding.concurrency"),
+                "must be adaptive, off or a positive number",
+            ));
         }
         if !(1.0..=100.0).contains(&self.shedding.cpu_headroom) {
-            return Err(Invalid::new(format!("{prefix}.shedding.cpu_headroom"), "must be between 1 and 100"));
+            return Err(Invalid::new(
+                format!("{prefix}.shedding.cpu_headroom"),
+                "must be between 1 and 100",
+            ));
         }
         if self.shedding.cpu_threshold > 1000 {
-            return Err(Invalid::new(format!("{prefix}.shedding.cpu_threshold"), "is per mille: 0 to 1000"));
+            return Err(Invalid::new(
+                format!("{prefix}.shedding.cpu_threshold"),
+                "is per mille: 0 to 1000",
+            ));
         }
         Ok(())
     }
@@ -203,15 +254,22 @@ impl ServerSettings {
     /// (after the service's routes): rate limit, adaptive concurrency, CPU
     /// shedding. Returns the rate limiter, whose quota can follow the config
     /// ([`follow_rate_limit`]).
-    pub fn apply_stack(&self, mut builder: GrpcHttpServerBuilder) -> (GrpcHttpServerBuilder, Arc<LocalLimiter>) {
+    pub fn apply_stack(
+        &self,
+        service: &str,
+        mut builder: GrpcHttpServerBuilder,
+    ) -> (GrpcHttpServerBuilder, Arc<LocalLimiter>) {
         let limiter = Arc::new(LocalLimiter::unlimited(100_000));
         limiter.set_quota(self.rate_limit.quota());
         // Validation guarantees a key; a config built without it limits per client.
         let key = self.rate_limit.key_by().unwrap_or(KeyBy::ClientIp);
         // `layer` wraps from the inside out: the last added runs first.
         if self.shedding.cpu_threshold > 0 {
-            let shedder =
-                CpuShedder::with_headroom(ProcessCpu::global(), self.shedding.cpu_threshold, self.shedding.cpu_headroom);
+            let shedder = CpuShedder::with_headroom(
+                ProcessCpu::global(),
+                self.shedding.cpu_threshold,
+                self.shedding.cpu_headroom,
+            );
             builder = builder.layer(CpuShedLayer::new(shedder));
         }
         if let Some(kind) = self.shedding.limit() {
@@ -221,8 +279,9 @@ impl ServerSettings {
             builder = builder.layer(DelayShedLayer::new(DelayShedder::new(target)));
         }
         builder = builder.layer(RateLimitLayer::new(limiter.clone(), key));
-        // Outermost: limited and shed requests are measured too.
+        // Outermost: limited and shed requests are measured and traced too.
         builder = builder.layer(trellis_telemetry::RedLayer::new());
+        builder = builder.layer(trellis_telemetry::ServerTraceLayer::new().service(service));
         (builder, limiter)
     }
 }
@@ -255,7 +314,9 @@ pub struct LogSettings {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        LogSettings { level: "info".into() }
+        LogSettings {
+            level: "info".into(),
+        }
     }
 }
 

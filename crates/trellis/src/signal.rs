@@ -17,7 +17,10 @@ pub struct ShutdownSignal {
 impl ShutdownSignal {
     /// Installs the handlers.
     pub fn install() -> io::Result<Self> {
-        Ok(ShutdownSignal { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+        Ok(ShutdownSignal {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
 
     /// Resolves on the first SIGINT or SIGTERM and arms a second: another
@@ -28,7 +31,10 @@ impl ShutdownSignal {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
         };
-        info!(signal = name, "shutting down gracefully; send another signal to exit at once");
+        info!(
+            signal = name,
+            "shutting down gracefully; send another signal to exit at once"
+        );
         tokio::spawn(async move {
             tokio::select! {
                 _ = self.term.recv() => {},

@@ -7,7 +7,9 @@ use std::{net::SocketAddr, time::Duration};
 
 use support::Running;
 use tokio::sync::oneshot;
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use trellis::{
     App, State,
     transport::{GrpcHttpServer, ServerConfig},
@@ -15,14 +17,24 @@ use trellis::{
 use trellis_testkit::http;
 
 async fn grpc_status(addr: SocketAddr) -> ServingStatus {
-    let channel = trellis::transport::connect(&addr.to_string(), &Default::default()).await.unwrap();
-    let res = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    let channel = trellis::transport::connect(&addr.to_string(), &Default::default())
+        .await
+        .unwrap();
+    let res = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
     res.into_inner().status()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_not_serving_then_serving_then_not_serving() {
-    let server = GrpcHttpServer::builder(ServerConfig::default()).bind().await.unwrap();
+    let server = GrpcHttpServer::builder(ServerConfig::default())
+        .bind()
+        .await
+        .unwrap();
     let addr = server.local_addr();
     let (gate_tx, gate_rx) = oneshot::channel::<()>();
     let app = App::builder("probe-test")
@@ -40,17 +52,27 @@ async fn health_reports_not_serving_then_serving_then_not_serving() {
     assert_eq!(http::get(addr, "/livez").await.unwrap().status, 200);
 
     // A watcher sees every transition from here on.
-    let channel = trellis::transport::connect(&addr.to_string(), &Default::default()).await.unwrap();
+    let channel = trellis::transport::connect(&addr.to_string(), &Default::default())
+        .await
+        .unwrap();
     let mut watch = HealthClient::new(channel)
-        .watch(HealthCheckRequest { service: String::new() })
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::NotServing);
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::NotServing
+    );
 
     gate_tx.send(()).unwrap();
     running.wait_for(State::Ready).await;
-    assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
     assert_eq!(grpc_status(addr).await, ServingStatus::Serving);
     let ready = http::get(addr, "/readyz").await.unwrap();
     assert_eq!(ready.status, 200);
@@ -59,7 +81,10 @@ async fn health_reports_not_serving_then_serving_then_not_serving() {
 
     running.begin_stop();
     running.wait_for(State::Draining).await;
-    assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::NotServing);
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::NotServing
+    );
     // During the pre-stop delay the server still answers, but is not ready.
     assert_eq!(grpc_status(addr).await, ServingStatus::NotServing);
     assert_eq!(http::get(addr, "/readyz").await.unwrap().status, 503);
@@ -90,10 +115,19 @@ fn slow_server_router() -> axum::Router {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_finishes_in_flight_and_refuses_new_connections() {
-    let server = GrpcHttpServer::builder(ServerConfig::default()).http_router(slow_server_router()).bind().await.unwrap();
+    let server = GrpcHttpServer::builder(ServerConfig::default())
+        .http_router(slow_server_router())
+        .bind()
+        .await
+        .unwrap();
     let addr = server.local_addr();
-    let mut running =
-        Running::ready(App::builder("drain-test").server(server).shutdown_timeout(Duration::from_secs(5)).build()).await;
+    let mut running = Running::ready(
+        App::builder("drain-test")
+            .server(server)
+            .shutdown_timeout(Duration::from_secs(5))
+            .build(),
+    )
+    .await;
 
     let in_flight = tokio::spawn(http::get(addr, "/slow"));
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -103,48 +137,79 @@ async fn drain_finishes_in_flight_and_refuses_new_connections() {
     // Give the accept loop a moment to close the listener.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let refused = tokio::net::TcpStream::connect(addr).await;
-    assert!(refused.is_err(), "a new connection was accepted after draining began");
+    assert!(
+        refused.is_err(),
+        "a new connection was accepted after draining began"
+    );
 
     let response = in_flight.await.unwrap().unwrap();
     assert_eq!(response.status, 200);
     assert_eq!(response.body, "done");
     running.join().await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(5), "drain waited for the full timeout: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "drain waited for the full timeout: {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_cuts_requests_that_outlive_the_shutdown_timeout() {
-    let server = GrpcHttpServer::builder(ServerConfig::default()).http_router(slow_server_router()).bind().await.unwrap();
+    let server = GrpcHttpServer::builder(ServerConfig::default())
+        .http_router(slow_server_router())
+        .bind()
+        .await
+        .unwrap();
     let addr = server.local_addr();
-    let running =
-        Running::ready(App::builder("deadline-test").server(server).shutdown_timeout(Duration::from_millis(500)).build())
-            .await;
+    let running = Running::ready(
+        App::builder("deadline-test")
+            .server(server)
+            .shutdown_timeout(Duration::from_millis(500))
+            .build(),
+    )
+    .await;
     let stuck = tokio::spawn(http::get(addr, "/forever"));
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let started = std::time::Instant::now();
-    tokio::time::timeout(Duration::from_secs(3), running.stop()).await.expect("app did not stop near its deadline").unwrap();
+    tokio::time::timeout(Duration::from_secs(3), running.stop())
+        .await
+        .expect("app did not stop near its deadline")
+        .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(500));
     let cut = stuck.await.unwrap();
-    assert!(cut.is_err() || cut.as_ref().is_ok_and(|r| r.status != 200), "stuck request completed: {cut:?}");
+    assert!(
+        cut.is_err() || cut.as_ref().is_ok_and(|r| r.status != 200),
+        "stuck request completed: {cut:?}"
+    );
 }
 
 #[tokio::test]
 async fn failing_start_hook_stops_the_app_with_its_stage() {
-    let server = GrpcHttpServer::builder(ServerConfig::default()).bind().await.unwrap();
+    let server = GrpcHttpServer::builder(ServerConfig::default())
+        .bind()
+        .await
+        .unwrap();
     let app = App::builder("hook-test")
         .server(server)
         .before_start(|| async { Err::<(), _>("database unreachable") })
         .build();
     let err = app.run_until(std::future::pending()).await.unwrap_err();
-    assert_eq!(err.to_string(), "before_start hook failed: database unreachable");
+    assert_eq!(
+        err.to_string(),
+        "before_start hook failed: database unreachable"
+    );
 }
 
 #[tokio::test]
 async fn request_timeout_answers_504_and_follows_live_changes() {
     let mut config = ServerConfig::default();
     config.limits.request_timeout = Some(Duration::from_millis(100));
-    let server = GrpcHttpServer::builder(config).http_router(slow_server_router()).bind().await.unwrap();
+    let server = GrpcHttpServer::builder(config)
+        .http_router(slow_server_router())
+        .bind()
+        .await
+        .unwrap();
     let addr = server.local_addr();
     let timeout = server.request_timeout();
     let running = Running::ready(App::builder("timeout-test").server(server).build()).await;
@@ -167,7 +232,10 @@ async fn registers_when_ready_and_deregisters_before_the_listener_closes() {
     use trellis::registry::{Discovery, MemoryRegistry};
     let registry = MemoryRegistry::new();
     let mut instances = registry.watch("reg-test").await.unwrap();
-    let server = GrpcHttpServer::builder(ServerConfig::default()).bind().await.unwrap();
+    let server = GrpcHttpServer::builder(ServerConfig::default())
+        .bind()
+        .await
+        .unwrap();
     let addr = server.local_addr();
     let (gate_tx, gate_rx) = oneshot::channel::<()>();
     let app = App::builder("reg-test")
@@ -183,14 +251,23 @@ async fn registers_when_ready_and_deregisters_before_the_listener_closes() {
     assert!(instances.borrow().is_empty(), "registered before Ready");
 
     gate_tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), instances.wait_for(|s| s.len() == 1)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), instances.wait_for(|s| s.len() == 1))
+        .await
+        .unwrap()
+        .unwrap();
     let published = instances.borrow().first().cloned().unwrap();
     assert_eq!(published.endpoint("grpc"), Some(addr.to_string().as_str()));
     assert_eq!(published.endpoint("http"), Some(addr.to_string().as_str()));
-    assert_eq!((published.version.as_str(), published.zone.as_str()), ("1.2.3", "z1"));
+    assert_eq!(
+        (published.version.as_str(), published.zone.as_str()),
+        ("1.2.3", "z1")
+    );
 
     running.begin_stop();
-    tokio::time::timeout(Duration::from_secs(5), instances.wait_for(|s| s.is_empty())).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), instances.wait_for(|s| s.is_empty()))
+        .await
+        .unwrap()
+        .unwrap();
     // Gone from the registry while the listener still serves (pre-stop delay).
     assert_eq!(http::get(addr, "/livez").await.unwrap().status, 200);
     running.join().await.unwrap();

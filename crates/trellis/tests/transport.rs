@@ -5,13 +5,13 @@ mod support;
 
 use std::{net::SocketAddr, time::Duration};
 
+use ::http as h;
 use support::Running;
 use trellis::{
     App, Code, Error,
     transport::{GrpcHttpServer, ServerConfig, TransportError},
 };
 use trellis_testkit::http;
-use ::http as h;
 
 /// Runs `server` in an app until stopped.
 async fn run(server: GrpcHttpServer) -> Running {
@@ -23,32 +23,66 @@ fn router() -> axum::Router {
     axum::Router::new()
         .route(
             "/users/{id}",
-            get(|axum::extract::Path(id): axum::extract::Path<String>| async move {
-                Err::<String, _>(Error::not_found("USER_NOT_FOUND", format!("no user {id}")).with_metadata("id", id))
-            }),
+            get(
+                |axum::extract::Path(id): axum::extract::Path<String>| async move {
+                    Err::<String, _>(
+                        Error::not_found("USER_NOT_FOUND", format!("no user {id}"))
+                            .with_metadata("id", id),
+                    )
+                },
+            ),
         )
-        .route("/echo", post(|axum::Json(v): axum::Json<serde_json::Value>| async move { axum::Json(v) }))
+        .route(
+            "/echo",
+            post(|axum::Json(v): axum::Json<serde_json::Value>| async move { axum::Json(v) }),
+        )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_listener_serves_probes_only() {
-    let config = ServerConfig { admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))), ..Default::default() };
-    let server = GrpcHttpServer::builder(config).http_router(router()).bind().await.unwrap();
+    let config = ServerConfig {
+        admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..Default::default()
+    };
+    let server = GrpcHttpServer::builder(config)
+        .http_router(router())
+        .bind()
+        .await
+        .unwrap();
     let (main, admin) = (server.local_addr(), server.admin_addr().unwrap());
     assert_ne!(main, admin);
     let running = run(server).await;
     for path in ["/livez", "/readyz", "/startupz"] {
-        assert_eq!(http::get(admin, path).await.unwrap().status, 200, "admin {path}");
-        assert_eq!(http::get(main, path).await.unwrap().status, 200, "main {path}");
+        assert_eq!(
+            http::get(admin, path).await.unwrap().status,
+            200,
+            "admin {path}"
+        );
+        assert_eq!(
+            http::get(main, path).await.unwrap().status,
+            200,
+            "main {path}"
+        );
     }
-    assert_eq!(http::get(admin, "/users/7").await.unwrap().status, 404, "service routes stay off the admin port");
+    assert_eq!(
+        http::get(admin, "/users/7").await.unwrap().status,
+        404,
+        "service routes stay off the admin port"
+    );
     running.stop().await.unwrap();
-    assert!(tokio::net::TcpStream::connect(admin).await.is_err(), "admin port still open after stop");
+    assert!(
+        tokio::net::TcpStream::connect(admin).await.is_err(),
+        "admin port still open after stop"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_errors_reach_http_clients_as_status_and_json() {
-    let server = GrpcHttpServer::builder(ServerConfig::default()).http_router(router()).bind().await.unwrap();
+    let server = GrpcHttpServer::builder(ServerConfig::default())
+        .http_router(router())
+        .bind()
+        .await
+        .unwrap();
     let addr = server.local_addr();
     let running = run(server).await;
     let res = http::get(addr, "/users/7").await.unwrap();
@@ -62,7 +96,10 @@ async fn handler_errors_reach_http_clients_as_status_and_json() {
     // And back: a client rebuilds the same error from the response.
     let status = h::StatusCode::from_u16(res.status).unwrap();
     let err = Error::from_http(status, res.body.as_bytes());
-    assert_eq!(err, Error::not_found("USER_NOT_FOUND", "no user 7").with_metadata("id", "7"));
+    assert_eq!(
+        err,
+        Error::not_found("USER_NOT_FOUND", "no user 7").with_metadata("id", "7")
+    );
     running.stop().await.unwrap();
 }
 
@@ -70,13 +107,21 @@ async fn handler_errors_reach_http_clients_as_status_and_json() {
 async fn bodies_over_the_limit_get_413() {
     let mut config = ServerConfig::default();
     config.limits.max_body_bytes = 1024;
-    let server = GrpcHttpServer::builder(config).http_router(router()).bind().await.unwrap();
+    let server = GrpcHttpServer::builder(config)
+        .http_router(router())
+        .bind()
+        .await
+        .unwrap();
     let addr = server.local_addr();
     let running = run(server).await;
-    let small = http::request(addr, "POST", "/echo", Some(r#"{"a":1}"#)).await.unwrap();
+    let small = http::request(addr, "POST", "/echo", Some(r#"{"a":1}"#))
+        .await
+        .unwrap();
     assert_eq!(small.status, 200);
     let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(2048));
-    let res = http::request(addr, "POST", "/echo", Some(&big)).await.unwrap();
+    let res = http::request(addr, "POST", "/echo", Some(&big))
+        .await
+        .unwrap();
     assert_eq!(res.status, 413);
     running.stop().await.unwrap();
 }
@@ -84,20 +129,37 @@ async fn bodies_over_the_limit_get_413() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_grpc_services_get_unimplemented() {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let server = GrpcHttpServer::builder(ServerConfig::default()).bind().await.unwrap();
+    let server = GrpcHttpServer::builder(ServerConfig::default())
+        .bind()
+        .await
+        .unwrap();
     let addr = server.local_addr();
     let running = run(server).await;
     // A gRPC call to a path no service owns: the health client pointed at a
     // different service name via a raw path.
-    let channel = trellis::transport::connect(&addr.to_string(), &Default::default()).await.unwrap();
+    let channel = trellis::transport::connect(&addr.to_string(), &Default::default())
+        .await
+        .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await.unwrap();
     let path = h::uri::PathAndQuery::from_static("/no.such.v1.Service/Call");
     let codec = tonic_prost::ProstCodec::<HealthCheckRequest, tonic_health::pb::HealthCheckResponse>::default();
-    let status = grpc.unary(tonic::Request::new(HealthCheckRequest::default()), path, codec).await.unwrap_err();
+    let status = grpc
+        .unary(
+            tonic::Request::new(HealthCheckRequest::default()),
+            path,
+            codec,
+        )
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);
     // The same port still answers real services.
-    assert!(HealthClient::new(channel).check(HealthCheckRequest::default()).await.is_ok());
+    assert!(
+        HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .is_ok()
+    );
     running.stop().await.unwrap();
 }
 
@@ -105,23 +167,38 @@ async fn unknown_grpc_services_get_unimplemented() {
 async fn connecting_to_a_closed_port_fails_with_the_target() {
     let port = trellis_testkit::free_port().unwrap();
     let target = format!("127.0.0.1:{port}");
-    let config = trellis::transport::ClientConfig { connect_timeout: Duration::from_millis(500), ..Default::default() };
-    let err = trellis::transport::connect(&target, &config).await.unwrap_err();
+    let config = trellis::transport::ClientConfig {
+        connect_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let err = trellis::transport::connect(&target, &config)
+        .await
+        .unwrap_err();
     assert!(matches!(err, TransportError::Connect { .. }), "{err}");
     assert!(err.to_string().contains(&target), "{err}");
-    let bad = trellis::transport::connect("http://[not a uri", &config).await.unwrap_err();
+    let bad = trellis::transport::connect("http://[not a uri", &config)
+        .await
+        .unwrap_err();
     assert!(matches!(bad, TransportError::InvalidUri { .. }), "{bad}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_routes_answer_over_h2c_as_well_as_http1() {
     use tower::ServiceExt;
-    let server = GrpcHttpServer::builder(ServerConfig::default()).http_router(router()).bind().await.unwrap();
+    let server = GrpcHttpServer::builder(ServerConfig::default())
+        .http_router(router())
+        .bind()
+        .await
+        .unwrap();
     let addr = server.local_addr();
     let running = run(server).await;
     // A tonic channel speaks HTTP/2 with prior knowledge: plain h2c.
-    let channel = trellis::transport::connect(&addr.to_string(), &Default::default()).await.unwrap();
-    let request = h::Request::get(format!("http://{addr}/readyz")).body(tonic::body::Body::empty()).unwrap();
+    let channel = trellis::transport::connect(&addr.to_string(), &Default::default())
+        .await
+        .unwrap();
+    let request = h::Request::get(format!("http://{addr}/readyz"))
+        .body(tonic::body::Body::empty())
+        .unwrap();
     let response = channel.oneshot(request).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.version(), h::Version::HTTP_2);

@@ -8,20 +8,28 @@
 //! Prints `seeded <id>` (a user to fetch), then serves until killed.
 
 use shop_user::{
-    api::v1::user_service_server::UserServiceServer,
-    biz::Users,
-    data::SqlUserRepo,
+    api::v1::user_service_server::UserServiceServer, biz::Users, data::SqlUserRepo,
     service::UserServiceHandler,
 };
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let listen = args.next().ok_or("usage: bare_tonic LISTEN_ADDR DATABASE_URL")?.parse()?;
-    let url = args.next().ok_or("usage: bare_tonic LISTEN_ADDR DATABASE_URL")?;
+    let listen = args
+        .next()
+        .ok_or("usage: bare_tonic LISTEN_ADDR DATABASE_URL")?
+        .parse()?;
+    let url = args
+        .next()
+        .ok_or("usage: bare_tonic LISTEN_ADDR DATABASE_URL")?;
     let repo = SqlUserRepo::open(&url, 8).await?;
     let users = Users::new(repo);
-    let seeded = users.create(&format!("bench-{}@example.com", std::process::id()), "Bench").await?;
+    let seeded = users
+        .create(
+            &format!("bench-{}@example.com", std::process::id()),
+            "Bench",
+        )
+        .await?;
     println!("seeded {}", seeded.id);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)

@@ -26,7 +26,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // Warm up every connection.
     for ch in &channels {
-        UserServiceClient::new(ch.clone()).get_user(GetUserRequest { id: id.clone() }).await?;
+        UserServiceClient::new(ch.clone())
+            .get_user(GetUserRequest { id: id.clone() })
+            .await?;
     }
 
     let start = Instant::now();
@@ -55,7 +57,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     println!(
         "requests={} errors={} rps={:.0} p50_us={} p99_us={} max_us={}",
         all.len(),

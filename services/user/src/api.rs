@@ -8,4 +8,5 @@ pub mod v1 {
 
 /// The encoded `FileDescriptorSet` of the service (with imports), for gRPC
 /// reflection and, later, transcoding.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/shop_user_v1.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/shop_user_v1.bin"));

@@ -53,9 +53,17 @@ pub trait UserRepo: Send + Sync + 'static {
     /// One user by id.
     fn get(&self, id: &str) -> impl Future<Output = Result<Option<User>, RepoError>> + Send;
     /// Up to `limit` users with ids greater than `after`, in id order.
-    fn list(&self, after: &str, limit: u32) -> impl Future<Output = Result<Vec<User>, RepoError>> + Send;
+    fn list(
+        &self,
+        after: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<User>, RepoError>> + Send;
     /// Writes `user` if its stored `update_time_ms` is still `expected`.
-    fn update(&self, user: &User, expected: i64) -> impl Future<Output = Result<UpdateOutcome, RepoError>> + Send;
+    fn update(
+        &self,
+        user: &User,
+        expected: i64,
+    ) -> impl Future<Output = Result<UpdateOutcome, RepoError>> + Send;
     /// Deletes a user; whether it existed.
     fn delete(&self, id: &str) -> impl Future<Output = Result<bool, RepoError>> + Send;
 }
@@ -105,20 +113,32 @@ impl<R: UserRepo> Users<R> {
             create_time_ms: now,
             update_time_ms: now,
         };
-        self.repo.insert(&user).await.map_err(|e| store_error(e, &user.email))?;
+        self.repo
+            .insert(&user)
+            .await
+            .map_err(|e| store_error(e, &user.email))?;
         Ok(user)
     }
 
     /// One user by id.
     pub async fn get(&self, id: &str) -> Result<User, Error> {
         let id = validate_id(id)?;
-        self.repo.get(&id).await.map_err(|e| store_error(e, ""))?.ok_or_else(|| not_found(&id))
+        self.repo
+            .get(&id)
+            .await
+            .map_err(|e| store_error(e, ""))?
+            .ok_or_else(|| not_found(&id))
     }
 
     /// A page of users; `page_token` is the previous page's `next_page_token`.
     pub async fn list(&self, page_size: i32, page_token: &str) -> Result<Page, Error> {
         let size = match page_size {
-            n if n < 0 => return Err(Error::invalid_argument("page_size", "page_size must not be negative")),
+            n if n < 0 => {
+                return Err(Error::invalid_argument(
+                    "page_size",
+                    "page_size must not be negative",
+                ));
+            }
             0 => DEFAULT_PAGE_SIZE,
             n => (n as u32).min(MAX_PAGE_SIZE),
         };
@@ -126,18 +146,30 @@ impl<R: UserRepo> Users<R> {
             String::new()
         } else {
             uuid::Uuid::parse_str(page_token)
-                .map_err(|_| Error::invalid_argument("page_token", "page_token is not one this service issued"))?
+                .map_err(|_| {
+                    Error::invalid_argument(
+                        "page_token",
+                        "page_token is not one this service issued",
+                    )
+                })?
                 .to_string()
         };
         // One extra row tells whether another page exists.
-        let mut users = self.repo.list(&after, size + 1).await.map_err(|e| store_error(e, ""))?;
+        let mut users = self
+            .repo
+            .list(&after, size + 1)
+            .await
+            .map_err(|e| store_error(e, ""))?;
         let next_page_token = if users.len() > size as usize {
             users.truncate(size as usize);
             users.last().map(|u| u.id.clone()).unwrap_or_default()
         } else {
             String::new()
         };
-        Ok(Page { users, next_page_token })
+        Ok(Page {
+            users,
+            next_page_token,
+        })
     }
 
     /// Applies `changes` to the user `id`. Fails with ABORTED if another
@@ -155,12 +187,20 @@ impl<R: UserRepo> Users<R> {
             return Ok(current);
         }
         next.update_time_ms = now_ms().max(current.update_time_ms + 1);
-        match self.repo.update(&next, current.update_time_ms).await.map_err(|e| store_error(e, &next.email))? {
+        match self
+            .repo
+            .update(&next, current.update_time_ms)
+            .await
+            .map_err(|e| store_error(e, &next.email))?
+        {
             UpdateOutcome::Updated => Ok(next),
             UpdateOutcome::Stale => Err(Error::new(
                 Code::Aborted,
                 "CONCURRENT_UPDATE",
-                format!("user {} changed while this update was applied; read it again and retry", current.id),
+                format!(
+                    "user {} changed while this update was applied; read it again and retry",
+                    current.id
+                ),
             )),
         }
     }
@@ -168,7 +208,16 @@ impl<R: UserRepo> Users<R> {
     /// Deletes the user `id`.
     pub async fn delete(&self, id: &str) -> Result<(), Error> {
         let id = validate_id(id)?;
-        if self.repo.delete(&id).await.map_err(|e| store_error(e, ""))? { Ok(()) } else { Err(not_found(&id)) }
+        if self
+            .repo
+            .delete(&id)
+            .await
+            .map_err(|e| store_error(e, ""))?
+        {
+            Ok(())
+        } else {
+            Err(not_found(&id))
+        }
     }
 }
 
@@ -178,8 +227,11 @@ fn not_found(id: &str) -> Error {
 
 fn store_error(err: RepoError, email: &str) -> Error {
     match err {
-        RepoError::Duplicate => Error::already_exists("EMAIL_TAKEN", format!("a user with email {email} already exists"))
-            .with_metadata("field", "email"),
+        RepoError::Duplicate => Error::already_exists(
+            "EMAIL_TAKEN",
+            format!("a user with email {email} already exists"),
+        )
+        .with_metadata("field", "email"),
         RepoError::Unavailable(detail) => {
             tracing::warn!(error = %detail, "user store unavailable");
             Error::unavailable("the user store is unavailable; retry later")
@@ -192,7 +244,10 @@ fn store_error(err: RepoError, email: &str) -> Error {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// A user id must be a UUID; returns its canonical form.
@@ -220,8 +275,12 @@ pub fn validate_email(email: &str) -> Result<String, Error> {
     }
     match email.split_once('@') {
         Some((local, domain))
-            if !local.is_empty() && !domain.is_empty() && !domain.contains('@') && domain.contains('.')
-                && !domain.starts_with('.') && !domain.ends_with('.') =>
+            if !local.is_empty()
+                && !domain.is_empty()
+                && !domain.contains('@')
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.') =>
         {
             Ok(email)
         }
@@ -234,13 +293,22 @@ pub fn validate_display_name(name: &str) -> Result<String, Error> {
     let name = name.trim();
     let len = name.chars().count();
     if len == 0 {
-        return Err(Error::invalid_argument("display_name", "display_name is required"));
+        return Err(Error::invalid_argument(
+            "display_name",
+            "display_name is required",
+        ));
     }
     if len > 100 {
-        return Err(Error::invalid_argument("display_name", "display_name must be at most 100 characters"));
+        return Err(Error::invalid_argument(
+            "display_name",
+            "display_name must be at most 100 characters",
+        ));
     }
     if name.chars().any(char::is_control) {
-        return Err(Error::invalid_argument("display_name", "display_name must not contain control characters"));
+        return Err(Error::invalid_argument(
+            "display_name",
+            "display_name must not contain control characters",
+        ));
     }
     Ok(name.to_owned())
 }
@@ -252,8 +320,20 @@ mod tests {
 
     #[test]
     fn emails() {
-        assert_eq!(validate_email("  Ada@Example.COM ").unwrap(), "ada@example.com");
-        for bad in ["", "ada", "ada@", "@example.com", "ada@example", "a b@example.com", "a@b@example.com", "ada@.com"] {
+        assert_eq!(
+            validate_email("  Ada@Example.COM ").unwrap(),
+            "ada@example.com"
+        );
+        for bad in [
+            "",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@example",
+            "a b@example.com",
+            "a@b@example.com",
+            "ada@.com",
+        ] {
             let err = validate_email(bad).unwrap_err();
             assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}");
             assert_eq!(err.metadata()["field"], "email");
@@ -265,7 +345,10 @@ mod tests {
         assert_eq!(validate_display_name(" Ada ").unwrap(), "Ada");
         assert!(validate_display_name("   ").is_err());
         assert!(validate_display_name(&"x".repeat(101)).is_err());
-        assert!(validate_display_name(&"é".repeat(100)).is_ok(), "length counts characters, not bytes");
+        assert!(
+            validate_display_name(&"é".repeat(100)).is_ok(),
+            "length counts characters, not bytes"
+        );
         assert!(validate_display_name("a\u{0}b").is_err());
     }
 

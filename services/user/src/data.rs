@@ -83,11 +83,20 @@ impl SqlUserRepo {
     /// Opens the store named by `url` and applies migrations.
     pub async fn open(url: &str, max_connections: u32) -> Result<SqlUserRepo, StoreError> {
         let shown = redact(url);
-        let connect = |source| StoreError::Connect { url: shown.clone(), source };
+        let connect = |source| StoreError::Connect {
+            url: shown.clone(),
+            source,
+        };
         #[cfg(feature = "sqlite")]
-        if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
             use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-            if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Some(dir) = std::path::Path::new(path)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
                 std::fs::create_dir_all(dir).map_err(|e| connect(sqlx::Error::Io(e)))?;
             }
             let options = SqliteConnectOptions::new()
@@ -96,13 +105,17 @@ impl SqlUserRepo {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(5));
-            return Ok(SqlUserRepo::Sqlite(open_pool(options, max_connections, &shown).await?));
+            return Ok(SqlUserRepo::Sqlite(
+                open_pool(options, max_connections, &shown).await?,
+            ));
         }
         #[cfg(feature = "postgres")]
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             use sqlx::postgres::PgConnectOptions;
             let options: PgConnectOptions = url.parse().map_err(connect)?;
-            return Ok(SqlUserRepo::Postgres(open_pool(options, max_connections, &shown).await?));
+            return Ok(SqlUserRepo::Postgres(
+                open_pool(options, max_connections, &shown).await?,
+            ));
         }
         #[cfg(not(any(feature = "sqlite", feature = "postgres")))]
         let _ = connect;
@@ -130,8 +143,17 @@ where
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await
-        .map_err(|source| StoreError::Connect { url: shown.to_owned(), source })?;
-    migrator().run(&pool).await.map_err(|source| StoreError::Migrate { url: shown.to_owned(), source })?;
+        .map_err(|source| StoreError::Connect {
+            url: shown.to_owned(),
+            source,
+        })?;
+    migrator()
+        .run(&pool)
+        .await
+        .map_err(|source| StoreError::Migrate {
+            url: shown.to_owned(),
+            source,
+        })?;
     Ok(pool)
 }
 
@@ -152,17 +174,17 @@ fn redact(url: &str) -> String {
 fn repo_error(err: sqlx::Error) -> RepoError {
     match err {
         sqlx::Error::Database(db) if db.is_unique_violation() => RepoError::Duplicate,
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
-            RepoError::Unavailable(err.to_string())
-        }
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_) => RepoError::Unavailable(err.to_string()),
         other => RepoError::Other(other.to_string()),
     }
 }
 
 const SELECT_BY_ID: &str =
     "SELECT id, email, display_name, create_time_ms, update_time_ms FROM users WHERE id = $1";
-const SELECT_PAGE: &str =
-    "SELECT id, email, display_name, create_time_ms, update_time_ms FROM users WHERE id > $1 ORDER BY id LIMIT $2";
+const SELECT_PAGE: &str = "SELECT id, email, display_name, create_time_ms, update_time_ms FROM users WHERE id > $1 ORDER BY id LIMIT $2";
 
 fn user_from_row<R: Row>(row: &R) -> Result<User, sqlx::Error>
 where
@@ -242,8 +264,14 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact("postgres://app:s3cret@db:5432/shop"), "postgres://app:***@db:5432/shop");
+        assert_eq!(
+            redact("postgres://app:s3cret@db:5432/shop"),
+            "postgres://app:***@db:5432/shop"
+        );
         assert_eq!(redact("postgres://app@db/shop"), "postgres://app@db/shop");
-        assert_eq!(redact("sqlite://./.trellis/user.db"), "sqlite://./.trellis/user.db");
+        assert_eq!(
+            redact("sqlite://./.trellis/user.db"),
+            "sqlite://./.trellis/user.db"
+        );
     }
 }

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use trellis::{
     App, AppBuilder,
     config::{Config, Invalid, Secret, Validate},
-    settings::{LogSettings, ServerSettings},
+    settings::{LogSettings, ServerSettings, TraceSettings},
     transport::{GrpcHttpServer, ServerConfig, TransportError},
 };
 
@@ -59,7 +59,10 @@ impl Default for UserConfig {
 impl UserConfig {
     /// SQLite in `data_dir/user.db`: the one-machine default.
     pub fn embedded(data_dir: &Path) -> Self {
-        UserConfig { database_url: format!("sqlite://{}", data_dir.join("user.db").display()), max_connections: 8 }
+        UserConfig {
+            database_url: format!("sqlite://{}", data_dir.join("user.db").display()),
+            max_connections: 8,
+        }
     }
 }
 
@@ -73,6 +76,10 @@ impl UserConfig {
 /// [log]
 /// level = "info"           # live
 ///
+/// [trace]
+/// endpoint = "http://otel-collector:4317"   # live; OTEL_EXPORTER_OTLP_ENDPOINT wins
+/// sample_ratio = 0.1                        # live
+///
 /// [database]
 /// url = "postgres://app:${DB_PASSWORD}@db:5432/shop"   # restart
 /// max_connections = 16                                  # restart
@@ -84,6 +91,8 @@ pub struct UserSettings {
     pub server: ServerSettings,
     /// Logging.
     pub log: LogSettings,
+    /// Tracing (OTLP export, sampling).
+    pub trace: TraceSettings,
     /// Where users are stored.
     pub database: DatabaseSettings,
 }
@@ -100,20 +109,35 @@ pub struct DatabaseSettings {
 
 impl Default for DatabaseSettings {
     fn default() -> Self {
-        DatabaseSettings { url: None, max_connections: 8 }
+        DatabaseSettings {
+            url: None,
+            max_connections: 8,
+        }
     }
 }
 
 impl Validate for UserSettings {
     fn validate(&self) -> Result<(), Invalid> {
         self.server.validate("server")?;
+        self.trace
+            .check()
+            .map_err(|(key, message)| Invalid::new(format!("trace.{key}"), message))?;
         if !(1..=1000).contains(&self.database.max_connections) {
-            return Err(Invalid::new("database.max_connections", "must be between 1 and 1000"));
+            return Err(Invalid::new(
+                "database.max_connections",
+                "must be between 1 and 1000",
+            ));
         }
         if let Some(url) = &self.database.url {
             let url = url.expose();
-            if !["sqlite:", "postgres://", "postgresql://"].iter().any(|p| url.starts_with(p)) {
-                return Err(Invalid::new("database.url", "must start with sqlite:, postgres:// or postgresql://"));
+            if !["sqlite:", "postgres://", "postgresql://"]
+                .iter()
+                .any(|p| url.starts_with(p))
+            {
+                return Err(Invalid::new(
+                    "database.url",
+                    "must start with sqlite:, postgres:// or postgresql://",
+                ));
             }
         }
         Ok(())
@@ -143,6 +167,9 @@ pub enum BuildError {
     Transport(#[from] TransportError),
 }
 
+/// The service's name: in the registry, on its spans and log lines.
+pub const SERVICE: &str = "user";
+
 /// A bound, ready-to-run user service.
 pub struct UserService {
     server: GrpcHttpServer,
@@ -151,11 +178,16 @@ pub struct UserService {
 
 impl UserService {
     /// Opens (and migrates) the store and binds the server.
-    pub async fn bind(config: &UserConfig, server: ServerConfig) -> Result<UserService, BuildError> {
+    pub async fn bind(
+        config: &UserConfig,
+        server: ServerConfig,
+    ) -> Result<UserService, BuildError> {
         let store = data::SqlUserRepo::open(&config.database_url, config.max_connections).await?;
         let handler = service::UserServiceHandler::new(biz::Users::new(store.clone()));
         let server = GrpcHttpServer::builder(server)
-            .grpc_service(api::v1::user_service_server::UserServiceServer::new(handler))
+            .grpc_service(api::v1::user_service_server::UserServiceServer::new(
+                handler,
+            ))
             .file_descriptor_set(api::FILE_DESCRIPTOR_SET)
             .bind()
             .await?;
@@ -187,19 +219,29 @@ impl UserService {
             store_config.database_url = url;
         }
         server.limits = settings.config.server.limits();
-        let store = data::SqlUserRepo::open(&store_config.database_url, store_config.max_connections).await?;
+        let store =
+            data::SqlUserRepo::open(&store_config.database_url, store_config.max_connections)
+                .await?;
         let handler = service::UserServiceHandler::new(biz::Users::new(store.clone()));
         let mut builder = GrpcHttpServer::builder(server)
-            .grpc_service(api::v1::user_service_server::UserServiceServer::new(handler))
+            .grpc_service(api::v1::user_service_server::UserServiceServer::new(
+                handler,
+            ))
             .file_descriptor_set(api::FILE_DESCRIPTOR_SET)
             .debug_router(trellis::settings::debug_router(config.clone()));
         match trellis::telemetry::prometheus() {
-            Ok(handle) => builder = builder.debug_router(trellis::telemetry::metrics_router(handle)),
+            Ok(handle) => {
+                builder = builder.debug_router(trellis::telemetry::metrics_router(handle))
+            }
             Err(err) => tracing::warn!(error = %err, "serving without /metrics"),
         }
-        let (builder, limiter) = settings.config.server.apply_stack(builder);
+        let (builder, limiter) = settings.config.server.apply_stack(SERVICE, builder);
         let server = builder.bind().await?;
-        trellis::settings::follow_request_timeout(&config, |s: &UserSettings| &s.server, server.request_timeout());
+        trellis::settings::follow_request_timeout(
+            &config,
+            |s: &UserSettings| &s.server,
+            server.request_timeout(),
+        );
         trellis::settings::follow_rate_limit(&config, |s: &UserSettings| &s.server, limiter);
         Ok(UserService { server, store })
     }

@@ -7,8 +7,8 @@ use trellis::Error;
 
 use crate::{
     api::v1::{
-        CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUsersRequest, ListUsersResponse, UpdateUserRequest,
-        User, user_service_server::UserService,
+        CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUsersRequest, ListUsersResponse,
+        UpdateUserRequest, User, user_service_server::UserService,
     },
     biz::{self, UserChanges, UserRepo, Users},
 };
@@ -27,7 +27,10 @@ impl<R: UserRepo> UserServiceHandler<R> {
 }
 
 fn timestamp(ms: i64) -> Timestamp {
-    Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+    Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
 }
 
 fn to_proto(user: biz::User) -> User {
@@ -50,7 +53,9 @@ fn changes(user: &User, mask: Option<&prost_types::FieldMask>) -> Result<UserCha
     for path in paths {
         match path {
             "email" => changes.email = Some(user.email.clone()),
-            "display_name" | "displayName" => changes.display_name = Some(user.display_name.clone()),
+            "display_name" | "displayName" => {
+                changes.display_name = Some(user.display_name.clone())
+            }
             other => {
                 return Err(Error::invalid_argument(
                     "update_mask",
@@ -64,8 +69,14 @@ fn changes(user: &User, mask: Option<&prost_types::FieldMask>) -> Result<UserCha
 
 #[tonic::async_trait]
 impl<R: UserRepo> UserService for UserServiceHandler<R> {
-    async fn create_user(&self, request: Request<CreateUserRequest>) -> Result<Response<User>, Status> {
-        let user = request.into_inner().user.ok_or_else(|| Error::invalid_argument("user", "user is required"))?;
+    async fn create_user(
+        &self,
+        request: Request<CreateUserRequest>,
+    ) -> Result<Response<User>, Status> {
+        let user = request
+            .into_inner()
+            .user
+            .ok_or_else(|| Error::invalid_argument("user", "user is required"))?;
         let created = self.users.create(&user.email, &user.display_name).await?;
         Ok(Response::new(to_proto(created)))
     }
@@ -75,7 +86,10 @@ impl<R: UserRepo> UserService for UserServiceHandler<R> {
         Ok(Response::new(to_proto(user)))
     }
 
-    async fn list_users(&self, request: Request<ListUsersRequest>) -> Result<Response<ListUsersResponse>, Status> {
+    async fn list_users(
+        &self,
+        request: Request<ListUsersRequest>,
+    ) -> Result<Response<ListUsersResponse>, Status> {
         let req = request.into_inner();
         let page = self.users.list(req.page_size, &req.page_token).await?;
         Ok(Response::new(ListUsersResponse {
@@ -84,15 +98,23 @@ impl<R: UserRepo> UserService for UserServiceHandler<R> {
         }))
     }
 
-    async fn update_user(&self, request: Request<UpdateUserRequest>) -> Result<Response<User>, Status> {
+    async fn update_user(
+        &self,
+        request: Request<UpdateUserRequest>,
+    ) -> Result<Response<User>, Status> {
         let req = request.into_inner();
-        let user = req.user.ok_or_else(|| Error::invalid_argument("user", "user is required"))?;
+        let user = req
+            .user
+            .ok_or_else(|| Error::invalid_argument("user", "user is required"))?;
         let changes = changes(&user, req.update_mask.as_ref())?;
         let updated = self.users.update(&user.id, changes).await?;
         Ok(Response::new(to_proto(updated)))
     }
 
-    async fn delete_user(&self, request: Request<DeleteUserRequest>) -> Result<Response<()>, Status> {
+    async fn delete_user(
+        &self,
+        request: Request<DeleteUserRequest>,
+    ) -> Result<Response<()>, Status> {
         self.users.delete(&request.get_ref().id).await?;
         Ok(Response::new(()))
     }
@@ -104,13 +126,27 @@ mod tests {
 
     #[test]
     fn timestamps_split_milliseconds() {
-        assert_eq!(timestamp(1_700_000_000_123), Timestamp { seconds: 1_700_000_000, nanos: 123_000_000 });
-        assert_eq!(timestamp(-1), Timestamp { seconds: -1, nanos: 999_000_000 });
+        assert_eq!(
+            timestamp(1_700_000_000_123),
+            Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 123_000_000
+            }
+        );
+        assert_eq!(
+            timestamp(-1),
+            Timestamp {
+                seconds: -1,
+                nanos: 999_000_000
+            }
+        );
     }
 
     #[test]
     fn unknown_mask_path_names_the_field() {
-        let mask = prost_types::FieldMask { paths: vec!["id".into()] };
+        let mask = prost_types::FieldMask {
+            paths: vec!["id".into()],
+        };
         let err = changes(&User::default(), Some(&mask)).unwrap_err();
         assert_eq!(err.metadata()["field"], "update_mask");
     }

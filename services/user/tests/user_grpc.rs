@@ -6,8 +6,8 @@ use std::{net::SocketAddr, time::Duration};
 use shop_user::{
     UserConfig, UserService,
     api::v1::{
-        CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUsersRequest, UpdateUserRequest, User,
-        user_service_client::UserServiceClient,
+        CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUsersRequest, UpdateUserRequest,
+        User, user_service_client::UserServiceClient,
     },
 };
 use tokio::sync::oneshot;
@@ -23,8 +23,13 @@ struct Running {
 
 impl Running {
     async fn start(database_url: &str) -> Running {
-        let config = UserConfig { database_url: database_url.to_owned(), max_connections: 4 };
-        let service = UserService::bind(&config, ServerConfig::default()).await.unwrap();
+        let config = UserConfig {
+            database_url: database_url.to_owned(),
+            max_connections: 4,
+        };
+        let service = UserService::bind(&config, ServerConfig::default())
+            .await
+            .unwrap();
         let addr = service.local_addr();
         let app = service.into_app(App::builder("user"));
         let mut lifecycle = app.lifecycle();
@@ -32,15 +37,26 @@ impl Running {
         let task = tokio::spawn(app.run_until(async move {
             let _ = stopped.await;
         }));
-        tokio::time::timeout(Duration::from_secs(10), lifecycle.wait_for(|s| *s == State::Ready))
-            .await
-            .unwrap()
-            .unwrap();
-        Running { addr, stop: Some(stop), task }
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            lifecycle.wait_for(|s| *s == State::Ready),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        Running {
+            addr,
+            stop: Some(stop),
+            task,
+        }
     }
 
     async fn client(&self) -> UserServiceClient<Channel> {
-        UserServiceClient::new(trellis::transport::connect(&self.addr.to_string(), &Default::default()).await.unwrap())
+        UserServiceClient::new(
+            trellis::transport::connect(&self.addr.to_string(), &Default::default())
+                .await
+                .unwrap(),
+        )
     }
 
     async fn stop(mut self) {
@@ -52,15 +68,30 @@ impl Running {
 }
 
 fn new_user(email: &str, name: &str) -> CreateUserRequest {
-    CreateUserRequest { user: Some(User { email: email.into(), display_name: name.into(), ..Default::default() }) }
+    CreateUserRequest {
+        user: Some(User {
+            email: email.into(),
+            display_name: name.into(),
+            ..Default::default()
+        }),
+    }
 }
 
 /// Asserts a call failed with `code` and, when given, the field it names.
-fn assert_error<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, reason: &str, field: Option<&str>) {
+fn assert_error<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: Code,
+    reason: &str,
+    field: Option<&str>,
+) {
     let err = Error::from(result.expect_err("call should have failed"));
     assert_eq!(err.code(), code, "{err}");
     assert_eq!(err.reason(), reason, "{err}");
-    assert_eq!(err.metadata().get("field").map(String::as_str), field, "{err}");
+    assert_eq!(
+        err.metadata().get("field").map(String::as_str),
+        field,
+        "{err}"
+    );
 }
 
 /// The whole contract, run against each store.
@@ -69,33 +100,93 @@ async fn exercise(database_url: &str) {
     let mut client = service.client().await;
 
     // Create: normalised, server-assigned id and timestamps.
-    let ada = client.create_user(new_user("  Ada@Example.com ", " Ada ")).await.unwrap().into_inner();
+    let ada = client
+        .create_user(new_user("  Ada@Example.com ", " Ada "))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(ada.email, "ada@example.com");
     assert_eq!(ada.display_name, "Ada");
     assert!(uuid::Uuid::parse_str(&ada.id).is_ok());
     assert!(ada.create_time.is_some() && ada.create_time == ada.update_time);
 
     // Bad input names the field; duplicates and unknown ids are told apart.
-    assert_error(client.create_user(new_user("ADA@example.com", "Other")).await, Code::AlreadyExists, "EMAIL_TAKEN", Some("email"));
-    assert_error(client.create_user(new_user("not-an-email", "X")).await, Code::InvalidArgument, "INVALID_FIELD", Some("email"));
-    assert_error(client.create_user(new_user("x@example.com", "  ")).await, Code::InvalidArgument, "INVALID_FIELD", Some("display_name"));
-    assert_error(client.create_user(CreateUserRequest { user: None }).await, Code::InvalidArgument, "INVALID_FIELD", Some("user"));
-    assert_error(client.get_user(GetUserRequest { id: "42".into() }).await, Code::InvalidArgument, "INVALID_FIELD", Some("id"));
+    assert_error(
+        client
+            .create_user(new_user("ADA@example.com", "Other"))
+            .await,
+        Code::AlreadyExists,
+        "EMAIL_TAKEN",
+        Some("email"),
+    );
+    assert_error(
+        client.create_user(new_user("not-an-email", "X")).await,
+        Code::InvalidArgument,
+        "INVALID_FIELD",
+        Some("email"),
+    );
+    assert_error(
+        client.create_user(new_user("x@example.com", "  ")).await,
+        Code::InvalidArgument,
+        "INVALID_FIELD",
+        Some("display_name"),
+    );
+    assert_error(
+        client.create_user(CreateUserRequest { user: None }).await,
+        Code::InvalidArgument,
+        "INVALID_FIELD",
+        Some("user"),
+    );
+    assert_error(
+        client.get_user(GetUserRequest { id: "42".into() }).await,
+        Code::InvalidArgument,
+        "INVALID_FIELD",
+        Some("id"),
+    );
     let unknown = uuid::Uuid::now_v7().to_string();
-    assert_error(client.get_user(GetUserRequest { id: unknown.clone() }).await, Code::NotFound, "USER_NOT_FOUND", None);
+    assert_error(
+        client
+            .get_user(GetUserRequest {
+                id: unknown.clone(),
+            })
+            .await,
+        Code::NotFound,
+        "USER_NOT_FOUND",
+        None,
+    );
 
     // Get returns what Create stored.
-    assert_eq!(client.get_user(GetUserRequest { id: ada.id.clone() }).await.unwrap().into_inner(), ada);
+    assert_eq!(
+        client
+            .get_user(GetUserRequest { id: ada.id.clone() })
+            .await
+            .unwrap()
+            .into_inner(),
+        ada
+    );
 
     // Paging: every user exactly once, in creation order, pages of two.
     let mut created = vec![ada.id.clone()];
     for i in 0..4 {
-        let u = client.create_user(new_user(&format!("user{i}@example.com"), &format!("User {i}"))).await.unwrap();
+        let u = client
+            .create_user(new_user(
+                &format!("user{i}@example.com"),
+                &format!("User {i}"),
+            ))
+            .await
+            .unwrap();
         created.push(u.into_inner().id);
     }
     let (mut seen, mut token, mut pages) = (Vec::new(), String::new(), 0);
     loop {
-        let page = client.list_users(ListUsersRequest { page_size: 2, page_token: token }).await.unwrap().into_inner();
+        let page = client
+            .list_users(ListUsersRequest {
+                page_size: 2,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
         pages += 1;
         assert!(page.users.len() <= 2);
         seen.extend(page.users.into_iter().map(|u| u.id));
@@ -106,26 +197,61 @@ async fn exercise(database_url: &str) {
     }
     assert_eq!(seen, created);
     assert_eq!(pages, 3);
-    assert_error(client.list_users(ListUsersRequest { page_size: -1, page_token: String::new() }).await, Code::InvalidArgument, "INVALID_FIELD", Some("page_size"));
-    assert_error(client.list_users(ListUsersRequest { page_size: 2, page_token: "garbage".into() }).await, Code::InvalidArgument, "INVALID_FIELD", Some("page_token"));
+    assert_error(
+        client
+            .list_users(ListUsersRequest {
+                page_size: -1,
+                page_token: String::new(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_FIELD",
+        Some("page_size"),
+    );
+    assert_error(
+        client
+            .list_users(ListUsersRequest {
+                page_size: 2,
+                page_token: "garbage".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_FIELD",
+        Some("page_token"),
+    );
 
     // Update: only the masked field changes, update_time moves forward.
     let renamed = client
         .update_user(UpdateUserRequest {
-            user: Some(User { id: ada.id.clone(), display_name: "Ada Lovelace".into(), email: "ignored@example.com".into(), ..Default::default() }),
-            update_mask: Some(prost_types::FieldMask { paths: vec!["display_name".into()] }),
+            user: Some(User {
+                id: ada.id.clone(),
+                display_name: "Ada Lovelace".into(),
+                email: "ignored@example.com".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["display_name".into()],
+            }),
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(renamed.display_name, "Ada Lovelace");
     assert_eq!(renamed.email, "ada@example.com");
-    assert!(renamed.update_time.as_ref().map(|t| (t.seconds, t.nanos)) > ada.update_time.as_ref().map(|t| (t.seconds, t.nanos)));
+    assert!(
+        renamed.update_time.as_ref().map(|t| (t.seconds, t.nanos))
+            > ada.update_time.as_ref().map(|t| (t.seconds, t.nanos))
+    );
     assert_error(
         client
             .update_user(UpdateUserRequest {
-                user: Some(User { id: ada.id.clone(), ..Default::default() }),
-                update_mask: Some(prost_types::FieldMask { paths: vec!["id".into()] }),
+                user: Some(User {
+                    id: ada.id.clone(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["id".into()],
+                }),
             })
             .await,
         Code::InvalidArgument,
@@ -135,8 +261,14 @@ async fn exercise(database_url: &str) {
     assert_error(
         client
             .update_user(UpdateUserRequest {
-                user: Some(User { id: ada.id.clone(), email: "user0@example.com".into(), ..Default::default() }),
-                update_mask: Some(prost_types::FieldMask { paths: vec!["email".into()] }),
+                user: Some(User {
+                    id: ada.id.clone(),
+                    email: "user0@example.com".into(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["email".into()],
+                }),
             })
             .await,
         Code::AlreadyExists,
@@ -146,7 +278,11 @@ async fn exercise(database_url: &str) {
     assert_error(
         client
             .update_user(UpdateUserRequest {
-                user: Some(User { id: unknown.clone(), display_name: "Nobody".into(), ..Default::default() }),
+                user: Some(User {
+                    id: unknown.clone(),
+                    display_name: "Nobody".into(),
+                    ..Default::default()
+                }),
                 update_mask: None,
             })
             .await,
@@ -156,9 +292,24 @@ async fn exercise(database_url: &str) {
     );
 
     // Delete, then it is gone.
-    client.delete_user(DeleteUserRequest { id: ada.id.clone() }).await.unwrap();
-    assert_error(client.get_user(GetUserRequest { id: ada.id.clone() }).await, Code::NotFound, "USER_NOT_FOUND", None);
-    assert_error(client.delete_user(DeleteUserRequest { id: ada.id.clone() }).await, Code::NotFound, "USER_NOT_FOUND", None);
+    client
+        .delete_user(DeleteUserRequest { id: ada.id.clone() })
+        .await
+        .unwrap();
+    assert_error(
+        client.get_user(GetUserRequest { id: ada.id.clone() }).await,
+        Code::NotFound,
+        "USER_NOT_FOUND",
+        None,
+    );
+    assert_error(
+        client
+            .delete_user(DeleteUserRequest { id: ada.id.clone() })
+            .await,
+        Code::NotFound,
+        "USER_NOT_FOUND",
+        None,
+    );
 
     service.stop().await;
 }
@@ -166,7 +317,11 @@ async fn exercise(database_url: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_the_contract_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    exercise(&format!("sqlite://{}", dir.path().join("user.db").display())).await;
+    exercise(&format!(
+        "sqlite://{}",
+        dir.path().join("user.db").display()
+    ))
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,13 +333,28 @@ async fn serves_the_contract_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keeps_users_across_a_restart_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("nested/dir/user.db").display());
+    let url = format!(
+        "sqlite://{}",
+        dir.path().join("nested/dir/user.db").display()
+    );
     let first = Running::start(&url).await;
-    let ada = first.client().await.create_user(new_user("ada@example.com", "Ada")).await.unwrap().into_inner();
+    let ada = first
+        .client()
+        .await
+        .create_user(new_user("ada@example.com", "Ada"))
+        .await
+        .unwrap()
+        .into_inner();
     first.stop().await;
 
     let second = Running::start(&url).await;
-    let again = second.client().await.get_user(GetUserRequest { id: ada.id.clone() }).await.unwrap().into_inner();
+    let again = second
+        .client()
+        .await
+        .get_user(GetUserRequest { id: ada.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(again, ada);
     second.stop().await;
 }
@@ -192,48 +362,88 @@ async fn keeps_users_across_a_restart_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_health_per_service_and_reflects_v1_and_v1alpha() {
     use tokio_stream::StreamExt;
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     use tonic_reflection::pb::{v1, v1alpha};
 
     let dir = tempfile::tempdir().unwrap();
-    let service = Running::start(&format!("sqlite://{}", dir.path().join("user.db").display())).await;
-    let channel = trellis::transport::connect(&service.addr.to_string(), &Default::default()).await.unwrap();
+    let service = Running::start(&format!(
+        "sqlite://{}",
+        dir.path().join("user.db").display()
+    ))
+    .await;
+    let channel = trellis::transport::connect(&service.addr.to_string(), &Default::default())
+        .await
+        .unwrap();
 
     let mut health = HealthClient::new(channel.clone());
     for name in ["", "shop.user.v1.UserService"] {
-        let status = health.check(HealthCheckRequest { service: name.into() }).await.unwrap().into_inner().status();
+        let status = health
+            .check(HealthCheckRequest {
+                service: name.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
         assert_eq!(status, ServingStatus::Serving, "service {name:?}");
     }
-    let unknown = health.check(HealthCheckRequest { service: "no.such.Service".into() }).await.unwrap_err();
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
 
     let mut v1 = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
     let request = v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
     };
-    let mut responses = v1.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let mut responses = v1
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
     let Some(Ok(v1::ServerReflectionResponse {
-        message_response: Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)),
+        message_response:
+            Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)),
         ..
     })) = responses.next().await
     else {
         panic!("no v1 list-services response");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"shop.user.v1.UserService".to_owned()), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"shop.user.v1.UserService".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
 
     let mut v1alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
     let request = v1alpha::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
-            "shop.user.v1.UserService".into(),
-        )),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "shop.user.v1.UserService".into(),
+            ),
+        ),
     };
-    let mut responses = v1alpha.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let mut responses = v1alpha
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
     let Some(Ok(v1alpha::ServerReflectionResponse {
-        message_response: Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(files)),
+        message_response:
+            Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(files)),
         ..
     })) = responses.next().await
     else {
@@ -246,10 +456,19 @@ async fn reports_health_per_service_and_reflects_v1_and_v1alpha() {
 
 #[tokio::test]
 async fn refuses_an_unsupported_database_url_naming_it() {
-    let config = UserConfig { database_url: "mysql://db/shop".into(), max_connections: 1 };
-    let err = UserService::bind(&config, ServerConfig::default()).await.err().expect("mysql is not supported");
+    let config = UserConfig {
+        database_url: "mysql://db/shop".into(),
+        max_connections: 1,
+    };
+    let err = UserService::bind(&config, ServerConfig::default())
+        .await
+        .err()
+        .expect("mysql is not supported");
     let text = err.to_string();
-    assert!(text.contains("mysql://db/shop") && text.contains("sqlite://"), "{text}");
+    assert!(
+        text.contains("mysql://db/shop") && text.contains("sqlite://"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,11 +477,20 @@ async fn the_default_stack_rate_limits_live_from_config_and_the_resilient_client
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("user.toml");
     std::fs::write(&file, "[server.rate_limit]\nrate = 0\nkey = \"route\"\n").unwrap();
-    let config = Config::<shop_user::UserSettings>::builder().file(&file).env_vars(Vec::new()).build().await.unwrap();
-    let service = UserService::bind_with_config(config.clone(), dir.path(), None, ServerConfig::default()).await.unwrap();
+    let config = Config::<shop_user::UserSettings>::builder()
+        .file(&file)
+        .env_vars(Vec::new())
+        .build()
+        .await
+        .unwrap();
+    let service =
+        UserService::bind_with_config(config.clone(), dir.path(), None, ServerConfig::default())
+            .await
+            .unwrap();
     let addr = service.local_addr();
     let registry = trellis::registry::MemoryRegistry::new();
-    let app = service.into_app(App::builder("user-stack").registry(std::sync::Arc::new(registry.clone())));
+    let app = service
+        .into_app(App::builder("user-stack").registry(std::sync::Arc::new(registry.clone())));
     let mut lifecycle = app.lifecycle();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until(async move {
@@ -271,21 +499,37 @@ async fn the_default_stack_rate_limits_live_from_config_and_the_resilient_client
     lifecycle.wait_for(|s| *s == State::Ready).await.unwrap();
 
     // Through discovery, deadline, retries and a breaker.
-    let channel = trellis::resilient_client(&registry, "user-stack").await.unwrap();
+    let channel = trellis::resilient_client(&registry, "user-stack")
+        .await
+        .unwrap();
     for _ in 0..200 {
-        if !channel.get_ref().get_ref().get_ref().endpoints().is_empty() {
+        if !channel
+            .get_ref()
+            .get_ref()
+            .get_ref()
+            .get_ref()
+            .endpoints()
+            .is_empty()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut client = UserServiceClient::new(channel);
-    let list = || shop_user::api::v1::ListUsersRequest { page_size: 1, page_token: String::new() };
+    let list = || shop_user::api::v1::ListUsersRequest {
+        page_size: 1,
+        page_token: String::new(),
+    };
     for _ in 0..20 {
         client.list_users(list()).await.unwrap();
     }
 
     // A limit set while running applies to the next requests.
-    std::fs::write(&file, "[server.rate_limit]\nrate = 2\nburst = 2\nkey = \"route\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "[server.rate_limit]\nrate = 2\nburst = 2\nkey = \"route\"\n",
+    )
+    .unwrap();
     tokio::time::timeout(Duration::from_secs(5), async {
         while config.current().config.server.rate_limit.rate != 2 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -294,10 +538,23 @@ async fn the_default_stack_rate_limits_live_from_config_and_the_resilient_client
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let mut direct = UserServiceClient::new(trellis::transport::connect(&addr.to_string(), &Default::default()).await.unwrap());
+    let mut direct = UserServiceClient::new(
+        trellis::transport::connect(&addr.to_string(), &Default::default())
+            .await
+            .unwrap(),
+    );
     let results: Vec<Result<_, tonic::Status>> = futures_in_order(&mut direct, 4).await;
-    let limited = results.iter().filter(|r| r.as_ref().is_err_and(|s| s.code() == Code::ResourceExhausted)).count();
-    assert!(limited >= 2, "with rate 2/s, burst 2, most of 4 quick calls are limited: {results:?}");
+    let limited = results
+        .iter()
+        .filter(|r| {
+            r.as_ref()
+                .is_err_and(|s| s.code() == Code::ResourceExhausted)
+        })
+        .count();
+    assert!(
+        limited >= 2,
+        "with rate 2/s, burst 2, most of 4 quick calls are limited: {results:?}"
+    );
     let exposition = trellis::telemetry::prometheus().unwrap().render();
     let rejections: u64 = exposition
         .lines()
@@ -331,7 +588,10 @@ async fn futures_in_order(
     for _ in 0..n {
         out.push(
             client
-                .list_users(shop_user::api::v1::ListUsersRequest { page_size: 1, page_token: String::new() })
+                .list_users(shop_user::api::v1::ListUsersRequest {
+                    page_size: 1,
+                    page_token: String::new(),
+                })
                 .await
                 .map(tonic::Response::into_inner),
         );

@@ -24,7 +24,10 @@ impl Default for ConsistentHash {
 impl ConsistentHash {
     /// A ring with `replicas` virtual nodes per endpoint of weight 100.
     pub fn new(replicas: u32) -> Self {
-        ConsistentHash { replicas: replicas.max(1), ring: RwLock::new(Vec::new()) }
+        ConsistentHash {
+            replicas: replicas.max(1),
+            ring: RwLock::new(Vec::new()),
+        }
     }
 }
 
@@ -38,7 +41,10 @@ impl Balancer for ConsistentHash {
         for e in endpoints {
             let points = (u64::from(self.replicas) * u64::from(e.weight()) / 100).max(1);
             for i in 0..points {
-                ring.push((hash_key(format!("{}#{i}", e.address()).as_bytes()), e.clone()));
+                ring.push((
+                    hash_key(format!("{}#{i}", e.address()).as_bytes()),
+                    e.clone(),
+                ));
             }
         }
         ring.sort_unstable_by_key(|(h, _)| *h);
@@ -49,7 +55,9 @@ impl Balancer for ConsistentHash {
         if endpoints.is_empty() {
             return None;
         }
-        let Some(key) = key else { return Some(rng::below(endpoints.len())) };
+        let Some(key) = key else {
+            return Some(rng::below(endpoints.len()));
+        };
         let ring = self.ring.read().unwrap_or_else(PoisonError::into_inner);
         if ring.is_empty() {
             return Some((key % endpoints.len() as u64) as usize);

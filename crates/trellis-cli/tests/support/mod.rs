@@ -55,7 +55,11 @@ impl Trellis {
         loop {
             line.clear();
             let n = self.1.read_line(&mut line).unwrap();
-            assert!(n > 0, "trellis exited before printing {prefix:?}: {}", self.stderr());
+            assert!(
+                n > 0,
+                "trellis exited before printing {prefix:?}: {}",
+                self.stderr()
+            );
             if line.starts_with(prefix) {
                 return line;
             }
@@ -84,9 +88,11 @@ impl Trellis {
             if let Some(status) = self.0.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "trellis did not exit within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "trellis did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
-

@@ -27,13 +27,21 @@ pub struct Db {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { name: "default".into(), timeout: Duration::from_secs(5), workers: 4, db: Db::default() }
+        Settings {
+            name: "default".into(),
+            timeout: Duration::from_secs(5),
+            workers: 4,
+            db: Db::default(),
+        }
     }
 }
 
 impl Default for Db {
     fn default() -> Self {
-        Db { url: Secret::new("sqlite://x".into()), pool: 8 }
+        Db {
+            url: Secret::new("sqlite://x".into()),
+            pool: 8,
+        }
     }
 }
 
@@ -50,7 +58,9 @@ impl Validate for Settings {
 }
 
 /// Counts the snapshots published on `rx` from now on.
-pub fn count_reloads(mut rx: watch::Receiver<Arc<Snapshot<Settings>>>) -> Arc<std::sync::atomic::AtomicUsize> {
+pub fn count_reloads(
+    mut rx: watch::Receiver<Arc<Snapshot<Settings>>>,
+) -> Arc<std::sync::atomic::AtomicUsize> {
     let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let c = count.clone();
     rx.borrow_and_update();

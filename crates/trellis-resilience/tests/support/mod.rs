@@ -34,7 +34,11 @@ pub struct Reply {
     pub budgets_us: Vec<u64>,
 }
 
-type NextHop = Arc<tokio::sync::Mutex<tonic::client::Grpc<trellis_resilience::Deadline<tonic::transport::Channel>>>>;
+type NextHop = Arc<
+    tokio::sync::Mutex<
+        tonic::client::Grpc<trellis_resilience::Deadline<tonic::transport::Channel>>,
+    >,
+>;
 
 /// How one hop behaves.
 #[derive(Clone)]
@@ -61,7 +65,8 @@ impl tower::Service<http::Request<Body>> for Hop {
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let hop = self.clone();
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<Reply, Call>::default());
+            let mut grpc =
+                tonic::server::Grpc::new(tonic_prost::ProstCodec::<Reply, Call>::default());
             Ok(grpc.unary(Handler(hop), req).await)
         })
     }
@@ -101,15 +106,26 @@ where
     T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     <T::ResponseBody as http_body::Body>::Error: Into<BoxError> + Send,
 {
-    client.ready().await.map_err(|e| Status::unknown(format!("not ready: {}", e.into())))?;
+    client
+        .ready()
+        .await
+        .map_err(|e| Status::unknown(format!("not ready: {}", e.into())))?;
     let path = http::uri::PathAndQuery::from_static("/trellis.test.Hop/Call");
     let codec = tonic_prost::ProstCodec::<Call, Reply>::default();
-    client.unary(Request::new(Call {}), path, codec).await.map(Response::into_inner)
+    client
+        .unary(Request::new(Call {}), path, codec)
+        .await
+        .map(Response::into_inner)
 }
 
 /// A client for the hop at `addr` with a deadline layer.
-pub fn client(addr: SocketAddr, timeout: Option<Duration>) -> tonic::client::Grpc<trellis_resilience::Deadline<tonic::transport::Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+pub fn client(
+    addr: SocketAddr,
+    timeout: Option<Duration>,
+) -> tonic::client::Grpc<trellis_resilience::Deadline<tonic::transport::Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
     tonic::client::Grpc::new(tower::Layer::layer(&DeadlineLayer::new(timeout), channel))
 }
 
@@ -128,19 +144,30 @@ impl Drop for Running {
 }
 
 pub async fn serve(hop: Hop) -> Running {
-    let (addr, stop, lifecycle) = start(GrpcHttpServer::builder(ServerConfig::default()).grpc_service(hop.clone())).await;
-    Running { addr, hop, stop, _lifecycle: lifecycle }
+    let (addr, stop, lifecycle) =
+        start(GrpcHttpServer::builder(ServerConfig::default()).grpc_service(hop.clone())).await;
+    Running {
+        addr,
+        hop,
+        stop,
+        _lifecycle: lifecycle,
+    }
 }
 
 /// Binds `builder` and serves it as Ready until the token is cancelled (or
 /// the lifecycle dropped).
-pub async fn start(builder: trellis_transport::GrpcHttpServerBuilder) -> (SocketAddr, CancellationToken, Lifecycle) {
+pub async fn start(
+    builder: trellis_transport::GrpcHttpServerBuilder,
+) -> (SocketAddr, CancellationToken, Lifecycle) {
     let server = builder.bind().await.unwrap();
     let addr = server.local_addr();
     let lifecycle = Lifecycle::new();
     lifecycle.advance(State::Ready);
     let stop = CancellationToken::new();
-    tokio::spawn(Box::new(server).serve(lifecycle.subscribe(), Drain::new(stop.clone(), Duration::from_millis(100))));
+    tokio::spawn(Box::new(server).serve(
+        lifecycle.subscribe(),
+        Drain::new(stop.clone(), Duration::from_millis(100)),
+    ));
     (addr, stop, lifecycle)
 }
 

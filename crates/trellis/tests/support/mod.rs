@@ -21,7 +21,11 @@ impl Running {
         let task = tokio::spawn(app.run_until(async move {
             let _ = stopped.await;
         }));
-        Running { stop: Some(stop), task, lifecycle }
+        Running {
+            stop: Some(stop),
+            task,
+            lifecycle,
+        }
     }
 
     /// Starts `app` and waits until it is Ready.
@@ -33,10 +37,13 @@ impl Running {
 
     /// Waits (up to 10 s) for the lifecycle to reach `state`.
     pub async fn wait_for(&mut self, state: State) {
-        tokio::time::timeout(Duration::from_secs(10), self.lifecycle.wait_for(|s| *s == state))
-            .await
-            .unwrap_or_else(|_| panic!("app did not reach {state} within 10 s"))
-            .unwrap_or_else(|_| panic!("app dropped its lifecycle before {state}"));
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            self.lifecycle.wait_for(|s| *s == state),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("app did not reach {state} within 10 s"))
+        .unwrap_or_else(|_| panic!("app dropped its lifecycle before {state}"));
     }
 
     /// Asks the app to shut down, without waiting.

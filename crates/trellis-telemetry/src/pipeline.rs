@@ -1,0 +1,277 @@
+//! The trace pipeline's two moving parts, both changeable while the process
+//! runs: the sampler (ratio, parent-based or not, exporting or not) and the
+//! export slot (an OTLP batch processor, or nothing).
+//!
+//! They are built once with the tracer provider and then retargeted by
+//! [`crate::Telemetry::apply`], so the config centre can turn export on,
+//! move it, or change the ratio without a restart, and so the subscriber can
+//! be installed before a service's config has been read.
+
+use std::{
+    sync::{
+        Arc, PoisonError, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use opentelemetry::{
+    Context, KeyValue,
+    trace::{Link, SpanKind, TraceContextExt, TraceId},
+};
+use opentelemetry_sdk::{
+    Resource,
+    error::OTelSdkResult,
+    trace::{
+        BatchSpanProcessor, SamplingDecision, SamplingResult, ShouldSample, Span, SpanData,
+        SpanProcessor,
+    },
+};
+
+/// What the sampler decides from, shared with [`crate::Telemetry`].
+#[derive(Debug, Default)]
+pub(crate) struct SamplerState {
+    /// Follow a valid parent's decision (`parentbased_*`).
+    parent_based: AtomicBool,
+    /// `f64` bits: the share of root spans to record.
+    ratio: AtomicU64,
+    /// An exporter is installed. Without one, root spans are never
+    /// recorded (nobody would see them) but still get ids, so logs and
+    /// downstream calls carry a trace id; a caller's sampled decision is
+    /// still followed and passed on.
+    exporting: AtomicBool,
+}
+
+impl SamplerState {
+    pub(crate) fn set(&self, parent_based: bool, ratio: f64, exporting: bool) {
+        self.parent_based.store(parent_based, Relaxed);
+        self.ratio.store(ratio.clamp(0.0, 1.0).to_bits(), Relaxed);
+        self.exporting.store(exporting, Relaxed);
+    }
+}
+
+/// A parent-based ratio sampler whose settings can change at run time.
+#[derive(Debug, Clone)]
+pub(crate) struct DynamicSampler(pub(crate) Arc<SamplerState>);
+
+impl ShouldSample for DynamicSampler {
+    fn should_sample(
+        &self,
+        parent_context: Option<&Context>,
+        trace_id: TraceId,
+        _name: &str,
+        _span_kind: &SpanKind,
+        _attributes: &[KeyValue],
+        _links: &[Link],
+    ) -> SamplingResult {
+        let state = &self.0;
+        let parent = parent_context.filter(|cx| cx.span().span_context().is_valid());
+        let trace_state = parent
+            .map(|cx| cx.span().span_context().trace_state().clone())
+            .unwrap_or_default();
+        let decision = match parent {
+            Some(cx) if state.parent_based.load(Relaxed) => {
+                if cx.span().span_context().is_sampled() {
+                    SamplingDecision::RecordAndSample
+                } else {
+                    SamplingDecision::Drop
+                }
+            }
+            _ if !state.exporting.load(Relaxed) => SamplingDecision::Drop,
+            _ => ratio_decision(f64::from_bits(state.ratio.load(Relaxed)), trace_id),
+        };
+        SamplingResult {
+            decision,
+            attributes: Vec::new(),
+            trace_state,
+        }
+    }
+}
+
+/// The W3C/OTel `TraceIdRatioBased` rule: compare the trace id's low 63
+/// bits with the ratio, so every service makes the same decision for a trace.
+fn ratio_decision(ratio: f64, trace_id: TraceId) -> SamplingDecision {
+    if ratio >= 1.0 {
+        return SamplingDecision::RecordAndSample;
+    }
+    let bound = (ratio.max(0.0) * (1u64 << 63) as f64) as u64;
+    let bytes = trace_id.to_bytes();
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&bytes[8..]);
+    if (u64::from_be_bytes(low) >> 1) < bound {
+        SamplingDecision::RecordAndSample
+    } else {
+        SamplingDecision::Drop
+    }
+}
+
+/// A span processor that forwards to the current OTLP batch processor, if
+/// any. Swapping it shuts the old one down (flushing what it holds).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ExportSlot(Arc<SlotInner>);
+
+#[derive(Debug, Default)]
+struct SlotInner {
+    current: RwLock<Option<BatchSpanProcessor>>,
+    resource: RwLock<Option<Resource>>,
+}
+
+impl ExportSlot {
+    /// Installs `processor` (or none), returning the one it replaces.
+    pub(crate) fn replace(
+        &self,
+        processor: Option<BatchSpanProcessor>,
+    ) -> Option<BatchSpanProcessor> {
+        let mut processor = processor;
+        if let (Some(p), Some(resource)) = (
+            processor.as_mut(),
+            self.0
+                .resource
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref(),
+        ) {
+            p.set_resource(resource);
+        }
+        std::mem::replace(
+            &mut *self
+                .0
+                .current
+                .write()
+                .unwrap_or_else(PoisonError::into_inner),
+            processor,
+        )
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&BatchSpanProcessor) -> R) -> Option<R> {
+        self.0
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(f)
+    }
+}
+
+impl SpanProcessor for ExportSlot {
+    fn on_start(&self, span: &mut Span, cx: &Context) {
+        self.with(|p| p.on_start(span, cx));
+    }
+
+    fn on_end(&self, span: SpanData) {
+        self.with(|p| p.on_end(span));
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.with(|p| p.force_flush()).unwrap_or(Ok(()))
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        match self.replace(None) {
+            Some(p) => p.shutdown_with_timeout(timeout),
+            None => Ok(()),
+        }
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        *self
+            .0
+            .resource
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(resource.clone());
+        if let Some(p) = self
+            .0
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            p.set_resource(resource);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceState};
+
+    use super::*;
+
+    fn decide(
+        sampler: &DynamicSampler,
+        parent: Option<TraceFlags>,
+        trace_id: u128,
+    ) -> SamplingDecision {
+        let cx = parent.map(|flags| {
+            Context::new().with_remote_span_context(SpanContext::new(
+                TraceId::from(7u128),
+                SpanId::from(9u64),
+                flags,
+                true,
+                TraceState::default(),
+            ))
+        });
+        sampler
+            .should_sample(
+                cx.as_ref(),
+                TraceId::from(trace_id),
+                "s",
+                &SpanKind::Server,
+                &[],
+                &[],
+            )
+            .decision
+    }
+
+    #[test]
+    fn without_an_exporter_roots_are_dropped_but_a_sampled_caller_is_followed() {
+        let state = Arc::new(SamplerState::default());
+        state.set(true, 1.0, false);
+        let sampler = DynamicSampler(state);
+        assert_eq!(decide(&sampler, None, 1), SamplingDecision::Drop);
+        assert_eq!(
+            decide(&sampler, Some(TraceFlags::SAMPLED), 1),
+            SamplingDecision::RecordAndSample
+        );
+        assert_eq!(
+            decide(&sampler, Some(TraceFlags::default()), 1),
+            SamplingDecision::Drop
+        );
+    }
+
+    #[test]
+    fn the_ratio_applies_to_roots_only_when_parent_based() {
+        let state = Arc::new(SamplerState::default());
+        state.set(true, 0.0, true);
+        let sampler = DynamicSampler(state.clone());
+        assert_eq!(decide(&sampler, None, u128::MAX), SamplingDecision::Drop);
+        assert_eq!(
+            decide(&sampler, Some(TraceFlags::SAMPLED), 1),
+            SamplingDecision::RecordAndSample
+        );
+        // Not parent-based: the ratio decides even under a sampled parent.
+        state.set(false, 0.0, true);
+        assert_eq!(
+            decide(&sampler, Some(TraceFlags::SAMPLED), 1),
+            SamplingDecision::Drop
+        );
+    }
+
+    #[test]
+    fn a_ratio_samples_about_that_share_of_trace_ids() {
+        let state = Arc::new(SamplerState::default());
+        state.set(true, 0.25, true);
+        let sampler = DynamicSampler(state);
+        // Trace ids spread over the low 64 bits, as random ids are.
+        let sampled = (0..10_000u128)
+            .filter(|i| {
+                let id = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835)) | 1;
+                decide(&sampler, None, id) == SamplingDecision::RecordAndSample
+            })
+            .count();
+        assert!(
+            (2_000..3_000).contains(&sampled),
+            "{sampled} of 10000 at 0.25"
+        );
+    }
+}

@@ -1,0 +1,212 @@
+//! Server spans: one per request, child of the caller's `traceparent`,
+//! carrying the caller's baggage, named and attributed by the OpenTelemetry
+//! semantic conventions.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use axum::extract::MatchedPath;
+use http::{Request, Response};
+use opentelemetry::baggage::BaggageExt;
+use tower::{Layer, Service};
+use tracing::{Instrument, Span, field::Empty};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::propagation;
+
+/// The most baggage entries copied onto a span, and the longest value.
+const MAX_BAGGAGE_ATTRIBUTES: usize = 16;
+const MAX_BAGGAGE_VALUE: usize = 256;
+
+/// Opens a server span for every request (see the crate docs).
+#[derive(Debug, Clone, Default)]
+pub struct ServerTraceLayer {
+    service: Option<Arc<str>>,
+}
+
+impl ServerTraceLayer {
+    /// A layer for a server whose service is the process's own.
+    pub fn new() -> Self {
+        ServerTraceLayer { service: None }
+    }
+
+    /// Names the service on every span (the `service` field, which JSON log
+    /// lines inside the request show); for processes that run several.
+    pub fn service(mut self, name: &str) -> Self {
+        self.service = Some(name.into());
+        self
+    }
+}
+
+impl<S> Layer<S> for ServerTraceLayer {
+    type Service = ServerTrace<S>;
+
+    fn layer(&self, inner: S) -> ServerTrace<S> {
+        ServerTrace {
+            inner,
+            service: self.service.clone(),
+        }
+    }
+}
+
+/// A service whose requests are traced.
+#[derive(Debug, Clone)]
+pub struct ServerTrace<S> {
+    inner: S,
+    service: Option<Arc<str>>,
+}
+
+/// `/package.Service/Method` → (`package.Service`, `Method`).
+pub(crate) fn grpc_parts(path: &str) -> (&str, &str) {
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    (parts.next().unwrap_or(""), parts.next().unwrap_or(""))
+}
+
+pub(crate) fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// gRPC codes that mark a *server* span as failed (the semantic
+/// conventions: the server's fault, not the caller's).
+pub(crate) fn server_error_code(code: &str) -> bool {
+    matches!(code, "2" | "4" | "12" | "13" | "14" | "15")
+}
+
+impl<S, B, RB> Service<Request<B>> for ServerTrace<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let service = self.service.as_deref();
+        let grpc = is_grpc(&req);
+        let span = if grpc {
+            let (rpc_service, method) = grpc_parts(req.uri().path());
+            tracing::info_span!(
+                target: "trellis::server",
+                "grpc.server",
+                otel.name = %format_args!("{rpc_service}/{method}"),
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = rpc_service,
+                rpc.method = method,
+                rpc.grpc.status_code = Empty,
+                otel.status_code = Empty,
+                otel.status_description = Empty,
+                service,
+            )
+        } else {
+            let route = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map(MatchedPath::as_str);
+            let method = req.method().as_str();
+            let name = match route {
+                Some(route) => format!("{method} {route}"),
+                None => method.to_owned(),
+            };
+            tracing::info_span!(
+                target: "trellis::server",
+                "http.server",
+                otel.name = name,
+                otel.kind = "server",
+                http.request.method = method,
+                http.route = route,
+                url.path = req.uri().path(),
+                http.response.status_code = Empty,
+                otel.status_code = Empty,
+                service,
+            )
+        };
+        if !span.is_disabled() && propagation::carries_context(req.headers()) {
+            let parent = propagation::extract(req.headers());
+            for (key, (value, _)) in parent.baggage().iter().take(MAX_BAGGAGE_ATTRIBUTES) {
+                let value = value.as_str();
+                let value: &str = value.as_ref();
+                let cut = value
+                    .char_indices()
+                    .nth(MAX_BAGGAGE_VALUE)
+                    .map_or(value.len(), |(i, _)| i);
+                span.set_attribute(key.clone(), value[..cut].to_owned());
+            }
+            // Only fails when no OpenTelemetry layer is installed, which
+            // leaves the span a plain tracing span: nothing to do.
+            let _ = span.set_parent(parent);
+        }
+        let started = std::time::Instant::now();
+        let fut = {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
+        Box::pin(
+            async move {
+                let result = fut.await;
+                let status = record_outcome(&Span::current(), grpc, &result);
+                // The access log: off unless `trellis::access=debug` is in the filter.
+                tracing::debug!(
+                    target: "trellis::access",
+                    status,
+                    duration_us = started.elapsed().as_micros() as u64,
+                    "request finished"
+                );
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Records the outcome on the span; returns the gRPC code or HTTP status.
+fn record_outcome<RB, E>(span: &Span, grpc: bool, result: &Result<Response<RB>, E>) -> u16 {
+    if grpc {
+        // Errors from handlers travel trailers-only (the status in the
+        // headers); a status in trailers after a body is counted as OK.
+        let (code, message) = match result {
+            Ok(r) => (
+                r.headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("0"),
+                r.headers()
+                    .get("grpc-message")
+                    .and_then(|v| v.to_str().ok()),
+            ),
+            Err(_) => ("2", None),
+        };
+        let code_number = code.parse::<u16>().unwrap_or(2);
+        span.record("rpc.grpc.status_code", code_number);
+        if server_error_code(code) {
+            span.record("otel.status_code", "ERROR");
+            if let Some(message) = message {
+                span.record("otel.status_description", message);
+            }
+        }
+        code_number
+    } else {
+        let status = match result {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 500,
+        };
+        span.record("http.response.status_code", status);
+        if status >= 500 {
+            span.record("otel.status_code", "ERROR");
+        }
+        status
+    }
+}
