@@ -138,7 +138,6 @@ where
             let parent = propagation::extract(req.headers());
             for (key, (value, _)) in parent.baggage().iter().take(MAX_BAGGAGE_ATTRIBUTES) {
                 let value = value.as_str();
-                let value: &str = value.as_ref();
                 let cut = value
                     .char_indices()
                     .nth(MAX_BAGGAGE_VALUE)
