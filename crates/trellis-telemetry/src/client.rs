@@ -10,13 +10,15 @@ use std::{
 
 use http::{Request, Response};
 use metrics::histogram;
+use opentelemetry::Context as OtelContext;
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
+    pipeline::{self, SAMPLER},
     propagation,
-    server::{grpc_parts, is_grpc},
+    server::{grpc_code, grpc_parts, is_grpc},
 };
 
 /// Traces, propagates and measures outbound gRPC and HTTP calls:
@@ -93,30 +95,46 @@ where
             .authority()
             .map(|a| a.as_str().to_owned())
             .unwrap_or_default();
-        let (span, kind) = if is_grpc(&req) {
+        let kind = if is_grpc(&req) {
             let (service, method) = grpc_parts(req.uri().path());
-            let span = tracing::info_span!(
+            Kind::Grpc {
+                service: service.to_owned(),
+                method: method.to_owned(),
+            }
+        } else {
+            Kind::Http {
+                method: req.method().as_str().to_owned(),
+                address,
+            }
+        };
+        let started = Instant::now();
+        let current = OtelContext::current();
+
+        // Not recorded: no span, the context passed on as it is.
+        if !SAMPLER.may_record(&current) {
+            propagation::inject(&pipeline::unrecorded(current), req.headers_mut());
+            let fut = self.inner.call(req);
+            return Box::pin(async move {
+                let result = fut.await;
+                kind.measure(&result, started, None);
+                result
+            });
+        }
+
+        let span = match &kind {
+            Kind::Grpc { service, method } => tracing::info_span!(
                 target: "trellis::client",
                 "grpc.client",
                 otel.name = %format_args!("{service}/{method}"),
                 otel.kind = "client",
                 rpc.system = "grpc",
-                rpc.service = service,
-                rpc.method = method,
-                server.address = address.as_str(),
+                rpc.service = service.as_str(),
+                rpc.method = method.as_str(),
+                server.address = req.uri().authority().map(|a| a.as_str()),
                 rpc.grpc.status_code = Empty,
                 otel.status_code = Empty,
-            );
-            (
-                span,
-                Kind::Grpc {
-                    service: service.to_owned(),
-                    method: method.to_owned(),
-                },
-            )
-        } else {
-            let method = req.method().as_str().to_owned();
-            let span = tracing::info_span!(
+            ),
+            Kind::Http { method, address } => tracing::info_span!(
                 target: "trellis::client",
                 "http.client",
                 otel.name = method.as_str(),
@@ -126,18 +144,9 @@ where
                 url.path = req.uri().path(),
                 http.response.status_code = Empty,
                 otel.status_code = Empty,
-            );
-            (span, Kind::Http { method, address })
+            ),
         };
-        // The span's context when it is traced; otherwise whatever context
-        // is current (a caller using OpenTelemetry directly).
-        let cx = span.context();
-        if opentelemetry::trace::TraceContextExt::has_active_span(&cx) {
-            propagation::inject(&cx, req.headers_mut());
-        } else {
-            propagation::inject(&opentelemetry::Context::current(), req.headers_mut());
-        }
-        let started = Instant::now();
+        propagation::inject(&span.context(), req.headers_mut());
         let fut = {
             let _entered = span.enter();
             self.inner.call(req)
@@ -145,43 +154,62 @@ where
         Box::pin(
             async move {
                 let result = fut.await;
-                let seconds = started.elapsed().as_secs_f64();
-                let span = Span::current();
-                match kind {
-                    Kind::Grpc { service, method } => {
-                        let code = match &result {
-                            Ok(r) => r.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_owned(),
-                            // The transport failed: what tonic reports as UNAVAILABLE.
-                            Err(_) => "14".to_owned(),
-                        };
-                        span.record("rpc.grpc.status_code", code.parse::<i64>().unwrap_or(2));
-                        if code != "0" {
-                            span.record("otel.status_code", "ERROR");
-                        }
-                        histogram!("rpc_client_duration_seconds", "rpc_system" => "grpc", "rpc_service" => service, "rpc_method" => method, "rpc_grpc_status_code" => code)
-                            .record(seconds);
+                kind.measure(&result, started, Some(&Span::current()));
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+impl Kind {
+    /// Records the call's duration and, when traced, its outcome on `span`.
+    fn measure<RB, E>(
+        self,
+        result: &Result<Response<RB>, E>,
+        started: Instant,
+        span: Option<&Span>,
+    ) {
+        let seconds = started.elapsed().as_secs_f64();
+        match self {
+            Kind::Grpc { service, method } => {
+                let code = match result {
+                    Ok(r) => grpc_code(r).to_owned(),
+                    // The transport failed: what tonic reports as UNAVAILABLE.
+                    Err(_) => "14".to_owned(),
+                };
+                if let Some(span) = span {
+                    span.record("rpc.grpc.status_code", code.parse::<i64>().unwrap_or(2));
+                    if code != "0" {
+                        span.record("otel.status_code", "ERROR");
                     }
-                    Kind::Http { method, address } => {
-                        let status = match &result {
-                            Ok(r) => r.status().as_u16(),
-                            Err(_) => 0,
-                        };
-                        if status == 0 {
-                            span.record("otel.status_code", "ERROR");
-                        } else {
+                }
+                histogram!("rpc_client_duration_seconds", "rpc_system" => "grpc", "rpc_service" => service, "rpc_method" => method, "rpc_grpc_status_code" => code)
+                    .record(seconds);
+            }
+            Kind::Http { method, address } => {
+                let status = match result {
+                    Ok(r) => Some(r.status().as_u16()),
+                    Err(_) => None,
+                };
+                if let Some(span) = span {
+                    match status {
+                        Some(status) => {
                             span.record("http.response.status_code", status);
                             if status >= 400 {
                                 span.record("otel.status_code", "ERROR");
                             }
                         }
-                        let status = if status == 0 { "error".to_owned() } else { status.to_string() };
-                        histogram!("http_client_request_duration_seconds", "http_request_method" => method, "server_address" => address, "http_response_status_code" => status)
-                            .record(seconds);
+                        None => {
+                            span.record("otel.status_code", "ERROR");
+                        }
                     }
                 }
-                result
+                // No response at all is `error`, as the conventions' `error.type` would say.
+                let status = status.map_or_else(|| "error".to_owned(), |s| s.to_string());
+                histogram!("http_client_request_duration_seconds", "http_request_method" => method, "server_address" => address, "http_response_status_code" => status)
+                    .record(seconds);
             }
-            .instrument(span),
-        )
+        }
     }
 }

@@ -25,7 +25,7 @@ use tracing_subscriber::{
 use crate::{
     TelemetryError,
     logs::JsonLayer,
-    pipeline::{DynamicSampler, ExportSlot, SamplerState},
+    pipeline::{DynamicSampler, ExportSlot, SAMPLER},
     settings::{Effective, TraceSettings},
 };
 
@@ -116,7 +116,6 @@ impl TelemetryBuilder {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let effective = self.trace.effective()?;
 
-        let sampler = Arc::new(SamplerState::default());
         let slot = ExportSlot::default();
         let mut attributes = vec![KeyValue::new("service.name", self.service.clone())];
         attributes.push(KeyValue::new("service.instance.id", instance.clone()));
@@ -137,7 +136,7 @@ impl TelemetryBuilder {
             resource = resource.with_service_name(name);
         }
         let provider = SdkTracerProvider::builder()
-            .with_sampler(DynamicSampler(sampler.clone()))
+            .with_sampler(DynamicSampler(&SAMPLER))
             .with_span_processor(slot.clone())
             .with_resource(resource.build())
             .build();
@@ -186,7 +185,6 @@ impl TelemetryBuilder {
             instance: instance.into(),
             log: LogControl { handle, pinned },
             provider,
-            sampler,
             slot,
             applied: Arc::new(Mutex::new(None)),
         };
@@ -202,7 +200,6 @@ pub struct Telemetry {
     instance: Arc<str>,
     log: LogControl,
     provider: SdkTracerProvider,
-    sampler: Arc<SamplerState>,
     slot: ExportSlot,
     applied: Arc<Mutex<Option<String>>>,
 }
@@ -275,7 +272,7 @@ impl Telemetry {
             }
             *applied = effective.endpoint.clone();
         }
-        self.sampler.set(
+        SAMPLER.set(
             effective.parent_based,
             effective.ratio,
             effective.endpoint.is_some(),

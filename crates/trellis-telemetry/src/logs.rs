@@ -17,7 +17,6 @@ use opentelemetry::{Context, baggage::BaggageExt, trace::TraceContextExt};
 use tracing::{
     Event, Subscriber,
     field::{Field, Visit},
-    span,
 };
 use tracing_subscriber::{
     Layer,
@@ -26,10 +25,7 @@ use tracing_subscriber::{
     registry::LookupSpan,
 };
 
-/// The span field that names the service a request belongs to (set by
-/// [`crate::ServerTraceLayer::service`]); it wins over the process-wide
-/// name, which matters when one process runs several services.
-pub(crate) const SERVICE_FIELD: &str = "service";
+use crate::server::ServiceName;
 
 /// Writes every event as one JSON line.
 pub(crate) struct JsonLayer {
@@ -48,25 +44,11 @@ impl JsonLayer {
     }
 }
 
-/// The service named on a span.
-struct SpanService(String);
-
 impl<S> Layer<S> for JsonLayer
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: layer::Context<'_, S>) {
-        if attrs.metadata().fields().field(SERVICE_FIELD).is_none() {
-            return;
-        }
-        let mut found = ServiceVisitor(None);
-        attrs.record(&mut found);
-        if let (Some(name), Some(span)) = (found.0, ctx.span(id)) {
-            span.extensions_mut().insert(SpanService(name));
-        }
-    }
-
-    fn on_event(&self, event: &Event<'_>, ctx: layer::Context<'_, S>) {
+    fn on_event(&self, event: &Event<'_>, _ctx: layer::Context<'_, S>) {
         let meta = event.metadata();
         let mut line = Line::with_capacity(320);
         line.buf.push(b'{');
@@ -78,24 +60,19 @@ where
         line.string(meta.target());
         event.record(&mut line);
 
-        let service = ctx.event_scope(event).and_then(|scope| {
-            scope
-                .from_root()
-                .filter_map(|s| s.extensions().get::<SpanService>().map(|n| n.0.clone()))
-                .last()
-        });
         // An event's own `service`/`instance` fields (an app announcing
-        // itself) win; keys are never repeated.
+        // itself) win, then the service the request belongs to, then the
+        // process's; keys are never repeated.
+        let cx = Context::current();
         if !line.has("service") {
             line.key("service");
-            line.string(service.as_deref().unwrap_or(&self.service));
+            line.string(cx.get::<ServiceName>().map_or(&*self.service, |s| &*s.0));
         }
         if !line.has("instance") {
             line.key("instance");
             line.string(&self.instance);
         }
 
-        let cx = Context::current();
         let span = cx.span();
         let sc = span.span_context();
         if sc.is_valid() {
@@ -199,22 +176,6 @@ impl Visit for Line {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         self.field(field);
         self.string(&format!("{value:?}"));
-    }
-}
-
-struct ServiceVisitor(Option<String>);
-
-impl Visit for ServiceVisitor {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == SERVICE_FIELD {
-            self.0 = Some(value.to_owned());
-        }
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == SERVICE_FIELD {
-            self.0 = Some(format!("{value:?}").trim_matches('"').to_owned());
-        }
     }
 }
 

@@ -17,18 +17,22 @@ use std::{
 
 use opentelemetry::{
     Context, KeyValue,
-    trace::{Link, SpanKind, TraceContextExt, TraceId},
+    trace::{Link, SpanContext, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState},
 };
 use opentelemetry_sdk::{
     Resource,
     error::OTelSdkResult,
     trace::{
-        BatchSpanProcessor, SamplingDecision, SamplingResult, ShouldSample, Span, SpanData,
-        SpanProcessor,
+        BatchSpanProcessor, IdGenerator, RandomIdGenerator, SamplingDecision, SamplingResult,
+        ShouldSample, Span, SpanData, SpanProcessor,
     },
 };
 
-/// What the sampler decides from, shared with [`crate::Telemetry`].
+/// What the sampler decides from: one per process, like the subscriber.
+/// Until [`crate::Telemetry`] sets it, nothing is recorded.
+pub(crate) static SAMPLER: SamplerState = SamplerState::new();
+
+/// What the sampler decides from.
 #[derive(Debug, Default)]
 pub(crate) struct SamplerState {
     /// Follow a valid parent's decision (`parentbased_*`).
@@ -43,6 +47,30 @@ pub(crate) struct SamplerState {
 }
 
 impl SamplerState {
+    pub(crate) const fn new() -> Self {
+        SamplerState {
+            parent_based: AtomicBool::new(false),
+            ratio: AtomicU64::new(0),
+            exporting: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a span under `parent` may be recorded: the layers' cheap
+    /// check before they build a span at all. `false` is final (the span
+    /// would be dropped); `true` means the sampler will decide (for a new
+    /// trace at a ratio strictly between 0 and 1, it may still drop it).
+    pub(crate) fn may_record(&self, parent: &Context) -> bool {
+        if !self.exporting.load(Relaxed) {
+            return false;
+        }
+        let span = parent.span();
+        let sc = span.span_context();
+        if sc.is_valid() && self.parent_based.load(Relaxed) {
+            return sc.is_sampled();
+        }
+        f64::from_bits(self.ratio.load(Relaxed)) > 0.0
+    }
+
     pub(crate) fn set(&self, parent_based: bool, ratio: f64, exporting: bool) {
         self.parent_based.store(parent_based, Relaxed);
         self.ratio.store(ratio.clamp(0.0, 1.0).to_bits(), Relaxed);
@@ -52,7 +80,7 @@ impl SamplerState {
 
 /// A parent-based ratio sampler whose settings can change at run time.
 #[derive(Debug, Clone)]
-pub(crate) struct DynamicSampler(pub(crate) Arc<SamplerState>);
+pub(crate) struct DynamicSampler(pub(crate) &'static SamplerState);
 
 impl ShouldSample for DynamicSampler {
     fn should_sample(
@@ -64,7 +92,7 @@ impl ShouldSample for DynamicSampler {
         _attributes: &[KeyValue],
         _links: &[Link],
     ) -> SamplingResult {
-        let state = &self.0;
+        let state = self.0;
         let parent = parent_context.filter(|cx| cx.span().span_context().is_valid());
         let trace_state = parent
             .map(|cx| cx.span().span_context().trace_state().clone())
@@ -86,6 +114,25 @@ impl ShouldSample for DynamicSampler {
             trace_state,
         }
     }
+}
+
+/// The context a request runs in when no span is recorded for it: the
+/// caller's, passed through unchanged (so a sampled caller's trace
+/// continues below us without a gap), or for a request without one a new
+/// unsampled trace, so its logs and downstream calls still share a trace id.
+pub(crate) fn unrecorded(parent: Context) -> Context {
+    if parent.span().span_context().is_valid() {
+        return parent;
+    }
+    let ids = RandomIdGenerator::default();
+    let sc = SpanContext::new(
+        ids.new_trace_id(),
+        ids.new_span_id(),
+        TraceFlags::default(),
+        false,
+        TraceState::NONE,
+    );
+    parent.with_remote_span_context(sc)
 }
 
 /// The W3C/OTel `TraceIdRatioBased` rule: compare the trace id's low 63
@@ -193,7 +240,7 @@ impl SpanProcessor for ExportSlot {
 
 #[cfg(test)]
 mod tests {
-    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceState};
+    use opentelemetry::trace::SpanId;
 
     use super::*;
 
@@ -225,7 +272,7 @@ mod tests {
 
     #[test]
     fn without_an_exporter_roots_are_dropped_but_a_sampled_caller_is_followed() {
-        let state = Arc::new(SamplerState::default());
+        let state: &'static SamplerState = Box::leak(Box::new(SamplerState::new()));
         state.set(true, 1.0, false);
         let sampler = DynamicSampler(state);
         assert_eq!(decide(&sampler, None, 1), SamplingDecision::Drop);
@@ -241,9 +288,9 @@ mod tests {
 
     #[test]
     fn the_ratio_applies_to_roots_only_when_parent_based() {
-        let state = Arc::new(SamplerState::default());
+        let state: &'static SamplerState = Box::leak(Box::new(SamplerState::new()));
         state.set(true, 0.0, true);
-        let sampler = DynamicSampler(state.clone());
+        let sampler = DynamicSampler(state);
         assert_eq!(decide(&sampler, None, u128::MAX), SamplingDecision::Drop);
         assert_eq!(
             decide(&sampler, Some(TraceFlags::SAMPLED), 1),
@@ -258,8 +305,43 @@ mod tests {
     }
 
     #[test]
+    fn the_cheap_check_agrees_with_the_sampler() {
+        let state = SamplerState::new();
+        let sampled = Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from(7u128),
+            SpanId::from(9u64),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        ));
+        assert!(
+            !state.may_record(&sampled),
+            "nothing is recorded before telemetry is set up"
+        );
+        state.set(true, 0.0, false);
+        assert!(!state.may_record(&sampled), "nor without an exporter");
+        state.set(true, 0.0, true);
+        assert!(state.may_record(&sampled));
+        assert!(!state.may_record(&Context::new()), "a new trace at ratio 0");
+        state.set(true, 0.1, true);
+        assert!(
+            state.may_record(&Context::new()),
+            "the sampler decides at a fractional ratio"
+        );
+        let unsampled = unrecorded(Context::new());
+        assert!(
+            unsampled.span().span_context().is_valid()
+                && !unsampled.span().span_context().is_sampled()
+        );
+        assert!(!state.may_record(&unsampled));
+        // A caller's context passes through untouched.
+        let passed = unrecorded(sampled.clone());
+        assert_eq!(passed.span().span_context(), sampled.span().span_context());
+    }
+
+    #[test]
     fn a_ratio_samples_about_that_share_of_trace_ids() {
-        let state = Arc::new(SamplerState::default());
+        let state: &'static SamplerState = Box::leak(Box::new(SamplerState::new()));
         state.set(true, 0.25, true);
         let sampler = DynamicSampler(state);
         // Trace ids spread over the low 64 bits, as random ids are.

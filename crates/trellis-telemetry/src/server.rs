@@ -11,12 +11,15 @@ use std::{
 
 use axum::extract::MatchedPath;
 use http::{Request, Response};
-use opentelemetry::baggage::BaggageExt;
+use opentelemetry::{Context as OtelContext, baggage::BaggageExt, trace::FutureExt as _};
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::propagation;
+use crate::{
+    pipeline::{self, SAMPLER},
+    propagation,
+};
 
 /// The most baggage entries copied onto a span, and the longest value.
 const MAX_BAGGAGE_ATTRIBUTES: usize = 16;
@@ -94,8 +97,37 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let service = self.service.as_deref();
         let grpc = is_grpc(&req);
+        let started = std::time::Instant::now();
+        let mut parent = if propagation::carries_context(req.headers()) {
+            propagation::extract(req.headers())
+        } else {
+            OtelContext::new()
+        };
+        if let Some(service) = &self.service {
+            parent = parent.with_value(ServiceName(service.clone()));
+        }
+
+        // Not recorded (no exporter, an unsampled caller, sampling at 0):
+        // no span at all, only the context, so logs and calls downstream
+        // still carry the trace. This is the path that must cost nothing.
+        if !SAMPLER.may_record(&parent) {
+            let cx = pipeline::unrecorded(parent);
+            let fut = {
+                let _attached = cx.clone().attach();
+                self.inner.call(req)
+            };
+            return Box::pin(
+                async move {
+                    let result = fut.await;
+                    access_log(grpc, &result, started);
+                    result
+                }
+                .with_context(cx),
+            );
+        }
+
+        let service = self.service.as_deref();
         let span = if grpc {
             let (rpc_service, method) = grpc_parts(req.uri().path());
             tracing::info_span!(
@@ -134,21 +166,17 @@ where
                 service,
             )
         };
-        if !span.is_disabled() && propagation::carries_context(req.headers()) {
-            let parent = propagation::extract(req.headers());
-            for (key, (value, _)) in parent.baggage().iter().take(MAX_BAGGAGE_ATTRIBUTES) {
-                let value = value.as_str();
-                let cut = value
-                    .char_indices()
-                    .nth(MAX_BAGGAGE_VALUE)
-                    .map_or(value.len(), |(i, _)| i);
-                span.set_attribute(key.clone(), value[..cut].to_owned());
-            }
-            // Only fails when no OpenTelemetry layer is installed, which
-            // leaves the span a plain tracing span: nothing to do.
-            let _ = span.set_parent(parent);
+        for (key, (value, _)) in parent.baggage().iter().take(MAX_BAGGAGE_ATTRIBUTES) {
+            let value = value.as_str();
+            let cut = value
+                .char_indices()
+                .nth(MAX_BAGGAGE_VALUE)
+                .map_or(value.len(), |(i, _)| i);
+            span.set_attribute(key.clone(), value[..cut].to_owned());
         }
-        let started = std::time::Instant::now();
+        // Only fails when no OpenTelemetry layer is installed, which leaves
+        // the span a plain tracing span: nothing to do.
+        let _ = span.set_parent(parent);
         let fut = {
             let _entered = span.enter();
             self.inner.call(req)
@@ -156,14 +184,8 @@ where
         Box::pin(
             async move {
                 let result = fut.await;
-                let status = record_outcome(&Span::current(), grpc, &result);
-                // The access log: off unless `trellis::access=debug` is in the filter.
-                tracing::debug!(
-                    target: "trellis::access",
-                    status,
-                    duration_us = started.elapsed().as_micros() as u64,
-                    "request finished"
-                );
+                record_outcome(&Span::current(), grpc, &result);
+                access_log(grpc, &result, started);
                 result
             }
             .instrument(span),
@@ -171,8 +193,43 @@ where
     }
 }
 
-/// Records the outcome on the span; returns the gRPC code or HTTP status.
-fn record_outcome<RB, E>(span: &Span, grpc: bool, result: &Result<Response<RB>, E>) -> u16 {
+/// The service a request belongs to, in its OpenTelemetry context; JSON log
+/// lines show it as `service`, over the process-wide name.
+#[derive(Debug, Clone)]
+pub(crate) struct ServiceName(pub(crate) Arc<str>);
+
+/// The gRPC code or HTTP status of an outcome.
+fn status_of<RB, E>(grpc: bool, result: &Result<Response<RB>, E>) -> u16 {
+    match (grpc, result) {
+        (true, Ok(r)) => grpc_code(r).parse().unwrap_or(2),
+        (true, Err(_)) => 2,
+        (false, Ok(r)) => r.status().as_u16(),
+        (false, Err(_)) => 500,
+    }
+}
+
+/// The status a gRPC response head carries: errors from handlers travel
+/// trailers-only (the status in the headers); a status in trailers after a
+/// body is counted as the headers say, OK.
+pub(crate) fn grpc_code<RB>(r: &Response<RB>) -> &str {
+    r.headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("0")
+}
+
+/// The access log: off unless `trellis::access=debug` is in the filter.
+fn access_log<RB, E>(grpc: bool, result: &Result<Response<RB>, E>, started: std::time::Instant) {
+    tracing::debug!(
+        target: "trellis::access",
+        status = status_of(grpc, result),
+        duration_us = started.elapsed().as_micros() as u64,
+        "request finished"
+    );
+}
+
+/// Records the outcome on the span.
+fn record_outcome<RB, E>(span: &Span, grpc: bool, result: &Result<Response<RB>, E>) {
     if grpc {
         // Errors from handlers travel trailers-only (the status in the
         // headers); a status in trailers after a body is counted as OK.
@@ -188,15 +245,13 @@ fn record_outcome<RB, E>(span: &Span, grpc: bool, result: &Result<Response<RB>, 
             ),
             Err(_) => ("2", None),
         };
-        let code_number = code.parse::<u16>().unwrap_or(2);
-        span.record("rpc.grpc.status_code", code_number);
+        span.record("rpc.grpc.status_code", code.parse::<u16>().unwrap_or(2));
         if server_error_code(code) {
             span.record("otel.status_code", "ERROR");
             if let Some(message) = message {
                 span.record("otel.status_description", message);
             }
         }
-        code_number
     } else {
         let status = match result {
             Ok(r) => r.status().as_u16(),
@@ -206,6 +261,5 @@ fn record_outcome<RB, E>(span: &Span, grpc: bool, result: &Result<Response<RB>, 
         if status >= 500 {
             span.record("otel.status_code", "ERROR");
         }
-        status
     }
 }

@@ -74,6 +74,7 @@ impl ReceivedSpan {
 /// A running receiver; stops on drop.
 pub struct OtlpReceiver {
     addr: SocketAddr,
+    count: Arc<std::sync::atomic::AtomicU64>,
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
     arrived: Arc<Notify>,
     _stop: oneshot::Sender<()>,
@@ -82,6 +83,9 @@ pub struct OtlpReceiver {
 struct Receiver {
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
     arrived: Arc<Notify>,
+    /// Count spans instead of keeping them (load tests).
+    counting: bool,
+    count: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[tonic::async_trait]
@@ -91,6 +95,20 @@ impl TraceService for Receiver {
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut received = Vec::new();
+        if self.counting {
+            let n: usize = request
+                .get_ref()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.count
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            return Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }));
+        }
         for resource_spans in request.into_inner().resource_spans {
             let resource: HashMap<String, String> = resource_spans
                 .resource
@@ -124,6 +142,21 @@ impl TraceService for Receiver {
 impl OtlpReceiver {
     /// Starts a receiver on a free loopback port.
     pub async fn start() -> Result<OtlpReceiver, TestkitError> {
+        Self::start_with(false).await
+    }
+
+    /// A receiver that only counts what it is sent ([`count`](Self::count)),
+    /// for load tests that would otherwise hold millions of spans.
+    pub async fn start_counting() -> Result<OtlpReceiver, TestkitError> {
+        Self::start_with(true).await
+    }
+
+    /// Spans received by a counting receiver.
+    pub fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn start_with(counting: bool) -> Result<OtlpReceiver, TestkitError> {
         let io = |source| TestkitError::Io {
             context: "binding the OTLP receiver".into(),
             source,
@@ -134,9 +167,12 @@ impl OtlpReceiver {
         let addr = listener.local_addr().map_err(io)?;
         let spans = Arc::new(Mutex::new(Vec::new()));
         let arrived = Arc::new(Notify::new());
+        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let service = TraceServiceServer::new(Receiver {
             spans: spans.clone(),
             arrived: arrived.clone(),
+            counting,
+            count: count.clone(),
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
@@ -150,6 +186,7 @@ impl OtlpReceiver {
         });
         Ok(OtlpReceiver {
             addr,
+            count,
             spans,
             arrived,
             _stop: stop,

@@ -445,5 +445,58 @@ async fn a_call_across_three_services_is_one_trace_with_baggage_and_correlated_l
         "{user_line}"
     );
 
+    // Export off, live: nothing is recorded, yet the trace still flows —
+    // a caller's trace id reaches the third hop's logs, and a request
+    // without one gets a fresh id that all three hops log.
+    telemetry.apply(&TraceSettings::default()).unwrap();
+    let before = receiver.spans().len();
+    let passed_through = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = Request::new(GetUserRequest { id: ada.id.clone() });
+    request.metadata_mut().insert(
+        "traceparent",
+        MetadataValue::try_from(format!("00-{passed_through}-b7ad6b7169203331-01")).unwrap(),
+    );
+    request
+        .metadata_mut()
+        .insert("baggage", MetadataValue::from_static("tenant=globex"));
+    edge_client.get_user(request).await.unwrap();
+    let lines = logs.lines();
+    for service in ["edge", "bff", "user"] {
+        let line = lines
+            .iter()
+            .find(|l| l["service"] == service && l["trace_id"] == passed_through)
+            .unwrap_or_else(|| panic!("a {service} line in trace {passed_through}: {lines:#?}"));
+        assert_eq!(line["tenant"], "globex", "{line}");
+    }
+    let seen = lines.len();
+    edge_client
+        .get_user(GetUserRequest { id: ada.id.clone() })
+        .await
+        .unwrap();
+    let fresh: Vec<serde_json::Value> = logs.lines().split_off(seen);
+    let edge_line = fresh
+        .iter()
+        .find(|l| l["service"] == "edge")
+        .unwrap_or_else(|| panic!("{fresh:#?}"));
+    let fresh_id = edge_line["trace_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a trace id without export: {edge_line}"));
+    assert_eq!(fresh_id.len(), 32);
+    for service in ["bff", "user"] {
+        assert!(
+            fresh
+                .iter()
+                .any(|l| l["service"] == service && l["trace_id"] == fresh_id),
+            "{service} in {fresh:#?}"
+        );
+    }
+    telemetry.flush().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        receiver.spans().len(),
+        before,
+        "nothing exported once the endpoint is gone"
+    );
+
     telemetry.shutdown().await;
 }
