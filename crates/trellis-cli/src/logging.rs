@@ -14,8 +14,8 @@ pub enum LogFormat {
     Pretty,
 }
 
-/// Installs logs and traces for a process named `name`. Trace settings come
-/// from the `OTEL_*` environment now and from each service's `trace`
+/// Installs logs and traces for a process named `name`. OTLP settings come
+/// from the `OTEL_*` environment now and from each service's `otlp`
 /// section once its config is loaded.
 pub fn init(name: &str, instance: &str, format: LogFormat) -> Result<Telemetry, TelemetryError> {
     let format = match format {

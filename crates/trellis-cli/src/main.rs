@@ -261,7 +261,7 @@ async fn serve(
         .await
         .map_err(|e| e.explain(service, "--listen"))?;
     log.log().follow(started.common.log_level.clone());
-    log.follow(started.common.trace.clone());
+    log.follow(started.common.otlp.clone());
     let admin = started
         .admin
         .map(|a| format!(", admin on {a}"))
@@ -315,9 +315,9 @@ async fn up(
             .start(&sources, &data_dir, server, None)
             .await
             .map_err(|e: StartError| e.explain(service, "--base-port"))?;
-        // With several services, the last `log.level` or `trace` change wins.
+        // With several services, the last `log.level` or `otlp` change wins.
         log.log().follow(s.common.log_level.clone());
-        log.follow(s.common.trace.clone());
+        log.follow(s.common.otlp.clone());
         started.push((service, s));
     }
 

@@ -76,7 +76,7 @@ pub struct Common {
     pub shutdown_timeout: Duration,
     pub pre_stop_delay: Option<Duration>,
     pub log_level: watch::Receiver<String>,
-    pub trace: watch::Receiver<trellis::settings::TraceSettings>,
+    pub otlp: watch::Receiver<trellis::settings::OtlpSettings>,
 }
 
 impl Service {
@@ -124,7 +124,7 @@ impl Service {
                     shutdown_timeout: current.config.server.shutdown_timeout,
                     pre_stop_delay: current.config.server.pre_stop_delay,
                     log_level: config.section(|s| s.log.level.clone()),
-                    trace: config.section(|s| s.trace.clone()),
+                    otlp: config.section(|s| s.otlp.clone()),
                 };
                 let service = shop_user::UserService::bind_with_config(
                     config,

@@ -14,7 +14,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use futures_util::FutureExt;
 use http::{Request, Response};
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
-use trellis_telemetry::{LogFormat, RedLayer, ServerTraceLayer, Telemetry, TraceSettings};
+use trellis_telemetry::{LogFormat, OtlpSettings, RedLayer, ServerTraceLayer, Telemetry};
 use trellis_testkit::OtlpReceiver;
 
 fn request(traceparent: bool) -> Request<()> {
@@ -94,10 +94,10 @@ fn bench(c: &mut Criterion) {
     ];
     for (label, endpoint, ratio) in modes {
         telemetry
-            .apply(&TraceSettings {
+            .apply(&OtlpSettings {
                 endpoint,
                 sample_ratio: ratio,
-                environment: None,
+                ..OtlpSettings::default()
             })
             .unwrap_or_else(|e| panic!("apply: {e}"));
         group.bench_function(format!("{label}, new trace"), |b| {

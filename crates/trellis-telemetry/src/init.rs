@@ -6,10 +6,15 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
+use std::time::Duration;
+
 use opentelemetry::{KeyValue, trace::TracerProvider as _};
+use opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{
     Resource,
+    logs::{BatchLogProcessor, SdkLoggerProvider},
+    metrics::{PeriodicReader, SdkMeterProvider},
     resource::{EnvResourceDetector, TelemetryResourceDetector},
     trace::{BatchSpanProcessor, SdkTracerProvider},
 };
@@ -24,9 +29,10 @@ use tracing_subscriber::{
 
 use crate::{
     TelemetryError,
+    bridge::OTLP_METRICS,
     logs::JsonLayer,
-    pipeline::{DynamicSampler, ExportSlot, SAMPLER},
-    settings::{Effective, TraceSettings},
+    pipeline::{DynamicSampler, ExportSlot, LogSlot, SAMPLER},
+    settings::{Effective, OtlpSettings},
 };
 
 /// How log lines look.
@@ -63,7 +69,7 @@ pub struct TelemetryBuilder {
     instance: Option<String>,
     format: LogFormat,
     level: Option<String>,
-    trace: TraceSettings,
+    otlp: OtlpSettings,
     writer: Option<BoxMakeWriter>,
 }
 
@@ -93,9 +99,9 @@ impl TelemetryBuilder {
         self
     }
 
-    /// The initial trace settings (the environment still wins).
-    pub fn trace(mut self, trace: TraceSettings) -> Self {
-        self.trace = trace;
+    /// The initial OTLP settings (the environment still wins).
+    pub fn otlp(mut self, otlp: OtlpSettings) -> Self {
+        self.otlp = otlp;
         self
     }
 
@@ -114,7 +120,9 @@ impl TelemetryBuilder {
         let instance = self
             .instance
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let effective = self.trace.effective()?;
+        // The `metrics` recorder carries OTLP metrics export too.
+        let recorder = crate::prometheus();
+        let effective = self.otlp.effective()?;
 
         let slot = ExportSlot::default();
         let mut attributes = vec![KeyValue::new("service.name", self.service.clone())];
@@ -135,12 +143,18 @@ impl TelemetryBuilder {
         {
             resource = resource.with_service_name(name);
         }
+        let resource = resource.build();
         let provider = SdkTracerProvider::builder()
             .with_sampler(DynamicSampler(&SAMPLER))
             .with_span_processor(slot.clone())
-            .with_resource(resource.build())
+            .with_resource(resource.clone())
             .build();
         let tracer = provider.tracer("trellis");
+        let log_slot = LogSlot::default();
+        let logger_provider = SdkLoggerProvider::builder()
+            .with_log_processor(log_slot.clone())
+            .with_resource(resource.clone())
+            .build();
 
         let from_env = EnvFilter::try_from_default_env().ok();
         let pinned = from_env.is_some();
@@ -152,7 +166,8 @@ impl TelemetryBuilder {
                     .map_err(|e| TelemetryError::LogLevel(level.to_owned(), e.to_string()))?
             }
         };
-        let (filter, handle) = reload::Layer::new(initial);
+        let (filter, handle) = reload::Layer::new(initial.clone());
+        let (export_filter, export_handle) = reload::Layer::new(initial);
         let json = match self.format {
             LogFormat::Json => true,
             LogFormat::Pretty => false,
@@ -175,19 +190,36 @@ impl TelemetryBuilder {
         let otel = tracing_opentelemetry::layer()
             .with_tracer(tracer)
             .with_filter(traced);
+        // Log records for OTLP, under the same (live) filter as the lines;
+        // with export off the bridge is told no record is wanted and
+        // builds none.
+        let exported_logs =
+            OpenTelemetryTracingBridge::new(&logger_provider).with_filter(export_filter);
         tracing_subscriber::registry()
             .with(logs.with_filter(filter))
             .with(otel)
+            .with(exported_logs)
             .try_init()
             .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
 
         let telemetry = Telemetry {
             instance: instance.into(),
-            log: LogControl { handle, pinned },
+            log: LogControl {
+                reload: Arc::new(move |lines, exported| {
+                    handle.reload(lines).is_ok() && export_handle.reload(exported).is_ok()
+                }),
+                pinned,
+            },
             provider,
+            logger_provider,
+            resource,
             slot,
-            applied: Arc::new(Mutex::new(None)),
+            log_slot,
+            applied: Arc::new(Mutex::new(Applied::default())),
         };
+        if let Err(err) = recorder {
+            tracing::warn!(error = %err, "metrics are neither served nor exported");
+        }
         telemetry.apply_effective(effective)?;
         Ok(telemetry)
     }
@@ -200,8 +232,19 @@ pub struct Telemetry {
     instance: Arc<str>,
     log: LogControl,
     provider: SdkTracerProvider,
+    logger_provider: SdkLoggerProvider,
+    resource: Resource,
     slot: ExportSlot,
-    applied: Arc<Mutex<Option<String>>>,
+    log_slot: LogSlot,
+    applied: Arc<Mutex<Applied>>,
+}
+
+/// The exporters in place, by endpoint.
+#[derive(Default)]
+struct Applied {
+    traces: Option<String>,
+    metrics: Option<(String, Duration)>,
+    logs: Option<String>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -220,7 +263,7 @@ impl Telemetry {
             instance: None,
             format: LogFormat::Auto,
             level: None,
-            trace: TraceSettings::default(),
+            otlp: OtlpSettings::default(),
             writer: None,
         }
     }
@@ -235,17 +278,17 @@ impl Telemetry {
         &self.log
     }
 
-    /// Applies new trace settings: the sampler at once; a new or moved
+    /// Applies new OTLP settings: the sampler at once; a new or moved
     /// endpoint gets a new exporter, and the old one is flushed and shut
-    /// down in the background.
-    pub fn apply(&self, trace: &TraceSettings) -> Result<(), TelemetryError> {
-        self.apply_effective(trace.effective()?)
+    /// down on a thread of its own.
+    pub fn apply(&self, otlp: &OtlpSettings) -> Result<(), TelemetryError> {
+        self.apply_effective(otlp.effective()?)
     }
 
     fn apply_effective(&self, effective: Effective) -> Result<(), TelemetryError> {
         let mut applied = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
-        if *applied != effective.endpoint {
-            let processor = match &effective.endpoint {
+        if applied.traces != effective.traces {
+            let processor = match &effective.traces {
                 Some(endpoint) => {
                     let exporter = opentelemetry_otlp::SpanExporter::builder()
                         .with_tonic()
@@ -257,63 +300,137 @@ impl Telemetry {
                 None => None,
             };
             if let Some(old) = self.slot.replace(processor) {
-                // Flushing waits on the network: never on a runtime thread.
-                let _ = std::thread::Builder::new()
-                    .name("trellis-otlp-shutdown".into())
-                    .spawn(move || {
-                        use opentelemetry_sdk::trace::SpanProcessor;
-                        let _ = old.shutdown();
-                    });
+                in_background(move || {
+                    use opentelemetry_sdk::trace::SpanProcessor;
+                    let _ = old.shutdown();
+                });
             }
-            match &effective.endpoint {
-                Some(endpoint) => tracing::info!(endpoint, "exporting traces over OTLP"),
-                None if applied.is_some() => tracing::info!("trace export stopped"),
-                None => {}
+            announce("traces", &effective.traces, applied.traces.is_some());
+            applied.traces = effective.traces.clone();
+        }
+        let metrics = effective
+            .metrics
+            .clone()
+            .map(|e| (e, effective.metrics_interval));
+        if applied.metrics != metrics {
+            let provider = match &metrics {
+                Some((endpoint, interval)) => {
+                    let exporter = opentelemetry_otlp::MetricExporter::builder()
+                        .with_tonic()
+                        .with_endpoint(endpoint.clone())
+                        .build()
+                        .map_err(|e| TelemetryError::Exporter(endpoint.clone(), e.to_string()))?;
+                    let reader = PeriodicReader::builder(exporter)
+                        .with_interval(*interval)
+                        .build();
+                    Some(
+                        SdkMeterProvider::builder()
+                            .with_reader(reader)
+                            .with_resource(self.resource.clone())
+                            .build(),
+                    )
+                }
+                None => None,
+            };
+            if let Some(old) = OTLP_METRICS.replace(provider) {
+                in_background(move || {
+                    let _ = old.shutdown();
+                });
             }
-            *applied = effective.endpoint.clone();
+            announce("metrics", &effective.metrics, applied.metrics.is_some());
+            applied.metrics = metrics;
+        }
+        if applied.logs != effective.logs {
+            let processor = match &effective.logs {
+                Some(endpoint) => {
+                    let exporter = opentelemetry_otlp::LogExporter::builder()
+                        .with_tonic()
+                        .with_endpoint(endpoint.clone())
+                        .build()
+                        .map_err(|e| TelemetryError::Exporter(endpoint.clone(), e.to_string()))?;
+                    Some(BatchLogProcessor::builder(exporter).build())
+                }
+                None => None,
+            };
+            if let Some(old) = self.log_slot.replace(processor) {
+                in_background(move || {
+                    use opentelemetry_sdk::logs::LogProcessor;
+                    let _ = old.shutdown();
+                });
+            }
+            announce("logs", &effective.logs, applied.logs.is_some());
+            applied.logs = effective.logs.clone();
         }
         SAMPLER.set(
             effective.parent_based,
             effective.ratio,
-            effective.endpoint.is_some(),
+            effective.traces.is_some(),
         );
         Ok(())
     }
 
-    /// Follows a service's `trace` section; a value the environment
+    /// Follows a service's `otlp` section; a value the environment
     /// rejects is logged and the previous one kept.
-    pub fn follow(&self, mut trace: tokio::sync::watch::Receiver<TraceSettings>) {
+    pub fn follow(&self, mut otlp: tokio::sync::watch::Receiver<OtlpSettings>) {
         let telemetry = self.clone();
         tokio::spawn(async move {
             loop {
-                let current = trace.borrow_and_update().clone();
+                let current = otlp.borrow_and_update().clone();
                 if let Err(err) = telemetry.apply(&current) {
-                    tracing::warn!(error = %err, "keeping the previous trace settings");
+                    tracing::warn!(error = %err, "keeping the previous OTLP settings");
                 }
-                if trace.changed().await.is_err() {
+                if otlp.changed().await.is_err() {
                     return;
                 }
             }
         });
     }
 
-    /// Exports every finished span now.
+    /// Exports every finished span, log record and metric now.
     pub async fn flush(&self) {
-        let provider = self.provider.clone();
-        let _ = tokio::task::spawn_blocking(move || provider.force_flush()).await;
+        let (provider, logs) = (self.provider.clone(), self.logger_provider.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = provider.force_flush();
+            let _ = logs.force_flush();
+            OTLP_METRICS.flush();
+        })
+        .await;
     }
 
-    /// Flushes and stops the exporter; call before the runtime ends.
+    /// Flushes and stops the exporters; call before the runtime ends.
     pub async fn shutdown(&self) {
-        let provider = self.provider.clone();
-        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        let (provider, logs) = (self.provider.clone(), self.logger_provider.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = provider.shutdown();
+            let _ = logs.shutdown();
+            if let Some(metrics) = OTLP_METRICS.replace(None) {
+                let _ = metrics.shutdown();
+            }
+        })
+        .await;
+    }
+}
+
+/// Shuts an exporter down off the runtime: flushing waits on the network.
+fn in_background(f: impl FnOnce() + Send + 'static) {
+    let _ = std::thread::Builder::new()
+        .name("trellis-otlp-shutdown".into())
+        .spawn(f);
+}
+
+fn announce(signal: &str, endpoint: &Option<String>, was_on: bool) {
+    match endpoint {
+        Some(endpoint) => tracing::info!(signal, endpoint, "exporting over OTLP"),
+        None if was_on => tracing::info!(signal, "OTLP export stopped"),
+        None => {}
     }
 }
 
 /// Changes the process-wide log filter.
 #[derive(Clone)]
 pub struct LogControl {
-    handle: reload::Handle<EnvFilter, Registry>,
+    /// Replaces the filter of the log lines and the one of exported log records.
+    reload: Arc<dyn Fn(EnvFilter, EnvFilter) -> bool + Send + Sync>,
     /// `RUST_LOG` was set: it wins over `log.level` from config.
     pinned: bool,
 }
@@ -326,7 +443,8 @@ impl LogControl {
         }
         match EnvFilter::try_new(level) {
             Ok(filter) => {
-                if self.handle.reload(filter).is_ok() {
+                let exported = EnvFilter::try_new(level).unwrap_or_else(|_| filter.clone());
+                if (self.reload)(filter, exported) {
                     tracing::info!(level, "log level changed");
                 }
             }

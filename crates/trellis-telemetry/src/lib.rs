@@ -4,11 +4,11 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), trellis_telemetry::TelemetryError> {
-//! use trellis_telemetry::{Telemetry, TraceSettings};
+//! use trellis_telemetry::{Telemetry, OtlpSettings};
 //!
 //! let telemetry = Telemetry::builder("user")
 //!     .version("1.2.0")
-//!     .trace(TraceSettings { endpoint: Some("http://127.0.0.1:4317".into()), ..Default::default() })
+//!     .otlp(OtlpSettings { endpoint: Some("http://127.0.0.1:4317".into()), ..Default::default() })
 //!     .init()?;
 //! // servers: .layer(ServerTraceLayer::new()).layer(RedLayer::new()); clients: ClientTelemetryLayer
 //! telemetry.shutdown().await; // flush before exit
@@ -24,7 +24,7 @@
 //! ([`LogControl`]).
 //!
 //! **Traces.** Spans go through the OpenTelemetry SDK and, when an endpoint
-//! is configured ([`TraceSettings`], or `OTEL_EXPORTER_OTLP_ENDPOINT`), out
+//! is configured ([`OtlpSettings`], or `OTEL_EXPORTER_OTLP_ENDPOINT`), out
 //! over OTLP/gRPC in batches. The sampler is parent-based with a ratio for
 //! new traces; the resource carries `service.name`, `service.version`,
 //! `service.instance.id` and `deployment.environment.name`. Without an
@@ -70,6 +70,7 @@
 
 #![warn(missing_docs)]
 
+mod bridge;
 mod client;
 mod init;
 mod logs;
@@ -88,7 +89,7 @@ pub use client::{ClientTelemetry, ClientTelemetryLayer};
 pub use init::{LogControl, LogFormat, Telemetry, TelemetryBuilder};
 pub use red::{Red, RedLayer};
 pub use server::{ServerTrace, ServerTraceLayer};
-pub use settings::{Effective, EnvError, TraceSettings};
+pub use settings::{Effective, EnvError, OtlpSettings};
 
 /// Why telemetry could not be set up.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -112,7 +113,7 @@ pub enum TelemetryError {
 }
 
 /// The OpenTelemetry default buckets for request durations (seconds).
-const DURATION_BUCKETS: &[f64] = &[
+pub(crate) const DURATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
@@ -121,10 +122,12 @@ pub fn prometheus() -> Result<PrometheusHandle, TelemetryError> {
     static HANDLE: OnceLock<Result<PrometheusHandle, TelemetryError>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let handle = PrometheusBuilder::new()
+            let prometheus = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), DURATION_BUCKETS)
                 .map_err(|e| TelemetryError::Recorder(e.to_string()))?
-                .install_recorder()
+                .build_recorder();
+            let handle = prometheus.handle();
+            metrics::set_global_recorder(bridge::Recorder { prometheus })
                 .map_err(|e| TelemetryError::Recorder(e.to_string()))?;
             red::describe();
             // Histograms need periodic upkeep to drain their buffers.

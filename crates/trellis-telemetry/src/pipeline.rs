@@ -19,9 +19,11 @@ use opentelemetry::{
     Context, KeyValue,
     trace::{Link, SpanContext, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState},
 };
+use opentelemetry::{InstrumentationScope, logs::Severity};
 use opentelemetry_sdk::{
     Resource,
     error::OTelSdkResult,
+    logs::{BatchLogProcessor, LogProcessor, SdkLogRecord},
     trace::{
         BatchSpanProcessor, IdGenerator, RandomIdGenerator, SamplingDecision, SamplingResult,
         ShouldSample, Span, SpanData, SpanProcessor,
@@ -355,5 +357,96 @@ mod tests {
             (2_000..3_000).contains(&sampled),
             "{sampled} of 10000 at 0.25"
         );
+    }
+}
+
+/// A log processor that forwards to the current OTLP batch log processor,
+/// if any; with none, the tracing bridge is told no record is wanted and
+/// builds none.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct LogSlot(Arc<LogSlotInner>);
+
+#[derive(Debug, Default)]
+struct LogSlotInner {
+    current: RwLock<Option<BatchLogProcessor>>,
+    resource: RwLock<Option<Resource>>,
+}
+
+impl LogSlot {
+    /// Installs `processor` (or none), returning the one it replaces.
+    pub(crate) fn replace(
+        &self,
+        processor: Option<BatchLogProcessor>,
+    ) -> Option<BatchLogProcessor> {
+        let mut processor = processor;
+        if let (Some(p), Some(resource)) = (
+            processor.as_mut(),
+            self.0
+                .resource
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref(),
+        ) {
+            p.set_resource(resource);
+        }
+        std::mem::replace(
+            &mut *self
+                .0
+                .current
+                .write()
+                .unwrap_or_else(PoisonError::into_inner),
+            processor,
+        )
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&BatchLogProcessor) -> R) -> Option<R> {
+        self.0
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(f)
+    }
+}
+
+impl LogProcessor for LogSlot {
+    fn emit(&self, data: &mut SdkLogRecord, instrumentation: &InstrumentationScope) {
+        self.with(|p| p.emit(data, instrumentation));
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.with(|p| p.force_flush()).unwrap_or(Ok(()))
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        match self.replace(None) {
+            Some(p) => p.shutdown_with_timeout(timeout),
+            None => Ok(()),
+        }
+    }
+
+    fn event_enabled(&self, _level: Severity, _target: &str, _name: Option<&str>) -> bool {
+        self.0
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        *self
+            .0
+            .resource
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(resource.clone());
+        if let Some(p) = self
+            .0
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            p.set_resource(resource);
+        }
     }
 }

@@ -1,50 +1,116 @@
-//! Trace settings from a service's config, overridden by the standard
+//! OTLP export settings from a service's config, overridden by the standard
 //! OpenTelemetry environment variables.
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// The `trace` section of a service's config.
+/// The `otlp` section of a service's config: where traces, metrics and
+/// logs go over OTLP/gRPC, and how traces are sampled.
 ///
 /// ```toml
-/// [trace]
+/// [otlp]
 /// endpoint = "http://otel-collector:4317"   # live; unset: nothing exported
 /// sample_ratio = 0.1                        # live
+/// traces = true                             # live
+/// metrics = false                           # live (Prometheus at /metrics either way)
+/// logs = false                              # live (JSON lines on stderr either way)
+/// metrics_interval = "10s"                  # live
 /// environment = "production"                # restart
 /// ```
 ///
-/// The standard variables win over the file, as every OpenTelemetry SDK
-/// does it: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
-/// `OTEL_EXPORTER_OTLP_ENDPOINT`; `OTEL_TRACES_SAMPLER` (`always_on`,
-/// `always_off`, `traceidratio`, `parentbased_always_on`,
+/// The standard variables win over the file, as in every OpenTelemetry SDK:
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` for all signals, or
+/// `OTEL_EXPORTER_OTLP_{TRACES,METRICS,LOGS}_ENDPOINT` for one (which also
+/// turns that signal on); `OTEL_{TRACES,METRICS,LOGS}_EXPORTER` = `otlp` or
+/// `none`; `OTEL_SDK_DISABLED=true` for none at all; `OTEL_TRACES_SAMPLER`
+/// (`always_on`, `always_off`, `traceidratio`, `parentbased_always_on`,
 /// `parentbased_always_off`, `parentbased_traceidratio`) with
-/// `OTEL_TRACES_SAMPLER_ARG`; `OTEL_TRACES_EXPORTER=none` or
-/// `OTEL_SDK_DISABLED=true` to export nothing; `OTEL_SERVICE_NAME` and
-/// `OTEL_RESOURCE_ATTRIBUTES` for the resource; `OTEL_BSP_*` for batching.
+/// `OTEL_TRACES_SAMPLER_ARG`; `OTEL_METRIC_EXPORT_INTERVAL` (ms);
+/// `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` for the resource;
+/// `OTEL_BSP_*` and `OTEL_BLRP_*` for batching.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct TraceSettings {
+pub struct OtlpSettings {
     /// The OTLP/gRPC endpoint of a collector, e.g. `http://127.0.0.1:4317`.
-    /// Unset: nothing is exported, spans are not recorded, and trace ids
+    /// Unset: nothing is exported; spans are not recorded, and trace ids
     /// still flow through logs and calls. Live. Default: unset.
     pub endpoint: Option<String>,
     /// The share of new traces to record, 0.0 to 1.0; a caller's decision
     /// (the `traceparent` sampled flag) is always followed. Live. Default: 1.0.
     pub sample_ratio: f64,
-    /// `deployment.environment.name` on every span. Restart. Default: unset.
+    /// Export traces. Live. Default: true.
+    pub traces: bool,
+    /// Export metrics (everything `/metrics` shows from the `metrics`
+    /// facade, under OpenTelemetry names). Live. Default: false.
+    pub metrics: bool,
+    /// Export log records, with their trace context. Live. Default: false.
+    pub logs: bool,
+    /// How often metrics are exported. Live. Default: 10s.
+    #[serde(with = "duration_serde")]
+    pub metrics_interval: Duration,
+    /// `deployment.environment.name` on everything exported. Restart.
+    /// Default: unset.
     pub environment: Option<String>,
 }
 
-impl Default for TraceSettings {
+impl Default for OtlpSettings {
     fn default() -> Self {
-        TraceSettings {
+        OtlpSettings {
             endpoint: None,
             sample_ratio: 1.0,
+            traces: true,
+            metrics: false,
+            logs: false,
+            metrics_interval: Duration::from_secs(10),
             environment: None,
         }
     }
 }
 
-impl TraceSettings {
+/// `"10s"`, `"500ms"`, `"2m"` or a number of seconds.
+mod duration_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        if d.subsec_millis() == 0 {
+            s.serialize_str(&format!("{}s", d.as_secs()))
+        } else {
+            s.serialize_str(&format!("{}ms", d.as_millis()))
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Duration::from_secs(s)),
+            Raw::Text(t) => parse(&t).ok_or_else(|| {
+                D::Error::custom(format!("{t:?} is not a duration like 10s, 500ms or 2m"))
+            }),
+        }
+    }
+
+    pub fn parse(t: &str) -> Option<Duration> {
+        let t = t.trim();
+        let (number, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+        let n: u64 = number.parse().ok()?;
+        match unit {
+            "" | "s" => Some(Duration::from_secs(n)),
+            "ms" => Some(Duration::from_millis(n)),
+            "m" => Some(Duration::from_secs(n * 60)),
+            _ => None,
+        }
+    }
+}
+
+impl OtlpSettings {
     /// Checks the values; the error names the field (under this section).
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         if !(0.0..=1.0).contains(&self.sample_ratio) {
@@ -61,6 +127,9 @@ impl TraceSettings {
                 format!("must start with http:// or https://, not {endpoint:?}"),
             ));
         }
+        if self.metrics_interval < Duration::from_millis(100) {
+            return Err(("metrics_interval", "must be at least 100ms".into()));
+        }
         Ok(())
     }
 
@@ -74,16 +143,58 @@ impl TraceSettings {
         &self,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Effective, EnvError> {
-        let disabled = env("OTEL_SDK_DISABLED")
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
-            || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim().eq_ignore_ascii_case("none"));
-        let endpoint = if disabled {
-            None
-        } else {
-            env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-                .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
-                .filter(|v| !v.trim().is_empty())
-                .or_else(|| self.endpoint.clone())
+        let disabled =
+            env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        let shared = env("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .filter(|v| !v.trim().is_empty())
+            .or_else(|| self.endpoint.clone());
+        let signal = |name: &'static str, on_by_config: bool| -> Result<Option<String>, EnvError> {
+            if disabled {
+                return Ok(None);
+            }
+            let own = env(&format!("OTEL_EXPORTER_OTLP_{name}_ENDPOINT"))
+                .filter(|v| !v.trim().is_empty());
+            let on = match env(&format!("OTEL_{name}_EXPORTER"))
+                .as_deref()
+                .map(str::trim)
+            {
+                None => on_by_config || own.is_some(),
+                Some("otlp") => true,
+                Some("none") => false,
+                Some(other) => {
+                    return Err(EnvError {
+                        variable: match name {
+                            "TRACES" => "OTEL_TRACES_EXPORTER",
+                            "METRICS" => "OTEL_METRICS_EXPORTER",
+                            _ => "OTEL_LOGS_EXPORTER",
+                        },
+                        value: other.to_owned(),
+                        expected: "otlp or none",
+                    });
+                }
+            };
+            Ok(if on {
+                own.or_else(|| shared.clone())
+            } else {
+                None
+            })
+        };
+        let traces = signal("TRACES", self.traces)?;
+        let metrics = signal("METRICS", self.metrics)?;
+        let logs = signal("LOGS", self.logs)?;
+        let metrics_interval = match env("OTEL_METRIC_EXPORT_INTERVAL") {
+            None => self.metrics_interval,
+            Some(ms) => ms
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|ms| *ms >= 100)
+                .map(Duration::from_millis)
+                .ok_or(EnvError {
+                    variable: "OTEL_METRIC_EXPORT_INTERVAL",
+                    value: ms,
+                    expected: "milliseconds, at least 100",
+                })?,
         };
         let (parent_based, ratio) = match env("OTEL_TRACES_SAMPLER") {
             None => (true, self.sample_ratio),
@@ -118,7 +229,10 @@ impl TraceSettings {
             }
         };
         Ok(Effective {
-            endpoint,
+            traces,
+            metrics,
+            logs,
+            metrics_interval,
             parent_based,
             ratio,
             environment: self.environment.clone(),
@@ -126,11 +240,17 @@ impl TraceSettings {
     }
 }
 
-/// Trace settings after the environment.
+/// OTLP settings after the environment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Effective {
     /// Where spans go, if anywhere.
-    pub endpoint: Option<String>,
+    pub traces: Option<String>,
+    /// Where metrics go, if anywhere.
+    pub metrics: Option<String>,
+    /// Where log records go, if anywhere.
+    pub logs: Option<String>,
+    /// How often metrics are exported.
+    pub metrics_interval: Duration,
     /// Follow a caller's sampling decision.
     pub parent_based: bool,
     /// The share of new traces recorded.
@@ -167,45 +287,65 @@ mod tests {
 
     #[test]
     fn the_environment_wins_over_the_file() {
-        let file = TraceSettings {
+        let file = OtlpSettings {
             endpoint: Some("http://file:4317".into()),
             sample_ratio: 0.5,
-            environment: None,
+            ..Default::default()
         };
         let e = file.effective_with(with(&[])).unwrap();
         assert_eq!(
-            (e.endpoint.as_deref(), e.parent_based, e.ratio),
-            (Some("http://file:4317"), true, 0.5)
+            (
+                e.traces.as_deref(),
+                e.metrics.as_deref(),
+                e.parent_based,
+                e.ratio
+            ),
+            (Some("http://file:4317"), None, true, 0.5)
         );
 
         let e = file
             .effective_with(with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4317")]))
             .unwrap();
-        assert_eq!(e.endpoint.as_deref(), Some("http://env:4317"));
+        assert_eq!(e.traces.as_deref(), Some("http://env:4317"));
         let e = file
             .effective_with(with(&[
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4317"),
                 ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:4317"),
+                ("OTEL_METRICS_EXPORTER", "otlp"),
+                ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "http://logs:4317"),
             ]))
             .unwrap();
-        assert_eq!(e.endpoint.as_deref(), Some("http://traces:4317"));
+        assert_eq!(e.traces.as_deref(), Some("http://traces:4317"));
+        assert_eq!(e.metrics.as_deref(), Some("http://env:4317"));
+        assert_eq!(
+            e.logs.as_deref(),
+            Some("http://logs:4317"),
+            "a signal's own endpoint turns it on"
+        );
         assert_eq!(
             file.effective_with(with(&[("OTEL_TRACES_EXPORTER", "none")]))
                 .unwrap()
-                .endpoint,
+                .traces,
             None
         );
-        assert_eq!(
-            file.effective_with(with(&[("OTEL_SDK_DISABLED", "true")]))
-                .unwrap()
-                .endpoint,
-            None
-        );
+        let all = OtlpSettings {
+            metrics: true,
+            logs: true,
+            ..file.clone()
+        };
+        let off = all
+            .effective_with(with(&[("OTEL_SDK_DISABLED", "true")]))
+            .unwrap();
+        assert_eq!((off.traces, off.metrics, off.logs), (None, None, None));
+        let e = all
+            .effective_with(with(&[("OTEL_METRIC_EXPORT_INTERVAL", "2500")]))
+            .unwrap();
+        assert_eq!(e.metrics_interval, Duration::from_millis(2500));
     }
 
     #[test]
     fn samplers_by_their_standard_names() {
-        let s = TraceSettings::default();
+        let s = OtlpSettings::default();
         let pick = |vars: &[(&str, &str)]| {
             s.effective_with(with(vars))
                 .map(|e| (e.parent_based, e.ratio))
@@ -241,19 +381,39 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.variable, "OTEL_TRACES_SAMPLER_ARG");
+        let err = s
+            .effective_with(with(&[("OTEL_LOGS_EXPORTER", "console")]))
+            .unwrap_err();
+        assert_eq!(err.variable, "OTEL_LOGS_EXPORTER");
     }
 
     #[test]
     fn bad_values_name_the_field() {
-        let s = TraceSettings {
+        let s = OtlpSettings {
             sample_ratio: 1.5,
             ..Default::default()
         };
         assert_eq!(s.check().unwrap_err().0, "sample_ratio");
-        let s = TraceSettings {
+        let s = OtlpSettings {
             endpoint: Some("collector:4317".into()),
             ..Default::default()
         };
         assert_eq!(s.check().unwrap_err().0, "endpoint");
+        let s = OtlpSettings {
+            metrics_interval: Duration::from_millis(5),
+            ..Default::default()
+        };
+        assert_eq!(s.check().unwrap_err().0, "metrics_interval");
+    }
+
+    #[test]
+    fn intervals_parse_in_the_usual_units() {
+        assert_eq!(duration_serde::parse("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(
+            duration_serde::parse("250ms"),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(duration_serde::parse("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(duration_serde::parse("soon"), None);
     }
 }

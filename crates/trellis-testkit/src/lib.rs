@@ -25,8 +25,9 @@
 //! | [`Postgres`] | `initdb`, `postgres` | `apt-get install postgresql` |
 //! | [`Prometheus`] | `prometheus`, `promtool` | `apt-get install prometheus` |
 //!
-//! With feature `otlp`, `OtlpReceiver` is an in-process OTLP/gRPC trace
-//! receiver (the official `TraceService`) that keeps what it is sent.
+//! With feature `otlp`, `OtlpReceiver` is an in-process OTLP/gRPC receiver
+//! (the official trace, metrics and logs services) that keeps what it is
+//! sent.
 //!
 //! `scripts/test` installs all of them. [`http`] is a tiny HTTP/1.1 client
 //! for probing servers in tests without pulling in a full client.
@@ -45,4 +46,4 @@ pub use engines::{Etcd, Nats, Postgres, Prometheus, Redis};
 #[cfg(feature = "otlp")]
 pub use opentelemetry_proto;
 #[cfg(feature = "otlp")]
-pub use otlp::{OtlpReceiver, ReceivedSpan};
+pub use otlp::{OtlpReceiver, ReceivedLog, ReceivedPoint, ReceivedSpan};

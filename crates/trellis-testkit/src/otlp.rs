@@ -1,6 +1,7 @@
-//! An OTLP/gRPC trace receiver: the official
-//! `opentelemetry.proto.collector.trace.v1.TraceService`, in process, on a
-//! free loopback port, keeping every span it is sent for the test to read.
+//! An OTLP/gRPC receiver: the official
+//! `opentelemetry.proto.collector.{trace,metrics,logs}.v1` services, in
+//! process, on a free loopback port, keeping every span, metric data point
+//! and log record it is sent for the test to read.
 
 use std::{
     collections::HashMap,
@@ -10,11 +11,22 @@ use std::{
 };
 
 use opentelemetry_proto::tonic::{
-    collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_server::{TraceService, TraceServiceServer},
+    collector::{
+        logs::v1::{
+            ExportLogsServiceRequest, ExportLogsServiceResponse,
+            logs_service_server::{LogsService, LogsServiceServer},
+        },
+        metrics::v1::{
+            ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+            metrics_service_server::{MetricsService, MetricsServiceServer},
+        },
+        trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+            trace_service_server::{TraceService, TraceServiceServer},
+        },
     },
     common::v1::{AnyValue, KeyValue, any_value::Value},
+    metrics::v1::metric::Data,
     trace::v1::{Span, span::SpanKind, status::StatusCode},
 };
 use tokio::sync::{Notify, oneshot};
@@ -71,8 +83,38 @@ impl ReceivedSpan {
     }
 }
 
+/// One data point of a metric, as received.
+#[derive(Debug, Clone)]
+pub struct ReceivedPoint {
+    /// The metric's name.
+    pub name: String,
+    /// The point's attributes, as strings.
+    pub attributes: HashMap<String, String>,
+    /// A sum's or gauge's value, or a histogram's count.
+    pub value: f64,
+}
+
+/// A log record, as received.
+#[derive(Debug, Clone)]
+pub struct ReceivedLog {
+    /// The body, as a string.
+    pub body: String,
+    /// `INFO`, `WARN`, ...
+    pub severity: String,
+    /// The trace id, lowercase hex; empty outside a trace.
+    pub trace_id: String,
+    /// The span id, lowercase hex.
+    pub span_id: String,
+    /// The record's attributes (the event's fields), as strings.
+    pub attributes: HashMap<String, String>,
+    /// The resource's attributes.
+    pub resource: HashMap<String, String>,
+}
+
 /// A running receiver; stops on drop.
 pub struct OtlpReceiver {
+    points: Arc<Mutex<Vec<ReceivedPoint>>>,
+    logs: Arc<Mutex<Vec<ReceivedLog>>>,
     addr: SocketAddr,
     count: Arc<std::sync::atomic::AtomicU64>,
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
@@ -139,7 +181,151 @@ impl TraceService for Receiver {
     }
 }
 
+#[derive(Clone)]
+struct Sink {
+    points: Arc<Mutex<Vec<ReceivedPoint>>>,
+    logs: Arc<Mutex<Vec<ReceivedLog>>>,
+    arrived: Arc<Notify>,
+}
+
+#[tonic::async_trait]
+impl MetricsService for Sink {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let mut received = Vec::new();
+        for rm in request.into_inner().resource_metrics {
+            for sm in rm.scope_metrics {
+                for metric in sm.metrics {
+                    let points: Vec<(HashMap<String, String>, f64)> = match &metric.data {
+                        Some(Data::Sum(s)) => s
+                            .data_points
+                            .iter()
+                            .map(|p| (strings(&p.attributes), number(p)))
+                            .collect(),
+                        Some(Data::Gauge(g)) => g
+                            .data_points
+                            .iter()
+                            .map(|p| (strings(&p.attributes), number(p)))
+                            .collect(),
+                        Some(Data::Histogram(h)) => h
+                            .data_points
+                            .iter()
+                            .map(|p| (strings(&p.attributes), p.count as f64))
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    for (attributes, value) in points {
+                        received.push(ReceivedPoint {
+                            name: metric.name.clone(),
+                            attributes,
+                            value,
+                        });
+                    }
+                }
+            }
+        }
+        self.points
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(received);
+        self.arrived.notify_waiters();
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl LogsService for Sink {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        let mut received = Vec::new();
+        for rl in request.into_inner().resource_logs {
+            let resource = rl
+                .resource
+                .map(|r| strings(&r.attributes))
+                .unwrap_or_default();
+            for sl in rl.scope_logs {
+                for record in sl.log_records {
+                    received.push(ReceivedLog {
+                        body: record.body.as_ref().map(value).unwrap_or_default(),
+                        severity: record.severity_text.clone(),
+                        trace_id: hex(&record.trace_id),
+                        span_id: hex(&record.span_id),
+                        attributes: strings(&record.attributes),
+                        resource: resource.clone(),
+                    });
+                }
+            }
+        }
+        self.logs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(received);
+        self.arrived.notify_waiters();
+        Ok(tonic::Response::new(ExportLogsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn strings(attributes: &[KeyValue]) -> HashMap<String, String> {
+    attributes
+        .iter()
+        .filter_map(|kv| Some((kv.key.clone(), value(kv.value.as_ref()?))))
+        .collect()
+}
+
+fn number(p: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint) -> f64 {
+    use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as V;
+    match p.value {
+        Some(V::AsDouble(d)) => d,
+        Some(V::AsInt(i)) => i as f64,
+        None => 0.0,
+    }
+}
+
 impl OtlpReceiver {
+    /// Every metric data point received so far (each export repeats the
+    /// cumulative values).
+    pub fn points(&self) -> Vec<ReceivedPoint> {
+        self.points
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Every log record received so far.
+    pub fn logs(&self) -> Vec<ReceivedLog> {
+        self.logs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits until `done` holds for what the receiver holds, or `timeout`
+    /// passes; returns whether it held.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&OtlpReceiver) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let arrived = self.arrived.notified();
+            if done(self) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return done(self);
+            }
+        }
+    }
+
     /// Starts a receiver on a free loopback port.
     pub async fn start() -> Result<OtlpReceiver, TestkitError> {
         Self::start_with(false).await
@@ -174,17 +360,30 @@ impl OtlpReceiver {
             counting,
             count: count.clone(),
         });
+        let sink = Sink {
+            points: Arc::default(),
+            logs: Arc::default(),
+            arrived: arrived.clone(),
+        };
+        let (metrics, logs) = (
+            MetricsServiceServer::new(sink.clone()),
+            LogsServiceServer::new(sink.clone()),
+        );
         let (stop, stopped) = oneshot::channel::<()>();
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(metrics)
+                .add_service(logs)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
                 })
                 .await;
         });
         Ok(OtlpReceiver {
+            points: sink.points.clone(),
+            logs: sink.logs.clone(),
             addr,
             count,
             spans,

@@ -6,8 +6,8 @@
 //! |---|---|
 //! | `server.request_timeout` | live: requests that start after the change |
 //! | `log.level` | live (when the binary wires it, as `trellis` does) |
-//! | `trace.endpoint`, `trace.sample_ratio` | live (likewise); `OTEL_*` variables win |
-//! | `trace.environment` | on restart |
+//! | `otlp.endpoint`, `otlp.sample_ratio`, `otlp.traces`, `otlp.metrics`, `otlp.logs`, `otlp.metrics_interval` | live (likewise); `OTEL_*` variables win |
+//! | `otlp.environment` | on restart |
 //! | `server.max_body_bytes`, `server.max_header_bytes`, `server.max_concurrent_streams` | on restart |
 //! | `server.shutdown_timeout`, `server.pre_stop_delay` | on restart |
 //! | `server.rate_limit.rate`, `server.rate_limit.burst` | live |
@@ -33,7 +33,7 @@ use trellis_resilience::{
 };
 use trellis_transport::{GrpcHttpServerBuilder, Limits, RequestTimeout};
 
-pub use trellis_telemetry::TraceSettings;
+pub use trellis_telemetry::OtlpSettings;
 
 /// The server part of a service's config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

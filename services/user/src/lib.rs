@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use trellis::{
     App, AppBuilder,
     config::{Config, Invalid, Secret, Validate},
-    settings::{LogSettings, ServerSettings, TraceSettings},
+    settings::{LogSettings, OtlpSettings, ServerSettings},
     transport::{GrpcHttpServer, ServerConfig, TransportError},
 };
 
@@ -76,7 +76,7 @@ impl UserConfig {
 /// [log]
 /// level = "info"           # live
 ///
-/// [trace]
+/// [otlp]
 /// endpoint = "http://otel-collector:4317"   # live; OTEL_EXPORTER_OTLP_ENDPOINT wins
 /// sample_ratio = 0.1                        # live
 ///
@@ -91,8 +91,8 @@ pub struct UserSettings {
     pub server: ServerSettings,
     /// Logging.
     pub log: LogSettings,
-    /// Tracing (OTLP export, sampling).
-    pub trace: TraceSettings,
+    /// OTLP export of traces, metrics and logs; trace sampling.
+    pub otlp: OtlpSettings,
     /// Where users are stored.
     pub database: DatabaseSettings,
 }
@@ -119,9 +119,9 @@ impl Default for DatabaseSettings {
 impl Validate for UserSettings {
     fn validate(&self) -> Result<(), Invalid> {
         self.server.validate("server")?;
-        self.trace
+        self.otlp
             .check()
-            .map_err(|(key, message)| Invalid::new(format!("trace.{key}"), message))?;
+            .map_err(|(key, message)| Invalid::new(format!("otlp.{key}"), message))?;
         if !(1..=1000).contains(&self.database.max_connections) {
             return Err(Invalid::new(
                 "database.max_connections",

@@ -34,7 +34,7 @@ use trellis::{
     App, State as Lifecycle, TracedChannel,
     config::Config,
     registry::MemoryRegistry,
-    telemetry::{LogFormat, ServerTraceLayer, Telemetry, TraceSettings},
+    telemetry::{LogFormat, OtlpSettings, ServerTraceLayer, Telemetry},
     transport::{GrpcHttpServer, ServerConfig},
 };
 use trellis_testkit::{
@@ -216,8 +216,10 @@ async fn a_call_across_three_services_is_one_trace_with_baggage_and_correlated_l
     let telemetry = Telemetry::builder("telemetry-test")
         .log_format(LogFormat::Json)
         .log_level("info,trellis::access=debug")
-        .trace(TraceSettings {
+        .otlp(OtlpSettings {
             endpoint: Some(receiver.endpoint()),
+            metrics: true,
+            logs: true,
             ..Default::default()
         })
         .writer(move || sink.clone())
@@ -445,10 +447,54 @@ async fn a_call_across_three_services_is_one_trace_with_baggage_and_correlated_l
         "{user_line}"
     );
 
+    // Metrics and log records went out over OTLP too: the RED histograms
+    // under their OpenTelemetry names, the log lines with their trace.
+    let exported = receiver
+        .wait_until(Duration::from_secs(10), |r| {
+            let points = r.points();
+            let has = |name: &str, key: &str, value: &str| {
+                points.iter().any(|p| {
+                    p.name == name
+                        && p.attributes.get(key).map(String::as_str) == Some(value)
+                        && p.value >= 1.0
+                })
+            };
+            has("rpc.server.duration", "rpc.method", "GetUser")
+                && has("rpc.client.duration", "rpc.grpc.status_code", "0")
+                && has(
+                    "http.client.request.duration",
+                    "http.response.status_code",
+                    "200",
+                )
+                && r.logs()
+                    .iter()
+                    .any(|l| l.body == "bff asks user" && l.trace_id == trace_id)
+        })
+        .await;
+    let names: std::collections::BTreeSet<String> =
+        receiver.points().into_iter().map(|p| p.name).collect();
+    assert!(
+        exported,
+        "metrics {names:?}, logs {:#?}",
+        receiver
+            .logs()
+            .iter()
+            .map(|l| (&l.body, &l.trace_id))
+            .collect::<Vec<_>>()
+    );
+    let record = receiver
+        .logs()
+        .into_iter()
+        .find(|l| l.body == "bff asks user" && l.trace_id == trace_id)
+        .unwrap();
+    assert_eq!(record.severity, "INFO");
+    assert_eq!(record.attributes.get("id"), Some(&ada.id));
+    assert_eq!(record.span_id.len(), 16);
+
     // Export off, live: nothing is recorded, yet the trace still flows —
     // a caller's trace id reaches the third hop's logs, and a request
     // without one gets a fresh id that all three hops log.
-    telemetry.apply(&TraceSettings::default()).unwrap();
+    telemetry.apply(&OtlpSettings::default()).unwrap();
     let before = receiver.spans().len();
     let passed_through = "0af7651916cd43dd8448eb211c80319c";
     let mut request = Request::new(GetUserRequest { id: ada.id.clone() });
