@@ -35,3 +35,9 @@ pub use server::{BoxError, Drain, Server, ServerFuture};
 /// server puts it in every request's extensions (for per-IP limits, logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerAddr(pub std::net::SocketAddr);
+
+/// The route template a request matched, when the router that matched it is
+/// not axum's (transcoded REST routes): set on the response, so metrics and
+/// traces label the request `/v1/users/{id}`, never the raw path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RouteTemplate(pub std::sync::Arc<str>);

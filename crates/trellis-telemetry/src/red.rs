@@ -165,6 +165,16 @@ where
                 Kind::Http { method, route } => {
                     gauge!("http_server_active_requests", "http_request_method" => method.clone(), "http_route" => route.clone())
                         .decrement(1.0);
+                    // A route matched below axum (transcoded REST) names its
+                    // template; the in-flight gauge keeps the axum route it
+                    // was counted under.
+                    let route = match &result {
+                        Ok(r) => r
+                            .extensions()
+                            .get::<trellis_core::RouteTemplate>()
+                            .map_or(route, |t| t.0.to_string()),
+                        Err(_) => route,
+                    };
                     let status = match &result {
                         Ok(r) => r.status().as_u16().to_string(),
                         Err(_) => "500".to_owned(),

@@ -177,6 +177,7 @@ where
         // Only fails when no OpenTelemetry layer is installed, which leaves
         // the span a plain tracing span: nothing to do.
         let _ = span.set_parent(parent);
+        let http_method = req.method().clone();
         let fut = {
             let _entered = span.enter();
             self.inner.call(req)
@@ -184,7 +185,7 @@ where
         Box::pin(
             async move {
                 let result = fut.await;
-                record_outcome(&Span::current(), grpc, &result);
+                record_outcome(&Span::current(), grpc, &http_method, &result);
                 access_log(grpc, &result, started);
                 result
             }
@@ -229,7 +230,12 @@ fn access_log<RB, E>(grpc: bool, result: &Result<Response<RB>, E>, started: std:
 }
 
 /// Records the outcome on the span.
-fn record_outcome<RB, E>(span: &Span, grpc: bool, result: &Result<Response<RB>, E>) {
+fn record_outcome<RB, E>(
+    span: &Span,
+    grpc: bool,
+    http_method: &http::Method,
+    result: &Result<Response<RB>, E>,
+) {
     if grpc {
         // Errors from handlers travel trailers-only (the status in the
         // headers); a status in trailers after a body is counted as OK.
@@ -257,6 +263,13 @@ fn record_outcome<RB, E>(span: &Span, grpc: bool, result: &Result<Response<RB>, 
             Ok(r) => r.status().as_u16(),
             Err(_) => 500,
         };
+        // Transcoded REST routes are matched below axum; they name themselves.
+        if let Ok(r) = result
+            && let Some(template) = r.extensions().get::<trellis_core::RouteTemplate>()
+        {
+            span.record("http.route", &*template.0);
+            span.record("otel.name", format!("{http_method} {}", template.0));
+        }
         span.record("http.response.status_code", status);
         if status >= 500 {
             span.record("otel.status_code", "ERROR");

@@ -17,6 +17,9 @@ pub enum TransportError {
     /// A registered file descriptor set could not be read by the reflection service.
     #[error("invalid file descriptor set for gRPC reflection: {0}")]
     Reflection(String),
+    /// The REST routes could not be built from the services' annotations.
+    #[error("REST transcoding: {0}")]
+    Transcode(String),
     /// The target of a client is not a valid URI.
     #[error("invalid target URI {uri:?}: {reason}")]
     InvalidUri {

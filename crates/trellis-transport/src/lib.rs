@@ -29,6 +29,10 @@
 //! # Ok(()) }
 //! ```
 //!
+//! [`transcode`] gives every gRPC method a REST/JSON face from its
+//! `google.api.http` annotation (and `POST /package.Service/Method`);
+//! [`GrpcHttpServerBuilder::rest`] serves it on the same port.
+//!
 //! [`connect`] opens a client channel with connect and request timeouts;
 //! discovery and load balancing build on it.
 
@@ -40,6 +44,7 @@ mod error;
 mod health;
 mod server;
 mod steer;
+pub mod transcode;
 
 pub use client::{ClientConfig, connect, connect_lazy};
 pub use config::{Limits, ServerConfig};

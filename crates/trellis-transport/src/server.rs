@@ -31,6 +31,7 @@ pub struct GrpcHttpServerBuilder {
     http: Router,
     debug: Router,
     layers: Vec<Box<dyn Fn(Router) -> Router + Send + Sync>>,
+    rest: Option<crate::transcode::TranscodeOptions>,
 }
 
 impl GrpcHttpServerBuilder {
@@ -87,6 +88,17 @@ impl GrpcHttpServerBuilder {
         self
     }
 
+    /// Serves every gRPC service's REST/JSON face on the same port, from
+    /// the `google.api.http` annotations in the registered descriptor sets
+    /// (see [`crate::transcode`]), plus `POST /package.Service/Method` for
+    /// every method and the OpenAPI document at `/openapi.json`. REST
+    /// requests go through the same layers as the HTTP routes, then to the
+    /// gRPC services in process.
+    pub fn rest(mut self, options: crate::transcode::TranscodeOptions) -> Self {
+        self.rest = Some(options);
+        self
+    }
+
     /// Merges operator routes (`/debug/config`, later `/metrics`): served on
     /// the admin listener when there is one, else on the main port.
     pub fn debug_router(mut self, router: Router) -> Self {
@@ -118,8 +130,28 @@ impl GrpcHttpServerBuilder {
 
         // Layers wrap the user's routes only: health, reflection and the
         // probes must answer even when a limit or breaker rejects traffic.
-        let mut user_grpc = self.routes.routes();
+        let raw_grpc = self.routes.routes();
+        let mut user_grpc = raw_grpc.clone();
         let mut user_http = self.http;
+        if let Some(options) = self.rest {
+            let names: Vec<&str> = self.service_names.iter().map(String::as_str).collect();
+            let transcoder =
+                crate::transcode::Transcoder::with_options(&self.descriptor_sets, &names, options)
+                    .map_err(|e| TransportError::Transcode(e.to_string()))?;
+            let openapi = crate::transcode::openapi(&transcoder);
+            // The services themselves, not their layered routes: a REST
+            // request is limited and measured once, as HTTP.
+            let rest = transcoder.service(raw_grpc.prepare().into_axum_router());
+            user_http = user_http
+                .route(
+                    "/openapi.json",
+                    axum::routing::get(move || {
+                        let doc = openapi.clone();
+                        async move { axum::Json(doc) }
+                    }),
+                )
+                .route_service("/{*path}", rest);
+        }
         for layer in &self.layers {
             if user_grpc.axum_router_mut().has_routes() {
                 let router = std::mem::take(user_grpc.axum_router_mut());
@@ -222,6 +254,7 @@ impl GrpcHttpServer {
             http: Router::new(),
             debug: Router::new(),
             layers: Vec::new(),
+            rest: None,
         }
     }
 

@@ -189,6 +189,7 @@ impl UserService {
                 handler,
             ))
             .file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+            .rest(Default::default())
             .bind()
             .await?;
         Ok(UserService { server, store })
@@ -228,6 +229,7 @@ impl UserService {
                 handler,
             ))
             .file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+            .rest(Default::default())
             .debug_router(trellis::settings::debug_router(config.clone()));
         match trellis::telemetry::prometheus() {
             Ok(handle) => {
