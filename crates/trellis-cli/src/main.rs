@@ -99,6 +99,15 @@ enum Command {
         #[command(subcommand)]
         command: config_cmd::ConfigCommand,
     },
+    /// Write a service's OpenAPI 3.1 document (its REST routes, from the
+    /// google.api.http annotations, with the proto comments).
+    Openapi {
+        /// Which service.
+        service: Service,
+        /// Write to this file instead of stdout.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -231,6 +240,7 @@ async fn main() -> ExitCode {
             command: RegistryCommand::Ls { service, registry },
         } => registry_ls(service.as_deref(), &registry).await,
         Command::Config { command } => config_cmd::run(command).await,
+        Command::Openapi { service, out } => openapi(service, out.as_deref()),
     };
     // Spans still in the batch go out before the runtime ends.
     log.shutdown().await;
@@ -372,6 +382,22 @@ async fn prepare(
     let signal =
         ShutdownSignal::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     Ok((signal, registry.connect().await?))
+}
+
+fn openapi(service: Service, out: Option<&std::path::Path>) -> Result<(), String> {
+    let (descriptors, name) = service.descriptors();
+    let transcoder = trellis::transport::transcode::Transcoder::new(&[descriptors], &[name])
+        .map_err(|e| e.to_string())?;
+    let doc = trellis::transport::transcode::openapi(&transcoder);
+    let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+    match out {
+        Some(path) => std::fs::write(path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display())),
+        None => {
+            println!("{text}");
+            Ok(())
+        }
+    }
 }
 
 async fn registry_ls(service: Option<&str>, registry: &RegistryArg) -> Result<(), String> {

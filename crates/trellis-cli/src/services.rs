@@ -98,6 +98,16 @@ impl Service {
         base.saturating_add(offset)
     }
 
+    /// The service's encoded descriptor set and its gRPC service's full name.
+    pub fn descriptors(self) -> (&'static [u8], &'static str) {
+        match self {
+            Service::User => (
+                shop_user::api::FILE_DESCRIPTOR_SET,
+                "shop.user.v1.UserService",
+            ),
+        }
+    }
+
     /// Checks `key = value` against the service's config type.
     pub fn check_setting(self, key: &str, value: &str) -> Result<(), ConfigError> {
         match self {
