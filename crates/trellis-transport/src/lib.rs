@@ -45,6 +45,7 @@ mod health;
 mod server;
 mod steer;
 pub mod transcode;
+pub mod validate;
 
 pub use client::{ClientConfig, connect, connect_lazy};
 pub use config::{Limits, ServerConfig};

@@ -139,6 +139,16 @@ impl GrpcHttpServerBuilder {
                 crate::transcode::Transcoder::with_options(&self.descriptor_sets, &names, options)
                     .map_err(|e| TransportError::Transcode(e.to_string()))?;
             let openapi = crate::transcode::openapi(&transcoder);
+            // The gRPC face checks the same rules the REST face does.
+            if let Some(validator) = transcoder.validator() {
+                let layer = crate::validate::ValidateLayer::new(
+                    transcoder.pool(),
+                    validator.clone(),
+                    self.config.limits.max_body_bytes,
+                );
+                let router = std::mem::take(user_grpc.axum_router_mut());
+                *user_grpc.axum_router_mut() = router.route_layer(layer);
+            }
             // The services themselves, not their layered routes: a REST
             // request is limited and measured once, as HTTP.
             let rest = transcoder.service(raw_grpc.prepare().into_axum_router());

@@ -122,11 +122,17 @@ where
                 .unwrap()
                 .to_bytes();
             let payload = bytes.slice(5..);
-            let thing = DynamicMessage::decode(thing_type(&this.pool), payload.clone()).unwrap();
-            let code = thing
-                .get_field_by_name("code")
-                .and_then(|v| v.as_i32())
-                .unwrap_or(0);
+            // Only Thing-taking methods read `code`; others echo bytes.
+            let code = if method == "Fail" || method == "Watch" {
+                let thing =
+                    DynamicMessage::decode(thing_type(&this.pool), payload.clone()).unwrap();
+                thing
+                    .get_field_by_name("code")
+                    .and_then(|v| v.as_i32())
+                    .unwrap_or(0)
+            } else {
+                0
+            };
             Ok(match method.as_str() {
                 "Fail" if code != 0 => {
                     let mut r = grpc_response(Vec::new());
@@ -722,6 +728,63 @@ async fn a_remote_upstream_over_http2_maps_the_same() {
     let rest = transcoder().service(upstream);
     // The REST service's error type is Infallible whatever the upstream's.
     run_table(&rest).await;
+}
+
+#[tokio::test]
+async fn the_grpc_face_is_checked_by_the_same_rules() {
+    let pool = DescriptorPool::decode(descriptor_set()).unwrap();
+    let validator = trellis_transport::validate::Validator::new(&pool).unwrap();
+    let mirror = Mirror::new();
+    let checked = tower::Layer::layer(
+        &trellis_transport::validate::ValidateLayer::new(&pool, validator, 1 << 20),
+        mirror.clone(),
+    );
+    let order = pool.get_message_by_name("conformance.v1.Order").unwrap();
+    let grpc = |json: &str| {
+        let mut de = serde_json::Deserializer::from_str(json);
+        let message = DynamicMessage::deserialize(order.clone(), &mut de).unwrap();
+        Request::post("/conformance.v1.Mirror/Place")
+            .header("content-type", "application/grpc")
+            .body(Body::from(frame(&prost::Message::encode_to_vec(&message))))
+            .unwrap()
+    };
+
+    let rejected = checked
+        .clone()
+        .oneshot(grpc(r#"{"sku":"x"}"#))
+        .await
+        .unwrap();
+    assert_eq!(rejected.headers()["grpc-status"], "3");
+    let status = tonic::Status::from_header_map(rejected.headers()).unwrap();
+    let error = trellis_core::Error::from(status);
+    assert_eq!(
+        error.metadata().get("fields").map(String::as_str),
+        Some("sku,quantity,ship_to"),
+        "{error}"
+    );
+    assert!(
+        mirror.last_headers().is_empty(),
+        "a rejected call never reaches the service"
+    );
+
+    let passed = checked
+        .clone()
+        .oneshot(grpc(r#"{"sku":"ABC","quantity":1,"shipTo":{}}"#))
+        .await
+        .unwrap();
+    assert!(
+        passed.headers().get("grpc-status").is_none(),
+        "{:?}",
+        passed.headers()
+    );
+    assert!(!mirror.last_headers().is_empty());
+
+    // Methods without rules are not buffered or decoded at all.
+    let plain = Request::post("/conformance.v1.Mirror/Plain")
+        .header("content-type", "application/grpc")
+        .body(Body::from(frame(b"\x0a\x01x")))
+        .unwrap();
+    assert_eq!(checked.clone().oneshot(plain).await.unwrap().status(), 200);
 }
 
 #[test]

@@ -79,6 +79,10 @@ pub struct TranscodeOptions {
     pub emit_defaults: bool,
     /// The largest request body read (bytes). Default: 4 MiB.
     pub max_body_bytes: usize,
+    /// Check requests against `field_behavior = REQUIRED` and the
+    /// `buf.validate` rules in the descriptors (see [`crate::validate`]).
+    /// Default: true.
+    pub validate: bool,
 }
 
 impl Default for TranscodeOptions {
@@ -87,6 +91,7 @@ impl Default for TranscodeOptions {
             allow_unknown_fields: false,
             emit_defaults: true,
             max_body_bytes: 4 << 20,
+            validate: true,
         }
     }
 }
@@ -141,6 +146,7 @@ struct Inner {
     rpcs: HashMap<String, MethodDescriptor>,
     pool: DescriptorPool,
     options: TranscodeOptions,
+    validator: Option<crate::validate::Validator>,
 }
 
 impl std::fmt::Debug for Transcoder {
@@ -201,12 +207,23 @@ impl Transcoder {
         }
         // The most specific template wins when several match.
         routes.sort_by_key(|r| std::cmp::Reverse(r.template.specificity()));
+        let validator = if options.validate {
+            let validator =
+                crate::validate::Validator::new(&pool).map_err(|e| TranscodeError::Rule {
+                    method: e.field,
+                    message: e.message,
+                })?;
+            Some(validator)
+        } else {
+            None
+        };
         Ok(Transcoder {
             inner: Arc::new(Inner {
                 routes,
                 rpcs,
                 pool,
                 options,
+                validator,
             }),
         })
     }
@@ -229,6 +246,11 @@ impl Transcoder {
                 rpc: r.rpc.clone(),
             })
             .collect()
+    }
+
+    /// The request rules, when validation is on.
+    pub fn validator(&self) -> Option<&crate::validate::Validator> {
+        self.inner.validator.as_ref()
     }
 
     /// The descriptors the routes were built from.
@@ -532,6 +554,9 @@ impl Inner {
                 )
             })?;
         let message = self.request_message(&route, &vars, &query, &body)?;
+        if let Some(validator) = &self.validator {
+            validator.check(&message)?;
+        }
 
         // A real gRPC request: the caller's headers (auth, trace context,
         // baggage) become metadata; its extensions (peer address) carry over.
