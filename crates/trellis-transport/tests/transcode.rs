@@ -625,6 +625,16 @@ async fn headers_become_metadata_and_the_route_is_named() {
     assert!(seen.contains_key("traceparent"));
     assert_eq!(answer.headers["content-type"], "application/json");
 
+    // A path that exists under other methods is 405, with Allow.
+    let other = call(&rest, "PUT", "/v1/things/x", None, &[]).await;
+    assert_eq!(other.status, 405);
+    assert_eq!(other.headers["allow"], "GET, PATCH");
+    let by_name = call(&rest, "GET", "/conformance.v1.Mirror/Plain", None, &[]).await;
+    assert_eq!(
+        (by_name.status.as_u16(), &by_name.headers["allow"]),
+        (405, &HeaderValue::from_static("POST"))
+    );
+
     // The response names the template it matched, for metrics and traces.
     let req = Request::get("/v1/shelves/a/things/b")
         .body(Body::empty())
@@ -796,7 +806,7 @@ fn the_openapi_document_has_every_route_with_its_comments() {
         ("/v1/things/{id}", "get"),
         ("/v1/{name}", "get"),
         ("/v1/shelves/{shelf}/things", "post"),
-        ("/v1/things/{nested.key}", "patch"),
+        ("/v1/things/{nested_key}", "patch"),
         ("/v1/things/{id}:undelete", "post"),
         ("/v1/things/{id}:watch", "get"),
         ("/conformance.v1.Mirror/Plain", "post"),

@@ -161,7 +161,7 @@ async fn the_user_service_over_rest() {
         doc["paths"]["/v1/users/{id}"]["get"]["summary"],
         "Returns one user by id."
     );
-    assert!(doc["paths"]["/v1/users/{user.id}"]["patch"].is_object());
+    assert!(doc["paths"]["/v1/users/{user_id}"]["patch"].is_object());
 
     // Measured as HTTP, under the template, not the raw path.
     let text = metrics.render();

@@ -112,6 +112,8 @@ enum BodyRule {
 struct Route {
     method: Method,
     template: PathTemplate,
+    /// The template as written, for metrics and traces.
+    label: Arc<str>,
     body: BodyRule,
     response_body: Option<FieldDescriptor>,
     rpc: MethodDescriptor,
@@ -141,9 +143,9 @@ pub struct Transcoder {
 }
 
 struct Inner {
-    routes: Vec<Route>,
-    /// `package.Service/Method` → method, for `POST /package.Service/Method`.
-    rpcs: HashMap<String, MethodDescriptor>,
+    routes: Vec<Arc<Route>>,
+    /// `package.Service/Method` → its route as `POST /package.Service/Method`.
+    rpcs: HashMap<String, Arc<Route>>,
     pool: DescriptorPool,
     options: TranscodeOptions,
     validator: Option<crate::validate::Validator>,
@@ -183,10 +185,20 @@ impl Transcoder {
                 .get_service_by_name(name)
                 .ok_or_else(|| TranscodeError::UnknownService((*name).to_owned()))?;
             for rpc in service.methods() {
-                rpcs.insert(
-                    format!("{}/{}", service.full_name(), rpc.name()),
-                    rpc.clone(),
-                );
+                let by_name = format!("/{}/{}", service.full_name(), rpc.name());
+                let template = PathTemplate::parse(&by_name).map_err(|e| TranscodeError::Rule {
+                    method: rpc.full_name().to_owned(),
+                    message: e.to_string(),
+                })?;
+                let fallback = Route {
+                    method: Method::POST,
+                    label: by_name.clone().into(),
+                    template,
+                    body: BodyRule::Whole,
+                    response_body: None,
+                    rpc: rpc.clone(),
+                };
+                rpcs.insert(by_name[1..].to_owned(), Arc::new(fallback));
                 let Some(http) = &http else { continue };
                 let options = rpc.options();
                 if !options.has_extension(http) {
@@ -200,7 +212,7 @@ impl Transcoder {
                         rules.extend(more.iter().filter_map(|v| v.as_message().cloned()));
                     }
                     for rule in rules {
-                        routes.push(route(&rpc, &rule)?);
+                        routes.push(Arc::new(route(&rpc, &rule)?));
                     }
                 }
             }
@@ -340,6 +352,7 @@ fn route(rpc: &MethodDescriptor, rule: &DynamicMessage) -> Result<Route, Transco
     };
     Ok(Route {
         method,
+        label: template.source().into(),
         template,
         body,
         response_body,
@@ -421,14 +434,7 @@ where
             let (template, result) = inner.handle(req, grpc).await;
             let mut response = match result {
                 Ok(response) => response,
-                Err(error) => {
-                    let not_allowed = error.reason() == "METHOD_NOT_ALLOWED";
-                    let mut response = error.into_response();
-                    if not_allowed {
-                        *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-                    }
-                    response
-                }
+                Err(error) => error.into_response(),
             };
             if let Some(template) = template {
                 response
@@ -440,6 +446,9 @@ where
     }
 }
 
+/// A matched route and its path variables.
+type Found = (Arc<Route>, Vec<(String, String)>);
+
 /// How a client asked to receive a stream.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum StreamFormat {
@@ -449,48 +458,42 @@ enum StreamFormat {
 
 impl Inner {
     /// Finds the route; `Err` is 404 or 405.
-    fn find(&self, method: &Method, path: &str) -> Result<(Route, Vec<(String, String)>), Error> {
-        let mut other_method = false;
+    /// Finds the route; a miss is 404, or 405 with the methods allowed.
+    fn find(&self, method: &Method, path: &str) -> Result<Found, Box<Response<Body>>> {
+        let mut allowed: Vec<&str> = Vec::new();
         for route in &self.routes {
             if let Some(vars) = route.template.matches(path) {
                 if route.method == method {
-                    return Ok((route.clone(), vars));
+                    return Ok((Arc::clone(route), vars));
                 }
-                other_method = true;
+                if !allowed.contains(&route.method.as_str()) {
+                    allowed.push(route.method.as_str());
+                }
             }
         }
         // Every method, by its gRPC name.
-        if method == Method::POST
-            && let Some(rpc) = self.rpcs.get(path.trim_start_matches('/'))
-        {
-            let template = PathTemplate::parse(&format!(
-                "/{}/{}",
-                rpc.parent_service().full_name(),
-                rpc.name()
-            ))
-            .map_err(|e| Error::internal(e.to_string()))?;
-            return Ok((
-                Route {
-                    method: Method::POST,
-                    template,
-                    body: BodyRule::Whole,
-                    response_body: None,
-                    rpc: rpc.clone(),
-                },
-                Vec::new(),
-            ));
+        if let Some(route) = self.rpcs.get(path.trim_start_matches('/')) {
+            if method == Method::POST {
+                return Ok((Arc::clone(route), Vec::new()));
+            }
+            allowed.push("POST");
         }
-        if other_method {
-            return Err(Error::new(
-                Code::Unimplemented,
-                "METHOD_NOT_ALLOWED",
-                format!("{method} is not allowed on {path}"),
-            ));
+        if allowed.is_empty() {
+            let error =
+                Error::not_found("ROUTE_NOT_FOUND", format!("no route for {method} {path}"));
+            return Err(Box::new(error.into_response()));
         }
-        Err(Error::not_found(
-            "ROUTE_NOT_FOUND",
-            format!("no route for {method} {path}"),
-        ))
+        let error = Error::new(
+            Code::Unimplemented,
+            "METHOD_NOT_ALLOWED",
+            format!("{method} is not allowed on {path}"),
+        );
+        let mut response = error.into_response();
+        *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        if let Ok(allow) = HeaderValue::from_str(&allowed.join(", ")) {
+            response.headers_mut().insert(header::ALLOW, allow);
+        }
+        Err(Box::new(response))
     }
 
     async fn handle<S, B>(
@@ -507,16 +510,16 @@ impl Inner {
     {
         let (route, vars) = match self.find(req.method(), req.uri().path()) {
             Ok(found) => found,
-            Err(e) => return (None, Err(e)),
+            Err(miss) => return (None, Ok(*miss)),
         };
-        let template: Arc<str> = route.template.source().into();
+        let template = route.label.clone();
         let result = self.transcode(route, vars, req, grpc).await;
         (Some(template), result)
     }
 
     async fn transcode<S, B>(
         &self,
-        route: Route,
+        route: Arc<Route>,
         vars: Vec<(String, String)>,
         req: Request<Body>,
         grpc: S,
@@ -783,6 +786,11 @@ impl Inner {
         field: &FieldDescriptor,
         text: &str,
     ) -> Result<(), Error> {
+        // The common case, a top-level string (`/v1/users/{id}`), directly.
+        if !path.contains('.') && !field.is_list() && field.kind() == Kind::String {
+            message.set_field(field, Value::String(text.to_owned()));
+            return Ok(());
+        }
         let leaf = match field.kind() {
             Kind::Bool => match text {
                 "true" => serde_json::Value::Bool(true),
@@ -869,7 +877,7 @@ impl Inner {
 
     fn stream_response<B>(
         &self,
-        route: Route,
+        route: Arc<Route>,
         response: Response<B>,
         format: StreamFormat,
     ) -> Response<Body>

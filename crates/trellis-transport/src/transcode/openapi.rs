@@ -123,11 +123,17 @@ impl Doc {
         let mut parameters = Vec::new();
         for field_path in &b.path_fields {
             if let Some(field) = resolve(&input, field_path) {
+                let description = match field_comment(&field) {
+                    Some(c) if field_path.contains('.') => format!("`{field_path}`: {c}"),
+                    Some(c) => c,
+                    None if field_path.contains('.') => format!("`{field_path}`"),
+                    None => String::new(),
+                };
                 parameters.push(json!({
-                    "name": field_path,
+                    "name": parameter_name(field_path),
                     "in": "path",
                     "required": true,
-                    "description": field_comment(&field).unwrap_or_default(),
+                    "description": description,
                     "schema": self.field_schema(&field, false),
                 }));
             }
@@ -396,22 +402,34 @@ fn resolve(m: &MessageDescriptor, path: &str) -> Option<FieldDescriptor> {
     found
 }
 
-/// `/v1/{name=users/*}:undelete` → `/v1/{name}:undelete`.
+/// `/v1/{name=users/*}:undelete` → `/v1/{name}:undelete`, and
+/// `{user.id}` → `{user_id}`: dotted parameter names are legal OpenAPI but
+/// break common tooling (anything built on Python's `str.format`).
 fn openapi_path(template: &str) -> String {
     let mut out = String::with_capacity(template.len());
-    let mut skipping = false;
+    let (mut inside, mut skipping) = (false, false);
     for c in template.chars() {
         match c {
-            '=' if !skipping => skipping = true,
+            '{' => {
+                inside = true;
+                out.push('{');
+            }
+            '=' if inside => skipping = true,
             '}' => {
-                skipping = false;
+                (inside, skipping) = (false, false);
                 out.push('}');
             }
             _ if skipping => {}
+            '.' if inside => out.push('_'),
             c => out.push(c),
         }
     }
     out
+}
+
+/// A path parameter's name in the document (see [`openapi_path`]).
+fn parameter_name(field_path: &str) -> String {
+    field_path.replace('.', "_")
 }
 
 fn field_behaviors(field: &FieldDescriptor) -> Vec<i32> {
@@ -459,7 +477,7 @@ mod tests {
     #[test]
     fn variable_patterns_become_plain_parameters() {
         assert_eq!(openapi_path("/v1/{name=users/*}"), "/v1/{name}");
-        assert_eq!(openapi_path("/v1/users/{user.id}"), "/v1/users/{user.id}");
+        assert_eq!(openapi_path("/v1/users/{user.id}"), "/v1/users/{user_id}");
         assert_eq!(
             openapi_path("/v1/{name=shops/*/items/*}:undelete"),
             "/v1/{name}:undelete"
