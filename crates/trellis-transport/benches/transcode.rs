@@ -1,0 +1,125 @@
+//! µs per call: the same unary call to an in-process gRPC service that
+//! answers with its request, made as gRPC (a framed protobuf request) and
+//! as REST through the transcoder (route, JSON/query → message, gRPC
+//! request, message → JSON), so the difference is what transcoding costs.
+//!
+//! ```sh
+//! cargo bench -p trellis-transport --bench transcode
+//! ```
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use axum::body::Body;
+use bytes::{BufMut, Bytes, BytesMut};
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::Frame;
+use tower::{Service, ServiceExt};
+use trellis_transport::transcode::Transcoder;
+
+/// Answers every call with its request, as a real gRPC response.
+#[derive(Clone)]
+struct Echo;
+
+impl Service<Request<Body>> for Echo {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        Box::pin(async move {
+            let bytes = axum::body::to_bytes(req.into_body(), usize::MAX)
+                .await
+                .unwrap_or_default();
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            let frames = vec![
+                Ok::<_, Infallible>(Frame::data(bytes)),
+                Ok(Frame::trailers(trailers)),
+            ];
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+            Ok(Response::builder()
+                .header("content-type", "application/grpc")
+                .body(Body::new(body))
+                .unwrap_or_default())
+        })
+    }
+}
+
+fn descriptors() -> Vec<u8> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut compiler = protox::Compiler::new([root.join("tests/proto"), root.join("../../proto")])
+        .unwrap_or_else(|e| panic!("{e}"));
+    compiler
+        .include_source_info(true)
+        .include_imports(true)
+        .open_files(["conformance/v1/mirror.proto"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    compiler.encode_file_descriptor_set()
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let set: &'static [u8] = Box::leak(descriptors().into_boxed_slice());
+    let transcoder =
+        Transcoder::new(&[set], &["conformance.v1.Mirror"]).unwrap_or_else(|e| panic!("{e}"));
+    let rest = transcoder.service(Echo);
+    // The same message both ways: Thing{id: "abc", name: "n"}.
+    let message = Bytes::from_static(b"\x0a\x03abc\x12\x01n");
+    let mut framed = BytesMut::new();
+    framed.put_u8(0);
+    framed.put_u32(message.len() as u32);
+    framed.put_slice(&message);
+    let framed = framed.freeze();
+
+    let mut group = c.benchmark_group("unary_call");
+    group.bench_function("gRPC, direct", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let req = Request::post("/conformance.v1.Mirror/Get")
+                    .header("content-type", "application/grpc")
+                    .body(Body::from(framed.clone()))
+                    .unwrap_or_default();
+                let resp = Echo.oneshot(req).await.unwrap_or_default();
+                let _ = axum::body::to_bytes(resp.into_body(), usize::MAX).await;
+            })
+        })
+    });
+    group.bench_function("REST GET /v1/things/{id}?name=n", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let req = Request::get("/v1/things/abc?name=n")
+                    .body(Body::empty())
+                    .unwrap_or_default();
+                let resp = rest.clone().oneshot(req).await.unwrap_or_default();
+                let _ = axum::body::to_bytes(resp.into_body(), usize::MAX).await;
+            })
+        })
+    });
+    group.bench_function("REST POST /conformance.v1.Mirror/Get (JSON body)", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let req = Request::post("/conformance.v1.Mirror/Get")
+                    .body(Body::from(r#"{"id":"abc","name":"n"}"#))
+                    .unwrap_or_default();
+                let resp = rest.clone().oneshot(req).await.unwrap_or_default();
+                let _ = axum::body::to_bytes(resp.into_body(), usize::MAX).await;
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
