@@ -851,6 +851,25 @@ fn the_openapi_document_has_every_route_with_its_comments() {
         doc["components"]["schemas"]["conformance.v1.Color"]["enum"],
         json!(["COLOR_UNSPECIFIED", "RED", "GREEN"])
     );
+    // Validation rules become JSON Schema keywords.
+    let order = &doc["components"]["schemas"]["conformance.v1.Order"];
+    assert_eq!(order["required"], json!(["sku", "shipTo"]));
+    assert_eq!(
+        (
+            &order["properties"]["sku"]["minLength"],
+            &order["properties"]["sku"]["maxLength"],
+            &order["properties"]["sku"]["pattern"]
+        ),
+        (&json!(3), &json!(8), &json!("^[A-Z0-9-]+$"))
+    );
+    assert_eq!(
+        (
+            &order["properties"]["quantity"]["exclusiveMinimum"],
+            &order["properties"]["quantity"]["maximum"]
+        ),
+        (&json!(0), &json!(100))
+    );
+    assert_eq!(order["properties"]["notes"]["maxItems"], 2);
     let watch = &paths["/v1/things/{id}:watch"]["get"]["responses"]["200"]["content"];
     assert!(watch.get("text/event-stream").is_some());
 }

@@ -241,9 +241,11 @@ impl Doc {
         for field in m.fields() {
             let mut schema = self.field_schema(&field, true);
             let behaviors = field_behaviors(&field);
-            if behaviors.contains(&2) {
+            let (must, constraints) = validate_rules(&field);
+            if behaviors.contains(&2) || must {
                 required.push(json!(field.json_name()));
             }
+            schema = constrain(schema, &field, constraints);
             if behaviors.contains(&3) {
                 schema = with(schema, "readOnly", json!(true));
             }
@@ -430,6 +432,96 @@ fn openapi_path(template: &str) -> String {
 /// A path parameter's name in the document (see [`openapi_path`]).
 fn parameter_name(field_path: &str) -> String {
     field_path.replace('.', "_")
+}
+
+/// `buf.validate.field` on a field: whether it is `required`, and its
+/// rules as JSON Schema keywords (what the JSON form can express).
+fn validate_rules(field: &FieldDescriptor) -> (bool, Map<String, Json>) {
+    let mut out = Map::new();
+    let Some(ext) = field
+        .parent_pool()
+        .get_extension_by_name("buf.validate.field")
+    else {
+        return (false, out);
+    };
+    let options = field.options();
+    if !options.has_extension(&ext) {
+        return (false, out);
+    }
+    let Value::Message(rules) = options.get_extension(&ext).into_owned() else {
+        return (false, out);
+    };
+    let required = rules
+        .get_field_by_name("required")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    for (kind, typed) in rules.fields() {
+        let Value::Message(typed) = typed else {
+            continue;
+        };
+        // 64-bit integers are strings in JSON: numeric bounds do not apply there.
+        let numeric_json = matches!(
+            kind.name(),
+            "int32" | "uint32" | "float" | "double" | "sint32" | "fixed32" | "sfixed32"
+        );
+        for (rule, v) in typed.fields() {
+            let number = || match v {
+                Value::I32(n) => Some(json!(n)),
+                Value::U32(n) => Some(json!(n)),
+                Value::F32(n) => Some(json!(n)),
+                Value::F64(n) => Some(json!(n)),
+                _ => None,
+            };
+            let (key, value) = match (kind.name(), rule.name()) {
+                ("string", "min_len") => ("minLength", v.as_u64().map(|n| json!(n))),
+                ("string", "max_len") => ("maxLength", v.as_u64().map(|n| json!(n))),
+                ("string", "len") => {
+                    out.insert("minLength".into(), json!(v.as_u64()));
+                    ("maxLength", v.as_u64().map(|n| json!(n)))
+                }
+                ("string", "pattern") => ("pattern", v.as_str().map(|p| json!(p))),
+                ("string", "const") => ("const", v.as_str().map(|p| json!(p))),
+                ("string", "in") => (
+                    "enum",
+                    v.as_list()
+                        .map(|l| json!(l.iter().filter_map(Value::as_str).collect::<Vec<_>>())),
+                ),
+                ("repeated", "min_items") => ("minItems", v.as_u64().map(|n| json!(n))),
+                ("repeated", "max_items") => ("maxItems", v.as_u64().map(|n| json!(n))),
+                ("repeated", "unique") => ("uniqueItems", v.as_bool().map(|b| json!(b))),
+                (_, "gt") if numeric_json => ("exclusiveMinimum", number()),
+                (_, "gte") if numeric_json => ("minimum", number()),
+                (_, "lt") if numeric_json => ("exclusiveMaximum", number()),
+                (_, "lte") if numeric_json => ("maximum", number()),
+                _ => continue,
+            };
+            if let Some(value) = value {
+                out.insert(key.into(), value);
+            }
+        }
+    }
+    (required, out)
+}
+
+/// Adds rule keywords to a field's schema: on the items of a list for
+/// item rules, on the list for list rules.
+fn constrain(mut schema: Json, field: &FieldDescriptor, constraints: Map<String, Json>) -> Json {
+    if constraints.is_empty() {
+        return schema;
+    }
+    for (key, value) in constraints {
+        let on_list = matches!(key.as_str(), "minItems" | "maxItems" | "uniqueItems");
+        if field.is_list() && !on_list {
+            if let Some(items) = schema.get_mut("items") {
+                items[key.as_str()] = value;
+            }
+        } else if schema.get("$ref").is_some() {
+            schema = with(schema, &key, value);
+        } else {
+            schema[key.as_str()] = value;
+        }
+    }
+    schema
 }
 
 fn field_behaviors(field: &FieldDescriptor) -> Vec<i32> {
