@@ -901,20 +901,28 @@ impl Inner {
                 }
                 loop {
                     // A whole message buffered: send it.
-                    let mut view = Bytes::copy_from_slice(&buf);
-                    if let Ok(Some(message)) = next_frame(&mut view) {
-                        let consumed = buf.len() - view.len();
-                        buf.advance(consumed);
-                        let event = DynamicMessage::decode(route.rpc.output(), message)
-                            .map_err(|e| Error::internal(e.to_string()))
-                            .and_then(|m| to_json(&options, &route, &m));
-                        return Some(match event {
-                            Ok(json) => (
-                                Ok::<_, Infallible>(this_events(&json, false)),
-                                (body, buf, false),
-                            ),
-                            Err(e) => (Ok(this_events(&error_json(&e), true)), (body, buf, true)),
-                        });
+                    match take_frame(&mut buf) {
+                        Ok(Some(message)) => {
+                            let event = DynamicMessage::decode(route.rpc.output(), message)
+                                .map_err(|e| Error::internal(e.to_string()))
+                                .and_then(|m| to_json(&options, &route, &m));
+                            return Some(match event {
+                                Ok(json) => (
+                                    Ok::<_, Infallible>(this_events(&json, false)),
+                                    (body, buf, false),
+                                ),
+                                Err(e) => {
+                                    (Ok(this_events(&error_json(&e), true)), (body, buf, true))
+                                }
+                            });
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            return Some((
+                                Ok(this_events(&error_json(&e), true)),
+                                (body, buf, true),
+                            ));
+                        }
                     }
                     match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
                         Some(Ok(frame)) => {
@@ -1044,6 +1052,24 @@ fn check_status(headers: &HeaderMap) -> Result<(), Error> {
             .map(Error::from)
             .unwrap_or_else(|| Error::internal("an unreadable gRPC status"))),
     }
+}
+
+/// [`next_frame`] on a buffer that grows as a stream arrives, without copying.
+fn take_frame(buf: &mut BytesMut) -> Result<Option<Bytes>, Error> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    if buf[0] != 0 {
+        return Err(Error::internal(
+            "the gRPC response is compressed, which the transcoder did not ask for",
+        ));
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if buf.len() < 5 + len {
+        return Ok(None);
+    }
+    buf.advance(5);
+    Ok(Some(buf.split_to(len).freeze()))
 }
 
 /// Takes one length-prefixed gRPC message off the front of `data`.
