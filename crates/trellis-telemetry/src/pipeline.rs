@@ -154,24 +154,59 @@ fn ratio_decision(ratio: f64, trace_id: TraceId) -> SamplingDecision {
     }
 }
 
-/// A span processor that forwards to the current OTLP batch processor, if
-/// any. Swapping it shuts the old one down (flushing what it holds).
-#[derive(Debug, Default, Clone)]
-pub(crate) struct ExportSlot(Arc<SlotInner>);
+/// A processor that forwards to the current OTLP batch processor, if any:
+/// spans ([`ExportSlot`]) or log records ([`LogSlot`]). Swapping one in
+/// hands it the resource; the one swapped out is returned to be shut down
+/// (flushing what it holds).
+#[derive(Debug)]
+pub(crate) struct Slot<P>(Arc<SlotInner<P>>);
 
-#[derive(Debug, Default)]
-struct SlotInner {
-    current: RwLock<Option<BatchSpanProcessor>>,
+/// Where spans go.
+pub(crate) type ExportSlot = Slot<BatchSpanProcessor>;
+/// Where log records go.
+pub(crate) type LogSlot = Slot<BatchLogProcessor>;
+
+#[derive(Debug)]
+struct SlotInner<P> {
+    current: RwLock<Option<P>>,
     resource: RwLock<Option<Resource>>,
 }
 
-impl ExportSlot {
+impl<P> Default for Slot<P> {
+    fn default() -> Self {
+        Slot(Arc::new(SlotInner {
+            current: RwLock::new(None),
+            resource: RwLock::new(None),
+        }))
+    }
+}
+
+impl<P> Clone for Slot<P> {
+    fn clone(&self) -> Self {
+        Slot(Arc::clone(&self.0))
+    }
+}
+
+/// What a slot needs of the processor it holds.
+pub(crate) trait Resourced {
+    fn take_resource(&mut self, resource: &Resource);
+}
+
+impl Resourced for BatchSpanProcessor {
+    fn take_resource(&mut self, resource: &Resource) {
+        SpanProcessor::set_resource(self, resource);
+    }
+}
+
+impl Resourced for BatchLogProcessor {
+    fn take_resource(&mut self, resource: &Resource) {
+        LogProcessor::set_resource(self, resource);
+    }
+}
+
+impl<P: Resourced> Slot<P> {
     /// Installs `processor` (or none), returning the one it replaces.
-    pub(crate) fn replace(
-        &self,
-        processor: Option<BatchSpanProcessor>,
-    ) -> Option<BatchSpanProcessor> {
-        let mut processor = processor;
+    pub(crate) fn replace(&self, mut processor: Option<P>) -> Option<P> {
         if let (Some(p), Some(resource)) = (
             processor.as_mut(),
             self.0
@@ -180,7 +215,7 @@ impl ExportSlot {
                 .unwrap_or_else(PoisonError::into_inner)
                 .as_ref(),
         ) {
-            p.set_resource(resource);
+            p.take_resource(resource);
         }
         std::mem::replace(
             &mut *self
@@ -192,7 +227,7 @@ impl ExportSlot {
         )
     }
 
-    fn with<R>(&self, f: impl FnOnce(&BatchSpanProcessor) -> R) -> Option<R> {
+    fn with<R>(&self, f: impl FnOnce(&P) -> R) -> Option<R> {
         self.0
             .current
             .read()
@@ -200,9 +235,34 @@ impl ExportSlot {
             .as_ref()
             .map(f)
     }
+
+    fn holds(&self) -> bool {
+        self.0
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    fn remember_resource(&self, resource: &Resource) {
+        *self
+            .0
+            .resource
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(resource.clone());
+        if let Some(p) = self
+            .0
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            p.take_resource(resource);
+        }
+    }
 }
 
-impl SpanProcessor for ExportSlot {
+impl SpanProcessor for Slot<BatchSpanProcessor> {
     fn on_start(&self, span: &mut Span, cx: &Context) {
         self.with(|p| p.on_start(span, cx));
     }
@@ -216,27 +276,36 @@ impl SpanProcessor for ExportSlot {
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        match self.replace(None) {
-            Some(p) => p.shutdown_with_timeout(timeout),
-            None => Ok(()),
-        }
+        self.replace(None)
+            .map_or(Ok(()), |p| p.shutdown_with_timeout(timeout))
     }
 
     fn set_resource(&mut self, resource: &Resource) {
-        *self
-            .0
-            .resource
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some(resource.clone());
-        if let Some(p) = self
-            .0
-            .current
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_mut()
-        {
-            p.set_resource(resource);
-        }
+        self.remember_resource(resource);
+    }
+}
+
+impl LogProcessor for Slot<BatchLogProcessor> {
+    fn emit(&self, data: &mut SdkLogRecord, instrumentation: &InstrumentationScope) {
+        self.with(|p| p.emit(data, instrumentation));
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.with(|p| p.force_flush()).unwrap_or(Ok(()))
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.replace(None)
+            .map_or(Ok(()), |p| p.shutdown_with_timeout(timeout))
+    }
+
+    // With nothing to export to, the tracing bridge builds no record at all.
+    fn event_enabled(&self, _level: Severity, _target: &str, _name: Option<&str>) -> bool {
+        self.holds()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.remember_resource(resource);
     }
 }
 
@@ -357,96 +426,5 @@ mod tests {
             (2_000..3_000).contains(&sampled),
             "{sampled} of 10000 at 0.25"
         );
-    }
-}
-
-/// A log processor that forwards to the current OTLP batch log processor,
-/// if any; with none, the tracing bridge is told no record is wanted and
-/// builds none.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct LogSlot(Arc<LogSlotInner>);
-
-#[derive(Debug, Default)]
-struct LogSlotInner {
-    current: RwLock<Option<BatchLogProcessor>>,
-    resource: RwLock<Option<Resource>>,
-}
-
-impl LogSlot {
-    /// Installs `processor` (or none), returning the one it replaces.
-    pub(crate) fn replace(
-        &self,
-        processor: Option<BatchLogProcessor>,
-    ) -> Option<BatchLogProcessor> {
-        let mut processor = processor;
-        if let (Some(p), Some(resource)) = (
-            processor.as_mut(),
-            self.0
-                .resource
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .as_ref(),
-        ) {
-            p.set_resource(resource);
-        }
-        std::mem::replace(
-            &mut *self
-                .0
-                .current
-                .write()
-                .unwrap_or_else(PoisonError::into_inner),
-            processor,
-        )
-    }
-
-    fn with<R>(&self, f: impl FnOnce(&BatchLogProcessor) -> R) -> Option<R> {
-        self.0
-            .current
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(f)
-    }
-}
-
-impl LogProcessor for LogSlot {
-    fn emit(&self, data: &mut SdkLogRecord, instrumentation: &InstrumentationScope) {
-        self.with(|p| p.emit(data, instrumentation));
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        self.with(|p| p.force_flush()).unwrap_or(Ok(()))
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        match self.replace(None) {
-            Some(p) => p.shutdown_with_timeout(timeout),
-            None => Ok(()),
-        }
-    }
-
-    fn event_enabled(&self, _level: Severity, _target: &str, _name: Option<&str>) -> bool {
-        self.0
-            .current
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        *self
-            .0
-            .resource
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some(resource.clone());
-        if let Some(p) = self
-            .0
-            .current
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_mut()
-        {
-            p.set_resource(resource);
-        }
     }
 }
