@@ -123,7 +123,9 @@ pub type HttpClient = resilience::Deadline<
     >,
 >;
 
-/// A new [`HttpClient`].
+/// A new [`HttpClient`]. Build one per upstream and clone it: clones share
+/// its connection pool (a fresh client per call would open a connection per
+/// call).
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {

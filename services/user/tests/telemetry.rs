@@ -77,6 +77,7 @@ impl Captured {
 /// `edge`: a gRPC front that answers GetUser by asking `bff` over REST.
 struct Edge {
     bff: SocketAddr,
+    http: trellis::HttpClient,
 }
 
 #[tonic::async_trait]
@@ -88,7 +89,9 @@ impl UserApi for Edge {
         let req = http::Request::get(uri)
             .body(axum::body::Body::empty())
             .map_err(|e| Status::internal(e.to_string()))?;
-        let resp = trellis::http_client()
+        let resp = self
+            .http
+            .clone()
             .oneshot(req)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
@@ -259,7 +262,10 @@ async fn a_call_across_three_services_is_one_trace_with_baggage_and_correlated_l
 
     // edge: gRPC, calling bff over REST.
     let edge = GrpcHttpServer::builder(ServerConfig::default())
-        .grpc_service(UserServiceServer::new(Edge { bff: bff_addr }))
+        .grpc_service(UserServiceServer::new(Edge {
+            bff: bff_addr,
+            http: trellis::http_client(),
+        }))
         .layer(ServerTraceLayer::new().service("edge"))
         .bind()
         .await
