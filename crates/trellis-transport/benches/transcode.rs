@@ -118,6 +118,57 @@ fn bench(c: &mut Criterion) {
             })
         })
     });
+    // The gRPC face's validation: a message whose only rules are REQUIRED
+    // fields (checked on the wire) and one with value rules (decoded).
+    let pool = transcoder.pool().clone();
+    let validator = transcoder
+        .validator()
+        .cloned()
+        .unwrap_or_else(|| panic!("validation is on by default"));
+    let checked = tower::Layer::layer(
+        &trellis_transport::validate::ValidateLayer::new(&pool, validator, 1 << 20),
+        Echo,
+    );
+    let frame_of = |b: &[u8]| {
+        let mut f = BytesMut::new();
+        f.put_u8(0);
+        f.put_u32(b.len() as u32);
+        f.put_slice(b);
+        f.freeze()
+    };
+    // Ref{id: "x", parent: {}, tags: ["a"]}; Order{sku: "ABC", quantity: 1, ship_to: {}}
+    let reference = frame_of(b"\x0a\x01x\x12\x00\x1a\x01a");
+    let order = frame_of(b"\x0a\x03ABC\x10\x01\x2a\x00");
+    for (name, path, body) in [
+        (
+            "gRPC through validation, REQUIRED only (wire check)",
+            "/conformance.v1.Mirror/Lookup",
+            reference,
+        ),
+        (
+            "gRPC through validation, value rules (decoded)",
+            "/conformance.v1.Mirror/Place",
+            order,
+        ),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let req = Request::post(path)
+                        .header("content-type", "application/grpc")
+                        .body(Body::from(body.clone()))
+                        .unwrap_or_default();
+                    let resp = checked.clone().oneshot(req).await.unwrap_or_default();
+                    assert!(
+                        resp.headers().get("grpc-status").is_none(),
+                        "{:?}",
+                        resp.headers()
+                    );
+                    let _ = axum::body::to_bytes(resp.into_body(), usize::MAX).await;
+                })
+            })
+        });
+    }
     group.finish();
 }
 

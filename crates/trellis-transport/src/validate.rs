@@ -216,33 +216,34 @@ impl Validator {
 
     /// `Ok` or one INVALID_ARGUMENT naming every failing field.
     pub fn check(&self, message: &DynamicMessage) -> Result<(), Error> {
-        let violations = self.violations(message);
-        if violations.is_empty() {
-            return Ok(());
+        report(self.violations(message))
+    }
+
+    /// For a message whose only rules are top-level `REQUIRED` fields: their
+    /// numbers, names and whether they are messages (present when sent at
+    /// all) — checkable on the wire without decoding. `None` otherwise.
+    fn presence_only(&self, message: &MessageDescriptor) -> Option<Vec<(u32, String, bool)>> {
+        let checks = self.checks.get(message.full_name())?;
+        if checks.iter().any(|c| !c.rules.is_empty() || !c.required) {
+            return None;
         }
-        // One entry per field, its complaints together, in field order.
-        let mut grouped: Vec<(String, Vec<String>)> = Vec::new();
-        for (field, why) in violations {
-            match grouped.iter_mut().find(|(f, _)| *f == field) {
-                Some((_, whys)) => whys.push(why),
-                None => grouped.push((field, vec![why])),
-            }
+        let nested = message
+            .fields()
+            .any(|f| matches!(f.kind(), Kind::Message(m) if self.needed.contains(m.full_name())));
+        if nested {
+            return None;
         }
-        let text: Vec<String> = grouped
-            .iter()
-            .map(|(f, w)| format!("{f}: {}", w.join(", ")))
-            .collect();
-        if let [(field, _)] = grouped.as_slice() {
-            return Err(Error::invalid_argument(field.clone(), text.join("")));
-        }
-        let fields: Vec<&str> = grouped.iter().map(|(f, _)| f.as_str()).collect();
-        let mut error = Error::new(Code::InvalidArgument, "INVALID_FIELDS", text.join("; "))
-            .with_metadata("field", grouped[0].0.clone())
-            .with_metadata("fields", fields.join(","));
-        for (f, w) in &grouped {
-            error = error.with_metadata(format!("violation.{f}"), w.join(", "));
-        }
-        Err(error)
+        Some(
+            checks
+                .iter()
+                .map(|c| {
+                    let is_message = matches!(c.field.kind(), Kind::Message(_))
+                        || c.field.is_list()
+                        || c.field.is_map();
+                    (c.field.number(), c.field.name().to_owned(), is_message)
+                })
+                .collect(),
+        )
     }
 
     fn visit(&self, message: &DynamicMessage, prefix: &str, out: &mut Vec<(String, String)>) {
@@ -329,6 +330,85 @@ impl Validator {
             }
         }
     }
+}
+
+/// `Ok` for no violations, else one INVALID_ARGUMENT naming every failing
+/// field: `INVALID_FIELD` for one, `INVALID_FIELDS` for several.
+fn report(violations: Vec<(String, String)>) -> Result<(), Error> {
+    if violations.is_empty() {
+        return Ok(());
+    }
+    // One entry per field, its complaints together, in field order.
+    let mut grouped: Vec<(String, Vec<String>)> = Vec::new();
+    for (field, why) in violations {
+        match grouped.iter_mut().find(|(f, _)| *f == field) {
+            Some((_, whys)) => whys.push(why),
+            None => grouped.push((field, vec![why])),
+        }
+    }
+    let text: Vec<String> = grouped
+        .iter()
+        .map(|(f, w)| format!("{f}: {}", w.join(", ")))
+        .collect();
+    if let [(field, _)] = grouped.as_slice() {
+        return Err(Error::invalid_argument(field.clone(), text.join("")));
+    }
+    let fields: Vec<&str> = grouped.iter().map(|(f, _)| f.as_str()).collect();
+    let mut error = Error::new(Code::InvalidArgument, "INVALID_FIELDS", text.join("; "))
+        .with_metadata("field", grouped[0].0.clone())
+        .with_metadata("fields", fields.join(","));
+    for (f, w) in &grouped {
+        error = error.with_metadata(format!("violation.{f}"), w.join(", "));
+    }
+    Err(error)
+}
+
+/// The field numbers of a protobuf message's top-level fields: every one
+/// sent, and the ones sent with a non-default value. `None` for input that
+/// is not well-formed (left to the service to reject).
+fn wire_fields(mut b: &[u8]) -> Option<(Vec<u32>, Vec<u32>)> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let (mut sent, mut set) = (Vec::new(), Vec::new());
+    while !b.is_empty() {
+        let key = varint(&mut b)?;
+        let number = u32::try_from(key >> 3).ok()?;
+        let nonzero = match key & 7 {
+            0 => varint(&mut b)? != 0,
+            1 => {
+                let (v, rest) = b.split_at_checked(8)?;
+                b = rest;
+                v.iter().any(|x| *x != 0)
+            }
+            2 => {
+                let len = usize::try_from(varint(&mut b)?).ok()?;
+                let (v, rest) = b.split_at_checked(len)?;
+                b = rest;
+                !v.is_empty()
+            }
+            5 => {
+                let (v, rest) = b.split_at_checked(4)?;
+                b = rest;
+                v.iter().any(|x| *x != 0)
+            }
+            _ => return None,
+        };
+        sent.push(number);
+        if nonzero {
+            set.push(number);
+        }
+    }
+    Some((sent, set))
 }
 
 fn read_rules(field_rules: &DynamicMessage) -> Result<Vec<Rule>, String> {
@@ -511,9 +591,19 @@ fn value_rule(rule: &Rule, value: &Value, field: &FieldDescriptor) -> Option<Str
 #[derive(Clone)]
 pub struct ValidateLayer {
     validator: Validator,
-    /// `/package.Service/Method` → the input type.
-    inputs: Arc<HashMap<String, MessageDescriptor>>,
+    /// `/package.Service/Method` → how its requests are checked.
+    inputs: Arc<HashMap<String, Plan>>,
     max_bytes: usize,
+}
+
+/// How one method's requests are checked.
+#[derive(Clone)]
+enum Plan {
+    /// Only top-level `REQUIRED` fields: (number, name, is a message or
+    /// list), checked on the wire without decoding.
+    Presence(Arc<[(u32, String, bool)]>),
+    /// Anything else: decoded and walked.
+    Full(MessageDescriptor),
 }
 
 impl ValidateLayer {
@@ -523,10 +613,11 @@ impl ValidateLayer {
         for service in pool.services() {
             for method in service.methods() {
                 if !method.is_client_streaming() && validator.applies_to(&method.input()) {
-                    inputs.insert(
-                        format!("/{}/{}", service.full_name(), method.name()),
-                        method.input(),
-                    );
+                    let plan = match validator.presence_only(&method.input()) {
+                        Some(fields) => Plan::Presence(fields.into()),
+                        None => Plan::Full(method.input()),
+                    };
+                    inputs.insert(format!("/{}/{}", service.full_name(), method.name()), plan);
                 }
             }
         }
@@ -573,7 +664,7 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let Some(input) = self.layer.inputs.get(req.uri().path()).cloned() else {
+        let Some(plan) = self.layer.inputs.get(req.uri().path()).cloned() else {
             return Box::pin(self.inner.call(req));
         };
         // The service that was polled ready serves this call.
@@ -593,11 +684,29 @@ where
                 }
             };
             // What does not decode is left to the service to report, as it would.
-            if let Some(message) = first_message(&bytes)
-                && let Ok(decoded) = DynamicMessage::decode(input, message)
-                && let Err(error) = layer.validator.check(&decoded)
-            {
-                return Ok(status(error));
+            if let Some(message) = first_message(&bytes) {
+                let verdict = match plan {
+                    Plan::Presence(required) => wire_fields(&message).map(|(sent, set)| {
+                        let missing = required.iter().filter(|(number, _, is_message)| {
+                            !if *is_message {
+                                sent.contains(number)
+                            } else {
+                                set.contains(number)
+                            }
+                        });
+                        report(
+                            missing
+                                .map(|(_, name, _)| (name.clone(), "is required".to_owned()))
+                                .collect(),
+                        )
+                    }),
+                    Plan::Full(input) => DynamicMessage::decode(input, message)
+                        .ok()
+                        .map(|decoded| layer.validator.check(&decoded)),
+                };
+                if let Some(Err(error)) = verdict {
+                    return Ok(status(error));
+                }
             }
             inner
                 .call(Request::from_parts(parts, Body::from(bytes)))

@@ -789,6 +789,61 @@ async fn the_grpc_face_is_checked_by_the_same_rules() {
     );
     assert!(!mirror.last_headers().is_empty());
 
+    // A message with only REQUIRED fields is checked on the wire: a field
+    // sent with its default value is missing, an empty message is present.
+    let reference = pool.get_message_by_name("conformance.v1.Ref").unwrap();
+    let lookup = |json: &str| {
+        let mut de = serde_json::Deserializer::from_str(json);
+        let message = DynamicMessage::deserialize(reference.clone(), &mut de).unwrap();
+        Request::post("/conformance.v1.Mirror/Lookup")
+            .header("content-type", "application/grpc")
+            .body(Body::from(frame(&prost::Message::encode_to_vec(&message))))
+            .unwrap()
+    };
+    let missing = checked
+        .clone()
+        .oneshot(lookup(r#"{"version":"3"}"#))
+        .await
+        .unwrap();
+    let error =
+        trellis_core::Error::from(tonic::Status::from_header_map(missing.headers()).unwrap());
+    assert_eq!(
+        error.metadata().get("fields").map(String::as_str),
+        Some("id,parent,tags"),
+        "{error}"
+    );
+    let present = checked
+        .clone()
+        .oneshot(lookup(r#"{"id":"x","parent":{},"tags":["a"]}"#))
+        .await
+        .unwrap();
+    assert!(
+        present.headers().get("grpc-status").is_none(),
+        "{:?}",
+        present.headers()
+    );
+    let one = checked
+        .clone()
+        .oneshot(lookup(r#"{"parent":{},"tags":["a"]}"#))
+        .await
+        .unwrap();
+    let error = trellis_core::Error::from(tonic::Status::from_header_map(one.headers()).unwrap());
+    assert_eq!(
+        (
+            error.reason(),
+            error.metadata().get("field").map(String::as_str)
+        ),
+        ("INVALID_FIELD", Some("id"))
+    );
+    // The same rules, decoded, agree.
+    let mut de = serde_json::Deserializer::from_str(r#"{"parent":{},"tags":["a"]}"#);
+    let decoded = DynamicMessage::deserialize(reference.clone(), &mut de).unwrap();
+    let full = trellis_transport::validate::Validator::new(&pool)
+        .unwrap()
+        .check(&decoded)
+        .unwrap_err();
+    assert_eq!(full.metadata().get("field"), error.metadata().get("field"));
+
     // Methods without rules are not buffered or decoded at all.
     let plain = Request::post("/conformance.v1.Mirror/Plain")
         .header("content-type", "application/grpc")
