@@ -673,15 +673,12 @@ where
         let layer = self.layer.clone();
         Box::pin(async move {
             let (parts, body) = req.into_parts();
-            let bytes = match axum::body::to_bytes(body, layer.max_bytes).await {
-                Ok(b) => b,
-                Err(e) => {
-                    return Ok(status(Error::new(
-                        Code::ResourceExhausted,
-                        "MESSAGE_TOO_LARGE",
-                        e.to_string(),
-                    )));
-                }
+            // Only the first message is needed: read that far, and pass the
+            // rest of the stream (its end, trailers) through untouched, so a
+            // unary call does not wait here for the end of the stream.
+            let (bytes, body) = match first_frame(body, layer.max_bytes).await {
+                Ok(read) => read,
+                Err(error) => return Ok(status(error)),
             };
             // What does not decode is left to the service to report, as it would.
             if let Some(message) = first_message(&bytes) {
@@ -708,11 +705,64 @@ where
                     return Ok(status(error));
                 }
             }
-            inner
-                .call(Request::from_parts(parts, Body::from(bytes)))
-                .await
+            inner.call(Request::from_parts(parts, body)).await
         })
     }
+}
+
+/// Reads a gRPC request body until its first message is complete (or the
+/// body ends); returns the bytes read and a body that replays them and then
+/// goes on with the rest.
+async fn first_frame(mut body: Body, max_bytes: usize) -> Result<(Bytes, Body), Error> {
+    use http_body_util::BodyExt;
+    let mut buf = bytes::BytesMut::new();
+    let mut pending = None;
+    let mut ended = false;
+    loop {
+        if buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if len > max_bytes {
+                return Err(Error::new(
+                    Code::ResourceExhausted,
+                    "MESSAGE_TOO_LARGE",
+                    format!("a {len}-byte message is over the {max_bytes}-byte limit"),
+                ));
+            }
+            if buf.len() >= 5 + len {
+                break;
+            }
+        }
+        match body.frame().await {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => buf.extend_from_slice(&data),
+                Err(other) => {
+                    pending = Some(other);
+                    break;
+                }
+            },
+            Some(Err(e)) => {
+                return Err(Error::new(Code::Cancelled, "REQUEST_BROKEN", e.to_string()));
+            }
+            None => {
+                ended = true;
+                break;
+            }
+        }
+    }
+    let head = buf.freeze();
+    if ended {
+        return Ok((head.clone(), Body::from(head)));
+    }
+    let first = futures_util::stream::iter(
+        std::iter::once(http_body::Frame::data(head.clone()))
+            .chain(pending)
+            .map(Ok::<_, axum::Error>),
+    );
+    let rest = http_body_util::BodyStream::new(body);
+    let replay = Body::new(http_body_util::StreamBody::new(
+        futures_util::StreamExt::chain(first, rest),
+    ));
+    Ok((head, replay))
 }
 
 /// The first length-prefixed, uncompressed message of a gRPC body.
