@@ -162,6 +162,17 @@ async fn the_user_service_over_rest() {
         "Returns one user by id."
     );
     assert!(doc["paths"]["/v1/users/{user_id}"]["patch"].is_object());
+    let page_size = doc["paths"]["/v1/users"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "page_size")
+        .unwrap_or_else(|| panic!("{}", doc["paths"]["/v1/users"]))
+        .clone();
+    assert_eq!(
+        page_size["schema"]["minimum"], 0,
+        "rules reach query parameters too: {page_size}"
+    );
 
     // Measured as HTTP, under the template, not the raw path.
     let text = metrics.render();

@@ -143,7 +143,8 @@ impl Doc {
             let mut query = Vec::new();
             query_fields(&input, "", &bound, b.body.as_deref(), 0, &mut query);
             for (name, field) in query {
-                let schema = self.field_schema(&field, false);
+                let (_, rules) = validate_rules(&field);
+                let schema = constrain(self.field_schema(&field, false), &field, rules);
                 parameters.push(json!({
                     "name": name,
                     "in": "query",
