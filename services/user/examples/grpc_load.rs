@@ -7,6 +7,9 @@
 //! cargo run --release -p shop-user --example grpc_load -- 127.0.0.1:8082 USER_ID 32 4 10
 //! ```
 
+#[path = "support/load.rs"]
+mod load;
+
 use std::time::{Duration, Instant};
 
 use shop_user::api::v1::{GetUserRequest, user_service_client::UserServiceClient};
@@ -49,27 +52,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             (latencies, errors)
         }));
     }
-    let (mut all, mut errors) = (Vec::new(), 0);
-    for w in workers {
-        let (l, e) = w.await?;
-        all.extend(l);
-        errors += e;
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
-    println!(
-        "requests={} errors={} rps={:.0} p50_us={} p99_us={} max_us={}",
-        all.len(),
-        errors,
-        all.len() as f64 / elapsed,
-        pct(0.50),
-        pct(0.99),
-        all.last().copied().unwrap_or(0)
-    );
-    Ok(())
+    load::report(workers, start).await
 }
