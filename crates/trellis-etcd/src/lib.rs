@@ -4,7 +4,11 @@
 //! it lists the prefix, then watches from the listed revision + 1. A broken
 //! stream resumes from the last revision seen; a watch cancelled because its
 //! start revision was compacted lists again, so no change in between is
-//! missed. The receiver always holds the last known state, also while etcd
+//! missed. A response from a cluster that lost its data (its id changed, or
+//! its raft term or revision went back below what the mirror has seen:
+//! wiped and restarted, restored from an old backup) also lists again, since
+//! a watch from the old, now future, revision would never fire. A cancelled
+//! watch is retried with backoff. The receiver always holds the last known state, also while etcd
 //! is unreachable. The mirror stops when every receiver is gone.
 //!
 //! ```no_run
@@ -19,9 +23,9 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, KeyValue, ResponseHeader, WatchOptions};
 use tokio::sync::watch;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Capped exponential backoff for reconnect loops: 100 ms doubling to 2 s.
 #[derive(Debug)]
@@ -66,71 +70,142 @@ where
     D: Fn(&KeyValue) -> Option<T> + Send + Sync + 'static,
 {
     let prefix = prefix.into();
-    let (entries, revision) = list(&mut client, &prefix, &decode).await?;
-    let (tx, rx) = watch::channel(snapshot(&entries));
-    tokio::spawn(follow(client, prefix, decode, entries, revision, tx));
+    let listed = list(&mut client, &prefix, &decode).await?;
+    let (tx, rx) = watch::channel(snapshot(&listed.entries));
+    tokio::spawn(follow(client, prefix, decode, listed, tx));
     Ok(rx)
+}
+
+/// Where the mirror stands in etcd's history: the cluster it has seen, the
+/// highest revision and raft term it has seen there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Position {
+    cluster_id: u64,
+    raft_term: u64,
+    revision: i64,
+}
+
+impl Position {
+    fn of(header: Option<&ResponseHeader>) -> Position {
+        Position {
+            cluster_id: header.map_or(0, ResponseHeader::cluster_id),
+            raft_term: header.map_or(0, ResponseHeader::raft_term),
+            revision: header.map_or(0, ResponseHeader::revision),
+        }
+    }
+
+    /// Whether a response at `then` comes from a history other than the
+    /// one this position is in: a different cluster, or one whose raft term
+    /// or revision went backwards. Both only move forwards in one cluster's
+    /// life, so either going back means the cluster lost its data (wiped
+    /// and restarted, restored from an old backup) and what the mirror
+    /// holds must be listed again. A zero field means the response did not
+    /// say, and is not a signal.
+    fn diverged(&self, then: Position) -> Option<String> {
+        if self.cluster_id != 0 && then.cluster_id != 0 && then.cluster_id != self.cluster_id {
+            return Some(format!(
+                "cluster id changed from {:x} to {:x}",
+                self.cluster_id, then.cluster_id
+            ));
+        }
+        if then.raft_term != 0 && then.raft_term < self.raft_term {
+            return Some(format!(
+                "raft term went back from {} to {}",
+                self.raft_term, then.raft_term
+            ));
+        }
+        if then.revision != 0 && then.revision < self.revision {
+            return Some(format!(
+                "revision went back from {} to {}",
+                self.revision, then.revision
+            ));
+        }
+        None
+    }
+
+    /// Takes in a later position in the same history.
+    fn advance(&mut self, then: Position) {
+        if self.cluster_id == 0 {
+            self.cluster_id = then.cluster_id;
+        }
+        self.raft_term = self.raft_term.max(then.raft_term);
+        self.revision = self.revision.max(then.revision);
+    }
+}
+
+struct Listed<T> {
+    entries: BTreeMap<Vec<u8>, T>,
+    position: Position,
 }
 
 async fn list<T, D: Fn(&KeyValue) -> Option<T>>(
     client: &mut Client,
     prefix: &str,
     decode: &D,
-) -> Result<(BTreeMap<Vec<u8>, T>, i64), etcd_client::Error> {
+) -> Result<Listed<T>, etcd_client::Error> {
     let resp = client
         .get(prefix, Some(GetOptions::new().with_prefix()))
         .await?;
-    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let entries = resp
         .kvs()
         .iter()
         .filter_map(|kv| decode(kv).map(|v| (kv.key().to_vec(), v)))
         .collect();
-    Ok((entries, revision))
+    Ok(Listed {
+        entries,
+        position: Position::of(resp.header()),
+    })
 }
 
 fn snapshot<T: Clone>(entries: &BTreeMap<Vec<u8>, T>) -> Arc<[T]> {
     entries.values().cloned().collect()
 }
 
-/// Follows the prefix from `revision` until every receiver is gone.
+/// What to do after a watch stream ends.
+enum Next {
+    /// Watch again after the position's revision.
+    Resume,
+    /// List the prefix again first (compaction, a cluster that lost its data).
+    Relist,
+}
+
+/// Follows the prefix from `listed` until every receiver is gone.
 async fn follow<T, D>(
     mut client: Client,
     prefix: String,
     decode: D,
-    mut entries: BTreeMap<Vec<u8>, T>,
-    mut revision: i64,
+    listed: Listed<T>,
     tx: watch::Sender<Arc<[T]>>,
 ) where
     T: Clone + Send + Sync + 'static,
     D: Fn(&KeyValue) -> Option<T> + Send + Sync + 'static,
 {
+    let Listed {
+        mut entries,
+        mut position,
+    } = listed;
     let mut backoff = Backoff::new();
-    // `Some(rev)`: resume the watch after `rev`; `None`: list again first.
-    let mut resume = Some(revision);
+    let mut next = Next::Resume;
     loop {
-        let after = match resume {
-            Some(rev) => rev,
-            None => {
-                match tokio::select! { _ = tx.closed() => return, r = list(&mut client, &prefix, &decode) => r }
-                {
-                    Ok((fresh, rev)) => {
-                        entries = fresh;
-                        revision = rev;
-                        tx.send_replace(snapshot(&entries));
-                        rev
-                    }
-                    Err(err) => {
-                        debug!(%prefix, error = %err, "list failed; keeping the last known state");
-                        tokio::select! { _ = tx.closed() => return, _ = backoff.wait() => {} }
-                        continue;
-                    }
+        if let Next::Relist = next {
+            let listed = tokio::select! { _ = tx.closed() => return, r = list(&mut client, &prefix, &decode) => r };
+            match listed {
+                Ok(fresh) => {
+                    entries = fresh.entries;
+                    position = fresh.position;
+                    tx.send_replace(snapshot(&entries));
+                    next = Next::Resume;
+                }
+                Err(err) => {
+                    debug!(%prefix, error = %err, "list failed; keeping the last known state");
+                    tokio::select! { _ = tx.closed() => return, _ = backoff.wait() => {} }
+                    continue;
                 }
             }
-        };
+        }
         let options = WatchOptions::new()
             .with_prefix()
-            .with_start_revision(after + 1);
+            .with_start_revision(position.revision + 1);
         let watched = tokio::select! { _ = tx.closed() => return, w = client.watch(prefix.as_str(), Some(options)) => w };
         let mut stream = match watched {
             Ok(stream) => stream,
@@ -140,52 +215,56 @@ async fn follow<T, D>(
                 continue;
             }
         };
-        loop {
+        next = loop {
             let msg = tokio::select! { _ = tx.closed() => return, m = stream.message() => m };
-            match msg {
-                Ok(Some(resp)) => {
-                    backoff.reset();
-                    if resp.compact_revision() > 0 {
-                        info!(%prefix, compact_revision = resp.compact_revision(), "watch compacted; listing again");
-                        resume = None;
-                        break;
-                    }
-                    if resp.canceled() {
-                        debug!(%prefix, reason = resp.cancel_reason(), "watch cancelled; resuming");
-                        resume = Some(revision);
-                        break;
-                    }
-                    let mut changed = false;
-                    for event in resp.events() {
-                        let Some(kv) = event.kv() else { continue };
-                        match event.event_type() {
-                            EventType::Put => match decode(kv) {
-                                Some(value) => {
-                                    entries.insert(kv.key().to_vec(), value);
-                                    changed = true;
-                                }
-                                // A key that no longer decodes is no longer there.
-                                None => changed |= entries.remove(kv.key()).is_some(),
-                            },
-                            EventType::Delete => changed |= entries.remove(kv.key()).is_some(),
-                        }
-                        revision = revision.max(kv.mod_revision());
-                    }
-                    if let Some(h) = resp.header() {
-                        revision = revision.max(h.revision());
-                    }
-                    if changed {
-                        tx.send_replace(snapshot(&entries));
-                    }
-                }
+            let resp = match msg {
+                Ok(Some(resp)) => resp,
                 Ok(None) | Err(_) => {
-                    debug!(%prefix, revision, "watch stream ended; resuming from the last revision");
-                    resume = Some(revision);
+                    debug!(%prefix, revision = position.revision, "watch stream ended; resuming from the last revision");
                     tokio::select! { _ = tx.closed() => return, _ = backoff.wait() => {} }
-                    break;
+                    break Next::Resume;
                 }
+            };
+            let then = Position::of(resp.header());
+            if let Some(why) = position.diverged(then) {
+                warn!(%prefix, %why, "etcd lost its history; listing again");
+                metrics::counter!("etcd_mirror_relists_total", "reason" => "diverged").increment(1);
+                break Next::Relist;
             }
-        }
+            if resp.compact_revision() > 0 {
+                info!(%prefix, compact_revision = resp.compact_revision(), "watch compacted; listing again");
+                metrics::counter!("etcd_mirror_relists_total", "reason" => "compacted")
+                    .increment(1);
+                break Next::Relist;
+            }
+            if resp.canceled() {
+                // A watch etcd keeps refusing must not become a tight loop.
+                debug!(%prefix, reason = resp.cancel_reason(), "watch cancelled; resuming after a pause");
+                tokio::select! { _ = tx.closed() => return, _ = backoff.wait() => {} }
+                break Next::Resume;
+            }
+            backoff.reset();
+            let mut changed = false;
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                match event.event_type() {
+                    EventType::Put => match decode(kv) {
+                        Some(value) => {
+                            entries.insert(kv.key().to_vec(), value);
+                            changed = true;
+                        }
+                        // A key that no longer decodes is no longer there.
+                        None => changed |= entries.remove(kv.key()).is_some(),
+                    },
+                    EventType::Delete => changed |= entries.remove(kv.key()).is_some(),
+                }
+                position.revision = position.revision.max(kv.mod_revision());
+            }
+            position.advance(then);
+            if changed {
+                tx.send_replace(snapshot(&entries));
+            }
+        };
     }
 }
 
@@ -204,7 +283,7 @@ mod tests {
         let etcd = trellis_testkit::Etcd::start().unwrap();
         let mut client = Client::connect([etcd.endpoint()], None).await.unwrap();
         client.put("/p/a", "a", None).await.unwrap();
-        let (stale, stale_revision) = list(&mut client, "/p/", &text).await.unwrap();
+        let stale = list(&mut client, "/p/", &text).await.unwrap();
 
         // What the stale mirror has not seen: b arrives, a leaves, history is compacted.
         client.put("/p/b", "b", None).await.unwrap();
@@ -214,15 +293,8 @@ mod tests {
             .await
             .unwrap();
 
-        let (tx, mut rx) = watch::channel(snapshot(&stale));
-        tokio::spawn(follow(
-            client,
-            "/p/".to_owned(),
-            text,
-            stale,
-            stale_revision,
-            tx,
-        ));
+        let (tx, mut rx) = watch::channel(snapshot(&stale.entries));
+        tokio::spawn(follow(client, "/p/".to_owned(), text, stale, tx));
         tokio::time::timeout(
             Duration::from_secs(10),
             rx.wait_for(|s| s.len() == 1 && s[0] == "b"),
@@ -230,6 +302,68 @@ mod tests {
         .await
         .expect("the mirror did not recover from the compaction")
         .unwrap();
+    }
+
+    /// etcd wiped and restarted on the same address: revisions start again
+    /// near 1, below what the mirror has seen. The mirror must notice, list
+    /// again, and follow the new history.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn follows_a_cluster_that_lost_its_data() {
+        let mut etcd = trellis_testkit::Etcd::start().unwrap();
+        let mut client = Client::connect([etcd.endpoint()], None).await.unwrap();
+        // Enough history that the new cluster's revisions stay below it.
+        for i in 0..20 {
+            client.put(format!("/p/{i}"), "old", None).await.unwrap();
+        }
+        let mut rx = mirror_prefix(client, "/p/", text).await.unwrap();
+        assert_eq!(rx.borrow().len(), 20);
+
+        etcd.restart(true).unwrap();
+        let mut fresh = Client::connect([etcd.endpoint()], None).await.unwrap();
+        let put = fresh.put("/p/new", "new", None).await.unwrap();
+        let revision = put.header().map(|h| h.revision()).unwrap();
+        assert!(revision < 20, "the wiped cluster is at revision {revision}");
+
+        let seen = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|s| s.len() == 1 && s[0] == "new"),
+        )
+        .await
+        .is_ok();
+        assert!(
+            seen,
+            "the mirror did not follow the wiped cluster within 5 s; it holds {:?}",
+            rx.borrow()
+        );
+        // And it keeps following the new history.
+        fresh.put("/p/newer", "newer", None).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.len() == 2))
+            .await
+            .expect("the mirror stopped following after the relist")
+            .unwrap();
+    }
+
+    fn at(cluster_id: u64, raft_term: u64, revision: i64) -> Position {
+        Position {
+            cluster_id,
+            raft_term,
+            revision,
+        }
+    }
+
+    #[test]
+    fn a_history_diverges_when_cluster_term_or_revision_goes_back() {
+        let mut seen = at(7, 3, 100);
+        assert_eq!(seen.diverged(at(7, 3, 100)), None);
+        assert_eq!(seen.diverged(at(7, 4, 150)), None);
+        assert_eq!(seen.diverged(at(0, 0, 0)), None, "unset fields say nothing");
+        assert!(seen.diverged(at(8, 3, 100)).unwrap().contains("cluster id"));
+        assert!(seen.diverged(at(7, 2, 120)).unwrap().contains("raft term"));
+        assert!(seen.diverged(at(7, 3, 99)).unwrap().contains("revision"));
+        seen.advance(at(7, 4, 150));
+        assert_eq!((seen.raft_term, seen.revision), (4, 150));
+        seen.advance(at(7, 4, 120));
+        assert_eq!(seen.revision, 150, "never moves back");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
