@@ -8,6 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The largest weight an endpoint takes (the registry's limit too).
+pub const MAX_WEIGHT: u32 = 10_000;
+
 /// Latency assumed for an endpoint before its first response.
 const DEFAULT_RTT_NS: f64 = 1_000_000.0;
 /// How fast the latency EWMA forgets (time constant).
@@ -42,7 +45,9 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// An endpoint with no statistics yet. `weight` 0 is treated as 1.
+    /// An endpoint with no statistics yet. `weight` is clamped into
+    /// `1..=`[`MAX_WEIGHT`] (registries refuse records outside it; the clamp
+    /// keeps an endpoint built by hand from growing the hash ring unbounded).
     pub fn new(
         id: impl Into<String>,
         address: impl Into<String>,
@@ -52,7 +57,7 @@ impl Endpoint {
         Endpoint {
             id: id.into(),
             address: address.into(),
-            weight: weight.max(1),
+            weight: weight.clamp(1, MAX_WEIGHT),
             zone: zone.into(),
             channel: None,
             in_flight: AtomicU32::new(0),

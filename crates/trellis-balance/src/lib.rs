@@ -43,6 +43,6 @@ pub use balancer::{
     SmoothWeightedRoundRobin,
 };
 pub use channel::{BalanceConfig, BalanceError, BalancedChannel, Filter, Policy};
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, MAX_WEIGHT};
 pub use hash::hash_key;
 pub use outlier::OutlierDetection;

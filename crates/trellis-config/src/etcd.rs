@@ -49,37 +49,93 @@ impl RemoteSource {
         })
     }
 
-    pub(crate) fn layer(&self) -> Layer {
+    pub(crate) fn layer(&self) -> Result<Layer, ConfigError> {
         to_layer(&self.prefix, &self.rx.borrow())
     }
 
-    /// The next layer, once the prefix changes; `None` if the mirror ended.
-    pub(crate) async fn changed(&mut self) -> Option<Layer> {
+    /// The next layer, once the prefix changes (an error if it breaks the
+    /// limits); `None` if the mirror ended.
+    pub(crate) async fn changed(&mut self) -> Option<Result<Layer, ConfigError>> {
         self.rx.changed().await.ok()?;
         let entries = self.rx.borrow_and_update().clone();
         Some(to_layer(&self.prefix, &entries))
     }
 }
 
-fn to_layer(prefix: &str, entries: &[(String, String, i64)]) -> Layer {
+/// How deep a setting may nest: key segments plus the levels of a JSON
+/// value. Anyone who can write under the prefix reaches every service
+/// watching it, so a key of ten thousand segments must be refused before
+/// it is built into a document (dropping one that deep overflows the stack).
+pub const MAX_DEPTH: usize = 32;
+/// The most bytes of keys and values under one prefix.
+pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+
+/// A key for an error message: a bounded prefix of it.
+fn shown(key: &str) -> String {
+    match key.char_indices().nth(120) {
+        Some((cut, _)) => format!("{}… ({} bytes)", &key[..cut], key.len()),
+        None => key.to_owned(),
+    }
+}
+
+/// Levels of nesting in a parsed JSON value (serde_json parses at most
+/// 128, so this recursion is bounded).
+fn value_depth(value: &Value) -> usize {
+    match value {
+        Value::Object(map) => 1 + map.values().map(value_depth).max().unwrap_or(0),
+        Value::Array(items) => 1 + items.iter().map(value_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn to_layer(prefix: &str, entries: &[(String, String, i64)]) -> Result<Layer, ConfigError> {
+    let source = format!("etcd {prefix}");
+    let too_much = |key: &str, reason: String| ConfigError::Limit {
+        key: shown(key),
+        source_name: source.clone(),
+        reason,
+    };
+    let total: usize = entries.iter().map(|(k, v, _)| k.len() + v.len()).sum();
+    if total > MAX_DOCUMENT_BYTES {
+        return Err(too_much(
+            "(all keys)",
+            format!("{total} bytes of settings, over the {MAX_DOCUMENT_BYTES}-byte limit"),
+        ));
+    }
     let mut doc = Value::Object(Map::new());
     let mut revision = 0;
     for (key, value, rev) in entries {
+        let segments = key.split(['/', '.']).filter(|s| !s.is_empty()).count();
+        if segments > MAX_DEPTH {
+            return Err(too_much(
+                key,
+                format!("{segments} levels deep, over the limit of {MAX_DEPTH}"),
+            ));
+        }
+        if segments == 0 {
+            continue;
+        }
+        let value = scalar(value);
+        let depth = segments + value_depth(&value);
+        if depth > MAX_DEPTH {
+            return Err(too_much(
+                key,
+                format!("nests {depth} levels with its value, over the limit of {MAX_DEPTH}"),
+            ));
+        }
         let segments: Vec<String> = key
             .split(['/', '.'])
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect();
-        if !segments.is_empty() {
-            set_path(&mut doc, &segments, scalar(value));
-        }
+        set_path(&mut doc, &segments, value);
         revision = revision.max(*rev);
     }
-    Layer {
-        source: format!("etcd {prefix}"),
+    Ok(Layer {
+        source,
         doc,
         version: Some(format!("revision {revision}")),
-    }
+    })
 }
 
 /// Splits `etcd://host:port[,host:port]/prefix` into endpoints and a prefix
@@ -125,6 +181,40 @@ mod tests {
     }
 
     #[test]
+    fn deep_or_large_settings_are_refused_naming_key_and_limit() {
+        let deep = vec!["a"; 10_000].join("/");
+        let err = to_layer("/p/", &[(deep, "1".into(), 1)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("10000 levels deep, over the limit of 32"),
+            "{err}"
+        );
+        assert!(
+            err.contains("(from etcd /p/)") && err.contains("a/a/a"),
+            "{err}"
+        );
+        assert!(
+            err.len() < 400,
+            "the key is shown bounded: {} bytes",
+            err.len()
+        );
+
+        let nested = format!("{}1{}", "[".repeat(30), "]".repeat(30));
+        let err = to_layer("/p/", &[("a/b/c".into(), nested, 1)]).unwrap_err();
+        assert!(err.to_string().contains("nests 33 levels"), "{err}");
+
+        let at_limit = vec!["a"; 32].join("/");
+        assert!(to_layer("/p/", &[(at_limit, "1".into(), 1)]).is_ok());
+
+        let big = "x".repeat(600 * 1024);
+        let err = to_layer("/p/", &[("a".into(), big.clone(), 1), ("b".into(), big, 2)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("over the 1048576-byte limit"), "{err}");
+    }
+
+    #[test]
     fn keys_become_paths() {
         let layer = to_layer(
             "/p/",
@@ -133,7 +223,8 @@ mod tests {
                 ("db.max_connections".into(), "16".into(), 9),
                 ("flags".into(), r#"{"a":true}"#.into(), 3),
             ],
-        );
+        )
+        .unwrap();
         assert_eq!(
             layer.doc,
             serde_json::json!({"server": {"request_timeout": "5s"}, "db": {"max_connections": 16}, "flags": {"a": true}})

@@ -59,7 +59,7 @@ mod store;
 mod value;
 
 #[cfg(feature = "etcd")]
-pub use etcd::parse_url as parse_etcd_url;
+pub use etcd::{MAX_DEPTH, MAX_DOCUMENT_BYTES, parse_url as parse_etcd_url};
 pub use secret::Secret;
 pub use store::{Config, ConfigBuilder, Snapshot, check_setting};
 /// The etcd prefix mirror the remote layer uses, for tools that follow
@@ -144,6 +144,17 @@ pub enum ConfigError {
         /// The source that set it (`defaults` when none did).
         source_name: String,
         /// Why.
+        reason: String,
+    },
+    /// A source breaks a size or depth limit (a remote source is written
+    /// by peers; nothing past the limit is built).
+    #[error("{key} (from {source_name}): {reason}")]
+    Limit {
+        /// The key at fault (a bounded prefix of it).
+        key: String,
+        /// Which source.
+        source_name: String,
+        /// The limit and by how much it was passed.
         reason: String,
     },
     /// The remote source could not be reached.

@@ -161,7 +161,7 @@ where
         let mut state = Layers {
             files: file_layers,
             env: env_layer,
-            remote: remote.as_ref().map(|r| r.layer()),
+            remote: remote.as_ref().map(|r| r.layer()).transpose()?,
         };
         let first = evaluate::<T>(&state.all())?;
         info!(version = %first.version, "config loaded");
@@ -198,10 +198,10 @@ struct NoRemote;
 
 #[cfg(not(feature = "etcd"))]
 impl NoRemote {
-    fn layer(&self) -> Layer {
+    fn layer(&self) -> Result<Layer, ConfigError> {
         unreachable!("no remote source without the etcd feature")
     }
-    async fn changed(&mut self) -> Option<Layer> {
+    async fn changed(&mut self) -> Option<Result<Layer, ConfigError>> {
         std::future::pending().await
     }
 }
@@ -264,9 +264,14 @@ where
                     }
                 }
                 Some(layer) = async { match remote.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } } => {
-                    let candidate = Layers { files: state.files.clone(), env: state.env.clone(), remote: Some(layer) };
-                    if self.apply(&candidate) {
-                        *state = candidate;
+                    match layer {
+                        Ok(layer) => {
+                            let candidate = Layers { files: state.files.clone(), env: state.env.clone(), remote: Some(layer) };
+                            if self.apply(&candidate) {
+                                *state = candidate;
+                            }
+                        }
+                        Err(err) => self.reject(&err),
                     }
                 }
             }

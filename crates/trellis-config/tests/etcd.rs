@@ -162,3 +162,58 @@ async fn etcd_down_keeps_the_last_good_config_and_picks_up_changes_after() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_past_the_depth_limit_is_refused_at_start_and_live() {
+    let etcd = Etcd::start().unwrap();
+    let mut kv = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    // Ten thousand levels: built into a document, dropping it would
+    // overflow the stack of every service watching the prefix.
+    let deep = format!("/trellis/config/app/{}", vec!["a"; 10_000].join("/"));
+
+    // Live: rejected, named, counted; the last good config stays and the
+    // next good change still applies.
+    let config = load(&etcd, None).await;
+    kv.put("/trellis/config/app/workers", "7", None)
+        .await
+        .unwrap();
+    eventually("the good change", Duration::from_secs(5), || {
+        config.current().config.workers == 7
+    })
+    .await;
+    kv.put(deep.as_str(), "1", None).await.unwrap();
+    eventually("the rejection", Duration::from_secs(5), || {
+        config.reload_failures() == 1
+    })
+    .await;
+    let err = config.last_error().unwrap();
+    assert!(
+        err.contains("a/a/a") && err.contains("10000 levels deep, over the limit of 32"),
+        "{err}"
+    );
+    assert!(err.len() < 500, "the key is echoed bounded: {err}");
+    assert_eq!(config.current().config.workers, 7);
+    kv.delete(deep.as_str(), None).await.unwrap();
+    kv.put("/trellis/config/app/workers", "8", None)
+        .await
+        .unwrap();
+    eventually(
+        "a good change after the bad key left",
+        Duration::from_secs(5),
+        || config.current().config.workers == 8,
+    )
+    .await;
+
+    // At start: a clean error naming the key, not an abort.
+    kv.put(deep.as_str(), "1", None).await.unwrap();
+    let err = Config::<Settings>::builder()
+        .etcd(vec![etcd.endpoint()], "/trellis/config/app/")
+        .env_vars(Vec::new())
+        .build()
+        .await
+        .err()
+        .expect("a config with a 10 000-level key was loaded");
+    assert!(err.to_string().contains("over the limit of 32"), "{err}");
+}

@@ -18,6 +18,39 @@ use serde::{Deserialize, Serialize};
 
 pub use tonic::Code;
 
+/// The longest message an error carries, in bytes; longer ones are cut (at
+/// a character boundary, marked with `…`). Errors travel in one HTTP header
+/// (`grpc-message`, percent-encoded) and again in the details trailer, so a
+/// message that quotes its input must not grow with it.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+/// The longest metadata key or value, in bytes; cut like messages.
+pub const MAX_METADATA_BYTES: usize = 256;
+/// The most characters of an input [`excerpt`] quotes.
+pub const EXCERPT_CHARS: usize = 64;
+
+/// A bounded, quoted prefix of an input value for an error message:
+/// `"abc"`, or `"abcd…" (4194304 bytes)` for a long one. Use it wherever a
+/// message names what the caller sent.
+pub fn excerpt(value: &str) -> String {
+    match value.char_indices().nth(EXCERPT_CHARS) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
+    }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, with `…`.
+fn bounded(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max.saturating_sub('…'.len_utf8());
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
 /// The `ErrorInfo.domain` Trellis writes; readers accept any domain.
 const DOMAIN: &str = "trellis";
 const ERROR_INFO_TYPE: &str = "type.googleapis.com/google.rpc.ErrorInfo";
@@ -32,7 +65,8 @@ pub struct Error {
 }
 
 impl Error {
-    /// An error with a code, a stable UPPER_SNAKE reason and a message.
+    /// An error with a code, a stable UPPER_SNAKE reason and a message
+    /// (cut to [`MAX_MESSAGE_BYTES`]).
     ///
     /// `Code::Ok` is not an error; it is recorded as `Code::Unknown`.
     pub fn new(
@@ -53,7 +87,7 @@ impl Error {
         Error {
             code,
             reason,
-            message: message.into(),
+            message: bounded(message.into(), MAX_MESSAGE_BYTES),
             metadata: BTreeMap::new(),
         }
     }
@@ -86,9 +120,13 @@ impl Error {
         Error::new(Code::Internal, "INTERNAL", message)
     }
 
-    /// Adds one metadata entry (builder style).
+    /// Adds one metadata entry (builder style); key and value are cut to
+    /// [`MAX_METADATA_BYTES`].
     pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.metadata.insert(key.into(), value.into());
+        self.metadata.insert(
+            bounded(key.into(), MAX_METADATA_BYTES),
+            bounded(value.into(), MAX_METADATA_BYTES),
+        );
         self
     }
 
@@ -148,7 +186,7 @@ impl Error {
                     code
                 },
                 reason: Cow::Owned(reason),
-                message: parsed.message,
+                message: bounded(parsed.message, MAX_MESSAGE_BYTES),
                 metadata: parsed.metadata,
             };
         }
@@ -300,7 +338,7 @@ impl From<tonic::Status> for Error {
         Error {
             code,
             reason,
-            message: status.message().to_owned(),
+            message: bounded(status.message().to_owned(), MAX_MESSAGE_BYTES),
             metadata,
         }
     }
@@ -438,6 +476,39 @@ mod tests {
             let status = code_to_http_status(code);
             prop_assert!(status.is_client_error() || status.is_server_error());
         }
+    }
+
+    #[test]
+    fn messages_and_metadata_stay_bounded_whatever_they_quote() {
+        let input = "é".repeat(2 * 1024 * 1024);
+        let err = Error::invalid_argument(input.clone(), format!("id {} is bad", excerpt(&input)))
+            .with_metadata("value", input.clone());
+        assert!(
+            err.message().len() <= MAX_MESSAGE_BYTES,
+            "{}",
+            err.message().len()
+        );
+        assert!(
+            err.message().contains("(4194304 bytes)"),
+            "{}",
+            err.message()
+        );
+        assert!(
+            err.metadata()
+                .iter()
+                .all(|(k, v)| k.len() <= MAX_METADATA_BYTES && v.len() <= MAX_METADATA_BYTES)
+        );
+        let long = Error::internal("x".repeat(10_000));
+        assert_eq!(long.message().len(), MAX_MESSAGE_BYTES);
+        assert!(long.message().ends_with('…'));
+        let status = tonic::Status::from(err);
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES);
+        assert!(
+            status.details().len() < 2 * MAX_MESSAGE_BYTES,
+            "{}",
+            status.details().len()
+        );
+        assert_eq!(excerpt("short"), "\"short\"");
     }
 
     #[test]

@@ -27,7 +27,10 @@ mod error;
 pub mod lifecycle;
 mod server;
 
-pub use error::{Code, Error, ErrorBody, code_from_http_status, code_name, code_to_http_status};
+pub use error::{
+    Code, EXCERPT_CHARS, Error, ErrorBody, MAX_MESSAGE_BYTES, MAX_METADATA_BYTES,
+    code_from_http_status, code_name, code_to_http_status, excerpt,
+};
 pub use lifecycle::{Lifecycle, State};
 pub use server::{BoxError, Drain, Server, ServerFuture};
 

@@ -242,6 +242,7 @@ impl Session for EtcdSession {
 impl Registry for EtcdRegistry {
     fn register(&self, instance: Instance) -> BoxFuture<'_, Result<Registration, RegistryError>> {
         Box::pin(async move {
+            crate::check_publishable(&instance)?;
             let key = self.key(&instance);
             let value = serde_json::to_string(&instance).map_err(|e| RegistryError::Corrupt {
                 key: key.clone(),
@@ -276,11 +277,16 @@ impl Registry for EtcdRegistry {
     }
 }
 
+/// A stored record as an instance, or `None` (logged and counted) when it
+/// breaks the record limits: a peer's record is checked before anything is
+/// built from it.
 fn decode(key: &[u8], value: &[u8]) -> Option<Instance> {
-    match serde_json::from_slice::<Instance>(value) {
+    match Instance::from_record(value) {
         Ok(instance) => Some(instance),
-        Err(err) => {
-            warn!(key = %String::from_utf8_lossy(key), error = %err, "ignoring an instance that is not valid JSON");
+        Err(invalid) => {
+            let key = String::from_utf8_lossy(&key[..key.len().min(256)]);
+            warn!(%key, error = %invalid, "ignoring an instance record");
+            crate::count_rejected(&invalid);
             None
         }
     }

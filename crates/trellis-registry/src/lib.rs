@@ -42,7 +42,10 @@ use tokio::sync::watch;
 
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdOptions, EtcdRegistry};
-pub use instance::Instance;
+pub use instance::{
+    Instance, InvalidInstance, MAX_ENTRIES, MAX_ENTRY_BYTES, MAX_NAME_BYTES, MAX_RECORD_BYTES,
+    WEIGHTS,
+};
 pub use memory::MemoryRegistry;
 
 /// A boxed future, so the traits can be used as trait objects.
@@ -69,6 +72,16 @@ pub enum RegistryError {
         endpoint: String,
         /// The underlying error.
         reason: String,
+    },
+    /// An instance breaks the record limits and cannot be published.
+    #[error("instance {service}/{id} cannot be published: {invalid}")]
+    Invalid {
+        /// Its service.
+        service: String,
+        /// Its id.
+        id: String,
+        /// The field and the limit it breaks.
+        invalid: InvalidInstance,
     },
     /// A stored instance could not be decoded.
     #[error("instance at {key} is not valid JSON: {reason}")]
@@ -110,6 +123,20 @@ pub struct Listed {
     pub instance: Instance,
     /// Time left on its lease (`None` for backends without leases).
     pub ttl_left: Option<Duration>,
+}
+
+/// Refuses to publish an instance that clients would ignore.
+pub(crate) fn check_publishable(instance: &Instance) -> Result<(), RegistryError> {
+    instance.check().map_err(|invalid| RegistryError::Invalid {
+        service: instance.service.chars().take(64).collect(),
+        id: instance.id.chars().take(64).collect(),
+        invalid,
+    })
+}
+
+/// Counts a stored record a client ignored (`registry_records_rejected_total{field}`).
+pub(crate) fn count_rejected(invalid: &InvalidInstance) {
+    metrics::counter!("registry_records_rejected_total", "field" => invalid.field).increment(1);
 }
 
 /// Both halves, as backends implement them.

@@ -84,6 +84,7 @@ impl Session for MemorySession {
 impl Registry for MemoryRegistry {
     fn register(&self, instance: Instance) -> BoxFuture<'_, Result<Registration, RegistryError>> {
         Box::pin(async move {
+            crate::check_publishable(&instance)?;
             let (service, id) = (instance.service.clone(), instance.id.clone());
             self.with(|s| {
                 s.services

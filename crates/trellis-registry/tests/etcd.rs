@@ -162,7 +162,56 @@ async fn values_that_are_not_instances_are_ignored() {
     raw.put("/trellis/services/user/garbage2", "[]", None)
         .await
         .unwrap();
+    // Records a peer could write to make every client allocate without
+    // bound: a weight of 2^32-1 (ring points), a huge record, too many
+    // metadata entries. The same record with a sane weight is accepted,
+    // so the rejection is the limit's doing.
+    let record = |weight: u32| {
+        serde_json::to_string(&Instance::new("user", "w").with_weight(100))
+            .unwrap()
+            .replace("\"weight\":100", &format!("\"weight\":{weight}"))
+    };
+    raw.put("/trellis/services/user/w", record(u32::MAX), None)
+        .await
+        .unwrap();
+    let mut big = Instance::new("user", "big");
+    big.metadata.insert("blob".into(), "x".repeat(20_000));
+    raw.put(
+        "/trellis/services/user/big",
+        serde_json::to_string(&big).unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
+    let mut crowded = Instance::new("user", "crowded");
+    for i in 0..100 {
+        crowded.metadata.insert(format!("k{i}"), "v".into());
+    }
+    raw.put(
+        "/trellis/services/user/crowded",
+        serde_json::to_string(&crowded).unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
     let _a = registry.register(Instance::new("user", "a")).await.unwrap();
     wait_until(&mut users, Duration::from_secs(5), "a", |s| ids(s) == ["a"]).await;
     assert_eq!(registry.list(None).await.unwrap().len(), 1);
+
+    raw.put("/trellis/services/user/w", record(10_000), None)
+        .await
+        .unwrap();
+    wait_until(&mut users, Duration::from_secs(5), "a and w", |s| {
+        ids(s) == ["a", "w"]
+    })
+    .await;
+    assert_eq!(users.borrow()[1].weight, 10_000);
+
+    // Nor can one be published.
+    let err = registry
+        .register(Instance::new("user", "heavy").with_weight(u32::MAX))
+        .await
+        .err()
+        .expect("an out-of-range weight was published");
+    assert!(err.to_string().contains("weight"), "{err}");
 }

@@ -149,6 +149,11 @@ pub struct RetryPolicy {
     pub backoff: Backoff,
     /// Bodies up to this size are buffered for replay. Default: 64 KiB.
     pub max_buffered_body: usize,
+    /// The longest `grpc-retry-pushback-ms` honoured. A server asking for a
+    /// longer wait (or one past the caller's deadline) is not retried: its
+    /// answer goes back at once, rather than a peer's header parking the
+    /// call. Default: 10 s.
+    pub max_pushback: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -160,6 +165,7 @@ impl Default for RetryPolicy {
                 max: Duration::from_secs(1),
             },
             max_buffered_body: 64 * 1024,
+            max_pushback: Duration::from_secs(10),
         }
     }
 }
@@ -294,6 +300,9 @@ where
                 let Some(pushback) = retryable(&result, idempotent) else {
                     break;
                 };
+                if pushback.is_some_and(|p| p > policy.max_pushback) {
+                    break;
+                }
                 let wait = pushback.unwrap_or_else(|| {
                     policy
                         .backoff
@@ -321,6 +330,67 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An upstream that always answers RESOURCE_EXHAUSTED with `pushback`,
+    /// counting the calls.
+    fn pushing_back(
+        pushback: &'static str,
+        calls: std::sync::Arc<AtomicU64>,
+    ) -> impl Service<
+        Request<tonic::body::Body>,
+        Response = Response<tonic::body::Body>,
+        Error = BoxError,
+        Future = impl Future<Output = Result<Response<tonic::body::Body>, BoxError>> + Send,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(move |_req: Request<tonic::body::Body>| {
+            calls.fetch_add(1, Relaxed);
+            let mut response = Response::new(tonic::body::Body::empty());
+            response.headers_mut().insert(
+                "content-type",
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            response
+                .headers_mut()
+                .insert("grpc-status", http::HeaderValue::from_static("8"));
+            response.headers_mut().insert(
+                "grpc-retry-pushback-ms",
+                http::HeaderValue::from_static(pushback),
+            );
+            async move { Ok::<_, BoxError>(response) }
+        })
+    }
+
+    fn grpc_request() -> Request<tonic::body::Body> {
+        let mut req = Request::new(tonic::body::Body::empty());
+        req.headers_mut().insert(
+            "content-type",
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        req
+    }
+
+    /// A peer's pushback is honoured up to `max_pushback`, and past it the
+    /// answer goes back at once instead of parking the call.
+    #[tokio::test(start_paused = true)]
+    async fn pushback_past_the_maximum_is_not_waited_for() {
+        let budget = std::sync::Arc::new(RetryBudget::new(1.0, 100));
+        for (pushback, attempts) in [("200", 3), ("1000000000000", 1)] {
+            let calls = std::sync::Arc::new(AtomicU64::new(0));
+            let mut retry = RetryLayer::new(RetryPolicy::default(), budget.clone())
+                .layer(pushing_back(pushback, calls.clone()));
+            let started = tokio::time::Instant::now();
+            let response = retry.call(grpc_request()).await.unwrap();
+            assert_eq!(response.headers()["grpc-status"], "8");
+            assert_eq!(calls.load(Relaxed), attempts, "pushback {pushback} ms");
+            let waited = started.elapsed();
+            assert!(
+                waited <= Duration::from_secs(1),
+                "pushback {pushback} ms parked the call for {waited:?}"
+            );
+        }
+    }
 
     #[test]
     fn backoffs() {

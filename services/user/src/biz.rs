@@ -257,7 +257,12 @@ pub fn validate_id(id: &str) -> Result<String, Error> {
     }
     uuid::Uuid::parse_str(id)
         .map(|u| u.to_string())
-        .map_err(|_| Error::invalid_argument("id", format!("id {id:?} is not a valid user id")))
+        .map_err(|_| {
+            Error::invalid_argument(
+                "id",
+                format!("id {} is not a valid user id", trellis::core::excerpt(id)),
+            )
+        })
 }
 
 /// Trims and lower-cases an email and checks its shape (not deliverability).

@@ -324,6 +324,37 @@ async fn serves_the_contract_on_sqlite() {
     .await;
 }
 
+/// An invalid id of 2 MiB: the error names the field and quotes a bounded
+/// prefix, so the answer stays small (it used to echo the whole value in
+/// grpc-message and again in the details trailer, ~3× the input).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_huge_id_is_answered_with_a_bounded_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = Running::start(&format!("sqlite://{}", dir.path().join("u.db").display())).await;
+    let mut client = service.client().await;
+    let id = "z".repeat(2 * 1024 * 1024);
+    let status = client
+        .get_user(GetUserRequest { id: id.clone() })
+        .await
+        .expect_err("a 2 MiB id is not a user id");
+    let err = Error::from(status.clone());
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert_eq!(err.metadata().get("field").map(String::as_str), Some("id"));
+    assert!(
+        status.message().len() <= 1024 && status.details().len() <= 4096,
+        "message {} bytes, details {} bytes for a {}-byte id",
+        status.message().len(),
+        status.details().len(),
+        id.len()
+    );
+    assert!(
+        status.message().contains("(2097152 bytes)"),
+        "{}",
+        status.message()
+    );
+    service.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_the_contract_on_postgres() {
     let pg = trellis_testkit::Postgres::start().unwrap();

@@ -22,10 +22,11 @@ impl Default for ConsistentHash {
 }
 
 impl ConsistentHash {
-    /// A ring with `replicas` virtual nodes per endpoint of weight 100.
+    /// A ring with `replicas` virtual nodes per endpoint of weight 100
+    /// (clamped into 1..=1000, so an endpoint has at most 100 000 points).
     pub fn new(replicas: u32) -> Self {
         ConsistentHash {
-            replicas: replicas.max(1),
+            replicas: replicas.clamp(1, 1000),
             ring: RwLock::new(Vec::new()),
         }
     }
@@ -72,5 +73,19 @@ impl Balancer for ConsistentHash {
             }
         }
         Some((key % endpoints.len() as u64) as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_points_are_bounded_whatever_the_weight() {
+        let ring = ConsistentHash::new(u32::MAX);
+        let endpoints = [Arc::new(Endpoint::new("a", "127.0.0.1:1", u32::MAX, ""))];
+        ring.rebuild(&endpoints);
+        let points = ring.ring.read().unwrap().len();
+        assert_eq!(points, 1000 * crate::endpoint::MAX_WEIGHT as usize / 100);
     }
 }

@@ -45,7 +45,7 @@ use prost_reflect::{
     MethodDescriptor, ReflectMessage, SerializeOptions, Value,
 };
 use tower::{BoxError, Service, ServiceExt};
-use trellis_core::{Code, Error};
+use trellis_core::{Code, Error, excerpt};
 
 use self::template::PathTemplate;
 
@@ -479,14 +479,16 @@ impl Inner {
             allowed.push("POST");
         }
         if allowed.is_empty() {
-            let error =
-                Error::not_found("ROUTE_NOT_FOUND", format!("no route for {method} {path}"));
+            let error = Error::not_found(
+                "ROUTE_NOT_FOUND",
+                format!("no route for {method} {}", excerpt(path)),
+            );
             return Err(Box::new(error.into_response()));
         }
         let error = Error::new(
             Code::Unimplemented,
             "METHOD_NOT_ALLOWED",
-            format!("{method} is not allowed on {path}"),
+            format!("{method} is not allowed on {}", excerpt(path)),
         );
         let mut response = error.into_response();
         *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
