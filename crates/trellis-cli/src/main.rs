@@ -47,6 +47,12 @@ enum Command {
         /// 0 gives each a free port.
         #[arg(long, default_value_t = 8080)]
         base_port: u16,
+        /// Where the services' admin listeners (probes, /metrics,
+        /// /debug/config) go: each service on this port plus its offset,
+        /// like --base-port (default: loopback, base port + 1000; port 0
+        /// gives each a free port).
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
         /// A directory with one config file (or directory) per service:
         /// user.toml, user.yaml, user/ ...
         #[arg(long)]
@@ -66,7 +72,9 @@ enum Command {
         /// Address for gRPC and HTTP (default: the service's port on 127.0.0.1).
         #[arg(long)]
         listen: Option<SocketAddr>,
-        /// An HTTP-only admin address for probes and /debug/config.
+        /// The HTTP-only admin address for probes, /metrics and
+        /// /debug/config, which the main port never serves (default:
+        /// loopback, the main port + 1000; port 0 picks a free port).
         #[arg(long)]
         admin_listen: Option<SocketAddr>,
         /// Where the service keeps its data (SQLite by default).
@@ -187,16 +195,19 @@ async fn main() -> ExitCode {
             data_dir,
             host,
             base_port,
+            admin_listen,
             config,
             config_source,
             registry,
             shutdown,
         } => {
+            let admin_base = admin_listen.unwrap_or_else(|| loopback(admin_port(base_port)));
             up(
                 &log,
                 data_dir,
                 host,
                 base_port,
+                admin_base,
                 config,
                 config_source,
                 registry,
@@ -217,10 +228,12 @@ async fn main() -> ExitCode {
             shutdown,
         } => {
             let sources = ConfigSources::for_serve(config, config_source.config_source);
+            let listen = listen.unwrap_or_else(|| loopback(service.port(8080)));
             let server = ServerConfig {
-                listen: listen
-                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], service.port(8080)))),
-                admin_listen,
+                listen,
+                admin_listen: Some(
+                    admin_listen.unwrap_or_else(|| loopback(admin_port(listen.port()))),
+                ),
                 ..ServerConfig::default()
             };
             serve(
@@ -253,6 +266,20 @@ async fn main() -> ExitCode {
     }
 }
 
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// The default admin port beside a main port: 1000 above it (0 stays 0: a
+/// free port; past the top of the range, a free port too).
+fn admin_port(main: u16) -> u16 {
+    if main == 0 {
+        0
+    } else {
+        main.checked_add(1000).unwrap_or(0)
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     log: &Telemetry,
@@ -269,7 +296,7 @@ async fn serve(
     let started = service
         .start(&sources, &data_dir, server, database_url)
         .await
-        .map_err(|e| e.explain(service, "--listen"))?;
+        .map_err(|e| e.explain(service, "--listen or --admin-listen"))?;
     log.log().follow(started.common.log_level.clone());
     log.follow(started.common.otlp.clone());
     let admin = started
@@ -299,6 +326,7 @@ async fn up(
     data_dir: PathBuf,
     host: std::net::IpAddr,
     base_port: u16,
+    admin_base: SocketAddr,
     config: Option<PathBuf>,
     config_source: ConfigSourceArg,
     registry: RegistryArg,
@@ -312,6 +340,11 @@ async fn up(
         } else {
             service.port(base_port)
         };
+        let admin_port = if admin_base.port() == 0 {
+            0
+        } else {
+            service.port(admin_base.port())
+        };
         let sources = ConfigSources::for_up(
             service,
             config.as_deref(),
@@ -319,24 +352,27 @@ async fn up(
         )?;
         let server = ServerConfig {
             listen: SocketAddr::new(host, port),
+            admin_listen: Some(SocketAddr::new(admin_base.ip(), admin_port)),
             ..ServerConfig::default()
         };
         let s = service
             .start(&sources, &data_dir, server, None)
             .await
-            .map_err(|e: StartError| e.explain(service, "--base-port"))?;
+            .map_err(|e: StartError| e.explain(service, "--base-port or --admin-listen"))?;
         // With several services, the last `log.level` or `otlp` change wins.
         log.log().follow(s.common.log_level.clone());
         log.follow(s.common.otlp.clone());
         started.push((service, s));
     }
 
-    println!("{:<10} {:<22} HEALTH", "SERVICE", "ADDRESS");
+    println!("{:<10} {:<22} {:<22} HEALTH", "SERVICE", "ADDRESS", "ADMIN");
     for (service, s) in &started {
+        let admin = s.admin.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
         println!(
-            "{:<10} {:<22} http://{}/readyz",
+            "{:<10} {:<22} {:<22} http://{}/readyz",
             service.name(),
             s.addr,
+            admin,
             s.addr
         );
     }
@@ -469,6 +505,13 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn admin_ports_sit_1000_above_and_zero_stays_free() {
+        assert_eq!(admin_port(8082), 9082);
+        assert_eq!(admin_port(0), 0);
+        assert_eq!(admin_port(65000), 0);
     }
 
     #[test]

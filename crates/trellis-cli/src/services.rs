@@ -123,7 +123,6 @@ impl Service {
         server: ServerConfig,
         database_url: Option<String>,
     ) -> Result<Started, StartError> {
-        let listen = server.listen;
         match self {
             Service::User => {
                 let config = load::<shop_user::UserSettings>(self, sources)
@@ -144,9 +143,9 @@ impl Service {
                 )
                 .await
                 .map_err(|e| match e {
-                    shop_user::BuildError::Transport(t) if t.is_addr_in_use() => {
-                        StartError::PortInUse(listen)
-                    }
+                    shop_user::BuildError::Transport(
+                        t @ trellis::transport::TransportError::Bind { addr, .. },
+                    ) if t.is_addr_in_use() => StartError::PortInUse(addr),
                     other => StartError::Other(other.to_string(), data_dir.to_owned()),
                 })?;
                 Ok(Started {

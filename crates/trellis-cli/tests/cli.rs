@@ -65,13 +65,21 @@ async fn up_serves_the_shop_and_exits_zero_on_sigterm() {
         "--data-dir",
         data.path().to_str().unwrap(),
     ]);
-    trellis.line_starting_with("SERVICE");
+    let header = trellis.line_starting_with("SERVICE");
+    assert!(header.contains("ADMIN"), "{header}");
     let row = trellis.line_starting_with("user");
     let addr: SocketAddr = row.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let admin: SocketAddr = row.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(row.contains(&format!("http://{addr}/readyz")), "{row}");
+    assert!(admin.ip().is_loopback(), "{row}");
 
     wait_ready(addr).await;
     create_and_get(addr).await;
+    // Operator endpoints: on the admin listener, never on the public port.
+    for path in ["/metrics", "/debug/config"] {
+        assert_eq!(http::get(admin, path).await.unwrap().status, 200, "{path}");
+        assert_eq!(http::get(addr, path).await.unwrap().status, 404, "{path}");
+    }
     assert!(
         data.path().join("user.db").exists(),
         "user data is not under --data-dir"
@@ -95,10 +103,19 @@ async fn serve_runs_one_service_and_exits_zero_on_sigint() {
         "--data-dir",
         data.path().to_str().unwrap(),
     ]);
-    trellis.line_starting_with("user serving");
+    let line = trellis.line_starting_with("user serving");
+    let admin: SocketAddr = line
+        .trim()
+        .rsplit("admin on ")
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("no admin address in {line:?}: {e}"));
     let addr: SocketAddr = listen.parse().unwrap();
     wait_ready(addr).await;
     create_and_get(addr).await;
+    assert_eq!(http::get(admin, "/metrics").await.unwrap().status, 200);
+    assert_eq!(http::get(addr, "/metrics").await.unwrap().status, 404);
     trellis.signal(libc::SIGINT);
     assert_eq!(
         trellis.wait(Duration::from_secs(15)).code(),
@@ -119,6 +136,8 @@ fn a_taken_port_names_the_port_and_the_flag() {
             "user",
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            "127.0.0.1:0",
             "--data-dir",
             data.path().to_str().unwrap(),
         ])
@@ -141,6 +160,8 @@ fn a_bad_database_url_names_it() {
             "serve",
             "user",
             "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
             "127.0.0.1:0",
             "--data-dir",
             data.path().to_str().unwrap(),

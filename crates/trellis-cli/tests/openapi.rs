@@ -56,6 +56,8 @@ fn a_fuzzer_driven_by_the_document_finds_no_server_errors_and_no_spec_violations
             "user",
             "--listen",
             &listen,
+            "--admin-listen",
+            "127.0.0.1:0",
             "--data-dir",
             data.path().to_str().unwrap(),
         ])

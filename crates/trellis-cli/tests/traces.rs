@@ -28,6 +28,8 @@ async fn serve_exports_its_spans_to_the_collector_the_environment_names() {
             "user",
             "--listen",
             &listen.to_string(),
+            "--admin-listen",
+            "127.0.0.1:0",
             "--data-dir",
             data.path().to_str().unwrap(),
         ])
@@ -100,7 +102,14 @@ async fn serve_exports_its_spans_to_the_collector_the_environment_names() {
 #[test]
 fn an_unusable_otel_variable_stops_the_process_and_is_named() {
     let output = Command::new(env!("CARGO_BIN_EXE_trellis"))
-        .args(["serve", "user", "--listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "user",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
         .env("OTEL_TRACES_SAMPLER", "sometimes")
         .output()
         .unwrap();

@@ -8,9 +8,13 @@ pub struct ServerConfig {
     /// The address serving gRPC and HTTP. Port 0 picks a free port.
     /// Default: `127.0.0.1:0`.
     pub listen: SocketAddr,
-    /// An optional second, HTTP-only listener for probes and (later) metrics
-    /// and debug endpoints, so they can be kept off the public port.
+    /// A second, HTTP-only listener for probes and the operator endpoints
+    /// (`/metrics`, `/debug/config`), which are never served on the main
+    /// port. Keep it on loopback or a private interface. Default: none.
     pub admin_listen: Option<SocketAddr>,
+    /// Whether to serve gRPC reflection (v1 and v1alpha) for clients such
+    /// as grpcurl. Default: true.
+    pub reflection: bool,
     /// Limits that protect the server from large or slow peers.
     pub limits: Limits,
 }
@@ -20,6 +24,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_listen: None,
+            reflection: true,
             limits: Limits::default(),
         }
     }

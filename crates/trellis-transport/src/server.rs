@@ -99,8 +99,9 @@ impl GrpcHttpServerBuilder {
         self
     }
 
-    /// Merges operator routes (`/debug/config`, later `/metrics`): served on
-    /// the admin listener when there is one, else on the main port.
+    /// Merges operator routes (`/debug/config`, `/metrics`). They are served
+    /// on the admin listener only, never on the main port: without an admin
+    /// listener they are not served at all (and a warning says so).
     pub fn debug_router(mut self, router: Router) -> Self {
         self.debug = self.debug.merge(router);
         self
@@ -127,6 +128,7 @@ impl GrpcHttpServerBuilder {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .map_err(|e| TransportError::Reflection(e.to_string()))?;
+        let reflection_on = self.config.reflection;
 
         // Layers wrap the user's routes only: health, reflection and the
         // probes must answer even when a limit or breaker rejects traffic.
@@ -171,19 +173,22 @@ impl GrpcHttpServerBuilder {
                 user_http = layer(user_http);
             }
         }
-        let grpc = user_grpc
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .prepare()
-            .into_axum_router();
+        let mut grpc = user_grpc.add_service(health_service);
+        if reflection_on {
+            grpc = grpc
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha);
+        }
+        let grpc = grpc.prepare().into_axum_router();
 
-        let mut http = user_http.merge(health::probe_router(probes_rx.clone()));
+        let http = user_http.merge(health::probe_router(probes_rx.clone()));
         let mut admin_http = health::probe_router(probes_rx);
         if self.config.admin_listen.is_some() {
             admin_http = admin_http.merge(self.debug);
-        } else {
-            http = http.merge(self.debug);
+        } else if self.debug.has_routes() {
+            warn!(
+                "operator routes (/metrics, /debug/config) are served on an admin listener only; none is configured"
+            );
         }
         let http = http.layer(DefaultBodyLimit::max(self.config.limits.max_body_bytes));
         let timeout = RequestTimeout::new(self.config.limits.request_timeout);

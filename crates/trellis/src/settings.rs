@@ -11,7 +11,7 @@
 //! | `server.max_body_bytes`, `server.max_header_bytes`, `server.max_concurrent_streams` | on restart |
 //! | `server.shutdown_timeout`, `server.pre_stop_delay` | on restart |
 //! | `server.rate_limit.rate`, `server.rate_limit.burst` | live |
-//! | `server.rate_limit.key`, `server.shedding.*` | on restart |
+//! | `server.rate_limit.key`, `server.shedding.*`, `server.reflection` | on restart |
 //!
 //! The server stack, outermost first: a server span (child of the caller's
 //! `traceparent`) → RED metrics → rate limit (per key, off until `rate`
@@ -60,6 +60,9 @@ pub struct ServerSettings {
     pub rate_limit: RateLimitSettings,
     /// Load shedding.
     pub shedding: SheddingSettings,
+    /// Whether gRPC reflection (v1 and v1alpha) is served. Restart.
+    /// Default: true (it is for clients: grpcurl, Postman, gateways).
+    pub reflection: bool,
 }
 
 /// A local rate limit (GCRA) in front of the service's own routes.
@@ -173,6 +176,7 @@ impl Default for ServerSettings {
             pre_stop_delay: None,
             rate_limit: RateLimitSettings::default(),
             shedding: SheddingSettings::default(),
+            reflection: true,
         }
     }
 }

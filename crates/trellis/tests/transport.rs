@@ -76,6 +76,118 @@ async fn admin_listener_serves_probes_only() {
     );
 }
 
+fn operator_routes() -> axum::Router {
+    axum::Router::new().route("/debug/config", axum::routing::get(|| async { "{}" }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_routes_are_served_on_the_admin_listener_only() {
+    // With an admin listener: there, and not on the main port.
+    let config = ServerConfig {
+        admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..Default::default()
+    };
+    let server = GrpcHttpServer::builder(config)
+        .http_router(router())
+        .debug_router(operator_routes())
+        .bind()
+        .await
+        .unwrap();
+    let (main, admin) = (server.local_addr(), server.admin_addr().unwrap());
+    let running = run(server).await;
+    assert_eq!(http::get(admin, "/debug/config").await.unwrap().status, 200);
+    assert_eq!(http::get(main, "/debug/config").await.unwrap().status, 404);
+    running.stop().await.unwrap();
+
+    // Without one: not served at all (it used to fall back to the main port).
+    let server = GrpcHttpServer::builder(ServerConfig::default())
+        .http_router(router())
+        .debug_router(operator_routes())
+        .bind()
+        .await
+        .unwrap();
+    let main = server.local_addr();
+    let running = run(server).await;
+    assert_eq!(http::get(main, "/debug/config").await.unwrap().status, 404);
+    assert_eq!(http::get(main, "/readyz").await.unwrap().status, 200);
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_can_be_turned_off() {
+    for on in [true, false] {
+        let config = ServerConfig {
+            reflection: on,
+            ..Default::default()
+        };
+        let server = GrpcHttpServer::builder(config).bind().await.unwrap();
+        let addr = server.local_addr();
+        let running = run(server).await;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        // A unary call to the reflection service's streaming method: an
+        // empty request stream is answered with OK when it exists, and
+        // UNIMPLEMENTED when it does not.
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let path = h::uri::PathAndQuery::from_static(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        );
+        let outcome = grpc
+            .streaming::<_, (), (), _>(tonic::Request::new(tokio_stream::empty()), path, EmptyCodec)
+            .await;
+        let code = match outcome {
+            Ok(mut stream) => match stream.get_mut().message().await {
+                Ok(_) => Code::Ok,
+                Err(status) => status.code(),
+            },
+            Err(status) => status.code(),
+        };
+        if on {
+            assert_eq!(code, Code::Ok, "reflection on");
+        } else {
+            assert_eq!(code, Code::Unimplemented, "reflection off");
+        }
+        running.stop().await.unwrap();
+    }
+}
+
+/// Encodes and decodes nothing: enough to call a method without its types.
+#[derive(Debug, Clone, Copy)]
+struct EmptyCodec;
+
+impl tonic::codec::Codec for EmptyCodec {
+    type Encode = ();
+    type Decode = ();
+    type Encoder = EmptyCodec;
+    type Decoder = EmptyCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        EmptyCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        EmptyCodec
+    }
+}
+
+impl tonic::codec::Encoder for EmptyCodec {
+    type Item = ();
+    type Error = tonic::Status;
+    fn encode(&mut self, _: (), _: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for EmptyCodec {
+    type Item = ();
+    type Error = tonic::Status;
+    fn decode(&mut self, _: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<()>, tonic::Status> {
+        Ok(Some(()))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_errors_reach_http_clients_as_status_and_json() {
     let server = GrpcHttpServer::builder(ServerConfig::default())

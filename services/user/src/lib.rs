@@ -220,6 +220,7 @@ impl UserService {
             store_config.database_url = url;
         }
         server.limits = settings.config.server.limits();
+        server.reflection = settings.config.server.reflection;
         let store =
             data::SqlUserRepo::open(&store_config.database_url, store_config.max_connections)
                 .await?;

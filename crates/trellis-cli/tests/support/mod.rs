@@ -24,15 +24,19 @@ impl Trellis {
     }
 
     /// Like `spawn`; `rust_log: None` leaves RUST_LOG unset so that the
-    /// config's `log.level` governs.
+    /// config's `log.level` governs. `serve` without `--admin-listen` gets a
+    /// free admin port (its default, the main port + 1000, may be taken).
     pub fn spawn_with_log(args: &[&str], rust_log: Option<&str>) -> Trellis {
         let mut command = Command::new(env!("CARGO_BIN_EXE_trellis"));
+        command.args(args);
+        if args.first() == Some(&"serve") && !args.contains(&"--admin-listen") {
+            command.args(["--admin-listen", "127.0.0.1:0"]);
+        }
         command.env_remove("RUST_LOG");
         if let Some(level) = rust_log {
             command.env("RUST_LOG", level);
         }
         let mut child = command
-            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
