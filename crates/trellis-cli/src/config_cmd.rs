@@ -4,6 +4,8 @@
 //! `{prefix}/{service}/{path}`. `set` checks the value against the
 //! service's config type before writing, so a typo never reaches a running
 //! service (which would reject it anyway and keep its last good config).
+//! Settings that are secrets in the service's type are printed as
+//! `[redacted]` by all three.
 
 use clap::Subcommand;
 use etcd_client::{Client, GetOptions};
@@ -77,7 +79,10 @@ pub async fn run(command: ConfigCommand) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             match resp.kvs().first() {
                 Some(kv) => {
-                    println!("{}", String::from_utf8_lossy(kv.value()));
+                    println!(
+                        "{}",
+                        shown(service, path, &String::from_utf8_lossy(kv.value()))
+                    );
                     Ok(())
                 }
                 None => Err(format!(
@@ -103,7 +108,10 @@ pub async fn run(command: ConfigCommand) -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string())?;
             let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-            println!("{key} = {value} (revision {revision})");
+            println!(
+                "{key} = {} (revision {revision})",
+                shown(service, path, &value)
+            );
             Ok(())
         }
         ConfigCommand::Watch { key, source } => {
@@ -114,7 +122,12 @@ pub async fn run(command: ConfigCommand) -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string())?;
             for kv in initial.kvs() {
-                print_kv(&prefix, kv.key(), kv.value());
+                let key = String::from_utf8_lossy(kv.key());
+                let key = key.strip_prefix(&prefix).unwrap_or(&key);
+                println!(
+                    "{key} = {}",
+                    shown_key(key, &String::from_utf8_lossy(kv.value()))
+                );
             }
             let strip = prefix.clone();
             let mut rx = trellis_etcd_mirror(client, full, strip).await?;
@@ -123,7 +136,7 @@ pub async fn run(command: ConfigCommand) -> Result<(), String> {
                 let now = rx.borrow_and_update().clone();
                 for (k, v) in now.iter() {
                     if !last.iter().any(|(lk, lv)| lk == k && lv == v) {
-                        println!("{k} = {v}");
+                        println!("{k} = {}", shown_key(k, v));
                     }
                 }
                 for (k, _) in last.iter() {
@@ -151,13 +164,22 @@ async fn trellis_etcd_mirror(
     .map_err(|e| e.to_string())
 }
 
-fn print_kv(prefix: &str, key: &[u8], value: &[u8]) {
-    let key = String::from_utf8_lossy(key);
-    println!(
-        "{} = {}",
-        key.strip_prefix(prefix).unwrap_or(&key),
-        String::from_utf8_lossy(value)
-    );
+/// `value` as printed for `service`'s setting `path`: redacted when the
+/// service's settings type holds a secret there. An unknown service's
+/// values are printed as they are (nothing says what is secret in them).
+fn shown(service: &str, path: &str, value: &str) -> String {
+    match Service::from_str_name(service) {
+        Some(known) if known.is_secret(path) => trellis::core::REDACTED.to_owned(),
+        _ => value.to_owned(),
+    }
+}
+
+/// [`shown`] for a `SERVICE/PATH` key.
+fn shown_key(key: &str, value: &str) -> String {
+    match split_key(key) {
+        Ok((service, path)) => shown(service, path, value),
+        Err(_) => value.to_owned(),
+    }
 }
 
 impl Service {

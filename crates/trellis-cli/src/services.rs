@@ -115,6 +115,13 @@ impl Service {
         }
     }
 
+    /// Whether `key` is a secret in the service's settings (shown redacted).
+    pub fn is_secret(self, key: &str) -> bool {
+        match self {
+            Service::User => trellis::config::is_secret::<shop_user::UserSettings>(key),
+        }
+    }
+
     /// Loads the service's config, opens its store and binds its listener.
     pub async fn start(
         self,

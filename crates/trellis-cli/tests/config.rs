@@ -252,3 +252,76 @@ fn up_wants_a_config_directory() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A secret in the service's settings type (`database.url`) never shows in
+/// `config set`, `get` or `watch`, nor in the refusal of a bad value; an
+/// ordinary setting does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_commands_redact_the_services_secrets() {
+    let etcd = Etcd::start().unwrap();
+    let source = format!("etcd://{}/trellis/config", etcd.addr());
+    let url = "postgres://app:hunter2@db:5432/shop";
+    let set = trellis(&[
+        "config",
+        "set",
+        "user/database.url",
+        url,
+        "--config-source",
+        &source,
+    ]);
+    let stdout = String::from_utf8_lossy(&set.stdout);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    assert!(
+        stdout.contains("user/database.url = [redacted]"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+    let get = trellis(&[
+        "config",
+        "get",
+        "user/database.url",
+        "--config-source",
+        &source,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "[redacted]");
+    let plain = trellis(&[
+        "config",
+        "set",
+        "user/server.request_timeout",
+        "5s",
+        "--config-source",
+        &source,
+    ]);
+    assert!(String::from_utf8_lossy(&plain.stdout).contains("= 5s"));
+
+    let bad = trellis(&[
+        "config",
+        "set",
+        "user/database.url",
+        "mysql://app:hunter2@db/shop",
+        "--config-source",
+        &source,
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("database.url"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    let mut watch = Trellis::spawn(&["config", "watch", "user", "--config-source", &source]);
+    let mut lines = vec![
+        watch.line_starting_with("user/"),
+        watch.line_starting_with("user/"),
+    ];
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "user/database.url = [redacted]\n",
+            "user/server.request_timeout = 5s\n"
+        ]
+    );
+}

@@ -54,14 +54,13 @@ pub mod duration;
 #[cfg(feature = "etcd")]
 mod etcd;
 mod files;
-mod secret;
 mod store;
 mod value;
 
 #[cfg(feature = "etcd")]
 pub use etcd::{MAX_DEPTH, MAX_DOCUMENT_BYTES, parse_url as parse_etcd_url};
-pub use secret::Secret;
-pub use store::{Config, ConfigBuilder, Snapshot, check_setting};
+pub use store::{Config, ConfigBuilder, Snapshot, check_setting, is_secret};
+pub use trellis_core::{Secret, redact_url};
 /// The etcd prefix mirror the remote layer uses, for tools that follow
 /// settings (`trellis config watch`).
 #[cfg(feature = "etcd")]

@@ -15,6 +15,7 @@ use std::{
 };
 
 use serde::{Serialize, de::DeserializeOwned};
+
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 
@@ -339,6 +340,50 @@ pub fn check_setting<T: DeserializeOwned + Validate>(
     .map(drop)
 }
 
+/// Whether `key` names a [`Secret`](crate::Secret) in `T` (or a part of
+/// one): tools that print settings (`trellis config get|set|watch`) show
+/// `[redacted]` for it. Found by reading a probe value into `T` at `key` and
+/// seeing how `T` writes it back.
+pub fn is_secret<T: DeserializeOwned + Serialize>(key: &str) -> bool {
+    let segments: Vec<String> = key
+        .split(['/', '.'])
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if segments.is_empty() {
+        return false;
+    }
+    [
+        serde_json::Value::String("probe".into()),
+        serde_json::json!(1),
+        serde_json::json!(true),
+        serde_json::json!({}),
+    ]
+    .into_iter()
+    .any(|probe| {
+        let mut doc = serde_json::Value::Object(serde_json::Map::new());
+        crate::value::set_path(&mut doc, &segments, probe);
+        let Ok(typed) = serde_json::from_value::<T>(doc) else {
+            return false;
+        };
+        let Ok(back) = serde_json::to_value(&typed) else {
+            return false;
+        };
+        // The probe, or the secret that holds it, reads back as REDACTED.
+        let mut at = &back;
+        for segment in &segments {
+            if at.as_str() == Some(trellis_core::REDACTED) {
+                return true;
+            }
+            match at.get(segment) {
+                Some(next) => at = next,
+                None => return false,
+            }
+        }
+        at.as_str() == Some(trellis_core::REDACTED)
+    })
+}
+
 /// Merges, deserializes, checks for unknown keys and validates.
 fn evaluate<T: DeserializeOwned + Validate>(layers: &[Layer]) -> Result<Snapshot<T>, ConfigError> {
     let merged = merge(layers);
@@ -523,6 +568,31 @@ mod tests {
             let expected_source = values.iter().zip(names).rev().find(|(v, _)| v.0.is_some()).map(|(_, n)| n);
             prop_assert_eq!(merged.source_of("a"), expected_source);
         }
+    }
+
+    #[derive(Debug, Default, Deserialize, Serialize)]
+    #[serde(default)]
+    struct WithSecrets {
+        name: String,
+        db: DbSettings,
+    }
+    #[derive(Debug, Default, Deserialize, Serialize)]
+    #[serde(default)]
+    struct DbSettings {
+        url: Option<crate::Secret<String>>,
+        pool: u32,
+        token: crate::Secret<u32>,
+    }
+
+    #[test]
+    fn secrets_are_found_by_key() {
+        assert!(is_secret::<WithSecrets>("db.url"));
+        assert!(is_secret::<WithSecrets>("db/url"));
+        assert!(is_secret::<WithSecrets>("db.token"));
+        assert!(!is_secret::<WithSecrets>("db.pool"));
+        assert!(!is_secret::<WithSecrets>("name"));
+        assert!(!is_secret::<WithSecrets>("nope"));
+        assert!(!is_secret::<WithSecrets>(""));
     }
 
     #[test]

@@ -161,7 +161,17 @@ pub(crate) fn parse_file(path: &Path, text: &str) -> Result<Value, ConfigError> 
         .unwrap_or("")
         .to_ascii_lowercase();
     let doc: Value = match ext.as_str() {
-        "toml" => toml::from_str(text).map_err(|e| bad(e.to_string()))?,
+        // toml's Display quotes the offending line, which may hold a secret:
+        // say where and what, not the text.
+        "toml" => toml::from_str(text).map_err(|e| {
+            let at = e.span().map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("line {line}, column {column}: ")
+            });
+            bad(format!("{}{}", at.unwrap_or_default(), e.message().trim()))
+        })?,
         "yaml" | "yml" => {
             if text.trim().is_empty() {
                 Value::Object(Map::new())
@@ -370,6 +380,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("file a.toml"), "{err}");
+        assert!(err.contains("line 1"), "{err}");
+        let err = parse_file(
+            Path::new("a.toml"),
+            "[db]\nurl = \"postgres://app:hunter2@db/shop\nx = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            !err.contains("hunter2"),
+            "a parse error quoted the secret: {err}"
+        );
+        assert!(err.contains("line 2"), "{err}");
         assert!(parse_file(Path::new("a.ini"), "").is_err());
         assert!(parse_file(Path::new("a.json"), "[1]").is_err());
     }

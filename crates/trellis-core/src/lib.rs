@@ -25,6 +25,7 @@
 pub mod deadline;
 mod error;
 pub mod lifecycle;
+mod secret;
 mod server;
 
 pub use error::{
@@ -32,6 +33,7 @@ pub use error::{
     code_from_http_status, code_name, code_to_http_status, excerpt,
 };
 pub use lifecycle::{Lifecycle, State};
+pub use secret::{REDACTED, Secret, redact_url};
 pub use server::{BoxError, Drain, Server, ServerFuture};
 
 /// The peer address of the connection a request arrived on; the Trellis

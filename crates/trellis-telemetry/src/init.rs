@@ -1,16 +1,16 @@
 //! One `init` for logs and traces.
 
 use std::{
+    collections::BTreeMap,
     io::IsTerminal,
     str::FromStr,
     sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
-
-use std::time::Duration;
 
 use opentelemetry::{KeyValue, trace::TracerProvider as _};
 use opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge;
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::{
     Resource,
     logs::{BatchLogProcessor, SdkLoggerProvider},
@@ -18,6 +18,7 @@ use opentelemetry_sdk::{
     resource::{EnvResourceDetector, TelemetryResourceDetector},
     trace::{BatchSpanProcessor, SdkTracerProvider},
 };
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing_subscriber::{
     EnvFilter, Layer, Registry,
     filter::{LevelFilter, Targets},
@@ -26,6 +27,7 @@ use tracing_subscriber::{
     reload,
     util::SubscriberInitExt,
 };
+use trellis_core::{Secret, redact_url};
 
 use crate::{
     TelemetryError,
@@ -239,12 +241,28 @@ pub struct Telemetry {
     applied: Arc<Mutex<Applied>>,
 }
 
-/// The exporters in place, by endpoint.
+/// The exporters in place, by endpoint (and the headers they send).
 #[derive(Default)]
 struct Applied {
     traces: Option<String>,
     metrics: Option<(String, Duration)>,
     logs: Option<String>,
+    headers: Secret<BTreeMap<String, String>>,
+}
+
+/// The export headers as gRPC metadata (checked by `OtlpSettings::check`;
+/// anything that still does not fit is left out).
+fn metadata(headers: &Secret<BTreeMap<String, String>>) -> MetadataMap {
+    let mut map = MetadataMap::new();
+    for (name, value) in headers.expose() {
+        if let (Ok(name), Ok(value)) = (
+            MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes()),
+            MetadataValue::try_from(value.as_str()),
+        ) {
+            map.insert(name, value);
+        }
+    }
+    map
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -287,14 +305,24 @@ impl Telemetry {
 
     fn apply_effective(&self, effective: Effective) -> Result<(), TelemetryError> {
         let mut applied = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
+        if applied.headers != effective.headers {
+            // New credentials: every exporter is built again.
+            *applied = Applied {
+                headers: effective.headers.clone(),
+                ..Applied::default()
+            };
+        }
         if applied.traces != effective.traces {
             let processor = match &effective.traces {
                 Some(endpoint) => {
                     let exporter = opentelemetry_otlp::SpanExporter::builder()
                         .with_tonic()
                         .with_endpoint(endpoint.clone())
+                        .with_metadata(metadata(&effective.headers))
                         .build()
-                        .map_err(|e| TelemetryError::Exporter(endpoint.clone(), e.to_string()))?;
+                        .map_err(|e| {
+                            TelemetryError::Exporter(redact_url(endpoint), e.to_string())
+                        })?;
                     Some(BatchSpanProcessor::builder(exporter).build())
                 }
                 None => None,
@@ -318,8 +346,11 @@ impl Telemetry {
                     let exporter = opentelemetry_otlp::MetricExporter::builder()
                         .with_tonic()
                         .with_endpoint(endpoint.clone())
+                        .with_metadata(metadata(&effective.headers))
                         .build()
-                        .map_err(|e| TelemetryError::Exporter(endpoint.clone(), e.to_string()))?;
+                        .map_err(|e| {
+                            TelemetryError::Exporter(redact_url(endpoint), e.to_string())
+                        })?;
                     let reader = PeriodicReader::builder(exporter)
                         .with_interval(*interval)
                         .build();
@@ -346,8 +377,11 @@ impl Telemetry {
                     let exporter = opentelemetry_otlp::LogExporter::builder()
                         .with_tonic()
                         .with_endpoint(endpoint.clone())
+                        .with_metadata(metadata(&effective.headers))
                         .build()
-                        .map_err(|e| TelemetryError::Exporter(endpoint.clone(), e.to_string()))?;
+                        .map_err(|e| {
+                            TelemetryError::Exporter(redact_url(endpoint), e.to_string())
+                        })?;
                     Some(BatchLogProcessor::builder(exporter).build())
                 }
                 None => None,
@@ -420,7 +454,13 @@ fn in_background(f: impl FnOnce() + Send + 'static) {
 
 fn announce(signal: &str, endpoint: &Option<String>, was_on: bool) {
     match endpoint {
-        Some(endpoint) => tracing::info!(signal, endpoint, "exporting over OTLP"),
+        Some(endpoint) => {
+            tracing::info!(
+                signal,
+                endpoint = redact_url(endpoint),
+                "exporting over OTLP"
+            )
+        }
         None if was_on => tracing::info!(signal, "OTLP export stopped"),
         None => {}
     }

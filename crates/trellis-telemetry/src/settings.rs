@@ -1,9 +1,10 @@
 //! OTLP export settings from a service's config, overridden by the standard
 //! OpenTelemetry environment variables.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
+use trellis_core::{Secret, excerpt, redact_url};
 
 /// The `otlp` section of a service's config: where traces, metrics and
 /// logs go over OTLP/gRPC, and how traces are sampled.
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 /// ```toml
 /// [otlp]
 /// endpoint = "http://otel-collector:4317"   # live; unset: nothing exported
+/// headers = { authorization = "Bearer ${OTLP_TOKEN}" }   # live; a secret
 /// sample_ratio = 0.1                        # live
 /// traces = true                             # live
 /// metrics = false                           # live (Prometheus at /metrics either way)
@@ -28,14 +30,23 @@ use serde::{Deserialize, Serialize};
 /// `parentbased_always_off`, `parentbased_traceidratio`) with
 /// `OTEL_TRACES_SAMPLER_ARG`; `OTEL_METRIC_EXPORT_INTERVAL` (ms);
 /// `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` for the resource;
-/// `OTEL_BSP_*` and `OTEL_BLRP_*` for batching.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `OTEL_BSP_*` and `OTEL_BLRP_*` for batching; `OTEL_EXPORTER_OTLP_HEADERS`
+/// (and per signal) beside `headers`.
+///
+/// `headers` is a [`Secret`], and credentials in `endpoint` (userinfo,
+/// `?api_key=`) are redacted wherever the settings are shown (`Debug` and
+/// serialization alike).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct OtlpSettings {
     /// The OTLP/gRPC endpoint of a collector, e.g. `http://127.0.0.1:4317`.
     /// Unset: nothing is exported; spans are not recorded, and trace ids
     /// still flow through logs and calls. Live. Default: unset.
+    #[serde(serialize_with = "redacted_endpoint")]
     pub endpoint: Option<String>,
+    /// gRPC metadata sent with every export (an API key, a tenant): a
+    /// secret, never shown. Live. Default: none.
+    pub headers: Secret<BTreeMap<String, String>>,
     /// The share of new traces to record, 0.0 to 1.0; a caller's decision
     /// (the `traceparent` sampled flag) is always followed. Live. Default: 1.0.
     pub sample_ratio: f64,
@@ -58,6 +69,7 @@ impl Default for OtlpSettings {
     fn default() -> Self {
         OtlpSettings {
             endpoint: None,
+            headers: Secret::default(),
             sample_ratio: 1.0,
             traces: true,
             metrics: false,
@@ -66,6 +78,41 @@ impl Default for OtlpSettings {
             environment: None,
         }
     }
+}
+
+impl std::fmt::Debug for Effective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |e: &Option<String>| e.as_deref().map(redact_url);
+        f.debug_struct("Effective")
+            .field("traces", &shown(&self.traces))
+            .field("metrics", &shown(&self.metrics))
+            .field("logs", &shown(&self.logs))
+            .field("metrics_interval", &self.metrics_interval)
+            .field("parent_based", &self.parent_based)
+            .field("ratio", &self.ratio)
+            .field("environment", &self.environment)
+            .field("headers", &self.headers)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for OtlpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OtlpSettings")
+            .field("endpoint", &self.endpoint.as_deref().map(redact_url))
+            .field("headers", &self.headers)
+            .field("sample_ratio", &self.sample_ratio)
+            .field("traces", &self.traces)
+            .field("metrics", &self.metrics)
+            .field("logs", &self.logs)
+            .field("metrics_interval", &self.metrics_interval)
+            .field("environment", &self.environment)
+            .finish()
+    }
+}
+
+fn redacted_endpoint<S: Serializer>(endpoint: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    endpoint.as_deref().map(redact_url).serialize(s)
 }
 
 /// `"10s"`, `"500ms"`, `"2m"` or a number of seconds.
@@ -124,11 +171,30 @@ impl OtlpSettings {
         {
             return Err((
                 "endpoint",
-                format!("must start with http:// or https://, not {endpoint:?}"),
+                format!(
+                    "must start with http:// or https://, not {:?}",
+                    redact_url(endpoint)
+                ),
             ));
         }
         if self.metrics_interval < Duration::from_millis(100) {
             return Err(("metrics_interval", "must be at least 100ms".into()));
+        }
+        for name in self.headers.expose().keys() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() || name.starts_with("grpc-") {
+                return Err((
+                    "headers",
+                    format!("{} is not a header gRPC metadata can carry", excerpt(name)),
+                ));
+            }
+        }
+        if self
+            .headers
+            .expose()
+            .values()
+            .any(|v| http::HeaderValue::from_str(v).is_err())
+        {
+            return Err(("headers", "a value is not a valid header value".into()));
         }
         Ok(())
     }
@@ -236,12 +302,13 @@ impl OtlpSettings {
             parent_based,
             ratio,
             environment: self.environment.clone(),
+            headers: self.headers.clone(),
         })
     }
 }
 
-/// OTLP settings after the environment.
-#[derive(Debug, Clone, PartialEq)]
+/// OTLP settings after the environment. `Debug` redacts credentials.
+#[derive(Clone, PartialEq)]
 pub struct Effective {
     /// Where spans go, if anywhere.
     pub traces: Option<String>,
@@ -257,6 +324,9 @@ pub struct Effective {
     pub ratio: f64,
     /// `deployment.environment.name`.
     pub environment: Option<String>,
+    /// Metadata sent with every export (the `OTEL_EXPORTER_OTLP_*HEADERS`
+    /// variables are added by the exporter itself).
+    pub headers: Secret<BTreeMap<String, String>>,
 }
 
 /// An `OTEL_*` variable with a value we cannot use.
@@ -404,6 +474,37 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(s.check().unwrap_err().0, "metrics_interval");
+    }
+
+    #[test]
+    fn credentials_never_show_in_the_settings() {
+        let mut headers = BTreeMap::new();
+        headers.insert("authorization".to_owned(), "Bearer hunter2".to_owned());
+        let s = OtlpSettings {
+            endpoint: Some("https://app:hunter2@collector:4317/?api_key=hunter2".into()),
+            headers: Secret::new(headers),
+            ..Default::default()
+        };
+        let shown = serde_json::to_string(&s).unwrap();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("https://app:***@collector:4317/?api_key=***"),
+            "{shown}"
+        );
+        assert!(!format!("{s:?}").contains("hunter2"), "{s:?}");
+        let effective = s.effective_with(|_| None).unwrap();
+        assert!(
+            !format!("{effective:?}").contains("hunter2"),
+            "{effective:?}"
+        );
+        assert_eq!(s.check(), Ok(()));
+        let mut bad = BTreeMap::new();
+        bad.insert("grpc-timeout".to_owned(), "1S".to_owned());
+        let s = OtlpSettings {
+            headers: Secret::new(bad),
+            ..Default::default()
+        };
+        assert_eq!(s.check().unwrap_err().0, "headers");
     }
 
     #[test]

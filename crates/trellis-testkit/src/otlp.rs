@@ -40,6 +40,9 @@ pub struct ReceivedSpan {
     pub resource: HashMap<String, String>,
     /// The span, as the exporter sent it.
     pub span: Span,
+    /// The export request's gRPC metadata (ASCII entries), e.g. the
+    /// headers an exporter was configured to send.
+    pub metadata: HashMap<String, String>,
 }
 
 impl ReceivedSpan {
@@ -137,6 +140,16 @@ impl TraceService for Receiver {
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut received = Vec::new();
+        let metadata: HashMap<String, String> = request
+            .metadata()
+            .iter()
+            .filter_map(|entry| match entry {
+                tonic::metadata::KeyAndValueRef::Ascii(key, value) => {
+                    Some((key.to_string(), value.to_str().ok()?.to_owned()))
+                }
+                tonic::metadata::KeyAndValueRef::Binary(..) => None,
+            })
+            .collect();
         if self.counting {
             let n: usize = request
                 .get_ref()
@@ -166,6 +179,7 @@ impl TraceService for Receiver {
                     received.push(ReceivedSpan {
                         resource: resource.clone(),
                         span,
+                        metadata: metadata.clone(),
                     });
                 }
             }

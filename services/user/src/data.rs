@@ -82,7 +82,7 @@ macro_rules! with_pool {
 impl SqlUserRepo {
     /// Opens the store named by `url` and applies migrations.
     pub async fn open(url: &str, max_connections: u32) -> Result<SqlUserRepo, StoreError> {
-        let shown = redact(url);
+        let shown = trellis::core::redact_url(url);
         let connect = |source| StoreError::Connect {
             url: shown.clone(),
             source,
@@ -155,20 +155,6 @@ where
             source,
         })?;
     Ok(pool)
-}
-
-/// The URL with any password replaced, for messages and logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
 }
 
 fn repo_error(err: sqlx::Error) -> RepoError {
@@ -255,23 +241,5 @@ impl UserRepo for SqlUserRepo {
             let done = sqlx::query("DELETE FROM users WHERE id = $1").bind(id).execute(pool).await.map_err(repo_error)?;
             Ok(done.rows_affected() > 0)
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact("postgres://app:s3cret@db:5432/shop"),
-            "postgres://app:***@db:5432/shop"
-        );
-        assert_eq!(redact("postgres://app@db/shop"), "postgres://app@db/shop");
-        assert_eq!(
-            redact("sqlite://./.trellis/user.db"),
-            "sqlite://./.trellis/user.db"
-        );
     }
 }
