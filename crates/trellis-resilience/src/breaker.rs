@@ -331,6 +331,16 @@ pub struct Breaker {
     events: watch::Sender<(BreakerState, Option<Trip>)>,
 }
 
+/// A breaker dropped while open or half-open leaves the open-breakers gauge
+/// as it would be had it closed.
+impl Drop for Breaker {
+    fn drop(&mut self) {
+        if *self.state.get_mut() != CLOSED {
+            metrics::gauge!("circuit_breaker_open").decrement(1.0);
+        }
+    }
+}
+
 impl Breaker {
     /// A closed breaker on the coarse clock.
     pub fn new(config: BreakerConfig) -> Self {
@@ -779,5 +789,30 @@ where
             breaker.record(permit, outcome, started.elapsed());
             result.map_err(Into::into)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_breaker_dropped_open_leaves_the_gauge_at_zero() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let breaker = Breaker::new(BreakerConfig::default());
+        breaker.trip(CLOSED, Trip::ConsecutiveFailures);
+        assert!(
+            handle.render().contains("circuit_breaker_open 1"),
+            "{}",
+            handle.render()
+        );
+        drop(breaker);
+        assert!(
+            handle.render().contains("circuit_breaker_open 0"),
+            "{}",
+            handle.render()
+        );
     }
 }

@@ -92,6 +92,74 @@ enum Kind {
     Http { method: String, route: String },
 }
 
+/// One request in flight: counted in the gauge from creation, and recorded
+/// exactly once — when the response head arrives, or when the request is
+/// dropped unanswered (the client went away, a timeout outside cut it),
+/// then as CANCELLED (gRPC 1) or 499 (HTTP, the code nginx and Envoy use for
+/// a client that closed the request). Without this the gauge would keep
+/// every cancelled request forever.
+struct InFlight {
+    kind: Option<Kind>,
+    started: Instant,
+}
+
+impl InFlight {
+    fn start(kind: Kind) -> InFlight {
+        match &kind {
+            Kind::Grpc { service, .. } => gauge!("rpc_server_active_requests", "rpc_system" => "grpc", "rpc_service" => service.clone()).increment(1.0),
+            Kind::Http { method, route } => gauge!("http_server_active_requests", "http_request_method" => method.clone(), "http_route" => route.clone())
+                .increment(1.0),
+        }
+        InFlight {
+            kind: Some(kind),
+            started: Instant::now(),
+        }
+    }
+
+    /// Records the outcome: the gRPC code or HTTP status, and for REST the
+    /// route template the transcoder matched.
+    fn finish(&mut self, code: String, template: Option<String>) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        match self.kind.take() {
+            Some(Kind::Grpc { service, method }) => {
+                gauge!("rpc_server_active_requests", "rpc_system" => "grpc", "rpc_service" => service.clone()).decrement(1.0);
+                // Any method name under a known service reaches here; one
+                // that does not exist must not become a label of its own,
+                // or callers could grow the registry without bound.
+                let method = if code == "12" {
+                    "unknown".to_owned()
+                } else {
+                    method
+                };
+                histogram!("rpc_server_duration_seconds", "rpc_system" => "grpc", "rpc_service" => service, "rpc_method" => method, "rpc_grpc_status_code" => code)
+                    .record(seconds);
+            }
+            Some(Kind::Http { method, route }) => {
+                gauge!("http_server_active_requests", "http_request_method" => method.clone(), "http_route" => route.clone())
+                    .decrement(1.0);
+                // A route matched below axum (transcoded REST) names its
+                // template; the in-flight gauge keeps the axum route it
+                // was counted under.
+                let route = template.unwrap_or(route);
+                histogram!("http_server_request_duration_seconds", "http_request_method" => method, "http_route" => route, "http_response_status_code" => code)
+                    .record(seconds);
+            }
+            None => {}
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let cancelled = match &self.kind {
+            Some(Kind::Grpc { .. }) => "1",
+            Some(Kind::Http { .. }) => "499",
+            None => return,
+        };
+        self.finish(cancelled.to_owned(), None);
+    }
+}
+
 impl<S, B, RB> Service<Request<B>> for Red<S>
 where
     S: Service<Request<B>, Response = Response<RB>>,
@@ -118,7 +186,6 @@ where
             let service = parts.next().unwrap_or("").to_owned();
             let method = parts.next().unwrap_or("").to_owned();
             // Per service only: the method is not known to exist until the call ends.
-            gauge!("rpc_server_active_requests", "rpc_system" => "grpc", "rpc_service" => service.clone()).increment(1.0);
             Kind::Grpc { service, method }
         } else {
             let route = req
@@ -127,63 +194,102 @@ where
                 .map(|m| m.as_str().to_owned())
                 .unwrap_or_else(|| "unmatched".into());
             let method = req.method().as_str().to_owned();
-            gauge!("http_server_active_requests", "http_request_method" => method.clone(), "http_route" => route.clone())
-                .increment(1.0);
             Kind::Http { method, route }
         };
-        let started = Instant::now();
+        let mut in_flight = InFlight::start(kind);
         let fut = self.inner.call(req);
         Box::pin(async move {
             let result = fut.await;
-            let seconds = started.elapsed().as_secs_f64();
-            match kind {
-                Kind::Grpc { service, method } => {
-                    gauge!("rpc_server_active_requests", "rpc_system" => "grpc", "rpc_service" => service.clone()).decrement(1.0);
-                    // Errors from handlers travel trailers-only (status in the
-                    // headers); a status sent in trailers after a body (a
-                    // streaming failure) is counted as the headers say: OK.
-                    let code = match &result {
-                        Ok(r) => r
-                            .headers()
-                            .get("grpc-status")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("0")
-                            .to_owned(),
-                        Err(_) => "2".to_owned(),
-                    };
-                    // Any method name under a known service reaches here; one
-                    // that does not exist must not become a label of its own,
-                    // or callers could grow the registry without bound.
-                    let method = if code == "12" {
-                        "unknown".to_owned()
-                    } else {
-                        method
-                    };
-                    histogram!("rpc_server_duration_seconds", "rpc_system" => "grpc", "rpc_service" => service, "rpc_method" => method, "rpc_grpc_status_code" => code)
-                        .record(seconds);
-                }
-                Kind::Http { method, route } => {
-                    gauge!("http_server_active_requests", "http_request_method" => method.clone(), "http_route" => route.clone())
-                        .decrement(1.0);
-                    // A route matched below axum (transcoded REST) names its
-                    // template; the in-flight gauge keeps the axum route it
-                    // was counted under.
-                    let route = match &result {
-                        Ok(r) => r
-                            .extensions()
-                            .get::<trellis_core::RouteTemplate>()
-                            .map_or(route, |t| t.0.to_string()),
-                        Err(_) => route,
-                    };
-                    let status = match &result {
-                        Ok(r) => r.status().as_u16().to_string(),
-                        Err(_) => "500".to_owned(),
-                    };
-                    histogram!("http_server_request_duration_seconds", "http_request_method" => method, "http_route" => route, "http_response_status_code" => status)
-                        .record(seconds);
-                }
-            }
+            let grpc = matches!(in_flight.kind, Some(Kind::Grpc { .. }));
+            let (code, template) = match (&result, grpc) {
+                // Errors from handlers travel trailers-only (status in the
+                // headers); a status sent in trailers after a body (a
+                // streaming failure) is counted as the headers say: OK.
+                (Ok(r), true) => (
+                    r.headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("0")
+                        .to_owned(),
+                    None,
+                ),
+                (Err(_), true) => ("2".to_owned(), None),
+                (Ok(r), false) => (
+                    r.status().as_u16().to_string(),
+                    r.extensions()
+                        .get::<trellis_core::RouteTemplate>()
+                        .map(|t| t.0.to_string()),
+                ),
+                (Err(_), false) => ("500".to_owned(), None),
+            };
+            in_flight.finish(code, template);
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hundred requests dropped mid-flight (clients gone, or cut by a
+    /// timeout outside): the in-flight gauges return to zero, and each is
+    /// recorded once, as cancelled.
+    #[test]
+    fn cancelled_requests_leave_the_gauges_right_and_are_recorded() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let never = tower::service_fn(|_req: Request<()>| {
+            std::future::pending::<Result<Response<()>, std::convert::Infallible>>()
+        });
+        let mut red = RedLayer::new().layer(never);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut pending = Vec::new();
+        for i in 0..100 {
+            let req = if i % 2 == 0 {
+                Request::get("/v1/users/7").body(()).unwrap()
+            } else {
+                Request::post("/shop.user.v1.UserService/GetUser")
+                    .header("content-type", "application/grpc")
+                    .body(())
+                    .unwrap()
+            };
+            let mut fut = red.call(req);
+            assert!(fut.as_mut().poll(&mut cx).is_pending());
+            pending.push(fut);
+        }
+        let during = handle.render();
+        assert!(
+            during.contains("http_server_active_requests{http_request_method=\"GET\",http_route=\"unmatched\"} 50"),
+            "{during}"
+        );
+        drop(pending);
+        let after = handle.render();
+        assert!(
+            after.contains("http_server_active_requests{http_request_method=\"GET\",http_route=\"unmatched\"} 0"),
+            "{after}"
+        );
+        assert!(
+            after.contains("rpc_server_active_requests{rpc_system=\"grpc\",rpc_service=\"shop.user.v1.UserService\"} 0"),
+            "{after}"
+        );
+        assert!(
+            after.lines().any(
+                |l| l.starts_with("http_server_request_duration_seconds_count{")
+                    && l.contains("http_response_status_code=\"499\"")
+                    && l.ends_with(" 50")
+            ),
+            "{after}"
+        );
+        assert!(
+            after
+                .lines()
+                .any(|l| l.starts_with("rpc_server_duration_seconds_count{")
+                    && l.contains("rpc_grpc_status_code=\"1\"")
+                    && l.ends_with(" 50")),
+            "{after}"
+        );
     }
 }
