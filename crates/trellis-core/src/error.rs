@@ -9,7 +9,7 @@
 //! metadata}`. Each conversion has its inverse, so a client sees the same
 //! error whichever transport it used.
 
-use std::{borrow::Cow, collections::BTreeMap, fmt};
+use std::{borrow::Cow, collections::BTreeMap, fmt, time::Duration};
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -54,6 +54,7 @@ fn bounded(mut text: String, max: usize) -> String {
 /// The `ErrorInfo.domain` Trellis writes; readers accept any domain.
 const DOMAIN: &str = "trellis";
 const ERROR_INFO_TYPE: &str = "type.googleapis.com/google.rpc.ErrorInfo";
+const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
 
 /// A typed error that both transports render the same way.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +63,7 @@ pub struct Error {
     reason: Cow<'static, str>,
     message: String,
     metadata: BTreeMap<String, String>,
+    retry_after: Option<Duration>,
 }
 
 impl Error {
@@ -89,6 +91,7 @@ impl Error {
             reason,
             message: bounded(message.into(), MAX_MESSAGE_BYTES),
             metadata: BTreeMap::new(),
+            retry_after: None,
         }
     }
 
@@ -128,6 +131,19 @@ impl Error {
             bounded(value.into(), MAX_METADATA_BYTES),
         );
         self
+    }
+
+    /// Says when a retry may succeed (builder style): a
+    /// `google.rpc.RetryInfo` detail for gRPC clients, `Retry-After` for
+    /// HTTP ones. For UNAVAILABLE and RESOURCE_EXHAUSTED.
+    pub fn with_retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// When a retry may succeed, if the error says.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
     }
 
     /// The gRPC status code.
@@ -188,6 +204,7 @@ impl Error {
                 reason: Cow::Owned(reason),
                 message: bounded(parsed.message, MAX_MESSAGE_BYTES),
                 metadata: parsed.metadata,
+                retry_after: None,
             };
         }
         let code = code_from_http_status(status);
@@ -262,6 +279,13 @@ impl axum_core::response::IntoResponse for Error {
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
         );
+        if let Some(delay) = self.retry_after {
+            // Whole seconds, rounded up: Retry-After has no finer unit.
+            let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        }
         response
     }
 }
@@ -287,6 +311,20 @@ struct Any {
 }
 
 #[derive(Clone, PartialEq, Message)]
+struct RetryInfo {
+    #[prost(message, optional, tag = "1")]
+    retry_delay: Option<ProtoDuration>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ProtoDuration {
+    #[prost(int64, tag = "1")]
+    seconds: i64,
+    #[prost(int32, tag = "2")]
+    nanos: i32,
+}
+
+#[derive(Clone, PartialEq, Message)]
 struct ErrorInfo {
     #[prost(string, tag = "1")]
     reason: String,
@@ -303,13 +341,26 @@ impl From<Error> for tonic::Status {
             domain: DOMAIN.to_owned(),
             metadata: err.metadata,
         };
+        let mut details = vec![Any {
+            type_url: ERROR_INFO_TYPE.to_owned(),
+            value: info.encode_to_vec(),
+        }];
+        if let Some(delay) = err.retry_after {
+            let retry = RetryInfo {
+                retry_delay: Some(ProtoDuration {
+                    seconds: i64::try_from(delay.as_secs()).unwrap_or(i64::MAX),
+                    nanos: delay.subsec_nanos() as i32,
+                }),
+            };
+            details.push(Any {
+                type_url: RETRY_INFO_TYPE.to_owned(),
+                value: retry.encode_to_vec(),
+            });
+        }
         let details = RpcStatus {
             code: err.code as i32,
             message: err.message.clone(),
-            details: vec![Any {
-                type_url: ERROR_INFO_TYPE.to_owned(),
-                value: info.encode_to_vec(),
-            }],
+            details,
         };
         tonic::Status::with_details(err.code, err.message, Bytes::from(details.encode_to_vec()))
     }
@@ -322,14 +373,24 @@ impl From<tonic::Status> for Error {
         } else {
             status.code()
         };
-        let info = RpcStatus::decode(status.details())
-            .ok()
-            .and_then(|s| {
-                s.details
-                    .into_iter()
-                    .find(|d| d.type_url == ERROR_INFO_TYPE)
-            })
+        let details = RpcStatus::decode(status.details())
+            .map(|s| s.details)
+            .unwrap_or_default();
+        let info = details
+            .iter()
+            .find(|d| d.type_url == ERROR_INFO_TYPE)
             .and_then(|any| ErrorInfo::decode(any.value.as_slice()).ok());
+        let retry_after = details
+            .iter()
+            .find(|d| d.type_url == RETRY_INFO_TYPE)
+            .and_then(|any| RetryInfo::decode(any.value.as_slice()).ok())
+            .and_then(|r| r.retry_delay)
+            .and_then(|d| {
+                Some(Duration::new(
+                    u64::try_from(d.seconds).ok()?,
+                    u32::try_from(d.nanos).ok()?.min(999_999_999),
+                ))
+            });
         let (reason, metadata) = match info {
             Some(info) if !info.reason.is_empty() => (Cow::Owned(info.reason), info.metadata),
             Some(info) => (Cow::Borrowed(code_name(code)), info.metadata),
@@ -340,6 +401,7 @@ impl From<tonic::Status> for Error {
             reason,
             message: bounded(status.message().to_owned(), MAX_MESSAGE_BYTES),
             metadata,
+            retry_after,
         }
     }
 }
@@ -509,6 +571,17 @@ mod tests {
             status.details().len()
         );
         assert_eq!(excerpt("short"), "\"short\"");
+    }
+
+    #[test]
+    fn a_retry_hint_reaches_both_kinds_of_client() {
+        let err = Error::unavailable("store down").with_retry_after(Duration::from_millis(1500));
+        let back = Error::from(tonic::Status::from(err.clone()));
+        assert_eq!(back.retry_after(), Some(Duration::from_millis(1500)));
+        assert_eq!(back, err);
+        let response = axum_core::response::IntoResponse::into_response(err);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[http::header::RETRY_AFTER], "2");
     }
 
     #[test]

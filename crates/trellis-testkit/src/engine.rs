@@ -239,6 +239,20 @@ impl Engine {
         }
     }
 
+    /// Waits up to `timeout` for the process to exit by itself; whether it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Kills the engine now (SIGKILL to its process group) and reaps it.
     pub fn kill(&mut self) {
         self.signal(libc::SIGKILL);

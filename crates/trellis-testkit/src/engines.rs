@@ -246,6 +246,7 @@ fn redis_ping(addr: SocketAddr) -> bool {
 pub struct Postgres {
     engine: Engine,
     addr: SocketAddr,
+    command: Box<dyn Fn() -> Command + Send + Sync>,
 }
 
 impl Postgres {
@@ -294,30 +295,76 @@ impl Postgres {
                 });
             }
             let addr = loopback(free_port()?);
-            let mut cmd = Command::new(&postgres);
-            cmd.current_dir(dir.path())
-                .arg("-D")
-                .arg(&data)
-                .args(["-p", &addr.port().to_string()])
-                .arg("-k")
-                .arg(dir.path())
-                .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
-                .args([
-                    "-c",
-                    "synchronous_commit=off",
-                    "-c",
-                    "full_page_writes=off",
-                    "-c",
-                    "max_connections=200",
-                ]);
-            if let Some((uid, gid)) = run_as {
-                cmd.uid(uid).gid(gid);
-            }
-            let mut engine = Engine::spawn("postgres", cmd, dir)?;
+            let (bin, root) = (postgres.clone(), dir.path().to_owned());
+            let command = move || {
+                let mut cmd = Command::new(&bin);
+                cmd.current_dir(&root)
+                    .arg("-D")
+                    .arg(root.join("data"))
+                    .args(["-p", &addr.port().to_string()])
+                    .arg("-k")
+                    .arg(&root)
+                    .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+                    .args([
+                        "-c",
+                        "synchronous_commit=off",
+                        "-c",
+                        "full_page_writes=off",
+                        "-c",
+                        "max_connections=200",
+                    ]);
+                if let Some((uid, gid)) = run_as {
+                    cmd.uid(uid).gid(gid);
+                }
+                cmd
+            };
+            let mut engine = Engine::spawn("postgres", command(), dir)?;
             engine.wait_ready(READY_TIMEOUT, |e| {
                 e.log().contains("ready to accept connections") && tcp_open(addr)
             })?;
-            Ok(Postgres { engine, addr })
+            Ok(Postgres {
+                engine,
+                addr,
+                command: Box::new(command),
+            })
+        })
+    }
+
+    /// Stops PostgreSQL the way an operator's restart does (fast shutdown:
+    /// sessions end with `57P01 admin_shutdown`), then starts it again on
+    /// the same port with the same data, and waits until it accepts
+    /// connections. For outage tests.
+    pub fn restart(&mut self) -> Result<(), TestkitError> {
+        self.stop()?;
+        self.start_again()
+    }
+
+    /// Stops PostgreSQL with a fast shutdown and waits for it to exit; its
+    /// data stays for [`start_again`](Self::start_again).
+    pub fn stop(&mut self) -> Result<(), TestkitError> {
+        self.engine.signal(libc::SIGINT);
+        if self.engine.wait_exit(READY_TIMEOUT) {
+            Ok(())
+        } else {
+            Err(TestkitError::Start {
+                engine: "postgres",
+                reason: format!("did not stop within {READY_TIMEOUT:?} of a fast shutdown"),
+                log: self.engine.log(),
+            })
+        }
+    }
+
+    /// Starts a stopped PostgreSQL again on the same port with its data.
+    pub fn start_again(&mut self) -> Result<(), TestkitError> {
+        let readies = self
+            .engine
+            .log()
+            .matches("ready to accept connections")
+            .count();
+        self.engine.respawn((self.command)())?;
+        let addr = self.addr;
+        self.engine.wait_ready(READY_TIMEOUT, |e| {
+            e.log().matches("ready to accept connections").count() > readies && tcp_open(addr)
         })
     }
 

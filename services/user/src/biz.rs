@@ -235,6 +235,7 @@ fn store_error(err: RepoError, email: &str) -> Error {
         RepoError::Unavailable(detail) => {
             tracing::warn!(error = %detail, "user store unavailable");
             Error::unavailable("the user store is unavailable; retry later")
+                .with_retry_after(std::time::Duration::from_secs(1))
         }
         RepoError::Other(detail) => {
             tracing::error!(error = %detail, "user store error");

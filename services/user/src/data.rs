@@ -80,8 +80,14 @@ macro_rules! with_pool {
 }
 
 impl SqlUserRepo {
-    /// Opens the store named by `url` and applies migrations.
-    pub async fn open(url: &str, max_connections: u32) -> Result<SqlUserRepo, StoreError> {
+    /// Opens the store named by `url` and applies migrations. A call waits
+    /// at most `acquire_timeout` for a connection (while the database is
+    /// down, the pool keeps reconnecting) before it fails UNAVAILABLE.
+    pub async fn open(
+        url: &str,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Result<SqlUserRepo, StoreError> {
         let shown = trellis::core::redact_url(url);
         let connect = |source| StoreError::Connect {
             url: shown.clone(),
@@ -106,7 +112,7 @@ impl SqlUserRepo {
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(5));
             return Ok(SqlUserRepo::Sqlite(
-                open_pool(options, max_connections, &shown).await?,
+                open_pool(options, max_connections, acquire_timeout, &shown).await?,
             ));
         }
         #[cfg(feature = "postgres")]
@@ -114,7 +120,7 @@ impl SqlUserRepo {
             use sqlx::postgres::PgConnectOptions;
             let options: PgConnectOptions = url.parse().map_err(connect)?;
             return Ok(SqlUserRepo::Postgres(
-                open_pool(options, max_connections, &shown).await?,
+                open_pool(options, max_connections, acquire_timeout, &shown).await?,
             ));
         }
         #[cfg(not(any(feature = "sqlite", feature = "postgres")))]
@@ -132,6 +138,7 @@ impl SqlUserRepo {
 async fn open_pool<DB>(
     options: <DB::Connection as sqlx::Connection>::Options,
     max_connections: u32,
+    acquire_timeout: Duration,
     shown: &str,
 ) -> Result<sqlx::Pool<DB>, StoreError>
 where
@@ -140,7 +147,7 @@ where
 {
     let pool = sqlx::pool::PoolOptions::<DB>::new()
         .max_connections(max_connections.max(1))
-        .acquire_timeout(Duration::from_secs(5))
+        .acquire_timeout(acquire_timeout)
         .connect_with(options)
         .await
         .map_err(|source| StoreError::Connect {
@@ -160,12 +167,52 @@ where
 fn repo_error(err: sqlx::Error) -> RepoError {
     match err {
         sqlx::Error::Database(db) if db.is_unique_violation() => RepoError::Duplicate,
+        sqlx::Error::Database(ref db) if is_transient(db.as_ref()) => {
+            RepoError::Unavailable(err.to_string())
+        }
         sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_) => RepoError::Unavailable(err.to_string()),
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => RepoError::Unavailable(err.to_string()),
         other => RepoError::Other(other.to_string()),
     }
+}
+
+/// Whether a database error means "the store is not there right now", not
+/// "this request is wrong": the caller may retry.
+fn is_transient(db: &dyn sqlx::error::DatabaseError) -> bool {
+    let Some(code) = db.code() else {
+        return false;
+    };
+    #[cfg(feature = "postgres")]
+    if db
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+    {
+        return postgres_transient(&code);
+    }
+    #[cfg(feature = "sqlite")]
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        return sqlite_transient(&code);
+    }
+    false
+}
+
+/// PostgreSQL SQLSTATEs of an outage: classes 08 (connection exception) and
+/// 53 (insufficient resources), 57P01-57P03 (admin or crash shutdown,
+/// cannot connect now).
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+fn postgres_transient(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("53") || matches!(code, "57P01" | "57P02" | "57P03")
+}
+
+/// SQLite result codes of contention: BUSY (5) and LOCKED (6), primary and
+/// extended (the low byte is the primary code).
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+fn sqlite_transient(code: &str) -> bool {
+    code.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
 }
 
 const SELECT_BY_ID: &str =
@@ -241,5 +288,26 @@ impl UserRepo for SqlUserRepo {
             let done = sqlx::query("DELETE FROM users WHERE id = $1").bind(id).execute(pool).await.map_err(repo_error)?;
             Ok(done.rows_affected() > 0)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outages_are_transient_and_mistakes_are_not() {
+        for code in ["08006", "08001", "57P01", "57P03", "53300"] {
+            assert!(postgres_transient(code), "{code}");
+        }
+        for code in ["23505", "42P01", "22001", "40001", "57014"] {
+            assert!(!postgres_transient(code), "{code}");
+        }
+        for code in ["5", "517", "6", "262"] {
+            assert!(sqlite_transient(code), "{code}");
+        }
+        for code in ["19", "2067", "1", "SQLITE_BUSY"] {
+            assert!(!sqlite_transient(code), "{code}");
+        }
     }
 }

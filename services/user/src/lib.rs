@@ -30,7 +30,7 @@ pub mod biz;
 pub mod data;
 pub mod service;
 
-use std::{net::SocketAddr, path::Path};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use trellis::{
@@ -48,6 +48,9 @@ pub struct UserConfig {
     pub database_url: String,
     /// The most database connections the service holds. Default: 8.
     pub max_connections: u32,
+    /// How long a call waits for a connection before it fails UNAVAILABLE
+    /// (the database is down or every connection is busy). Default: 5 s.
+    pub acquire_timeout: Duration,
 }
 
 impl Default for UserConfig {
@@ -62,6 +65,7 @@ impl UserConfig {
         UserConfig {
             database_url: format!("sqlite://{}", data_dir.join("user.db").display()),
             max_connections: 8,
+            acquire_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -83,6 +87,7 @@ impl UserConfig {
 /// [database]
 /// url = "postgres://app:${DB_PASSWORD}@db:5432/shop"   # restart
 /// max_connections = 16                                  # restart
+/// acquire_timeout = "5s"                                # restart
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -105,6 +110,10 @@ pub struct DatabaseSettings {
     pub url: Option<Secret<String>>,
     /// The most connections to hold. Default: 8.
     pub max_connections: u32,
+    /// How long a call waits for a connection before it fails UNAVAILABLE.
+    /// Default: 5s.
+    #[serde(with = "trellis::config::duration")]
+    pub acquire_timeout: Duration,
 }
 
 impl Default for DatabaseSettings {
@@ -112,6 +121,7 @@ impl Default for DatabaseSettings {
         DatabaseSettings {
             url: None,
             max_connections: 8,
+            acquire_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -126,6 +136,14 @@ impl Validate for UserSettings {
             return Err(Invalid::new(
                 "database.max_connections",
                 "must be between 1 and 1000",
+            ));
+        }
+        if !(Duration::from_millis(10)..=Duration::from_secs(600))
+            .contains(&self.database.acquire_timeout)
+        {
+            return Err(Invalid::new(
+                "database.acquire_timeout",
+                "must be between 10ms and 10m",
             ));
         }
         if let Some(url) = &self.database.url {
@@ -152,6 +170,7 @@ impl UserSettings {
             config.database_url = url.expose().clone();
         }
         config.max_connections = self.database.max_connections;
+        config.acquire_timeout = self.database.acquire_timeout;
         config
     }
 }
@@ -182,7 +201,12 @@ impl UserService {
         config: &UserConfig,
         server: ServerConfig,
     ) -> Result<UserService, BuildError> {
-        let store = data::SqlUserRepo::open(&config.database_url, config.max_connections).await?;
+        let store = data::SqlUserRepo::open(
+            &config.database_url,
+            config.max_connections,
+            config.acquire_timeout,
+        )
+        .await?;
         let handler = service::UserServiceHandler::new(biz::Users::new(store.clone()));
         let server = GrpcHttpServer::builder(server)
             .grpc_service(api::v1::user_service_server::UserServiceServer::new(
@@ -221,9 +245,12 @@ impl UserService {
         }
         server.limits = settings.config.server.limits();
         server.reflection = settings.config.server.reflection;
-        let store =
-            data::SqlUserRepo::open(&store_config.database_url, store_config.max_connections)
-                .await?;
+        let store = data::SqlUserRepo::open(
+            &store_config.database_url,
+            store_config.max_connections,
+            store_config.acquire_timeout,
+        )
+        .await?;
         let handler = service::UserServiceHandler::new(biz::Users::new(store.clone()));
         let mut builder = GrpcHttpServer::builder(server)
             .grpc_service(api::v1::user_service_server::UserServiceServer::new(

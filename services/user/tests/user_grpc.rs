@@ -23,10 +23,15 @@ struct Running {
 
 impl Running {
     async fn start(database_url: &str) -> Running {
-        let config = UserConfig {
+        Self::with(UserConfig {
             database_url: database_url.to_owned(),
             max_connections: 4,
-        };
+            ..UserConfig::default()
+        })
+        .await
+    }
+
+    async fn with(config: UserConfig) -> Running {
         let service = UserService::bind(&config, ServerConfig::default())
             .await
             .unwrap();
@@ -361,6 +366,99 @@ async fn serves_the_contract_on_postgres() {
     exercise(&pg.url()).await;
 }
 
+/// PostgreSQL restarted under load (fast shutdown: sessions end with
+/// 57P01): callers see UNAVAILABLE with a retry hint, never INTERNAL, and
+/// the service serves again on its own once PostgreSQL is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_under_load_is_unavailable_then_recovers() {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::SeqCst},
+    };
+    let mut pg = trellis_testkit::Postgres::start().unwrap();
+    let service = Running::with(UserConfig {
+        database_url: pg.url(),
+        max_connections: 4,
+        // Calls wait this long for PostgreSQL before failing UNAVAILABLE.
+        acquire_timeout: Duration::from_millis(200),
+    })
+    .await;
+    let mut client = service.client().await;
+    let ada = client
+        .create_user(new_user("ada@example.com", "Ada"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let successes = Arc::new(AtomicU64::new(0));
+    let errors: Arc<Mutex<Vec<Error>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (mut client, id) = (service.client().await, ada.id.clone());
+        let (successes, errors, stop) = (successes.clone(), errors.clone(), stop.clone());
+        load.spawn(async move {
+            while !stop.load(SeqCst) {
+                match client.get_user(GetUserRequest { id: id.clone() }).await {
+                    Ok(_) => {
+                        successes.fetch_add(1, SeqCst);
+                    }
+                    Err(status) => errors.lock().unwrap().push(Error::from(status)),
+                }
+            }
+        });
+    }
+    let wait_for_successes = |at_least: u64, within: Duration| {
+        let successes = successes.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + within;
+            while successes.load(SeqCst) < at_least {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "only {} successful calls within {within:?}",
+                    successes.load(SeqCst)
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    wait_for_successes(50, Duration::from_secs(10)).await;
+
+    // Down for longer than a call waits for a connection: calls fail.
+    tokio::task::block_in_place(|| pg.stop()).unwrap();
+    let failed_before = errors.lock().unwrap().len();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while errors.lock().unwrap().len() < failed_before + 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "calls did not fail while PostgreSQL was down"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::task::block_in_place(|| pg.start_again()).unwrap();
+    let back_at = std::time::Instant::now();
+    let before = successes.load(SeqCst);
+    wait_for_successes(before + 50, Duration::from_secs(15)).await;
+    eprintln!(
+        "serving again {:?} after PostgreSQL accepted connections",
+        back_at.elapsed()
+    );
+    stop.store(true, SeqCst);
+    while load.join_next().await.is_some() {}
+
+    let errors = std::mem::take(&mut *errors.lock().unwrap());
+    assert!(
+        !errors.is_empty(),
+        "no call failed: the restart was never seen by the service"
+    );
+    for err in errors.iter() {
+        assert_eq!(err.code(), Code::Unavailable, "{err}");
+        assert!(err.retry_after().is_some(), "no retry hint on {err}");
+    }
+    eprintln!("{} calls failed, all UNAVAILABLE", errors.len());
+    service.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keeps_users_across_a_restart_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
@@ -490,6 +588,7 @@ async fn refuses_an_unsupported_database_url_naming_it() {
     let config = UserConfig {
         database_url: "mysql://db/shop".into(),
         max_connections: 1,
+        ..UserConfig::default()
     };
     let err = UserService::bind(&config, ServerConfig::default())
         .await
