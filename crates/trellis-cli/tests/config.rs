@@ -145,6 +145,8 @@ async fn settings_change_live_through_etcd_and_bad_ones_never_land() {
         ("user/server.request_timeout", "soon", "invalid duration"),
         ("user/server.colour", "red", "unknown key"),
         ("user/database.max_connections", "0", "between 1 and 1000"),
+        ("user/log.level", "not-a-level", "names no level"),
+        ("user/log.level", "info,chatty", "names no level"),
     ] {
         let out = trellis(&["config", "set", key, value, "--config-source", &source]);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -211,7 +213,26 @@ async fn settings_change_live_through_etcd_and_bad_ones_never_land() {
     )
     .await
     .unwrap();
-    wait_for_config(admin, "the fix", |v| v["config"]["log"]["level"] == "debug").await;
+    let view = wait_for_config(admin, "the fix", |v| v["config"]["log"]["level"] == "debug").await;
+
+    // A level that names no level, written behind the CLI's back, is
+    // refused by the service too (it would have silenced every line).
+    let failures = view["config_reload_failures_total"].as_u64().unwrap();
+    kv.put("/trellis/config/user/log/level", "word", None)
+        .await
+        .unwrap();
+    let view = wait_for_config(admin, "the log level rejection", |v| {
+        v["config_reload_failures_total"].as_u64() == Some(failures + 1)
+    })
+    .await;
+    assert!(
+        view["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("names no level"),
+        "{view}"
+    );
+    assert_eq!(view["config"]["log"]["level"], "debug");
     server.signal(libc::SIGTERM);
     assert_eq!(server.wait(Duration::from_secs(15)).code(), Some(0));
     let stderr = server.stderr();

@@ -475,10 +475,54 @@ pub struct LogControl {
     pinned: bool,
 }
 
+/// The longest log filter accepted, in bytes.
+const MAX_FILTER_BYTES: usize = 4096;
+
+/// Checks a log filter (`log.level`, `RUST_LOG` syntax) before it is
+/// applied: every directive must name a level — `info`, `warn,shop_user=debug`
+/// — because a bare word (`verbose`) is a valid filter that silences every
+/// line but those of a target by that name. The one check `trellis config
+/// set` and a running service both use.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    if filter.len() > MAX_FILTER_BYTES {
+        return Err(format!(
+            "is {} bytes, over the {MAX_FILTER_BYTES}-byte limit",
+            filter.len()
+        ));
+    }
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err("is empty; write a level such as info".into());
+    }
+    for directive in directives {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if level.trim().parse::<LevelFilter>().is_err() {
+            return Err(format!(
+                "directive {} names no level (off, error, warn, info, debug, trace); write info or {}=info",
+                trellis_core::excerpt(directive),
+                trellis_core::excerpt(directive).trim_matches('"'),
+            ));
+        }
+    }
+    EnvFilter::builder()
+        .parse(filter)
+        .map(drop)
+        .map_err(|e| format!("is not a log filter: {e}"))
+}
+
 impl LogControl {
     /// Applies a `log.level` from config, unless `RUST_LOG` pins the filter.
+    /// A filter [`check_log_filter`] refuses is not applied.
     pub fn apply(&self, level: &str) {
         if self.pinned {
+            return;
+        }
+        if let Err(why) = check_log_filter(level) {
+            tracing::warn!(error = %why, "ignoring an invalid log level");
             return;
         }
         match EnvFilter::try_new(level) {
@@ -505,5 +549,38 @@ impl LogControl {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::check_log_filter;
+
+    #[test]
+    fn every_directive_names_a_level() {
+        for ok in [
+            "info",
+            "INFO",
+            "warn,shop_user=debug",
+            "trellis::access=debug",
+            "off",
+            "a[s{f=1}]=trace",
+        ] {
+            assert_eq!(check_log_filter(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "not-a-level",
+            "word",
+            "info,chatty",
+            "",
+            " , ",
+            "a[s{f=1}]",
+            "x=loud",
+        ] {
+            assert!(check_log_filter(bad).is_err(), "{bad:?} was accepted");
+        }
+        let why = check_log_filter("not-a-level").unwrap_err();
+        assert!(why.contains("\"not-a-level\" names no level"), "{why}");
+        assert!(check_log_filter(&"a=info,".repeat(1000)).is_err());
     }
 }

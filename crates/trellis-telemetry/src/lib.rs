@@ -86,7 +86,7 @@ use std::{sync::OnceLock, time::Duration};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub use client::{ClientTelemetry, ClientTelemetryLayer};
-pub use init::{LogControl, LogFormat, Telemetry, TelemetryBuilder};
+pub use init::{LogControl, LogFormat, Telemetry, TelemetryBuilder, check_log_filter};
 pub use red::{Red, RedLayer};
 pub use server::{ServerTrace, ServerTraceLayer};
 pub use settings::{Effective, EnvError, OtlpSettings};

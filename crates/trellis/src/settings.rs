@@ -311,9 +311,18 @@ pub fn follow_rate_limit<T: Send + Sync + 'static>(
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct LogSettings {
-    /// A `RUST_LOG`-style filter, e.g. `info` or `info,shop_user=debug`. Live.
-    /// Default: `info`.
+    /// A `RUST_LOG`-style filter, e.g. `info` or `info,shop_user=debug`;
+    /// every directive names a level ([`trellis_telemetry::check_log_filter`],
+    /// checked as the value is read, so `trellis config set` and the running
+    /// service refuse the same values). Live. Default: `info`.
+    #[serde(deserialize_with = "log_filter")]
     pub level: String,
+}
+
+fn log_filter<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let filter = String::deserialize(d)?;
+    trellis_telemetry::check_log_filter(&filter).map_err(serde::de::Error::custom)?;
+    Ok(filter)
 }
 
 impl Default for LogSettings {
