@@ -83,14 +83,16 @@ fn requests_by_id(channel: &BalancedChannel) -> Vec<(String, u64)> {
     v
 }
 
+/// Waits (up to 10 s) until `f` holds; fails naming `what` if it never does.
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if f() {
-            return;
-        }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after 10 s waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("timed out waiting for {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,8 +181,7 @@ async fn ejects_an_endpoint_that_refuses_connections_and_brings_it_back() {
 
     // The endpoint comes back to life; after the ejection it gets traffic again.
     let _revived = backend_on(dead).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(!dead_ep.is_ejected());
+    until("the 700 ms ejection to end", || !dead_ep.is_ejected()).await;
     for _ in 0..30 {
         call(&channel).await.unwrap();
     }

@@ -64,13 +64,8 @@ async fn a_killed_instance_disappears_after_its_ttl() {
     let killed = Instant::now();
     trellis.signal(libc::SIGKILL);
     trellis.wait(Duration::from_secs(5));
-    // Nobody deregistered it: it stays until the lease expires.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        users.borrow().len(),
-        1,
-        "a crashed instance vanished before its TTL"
-    );
+    // Nobody deregistered it: it stays until the lease expires (the lease
+    // had at least TTL - one renewal interval, ~1.3 s, left at the kill).
     wait_for(&mut users, Duration::from_secs(10), |s| s.is_empty()).await;
     let gone = killed.elapsed();
     eprintln!("SIGKILL -> gone from the registry: {gone:?} (TTL 2 s)");
@@ -131,17 +126,38 @@ async fn a_stopped_instance_disappears_at_once_and_ls_shows_it_before() {
     assert_eq!(trellis.wait(Duration::from_secs(15)).code(), Some(0));
 }
 
-/// Calls ListUsers in a loop from `callers` tasks until `stop`; returns (ok, failed).
+/// Successful calls so far, shared with the callers.
+type Progress = std::sync::Arc<std::sync::atomic::AtomicU64>;
+
+/// Waits (up to 20 s) until `progress` reaches `at_least` successful calls.
+async fn wait_progress(progress: &Progress, at_least: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = progress.load(std::sync::atomic::Ordering::SeqCst);
+        if now >= at_least {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {now} successful calls of {at_least} within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Calls ListUsers in a loop from `callers` tasks until `stop`, counting
+/// successes in `progress`; returns (ok, failed).
 fn call_in_a_loop(
     channel: trellis::TracedChannel,
     callers: usize,
     stop: tokio_util::sync::CancellationToken,
+    progress: Progress,
 ) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
     use shop_user::api::v1::{ListUsersRequest, user_service_client::UserServiceClient};
     tokio::spawn(async move {
         let mut tasks = Vec::new();
         for _ in 0..callers {
-            let (channel, stop) = (channel.clone(), stop.clone());
+            let (channel, stop, progress) = (channel.clone(), stop.clone(), progress.clone());
             tasks.push(tokio::spawn(async move {
                 let mut client = UserServiceClient::new(channel);
                 let (mut ok, mut failed) = (0u64, Vec::new());
@@ -153,7 +169,10 @@ fn call_in_a_loop(
                         })
                         .await
                     {
-                        Ok(_) => ok += 1,
+                        Ok(_) => {
+                            ok += 1;
+                            progress.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
                         Err(status) => {
                             failed.push(format!("{:?}: {}", status.code(), status.message()))
                         }
@@ -184,19 +203,24 @@ async fn clients_see_no_failed_call_while_an_instance_stops_with_sigterm() {
     let channel = trellis::client(&registry, "user").await.unwrap();
     let mut users = registry.watch("user").await.unwrap();
     wait_for(&mut users, Duration::from_secs(10), |s| s.len() == 2).await;
-    for _ in 0..200 {
-        if channel.get_ref().endpoints().len() == 2 {
-            break;
-        }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while channel.get_ref().endpoints().len() != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the client never saw both instances"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
     let stop = tokio_util::sync::CancellationToken::new();
-    let calls = call_in_a_loop(channel.clone(), 8, stop.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let progress = Progress::default();
+    let calls = call_in_a_loop(channel.clone(), 8, stop.clone(), progress.clone());
+    // Calls flow to both before the stop, and go on after it.
+    wait_progress(&progress, 100).await;
     first.signal(libc::SIGTERM);
     assert_eq!(first.wait(Duration::from_secs(15)).code(), Some(0));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_exit = progress.load(std::sync::atomic::Ordering::SeqCst);
+    wait_progress(&progress, after_exit + 100).await;
     stop.cancel();
     let (ok, failed) = calls.await.unwrap();
     eprintln!("calls during the stop: {ok} ok, {} failed", failed.len());
@@ -226,9 +250,12 @@ async fn clients_call_cached_endpoints_while_etcd_is_down_and_instances_reregist
 
     etcd.stop();
     let stop = tokio_util::sync::CancellationToken::new();
-    let calls = call_in_a_loop(channel.clone(), 2, stop.clone());
-    // Longer than the TTL: nothing in the client depends on etcd being up.
+    let progress = Progress::default();
+    let calls = call_in_a_loop(channel.clone(), 2, stop.clone(), progress.clone());
+    // An outage longer than the TTL (real time is the point here): nothing
+    // in the client depends on etcd being up.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_progress(&progress, 11).await;
     stop.cancel();
     let (ok, failed) = calls.await.unwrap();
     assert!(

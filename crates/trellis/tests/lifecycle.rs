@@ -95,28 +95,54 @@ async fn health_reports_not_serving_then_serving_then_not_serving() {
     assert_eq!(*lifecycle.borrow(), State::Stopped);
 }
 
-fn slow_server_router() -> axum::Router {
+/// `/slow` answers after 800 ms, `/forever` never; each says on `arrived`
+/// when a request reaches it, so a test knows the server has it in flight.
+fn slow_server_router(arrived: tokio::sync::mpsc::UnboundedSender<&'static str>) -> axum::Router {
+    let also = arrived.clone();
     axum::Router::new()
         .route(
             "/slow",
-            axum::routing::get(|| async {
+            axum::routing::get(move || async move {
+                let _ = arrived.send("slow");
                 tokio::time::sleep(Duration::from_millis(800)).await;
                 "done"
             }),
         )
         .route(
             "/forever",
-            axum::routing::get(|| async {
-                tokio::time::sleep(Duration::from_secs(3600)).await;
+            axum::routing::get(move || async move {
+                let _ = also.send("forever");
+                std::future::pending::<()>().await;
                 "never"
             }),
         )
 }
 
+/// Waits (up to 10 s) for the next request to reach a handler.
+async fn reached(arrived: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>) -> &'static str {
+    tokio::time::timeout(Duration::from_secs(10), arrived.recv())
+        .await
+        .expect("the request never reached the server")
+        .expect("the router is gone")
+}
+
+/// Waits (up to 10 s) until `addr` refuses connections.
+async fn refused(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr} still accepts connections 10 s after draining began"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_finishes_in_flight_and_refuses_new_connections() {
+    let (tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
     let server = GrpcHttpServer::builder(ServerConfig::default())
-        .http_router(slow_server_router())
+        .http_router(slow_server_router(tx))
         .bind()
         .await
         .unwrap();
@@ -130,17 +156,11 @@ async fn drain_finishes_in_flight_and_refuses_new_connections() {
     .await;
 
     let in_flight = tokio::spawn(http::get(addr, "/slow"));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(reached(&mut arrived).await, "slow");
     let started = std::time::Instant::now();
     running.begin_stop();
     running.wait_for(State::Draining).await;
-    // Give the accept loop a moment to close the listener.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let refused = tokio::net::TcpStream::connect(addr).await;
-    assert!(
-        refused.is_err(),
-        "a new connection was accepted after draining began"
-    );
+    refused(addr).await;
 
     let response = in_flight.await.unwrap().unwrap();
     assert_eq!(response.status, 200);
@@ -155,8 +175,9 @@ async fn drain_finishes_in_flight_and_refuses_new_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_cuts_requests_that_outlive_the_shutdown_timeout() {
+    let (tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
     let server = GrpcHttpServer::builder(ServerConfig::default())
-        .http_router(slow_server_router())
+        .http_router(slow_server_router(tx))
         .bind()
         .await
         .unwrap();
@@ -169,7 +190,8 @@ async fn drain_cuts_requests_that_outlive_the_shutdown_timeout() {
     )
     .await;
     let stuck = tokio::spawn(http::get(addr, "/forever"));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // In flight on the server, so it is the drain that must cut it.
+    assert_eq!(reached(&mut arrived).await, "forever");
 
     let started = std::time::Instant::now();
     tokio::time::timeout(Duration::from_secs(3), running.stop())
@@ -177,7 +199,10 @@ async fn drain_cuts_requests_that_outlive_the_shutdown_timeout() {
         .expect("app did not stop near its deadline")
         .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(500));
-    let cut = stuck.await.unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(5), stuck)
+        .await
+        .expect("the cut request's client is still waiting")
+        .unwrap();
     assert!(
         cut.is_err() || cut.as_ref().is_ok_and(|r| r.status != 200),
         "stuck request completed: {cut:?}"
@@ -205,8 +230,9 @@ async fn failing_start_hook_stops_the_app_with_its_stage() {
 async fn request_timeout_answers_504_and_follows_live_changes() {
     let mut config = ServerConfig::default();
     config.limits.request_timeout = Some(Duration::from_millis(100));
+    let (tx, _arrived) = tokio::sync::mpsc::unbounded_channel();
     let server = GrpcHttpServer::builder(config)
-        .http_router(slow_server_router())
+        .http_router(slow_server_router(tx))
         .bind()
         .await
         .unwrap();
@@ -238,16 +264,26 @@ async fn registers_when_ready_and_deregisters_before_the_listener_closes() {
         .unwrap();
     let addr = server.local_addr();
     let (gate_tx, gate_rx) = oneshot::channel::<()>();
+    let (entered_tx, entered_rx) = oneshot::channel::<()>();
     let app = App::builder("reg-test")
         .version("1.2.3")
         .zone("z1")
         .registry(std::sync::Arc::new(registry.clone()))
         .server(server)
-        .after_start(|| async move { gate_rx.await.map_err(|e| e.to_string()) })
+        .after_start(|| async move {
+            let _ = entered_tx.send(());
+            gate_rx.await.map_err(|e| e.to_string())
+        })
         .pre_stop_delay(Duration::from_millis(800))
         .build();
     let mut running = Running::spawn(app);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Everything before Ready has run (the listener serves, the last start
+    // hook is waiting): an early registration would be visible now.
+    tokio::time::timeout(Duration::from_secs(10), entered_rx)
+        .await
+        .expect("the after_start hook never ran")
+        .unwrap();
+    assert_eq!(http::get(addr, "/livez").await.unwrap().status, 200);
     assert!(instances.borrow().is_empty(), "registered before Ready");
 
     gate_tx.send(()).unwrap();

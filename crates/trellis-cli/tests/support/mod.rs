@@ -3,19 +3,52 @@
 #![allow(dead_code)]
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read},
     process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-/// A `trellis` child process, killed if the test ends early.
-pub struct Trellis(Child, BufReader<std::process::ChildStdout>);
+/// A `trellis` child process, killed if the test ends early. Its stderr is
+/// drained by a thread from the start (a full pipe would block the server
+/// mid-log line) and kept for [`Trellis::stderr`].
+pub struct Trellis(
+    Child,
+    BufReader<std::process::ChildStdout>,
+    Arc<Mutex<String>>,
+    Option<JoinHandle<()>>,
+);
 
 impl Drop for Trellis {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Reads `stderr` to its end into a shared buffer, on a thread of its own.
+fn drain(
+    stderr: Option<std::process::ChildStderr>,
+) -> (Arc<Mutex<String>>, Option<JoinHandle<()>>) {
+    let buffer = Arc::new(Mutex::new(String::new()));
+    let reader = stderr.map(|mut stderr| {
+        let buffer = buffer.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            while let Ok(n) = stderr.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&chunk[..n]);
+                buffer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_str(&text);
+            }
+        })
+    });
+    (buffer, reader)
 }
 
 impl Trellis {
@@ -41,16 +74,16 @@ impl Trellis {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // One reader for the life of the child: a reader per call could
-        // buffer (and lose) lines past the one it returns.
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Trellis(child, stdout)
+        Self::from_child(child)
     }
 
     /// Wraps a child spawned by the test itself (stdout and stderr piped).
     pub fn from_child(mut child: Child) -> Trellis {
+        // One reader for the life of the child: a reader per call could
+        // buffer (and lose) lines past the one it returns.
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        Trellis(child, stdout)
+        let (stderr, reader) = drain(child.stderr.take());
+        Trellis(child, stdout, stderr, reader)
     }
 
     /// Reads stdout until a line starting with `prefix`, returns that line.
@@ -59,24 +92,30 @@ impl Trellis {
         loop {
             line.clear();
             let n = self.1.read_line(&mut line).unwrap();
-            assert!(
-                n > 0,
-                "trellis exited before printing {prefix:?}: {}",
-                self.stderr()
-            );
+            if n == 0 {
+                // stdout closed: the process is exiting; let it finish so
+                // the whole of stderr is there to show.
+                let status = self.wait(Duration::from_secs(10));
+                panic!(
+                    "trellis exited ({status}) before printing {prefix:?}: {}",
+                    self.stderr()
+                );
+            }
             if line.starts_with(prefix) {
                 return line;
             }
         }
     }
 
+    /// Everything the child wrote to stderr so far; all of it once the
+    /// child has exited.
     pub fn stderr(&mut self) -> String {
-        use std::io::Read;
-        let mut s = String::new();
-        if let Some(mut e) = self.0.stderr.take() {
-            let _ = e.read_to_string(&mut s);
+        if matches!(self.0.try_wait(), Ok(Some(_)))
+            && let Some(reader) = self.3.take()
+        {
+            let _ = reader.join();
         }
-        s
+        self.2.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn signal(&self, signal: i32) {
