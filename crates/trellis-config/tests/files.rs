@@ -8,7 +8,17 @@ use support::{Settings, count_reloads, eventually, reloads};
 use trellis_config::Config;
 
 /// Longer than the debounce: anything still to come would have come.
-const SETTLE: Duration = Duration::from_millis(700);
+/// Proves the watcher has handled every earlier event, without sleeping:
+/// writes a last, distinct change and waits for it to apply. File events
+/// reach the pipeline in order, so once the marker is in force nothing
+/// written before it is still waiting to cause a reload.
+async fn marker(file: &std::path::Path, config: &trellis_config::Config<support::Settings>) {
+    fs::write(file, "workers = 42\n").unwrap();
+    eventually("the marker change", Duration::from_secs(5), || {
+        config.current().config.workers == 42
+    })
+    .await;
+}
 
 fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
     vars.iter()
@@ -148,8 +158,12 @@ async fn atomic_rename_save_reloads_exactly_once() {
         config.current().config.workers == 3
     })
     .await;
-    tokio::time::sleep(SETTLE).await;
-    assert_eq!(reloads(&count), 1);
+    marker(&file, &config).await;
+    assert_eq!(
+        reloads(&count),
+        2,
+        "one reload for the save, one for the marker"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,9 +190,13 @@ async fn in_place_write_reloads_exactly_once() {
         config.current().config.name == "edited"
     })
     .await;
-    tokio::time::sleep(SETTLE).await;
-    assert_eq!(reloads(&count), 1);
     assert_eq!(config.current().config.workers, 3);
+    marker(&file, &config).await;
+    assert_eq!(
+        reloads(&count),
+        2,
+        "one reload for the whole save (none for the half-written file), one for the marker"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,8 +222,12 @@ async fn an_editors_swap_and_backup_dance_reloads_exactly_once() {
         config.current().config.workers == 5
     })
     .await;
-    tokio::time::sleep(SETTLE).await;
-    assert_eq!(reloads(&count), 1);
+    marker(&file, &config).await;
+    assert_eq!(
+        reloads(&count),
+        2,
+        "one reload for the save, one for the marker"
+    );
     assert_eq!(
         config.reload_failures(),
         0,
@@ -231,9 +253,8 @@ async fn temp_files_alone_cause_no_reload() {
     }
     // Touching the file without changing it is not a reload either.
     fs::write(&file, "workers = 2\n").unwrap();
-    tokio::time::sleep(SETTLE).await;
-    assert_eq!(reloads(&count), 0);
-    assert_eq!(config.current().config.workers, 2);
+    marker(&file, &config).await;
+    assert_eq!(reloads(&count), 1, "only the marker reloaded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,6 +101,8 @@ async fn watchers_keep_the_last_set_while_etcd_is_down_and_resume_after() {
     wait_until(&mut users, Duration::from_secs(5), "a", |s| s.len() == 1).await;
 
     etcd.stop();
+    // An outage that lasts (real time is the point here: the mirror goes
+    // through failed resumes meanwhile) must not empty the set.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         ids(&users.borrow()),

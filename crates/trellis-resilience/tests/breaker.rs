@@ -316,8 +316,18 @@ async fn a_breaker_opens_under_an_error_burst_and_closes_when_the_upstream_recov
     );
 
     upstream.hop.failing.store(false, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(350)).await;
-    for _ in 0..5 {
+    // Open for 300 ms: calls keep failing fast (never reaching the
+    // upstream) until the first probe goes through.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Err(err) = support::call(&mut client).await {
+        assert!(err.message().contains("circuit open"), "{err}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the breaker never let a probe through"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..4 {
         support::call(&mut client).await.unwrap();
     }
     assert_eq!(

@@ -47,12 +47,19 @@ async fn three_instances_share_one_budget() {
     for t in tasks {
         total += t.await.unwrap();
     }
+    // Requests went out for exactly `window`; the last answers may land a
+    // little later (`elapsed`), under a loaded machine more so. One budget
+    // admits 50 + 100/s over that time; three separate budgets would admit
+    // three times as much.
+    let window = (until - started).as_secs_f64();
     let elapsed = started.elapsed().as_secs_f64();
-    let expected = 50.0 + 100.0 * elapsed;
-    eprintln!("3 instances admitted {total} in {elapsed:.2}s; a single limit allows {expected:.0}");
+    let (low, high) = (50.0 + 100.0 * window, 50.0 + 100.0 * elapsed);
+    eprintln!(
+        "3 instances admitted {total} in {window:.2}-{elapsed:.2}s; one limit allows {low:.0}-{high:.0}"
+    );
     assert!(
-        (f64::from(total) - expected).abs() <= expected * 0.05 + 2.0,
-        "admitted {total}, expected ~{expected:.0}"
+        f64::from(total) >= low * 0.95 - 2.0 && f64::from(total) <= high * 1.05 + 2.0,
+        "admitted {total}, expected {low:.0}-{high:.0}"
     );
 }
 
@@ -73,7 +80,7 @@ async fn when_redis_dies_the_fallback_decides_without_stalling() {
 
     redis.engine().kill();
     let started = Instant::now();
-    let decisions: Vec<Decision> = futures_collect(&with_local, 20).await;
+    let decisions: Vec<Decision> = futures_collect(&with_local, 100).await;
     let allowed = decisions.iter().filter(|d| **d == Decision::Allow).count();
     // One timeout, then straight to the fallback: its burst of 5 (a sixth
     // if a refill lands inside the test), then denial.
@@ -81,15 +88,17 @@ async fn when_redis_dies_the_fallback_decides_without_stalling() {
         (5..=6).contains(&allowed),
         "the local fallback's burst, then denial: {decisions:?}"
     );
-    for _ in 0..10 {
+    for _ in 0..100 {
         assert_eq!(allow.check(Some("k")).await, Decision::Allow);
         assert!(matches!(deny.check(Some("k")).await, Decision::Deny { .. }));
     }
     let took = started.elapsed();
-    eprintln!("40 decisions with redis down took {took:?}");
-    // Three limiters, one timeout each (50 ms) at most: no per-request stall.
+    eprintln!("300 decisions with redis down took {took:?}");
+    // Three limiters, one timeout each (50 ms) at most; a stall per request
+    // would take 300 × 50 ms = 15 s. The bound is generous for a loaded
+    // machine and still far below that.
     assert!(
-        took < Duration::from_millis(500),
+        took < Duration::from_secs(3),
         "a dead redis stalled the limiter: {took:?}"
     );
 }

@@ -66,16 +66,11 @@ async fn the_budget_bounds_what_retries_add_to_a_failing_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transient_failure_is_retried_into_a_success() {
     let upstream = support::serve(support::hop(Duration::ZERO, None)).await;
-    upstream.hop.failing.store(true, Ordering::SeqCst);
-    let failing = upstream.hop.failing.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        failing.store(false, Ordering::SeqCst);
-    });
+    upstream.hop.fail_next.store(1, Ordering::SeqCst);
     let mut client = retrying(
         upstream.addr,
         Arc::new(RetryBudget::new(0.2, 10)),
-        Backoff::Fixed(Duration::from_millis(60)),
+        Backoff::Fixed(Duration::from_millis(10)),
     );
     support::call(&mut client).await.unwrap();
     assert_eq!(
@@ -98,10 +93,12 @@ async fn a_connection_refused_is_retried_until_the_attempts_run_out() {
     let err = support::call(&mut client).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     // Three attempts mean two 150 ms waits between them; without retries
-    // a refused connection fails in about a millisecond.
+    // a refused connection fails in about a millisecond. (A lower bound the
+    // waits guarantee, however loaded the machine.)
+    let took = started.elapsed();
+    eprintln!("three attempts on a refused port took {took:?}");
     assert!(
-        started.elapsed() >= Duration::from_millis(300),
-        "no retries happened: {:?}",
-        started.elapsed()
+        took >= Duration::from_millis(300),
+        "no retries happened: {took:?}"
     );
 }

@@ -100,13 +100,7 @@ async fn a_bulkhead_sheds_exactly_what_exceeds_it_on_both_faces() {
     let held: Vec<_> = (0..3)
         .map(|_| tokio::spawn(http::get(addr, "/hold")))
         .collect();
-    for _ in 0..100 {
-        if limit.in_flight() == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(limit.in_flight(), 3);
+    support::until("three requests held", || limit.in_flight() == 3).await;
     assert_eq!(http::get(addr, "/hold").await.unwrap().status, 503);
     let err = support::call(&mut support::client(addr, None))
         .await

@@ -21,6 +21,7 @@ async fn etcd_starts_and_answers_health() {
 
 #[tokio::test]
 async fn nats_starts_with_jetstream() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let nats = Nats::start().unwrap();
     let res = http::get(nats.monitor_addr(), "/jsz").await.unwrap();
     assert_eq!(res.status, 200);
@@ -29,7 +30,20 @@ async fn nats_starts_with_jetstream() {
         "JetStream not enabled: {}",
         res.body
     );
-    assert!(nats.url().starts_with("nats://127.0.0.1:"));
+    // The client port speaks NATS: INFO (announcing JetStream), then
+    // PONG for a PING.
+    let addr = nats.url().trim_start_matches("nats://").to_owned();
+    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let info = lines.next_line().await.unwrap().unwrap();
+    assert!(info.starts_with("INFO "), "{info}");
+    assert!(info.contains("\"jetstream\":true"), "{info}");
+    write
+        .write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n")
+        .await
+        .unwrap();
+    assert_eq!(lines.next_line().await.unwrap().unwrap(), "PONG");
 }
 
 #[tokio::test]
@@ -48,12 +62,54 @@ async fn redis_starts_and_answers_ping() {
     assert_eq!(got, b"+OK\r\n$1\r\nv\r\n");
 }
 
+/// Runs `sql` with psql as the `postgres` role; returns its output.
+fn psql(pg: &Postgres, sql: &str) -> String {
+    let bin = trellis_testkit::find_binary("psql", "apt-get install -y postgresql-client").unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["-h", "127.0.0.1", "-p", &pg.addr().port().to_string()])
+        .args([
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-Atc",
+            sql,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql {sql:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 #[tokio::test]
 async fn postgres_starts_as_the_postgres_user() {
     let mut pg = Postgres::start().unwrap();
     assert!(pg.url().starts_with("postgres://postgres@127.0.0.1:"));
+    // A query, as the postgres role, on a server that is not root's.
+    assert_eq!(psql(&pg, "select current_user"), "postgres");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pg.engine().pid())).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap();
+    assert_ne!(uid, "0", "postgres runs as root");
+
+    // A restart keeps the data and the port.
+    psql(
+        &pg,
+        "create table kept (v int); insert into kept values (7)",
+    );
+    pg.restart().unwrap();
+    assert_eq!(psql(&pg, "select v from kept"), "7");
+
     let addr = pg.addr();
-    assert!(TcpStream::connect(addr).is_ok());
     pg.engine().kill();
     assert!(gone(addr), "postgres still listening after kill");
 }

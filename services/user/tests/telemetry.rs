@@ -245,7 +245,12 @@ async fn a_call_across_three_services_is_one_trace_with_baggage_and_correlated_l
 
     // bff: REST, calling user through discovery.
     let channel = trellis::client(&registry, "user").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while channel.get_ref().endpoints().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bff never discovered user"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let bff_router = Router::new()
@@ -542,8 +547,9 @@ async fn a_call_across_three_services_is_one_trace_with_baggage_and_correlated_l
             "{service} in {fresh:#?}"
         );
     }
+    // A flush waits for the collector's answer to whatever it exports, so
+    // anything still being exported would be in the receiver now.
     telemetry.flush().await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         receiver.spans().len(),
         before,

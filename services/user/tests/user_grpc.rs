@@ -632,17 +632,19 @@ async fn the_default_stack_rate_limits_live_from_config_and_the_resilient_client
     let channel = trellis::resilient_client(&registry, "user-stack")
         .await
         .unwrap();
-    for _ in 0..200 {
-        if !channel
-            .get_ref()
-            .get_ref()
-            .get_ref()
-            .get_ref()
-            .endpoints()
-            .is_empty()
-        {
-            break;
-        }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while channel
+        .get_ref()
+        .get_ref()
+        .get_ref()
+        .get_ref()
+        .endpoints()
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client never discovered the service"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut client = UserServiceClient::new(channel);
@@ -667,12 +669,20 @@ async fn the_default_stack_rate_limits_live_from_config_and_the_resilient_client
     })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
     let mut direct = UserServiceClient::new(
         trellis::transport::connect(&addr.to_string(), &Default::default())
             .await
             .unwrap(),
     );
+    // The limiter follows the config on a task of its own: the first
+    // limited call says it has.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while direct.list_users(list()).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no call was limited 5 s after the limit applied"
+        );
+    }
     let results: Vec<Result<_, tonic::Status>> = futures_in_order(&mut direct, 4).await;
     let limited = results
         .iter()
@@ -702,7 +712,14 @@ async fn the_default_stack_rate_limits_live_from_config_and_the_resilient_client
     })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while direct.list_users(list()).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "calls were still limited 5 s after the limit was lifted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for _ in 0..10 {
         direct.list_users(list()).await.unwrap();
     }

@@ -12,7 +12,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -45,8 +45,22 @@ type NextHop = Arc<
 pub struct Hop {
     pub delay: Duration,
     pub failing: Arc<AtomicBool>,
+    /// Fail this many more calls, then serve.
+    pub fail_next: Arc<AtomicU32>,
     pub next: Option<NextHop>,
     pub seen: Arc<Mutex<Vec<Option<Duration>>>>,
+    /// Handler runs that are over: answered, or dropped unanswered (a
+    /// deadline cut them).
+    pub ended: Arc<AtomicU32>,
+}
+
+/// Counts a handler run as ended however it ends.
+struct Ended(Arc<AtomicU32>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 impl NamedService for Hop {
@@ -81,9 +95,14 @@ impl tonic::server::UnaryService<Call> for Handler {
     fn call(&mut self, _request: Request<Call>) -> Self::Future {
         let hop = self.0.clone();
         Box::pin(async move {
+            let _ended = Ended(hop.ended.clone());
             let budget = trellis_core::deadline::remaining();
             hop.seen.lock().unwrap().push(budget);
-            if hop.failing.load(Ordering::SeqCst) {
+            let fail_once = hop
+                .fail_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if hop.failing.load(Ordering::SeqCst) || fail_once {
                 return Err(Status::unavailable("hop is failing"));
             }
             tokio::time::sleep(hop.delay).await;
@@ -154,6 +173,18 @@ pub async fn serve(hop: Hop) -> Running {
     }
 }
 
+/// Waits (up to 10 s) until `f` holds; fails naming `what` if it never does.
+pub async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after 10 s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Binds `builder` and serves it as Ready until the token is cancelled (or
 /// the lifecycle dropped).
 pub async fn start(
@@ -175,6 +206,8 @@ pub fn hop(delay: Duration, next: Option<SocketAddr>) -> Hop {
     Hop {
         delay,
         failing: Arc::new(AtomicBool::new(false)),
+        fail_next: Arc::new(AtomicU32::new(0)),
+        ended: Arc::new(AtomicU32::new(0)),
         // Each hop calls on with no timeout of its own: only the inherited deadline.
         next: next.map(|a| Arc::new(tokio::sync::Mutex::new(client(a, None)))),
         seen: Arc::new(Mutex::new(Vec::new())),
