@@ -69,7 +69,7 @@ impl Trellis {
         if let Some(level) = rust_log {
             command.env("RUST_LOG", level);
         }
-        let mut child = command
+        let child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
