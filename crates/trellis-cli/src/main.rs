@@ -422,9 +422,9 @@ async fn prepare(
 
 fn openapi(service: Service, out: Option<&std::path::Path>) -> Result<(), String> {
     let (descriptors, name) = service.descriptors();
-    let transcoder = trellis::transport::transcode::Transcoder::new(&[descriptors], &[name])
-        .map_err(|e| e.to_string())?;
-    let doc = trellis::transport::transcode::openapi(&transcoder);
+    let transcoder =
+        trellis::transcode::Transcoder::new(&[descriptors], &[name]).map_err(|e| e.to_string())?;
+    let doc = trellis::transcode::openapi(&transcoder);
     let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
     match out {
         Some(path) => std::fs::write(path, text + "\n")

@@ -138,8 +138,15 @@ async fn prometheus_scrapes_red_metrics_that_promtool_accepts() {
     assert_eq!(server.wait(Duration::from_secs(15)).code(), Some(0));
 }
 
+/// Series at /metrics: lines that are not comments.
+fn series(text: &str) -> usize {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_methods_do_not_become_labels() {
+async fn a_thousand_random_requests_add_a_bounded_number_of_series() {
     let data = tempfile::tempdir().unwrap();
     let listen: SocketAddr = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap())
         .parse()
@@ -158,35 +165,70 @@ async fn unknown_methods_do_not_become_labels() {
         data.path().to_str().unwrap(),
     ]);
     server.line_starting_with("user serving");
+    // One of each kind first, so the series they create are counted before.
+    let warm = http::get(listen, "/v1/users/warm").await.unwrap();
+    assert_eq!(warm.status, 400, "{}", warm.body);
+    let before = series(&http::get(admin, "/metrics").await.unwrap().body);
+
     let channel = trellis::transport::connect(&listen.to_string(), &Default::default())
         .await
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
-    for i in 0..20 {
-        grpc.ready().await.unwrap();
-        let path: ::http::uri::PathAndQuery = format!("/shop.user.v1.UserService/Made{i}Up")
-            .parse()
-            .unwrap();
-        let codec = tonic_prost::ProstCodec::<ListUsersRequest, ListUsersRequest>::default();
-        let err = grpc
-            .unary(
-                tonic::Request::new(ListUsersRequest::default()),
-                path,
-                codec,
-            )
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unimplemented);
+    for i in 0..1000u32 {
+        match i % 4 {
+            // A random id on a real route: its template, not the path.
+            0 => {
+                let res = http::get(listen, &format!("/v1/users/{i}x")).await.unwrap();
+                assert_eq!(res.status, 400);
+            }
+            // A made-up HTTP method.
+            1 => {
+                let res = http::request(listen, &format!("BREW{i}"), "/v1/users", None)
+                    .await
+                    .unwrap();
+                assert_eq!(res.status, 405, "{}", res.body);
+            }
+            // A path no route matches.
+            2 => {
+                let res = http::get(listen, &format!("/nowhere/{i}")).await.unwrap();
+                assert_eq!(res.status, 404);
+            }
+            // A gRPC method the service does not have.
+            _ => {
+                grpc.ready().await.unwrap();
+                let path: ::http::uri::PathAndQuery =
+                    format!("/shop.user.v1.UserService/Made{i}Up")
+                        .parse()
+                        .unwrap();
+                let codec =
+                    tonic_prost::ProstCodec::<ListUsersRequest, ListUsersRequest>::default();
+                let err = grpc
+                    .unary(
+                        tonic::Request::new(ListUsersRequest::default()),
+                        path,
+                        codec,
+                    )
+                    .await
+                    .unwrap_err();
+                assert_eq!(err.code(), tonic::Code::Unimplemented);
+            }
+        }
     }
     let text = http::get(admin, "/metrics").await.unwrap().body;
+    let added = series(&text) - before;
+    eprintln!("1000 random requests added {added} series ({before} before)");
+    assert!(added < 80, "{added} new series:\n{text}");
+    for leaked in ["Made1Up", "BREW1", "/nowhere/2", "/v1/users/4x"] {
+        assert!(!text.contains(leaked), "{leaked} became a label:\n{text}");
+    }
     assert!(
-        !text.contains("MadeUp") && !text.contains("Made1Up"),
+        text.contains(
+            "rpc_service=\"_OTHER\",rpc_method=\"_OTHER\",rpc_grpc_status_code=\"12\"} 250"
+        ),
         "{text}"
     );
-    assert!(
-        text.contains("rpc_method=\"unknown\",rpc_grpc_status_code=\"12\"} 20"),
-        "{text}"
-    );
+    assert!(text.contains("http_request_method=\"_OTHER\""), "{text}");
+    assert!(text.contains("http_route=\"/v1/users/{id}\""), "{text}");
     server.signal(libc::SIGTERM);
     server.wait(Duration::from_secs(15));
 }

@@ -64,6 +64,7 @@ pub struct Error {
     message: String,
     metadata: BTreeMap<String, String>,
     retry_after: Option<Duration>,
+    http_status: Option<StatusCode>,
 }
 
 impl Error {
@@ -92,6 +93,7 @@ impl Error {
             message: bounded(message.into(), MAX_MESSAGE_BYTES),
             metadata: BTreeMap::new(),
             retry_after: None,
+            http_status: None,
         }
     }
 
@@ -141,6 +143,15 @@ impl Error {
         self
     }
 
+    /// The HTTP status to answer with instead of the code's own (builder
+    /// style): 413 for a body over its limit, 415 for a body that is not
+    /// JSON, 405 for a method a route does not take. The code stays what
+    /// gRPC clients see.
+    pub fn with_http_status(mut self, status: StatusCode) -> Self {
+        self.http_status = Some(status);
+        self
+    }
+
     /// When a retry may succeed, if the error says.
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after
@@ -168,7 +179,8 @@ impl Error {
 
     /// The HTTP status this error maps to.
     pub fn http_status(&self) -> StatusCode {
-        code_to_http_status(self.code)
+        self.http_status
+            .unwrap_or_else(|| code_to_http_status(self.code))
     }
 
     /// The JSON body an HTTP client receives.
@@ -205,6 +217,11 @@ impl Error {
                 message: bounded(parsed.message, MAX_MESSAGE_BYTES),
                 metadata: parsed.metadata,
                 retry_after: None,
+                // A status other than the code's own (413 for
+                // RESOURCE_EXHAUSTED) is kept, so the error is rendered again as it came.
+                http_status: (status != code_to_http_status(code)
+                    && (status.is_client_error() || status.is_server_error()))
+                .then_some(status),
             };
         }
         let code = code_from_http_status(status);
@@ -270,10 +287,13 @@ fn code_from_json<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::E
     })
 }
 
-impl axum_core::response::IntoResponse for Error {
-    fn into_response(self) -> axum_core::response::Response {
+impl Error {
+    /// The HTTP response an HTTP client receives: the status, the JSON body,
+    /// `Retry-After` when the error carries a retry hint. Generic over the
+    /// body type, so any HTTP stack can send it.
+    pub fn to_http_response<B: From<Bytes>>(&self) -> http::Response<B> {
         let body = serde_json::to_vec(&self.to_body()).unwrap_or_else(|_| b"{}".to_vec());
-        let mut response = axum_core::response::Response::new(axum_core::body::Body::from(body));
+        let mut response = http::Response::new(B::from(Bytes::from(body)));
         *response.status_mut() = self.http_status();
         response.headers_mut().insert(
             http::header::CONTENT_TYPE,
@@ -287,6 +307,12 @@ impl axum_core::response::IntoResponse for Error {
                 .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
         }
         response
+    }
+}
+
+impl axum_core::response::IntoResponse for Error {
+    fn into_response(self) -> axum_core::response::Response {
+        self.to_http_response()
     }
 }
 
@@ -402,6 +428,7 @@ impl From<tonic::Status> for Error {
             message: bounded(status.message().to_owned(), MAX_MESSAGE_BYTES),
             metadata,
             retry_after,
+            http_status: None,
         }
     }
 }
@@ -582,6 +609,22 @@ mod tests {
         let response = axum_core::response::IntoResponse::into_response(err);
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[http::header::RETRY_AFTER], "2");
+    }
+
+    #[test]
+    fn an_http_status_of_its_own_survives_a_round_trip_over_http() {
+        let err = Error::new(Code::ResourceExhausted, "BODY_TOO_LARGE", "too big")
+            .with_http_status(StatusCode::PAYLOAD_TOO_LARGE);
+        let response: http::Response<Bytes> = err.to_http_response();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let back = Error::from_http(response.status(), response.body());
+        assert_eq!(back.code(), Code::ResourceExhausted);
+        assert_eq!(back.http_status(), StatusCode::PAYLOAD_TOO_LARGE);
+        // Over gRPC the code is what travels.
+        assert_eq!(
+            Error::from(tonic::Status::from(err)).http_status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
     }
 
     #[test]

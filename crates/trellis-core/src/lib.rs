@@ -25,6 +25,7 @@
 pub mod deadline;
 mod error;
 pub mod lifecycle;
+pub mod protocol;
 mod secret;
 mod server;
 
@@ -41,8 +42,10 @@ pub use server::{BoxError, Drain, Server, ServerFuture};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
-/// The route template a request matched, when the router that matched it is
-/// not axum's (transcoded REST routes): set on the response, so metrics and
-/// traces label the request `/v1/users/{id}`, never the raw path.
+/// The route template a request matched (`/v1/users/{id}`, or a gRPC
+/// method's `/package.Service/Method`): a bounded label, so metrics, rate
+/// limits and traces never key on the raw path. Routers that match before
+/// the layers run put it in the request's extensions; the transcoder also
+/// sets it on its response.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RouteTemplate(pub std::sync::Arc<str>);

@@ -233,7 +233,10 @@ impl Limiter for LocalLimiter {
 pub enum KeyBy {
     /// One budget for everything through the layer.
     Global,
-    /// Per route: the request path (a gRPC method).
+    /// Per route: the route template the server matched
+    /// (`/v1/users/{id}`, a gRPC method's `/package.Service/Method`), never
+    /// the raw path, so keys stay a bounded set; a request no route
+    /// matched shares one budget.
     Route,
     /// Per client IP (from the connection; set by the Trellis server).
     ClientIp,
@@ -246,7 +249,12 @@ impl KeyBy {
     fn key<B>(&self, req: &Request<B>) -> Option<String> {
         match self {
             KeyBy::Global => None,
-            KeyBy::Route => Some(req.uri().path().to_owned()),
+            KeyBy::Route => Some(
+                req.extensions()
+                    .get::<trellis_core::RouteTemplate>()
+                    .map(|t| t.0.to_string())
+                    .unwrap_or_else(|| trellis_core::protocol::OTHER.to_owned()),
+            ),
             KeyBy::ClientIp => Some(
                 req.extensions()
                     .get::<PeerAddr>()

@@ -18,7 +18,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::{
     pipeline::{self, SAMPLER},
     propagation,
-    server::{grpc_code, grpc_parts, is_grpc},
+    server::{grpc_parts, is_grpc},
 };
 
 /// Traces, propagates and measures outbound gRPC and HTTP calls:
@@ -103,7 +103,7 @@ where
             }
         } else {
             Kind::Http {
-                method: req.method().as_str().to_owned(),
+                method: trellis_core::protocol::method_label(req.method()).to_owned(),
                 address,
             }
         };
@@ -174,9 +174,11 @@ impl Kind {
         match self {
             Kind::Grpc { service, method } => {
                 let code = match result {
-                    Ok(r) => grpc_code(r).to_owned(),
+                    Ok(r) => trellis_core::protocol::code_label(
+                        trellis_core::protocol::grpc_status(r.headers()).unwrap_or(tonic::Code::Ok),
+                    ),
                     // The transport failed: what tonic reports as UNAVAILABLE.
-                    Err(_) => "14".to_owned(),
+                    Err(_) => "14",
                 };
                 if let Some(span) = span {
                     span.record("rpc.grpc.status_code", code.parse::<i64>().unwrap_or(2));

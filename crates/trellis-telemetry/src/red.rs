@@ -9,8 +9,10 @@ use std::{
 
 use axum::extract::MatchedPath;
 use http::{Request, Response};
-use metrics::{Unit, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{SharedString, Unit, describe_gauge, describe_histogram, gauge, histogram};
+use tonic::Code;
 use tower::{Layer, Service};
+use trellis_core::{RouteTemplate, protocol};
 
 pub(crate) fn describe() {
     describe_histogram!(
@@ -86,10 +88,20 @@ pub struct Red<S> {
     inner: S,
 }
 
-/// What a request is, for labels.
+/// What a request is, for labels. Every label comes from a bounded set:
+/// gRPC service and method from the route the server matched (a method it
+/// does not serve is `_OTHER`), the HTTP method from the standard ones
+/// (`_OTHER` for the rest), the HTTP route from the matched template, never
+/// the raw path.
 enum Kind {
-    Grpc { service: String, method: String },
-    Http { method: String, route: String },
+    Grpc {
+        service: SharedString,
+        method: SharedString,
+    },
+    Http {
+        method: &'static str,
+        route: SharedString,
+    },
 }
 
 /// One request in flight: counted in the gauge from creation, and recorded
@@ -107,7 +119,7 @@ impl InFlight {
     fn start(kind: Kind) -> InFlight {
         match &kind {
             Kind::Grpc { service, .. } => gauge!("rpc_server_active_requests", "rpc_system" => "grpc", "rpc_service" => service.clone()).increment(1.0),
-            Kind::Http { method, route } => gauge!("http_server_active_requests", "http_request_method" => method.clone(), "http_route" => route.clone())
+            Kind::Http { method, route } => gauge!("http_server_active_requests", "http_request_method" => *method, "http_route" => route.clone())
                 .increment(1.0),
         }
         InFlight {
@@ -116,30 +128,21 @@ impl InFlight {
         }
     }
 
-    /// Records the outcome: the gRPC code or HTTP status, and for REST the
-    /// route template the transcoder matched.
-    fn finish(&mut self, code: String, template: Option<String>) {
+    /// Records the outcome: the gRPC code or HTTP status, and the route
+    /// template a router below matched (when none had before).
+    fn finish(&mut self, code: SharedString, template: Option<SharedString>) {
         let seconds = self.started.elapsed().as_secs_f64();
         match self.kind.take() {
             Some(Kind::Grpc { service, method }) => {
                 gauge!("rpc_server_active_requests", "rpc_system" => "grpc", "rpc_service" => service.clone()).decrement(1.0);
-                // Any method name under a known service reaches here; one
-                // that does not exist must not become a label of its own,
-                // or callers could grow the registry without bound.
-                let method = if code == "12" {
-                    "unknown".to_owned()
-                } else {
-                    method
-                };
                 histogram!("rpc_server_duration_seconds", "rpc_system" => "grpc", "rpc_service" => service, "rpc_method" => method, "rpc_grpc_status_code" => code)
                     .record(seconds);
             }
             Some(Kind::Http { method, route }) => {
-                gauge!("http_server_active_requests", "http_request_method" => method.clone(), "http_route" => route.clone())
+                gauge!("http_server_active_requests", "http_request_method" => method, "http_route" => route.clone())
                     .decrement(1.0);
-                // A route matched below axum (transcoded REST) names its
-                // template; the in-flight gauge keeps the axum route it
-                // was counted under.
+                // A route matched below this layer names its template; the
+                // in-flight gauge keeps the route it was counted under.
                 let route = template.unwrap_or(route);
                 histogram!("http_server_request_duration_seconds", "http_request_method" => method, "http_route" => route, "http_response_status_code" => code)
                     .record(seconds);
@@ -156,7 +159,7 @@ impl Drop for InFlight {
             Some(Kind::Http { .. }) => "499",
             None => return,
         };
-        self.finish(cancelled.to_owned(), None);
+        self.finish(SharedString::const_str(cancelled), None);
     }
 }
 
@@ -176,25 +179,33 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let grpc = req
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        let kind = if grpc {
-            // `/package.Service/Method`
-            let mut parts = req.uri().path().trim_start_matches('/').splitn(2, '/');
-            let service = parts.next().unwrap_or("").to_owned();
-            let method = parts.next().unwrap_or("").to_owned();
-            // Per service only: the method is not known to exist until the call ends.
-            Kind::Grpc { service, method }
+        let template = req.extensions().get::<RouteTemplate>();
+        let kind = if protocol::is_grpc(req.headers()) {
+            // `/package.Service/Method`, known to the server; anything else
+            // (a method it does not serve) is one label.
+            match template.and_then(|t| t.0.strip_prefix('/')?.split_once('/')) {
+                Some((service, method)) => Kind::Grpc {
+                    service: SharedString::from(service.to_owned()),
+                    method: SharedString::from(method.to_owned()),
+                },
+                None => Kind::Grpc {
+                    service: SharedString::const_str(protocol::OTHER),
+                    method: SharedString::const_str(protocol::OTHER),
+                },
+            }
         } else {
-            let route = req
-                .extensions()
-                .get::<MatchedPath>()
-                .map(|m| m.as_str().to_owned())
-                .unwrap_or_else(|| "unmatched".into());
-            let method = req.method().as_str().to_owned();
-            Kind::Http { method, route }
+            let route = match template {
+                Some(t) => SharedString::from(t.0.to_string()),
+                None => req
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map(|m| SharedString::from(m.as_str().to_owned()))
+                    .unwrap_or(SharedString::const_str("unmatched")),
+            };
+            Kind::Http {
+                method: protocol::method_label(req.method()),
+                route,
+            }
         };
         let mut in_flight = InFlight::start(kind);
         let fut = self.inner.call(req);
@@ -206,21 +217,19 @@ where
                 // headers); a status sent in trailers after a body (a
                 // streaming failure) is counted as the headers say: OK.
                 (Ok(r), true) => (
-                    r.headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("0")
-                        .to_owned(),
+                    SharedString::const_str(protocol::code_label(
+                        protocol::grpc_status(r.headers()).unwrap_or(Code::Ok),
+                    )),
                     None,
                 ),
-                (Err(_), true) => ("2".to_owned(), None),
+                (Err(_), true) => (SharedString::const_str("2"), None),
                 (Ok(r), false) => (
-                    r.status().as_u16().to_string(),
+                    SharedString::from(r.status().as_u16().to_string()),
                     r.extensions()
-                        .get::<trellis_core::RouteTemplate>()
-                        .map(|t| t.0.to_string()),
+                        .get::<RouteTemplate>()
+                        .map(|t| SharedString::from(t.0.to_string())),
                 ),
-                (Err(_), false) => ("500".to_owned(), None),
+                (Err(_), false) => (SharedString::const_str("500"), None),
             };
             in_flight.finish(code, template);
             result
@@ -235,6 +244,54 @@ mod tests {
     /// A hundred requests dropped mid-flight (clients gone, or cut by a
     /// timeout outside): the in-flight gauges return to zero, and each is
     /// recorded once, as cancelled.
+    /// Random methods, random paths, random gRPC methods: a bounded, small
+    /// number of series.
+    #[test]
+    fn labels_stay_bounded_whatever_the_requests() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let ok = tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(()))
+        });
+        let mut red = RedLayer::new().layer(ok);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        for i in 0..1000u32 {
+            let method = http::Method::from_bytes(format!("M{i}").as_bytes()).unwrap();
+            let mut req = Request::builder()
+                .method(method)
+                .uri(format!("/v1/users/{i}"))
+                .body(())
+                .unwrap();
+            if i % 2 == 0 {
+                // A REST route a router matched: its template, not the path.
+                req.extensions_mut()
+                    .insert(RouteTemplate("/v1/users/{id}".into()));
+            }
+            let mut fut = red.call(req);
+            assert!(fut.as_mut().poll(&mut cx).is_ready());
+            let grpc = Request::post(format!("/pkg.Svc{i}/Method{i}"))
+                .header("content-type", "application/grpc")
+                .body(())
+                .unwrap();
+            let mut fut = red.call(grpc);
+            assert!(fut.as_mut().poll(&mut cx).is_ready());
+        }
+        let text = handle.render();
+        let series = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .count();
+        assert!(series < 60, "{series} series:\n{text}");
+        assert!(!text.contains("M17") && !text.contains("/v1/users/17") && !text.contains("Svc17"));
+        assert!(
+            text.contains("http_request_method=\"_OTHER\",http_route=\"/v1/users/{id}\""),
+            "{text}"
+        );
+        assert!(text.contains("rpc_service=\"_OTHER\""), "{text}");
+    }
+
     #[test]
     fn cancelled_requests_leave_the_gauges_right_and_are_recorded() {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
@@ -251,10 +308,13 @@ mod tests {
             let req = if i % 2 == 0 {
                 Request::get("/v1/users/7").body(()).unwrap()
             } else {
-                Request::post("/shop.user.v1.UserService/GetUser")
+                let mut req = Request::post("/shop.user.v1.UserService/GetUser")
                     .header("content-type", "application/grpc")
                     .body(())
-                    .unwrap()
+                    .unwrap();
+                req.extensions_mut()
+                    .insert(RouteTemplate("/shop.user.v1.UserService/GetUser".into()));
+                req
             };
             let mut fut = red.call(req);
             assert!(fut.as_mut().poll(&mut cx).is_pending());

@@ -70,9 +70,7 @@ pub(crate) fn grpc_parts(path: &str) -> (&str, &str) {
 }
 
 pub(crate) fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    trellis_core::protocol::is_grpc(req.headers())
 }
 
 /// gRPC codes that mark a *server* span as failed (the semantic
@@ -144,11 +142,18 @@ where
                 service,
             )
         } else {
+            // The route a router matched before the layers (a REST
+            // template), else axum's; never the raw path.
             let route = req
                 .extensions()
-                .get::<MatchedPath>()
-                .map(MatchedPath::as_str);
-            let method = req.method().as_str();
+                .get::<trellis_core::RouteTemplate>()
+                .map(|t| &*t.0)
+                .or_else(|| {
+                    req.extensions()
+                        .get::<MatchedPath>()
+                        .map(MatchedPath::as_str)
+                });
+            let method = trellis_core::protocol::method_label(req.method());
             let name = match route {
                 Some(route) => format!("{method} {route}"),
                 None => method.to_owned(),

@@ -64,6 +64,45 @@ pub async fn request(
     parse(&raw)
 }
 
+/// Writes `request` as it is (head and body, for requests the other helpers
+/// cannot make: any content type, a lying `Content-Length`, bytes that are
+/// not UTF-8) and reads the response; `within` bounds the wait, so a server
+/// that does not answer fails the test instead of hanging it. The request
+/// should ask for `Connection: close`. A response the server sends before
+/// it has read the whole request is read all the same.
+pub async fn raw(addr: SocketAddr, request: &[u8], within: Duration) -> std::io::Result<Response> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut read, mut write) = stream.into_split();
+    let request = request.to_vec();
+    // Written on the side: a server that answers early stops reading, and
+    // then a write blocks or fails, which is not the test's business.
+    let writer = tokio::spawn(async move {
+        let _ = write.write_all(&request).await;
+        write
+    });
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, read.read(&mut chunk)).await {
+            Err(_) => {
+                writer.abort();
+                if raw.is_empty() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no response within {within:?}"),
+                    ));
+                }
+                break;
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => raw.extend_from_slice(&chunk[..n]),
+        }
+    }
+    writer.abort();
+    parse(&raw)
+}
+
 fn parse(raw: &[u8]) -> std::io::Result<Response> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
     let text = String::from_utf8_lossy(raw);

@@ -29,7 +29,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! [`transcode`] gives every gRPC method a REST/JSON face from its
+//! [`trellis_transcode`] gives every gRPC method a REST/JSON face from its
 //! `google.api.http` annotation (and `POST /package.Service/Method`);
 //! [`GrpcHttpServerBuilder::rest`] serves it on the same port.
 //!
@@ -44,8 +44,6 @@ mod error;
 mod health;
 mod server;
 mod steer;
-pub mod transcode;
-pub mod validate;
 
 pub use client::{ClientConfig, connect, connect_lazy};
 pub use config::{Limits, ServerConfig};

@@ -1,7 +1,7 @@
 //! The shared-port server: accept loop, per-connection protocol detection,
 //! and graceful drain.
 
-use std::{convert::Infallible, net::SocketAddr, time::Duration};
+use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, extract::DefaultBodyLimit};
 use hyper_util::{
@@ -13,7 +13,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tonic::{server::NamedService, service::RoutesBuilder};
 use tracing::{debug, info, warn};
-use trellis_core::{BoxError, Drain, Server, ServerFuture, State};
+use trellis_core::{BoxError, Drain, RouteTemplate, Server, ServerFuture, State};
 
 use crate::{
     Limits, ServerConfig, TransportError,
@@ -31,7 +31,7 @@ pub struct GrpcHttpServerBuilder {
     http: Router,
     debug: Router,
     layers: Vec<Box<dyn Fn(Router) -> Router + Send + Sync>>,
-    rest: Option<crate::transcode::TranscodeOptions>,
+    rest: Option<trellis_transcode::TranscodeOptions>,
 }
 
 impl GrpcHttpServerBuilder {
@@ -90,11 +90,13 @@ impl GrpcHttpServerBuilder {
 
     /// Serves every gRPC service's REST/JSON face on the same port, from
     /// the `google.api.http` annotations in the registered descriptor sets
-    /// (see [`crate::transcode`]), plus `POST /package.Service/Method` for
+    /// (see [`trellis_transcode`]), plus `POST /package.Service/Method` for
     /// every method and the OpenAPI document at `/openapi.json`. REST
-    /// requests go through the same layers as the HTTP routes, then to the
-    /// gRPC services in process.
-    pub fn rest(mut self, options: crate::transcode::TranscodeOptions) -> Self {
+    /// requests are matched to their route before any layer runs (layers
+    /// see a [`trellis_transcode::MatchedRoute`]), go through the same layers
+    /// as the HTTP routes, then to the gRPC services in process. The body
+    /// limit is the server's `max_body_bytes`.
+    pub fn rest(mut self, options: trellis_transcode::TranscodeOptions) -> Self {
         self.rest = Some(options);
         self
     }
@@ -134,16 +136,27 @@ impl GrpcHttpServerBuilder {
         // probes must answer even when a limit or breaker rejects traffic.
         let raw_grpc = self.routes.routes();
         let mut user_grpc = raw_grpc.clone();
+        // Every gRPC request message is held to the body limit, on the wire.
+        if user_grpc.axum_router_mut().has_routes() {
+            let router = std::mem::take(user_grpc.axum_router_mut());
+            *user_grpc.axum_router_mut() =
+                router.route_layer(trellis_transcode::framing::MessageLimitLayer::new(
+                    self.config.limits.max_body_bytes,
+                ));
+        }
         let mut user_http = self.http;
-        if let Some(options) = self.rest {
+        let mut route_match = None;
+        if let Some(mut options) = self.rest {
+            options.max_body_bytes = self.config.limits.max_body_bytes;
             let names: Vec<&str> = self.service_names.iter().map(String::as_str).collect();
             let transcoder =
-                crate::transcode::Transcoder::with_options(&self.descriptor_sets, &names, options)
+                trellis_transcode::Transcoder::with_options(&self.descriptor_sets, &names, options)
                     .map_err(|e| TransportError::Transcode(e.to_string()))?;
-            let openapi = crate::transcode::openapi(&transcoder);
+            let openapi = trellis_transcode::openapi(&transcoder);
+            route_match = Some(transcoder.route_layer());
             // The gRPC face checks the same rules the REST face does.
             if let Some(validator) = transcoder.validator() {
-                let layer = crate::validate::ValidateLayer::new(
+                let layer = trellis_transcode::validate::ValidateLayer::new(
                     transcoder.pool(),
                     validator.clone(),
                     self.config.limits.max_body_bytes,
@@ -173,6 +186,16 @@ impl GrpcHttpServerBuilder {
                 user_http = layer(user_http);
             }
         }
+        // Outermost on the HTTP routes: the route is known before any layer
+        // runs, so limits, metrics and traces see its template — a REST
+        // route's, matched by the transcoder's table, or an axum route's.
+        if user_http.has_routes() {
+            user_http = user_http.route_layer(axum::middleware::map_request(name_axum_route));
+        }
+        if let Some(route_match) = route_match {
+            user_http = user_http.route_layer(route_match);
+        }
+        let grpc_routes = Arc::new(grpc_routes(&self.descriptor_sets, &self.service_names));
         let mut grpc = user_grpc.add_service(health_service);
         if reflection_on {
             grpc = grpc
@@ -222,12 +245,14 @@ impl GrpcHttpServerBuilder {
                 http,
                 timeout: timeout.clone(),
                 peer: None,
+                grpc_routes,
             },
             admin_steer: Steer {
                 grpc: tonic::service::Routes::default().into_axum_router(),
                 http: admin_http,
                 timeout,
                 peer: None,
+                grpc_routes: Arc::default(),
             },
             probes,
             closed,
@@ -235,6 +260,46 @@ impl GrpcHttpServerBuilder {
             limits: self.config.limits,
         })
     }
+}
+
+/// Names an axum route by its path pattern (`/users/{id}`), unless a router
+/// before it named the request already.
+async fn name_axum_route(
+    mut req: http::Request<axum::body::Body>,
+) -> http::Request<axum::body::Body> {
+    if req.extensions().get::<RouteTemplate>().is_none()
+        && let Some(path) = req.extensions().get::<axum::extract::MatchedPath>()
+    {
+        let template = RouteTemplate(path.as_str().into());
+        req.extensions_mut().insert(template);
+    }
+    req
+}
+
+/// `/package.Service/Method` of every method of the served gRPC services
+/// found in the descriptor sets: the routes gRPC requests are labelled by
+/// (a method not in it is `_OTHER` to metrics).
+fn grpc_routes(descriptor_sets: &[&[u8]], services: &[String]) -> HashMap<Box<str>, RouteTemplate> {
+    let mut pool = prost_reflect::DescriptorPool::new();
+    for set in descriptor_sets {
+        // A set that does not decode fails the transcoder and reflection
+        // builds with a clear error; here it only means fewer labels.
+        let _ = pool.decode_file_descriptor_set(*set);
+    }
+    trellis_transcode::grpc_methods(&pool)
+        .into_keys()
+        .filter(|path| {
+            services.iter().any(|s| {
+                path.strip_prefix('/')
+                    .and_then(|p| p.strip_prefix(s.as_str()))
+                    .is_some_and(|r| r.starts_with('/'))
+            })
+        })
+        .map(|path| {
+            let template = RouteTemplate(path.as_str().into());
+            (path.into_boxed_str(), template)
+        })
+        .collect()
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, TransportError> {

@@ -18,16 +18,11 @@ use std::{
 };
 
 use axum::{body::Body, response::IntoResponse};
-use http::{HeaderMap, Request, Response};
+use http::{Request, Response};
 use tower::Service;
 use trellis_core::{Code, Error};
 
-/// Whether a request is gRPC, by its content type.
-pub fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
+pub use trellis_core::protocol::is_grpc;
 
 /// The server's request timeout, adjustable while it runs (from the config
 /// centre). Reading it costs one relaxed atomic load per request.
@@ -67,6 +62,10 @@ pub(crate) struct Steer {
     pub(crate) timeout: RequestTimeout,
     /// The connection's peer, set per connection.
     pub(crate) peer: Option<std::net::SocketAddr>,
+    /// The served gRPC methods, by path: a request for one carries its
+    /// [`trellis_core::RouteTemplate`] into the layers.
+    pub(crate) grpc_routes:
+        std::sync::Arc<std::collections::HashMap<Box<str>, trellis_core::RouteTemplate>>,
 }
 
 impl<B> Service<Request<B>> for Steer
@@ -88,6 +87,9 @@ where
             req.extensions_mut().insert(trellis_core::PeerAddr(peer));
         }
         let grpc = is_grpc(req.headers());
+        if grpc && let Some(route) = self.grpc_routes.get(req.uri().path()) {
+            req.extensions_mut().insert(route.clone());
+        }
         let caller = if grpc {
             req.headers()
                 .get("grpc-timeout")
@@ -136,6 +138,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     #[test]
     fn recognises_grpc_content_types() {

@@ -27,6 +27,7 @@
 //! |---|---|---|
 //! | `trellis-core` | [`Error`], [`Code`], [`State`], [`Lifecycle`], [`core`] | error model, lifecycle, the `Server` contract |
 //! | `trellis-transport` | [`transport`] | gRPC + HTTP on one port, health, probes, clients |
+//! | `trellis-transcode` | [`transcode`] | REST/JSON from `google.api.http`, the route table, validation, OpenAPI |
 //! | `trellis-registry` | [`registry`] | registration and discovery (memory, etcd with feature `etcd`) |
 //! | `trellis-balance` | [`balance`], [`client`] | client-side load balancing over discovered endpoints |
 //! | `trellis-config` | [`config`], [`settings`] | typed layered config with hot reload (files, env, etcd) |
@@ -47,6 +48,7 @@ pub use trellis_core::{self as core, Code, Error, Lifecycle, State};
 pub use trellis_registry as registry;
 pub use trellis_resilience as resilience;
 pub use trellis_telemetry as telemetry;
+pub use trellis_transcode as transcode;
 
 /// A balanced channel to `service`, discovered through `discovery`, with the
 /// default policy (p2c-EWMA), outlier detection and timeouts; hand it to a

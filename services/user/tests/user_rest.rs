@@ -189,3 +189,217 @@ async fn the_user_service_over_rest() {
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
+
+/// Runs the user service with `server.max_body_bytes` at 64 KiB.
+async fn small_bodied() -> (
+    std::net::SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), trellis::AppError>>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::<UserSettings>::builder()
+        .env_vars([(
+            "TRELLIS_SERVER__MAX_BODY_BYTES".to_owned(),
+            "65536".to_owned(),
+        )])
+        .env("TRELLIS")
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(config.current().config.server.max_body_bytes, 65536);
+    let service = UserService::bind_with_config(config, dir.path(), None, ServerConfig::default())
+        .await
+        .unwrap();
+    let addr = service.local_addr();
+    let app = service.into_app(App::builder("user"));
+    let mut lifecycle = app.lifecycle();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until(async move {
+        let _ = stopped.await;
+    }));
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        lifecycle.wait_for(|s| *s == State::Ready),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    (addr, stop, task, dir)
+}
+
+/// A request with these head lines and body bytes, answered within 5 s.
+async fn send(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> http::Response {
+    let mut request = format!("{head}\r\nHost: {addr}\r\nConnection: close\r\n").into_bytes();
+    if !head.to_ascii_lowercase().contains("content-length") {
+        request.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+    }
+    request.extend_from_slice(b"\r\n");
+    request.extend_from_slice(body);
+    http::raw(addr, &request, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("{head}: {e}"))
+}
+
+fn problem(r: &http::Response) -> (u16, String, String) {
+    let body = json(r);
+    (
+        r.status,
+        body["reason"].as_str().unwrap_or("").to_owned(),
+        body["message"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+/// Bad input gets a 4xx naming the problem on both faces: bodies over
+/// `server.max_body_bytes` (refused from `Content-Length` before they are
+/// read), bodies that are not JSON, bytes that are not UTF-8 in the body,
+/// the path or the query, numbers out of range, unknown enum names, JSON
+/// nested past any sense.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_answered_4xx_naming_the_problem() {
+    let (addr, stop, task, _dir) = small_bodied().await;
+    let user = |name: &str| format!(r#"{{"email":"{name}@example.com","displayName":"{name}"}}"#);
+
+    // Declared 100 MiB, 64 KiB sent: refused at once, the limit named.
+    let started = std::time::Instant::now();
+    let huge = send(
+        addr,
+        "POST /v1/users HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 104857600",
+        &vec![b' '; 64 * 1024],
+    )
+    .await;
+    eprintln!(
+        "a declared 100 MiB body was refused in {:?}",
+        started.elapsed()
+    );
+    let (status, reason, message) = problem(&huge);
+    assert_eq!(
+        (status, reason.as_str()),
+        (413, "BODY_TOO_LARGE"),
+        "{message}"
+    );
+    assert!(message.contains("65536-byte limit"), "{message}");
+    // Sent in chunks without a length: cut off at the limit, the same answer.
+    let mut chunked = Vec::new();
+    for _ in 0..3 {
+        chunked.extend_from_slice(format!("{:x}\r\n", 40 * 1024).as_bytes());
+        chunked.extend_from_slice(&vec![b' '; 40 * 1024]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let mut request =
+        format!("POST /v1/users HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").into_bytes();
+    request.extend_from_slice(&chunked);
+    let streamed = http::raw(addr, &request, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(problem(&streamed).0, 413, "{}", streamed.body);
+    // Within the limit it is served.
+    let ok = send(
+        addr,
+        "POST /v1/users HTTP/1.1\r\nContent-Type: application/json; charset=utf-8",
+        user("ada").as_bytes(),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+
+    // Only JSON is read: a cross-site form or text post cannot write.
+    for content_type in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ] {
+        let r = send(
+            addr,
+            &format!("POST /v1/users HTTP/1.1\r\nContent-Type: {content_type}"),
+            user("eve").as_bytes(),
+        )
+        .await;
+        let (status, reason, _) = problem(&r);
+        assert_eq!(
+            (status, reason.as_str()),
+            (415, "UNSUPPORTED_MEDIA_TYPE"),
+            "{content_type}"
+        );
+    }
+    let r = send(addr, "POST /v1/users HTTP/1.1", user("eve").as_bytes()).await;
+    assert_eq!(r.status, 415, "no content type: {}", r.body);
+    let listed = json(&http::get(addr, "/v1/users").await.unwrap());
+    assert_eq!(
+        listed["users"].as_array().unwrap().len(),
+        1,
+        "eve was never written: {listed}"
+    );
+
+    // Bytes that are not UTF-8, wherever they are, and never replaced.
+    let mut body = br#"{"email":"x@example.com","displayName":""#.to_vec();
+    body.extend_from_slice(&[0xff, 0xfe]);
+    body.extend_from_slice(br#""}"#);
+    let r = send(
+        addr,
+        "POST /v1/users HTTP/1.1\r\nContent-Type: application/json",
+        &body,
+    )
+    .await;
+    let (status, reason, message) = problem(&r);
+    assert_eq!(
+        (status, reason.as_str()),
+        (400, "INVALID_FIELD"),
+        "{message}"
+    );
+    let r = http::get(addr, "/v1/users/%FF%FE").await.unwrap();
+    let (status, reason, message) = problem(&r);
+    assert_eq!((status, reason.as_str()), (400, "BAD_PATH"), "{message}");
+    assert!(message.contains("%FF%FE"), "{message}");
+    let r = http::get(addr, "/v1/users?pageToken=%FF").await.unwrap();
+    assert_eq!(problem(&r).1, "BAD_QUERY", "{}", r.body);
+
+    // Numbers past their type, JSON nested past any sense.
+    let r = http::get(addr, "/v1/users?pageSize=99999999999")
+        .await
+        .unwrap();
+    let body = json(&r);
+    assert_eq!(
+        (r.status, body["metadata"]["field"].as_str()),
+        (400, Some("pageSize")),
+        "{body}"
+    );
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let r = http::request(addr, "POST", "/v1/users", Some(&deep))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.len() < 2048, "the answer does not echo the input");
+
+    // The gRPC face: a message over the limit is RESOURCE_EXHAUSTED.
+    let channel = trellis::transport::connect(&addr.to_string(), &Default::default())
+        .await
+        .unwrap();
+    let mut grpc = shop_user::api::v1::user_service_client::UserServiceClient::new(channel);
+    let err = grpc
+        .create_user(shop_user::api::v1::CreateUserRequest {
+            user: Some(shop_user::api::v1::User {
+                email: "big@example.com".into(),
+                display_name: "x".repeat(100 * 1024),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(
+        err.message().contains("65536-byte limit"),
+        "{}",
+        err.message()
+    );
+    let err = grpc
+        .get_user(shop_user::api::v1::GetUserRequest {
+            id: "x".repeat(100 * 1024),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

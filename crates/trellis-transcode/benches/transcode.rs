@@ -4,7 +4,7 @@
 //! request, message → JSON), so the difference is what transcoding costs.
 //!
 //! ```sh
-//! cargo bench -p trellis-transport --bench transcode
+//! cargo bench -p trellis-transcode --bench transcode
 //! ```
 
 use std::{
@@ -20,13 +20,16 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Frame;
 use tower::{Service, ServiceExt};
-use trellis_transport::transcode::Transcoder;
+use trellis_transcode::Transcoder;
 
 /// Answers every call with its request, as a real gRPC response.
 #[derive(Clone)]
 struct Echo;
 
-impl Service<Request<Body>> for Echo {
+impl<B> Service<Request<B>> for Echo
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+{
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -35,10 +38,11 @@ impl Service<Request<Body>> for Echo {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         Box::pin(async move {
-            let bytes = axum::body::to_bytes(req.into_body(), usize::MAX)
+            let bytes = http_body_util::BodyExt::collect(req.into_body())
                 .await
+                .map(|c| c.to_bytes())
                 .unwrap_or_default();
             let mut trailers = HeaderMap::new();
             trailers.insert("grpc-status", HeaderValue::from_static("0"));
@@ -92,7 +96,7 @@ fn bench(c: &mut Criterion) {
                     .body(Body::from(framed.clone()))
                     .unwrap_or_default();
                 let resp = Echo.oneshot(req).await.unwrap_or_default();
-                let _ = axum::body::to_bytes(resp.into_body(), usize::MAX).await;
+                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
             })
         })
     });
@@ -103,7 +107,7 @@ fn bench(c: &mut Criterion) {
                     .body(Body::empty())
                     .unwrap_or_default();
                 let resp = rest.clone().oneshot(req).await.unwrap_or_default();
-                let _ = axum::body::to_bytes(resp.into_body(), usize::MAX).await;
+                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
             })
         })
     });
@@ -114,7 +118,7 @@ fn bench(c: &mut Criterion) {
                     .body(Body::from(r#"{"id":"abc","name":"n"}"#))
                     .unwrap_or_default();
                 let resp = rest.clone().oneshot(req).await.unwrap_or_default();
-                let _ = axum::body::to_bytes(resp.into_body(), usize::MAX).await;
+                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
             })
         })
     });
@@ -126,7 +130,7 @@ fn bench(c: &mut Criterion) {
         .cloned()
         .unwrap_or_else(|| panic!("validation is on by default"));
     let checked = tower::Layer::layer(
-        &trellis_transport::validate::ValidateLayer::new(&pool, validator, 1 << 20),
+        &trellis_transcode::validate::ValidateLayer::new(&pool, validator, 1 << 20),
         Echo,
     );
     let frame_of = |b: &[u8]| {
@@ -164,7 +168,7 @@ fn bench(c: &mut Criterion) {
                         "{:?}",
                         resp.headers()
                     );
-                    let _ = axum::body::to_bytes(resp.into_body(), usize::MAX).await;
+                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
                 })
             })
         });

@@ -12,11 +12,11 @@
 //! `{id}` is `{id=*}`: one segment. `**` matches the rest of the path and
 //! may only come last.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 /// One segment pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Seg {
+pub(crate) enum Seg {
     Literal(String),
     /// `*`: exactly one segment.
     One,
@@ -28,23 +28,28 @@ enum Seg {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Var {
     /// The dotted field path, e.g. `user.id`.
-    pub(crate) field: String,
+    pub(crate) field: Arc<str>,
     start: usize,
     end: usize,
 }
 
-/// A parsed path template.
+/// The variables a matched path bound: (field path, decoded value).
+pub type PathVars = Vec<(Arc<str>, String)>;
+
+/// A parsed `google.api.http` path template, e.g. `/v1/{name=shops/*}/items/{id}:undelete`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct PathTemplate {
-    segs: Vec<Seg>,
+pub struct PathTemplate {
+    pub(crate) segs: Vec<Seg>,
     pub(crate) vars: Vec<Var>,
-    verb: Option<String>,
+    pub(crate) verb: Option<String>,
     source: String,
 }
 
 /// Why a template does not parse.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct TemplateError(pub(crate) String);
+pub struct TemplateError(pub(crate) String);
+
+impl std::error::Error for TemplateError {}
 
 impl fmt::Display for TemplateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -53,7 +58,8 @@ impl fmt::Display for TemplateError {
 }
 
 impl PathTemplate {
-    pub(crate) fn parse(template: &str) -> Result<PathTemplate, TemplateError> {
+    /// Parses a template; the error names what is wrong with it.
+    pub fn parse(template: &str) -> Result<PathTemplate, TemplateError> {
         let err = |why: &str| TemplateError(format!("path template {template:?}: {why}"));
         let rest = template
             .strip_prefix('/')
@@ -96,7 +102,7 @@ impl PathTemplate {
                 if field.is_empty() || !field.split('.').all(is_ident) {
                     return Err(err(&format!("{field:?} is not a field path")));
                 }
-                if vars.iter().any(|v: &Var| v.field == field) {
+                if vars.iter().any(|v: &Var| &*v.field == field) {
                     return Err(err(&format!("{field} is bound twice")));
                 }
                 let start = segs.len();
@@ -104,7 +110,7 @@ impl PathTemplate {
                     segs.push(segment(p).ok_or_else(|| err(&format!("{p:?} is not a segment")))?);
                 }
                 vars.push(Var {
-                    field: field.to_owned(),
+                    field: field.into(),
                     start,
                     end: segs.len(),
                 });
@@ -141,13 +147,23 @@ impl PathTemplate {
     }
 
     /// The template as written, for route labels and OpenAPI.
-    pub(crate) fn source(&self) -> &str {
+    pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// Whether both match exactly the same paths (variable names aside).
+    pub fn same_shape(&self, other: &PathTemplate) -> bool {
+        self.segs == other.segs && self.verb == other.verb
+    }
+
+    /// The field paths its variables bind, in order.
+    pub fn fields(&self) -> impl Iterator<Item = &str> {
+        self.vars.iter().map(|v| &*v.field)
     }
 
     /// How specific the template is: more literal segments first, then a
     /// verb, then fewer `**`.
-    pub(crate) fn specificity(&self) -> (usize, bool, bool) {
+    pub fn specificity(&self) -> (usize, bool, bool) {
         let literals = self
             .segs
             .iter()
@@ -160,9 +176,13 @@ impl PathTemplate {
         )
     }
 
-    /// Matches a request path (still percent-encoded); returns each
-    /// variable's field path and its decoded value.
-    pub(crate) fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
+    /// Matches a request path (still percent-encoded) against this
+    /// template alone: `None` when it does not match, else the variables
+    /// (an error when a bound segment does not decode). A [`RouteTable`]
+    /// matches many templates at once.
+    ///
+    /// [`RouteTable`]: crate::RouteTable
+    pub fn matches(&self, path: &str) -> Option<Result<PathVars, String>> {
         let path = path.strip_prefix('/')?;
         let path = match &self.verb {
             Some(verb) => path.strip_suffix(verb.as_str())?.strip_suffix(':')?,
@@ -189,6 +209,13 @@ impl PathTemplate {
                 _ => {}
             }
         }
+        Some(self.bind(&parts))
+    }
+
+    /// The variables of a path whose segments (verb removed) are known to
+    /// match; an error names a segment that does not decode.
+    pub(crate) fn bind(&self, parts: &[&str]) -> Result<PathVars, String> {
+        let open = self.segs.last() == Some(&Seg::Rest);
         let mut bound = Vec::with_capacity(self.vars.len());
         for var in &self.vars {
             let end = if open && var.end == self.segs.len() {
@@ -196,22 +223,32 @@ impl PathTemplate {
             } else {
                 var.end
             };
-            let segments = &parts[var.start..end];
+            let segments = parts.get(var.start..end).unwrap_or_default();
             // A one-segment variable decodes everything; a multi-segment one
             // keeps its slashes (RFC 6570 reserved expansion).
             let value = if var.end - var.start == 1 && !(open && var.end == self.segs.len()) {
-                decode(segments.first().copied().unwrap_or(""))?
+                decoded(segments.first().copied().unwrap_or(""))?
             } else {
                 segments
                     .iter()
-                    .map(|s| decode(s))
-                    .collect::<Option<Vec<_>>>()?
+                    .map(|s| decoded(s))
+                    .collect::<Result<Vec<_>, _>>()?
                     .join("/")
             };
             bound.push((var.field.clone(), value));
         }
-        Some(bound)
+        Ok(bound)
     }
+}
+
+/// [`decode`], or an error naming the segment (a bounded prefix of it).
+fn decoded(segment: &str) -> Result<String, String> {
+    decode(segment).ok_or_else(|| {
+        format!(
+            "the path segment {} is not percent-encoded UTF-8",
+            trellis_core::excerpt(segment)
+        )
+    })
 }
 
 fn segment(p: &str) -> Option<Seg> {
@@ -255,7 +292,11 @@ mod tests {
     use super::*;
 
     fn m(t: &str, p: &str) -> Option<Vec<(String, String)>> {
-        PathTemplate::parse(t).unwrap().matches(p)
+        PathTemplate::parse(t)
+            .unwrap()
+            .matches(p)?
+            .ok()
+            .map(|v| v.into_iter().map(|(f, v)| (f.to_string(), v)).collect())
     }
 
     fn vars(pairs: &[(&str, &str)]) -> Option<Vec<(String, String)>> {
@@ -305,11 +346,11 @@ mod tests {
             m("/v1/users/{id}", "/v1/users/a%2Fb"),
             vars(&[("id", "a/b")])
         );
-        assert_eq!(
-            m("/v1/users/{id}", "/v1/users/%zz"),
-            None,
-            "bad escapes do not match"
-        );
+        let bad = PathTemplate::parse("/v1/users/{id}").unwrap();
+        for path in ["/v1/users/%zz", "/v1/users/%FF", "/v1/users/%C3"] {
+            let err = bad.matches(path).expect("the shape matches").unwrap_err();
+            assert!(err.contains("not percent-encoded UTF-8"), "{path}: {err}");
+        }
     }
 
     #[test]

@@ -26,84 +26,19 @@ use std::{
     task::{Context, Poll},
 };
 
-use axum::{body::Body, response::IntoResponse};
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::{Request, Response};
 use prost_reflect::{
     DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, Value,
 };
-use tower::{Layer, Service};
+use tower::{BoxError, Layer, Service};
 use trellis_core::{Code, Error};
 
-/// A number from a rule or a field, compared exactly for integers.
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
-enum Num {
-    I(i128),
-    F(f64),
-}
-
-impl Num {
-    fn of(v: &Value) -> Option<Num> {
-        Some(match v {
-            Value::I32(n) => Num::I(i128::from(*n)),
-            Value::I64(n) => Num::I(i128::from(*n)),
-            Value::U32(n) => Num::I(i128::from(*n)),
-            Value::U64(n) => Num::I(i128::from(*n)),
-            Value::F32(n) => Num::F(f64::from(*n)),
-            Value::F64(n) => Num::F(*n),
-            Value::EnumNumber(n) => Num::I(i128::from(*n)),
-            _ => return None,
-        })
-    }
-
-    fn cmp(self, other: Num) -> Option<std::cmp::Ordering> {
-        match (self, other) {
-            (Num::I(a), Num::I(b)) => Some(a.cmp(&b)),
-            (a, b) => a.as_f64().partial_cmp(&b.as_f64()),
-        }
-    }
-
-    fn as_f64(self) -> f64 {
-        match self {
-            Num::I(n) => n as f64,
-            Num::F(f) => f,
-        }
-    }
-
-    fn show(self) -> String {
-        match self {
-            Num::I(n) => n.to_string(),
-            Num::F(f) => f.to_string(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-enum Rule {
-    StrConst(String),
-    Len(u64),
-    MinLen(u64),
-    MaxLen(u64),
-    MinBytes(u64),
-    MaxBytes(u64),
-    Pattern(regex::Regex),
-    Prefix(String),
-    Suffix(String),
-    Contains(String),
-    StrIn(Vec<String>),
-    StrNotIn(Vec<String>),
-    NumConst(Num),
-    Lt(Num),
-    Lte(Num),
-    Gt(Num),
-    Gte(Num),
-    NumIn(Vec<Num>),
-    NumNotIn(Vec<Num>),
-    DefinedOnly,
-    MinItems(u64),
-    MaxItems(u64),
-    Unique,
-}
+use crate::{
+    Body,
+    annotations::{Num, Rule, field_rules},
+    framing::FrameDecoder,
+};
 
 #[derive(Debug, Clone)]
 struct Check {
@@ -134,41 +69,19 @@ pub struct RuleError {
 impl Validator {
     /// Reads the rules of every message in `pool`.
     pub fn new(pool: &DescriptorPool) -> Result<Validator, RuleError> {
-        let behavior = pool.get_extension_by_name("google.api.field_behavior");
-        let buf = pool.get_extension_by_name("buf.validate.field");
         let mut checks = HashMap::new();
         for message in pool.all_messages() {
             let mut list = Vec::new();
             for field in message.fields() {
-                let options = field.options();
-                let mut required = false;
-                if let Some(ext) = &behavior
-                    && options.has_extension(ext)
-                {
-                    required = match options.get_extension(ext).as_ref() {
-                        Value::List(values) => values.iter().any(|v| v.as_enum_number() == Some(2)),
-                        other => other.as_enum_number() == Some(2),
-                    };
-                }
-                let mut rules = Vec::new();
-                if let Some(ext) = &buf
-                    && options.has_extension(ext)
-                    && let Value::Message(field_rules) = options.get_extension(ext).as_ref()
-                {
-                    required |= field_rules
-                        .get_field_by_name("required")
-                        .and_then(|v| v.as_bool())
-                        .unwrap_or(false);
-                    rules = read_rules(field_rules).map_err(|message| RuleError {
-                        field: field.full_name().to_owned(),
-                        message,
-                    })?;
-                }
-                if required || !rules.is_empty() {
+                let rules = field_rules(&field).map_err(|message| RuleError {
+                    field: field.full_name().to_owned(),
+                    message,
+                })?;
+                if !rules.is_empty() {
                     list.push(Check {
                         field,
-                        required,
-                        rules,
+                        required: rules.required,
+                        rules: rules.rules,
                     });
                 }
             }
@@ -411,93 +324,6 @@ fn wire_fields(mut b: &[u8]) -> Option<(Vec<u32>, Vec<u32>)> {
     Some((sent, set))
 }
 
-fn read_rules(field_rules: &DynamicMessage) -> Result<Vec<Rule>, String> {
-    let mut rules = Vec::new();
-    for (kind, value) in field_rules.fields() {
-        let Value::Message(typed) = value else {
-            continue;
-        };
-        match kind.name() {
-            "string" => {
-                for (f, v) in typed.fields() {
-                    let n = || v.as_u64().unwrap_or(0);
-                    let s = || v.as_str().unwrap_or("").to_owned();
-                    let list = || {
-                        v.as_list()
-                            .map(|l| {
-                                l.iter()
-                                    .filter_map(|x| x.as_str().map(str::to_owned))
-                                    .collect()
-                            })
-                            .unwrap_or_default()
-                    };
-                    rules.push(match f.name() {
-                        "const" => Rule::StrConst(s()),
-                        "len" => Rule::Len(n()),
-                        "min_len" => Rule::MinLen(n()),
-                        "max_len" => Rule::MaxLen(n()),
-                        "min_bytes" => Rule::MinBytes(n()),
-                        "max_bytes" => Rule::MaxBytes(n()),
-                        "pattern" => Rule::Pattern(
-                            regex::Regex::new(&s()).map_err(|e| format!("pattern: {e}"))?,
-                        ),
-                        "prefix" => Rule::Prefix(s()),
-                        "suffix" => Rule::Suffix(s()),
-                        "contains" => Rule::Contains(s()),
-                        "in" => Rule::StrIn(list()),
-                        "not_in" => Rule::StrNotIn(list()),
-                        _ => continue,
-                    });
-                }
-            }
-            "bytes" => {
-                for (f, v) in typed.fields() {
-                    let n = v.as_u64().unwrap_or(0);
-                    rules.push(match f.name() {
-                        "len" => Rule::Len(n),
-                        "min_len" => Rule::MinLen(n),
-                        "max_len" => Rule::MaxLen(n),
-                        _ => continue,
-                    });
-                }
-            }
-            "int32" | "int64" | "uint32" | "uint64" | "float" | "double" | "sint32" | "sint64"
-            | "fixed32" | "fixed64" | "sfixed32" | "sfixed64" | "enum" => {
-                for (f, v) in typed.fields() {
-                    let list = || {
-                        v.as_list()
-                            .map(|l| l.iter().filter_map(Num::of).collect())
-                            .unwrap_or_default()
-                    };
-                    rules.push(match (f.name(), Num::of(v)) {
-                        ("const", Some(n)) => Rule::NumConst(n),
-                        ("lt", Some(n)) => Rule::Lt(n),
-                        ("lte", Some(n)) => Rule::Lte(n),
-                        ("gt", Some(n)) => Rule::Gt(n),
-                        ("gte", Some(n)) => Rule::Gte(n),
-                        ("in", _) => Rule::NumIn(list()),
-                        ("not_in", _) => Rule::NumNotIn(list()),
-                        ("defined_only", _) if v.as_bool() == Some(true) => Rule::DefinedOnly,
-                        _ => continue,
-                    });
-                }
-            }
-            "repeated" => {
-                for (f, v) in typed.fields() {
-                    rules.push(match f.name() {
-                        "min_items" => Rule::MinItems(v.as_u64().unwrap_or(0)),
-                        "max_items" => Rule::MaxItems(v.as_u64().unwrap_or(u64::MAX)),
-                        "unique" if v.as_bool() == Some(true) => Rule::Unique,
-                        _ => continue,
-                    });
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(rules)
-}
-
 fn list_rule(rule: &Rule, items: &[Value]) -> Option<String> {
     let n = items.len() as u64;
     match rule {
@@ -556,22 +382,24 @@ fn value_rule(rule: &Rule, value: &Value, field: &FieldDescriptor) -> Option<Str
     let n = Num::of(value)?;
     use std::cmp::Ordering::*;
     match rule {
-        Rule::NumConst(c) if n.cmp(*c) != Some(Equal) => Some(format!("must be {}", c.show())),
-        Rule::Lt(b) if n.cmp(*b) != Some(Less) => Some(format!("must be less than {}", b.show())),
-        Rule::Lte(b) if !matches!(n.cmp(*b), Some(Less | Equal)) => {
+        Rule::NumConst(c) if n.compare(*c) != Some(Equal) => Some(format!("must be {}", c.show())),
+        Rule::Lt(b) if n.compare(*b) != Some(Less) => {
+            Some(format!("must be less than {}", b.show()))
+        }
+        Rule::Lte(b) if !matches!(n.compare(*b), Some(Less | Equal)) => {
             Some(format!("must be at most {}", b.show()))
         }
-        Rule::Gt(b) if n.cmp(*b) != Some(Greater) => {
+        Rule::Gt(b) if n.compare(*b) != Some(Greater) => {
             Some(format!("must be greater than {}", b.show()))
         }
-        Rule::Gte(b) if !matches!(n.cmp(*b), Some(Greater | Equal)) => {
+        Rule::Gte(b) if !matches!(n.compare(*b), Some(Greater | Equal)) => {
             Some(format!("must be at least {}", b.show()))
         }
-        Rule::NumIn(set) if !set.iter().any(|x| n.cmp(*x) == Some(Equal)) => Some(format!(
+        Rule::NumIn(set) if !set.iter().any(|x| n.compare(*x) == Some(Equal)) => Some(format!(
             "must be one of {:?}",
             set.iter().map(|x| x.show()).collect::<Vec<_>>()
         )),
-        Rule::NumNotIn(set) if set.iter().any(|x| n.cmp(*x) == Some(Equal)) => {
+        Rule::NumNotIn(set) if set.iter().any(|x| n.compare(*x) == Some(Equal)) => {
             Some("is not allowed".into())
         }
         Rule::DefinedOnly => match (field.kind(), value.as_enum_number()) {
@@ -647,25 +475,25 @@ pub struct Validate<S> {
     layer: ValidateLayer,
 }
 
-impl<S> Service<Request<Body>> for Validate<S>
+impl<S, B, RB> Service<Request<B>> for Validate<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: Service<Request<Body>, Response = Response<RB>, Error = Infallible> + Clone + Send + 'static,
+    <S as Service<Request<Body>>>::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    RB: Default + Send + 'static,
 {
-    type Response = Response<Body>;
+    type Response = Response<RB>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         let Some(plan) = self.layer.inputs.get(req.uri().path()).cloned() else {
-            return Box::pin(self.inner.call(req));
+            return Box::pin(self.inner.call(req.map(crate::boxed)));
         };
         // The service that was polled ready serves this call.
         let clone = self.inner.clone();
@@ -676,12 +504,12 @@ where
             // Only the first message is needed: read that far, and pass the
             // rest of the stream (its end, trailers) through untouched, so a
             // unary call does not wait here for the end of the stream.
-            let (bytes, body) = match first_frame(body, layer.max_bytes).await {
+            let (message, body) = match first_message(body, layer.max_bytes).await {
                 Ok(read) => read,
                 Err(error) => return Ok(status(error)),
             };
             // What does not decode is left to the service to report, as it would.
-            if let Some(message) = first_message(&bytes) {
+            if let Some(message) = message {
                 let verdict = match plan {
                     Plan::Presence(required) => wire_fields(&message).map(|(sent, set)| {
                         let missing = required.iter().filter(|(number, _, is_message)| {
@@ -705,80 +533,77 @@ where
                     return Ok(status(error));
                 }
             }
-            inner.call(Request::from_parts(parts, body)).await
+            // Boxed before the await: the compiler cannot otherwise see that
+            // the inner future is Send for the body's `'static` error type.
+            let call: Pin<Box<dyn Future<Output = Result<Response<RB>, Infallible>> + Send>> =
+                Box::pin(inner.call(Request::from_parts(parts, body)));
+            call.await
         })
     }
 }
 
 /// Reads a gRPC request body until its first message is complete (or the
-/// body ends); returns the bytes read and a body that replays them and then
-/// goes on with the rest.
-async fn first_frame(mut body: Body, max_bytes: usize) -> Result<(Bytes, Body), Error> {
+/// body ends); returns that message (`None` when the body holds none, or a
+/// compressed one, left for the service to handle) and a body that replays
+/// what was read and then goes on with the rest. A message over
+/// `max_bytes` is refused from its header.
+async fn first_message<B>(body: B, max_bytes: usize) -> Result<(Option<Bytes>, Body), Error>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     use http_body_util::BodyExt;
-    let mut buf = bytes::BytesMut::new();
+    let mut body = Box::pin(body);
+    let mut frames = FrameDecoder::new(max_bytes);
+    let mut read = bytes::BytesMut::new();
     let mut pending = None;
     let mut ended = false;
-    loop {
-        if buf.len() >= 5 {
-            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-            if len > max_bytes {
-                return Err(Error::new(
-                    Code::ResourceExhausted,
-                    "MESSAGE_TOO_LARGE",
-                    format!("a {len}-byte message is over the {max_bytes}-byte limit"),
-                ));
-            }
-            if buf.len() >= 5 + len {
-                break;
-            }
+    let message = loop {
+        match frames.next_message() {
+            Ok(Some(message)) => break Some(message),
+            Ok(None) => {}
+            Err(e) if e.code() == Code::ResourceExhausted => return Err(e),
+            // Compressed: not ours to read.
+            Err(_) => break None,
         }
         match body.frame().await {
             Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => buf.extend_from_slice(&data),
+                Ok(data) => {
+                    frames.push(&data);
+                    read.extend_from_slice(&data);
+                }
                 Err(other) => {
                     pending = Some(other);
-                    break;
+                    break None;
                 }
             },
             Some(Err(e)) => {
+                let e: BoxError = e.into();
                 return Err(Error::new(Code::Cancelled, "REQUEST_BROKEN", e.to_string()));
             }
             None => {
                 ended = true;
-                break;
+                break None;
             }
         }
-    }
-    let head = buf.freeze();
+    };
+    let head = read.freeze();
     if ended {
-        return Ok((head.clone(), Body::from(head)));
+        return Ok((message, crate::full(head)));
     }
     let first = futures_util::stream::iter(
-        std::iter::once(http_body::Frame::data(head.clone()))
+        std::iter::once(http_body::Frame::data(head))
             .chain(pending)
-            .map(Ok::<_, axum::Error>),
+            .map(Ok::<_, BoxError>),
     );
-    let rest = http_body_util::BodyStream::new(body);
+    let rest = http_body_util::BodyStream::new(body.map_err(Into::into));
     let replay = Body::new(http_body_util::StreamBody::new(
         futures_util::StreamExt::chain(first, rest),
     ));
-    Ok((head, replay))
-}
-
-/// The first length-prefixed, uncompressed message of a gRPC body.
-fn first_message(body: &Bytes) -> Option<Bytes> {
-    if body.len() < 5 || body[0] != 0 {
-        return None;
-    }
-    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-    let mut b = body.clone();
-    b.advance(5);
-    (b.len() >= len).then(|| b.split_to(len))
+    Ok((message, replay))
 }
 
 /// A trailers-only gRPC response carrying `error`.
-fn status(error: Error) -> Response<Body> {
-    tonic::Status::from(error)
-        .into_http::<Body>()
-        .into_response()
+fn status<RB: Default>(error: Error) -> Response<RB> {
+    tonic::Status::from(error).into_http()
 }

@@ -4,12 +4,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use prost_reflect::{
-    EnumDescriptor, FieldDescriptor, FileDescriptor, Kind, MessageDescriptor, Value,
-};
+use prost_reflect::{EnumDescriptor, FieldDescriptor, FileDescriptor, Kind, MessageDescriptor};
 use serde_json::{Map, Value as Json, json};
 
-use super::{Binding, Transcoder};
+use crate::{
+    Binding, Transcoder,
+    annotations::{OUTPUT_ONLY, Rule, field_behaviors, field_rules},
+};
 
 /// The OpenAPI 3.1 document for a transcoder's routes.
 pub fn openapi(transcoder: &Transcoder) -> Json {
@@ -143,7 +144,7 @@ impl Doc {
             let mut query = Vec::new();
             query_fields(&input, "", &bound, b.body.as_deref(), 0, &mut query);
             for (name, field) in query {
-                let (_, rules) = validate_rules(&field);
+                let (_, rules) = rule_keywords(&field);
                 let schema = constrain(self.field_schema(&field, false), &field, rules);
                 parameters.push(json!({
                     "name": name,
@@ -241,13 +242,12 @@ impl Doc {
         let mut required = Vec::new();
         for field in m.fields() {
             let mut schema = self.field_schema(&field, true);
-            let behaviors = field_behaviors(&field);
-            let (must, constraints) = validate_rules(&field);
-            if behaviors.contains(&2) || must {
+            let (must, constraints) = rule_keywords(&field);
+            if must {
                 required.push(json!(field.json_name()));
             }
             schema = constrain(schema, &field, constraints);
-            if behaviors.contains(&3) {
+            if field_behaviors(&field).contains(&OUTPUT_ONLY) {
                 schema = with(schema, "readOnly", json!(true));
             }
             if let Some(c) = field_comment(&field) {
@@ -435,73 +435,48 @@ fn parameter_name(field_path: &str) -> String {
     field_path.replace('.', "_")
 }
 
-/// `buf.validate.field` on a field: whether it is `required`, and its
-/// rules as JSON Schema keywords (what the JSON form can express).
-fn validate_rules(field: &FieldDescriptor) -> (bool, Map<String, Json>) {
+/// A field's request rules (read by [`crate::annotations`], the reader
+/// validation uses too): whether it is required, and its rules as JSON
+/// Schema keywords (what the JSON form can express).
+fn rule_keywords(field: &FieldDescriptor) -> (bool, Map<String, Json>) {
     let mut out = Map::new();
-    let Some(ext) = field
-        .parent_pool()
-        .get_extension_by_name("buf.validate.field")
-    else {
-        return (false, out);
-    };
-    let options = field.options();
-    if !options.has_extension(&ext) {
-        return (false, out);
-    }
-    let Value::Message(rules) = options.get_extension(&ext).into_owned() else {
-        return (false, out);
-    };
-    let required = rules
-        .get_field_by_name("required")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
-    for (kind, typed) in rules.fields() {
-        let Value::Message(typed) = typed else {
-            continue;
-        };
-        // 64-bit integers are strings in JSON: numeric bounds do not apply there.
-        let numeric_json = matches!(
-            kind.name(),
-            "int32" | "uint32" | "float" | "double" | "sint32" | "fixed32" | "sfixed32"
-        );
-        for (rule, v) in typed.fields() {
-            let number = || match v {
-                Value::I32(n) => Some(json!(n)),
-                Value::U32(n) => Some(json!(n)),
-                Value::F32(n) => Some(json!(n)),
-                Value::F64(n) => Some(json!(n)),
-                _ => None,
-            };
-            let (key, value) = match (kind.name(), rule.name()) {
-                ("string", "min_len") => ("minLength", v.as_u64().map(|n| json!(n))),
-                ("string", "max_len") => ("maxLength", v.as_u64().map(|n| json!(n))),
-                ("string", "len") => {
-                    out.insert("minLength".into(), json!(v.as_u64()));
-                    ("maxLength", v.as_u64().map(|n| json!(n)))
-                }
-                ("string", "pattern") => ("pattern", v.as_str().map(|p| json!(p))),
-                ("string", "const") => ("const", v.as_str().map(|p| json!(p))),
-                ("string", "in") => (
-                    "enum",
-                    v.as_list()
-                        .map(|l| json!(l.iter().filter_map(Value::as_str).collect::<Vec<_>>())),
-                ),
-                ("repeated", "min_items") => ("minItems", v.as_u64().map(|n| json!(n))),
-                ("repeated", "max_items") => ("maxItems", v.as_u64().map(|n| json!(n))),
-                ("repeated", "unique") => ("uniqueItems", v.as_bool().map(|b| json!(b))),
-                (_, "gt") if numeric_json => ("exclusiveMinimum", number()),
-                (_, "gte") if numeric_json => ("minimum", number()),
-                (_, "lt") if numeric_json => ("exclusiveMaximum", number()),
-                (_, "lte") if numeric_json => ("maximum", number()),
-                _ => continue,
-            };
-            if let Some(value) = value {
-                out.insert(key.into(), value);
+    // A rule that does not compile fails the transcoder's build first.
+    let rules = field_rules(field).unwrap_or_default();
+    let string = field.kind() == Kind::String;
+    // 64-bit integers are strings in JSON: numeric bounds do not apply there.
+    let numeric_json = matches!(
+        field.kind(),
+        Kind::Int32
+            | Kind::Uint32
+            | Kind::Float
+            | Kind::Double
+            | Kind::Sint32
+            | Kind::Fixed32
+            | Kind::Sfixed32
+    );
+    for rule in &rules.rules {
+        let (key, value) = match rule {
+            Rule::MinLen(n) if string => ("minLength", json!(n)),
+            Rule::MaxLen(n) if string => ("maxLength", json!(n)),
+            Rule::Len(n) if string => {
+                out.insert("minLength".into(), json!(n));
+                ("maxLength", json!(n))
             }
-        }
+            Rule::Pattern(re) => ("pattern", json!(re.as_str())),
+            Rule::StrConst(c) => ("const", json!(c)),
+            Rule::StrIn(set) => ("enum", json!(set)),
+            Rule::MinItems(n) => ("minItems", json!(n)),
+            Rule::MaxItems(n) => ("maxItems", json!(n)),
+            Rule::Unique => ("uniqueItems", json!(true)),
+            Rule::Gt(n) if numeric_json => ("exclusiveMinimum", n.to_json()),
+            Rule::Gte(n) if numeric_json => ("minimum", n.to_json()),
+            Rule::Lt(n) if numeric_json => ("exclusiveMaximum", n.to_json()),
+            Rule::Lte(n) if numeric_json => ("maximum", n.to_json()),
+            _ => continue,
+        };
+        out.insert(key.into(), value);
     }
-    (required, out)
+    (rules.required, out)
 }
 
 /// Adds rule keywords to a field's schema: on the items of a list for
@@ -523,23 +498,6 @@ fn constrain(mut schema: Json, field: &FieldDescriptor, constraints: Map<String,
         }
     }
     schema
-}
-
-fn field_behaviors(field: &FieldDescriptor) -> Vec<i32> {
-    let options = field.options();
-    let Some(ext) = field
-        .parent_pool()
-        .get_extension_by_name("google.api.field_behavior")
-    else {
-        return Vec::new();
-    };
-    if !options.has_extension(&ext) {
-        return Vec::new();
-    }
-    match options.get_extension(&ext).as_ref() {
-        Value::List(values) => values.iter().filter_map(Value::as_enum_number).collect(),
-        other => other.as_enum_number().into_iter().collect(),
-    }
 }
 
 fn field_comment(field: &FieldDescriptor) -> Option<String> {
