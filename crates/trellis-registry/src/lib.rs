@@ -135,6 +135,7 @@ pub(crate) fn check_publishable(instance: &Instance) -> Result<(), RegistryError
 }
 
 /// Counts a stored record a client ignored (`registry_records_rejected_total{field}`).
+#[cfg(feature = "etcd")]
 pub(crate) fn count_rejected(invalid: &InvalidInstance) {
     metrics::counter!("registry_records_rejected_total", "field" => invalid.field).increment(1);
 }

@@ -46,6 +46,10 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Concurrent HTTP/2 streams per connection. Default: 256.
     pub max_concurrent_streams: u32,
+    /// Open connections per listener; past it the listener stops accepting
+    /// until one closes (new connections wait in the kernel's backlog).
+    /// Default: 10 000.
+    pub max_connections: usize,
     /// How long a request may take to produce its response head. For gRPC the
     /// smaller of this and the caller's `grpc-timeout` applies; a timed-out
     /// call gets DEADLINE_EXCEEDED (gRPC) or 504 (HTTP). `None` disables it.
@@ -66,6 +70,7 @@ impl Default for Limits {
             max_body_bytes: 4 * 1024 * 1024,
             max_header_bytes: 64 * 1024,
             max_concurrent_streams: 256,
+            max_connections: 10_000,
             request_timeout: Some(Duration::from_secs(30)),
             header_read_timeout: Duration::from_secs(10),
             http2_keepalive_interval: Some(Duration::from_secs(30)),

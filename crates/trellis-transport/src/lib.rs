@@ -42,12 +42,15 @@ mod client;
 mod config;
 mod error;
 mod health;
+pub mod serve;
 mod server;
 mod steer;
+mod timeout;
 
 pub use client::{ClientConfig, connect, connect_lazy};
 pub use config::{Limits, ServerConfig};
 pub use error::TransportError;
 pub use health::probe_router;
 pub use server::{GrpcHttpServer, GrpcHttpServerBuilder};
-pub use steer::{RequestTimeout, is_grpc};
+pub use steer::is_grpc;
+pub use timeout::{RequestTimeout, ServerTimeout, ServerTimeoutLayer};

@@ -1,24 +1,23 @@
-//! The shared-port server: accept loop, per-connection protocol detection,
-//! and graceful drain.
+//! The shared-port server: gRPC and HTTP on one listener (steered by
+//! content type), health, probes, reflection, the REST face, and an admin
+//! listener, all served by [`crate::serve`].
 
-use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc};
 
+use axum::response::IntoResponse;
 use axum::{Router, extract::DefaultBodyLimit};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
-    service::TowerToHyperService,
-};
-use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{server::NamedService, service::RoutesBuilder};
-use tracing::{debug, info, warn};
+use tower::ServiceBuilder;
+use tracing::warn;
 use trellis_core::{BoxError, Drain, RouteTemplate, Server, ServerFuture, State};
 
 use crate::{
     Limits, ServerConfig, TransportError,
     health::{self, LifecycleHealth},
-    steer::{RequestTimeout, Steer},
+    steer::Steer,
+    timeout::{RequestTimeout, ServerTimeoutLayer},
 };
 
 /// Builds a [`GrpcHttpServer`]: add tonic services, descriptor sets for
@@ -134,17 +133,26 @@ impl GrpcHttpServerBuilder {
 
         // Layers wrap the user's routes only: health, reflection and the
         // probes must answer even when a limit or breaker rejects traffic.
+        // They are layered from the inside out (the last layer added runs
+        // first): the request timeout nearest the handler, so every layer
+        // above (metrics, traces, limits) sees a timed-out request answered,
+        // not dropped.
+        let timeout = RequestTimeout::new(self.config.limits.request_timeout);
         let raw_grpc = self.routes.routes();
         let mut user_grpc = raw_grpc.clone();
-        // Every gRPC request message is held to the body limit, on the wire.
         if user_grpc.axum_router_mut().has_routes() {
             let router = std::mem::take(user_grpc.axum_router_mut());
-            *user_grpc.axum_router_mut() =
-                router.route_layer(trellis_transcode::framing::MessageLimitLayer::new(
+            *user_grpc.axum_router_mut() = router
+                // Every gRPC request message is held to the body limit, on the wire.
+                .route_layer(trellis_transcode::framing::MessageLimitLayer::new(
                     self.config.limits.max_body_bytes,
-                ));
+                ))
+                .route_layer(ServerTimeoutLayer::new(timeout.clone()));
         }
         let mut user_http = self.http;
+        if user_http.has_routes() {
+            user_http = user_http.route_layer(ServerTimeoutLayer::new(timeout.clone()));
+        }
         let mut route_match = None;
         if let Some(mut options) = self.rest {
             options.max_body_bytes = self.config.limits.max_body_bytes;
@@ -166,7 +174,10 @@ impl GrpcHttpServerBuilder {
             }
             // The services themselves, not their layered routes: a REST
             // request is limited and measured once, as HTTP.
-            let rest = transcoder.service(raw_grpc.prepare().into_axum_router());
+            let rest = ServiceBuilder::new()
+                .layer(ServerTimeoutLayer::new(timeout.clone()))
+                .map_response(IntoResponse::into_response)
+                .service(transcoder.service(raw_grpc.prepare().into_axum_router()));
             user_http = user_http
                 .route(
                     "/openapi.json",
@@ -214,7 +225,6 @@ impl GrpcHttpServerBuilder {
             );
         }
         let http = http.layer(DefaultBodyLimit::max(self.config.limits.max_body_bytes));
-        let timeout = RequestTimeout::new(self.config.limits.request_timeout);
 
         let listener = bind(self.config.listen).await?;
         let local_addr = listener
@@ -243,17 +253,16 @@ impl GrpcHttpServerBuilder {
             steer: Steer {
                 grpc,
                 http,
-                timeout: timeout.clone(),
                 peer: None,
                 grpc_routes,
             },
             admin_steer: Steer {
                 grpc: tonic::service::Routes::default().into_axum_router(),
                 http: admin_http,
-                timeout,
                 peer: None,
                 grpc_routes: Arc::default(),
             },
+            timeout,
             probes,
             closed,
             service_names: self.service_names,
@@ -317,6 +326,7 @@ pub struct GrpcHttpServer {
     admin_addr: Option<SocketAddr>,
     steer: Steer,
     admin_steer: Steer,
+    timeout: RequestTimeout,
     probes: watch::Sender<State>,
     closed: CancellationToken,
     service_names: Vec<String>,
@@ -350,7 +360,7 @@ impl GrpcHttpServer {
 
     /// The request timeout, adjustable while the server runs.
     pub fn request_timeout(&self) -> RequestTimeout {
-        self.steer.timeout.clone()
+        self.timeout.clone()
     }
 
     /// The full names of the gRPC services this server reports health for.
@@ -383,17 +393,27 @@ impl Server for GrpcHttpServer {
                 watching.started().await;
                 closed.cancel();
             });
-            let builder = connection_builder(&this.limits);
-            let main = accept_loop(
+            let (steer, admin_steer) = (this.steer, this.admin_steer);
+            let main = crate::serve::serve(
                 this.listener,
-                this.local_addr,
-                this.steer,
-                builder.clone(),
+                move |peer| Steer {
+                    peer: Some(peer),
+                    ..steer.clone()
+                },
+                &this.limits,
                 drain.clone(),
             );
             match this.admin {
-                Some((listener, addr)) => {
-                    let admin = accept_loop(listener, addr, this.admin_steer, builder, drain);
+                Some((listener, _)) => {
+                    let admin = crate::serve::serve(
+                        listener,
+                        move |peer| Steer {
+                            peer: Some(peer),
+                            ..admin_steer.clone()
+                        },
+                        &this.limits,
+                        drain,
+                    );
                     tokio::join!(main, admin);
                 }
                 None => main.await,
@@ -401,80 +421,6 @@ impl Server for GrpcHttpServer {
             Ok::<(), BoxError>(())
         })
     }
-}
-
-fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        .header_read_timeout(limits.header_read_timeout)
-        // hyper refuses buffers below 8 KiB.
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(limits.http2_keepalive_interval)
-        .keep_alive_timeout(limits.http2_keepalive_timeout);
-    builder
-}
-
-/// Accepts connections until the drain starts, then closes the listener (new
-/// connections are refused from that moment), asks every connection to
-/// finish (GOAWAY on HTTP/2, close-after-response on HTTP/1.1) and waits up
-/// to the grace period before cutting the rest.
-async fn accept_loop(
-    listener: TcpListener,
-    addr: SocketAddr,
-    steer: Steer,
-    builder: auto::Builder<TokioExecutor>,
-    drain: Drain,
-) {
-    let graceful = GracefulShutdown::new();
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            biased;
-            _ = drain.started() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(pair) => pair,
-                    Err(err) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!(%addr, error = %err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                if let Err(err) = stream.set_nodelay(true) {
-                    debug!(%peer, error = %err, "cannot set TCP_NODELAY");
-                }
-                let service = TowerToHyperService::new(Steer { peer: Some(peer), ..steer.clone() });
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                let connection = graceful.watch(connection);
-                connections.spawn(async move {
-                    if let Err(err) = connection.await {
-                        debug!(%peer, error = %err, "connection closed with an error");
-                    }
-                });
-            }
-        }
-    }
-    drop(listener);
-    let open = connections.len();
-    info!(%addr, open_connections = open, grace = ?drain.grace(), "draining");
-    if tokio::time::timeout(drain.grace(), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        warn!(%addr, remaining = connections.len(), "grace period over; closing remaining connections");
-        connections.abort_all();
-    }
-    while connections.join_next().await.is_some() {}
 }
 
 /// Mirrors the instance lifecycle into the server's own state channel (read

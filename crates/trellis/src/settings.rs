@@ -8,7 +8,7 @@
 //! | `log.level` | live (when the binary wires it, as `trellis` does) |
 //! | `otlp.endpoint`, `otlp.sample_ratio`, `otlp.traces`, `otlp.metrics`, `otlp.logs`, `otlp.metrics_interval` | live (likewise); `OTEL_*` variables win |
 //! | `otlp.environment` | on restart |
-//! | `server.max_body_bytes`, `server.max_header_bytes`, `server.max_concurrent_streams` | on restart |
+//! | `server.max_body_bytes`, `server.max_header_bytes`, `server.max_concurrent_streams`, `server.max_connections` | on restart |
 //! | `server.shutdown_timeout`, `server.pre_stop_delay` | on restart |
 //! | `server.rate_limit.rate`, `server.rate_limit.burst` | live |
 //! | `server.rate_limit.key`, `server.shedding.*`, `server.reflection` | on restart |
@@ -49,6 +49,9 @@ pub struct ServerSettings {
     pub max_header_bytes: usize,
     /// HTTP/2 streams per connection. Restart. Default: 256.
     pub max_concurrent_streams: u32,
+    /// Open connections per listener; past it the listener stops accepting
+    /// until one closes. Restart. Default: 10 000.
+    pub max_connections: usize,
     /// How long in-flight requests may take on shutdown. Restart. Default: 10s.
     #[serde(with = "trellis_config::duration")]
     pub shutdown_timeout: Duration,
@@ -172,6 +175,7 @@ impl Default for ServerSettings {
             max_body_bytes: limits.max_body_bytes,
             max_header_bytes: limits.max_header_bytes,
             max_concurrent_streams: limits.max_concurrent_streams,
+            max_connections: limits.max_connections,
             shutdown_timeout: Duration::from_secs(10),
             pre_stop_delay: None,
             rate_limit: RateLimitSettings::default(),
@@ -188,6 +192,7 @@ impl ServerSettings {
             max_body_bytes: self.max_body_bytes,
             max_header_bytes: self.max_header_bytes,
             max_concurrent_streams: self.max_concurrent_streams,
+            max_connections: self.max_connections,
             request_timeout: self.request_timeout,
             ..Limits::default()
         }
@@ -219,6 +224,12 @@ impl ServerSettings {
         if self.max_concurrent_streams == 0 {
             return Err(Invalid::new(
                 format!("{prefix}.max_concurrent_streams"),
+                "must be positive",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(Invalid::new(
+                format!("{prefix}.max_connections"),
                 "must be positive",
             ));
         }

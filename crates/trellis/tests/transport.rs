@@ -113,6 +113,49 @@ async fn operator_routes_are_served_on_the_admin_listener_only() {
     running.stop().await.unwrap();
 }
 
+/// Past `max_connections` the listener stops accepting: a third client
+/// waits in the backlog until one of the first two leaves, then is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_wait_for_a_free_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = ServerConfig::default();
+    config.limits.max_connections = 2;
+    let server = GrpcHttpServer::builder(config).bind().await.unwrap();
+    let addr = server.local_addr();
+    let running = run(server).await;
+    // Two connections that hold their slots (each has been served once,
+    // so the server has surely accepted both).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        c.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        held.push(c);
+    }
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    third
+        .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    let early = tokio::time::timeout(Duration::from_millis(300), third.read_exact(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "the third connection was served past the cap"
+    );
+    drop(held.pop());
+    tokio::time::timeout(Duration::from_secs(10), third.read_exact(&mut buf))
+        .await
+        .expect("the third connection was never served after a slot freed")
+        .unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+    running.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_can_be_turned_off() {
     for on in [true, false] {

@@ -1,0 +1,136 @@
+//! The serving core every Trellis server shares — the gRPC + HTTP server,
+//! its admin listener, the gateway: one accept loop with the HTTP/1.1 and
+//! HTTP/2 (h2c and prior knowledge) settings of [`Limits`], a cap on open
+//! connections, the header-read timeout, and graceful drain.
+//!
+//! ```no_run
+//! # async fn run() -> std::io::Result<()> {
+//! use std::{convert::Infallible, time::Duration};
+//! use trellis_core::Drain;
+//! use trellis_transport::{Limits, serve::serve};
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let app = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+//!     Ok::<_, Infallible>(http::Response::new(String::from("hello")))
+//! });
+//! let stop = tokio_util::sync::CancellationToken::new();
+//! serve(listener, move |_peer| app.clone(), &Limits::default(), Drain::new(stop, Duration::from_secs(10))).await;
+//! # Ok(()) }
+//! ```
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+    service::TowerToHyperService,
+};
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
+use tower::{BoxError, Service};
+use tracing::{debug, info, warn};
+use trellis_core::Drain;
+
+use crate::Limits;
+
+/// Serves connections accepted on `listener` until `drain` starts, each
+/// with the service `make(peer)` returns.
+///
+/// - At most `limits.max_connections` are open at once: past it the loop
+///   stops accepting (new connections wait in the kernel's backlog) until
+///   one closes, so a flood cannot exhaust file descriptors or memory.
+/// - When the drain starts the listener closes (new connections are
+///   refused from that moment), every connection is asked to finish
+///   (HTTP/2 GOAWAY, HTTP/1.1 close after the response), and those still
+///   open after [`Drain::grace`] are cut.
+pub async fn serve<M, S, B>(listener: TcpListener, make: M, limits: &Limits, drain: Drain)
+where
+    M: Fn(SocketAddr) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "an unbound address".to_owned(), |a| a.to_string());
+    let builder = connection_builder(limits);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut connections = JoinSet::new();
+    loop {
+        // A free slot first: at the cap, stop accepting until one closes.
+        let slot = tokio::select! {
+            biased;
+            _ = drain.started() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = drain.started() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(%addr, error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Err(err) = stream.set_nodelay(true) {
+            debug!(%peer, error = %err, "cannot set TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(make(peer));
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        connections.spawn(async move {
+            if let Err(err) = connection.await {
+                debug!(%peer, error = %err, "connection closed with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    info!(%addr, open_connections = connections.len(), grace = ?drain.grace(), "draining");
+    if tokio::time::timeout(drain.grace(), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(%addr, remaining = connections.len(), "grace period over; closing remaining connections");
+        connections.abort_all();
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+/// hyper's HTTP/1.1 and HTTP/2 settings from the limits.
+fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper refuses buffers below 8 KiB.
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(limits.http2_keepalive_interval)
+        .keep_alive_timeout(limits.http2_keepalive_timeout);
+    builder
+}
