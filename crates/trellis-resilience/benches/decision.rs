@@ -16,11 +16,11 @@ use std::{
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use trellis_resilience::{
-    Breaker, BreakerConfig, ConcurrencyLimit, DelayShedder, LimitKind, LocalLimiter, Outcome,
-    Policy, Quota, SreBreaker, SreConfig,
+    Breaker, BreakerConfig, BreakerPolicy, ConcurrencyLimit, DelayShedder, LimitKind, LocalLimiter,
+    Outcome, Quota, SreBreaker, SreConfig,
 };
 
-fn decide(p: &dyn Policy) {
+fn decide(p: &dyn BreakerPolicy) {
     if let Some(permit) = p.acquire() {
         p.record(
             permit,
@@ -36,7 +36,7 @@ fn bench(c: &mut Criterion) {
         .build()
         .unwrap();
     let _guard = rt.enter();
-    let policies: Vec<(&str, Arc<dyn Policy>)> = vec![
+    let policies: Vec<(&str, Arc<dyn BreakerPolicy>)> = vec![
         (
             "breaker_closed",
             Arc::new(Breaker::new(BreakerConfig::default())),

@@ -7,6 +7,8 @@
 
 use std::{sync::OnceLock, time::Duration};
 
+use tokio::time::Instant;
+
 fn clock() -> &'static (quanta::Clock, u64) {
     static CLOCK: OnceLock<(quanta::Clock, u64)> = OnceLock::new();
     CLOCK.get_or_init(|| {
@@ -52,4 +54,26 @@ pub(crate) fn coarse_now_ms() -> u64 {
             .unwrap_or(0);
     }
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Where breakers and budgets read the time.
+///
+/// The default is the kernel's coarse monotonic clock: a few nanoseconds
+/// to read, millisecond-ish resolution, plenty for windows of seconds. Tests
+/// use tokio's clock so they can pause and advance it.
+#[derive(Debug, Clone, Copy)]
+pub enum Clock {
+    /// `CLOCK_MONOTONIC_COARSE` (the default).
+    Coarse,
+    /// `tokio::time::Instant`, which `tokio::time::pause()` controls.
+    Tokio,
+}
+
+impl Clock {
+    pub(crate) fn now_ms(self, start: Instant) -> u64 {
+        match self {
+            Clock::Tokio => start.elapsed().as_millis() as u64,
+            Clock::Coarse => coarse_now_ms(),
+        }
+    }
 }

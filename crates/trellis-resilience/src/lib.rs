@@ -39,11 +39,13 @@ pub mod rate_limit;
 pub mod redis_limit;
 mod reject;
 pub mod retry;
+mod rng;
 
 pub use breaker::{
-    Breaker, BreakerConfig, BreakerState, CircuitBreaker, CircuitBreakerLayer, Clock, Outcome,
-    Permit, Policy, SreBreaker, SreConfig, Trip, classify,
+    Breaker, BreakerConfig, BreakerPolicy, BreakerState, CircuitBreaker, CircuitBreakerLayer,
+    Outcome, Permit, SreBreaker, SreConfig, Trip,
 };
+pub use clock::Clock;
 pub use codel::{DelayAdmitted, DelayShedder};
 pub use concurrency::{
     Admission, Admitted, ConcurrencyLimit, ConcurrencyLimitLayer, CpuShedLayer, DelayShedLayer,

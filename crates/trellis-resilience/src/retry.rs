@@ -24,7 +24,7 @@ use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::{BoxError, breaker::Clock};
+use crate::{BoxError, clock::Clock};
 
 /// How long to wait before each retry.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -306,7 +306,7 @@ where
                 let wait = pushback.unwrap_or_else(|| {
                     policy
                         .backoff
-                        .delay(attempt - 1, previous, crate::breaker::random_unit())
+                        .delay(attempt - 1, previous, crate::rng::random_unit())
                 });
                 previous = wait;
                 if trellis_core::deadline::remaining().is_some_and(|left| left <= wait) {

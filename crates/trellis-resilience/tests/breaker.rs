@@ -7,8 +7,8 @@ use std::{sync::atomic::Ordering, time::Duration};
 
 use proptest::prelude::*;
 use trellis_resilience::{
-    Breaker, BreakerConfig, BreakerState, CircuitBreakerLayer, Clock, Outcome, Permit, Policy,
-    SreBreaker, SreConfig, Trip,
+    Breaker, BreakerConfig, BreakerPolicy, BreakerState, CircuitBreakerLayer, Clock, Outcome,
+    Permit, SreBreaker, SreConfig, Trip,
 };
 
 const FAST: Duration = Duration::from_millis(1);
@@ -373,4 +373,79 @@ fn state_changes_are_counted_and_the_open_gauge_follows() {
         );
         assert!(text.contains("circuit_breaker_open 0"), "{text}");
     });
+}
+
+/// A gRPC upstream that answers with a message and then fails in the
+/// trailers (what a server stream that breaks, or a proxy, sends): the
+/// head looks like success, the end does not.
+fn failing_in_the_trailers(
+    code: &'static str,
+) -> impl tower::Service<
+    http::Request<tonic::body::Body>,
+    Response = http::Response<tonic::body::Body>,
+    Error = std::convert::Infallible,
+    Future = std::future::Ready<
+        Result<http::Response<tonic::body::Body>, std::convert::Infallible>,
+    >,
+> + Clone {
+    tower::service_fn(move |_req: http::Request<tonic::body::Body>| {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static(code));
+        let frames = vec![
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from_static(
+                b"\0\0\0\0\0",
+            ))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ];
+        let body = tonic::body::Body::new(http_body_util::StreamBody::new(
+            futures_util::stream::iter(frames),
+        ));
+        let mut response = http::Response::new(body);
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        std::future::ready(Ok(response))
+    })
+}
+
+/// The one classifier judges the end of the response: an error in the
+/// trailers is a failure (it used to count as a success, the head being
+/// fine), and the breaker opens on a run of them.
+#[tokio::test]
+async fn a_grpc_error_in_the_trailers_counts_as_a_failure() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let config = BreakerConfig {
+        consecutive_failures: Some(3),
+        ..BreakerConfig::default()
+    };
+    for (code, opens) in [("13", true), ("0", false), ("5", false)] {
+        let breaker = std::sync::Arc::new(Breaker::new(config.clone()));
+        let layer = CircuitBreakerLayer::new(Shared(breaker.clone()));
+        let service = tower::Layer::layer(&layer, failing_in_the_trailers(code));
+        for _ in 0..3 {
+            let request = http::Request::new(tonic::body::Body::empty());
+            let response = service.clone().oneshot(request).await.unwrap();
+            // The outcome is known once the body has ended.
+            let _ = response.into_body().collect().await;
+        }
+        assert_eq!(
+            breaker.state() == BreakerState::Open,
+            opens,
+            "grpc-status {code} in the trailers"
+        );
+    }
+}
+
+/// A breaker shared with the test, to read its state.
+struct Shared(std::sync::Arc<Breaker>);
+
+impl BreakerPolicy for Shared {
+    fn acquire(&self) -> Option<Permit> {
+        self.0.acquire()
+    }
+    fn record(&self, permit: Permit, outcome: Outcome, elapsed: Duration) {
+        self.0.record(permit, outcome, elapsed)
+    }
 }

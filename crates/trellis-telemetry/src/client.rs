@@ -14,6 +14,7 @@ use opentelemetry::Context as OtelContext;
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use trellis_core::protocol::{Classified, End, Report};
 
 use crate::{
     pipeline::{self, SAMPLER},
@@ -79,11 +80,11 @@ where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    RB: Send + 'static,
+    RB: http_body::Body + Send + 'static,
 {
-    type Response = Response<RB>;
+    type Response = Response<Classified<RB, Call>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -114,11 +115,13 @@ where
         if !SAMPLER.may_record(&current) {
             propagation::inject(&pipeline::unrecorded(current), req.headers_mut());
             let fut = self.inner.call(req);
-            return Box::pin(async move {
-                let result = fut.await;
-                kind.measure(&result, started, None);
-                result
-            });
+            let call = Call {
+                kind: Some(kind),
+                started,
+                span: None,
+                http_status: None,
+            };
+            return Box::pin(call.follow(fut));
         }
 
         let span = match &kind {
@@ -151,51 +154,69 @@ where
             let _entered = span.enter();
             self.inner.call(req)
         };
-        Box::pin(
-            async move {
-                let result = fut.await;
-                kind.measure(&result, started, Some(&Span::current()));
-                result
-            }
-            .instrument(span),
-        )
+        let call = Call {
+            kind: Some(kind),
+            started,
+            span: Some(span.clone()),
+            http_status: None,
+        };
+        Box::pin(call.follow(fut).instrument(span))
     }
 }
 
-impl Kind {
-    /// Records the call's duration and, when traced, its outcome on `span`.
-    fn measure<RB, E>(
-        self,
-        result: &Result<Response<RB>, E>,
-        started: Instant,
-        span: Option<&Span>,
-    ) {
-        let seconds = started.elapsed().as_secs_f64();
-        match self {
+/// One call, measured (and its span closed) when its response ends — the
+/// gRPC status read from the trailers when it comes there — or when it
+/// fails; a call dropped first is recorded as CANCELLED.
+pub struct Call {
+    kind: Option<Kind>,
+    started: Instant,
+    span: Option<Span>,
+    http_status: Option<u16>,
+}
+
+impl Call {
+    async fn follow<F, RB, E>(mut self, fut: F) -> Result<Response<Classified<RB, Call>>, E>
+    where
+        F: Future<Output = Result<Response<RB>, E>>,
+        RB: http_body::Body,
+    {
+        match fut.await {
+            Ok(response) => {
+                let (parts, body) = response.into_parts();
+                self.http_status = Some(parts.status.as_u16());
+                let body = Classified::new(parts.status, &parts.headers, body, self);
+                Ok(Response::from_parts(parts, body))
+            }
+            Err(err) => {
+                // The transport failed: what tonic reports as UNAVAILABLE.
+                self.measure(Some(tonic::Code::Unavailable), None);
+                Err(err)
+            }
+        }
+    }
+
+    fn measure(&mut self, grpc: Option<tonic::Code>, http: Option<u16>) {
+        let Some(kind) = self.kind.take() else {
+            return;
+        };
+        let seconds = self.started.elapsed().as_secs_f64();
+        let span = self.span.take();
+        match kind {
             Kind::Grpc { service, method } => {
-                let code = match result {
-                    Ok(r) => trellis_core::protocol::code_label(
-                        trellis_core::protocol::grpc_status(r.headers()).unwrap_or(tonic::Code::Ok),
-                    ),
-                    // The transport failed: what tonic reports as UNAVAILABLE.
-                    Err(_) => "14",
-                };
-                if let Some(span) = span {
-                    span.record("rpc.grpc.status_code", code.parse::<i64>().unwrap_or(2));
-                    if code != "0" {
+                let code = grpc.unwrap_or(tonic::Code::Unknown);
+                if let Some(span) = &span {
+                    span.record("rpc.grpc.status_code", code as i64);
+                    if code != tonic::Code::Ok {
                         span.record("otel.status_code", "ERROR");
                     }
                 }
+                let code = trellis_core::protocol::code_label(code);
                 histogram!("rpc_client_duration_seconds", "rpc_system" => "grpc", "rpc_service" => service, "rpc_method" => method, "rpc_grpc_status_code" => code)
                     .record(seconds);
             }
             Kind::Http { method, address } => {
-                let status = match result {
-                    Ok(r) => Some(r.status().as_u16()),
-                    Err(_) => None,
-                };
-                if let Some(span) = span {
-                    match status {
+                if let Some(span) = &span {
+                    match http {
                         Some(status) => {
                             span.record("http.response.status_code", status);
                             if status >= 400 {
@@ -208,10 +229,28 @@ impl Kind {
                     }
                 }
                 // No response at all is `error`, as the conventions' `error.type` would say.
-                let status = status.map_or_else(|| "error".to_owned(), |s| s.to_string());
+                let status = http.map_or_else(|| "error".to_owned(), |s| s.to_string());
                 histogram!("http_client_request_duration_seconds", "http_request_method" => method, "server_address" => address, "http_response_status_code" => status)
                     .record(seconds);
             }
         }
+    }
+}
+
+impl Report for Call {
+    fn report(mut self, end: Option<End>) {
+        let http = self.http_status;
+        match end {
+            Some(end) => self.measure(end.grpc_status, http),
+            // The caller stopped reading: a cancelled call.
+            None => self.measure(Some(tonic::Code::Cancelled), http),
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        let http = self.http_status;
+        self.measure(Some(tonic::Code::Cancelled), http);
     }
 }

@@ -12,7 +12,10 @@ use http::{Request, Response};
 use metrics::{SharedString, Unit, describe_gauge, describe_histogram, gauge, histogram};
 use tonic::Code;
 use tower::{Layer, Service};
-use trellis_core::{RouteTemplate, protocol};
+use trellis_core::{
+    RouteTemplate,
+    protocol::{self, Classified, End, Report},
+};
 
 pub(crate) fn describe() {
     describe_histogram!(
@@ -105,14 +108,18 @@ enum Kind {
 }
 
 /// One request in flight: counted in the gauge from creation, and recorded
-/// exactly once — when the response head arrives, or when the request is
-/// dropped unanswered (the client went away, a timeout outside cut it),
-/// then as CANCELLED (gRPC 1) or 499 (HTTP, the code nginx and Envoy use for
-/// a client that closed the request). Without this the gauge would keep
-/// every cancelled request forever.
-struct InFlight {
+/// exactly once — when its response has ended (the gRPC status from the
+/// trailers when it comes there), or when it is dropped first (the client
+/// went away, a timeout outside cut it), then as CANCELLED (gRPC 1) or 499
+/// (HTTP, the code nginx and Envoy use for a client that closed the
+/// request). Without this the gauge would keep every cancelled request
+/// forever.
+pub struct InFlight {
     kind: Option<Kind>,
     started: Instant,
+    /// The HTTP status and the route template a router below named, once
+    /// the response head has come.
+    head: Option<(SharedString, Option<SharedString>)>,
 }
 
 impl InFlight {
@@ -125,6 +132,7 @@ impl InFlight {
         InFlight {
             kind: Some(kind),
             started: Instant::now(),
+            head: None,
         }
     }
 
@@ -152,6 +160,27 @@ impl InFlight {
     }
 }
 
+/// Records the request when its response ends (see [`Classified`]).
+impl Report for InFlight {
+    fn report(mut self, end: Option<End>) {
+        let grpc = matches!(self.kind, Some(Kind::Grpc { .. }));
+        let Some(end) = end else {
+            // Dropped before the end: the Drop below says cancelled.
+            return;
+        };
+        let (status, template) = self
+            .head
+            .take()
+            .unwrap_or((SharedString::const_str("200"), None));
+        if grpc {
+            let code = end.grpc_status.unwrap_or(Code::Unknown);
+            self.finish(SharedString::const_str(protocol::code_label(code)), None);
+        } else {
+            self.finish(status, template);
+        }
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         let cancelled = match &self.kind {
@@ -168,11 +197,11 @@ where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    RB: Send + 'static,
+    RB: http_body::Body + Send + 'static,
 {
-    type Response = Response<RB>;
+    type Response = Response<Classified<RB, InFlight>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -210,29 +239,30 @@ where
         let mut in_flight = InFlight::start(kind);
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let result = fut.await;
-            let grpc = matches!(in_flight.kind, Some(Kind::Grpc { .. }));
-            let (code, template) = match (&result, grpc) {
-                // Errors from handlers travel trailers-only (status in the
-                // headers); a status sent in trailers after a body (a
-                // streaming failure) is counted as the headers say: OK.
-                (Ok(r), true) => (
-                    SharedString::const_str(protocol::code_label(
-                        protocol::grpc_status(r.headers()).unwrap_or(Code::Ok),
-                    )),
-                    None,
-                ),
-                (Err(_), true) => (SharedString::const_str("2"), None),
-                (Ok(r), false) => (
-                    SharedString::from(r.status().as_u16().to_string()),
-                    r.extensions()
+            match fut.await {
+                Ok(response) => {
+                    let (parts, body) = response.into_parts();
+                    // A route matched below this layer names itself on the response.
+                    let template = parts
+                        .extensions
                         .get::<RouteTemplate>()
-                        .map(|t| SharedString::from(t.0.to_string())),
-                ),
-                (Err(_), false) => (SharedString::const_str("500"), None),
-            };
-            in_flight.finish(code, template);
-            result
+                        .map(|t| SharedString::from(t.0.to_string()));
+                    in_flight.head = Some((
+                        SharedString::from(parts.status.as_u16().to_string()),
+                        template,
+                    ));
+                    let body = Classified::new(parts.status, &parts.headers, body, in_flight);
+                    Ok(Response::from_parts(parts, body))
+                }
+                Err(err) => {
+                    let failed = match in_flight.kind {
+                        Some(Kind::Grpc { .. }) => "2",
+                        _ => "500",
+                    };
+                    in_flight.finish(SharedString::const_str(failed), None);
+                    Err(err)
+                }
+            }
         })
     }
 }
@@ -252,7 +282,9 @@ mod tests {
         let handle = recorder.handle();
         let _local = metrics::set_default_local_recorder(&recorder);
         let ok = tower::service_fn(|_req: Request<()>| async {
-            Ok::<_, std::convert::Infallible>(Response::new(()))
+            Ok::<_, std::convert::Infallible>(Response::new(
+                http_body_util::Empty::<bytes::Bytes>::new(),
+            ))
         });
         let mut red = RedLayer::new().layer(ok);
         let waker = std::task::Waker::noop();
@@ -292,13 +324,67 @@ mod tests {
         assert!(text.contains("rpc_service=\"_OTHER\""), "{text}");
     }
 
+    /// The status a gRPC response ends with in its trailers is the one
+    /// recorded, once the body has ended.
+    #[tokio::test]
+    async fn a_grpc_status_in_the_trailers_is_the_one_recorded() {
+        use http_body_util::BodyExt;
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let stream = tower::service_fn(|_req: Request<()>| async {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("13"));
+            let frames = vec![
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(
+                    bytes::Bytes::from_static(b"\0\0\0\0\0"),
+                )),
+                Ok(http_body::Frame::trailers(trailers)),
+            ];
+            let mut response = Response::new(http_body_util::StreamBody::new(
+                futures_util::stream::iter(frames),
+            ));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            Ok::<_, std::convert::Infallible>(response)
+        });
+        let mut red = RedLayer::new().layer(stream);
+        let mut req = Request::post("/pkg.Svc/Watch")
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        req.extensions_mut()
+            .insert(RouteTemplate("/pkg.Svc/Watch".into()));
+        let response = red.call(req).await.unwrap();
+        assert!(
+            !handle
+                .render()
+                .contains("rpc_server_duration_seconds_count"),
+            "nothing is recorded before the end"
+        );
+        let _ = response.into_body().collect().await;
+        let text = handle.render();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("rpc_server_duration_seconds_count{")
+                    && l.contains("rpc_method=\"Watch\"")
+                    && l.contains("rpc_grpc_status_code=\"13\"")
+                    && l.ends_with(" 1")),
+            "{text}"
+        );
+    }
+
     #[test]
     fn cancelled_requests_leave_the_gauges_right_and_are_recorded() {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let _local = metrics::set_default_local_recorder(&recorder);
         let never = tower::service_fn(|_req: Request<()>| {
-            std::future::pending::<Result<Response<()>, std::convert::Infallible>>()
+            std::future::pending::<
+                Result<Response<http_body_util::Empty<bytes::Bytes>>, std::convert::Infallible>,
+            >()
         });
         let mut red = RedLayer::new().layer(never);
         let waker = std::task::Waker::noop();
