@@ -26,7 +26,7 @@ async fn limits_each_route_on_both_faces_but_never_the_probes() {
         .grpc_service(hop)
         .http_router(router)
         .layer(RateLimitLayer::new(limiter.clone(), KeyBy::Route));
-    let (addr, stop, _lifecycle) = support::start(builder).await;
+    let (addr, stop, _lifecycle) = support::start(builder.bind().await.unwrap()).await;
 
     // HTTP: two allowed, then 429 with the error body and Retry-After.
     for _ in 0..2 {
@@ -92,7 +92,7 @@ async fn client_ip_keys_come_from_the_connection() {
     let builder = GrpcHttpServer::builder(ServerConfig::default())
         .http_router(router)
         .layer(RateLimitLayer::new(limiter.clone(), KeyBy::ClientIp));
-    let (addr, stop, _lifecycle) = support::start(builder).await;
+    let (addr, stop, _lifecycle) = support::start(builder.bind().await.unwrap()).await;
     let statuses: Vec<u16> = futures(addr, 4).await;
     assert_eq!(statuses, [200, 200, 200, 429]);
     assert_eq!(limiter.tracked_keys(), 1, "one client IP, one key");

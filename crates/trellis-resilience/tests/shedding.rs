@@ -21,7 +21,14 @@ async fn serve(
     if let Some(hop) = hop {
         builder = builder.grpc_service(hop);
     }
-    support::start(builder.layer(ConcurrencyLimitLayer::new(limit))).await
+    support::start(
+        builder
+            .layer(ConcurrencyLimitLayer::new(limit))
+            .bind()
+            .await
+            .unwrap(),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +148,7 @@ async fn serve_with_delay_shedder(
     let builder = GrpcHttpServer::builder(ServerConfig::default())
         .http_router(slow_handler())
         .layer(trellis_resilience::DelayShedLayer::new(shedder));
-    support::start(builder).await
+    support::start(builder.bind().await.unwrap()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,10 @@ use axum::{Router, extract::DefaultBodyLimit};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{server::NamedService, service::RoutesBuilder};
-use tower::ServiceBuilder;
+use tower::{
+    ServiceBuilder,
+    layer::util::{Identity, Stack},
+};
 use tracing::warn;
 use trellis_core::{BoxError, Drain, RouteTemplate, Server, ServerFuture, State};
 
@@ -21,19 +24,21 @@ use crate::{
 };
 
 /// Builds a [`GrpcHttpServer`]: add tonic services, descriptor sets for
-/// reflection, and an axum router, then [`bind`](Self::bind).
-pub struct GrpcHttpServerBuilder {
+/// reflection, an axum router and the layers in front of them, then
+/// [`bind`](Self::bind). `L` is the layer stack, built like tower's
+/// `ServiceBuilder`: the first layer added sees a request first.
+pub struct GrpcHttpServerBuilder<L = Identity> {
     config: ServerConfig,
     routes: RoutesBuilder,
     service_names: Vec<String>,
     descriptor_sets: Vec<&'static [u8]>,
     http: Router,
     debug: Router,
-    layers: Vec<Box<dyn Fn(Router) -> Router + Send + Sync>>,
+    layer: L,
     rest: Option<trellis_transcode::TranscodeOptions>,
 }
 
-impl GrpcHttpServerBuilder {
+impl<L> GrpcHttpServerBuilder<L> {
     /// Adds a generated tonic service (e.g. `UserServiceServer::new(svc)`).
     /// Its health status follows the lifecycle under its full name.
     pub fn grpc_service<S>(mut self, service: S) -> Self
@@ -66,25 +71,22 @@ impl GrpcHttpServerBuilder {
         self
     }
 
-    /// Wraps the user's gRPC services and HTTP routes (not health,
-    /// reflection or probes) in `layer`, e.g. a rate limit. Add services and
-    /// routes first; rejections must be responses, not errors.
-    pub fn layer<L>(mut self, layer: L) -> Self
-    where
-        L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
-        L::Service: tower::Service<http::Request<axum::body::Body>, Error = Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        <L::Service as tower::Service<http::Request<axum::body::Body>>>::Response:
-            axum::response::IntoResponse + 'static,
-        <L::Service as tower::Service<http::Request<axum::body::Body>>>::Future: Send + 'static,
-    {
-        self.layers.push(Box::new(move |router: Router| {
-            router.route_layer(layer.clone())
-        }));
-        self
+    /// Puts `layer` in front of the user's gRPC services and HTTP routes
+    /// (not health, reflection or probes, which must answer even when a
+    /// limit rejects traffic). Layers run in the order they are added, as
+    /// with tower's `ServiceBuilder`: the first added sees a request first.
+    /// Rejections must be responses, not errors.
+    pub fn layer<T>(self, layer: T) -> GrpcHttpServerBuilder<Stack<T, L>> {
+        GrpcHttpServerBuilder {
+            config: self.config,
+            routes: self.routes,
+            service_names: self.service_names,
+            descriptor_sets: self.descriptor_sets,
+            http: self.http,
+            debug: self.debug,
+            layer: Stack::new(layer, self.layer),
+            rest: self.rest,
+        }
     }
 
     /// Serves every gRPC service's REST/JSON face on the same port, from
@@ -110,7 +112,18 @@ impl GrpcHttpServerBuilder {
 
     /// Binds the listeners. A taken or invalid address fails here, before
     /// anything starts.
-    pub async fn bind(self) -> Result<GrpcHttpServer, TransportError> {
+    pub async fn bind(self) -> Result<GrpcHttpServer, TransportError>
+    where
+        L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
+        L::Service: tower::Service<http::Request<axum::body::Body>, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as tower::Service<http::Request<axum::body::Body>>>::Response:
+            IntoResponse + 'static,
+        <L::Service as tower::Service<http::Request<axum::body::Body>>>::Future: Send + 'static,
+    {
         let (probes, probes_rx) = watch::channel(State::Starting);
         let closed = CancellationToken::new();
         let health_service =
@@ -188,14 +201,13 @@ impl GrpcHttpServerBuilder {
                 )
                 .route_service("/{*path}", rest);
         }
-        for layer in &self.layers {
-            if user_grpc.axum_router_mut().has_routes() {
-                let router = std::mem::take(user_grpc.axum_router_mut());
-                *user_grpc.axum_router_mut() = layer(router);
-            }
-            if user_http.has_routes() {
-                user_http = layer(user_http);
-            }
+        // The user's stack, over both faces.
+        if user_grpc.axum_router_mut().has_routes() {
+            let router = std::mem::take(user_grpc.axum_router_mut());
+            *user_grpc.axum_router_mut() = router.route_layer(self.layer.clone());
+        }
+        if user_http.has_routes() {
+            user_http = user_http.route_layer(self.layer.clone());
         }
         // Outermost on the HTTP routes: the route is known before any layer
         // runs, so limits, metrics and traces see its template — a REST
@@ -343,7 +355,7 @@ impl GrpcHttpServer {
             descriptor_sets: Vec::new(),
             http: Router::new(),
             debug: Router::new(),
-            layers: Vec::new(),
+            layer: Identity::new(),
             rest: None,
         }
     }

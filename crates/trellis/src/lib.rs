@@ -28,6 +28,7 @@
 //! | `trellis-core` | [`Error`], [`Code`], [`State`], [`Lifecycle`], [`core`] | error model, lifecycle, the `Server` contract |
 //! | `trellis-transport` | [`transport`] | gRPC + HTTP on one port, health, probes, clients |
 //! | `trellis-transcode` | [`transcode`] | REST/JSON from `google.api.http`, the route table, validation, OpenAPI |
+//! | `trellis-stack` | [`stack`], [`resilient_client_with`] | the default server and client stacks, from typed settings |
 //! | `trellis-registry` | [`registry`] | registration and discovery (memory, etcd with feature `etcd`) |
 //! | `trellis-balance` | [`balance`], [`client`] | client-side load balancing over discovered endpoints |
 //! | `trellis-config` | [`config`], [`settings`] | typed layered config with hot reload (files, env, etcd) |
@@ -47,6 +48,7 @@ pub use trellis_config as config;
 pub use trellis_core::{self as core, Code, Error, Lifecycle, State};
 pub use trellis_registry as registry;
 pub use trellis_resilience as resilience;
+pub use trellis_stack as stack;
 pub use trellis_telemetry as telemetry;
 pub use trellis_transcode as transcode;
 
@@ -79,38 +81,76 @@ pub async fn client(
 /// A balanced channel whose calls are traced and measured.
 pub type TracedChannel = telemetry::ClientTelemetry<balance::BalancedChannel>;
 
-/// The default client stack, outermost first: deadline (10 s of its own,
-/// or what is left of the inbound request's) → retries (3 attempts, full
-/// jitter, 20 % budget) → telemetry (a span and a measurement per attempt)
-/// → circuit breaker per method → the balanced channel.
-pub type ResilientChannel = resilience::Deadline<
-    resilience::Retry<
-        telemetry::ClientTelemetry<
-            resilience::CircuitBreaker<balance::BalancedChannel, resilience::Breaker>,
-        >,
-    >,
->;
+/// A balanced, discovered channel behind the default client stack
+/// ([`trellis_stack::ClientStack`]: deadline → retries within a budget →
+/// client span and metrics → circuit breaker per method → the balancer).
+/// Hand it to a generated tonic client.
+#[derive(Clone)]
+pub struct ResilientChannel {
+    stack: trellis_stack::ClientStackService<balance::BalancedChannel>,
+    balanced: balance::BalancedChannel,
+}
 
-/// [`client`] with the default client resilience stack ([`ResilientChannel`]).
+impl ResilientChannel {
+    /// The balanced channel under the stack (its endpoints, its policy).
+    pub fn balanced(&self) -> &balance::BalancedChannel {
+        &self.balanced
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for ResilientChannel {
+    type Response =
+        <trellis_stack::ClientStackService<balance::BalancedChannel> as tower::Service<
+            http::Request<tonic::body::Body>,
+        >>::Response;
+    type Error = resilience::BoxError;
+    type Future = <trellis_stack::ClientStackService<balance::BalancedChannel> as tower::Service<
+        http::Request<tonic::body::Body>,
+    >>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.stack.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        self.stack.call(request)
+    }
+}
+
+/// [`client`] behind the default client stack, with the default settings.
 pub async fn resilient_client(
     discovery: &dyn registry::Discovery,
     service: &str,
 ) -> Result<ResilientChannel, registry::RegistryError> {
+    resilient_client_with(discovery, service, &settings::ClientSettings::default()).await
+}
+
+/// [`client`] behind the client stack `settings` describe: timeout,
+/// retries, breaker and balancer, from typed config or code.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use trellis::settings::ClientSettings;
+/// let registry = trellis::registry::connect("memory://").await?;
+/// let mut settings = ClientSettings::default();
+/// settings.retry.attempts = 5;
+/// settings.balancer.policy = "round_robin".into();
+/// let channel = trellis::resilient_client_with(registry.as_ref(), "user", &settings).await?;
+/// # let _ = channel; Ok(()) }
+/// ```
+pub async fn resilient_client_with(
+    discovery: &dyn registry::Discovery,
+    service: &str,
+    settings: &settings::ClientSettings,
+) -> Result<ResilientChannel, registry::RegistryError> {
     use tower::Layer;
-    let channel =
-        balance::BalancedChannel::discover(discovery, service, balance::BalanceConfig::default())
-            .await?;
-    let breaker =
-        resilience::CircuitBreakerLayer::per_method(
-            || resilience::Breaker::new(Default::default()),
-        );
-    let retry = resilience::RetryLayer::new(
-        resilience::RetryPolicy::default(),
-        std::sync::Arc::new(resilience::RetryBudget::new(0.2, 10)),
-    );
-    let deadline = resilience::DeadlineLayer::new(Some(std::time::Duration::from_secs(10)));
-    Ok(deadline
-        .layer(retry.layer(telemetry::ClientTelemetryLayer::new().layer(breaker.layer(channel)))))
+    let balanced =
+        balance::BalancedChannel::discover(discovery, service, settings.balance_config()).await?;
+    let stack = trellis_stack::ClientStack::new(settings).layer(balanced.clone());
+    Ok(ResilientChannel { stack, balanced })
 }
 
 /// An HTTP client (HTTP/1.1, pooled) for REST calls from one service to

@@ -361,3 +361,88 @@ async fn http_routes_answer_over_h2c_as_well_as_http1() {
     assert_eq!(http::get(addr, "/readyz").await.unwrap().status, 200);
     running.stop().await.unwrap();
 }
+
+/// A gRPC service that answers UNAVAILABLE and counts the calls.
+#[derive(Clone, Default)]
+struct Unavailable(std::sync::Arc<std::sync::atomic::AtomicU32>);
+
+impl tonic::server::NamedService for Unavailable {
+    const NAME: &'static str = "test.Unavailable";
+}
+
+impl tower::Service<h::Request<tonic::body::Body>> for Unavailable {
+    type Response = h::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: h::Request<tonic::body::Body>) -> Self::Future {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::future::ready(Ok(tonic::Status::unavailable("down").into_http()))
+    }
+}
+
+/// `resilient_client_with` takes its retry policy, breaker and balancer
+/// from settings (here built in code): one attempt, then five.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resilient_client_follows_its_settings() {
+    use trellis::registry::{Discovery, MemoryRegistry};
+    let calls = Unavailable::default();
+    let server = GrpcHttpServer::builder(ServerConfig::default())
+        .grpc_service(calls.clone())
+        .bind()
+        .await
+        .unwrap();
+    let registry = MemoryRegistry::new();
+    let mut seen = registry.watch("unavailable").await.unwrap();
+    let running = Running::ready(
+        App::builder("unavailable")
+            .registry(std::sync::Arc::new(registry.clone()))
+            .server(server)
+            .build(),
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), seen.wait_for(|s| s.len() == 1))
+        .await
+        .unwrap()
+        .unwrap();
+    for (attempts, expected) in [(1, 1), (5, 5)] {
+        let mut settings = trellis::settings::ClientSettings::default();
+        settings.retry.attempts = attempts;
+        settings.retry.backoff_base = Duration::from_millis(1);
+        settings.retry.backoff_max = Duration::from_millis(1);
+        settings.retry.budget_per_second = 100;
+        settings.breaker.enabled = false;
+        settings.balancer.policy = "round_robin".into();
+        let channel = trellis::resilient_client_with(&registry, "unavailable", &settings)
+            .await
+            .unwrap();
+        assert_eq!(channel.balanced().policy_name(), "round_robin");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while channel.balanced().endpoints().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "never discovered");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before = calls.0.load(std::sync::atomic::Ordering::SeqCst);
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .unary::<(), (), _>(
+                tonic::Request::new(()),
+                h::uri::PathAndQuery::from_static("/test.Unavailable/Call"),
+                EmptyCodec,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        let made = calls.0.load(std::sync::atomic::Ordering::SeqCst) - before;
+        assert_eq!(made, expected, "{attempts} attempts");
+    }
+    running.stop().await.unwrap();
+}

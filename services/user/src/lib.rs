@@ -265,8 +265,9 @@ impl UserService {
             }
             Err(err) => tracing::warn!(error = %err, "serving without /metrics"),
         }
-        let (builder, limiter) = settings.config.server.apply_stack(SERVICE, builder);
-        let server = builder.bind().await?;
+        let stack = trellis::stack::ServerStack::new(SERVICE, &settings.config.server);
+        let limiter = stack.limiter();
+        let server = builder.layer(stack).bind().await?;
         trellis::settings::follow_request_timeout(
             &config,
             |s: &UserSettings| &s.server,

@@ -633,14 +633,7 @@ async fn the_default_stack_rate_limits_live_from_config_and_the_resilient_client
         .await
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while channel
-        .get_ref()
-        .get_ref()
-        .get_ref()
-        .get_ref()
-        .endpoints()
-        .is_empty()
-    {
+    while channel.balanced().endpoints().is_empty() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the client never discovered the service"

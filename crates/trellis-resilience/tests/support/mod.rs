@@ -163,8 +163,12 @@ impl Drop for Running {
 }
 
 pub async fn serve(hop: Hop) -> Running {
-    let (addr, stop, lifecycle) =
-        start(GrpcHttpServer::builder(ServerConfig::default()).grpc_service(hop.clone())).await;
+    let server = GrpcHttpServer::builder(ServerConfig::default())
+        .grpc_service(hop.clone())
+        .bind()
+        .await
+        .unwrap();
+    let (addr, stop, lifecycle) = start(server).await;
     Running {
         addr,
         hop,
@@ -185,12 +189,9 @@ pub async fn until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Binds `builder` and serves it as Ready until the token is cancelled (or
-/// the lifecycle dropped).
-pub async fn start(
-    builder: trellis_transport::GrpcHttpServerBuilder,
-) -> (SocketAddr, CancellationToken, Lifecycle) {
-    let server = builder.bind().await.unwrap();
+/// Serves a bound server as Ready until the token is cancelled (or the
+/// lifecycle dropped).
+pub async fn start(server: GrpcHttpServer) -> (SocketAddr, CancellationToken, Lifecycle) {
     let addr = server.local_addr();
     let lifecycle = Lifecycle::new();
     lifecycle.advance(State::Ready);
