@@ -1,5 +1,5 @@
 //! Cost of one pick per balancer over 10 endpoints, uncontended and with a
-//! second thread picking concurrently.
+//! second thread picking from the same set concurrently.
 //!
 //! ```sh
 //! cargo bench -p trellis-balance --bench pick
@@ -15,8 +15,8 @@ use std::{
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use trellis_balance::{
-    Balancer, ConsistentHash, Endpoint, LeastRequest, P2cEwma, RandomPick, RoundRobin,
-    SmoothWeightedRoundRobin, hash_key,
+    Balancer, ConsistentHash, Endpoint, LeastRequest, P2cEwma, PickSet, RandomPick, RoundRobin,
+    SmoothWeightedRoundRobin, hash_key, now_ns,
 };
 
 fn endpoints() -> Vec<Arc<Endpoint>> {
@@ -35,8 +35,8 @@ fn endpoints() -> Vec<Arc<Endpoint>> {
 fn balancers() -> Vec<Box<dyn Balancer>> {
     vec![
         Box::new(P2cEwma),
-        Box::new(RoundRobin::new()),
-        Box::new(SmoothWeightedRoundRobin::new()),
+        Box::new(RoundRobin),
+        Box::new(SmoothWeightedRoundRobin),
         Box::new(LeastRequest),
         Box::new(ConsistentHash::default()),
         Box::new(RandomPick),
@@ -44,32 +44,32 @@ fn balancers() -> Vec<Box<dyn Balancer>> {
 }
 
 fn pick(c: &mut Criterion) {
-    let eps = endpoints();
     let key = Some(hash_key(b"user-42"));
+    // A real time, so every pick checks ejection as the pool's do.
+    let now = now_ns();
     let mut group = c.benchmark_group("pick/uncontended");
     for b in balancers() {
-        b.rebuild(&eps);
+        let set = PickSet::new(b.as_ref(), endpoints());
         group.bench_function(b.name(), |bench| {
-            bench.iter(|| black_box(b.pick(black_box(&eps), key)))
+            bench.iter(|| black_box(set.pick(black_box(key), now)))
         });
     }
     group.finish();
 
     let mut group = c.benchmark_group("pick/2_threads");
     for b in balancers() {
-        let b: Arc<dyn Balancer> = Arc::from(b);
-        b.rebuild(&eps);
+        let set = Arc::new(PickSet::new(b.as_ref(), endpoints()));
         let stop = Arc::new(AtomicBool::new(false));
         let other = {
-            let (b, eps, stop) = (b.clone(), eps.clone(), stop.clone());
+            let (set, stop) = (set.clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    black_box(b.pick(&eps, key));
+                    black_box(set.pick(key, now));
                 }
             })
         };
         group.bench_function(b.name(), |bench| {
-            bench.iter(|| black_box(b.pick(black_box(&eps), key)))
+            bench.iter(|| black_box(set.pick(black_box(key), now)))
         });
         stop.store(true, Ordering::Relaxed);
         let _ = other.join();

@@ -3,7 +3,7 @@
 use std::{
     sync::{
         OnceLock,
-        atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
@@ -16,10 +16,18 @@ const DEFAULT_RTT_NS: f64 = 1_000_000.0;
 /// How fast the latency EWMA forgets (time constant).
 const DECAY_NS: f64 = 10_000_000_000.0;
 
-/// Nanoseconds since the first call in this process (a cheap monotonic clock).
-pub(crate) fn now_ns() -> u64 {
+/// Nanoseconds since the first call in this process (a monotonic clock);
+/// the time [`Endpoint::is_ejected_at`] and pickers take.
+pub fn now_ns() -> u64 {
+    nanos_at(Instant::now())
+}
+
+/// `at` as nanoseconds on the [`now_ns`] clock (so a request's start time
+/// serves for its pick too, with one clock read).
+pub(crate) fn nanos_at(at: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    at.saturating_duration_since(*EPOCH.get_or_init(Instant::now))
+        .as_nanos() as u64
 }
 
 /// An endpoint: where it is, its weight and zone, and live statistics.
@@ -33,12 +41,10 @@ pub struct Endpoint {
     address: String,
     weight: u32,
     zone: String,
-    pub(crate) channel: Option<tonic::transport::Channel>,
     in_flight: AtomicU32,
     requests: AtomicU64,
     ewma_ns: AtomicU64,
     last_sample_ns: AtomicU64,
-    pub(crate) current_weight: AtomicI64,
     consecutive_failures: AtomicU32,
     ejected_until_ns: AtomicU64,
     ejections: AtomicU32,
@@ -59,12 +65,10 @@ impl Endpoint {
             address: address.into(),
             weight: weight.clamp(1, MAX_WEIGHT),
             zone: zone.into(),
-            channel: None,
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             ewma_ns: AtomicU64::new(0),
             last_sample_ns: AtomicU64::new(0),
-            current_weight: AtomicI64::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ns: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
@@ -109,8 +113,14 @@ impl Endpoint {
 
     /// Marks a request as finished after `rtt`.
     pub fn finish(&self, rtt: Duration) {
-        self.in_flight.fetch_sub(1, Relaxed);
+        self.release();
         self.observe(rtt);
+    }
+
+    /// Marks a request as no longer in flight (its latency was observed
+    /// when its response began).
+    pub(crate) fn release(&self) {
+        self.in_flight.fetch_sub(1, Relaxed);
     }
 
     /// Feeds one latency sample into the peak EWMA: a slower sample is taken
@@ -142,7 +152,9 @@ impl Endpoint {
         self.latency_ns() * f64::from(self.in_flight() + 1)
     }
 
-    /// Whether the endpoint is ejected at `now_ns`.
+    /// Whether the endpoint is ejected at `now` ([`now_ns`]); never at
+    /// `u64::MAX`, which pickers use to try every endpoint.
+    #[inline]
     pub fn is_ejected_at(&self, now: u64) -> bool {
         self.ejected_until_ns.load(Relaxed) > now
     }
@@ -162,8 +174,10 @@ impl Endpoint {
         self.consecutive_failures.fetch_add(1, Relaxed) + 1
     }
 
-    /// Ejects for `base × times ejected so far` (capped), resetting the streak.
-    pub(crate) fn eject(&self, base: Duration, max: Duration) -> Duration {
+    /// Takes the endpoint out of picks for `base × times ejected so far`
+    /// (at most `max`) and resets its failure streak; returns how long.
+    /// Outlier detection calls this; so may an operator's tool.
+    pub fn eject(&self, base: Duration, max: Duration) -> Duration {
         let times = self.ejections.fetch_add(1, Relaxed) + 1;
         let duration = base.saturating_mul(times).min(max);
         self.ejected_until_ns
@@ -172,12 +186,13 @@ impl Endpoint {
         duration
     }
 
-    /// Copies the learnt statistics from `old` (same instance, new set).
+    /// Copies the learnt statistics from `old` (the same instance, with a
+    /// new weight or zone). Not the requests in flight: those finish on
+    /// `old`, and a copy here would never come down.
     pub(crate) fn inherit(&self, old: &Endpoint) {
         self.ewma_ns.store(old.ewma_ns.load(Relaxed), Relaxed);
         self.last_sample_ns
             .store(old.last_sample_ns.load(Relaxed), Relaxed);
-        self.in_flight.store(old.in_flight.load(Relaxed), Relaxed);
         self.requests.store(old.requests.load(Relaxed), Relaxed);
         self.consecutive_failures
             .store(old.consecutive_failures.load(Relaxed), Relaxed);

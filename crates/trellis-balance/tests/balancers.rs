@@ -4,8 +4,8 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use proptest::prelude::*;
 use trellis_balance::{
-    Balancer, ConsistentHash, Endpoint, LeastRequest, P2cEwma, RoundRobin,
-    SmoothWeightedRoundRobin, hash_key,
+    Balancer, ConsistentHash, Endpoint, LeastRequest, P2cEwma, PickSet, RandomPick, RoundRobin,
+    SmoothWeightedRoundRobin, hash_key, now_ns,
 };
 
 fn endpoints(weights: &[u32]) -> Vec<Arc<Endpoint>> {
@@ -28,14 +28,12 @@ proptest! {
     /// `weight` times — from any starting state, every cycle.
     #[test]
     fn smooth_wrr_hits_exact_proportions_every_cycle(weights in proptest::collection::vec(1u32..20, 1..8), cycles in 1usize..4) {
-        let eps = endpoints(&weights);
-        let b = SmoothWeightedRoundRobin::new();
-        b.rebuild(&eps);
+        let set = PickSet::new(&SmoothWeightedRoundRobin, endpoints(&weights));
         let total: u32 = weights.iter().sum();
         for _ in 0..cycles {
-            let mut counts = vec![0u32; eps.len()];
+            let mut counts = vec![0u32; weights.len()];
             for _ in 0..total {
-                counts[b.pick(&eps, None).unwrap()] += 1;
+                counts[set.pick(None, 0).unwrap()] += 1;
             }
             prop_assert_eq!(&counts, &weights);
         }
@@ -47,17 +45,17 @@ proptest! {
     fn consistent_hash_moves_about_one_nth_of_keys(n in 3usize..12) {
         let keys: Vec<u64> = (0..4000u32).map(|k| hash_key(format!("key-{k}").as_bytes())).collect();
         let before = endpoints(&vec![100; n]);
-        let ring = ConsistentHash::default();
-        ring.rebuild(&before);
-        let owner = |eps: &[Arc<Endpoint>], ring: &ConsistentHash, k: u64| eps[ring.pick(eps, Some(k)).unwrap()].id().to_owned();
-        let placed: Vec<String> = keys.iter().map(|k| owner(&before, &ring, *k)).collect();
+        let ring = |eps: &[Arc<Endpoint>]| PickSet::new(&ConsistentHash::default(), eps.to_vec());
+        let owner = |set: &PickSet, k: u64| set.endpoints()[set.pick(Some(k), 0).unwrap()].id().to_owned();
+        let first = ring(&before);
+        let placed: Vec<String> = keys.iter().map(|k| owner(&first, *k)).collect();
 
         let after = endpoints(&vec![100; n + 1]);
-        ring.rebuild(&after);
+        let grown = ring(&after);
         let new_id = after[n].id().to_owned();
         let mut moved = 0;
         for (k, was) in keys.iter().zip(&placed) {
-            let now = owner(&after, &ring, *k);
+            let now = owner(&grown, *k);
             if &now != was {
                 prop_assert_eq!(&now, &new_id, "a key moved between two old nodes");
                 moved += 1;
@@ -68,12 +66,10 @@ proptest! {
         prop_assert!(share > expected * 0.5 && share < expected * 1.6, "moved {share:.3}, expected ~{expected:.3}");
 
         // Remove node 0: only its keys move.
-        let fewer: Vec<Arc<Endpoint>> = before[1..].to_vec();
-        ring.rebuild(&before);
-        ring.rebuild(&fewer);
+        let fewer = ring(&before[1..]);
         for (k, was) in keys.iter().zip(&placed) {
             if was != "e0" {
-                prop_assert_eq!(&owner(&fewer, &ring, *k), was);
+                prop_assert_eq!(&owner(&fewer, *k), was);
             }
         }
     }
@@ -82,10 +78,9 @@ proptest! {
 #[test]
 fn smooth_wrr_interleaves_like_nginx() {
     // nginx's documented example: weights 5, 1, 1 give a a b a c a a.
-    let eps = endpoints(&[5, 1, 1]);
-    let b = SmoothWeightedRoundRobin::new();
+    let set = PickSet::new(&SmoothWeightedRoundRobin, endpoints(&[5, 1, 1]));
     let seq: String = (0..7)
-        .map(|_| ["a", "b", "c"][b.pick(&eps, None).unwrap()])
+        .map(|_| ["a", "b", "c"][set.pick(None, 0).unwrap()])
         .collect();
     assert_eq!(seq, "aabacaa");
 }
@@ -96,10 +91,10 @@ fn p2c_steers_away_from_a_slow_endpoint() {
     for (i, e) in eps.iter().enumerate() {
         e.observe(Duration::from_millis(if i == 3 { 100 } else { 1 }));
     }
-    let b = P2cEwma;
+    let set = PickSet::new(&P2cEwma, eps);
     let mut counts = [0u32; 4];
     for _ in 0..10_000 {
-        counts[b.pick(&eps, None).unwrap()] += 1;
+        counts[set.pick(None, 0).unwrap()] += 1;
     }
     assert!(
         counts[3] < 100,
@@ -120,8 +115,8 @@ fn p2c_shifts_load_to_an_idle_endpoint_when_one_queues_up() {
     for _ in 0..20 {
         eps[0].start();
     }
-    let b = P2cEwma;
-    assert!((0..100).all(|_| b.pick(&eps, None) == Some(1)));
+    let set = PickSet::new(&P2cEwma, eps);
+    assert!((0..100).all(|_| set.pick(None, 0) == Some(1)));
 }
 
 /// A discrete simulation: endpoint 0 finishes one request every 8 ticks, the
@@ -129,10 +124,11 @@ fn p2c_shifts_load_to_an_idle_endpoint_when_one_queues_up() {
 /// queue grow without bound; least-request keeps it short.
 fn max_queue_on_slow_endpoint(b: &dyn Balancer) -> u32 {
     let eps = endpoints(&[100, 100, 100]);
+    let set = PickSet::new(b, eps.clone());
     let mut max_slow = 0;
     for tick in 0..8000u32 {
         for _ in 0..2 {
-            let i = b.pick(&eps, None).unwrap();
+            let i = set.pick(None, 0).unwrap();
             eps[i].start();
         }
         if tick % 8 == 0 && eps[0].in_flight() > 0 {
@@ -150,7 +146,7 @@ fn max_queue_on_slow_endpoint(b: &dyn Balancer) -> u32 {
 
 #[test]
 fn least_request_balances_uneven_handlers() {
-    let rr = max_queue_on_slow_endpoint(&RoundRobin::new());
+    let rr = max_queue_on_slow_endpoint(&RoundRobin);
     let lr = max_queue_on_slow_endpoint(&LeastRequest);
     assert!(
         rr > 1000,
@@ -164,22 +160,15 @@ fn least_request_balances_uneven_handlers() {
 
 #[test]
 fn every_balancer_spreads_over_all_endpoints_and_handles_empty_sets() {
-    let eps = endpoints(&[100, 100, 100]);
-    let all: Vec<Box<dyn Balancer>> = vec![
-        Box::new(P2cEwma),
-        Box::new(RoundRobin::new()),
-        Box::new(SmoothWeightedRoundRobin::new()),
-        Box::new(LeastRequest),
-        Box::new(trellis_balance::RandomPick),
-        Box::new(ConsistentHash::default()),
-    ];
-    for b in all {
-        b.rebuild(&eps);
-        assert_eq!(b.pick(&[], None), None, "{}", b.name());
+    for b in all_balancers() {
+        let empty = PickSet::new(b.as_ref(), Vec::new());
+        assert_eq!(empty.pick(None, 0), None, "{}", b.name());
+        assert_eq!(empty.pick(Some(7), u64::MAX), None, "{}", b.name());
+        let set = PickSet::new(b.as_ref(), endpoints(&[100, 100, 100]));
         let mut seen = HashMap::new();
         for k in 0..600u32 {
             let key = Some(hash_key(&k.to_le_bytes()));
-            *seen.entry(b.pick(&eps, key).unwrap()).or_insert(0) += 1;
+            *seen.entry(set.pick(key, 0).unwrap()).or_insert(0) += 1;
         }
         assert_eq!(
             seen.len(),
@@ -187,5 +176,62 @@ fn every_balancer_spreads_over_all_endpoints_and_handles_empty_sets() {
             "{} never picked some endpoint: {seen:?}",
             b.name()
         );
+    }
+}
+
+fn all_balancers() -> Vec<Box<dyn Balancer>> {
+    vec![
+        Box::new(P2cEwma),
+        Box::new(RoundRobin),
+        Box::new(SmoothWeightedRoundRobin),
+        Box::new(LeastRequest),
+        Box::new(RandomPick),
+        Box::new(ConsistentHash::default()),
+    ]
+}
+
+/// Ejection is honoured inside every algorithm: an ejected endpoint is
+/// never picked while others are not, its share spreads over the rest, and
+/// with everything ejected a pick says so (the pool then tries anyway).
+#[test]
+fn every_balancer_skips_ejected_endpoints() {
+    for b in all_balancers() {
+        let eps = endpoints(&[100, 100, 100, 100]);
+        let set = PickSet::new(b.as_ref(), eps.clone());
+        // Before: endpoint 1 is picked (the skip below is not vacuous).
+        let hits = |now: u64| {
+            let mut counts = [0u32; 4];
+            for k in 0..4000u32 {
+                let key = Some(hash_key(&k.to_le_bytes()));
+                counts[set.pick(key, now).unwrap()] += 1;
+            }
+            counts
+        };
+        let before = hits(now_ns());
+        assert!(before[1] > 0, "{}: {before:?}", b.name());
+
+        let minute = Duration::from_secs(60);
+        eps[1].eject(minute, minute);
+        let after = hits(now_ns());
+        assert_eq!(
+            after[1],
+            0,
+            "{} picked an ejected endpoint: {after:?}",
+            b.name()
+        );
+        for i in [0, 2, 3] {
+            assert!(
+                after[i] > 600,
+                "{}: {i} got too little of the ejected share: {after:?}",
+                b.name()
+            );
+        }
+        // Ejection does not apply at u64::MAX.
+        assert!(hits(u64::MAX)[1] > 0, "{}", b.name());
+
+        for e in &eps {
+            e.eject(minute, minute);
+        }
+        assert_eq!(set.pick(Some(1), now_ns()), None, "{}", b.name());
     }
 }

@@ -1,13 +1,31 @@
-//! BalancedChannel against real gRPC servers found through a registry.
+//! A balanced pool against real servers found through a registry: gRPC
+//! over tonic channels, and plain HTTP/1.1 over a hyper client — the same
+//! pool, two kinds of endpoint service.
 
 use std::{net::SocketAddr, time::Duration};
 
+use http_body_util::BodyExt;
 use tokio_util::sync::CancellationToken;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-use trellis_balance::{BalanceConfig, BalancedChannel, OutlierDetection, Policy};
+use tower::ServiceExt;
+use trellis_balance::{BalanceConfig, Balanced, Endpoint, OutlierDetection, Policy};
 use trellis_core::{Drain, Lifecycle, Server, State};
 use trellis_registry::{Instance, MemoryRegistry, Registration, Registry};
-use trellis_transport::{GrpcHttpServer, ServerConfig};
+use trellis_transport::{ClientConfig, GrpcHttpServer, ServerConfig};
+
+type BalancedChannel = Balanced<tonic::transport::Channel>;
+
+/// A pool of lazily-connected tonic channels over `svc`.
+async fn discover(registry: &MemoryRegistry, config: BalanceConfig) -> BalancedChannel {
+    Balanced::discover(registry, "svc", config, |e: &Endpoint| {
+        Ok(trellis_transport::connect_lazy(
+            e.address(),
+            &ClientConfig::default(),
+        )?)
+    })
+    .await
+    .unwrap()
+}
 
 /// A ready gRPC server (health only) that stops when dropped.
 struct Backend {
@@ -23,13 +41,15 @@ impl Drop for Backend {
 }
 
 async fn backend_on(listen: SocketAddr) -> Backend {
-    let server = GrpcHttpServer::builder(ServerConfig {
+    serve(GrpcHttpServer::builder(ServerConfig {
         listen,
         ..Default::default()
-    })
-    .bind()
+    }))
     .await
-    .unwrap();
+}
+
+async fn serve(builder: trellis_transport::GrpcHttpServerBuilder) -> Backend {
+    let server = builder.bind().await.unwrap();
     let addr = server.local_addr();
     let lifecycle = Lifecycle::new();
     lifecycle.advance(State::Ready);
@@ -95,7 +115,9 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One thread: round robin is per thread, and the exact counts below
+// assume one sequence of turns.
+#[tokio::test(flavor = "current_thread")]
 async fn follows_the_registry_and_spreads_calls() {
     let registry = MemoryRegistry::new();
     let (a, b, c) = (backend().await, backend().await, backend().await);
@@ -106,9 +128,7 @@ async fn follows_the_registry_and_spreads_calls() {
         policy: Policy::RoundRobin,
         ..Default::default()
     };
-    let channel = BalancedChannel::discover(&registry, "svc", config)
-        .await
-        .unwrap();
+    let channel = discover(&registry, config).await;
     assert_eq!(channel.policy_name(), "round_robin");
     for _ in 0..30 {
         call(&channel).await.unwrap();
@@ -133,9 +153,7 @@ async fn follows_the_registry_and_spreads_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_endpoints_is_unavailable_with_the_service_named() {
     let registry = MemoryRegistry::new();
-    let channel = BalancedChannel::discover(&registry, "svc", BalanceConfig::default())
-        .await
-        .unwrap();
+    let channel = discover(&registry, BalanceConfig::default()).await;
     let err = call(&channel).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
     assert!(err.message().contains("svc"), "{}", err.message());
@@ -160,9 +178,7 @@ async fn ejects_an_endpoint_that_refuses_connections_and_brings_it_back() {
         },
         ..Default::default()
     };
-    let channel = BalancedChannel::discover(&registry, "svc", config)
-        .await
-        .unwrap();
+    let channel = discover(&registry, config).await;
 
     let mut failures = 0;
     for _ in 0..60 {
@@ -221,9 +237,7 @@ async fn never_ejects_more_than_the_allowed_share() {
         },
         ..Default::default()
     };
-    let channel = BalancedChannel::discover(&registry, "svc", config)
-        .await
-        .unwrap();
+    let channel = discover(&registry, config).await;
     for _ in 0..30 {
         let _ = call(&channel).await;
     }
@@ -245,9 +259,7 @@ async fn prefers_its_zone_and_falls_back_to_others() {
         prefer_zone: Some("z2".into()),
         ..Default::default()
     };
-    let channel = BalancedChannel::discover(&registry, "svc", config)
-        .await
-        .unwrap();
+    let channel = discover(&registry, config).await;
     for _ in 0..20 {
         call(&channel).await.unwrap();
     }
@@ -275,9 +287,7 @@ async fn consistent_hash_keeps_a_key_on_one_endpoint() {
         },
         ..Default::default()
     };
-    let channel = BalancedChannel::discover(&registry, "svc", config)
-        .await
-        .unwrap();
+    let channel = discover(&registry, config).await;
     let mut client = HealthClient::new(channel.clone());
     for _ in 0..20 {
         let mut req = tonic::Request::new(HealthCheckRequest::default());
@@ -293,4 +303,168 @@ async fn consistent_hash_keeps_a_key_on_one_endpoint() {
     );
     assert_eq!(counts.iter().sum::<u64>(), 20);
     drop(regs);
+}
+
+/// A gRPC method whose answer starts well (200, `application/grpc`) and
+/// fails in its trailers: UNAVAILABLE after the headers, as a streaming
+/// server that breaks mid-response sends it.
+#[derive(Clone)]
+struct FailsInTrailers;
+
+impl tonic::server::NamedService for FailsInTrailers {
+    const NAME: &'static str = "test.Trailers";
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for FailsInTrailers {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+        trailers.insert("grpc-message", http::HeaderValue::from_static("down"));
+        let body = http_body_util::Empty::<bytes::Bytes>::new()
+            .with_trailers(std::future::ready(Some(Ok(trailers))));
+        let response = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(tonic::body::Body::new(body))
+            .unwrap();
+        std::future::ready(Ok(response))
+    }
+}
+
+/// Outlier detection reads the outcome where gRPC puts it — the trailers —
+/// not only the head: an endpoint answering 200 whose trailers say
+/// UNAVAILABLE is ejected after the configured streak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_in_its_trailers_is_ejected() {
+    let registry = MemoryRegistry::new();
+    let bad =
+        serve(GrpcHttpServer::builder(ServerConfig::default()).grpc_service(FailsInTrailers)).await;
+    let good = backend().await;
+    let _rb = register(&registry, "bad", bad.addr, "").await;
+    let _rg = register(&registry, "good", good.addr, "").await;
+    let config = BalanceConfig {
+        policy: Policy::RoundRobin,
+        outlier: OutlierDetection {
+            consecutive_failures: 3,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let pool = discover(&registry, config).await;
+    let mut failed_in_trailers = 0;
+    for _ in 0..20 {
+        let request = http::Request::post("http://svc/test.Trailers/Call")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::empty())
+            .unwrap();
+        let response = pool.clone().oneshot(request).await.unwrap();
+        let head_status = response.headers().get("grpc-status").cloned();
+        let body = response.into_body().collect().await.unwrap();
+        let trailer_status = body.trailers().and_then(|t| t.get("grpc-status")).cloned();
+        if trailer_status.as_ref().is_some_and(|s| s == "14") {
+            // The head said nothing: only the trailers could tell.
+            assert_eq!(head_status, None);
+            failed_in_trailers += 1;
+        }
+    }
+    assert_eq!(failed_in_trailers, 3, "exactly the streak before ejection");
+    let bad_ep = pool
+        .endpoints()
+        .into_iter()
+        .find(|e| e.id() == "bad")
+        .unwrap();
+    assert!(bad_ep.is_ejected());
+    assert_eq!(
+        bad_ep.in_flight(),
+        0,
+        "every finished call released its endpoint"
+    );
+}
+
+/// The same pool over plain HTTP/1.1: each endpoint's service is a pooled
+/// hyper client aimed at it. A backend answering 503 is ejected by what
+/// its responses say.
+#[tokio::test(flavor = "current_thread")]
+async fn balances_http1_upstreams_and_ejects_one_answering_503() {
+    async fn http_backend(name: &'static str, status: u16) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route(
+            "/who",
+            axum::routing::get(move || async move {
+                (http::StatusCode::from_u16(status).unwrap(), name)
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+    let registry = MemoryRegistry::new();
+    let mut regs = Vec::new();
+    for (id, status) in [("a", 200), ("b", 200), ("down", 503)] {
+        let addr = http_backend(id, status).await;
+        let instance = Instance::new("web", id).with_endpoint("http", addr.to_string());
+        regs.push(registry.register(instance).await.unwrap());
+    }
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<String>();
+    let config = BalanceConfig {
+        policy: Policy::RoundRobin,
+        protocol: "http".into(),
+        outlier: OutlierDetection {
+            consecutive_failures: 2,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let pool = Balanced::discover(&registry, "web", config, move |e: &Endpoint| {
+        let authority: http::uri::Authority = e.address().parse()?;
+        let client = client.clone();
+        Ok(tower::service_fn(
+            move |mut request: http::Request<String>| {
+                let mut uri = request.uri().clone().into_parts();
+                uri.scheme = Some(http::uri::Scheme::HTTP);
+                uri.authority = Some(authority.clone());
+                *request.uri_mut() =
+                    http::Uri::from_parts(uri).expect("scheme, authority and path");
+                client.request(request)
+            },
+        ))
+    })
+    .await
+    .unwrap();
+    assert_eq!(pool.endpoints().len(), 3);
+
+    let mut answers = std::collections::BTreeMap::new();
+    for _ in 0..30 {
+        let request = http::Request::get("/who").body(String::new()).unwrap();
+        let response = pool.clone().oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        *answers
+            .entry((status, String::from_utf8(body.to_vec()).unwrap()))
+            .or_insert(0) += 1;
+    }
+    assert_eq!(answers.get(&(503, "down".into())), Some(&2), "{answers:?}");
+    // a and b share the rest: each has its own 10 turns of the 30, and
+    // the ejected endpoint's turns go to either at random.
+    let ok = |name: &str| answers.get(&(200, name.into())).copied().unwrap_or(0);
+    assert_eq!(ok("a") + ok("b"), 28, "{answers:?}");
+    assert!(ok("a") >= 10 && ok("b") >= 10, "{answers:?}");
+    let down = pool
+        .endpoints()
+        .into_iter()
+        .find(|e| e.id() == "down")
+        .unwrap();
+    assert!(down.is_ejected());
 }

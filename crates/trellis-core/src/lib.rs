@@ -28,6 +28,7 @@ pub mod lifecycle;
 pub mod protocol;
 mod secret;
 mod server;
+pub mod stripe;
 
 pub use error::{
     Code, EXCERPT_CHARS, Error, ErrorBody, MAX_MESSAGE_BYTES, MAX_METADATA_BYTES,

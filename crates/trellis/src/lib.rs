@@ -72,14 +72,30 @@ pub async fn client(
     service: &str,
 ) -> Result<TracedChannel, registry::RegistryError> {
     use tower::Layer;
-    let channel =
-        balance::BalancedChannel::discover(discovery, service, balance::BalanceConfig::default())
-            .await?;
+    let channel = balanced_channel(discovery, service, balance::BalanceConfig::default()).await?;
     Ok(telemetry::ClientTelemetryLayer::new().layer(channel))
 }
 
+/// A balanced pool of tonic channels, one per endpoint of a service.
+pub type BalancedChannel = balance::Balanced<tonic::transport::Channel>;
+
 /// A balanced channel whose calls are traced and measured.
-pub type TracedChannel = telemetry::ClientTelemetry<balance::BalancedChannel>;
+pub type TracedChannel = telemetry::ClientTelemetry<BalancedChannel>;
+
+/// Follows `service` through `discovery` with one lazily-connected HTTP/2
+/// channel per endpoint ([`transport::connect_lazy`], default timeouts and
+/// keep-alive), balanced as `config` says.
+pub async fn balanced_channel(
+    discovery: &dyn registry::Discovery,
+    service: &str,
+    config: balance::BalanceConfig,
+) -> Result<BalancedChannel, registry::RegistryError> {
+    let connect = |endpoint: &balance::Endpoint| {
+        transport::connect_lazy(endpoint.address(), &transport::ClientConfig::default())
+            .map_err(core::BoxError::from)
+    };
+    balance::Balanced::discover(discovery, service, config, connect).await
+}
 
 /// A balanced, discovered channel behind the default client stack
 /// ([`trellis_stack::ClientStack`]: deadline → retries within a budget →
@@ -87,24 +103,23 @@ pub type TracedChannel = telemetry::ClientTelemetry<balance::BalancedChannel>;
 /// Hand it to a generated tonic client.
 #[derive(Clone)]
 pub struct ResilientChannel {
-    stack: trellis_stack::ClientStackService<balance::BalancedChannel>,
-    balanced: balance::BalancedChannel,
+    stack: trellis_stack::ClientStackService<BalancedChannel>,
+    balanced: BalancedChannel,
 }
 
 impl ResilientChannel {
     /// The balanced channel under the stack (its endpoints, its policy).
-    pub fn balanced(&self) -> &balance::BalancedChannel {
+    pub fn balanced(&self) -> &BalancedChannel {
         &self.balanced
     }
 }
 
 impl tower::Service<http::Request<tonic::body::Body>> for ResilientChannel {
-    type Response =
-        <trellis_stack::ClientStackService<balance::BalancedChannel> as tower::Service<
-            http::Request<tonic::body::Body>,
-        >>::Response;
+    type Response = <trellis_stack::ClientStackService<BalancedChannel> as tower::Service<
+        http::Request<tonic::body::Body>,
+    >>::Response;
     type Error = resilience::BoxError;
-    type Future = <trellis_stack::ClientStackService<balance::BalancedChannel> as tower::Service<
+    type Future = <trellis_stack::ClientStackService<BalancedChannel> as tower::Service<
         http::Request<tonic::body::Body>,
     >>::Future;
 
@@ -147,8 +162,7 @@ pub async fn resilient_client_with(
     settings: &settings::ClientSettings,
 ) -> Result<ResilientChannel, registry::RegistryError> {
     use tower::Layer;
-    let balanced =
-        balance::BalancedChannel::discover(discovery, service, settings.balance_config()).await?;
+    let balanced = balanced_channel(discovery, service, settings.balance_config()).await?;
     let stack = trellis_stack::ClientStack::new(settings).layer(balanced.clone());
     Ok(ResilientChannel { stack, balanced })
 }

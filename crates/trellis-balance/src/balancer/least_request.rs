@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
-use crate::{Balancer, Endpoint, rng};
+use super::{Balancer, Picker, two_eligible};
+use crate::Endpoint;
 
 /// Fewer requests in flight (per weight) of two random endpoints.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct LeastRequest;
 
 impl Balancer for LeastRequest {
@@ -14,12 +15,16 @@ impl Balancer for LeastRequest {
         "least_request"
     }
 
-    fn pick(&self, endpoints: &[Arc<Endpoint>], _key: Option<u64>) -> Option<usize> {
-        match endpoints.len() {
-            0 => None,
-            1 => Some(0),
-            n => {
-                let (a, b) = rng::two_below(n);
+    fn prepare(&self, _endpoints: &[Arc<Endpoint>]) -> Box<dyn Picker> {
+        Box::new(LeastRequest)
+    }
+}
+
+impl Picker for LeastRequest {
+    fn pick(&self, endpoints: &[Arc<Endpoint>], _key: Option<u64>, now: u64) -> Option<usize> {
+        match two_eligible(endpoints, now)? {
+            (a, None) => Some(a),
+            (a, Some(b)) => {
                 let (ea, eb) = (&endpoints[a], &endpoints[b]);
                 // Compare (in_flight + 1) / weight without division.
                 let load_a = u64::from(ea.in_flight() + 1) * u64::from(eb.weight());

@@ -6,10 +6,11 @@
 
 use std::sync::Arc;
 
-use crate::{Balancer, Endpoint, rng};
+use super::{Balancer, Picker, two_eligible};
+use crate::Endpoint;
 
 /// The cheaper of two random endpoints, cost = latency EWMA × (in flight + 1).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct P2cEwma;
 
 impl Balancer for P2cEwma {
@@ -17,12 +18,16 @@ impl Balancer for P2cEwma {
         "p2c_ewma"
     }
 
-    fn pick(&self, endpoints: &[Arc<Endpoint>], _key: Option<u64>) -> Option<usize> {
-        match endpoints.len() {
-            0 => None,
-            1 => Some(0),
-            n => {
-                let (a, b) = rng::two_below(n);
+    fn prepare(&self, _endpoints: &[Arc<Endpoint>]) -> Box<dyn Picker> {
+        Box::new(P2cEwma)
+    }
+}
+
+impl Picker for P2cEwma {
+    fn pick(&self, endpoints: &[Arc<Endpoint>], _key: Option<u64>, now: u64) -> Option<usize> {
+        match two_eligible(endpoints, now)? {
+            (a, None) => Some(a),
+            (a, Some(b)) => {
                 // Weight divides cost so that a heavier endpoint looks cheaper.
                 let cost = |i: usize| endpoints[i].cost() / f64::from(endpoints[i].weight());
                 Some(if cost(a) <= cost(b) { a } else { b })

@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
-use crate::{Balancer, Endpoint, rng};
+use super::{Balancer, Picker, random_eligible};
+use crate::Endpoint;
 
 /// Uniformly at random; the baseline the others are compared with.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct RandomPick;
 
 impl Balancer for RandomPick {
@@ -13,7 +14,13 @@ impl Balancer for RandomPick {
         "random"
     }
 
-    fn pick(&self, endpoints: &[Arc<Endpoint>], _key: Option<u64>) -> Option<usize> {
-        (!endpoints.is_empty()).then(|| rng::below(endpoints.len()))
+    fn prepare(&self, _endpoints: &[Arc<Endpoint>]) -> Box<dyn Picker> {
+        Box::new(RandomPick)
+    }
+}
+
+impl Picker for RandomPick {
+    fn pick(&self, endpoints: &[Arc<Endpoint>], _key: Option<u64>, now: u64) -> Option<usize> {
+        random_eligible(endpoints, now, None)
     }
 }
