@@ -13,6 +13,7 @@
 //! |---|---|---|
 //! | `memory://` | [`MemoryRegistry`], shared by everything in the process (what `trellis up` uses) | always |
 //! | `etcd://host:port[,host:port]` | [`EtcdRegistry`]: key `/trellis/services/{service}/{id}`, JSON value, lease TTL 5 s | `etcd` |
+//! | anything else | a backend of your own, added with [`register_backend`] (it implements [`Registry`], [`Discovery`] and a [`Session`] per registration) | — |
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), trellis_registry::RegistryError> {
@@ -36,7 +37,13 @@ mod etcd;
 mod instance;
 mod memory;
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, OnceLock, PoisonError, RwLock},
+    time::Duration,
+};
 
 use tokio::sync::watch;
 
@@ -144,8 +151,11 @@ pub(crate) fn count_rejected(invalid: &InvalidInstance) {
 pub trait ServiceRegistry: Registry + Discovery {}
 impl<T: Registry + Discovery> ServiceRegistry for T {}
 
-/// A backend's handle on one published instance.
-pub(crate) trait Session: Send + 'static {
+/// A backend's handle on one published instance: what keeps it published
+/// (a lease renewal task, a heartbeat) and how to take it down. A backend
+/// outside this crate implements it and hands it to [`Registration::new`].
+pub trait Session: Send + 'static {
+    /// Removes the instance and stops keeping it published.
     fn deregister(self: Box<Self>) -> BoxFuture<'static, Result<(), RegistryError>>;
 }
 
@@ -156,7 +166,8 @@ pub struct Registration {
 }
 
 impl Registration {
-    pub(crate) fn new(session: impl Session) -> Self {
+    /// A registration a backend's [`Registry::register`] returns.
+    pub fn new(session: impl Session) -> Self {
         Registration {
             session: Some(Box::new(session)),
         }
@@ -183,31 +194,91 @@ impl Drop for Registration {
     }
 }
 
-/// Opens the registry named by `url` (see the table above).
+/// Opens a backend from its whole URL (`scheme://...`).
+pub type Opener = Arc<
+    dyn Fn(&str) -> BoxFuture<'static, Result<Arc<dyn ServiceRegistry>, RegistryError>>
+        + Send
+        + Sync,
+>;
+
+/// The backends [`connect`] knows, by scheme.
+fn backends() -> &'static RwLock<BTreeMap<String, Opener>> {
+    static BACKENDS: OnceLock<RwLock<BTreeMap<String, Opener>>> = OnceLock::new();
+    BACKENDS.get_or_init(|| {
+        let mut table: BTreeMap<String, Opener> = BTreeMap::new();
+        table.insert(
+            "memory".into(),
+            Arc::new(|_url: &str| {
+                Box::pin(async {
+                    Ok(Arc::new(MemoryRegistry::global()) as Arc<dyn ServiceRegistry>)
+                })
+            }),
+        );
+        #[cfg(feature = "etcd")]
+        table.insert(
+            "etcd".into(),
+            Arc::new(|url: &str| {
+                let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+                let options =
+                    EtcdOptions::from_url_rest(rest).map_err(|reason| RegistryError::InvalidUrl {
+                        url: url.to_owned(),
+                        reason,
+                    });
+                Box::pin(async move {
+                    let registry = EtcdRegistry::connect(options?).await?;
+                    Ok(Arc::new(registry) as Arc<dyn ServiceRegistry>)
+                })
+            }),
+        );
+        RwLock::new(table)
+    })
+}
+
+/// Makes `scheme://...` URLs open a backend of your own (Consul,
+/// Kubernetes endpoints, a test double): after this, [`connect`] — and so
+/// every `registry.url` setting and `trellis` flag — reaches it. A later
+/// call for the same scheme replaces the earlier one. The opener gets the
+/// whole URL.
+pub fn register_backend(
+    scheme: &str,
+    open: impl Fn(&str) -> BoxFuture<'static, Result<Arc<dyn ServiceRegistry>, RegistryError>>
+    + Send
+    + Sync
+    + 'static,
+) {
+    backends()
+        .write()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(scheme.to_owned(), Arc::new(open));
+}
+
+/// Opens the registry named by `url` (see the table above, and
+/// [`register_backend`] for backends of your own).
 pub async fn connect(url: &str) -> Result<Arc<dyn ServiceRegistry>, RegistryError> {
     let invalid = |reason: &str| RegistryError::InvalidUrl {
         url: url.to_owned(),
         reason: reason.to_owned(),
     };
-    let (scheme, rest) = url
+    let (scheme, _) = url
         .split_once("://")
         .ok_or_else(|| invalid("expected scheme://..., e.g. memory:// or etcd://127.0.0.1:2379"))?;
-    match scheme {
-        "memory" => Ok(Arc::new(MemoryRegistry::global())),
-        #[cfg(feature = "etcd")]
-        "etcd" => {
-            let options = EtcdOptions::from_url_rest(rest).map_err(|reason| invalid(&reason))?;
-            Ok(Arc::new(EtcdRegistry::connect(options).await?))
+    let open = {
+        let table = backends().read().unwrap_or_else(PoisonError::into_inner);
+        match table.get(scheme) {
+            Some(open) => open.clone(),
+            None => {
+                let known: Vec<String> = table.keys().map(|k| format!("{k}://")).collect();
+                let hint = if scheme == "etcd" {
+                    " (this build has no etcd support: cargo feature `etcd`)"
+                } else {
+                    ""
+                };
+                return Err(invalid(&format!(
+                    "unknown registry {scheme:?}{hint}; known: {}",
+                    known.join(", ")
+                )));
+            }
         }
-        #[cfg(not(feature = "etcd"))]
-        "etcd" => {
-            let _ = rest;
-            Err(invalid(
-                "this build has no etcd support (cargo feature `etcd`)",
-            ))
-        }
-        other => Err(invalid(&format!(
-            "unknown registry {other:?}; use memory:// or etcd://host:port"
-        ))),
-    }
+    };
+    open(url).await
 }
