@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::{
     ConfigError,
+    source::{BoxFuture, Source},
     value::{Layer, scalar, set_path},
 };
 
@@ -48,17 +49,19 @@ impl RemoteSource {
             rx,
         })
     }
+}
 
-    pub(crate) fn layer(&self) -> Result<Layer, ConfigError> {
-        to_layer(&self.prefix, &self.rx.borrow())
+impl Source for RemoteSource {
+    /// The prefix as one layer (an error if it breaks the limits).
+    fn load(&mut self) -> BoxFuture<'_, Result<Vec<Layer>, ConfigError>> {
+        let entries = self.rx.borrow_and_update().clone();
+        let layer = to_layer(&self.prefix, &entries).map(|l| vec![l]);
+        Box::pin(std::future::ready(layer))
     }
 
-    /// The next layer, once the prefix changes (an error if it breaks the
-    /// limits); `None` if the mirror ended.
-    pub(crate) async fn changed(&mut self) -> Option<Result<Layer, ConfigError>> {
-        self.rx.changed().await.ok()?;
-        let entries = self.rx.borrow_and_update().clone();
-        Some(to_layer(&self.prefix, &entries))
+    /// The prefix changed; `false` if the mirror ended.
+    fn changed(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async move { self.rx.changed().await.is_ok() })
     }
 }
 

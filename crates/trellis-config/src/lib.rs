@@ -8,8 +8,10 @@
 //! 3. the environment: `TRELLIS_SERVER__REQUEST_TIMEOUT=5s` sets
 //!    `server.request_timeout` (`__` nests, names are lower-cased, values
 //!    that parse as JSON numbers/booleans are typed);
-//! 4. a remote etcd prefix (feature `etcd`): `{prefix}server/request_timeout`
-//!    or `{prefix}server.request_timeout` sets `server.request_timeout`.
+//! 4. fixed settings ([`ConfigBuilder::set`], for command-line flags), a
+//!    remote etcd prefix (feature `etcd`): `{prefix}server/request_timeout`
+//!    or `{prefix}server.request_timeout` sets `server.request_timeout`, and
+//!    sources of your own ([`Source`]), in the order added.
 //!
 //! Every change — a file saved, an etcd put — is parsed, merged, checked
 //! against the type and [`Validate`]d, and only then published as a new
@@ -54,17 +56,20 @@ pub mod duration;
 #[cfg(feature = "etcd")]
 mod etcd;
 mod files;
+mod source;
 mod store;
 mod value;
 
 #[cfg(feature = "etcd")]
 pub use etcd::{MAX_DEPTH, MAX_DOCUMENT_BYTES, parse_url as parse_etcd_url};
+pub use source::{BoxFuture, Source};
 pub use store::{Config, ConfigBuilder, Snapshot, check_setting, is_secret};
 pub use trellis_core::{Secret, redact_url};
 /// The etcd prefix mirror the remote layer uses, for tools that follow
 /// settings (`trellis config watch`).
 #[cfg(feature = "etcd")]
 pub use trellis_etcd::mirror_prefix as etcd_mirror;
+pub use value::Layer;
 
 /// A type that checks its own values after they parse.
 pub trait Validate {

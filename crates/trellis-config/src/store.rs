@@ -22,6 +22,7 @@ use tracing::{error, info};
 use crate::{
     ConfigError, Validate,
     files::FileSources,
+    source::{EnvLookup, Files, Fixed, Source},
     value::{Layer, env_layer, merge},
 };
 
@@ -60,18 +61,27 @@ impl<T> Clone for Config<T> {
     }
 }
 
-type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
-
-/// Builds a [`Config`]: add sources lowest first, then [`build`](Self::build).
+/// Builds a [`Config`]: add sources, then [`build`](Self::build).
+///
+/// Precedence, lowest first: the type's defaults, [`file`](Self::file)s in
+/// the order given, the [`env`](Self::env)ironment, then
+/// [`set`](Self::set) settings, [`etcd`](Self::etcd) and your own
+/// [`source`](Self::source)s in the order they were added.
 pub struct ConfigBuilder<T> {
     files: FileSources,
     env_prefix: Option<String>,
     env: Option<Vec<(String, String)>>,
-    #[cfg(feature = "etcd")]
-    etcd: Option<(Vec<String>, String)>,
+    upper: Vec<Upper>,
     watch: bool,
     debounce: Duration,
     _type: PhantomData<fn() -> T>,
+}
+
+/// A source above the environment, opened at build time.
+enum Upper {
+    Ready(Box<dyn Source>),
+    #[cfg(feature = "etcd")]
+    Etcd(Vec<String>, String),
 }
 
 impl<T> Config<T>
@@ -84,8 +94,7 @@ where
             files: FileSources::default(),
             env_prefix: None,
             env: None,
-            #[cfg(feature = "etcd")]
-            etcd: None,
+            upper: Vec::new(),
             watch: true,
             debounce: Duration::from_millis(150),
             _type: PhantomData,
@@ -116,10 +125,30 @@ where
         self
     }
 
-    /// An etcd key prefix as the top layer (`{prefix}a/b` or `{prefix}a.b` sets `a.b`).
+    /// Fixed settings above the environment (`database.url` →
+    /// `postgres://…`), read as [`Layer::from_settings`] reads them; for
+    /// command-line flags. `source` names them in errors.
+    pub fn set<K: AsRef<str>, V: AsRef<str>>(
+        mut self,
+        source: impl Into<String>,
+        settings: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        let layer = Layer::from_settings(source, settings);
+        self.upper.push(Upper::Ready(Box::new(Fixed(vec![layer]))));
+        self
+    }
+
+    /// An etcd key prefix (`{prefix}a/b` or `{prefix}a.b` sets `a.b`),
+    /// mirrored and followed.
     #[cfg(feature = "etcd")]
     pub fn etcd(mut self, endpoints: Vec<String>, prefix: impl Into<String>) -> Self {
-        self.etcd = Some((endpoints, prefix.into()));
+        self.upper.push(Upper::Etcd(endpoints, prefix.into()));
+        self
+    }
+
+    /// A source of your own (see [`Source`]).
+    pub fn source(mut self, source: impl Source) -> Self {
+        self.upper.push(Upper::Ready(Box::new(source)));
         self
     }
 
@@ -146,142 +175,101 @@ where
             let vars = env_vars.clone();
             Arc::new(move |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
         };
-        let file_layers = self.files.load(&*lookup)?;
-        let env_layer = self.env_prefix.as_deref().map(|p| env_layer(p, env_vars));
-
-        #[cfg(feature = "etcd")]
-        let remote = match &self.etcd {
-            Some((endpoints, prefix)) => {
-                Some(crate::etcd::RemoteSource::connect(endpoints, prefix).await?)
-            }
-            None => None,
-        };
-        #[cfg(not(feature = "etcd"))]
-        let remote: Option<NoRemote> = None;
-
-        let mut state = Layers {
-            files: file_layers,
-            env: env_layer,
-            remote: remote.as_ref().map(|r| r.layer()).transpose()?,
-        };
-        let first = evaluate::<T>(&state.all())?;
+        let mut sources: Vec<Box<dyn Source>> = vec![Box::new(Files::new(
+            self.files,
+            lookup,
+            self.watch,
+            self.debounce,
+        )?)];
+        if let Some(prefix) = self.env_prefix.as_deref() {
+            sources.push(Box::new(Fixed(vec![env_layer(prefix, env_vars)])));
+        }
+        for upper in self.upper {
+            sources.push(match upper {
+                Upper::Ready(source) => source,
+                #[cfg(feature = "etcd")]
+                Upper::Etcd(endpoints, prefix) => {
+                    Box::new(crate::etcd::RemoteSource::connect(&endpoints, &prefix).await?)
+                }
+            });
+        }
+        let mut layers = Vec::with_capacity(sources.len());
+        for source in &mut sources {
+            layers.push(source.load().await?);
+        }
+        let first = evaluate::<T>(&layers.concat())?;
         info!(version = %first.version, "config loaded");
         let (tx, rx) = watch::channel(Arc::new(first));
         let stats = Arc::new(Stats::default());
 
         if self.watch {
-            let (file_tx, file_rx) = mpsc::channel(1);
-            let watcher = if self.files.is_empty() {
-                None
-            } else {
-                Some(self.files.watch(file_tx)?)
-            };
+            let (changes_tx, changes) = mpsc::channel(sources.len().max(1));
+            for (index, source) in sources.into_iter().enumerate() {
+                tokio::spawn(follow(index, source, changes_tx.clone()));
+            }
             let pipeline = Pipeline {
                 tx,
                 stats: stats.clone(),
-                files: self.files,
-                lookup,
-                debounce: self.debounce,
             };
-            tokio::spawn(async move {
-                // The watcher lives as long as the pipeline.
-                let _watcher = watcher;
-                pipeline.run(&mut state, file_rx, remote).await;
-            });
+            tokio::spawn(pipeline.run(layers, changes));
         }
         Ok(Config { rx, stats })
     }
 }
 
-/// Stands in for the remote source when etcd support is compiled out.
-#[cfg(not(feature = "etcd"))]
-struct NoRemote;
+/// A source's new layers, by its place in the order.
+type Change = (usize, Result<Vec<Layer>, ConfigError>);
 
-#[cfg(not(feature = "etcd"))]
-impl NoRemote {
-    fn layer(&self) -> Result<Layer, ConfigError> {
-        unreachable!("no remote source without the etcd feature")
-    }
-    async fn changed(&mut self) -> Option<Result<Layer, ConfigError>> {
-        std::future::pending().await
-    }
-}
-
-#[cfg(feature = "etcd")]
-type Remote = crate::etcd::RemoteSource;
-#[cfg(not(feature = "etcd"))]
-type Remote = NoRemote;
-
-/// The accepted layers: replaced only by updates that evaluate cleanly.
-struct Layers {
-    files: Vec<Layer>,
-    env: Option<Layer>,
-    remote: Option<Layer>,
-}
-
-impl Layers {
-    fn all(&self) -> Vec<Layer> {
-        self.files
-            .iter()
-            .cloned()
-            .chain(self.env.clone())
-            .chain(self.remote.clone())
-            .collect()
+/// Loads `source` again on each change until it says it never changes or
+/// the config is dropped.
+async fn follow(index: usize, mut source: Box<dyn Source>, changes: mpsc::Sender<Change>) {
+    loop {
+        tokio::select! {
+            _ = changes.closed() => return,
+            more = source.changed() => if !more { return },
+        }
+        let loaded = source.load().await;
+        if changes.send((index, loaded)).await.is_err() {
+            return;
+        }
     }
 }
 
 struct Pipeline<T> {
     tx: watch::Sender<Arc<Snapshot<T>>>,
     stats: Arc<Stats>,
-    files: FileSources,
-    lookup: EnvLookup,
-    debounce: Duration,
 }
 
 impl<T> Pipeline<T>
 where
     T: DeserializeOwned + Validate + Send + Sync + 'static,
 {
-    async fn run(
-        self,
-        state: &mut Layers,
-        mut file_rx: mpsc::Receiver<()>,
-        mut remote: Option<Remote>,
-    ) {
+    /// Applies changes; `accepted` holds each source's last layers that
+    /// evaluated cleanly, so a rejected change never poisons a later one.
+    async fn run(self, mut accepted: Vec<Vec<Layer>>, mut changes: mpsc::Receiver<Change>) {
+        let mut open = true;
         loop {
             tokio::select! {
                 _ = self.tx.closed() => return,
-                Some(()) = file_rx.recv() => {
-                    // Wait for the burst of events of one save to end.
-                    while let Ok(Some(())) = tokio::time::timeout(self.debounce, file_rx.recv()).await {}
-                    match self.files.load(&*self.lookup) {
-                        Ok(files) => {
-                            let candidate = Layers { files, env: state.env.clone(), remote: state.remote.clone() };
-                            if self.apply(&candidate) {
-                                *state = candidate;
-                            }
+                change = changes.recv(), if open => match change {
+                    // Every source is static or gone: nothing more will change.
+                    None => open = false,
+                    Some((index, Ok(layers))) => {
+                        let mut candidate = accepted.clone();
+                        candidate[index] = layers;
+                        if self.apply(&candidate.concat()) {
+                            accepted = candidate;
                         }
-                        Err(err) => self.reject(&err),
                     }
-                }
-                Some(layer) = async { match remote.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } } => {
-                    match layer {
-                        Ok(layer) => {
-                            let candidate = Layers { files: state.files.clone(), env: state.env.clone(), remote: Some(layer) };
-                            if self.apply(&candidate) {
-                                *state = candidate;
-                            }
-                        }
-                        Err(err) => self.reject(&err),
-                    }
-                }
+                    Some((_, Err(err))) => self.reject(&err),
+                },
             }
         }
     }
 
     /// Evaluates `candidate`; publishes it if it differs. Returns whether it was accepted.
-    fn apply(&self, candidate: &Layers) -> bool {
-        match evaluate::<T>(&candidate.all()) {
+    fn apply(&self, candidate: &[Layer]) -> bool {
+        match evaluate::<T>(candidate) {
             Ok(snapshot) => {
                 let changed = self.tx.borrow().version != snapshot.version;
                 if changed {

@@ -7,15 +7,66 @@ use serde_json::{Map, Value};
 
 use crate::ConfigError;
 
-/// One layer: a document and where it came from.
+/// One layer of configuration: a document and where it came from. What a
+/// [`Source`](crate::Source) loads.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Layer {
+pub struct Layer {
     /// `file ./config.toml`, `env TRELLIS_`, `etcd /trellis/config/user/`.
     pub(crate) source: String,
     /// Always an object.
     pub(crate) doc: Value,
     /// A version the source gives (etcd revision), if any.
     pub(crate) version: Option<String>,
+}
+
+impl Layer {
+    /// A layer holding `doc`; `source` names it in errors and provenance
+    /// (`consul kv/shop/user`).
+    pub fn new(source: impl Into<String>, doc: Map<String, Value>) -> Layer {
+        Layer {
+            source: source.into(),
+            doc: Value::Object(doc),
+            version: None,
+        }
+    }
+
+    /// A layer of flat settings, read as the environment and etcd layers
+    /// read theirs: `a.b` or `a/b` keys, values typed when they parse as
+    /// JSON (`5`, `true`, `{"x":1}`), strings otherwise.
+    pub fn from_settings<K: AsRef<str>, V: AsRef<str>>(
+        source: impl Into<String>,
+        settings: impl IntoIterator<Item = (K, V)>,
+    ) -> Layer {
+        let mut doc = Value::Object(Map::new());
+        for (key, value) in settings {
+            let segments: Vec<String> = key
+                .as_ref()
+                .split(['/', '.'])
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if !segments.is_empty() {
+                set_path(&mut doc, &segments, scalar(value.as_ref()));
+            }
+        }
+        Layer {
+            source: source.into(),
+            doc,
+            version: None,
+        }
+    }
+
+    /// The version the source gives this layer (a revision, an index),
+    /// shown in [`Snapshot::sources`](crate::Snapshot::sources).
+    pub fn with_version(mut self, version: impl Into<String>) -> Layer {
+        self.version = Some(version.into());
+        self
+    }
+
+    /// Where it came from.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
 }
 
 /// The merged document and, per leaf path, the source that set it.
