@@ -10,7 +10,7 @@
 use clap::Subcommand;
 use etcd_client::{Client, GetOptions};
 
-use crate::services::Service;
+use crate::services;
 
 #[derive(Subcommand)]
 pub enum ConfigCommand {
@@ -93,7 +93,7 @@ pub async fn run(command: ConfigCommand) -> Result<(), String> {
         }
         ConfigCommand::Set { key, value, source } => {
             let (service, path) = split_key(&key)?;
-            match Service::from_str_name(service) {
+            match services::find(service) {
                 Some(known) => known
                     .check_setting(path, &value)
                     .map_err(|e| format!("refusing to set {key}: {e}"))?,
@@ -168,7 +168,7 @@ async fn trellis_etcd_mirror(
 /// service's settings type holds a secret there. An unknown service's
 /// values are printed as they are (nothing says what is secret in them).
 fn shown(service: &str, path: &str, value: &str) -> String {
-    match Service::from_str_name(service) {
+    match services::find(service) {
         Some(known) if known.is_secret(path) => trellis::core::REDACTED.to_owned(),
         _ => value.to_owned(),
     }
@@ -179,12 +179,5 @@ fn shown_key(key: &str, value: &str) -> String {
     match split_key(key) {
         Ok((service, path)) => shown(service, path, value),
         Err(_) => value.to_owned(),
-    }
-}
-
-impl Service {
-    /// The service with this name, if the CLI knows it.
-    pub fn from_str_name(name: &str) -> Option<Service> {
-        Service::ALL.into_iter().find(|s| s.name() == name)
     }
 }

@@ -14,10 +14,9 @@ use trellis::{App, ShutdownSignal, registry::ServiceRegistry, transport::ServerC
 
 use trellis::telemetry::Telemetry;
 
-use crate::{
-    logging::LogFormat,
-    services::{ConfigSources, Service, StartError},
-};
+use trellis::service::{ConfigSources, Definition};
+
+use crate::logging::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -67,8 +66,8 @@ enum Command {
     /// Run one service in this process.
     Serve {
         /// Which service.
-        #[arg(value_enum)]
-        service: Service,
+        #[arg(value_parser = services::names())]
+        service: String,
         /// Address for gRPC and HTTP (default: the service's port on 127.0.0.1).
         #[arg(long)]
         listen: Option<SocketAddr>,
@@ -111,7 +110,8 @@ enum Command {
     /// google.api.http annotations, with the proto comments).
     Openapi {
         /// Which service.
-        service: Service,
+        #[arg(value_parser = services::names())]
+        service: String,
         /// Write to this file instead of stdout.
         #[arg(long, short)]
         out: Option<PathBuf>,
@@ -177,13 +177,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let process = match &cli.command {
-        Command::Serve { service, .. } => service.name(),
-        _ => "trellis",
+        Command::Serve { service, .. } => service.clone(),
+        _ => "trellis".to_owned(),
     };
     // One id for the process: its log lines, its spans' resource and (for
     // `serve`) its registration.
     let instance = uuid::Uuid::now_v7().to_string();
-    let log = match logging::init(process, &instance, cli.log_format) {
+    let log = match logging::init(&process, &instance, cli.log_format) {
         Ok(t) => t,
         Err(err) => {
             eprintln!("error: {err}");
@@ -227,8 +227,18 @@ async fn main() -> ExitCode {
             zone,
             shutdown,
         } => {
-            let sources = ConfigSources::for_serve(config, config_source.config_source);
-            let listen = listen.unwrap_or_else(|| loopback(service.port(8080)));
+            // Checked by the argument parser against the same list.
+            let Some(service) = services::find(&service) else {
+                eprintln!("error: unknown service {service:?}");
+                return ExitCode::FAILURE;
+            };
+            let mut sources = services::sources_for_serve(config, config_source.config_source);
+            if let Some(url) = database_url {
+                sources
+                    .set
+                    .push(("--database-url".into(), "database.url".into(), url));
+            }
+            let listen = listen.unwrap_or_else(|| loopback(services::port(service, 8080)));
             let server = ServerConfig {
                 listen,
                 admin_listen: Some(
@@ -237,15 +247,7 @@ async fn main() -> ExitCode {
                 ..ServerConfig::default()
             };
             serve(
-                &log,
-                service,
-                sources,
-                server,
-                data_dir,
-                database_url,
-                registry,
-                zone,
-                shutdown,
+                &log, service, sources, server, data_dir, registry, zone, shutdown,
             )
             .await
         }
@@ -253,7 +255,10 @@ async fn main() -> ExitCode {
             command: RegistryCommand::Ls { service, registry },
         } => registry_ls(service.as_deref(), &registry).await,
         Command::Config { command } => config_cmd::run(command).await,
-        Command::Openapi { service, out } => openapi(service, out.as_deref()),
+        Command::Openapi { service, out } => match services::find(&service) {
+            Some(service) => openapi(service, out.as_deref()),
+            None => Err(format!("unknown service {service:?}")),
+        },
     };
     // Spans still in the batch go out before the runtime ends.
     log.shutdown().await;
@@ -283,22 +288,23 @@ fn admin_port(main: u16) -> u16 {
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     log: &Telemetry,
-    service: Service,
+    service: &dyn Definition,
     sources: ConfigSources,
     server: ServerConfig,
     data_dir: PathBuf,
-    database_url: Option<String>,
     registry: RegistryArg,
     zone: String,
     shutdown: ShutdownArgs,
 ) -> Result<(), String> {
     let (signal, registry) = prepare(&registry).await?;
     let started = service
-        .start(&sources, &data_dir, server, database_url)
+        .start(&sources, &data_dir, server)
         .await
-        .map_err(|e| e.explain(service, "--listen or --admin-listen"))?;
-    log.log().follow(started.common.log_level.clone());
-    log.follow(started.common.otlp.clone());
+        .map_err(|e| {
+            services::explain(&e, service.name(), "--listen or --admin-listen", &data_dir)
+        })?;
+    log.log().follow(started.log_level.clone());
+    log.follow(started.otlp.clone());
     let admin = started
         .admin
         .map(|a| format!(", admin on {a}"))
@@ -334,18 +340,10 @@ async fn up(
 ) -> Result<(), String> {
     let (signal, registry) = prepare(&registry).await?;
     let mut started = Vec::new();
-    for service in Service::ALL {
-        let port = if base_port == 0 {
-            0
-        } else {
-            service.port(base_port)
-        };
-        let admin_port = if admin_base.port() == 0 {
-            0
-        } else {
-            service.port(admin_base.port())
-        };
-        let sources = ConfigSources::for_up(
+    for &service in services::ALL {
+        let port = services::port(service, base_port);
+        let admin_port = services::port(service, admin_base.port());
+        let sources = services::sources_for_up(
             service,
             config.as_deref(),
             config_source.config_source.clone(),
@@ -356,12 +354,19 @@ async fn up(
             ..ServerConfig::default()
         };
         let s = service
-            .start(&sources, &data_dir, server, None)
+            .start(&sources, &data_dir, server)
             .await
-            .map_err(|e: StartError| e.explain(service, "--base-port or --admin-listen"))?;
+            .map_err(|e| {
+                services::explain(
+                    &e,
+                    service.name(),
+                    "--base-port or --admin-listen",
+                    &data_dir,
+                )
+            })?;
         // With several services, the last `log.level` or `otlp` change wins.
-        log.log().follow(s.common.log_level.clone());
-        log.follow(s.common.otlp.clone());
+        log.log().follow(s.log_level.clone());
+        log.follow(s.otlp.clone());
         started.push((service, s));
     }
 
@@ -420,10 +425,10 @@ async fn prepare(
     Ok((signal, registry.connect().await?))
 }
 
-fn openapi(service: Service, out: Option<&std::path::Path>) -> Result<(), String> {
-    let (descriptors, name) = service.descriptors();
+fn openapi(service: &dyn Definition, out: Option<&std::path::Path>) -> Result<(), String> {
+    let (descriptors, names) = service.descriptors();
     let transcoder =
-        trellis::transcode::Transcoder::new(&[descriptors], &[name]).map_err(|e| e.to_string())?;
+        trellis::transcode::Transcoder::new(&[descriptors], names).map_err(|e| e.to_string())?;
     let doc = trellis::transcode::openapi(&transcoder);
     let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
     match out {
@@ -484,7 +489,10 @@ async fn registry_ls(service: Option<&str>, registry: &RegistryArg) -> Result<()
 }
 
 fn describe_exit(
-    joined: Result<(Service, Result<(), trellis::AppError>), tokio::task::JoinError>,
+    joined: Result<
+        (&'static dyn Definition, Result<(), trellis::AppError>),
+        tokio::task::JoinError,
+    >,
 ) -> Option<String> {
     match joined {
         Ok((_, Ok(()))) => None,

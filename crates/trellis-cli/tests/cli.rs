@@ -171,5 +171,11 @@ fn a_bad_database_url_names_it() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("mysql://nowhere/shop"), "{stderr}");
+    // The key and the flag that set it; not the value, a secret (a URL
+    // may hold a password).
+    assert!(
+        stderr.contains("database.url") && stderr.contains("--database-url"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("nowhere"), "{stderr}");
 }

@@ -22,12 +22,12 @@ use std::{
     time::Duration,
 };
 
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use tower::{Layer, Service};
 
 use crate::{
     clock::Stamp,
-    reject::{Refusal, is_grpc},
+    reject::{is_grpc, refuse},
 };
 
 /// How the limit is chosen.
@@ -227,6 +227,11 @@ impl<A: Admission> ShedLayer<A> {
 pub type ConcurrencyLimitLayer = ShedLayer<ConcurrencyLimit>;
 /// Sheds when the CPU is hot and the service is over its proven capacity.
 pub type CpuShedLayer = ShedLayer<crate::CpuShedder>;
+/// The retry hint on a shed request (`RetryInfo`, `Retry-After`): long
+/// enough for a standing queue to drain, short enough not to idle a
+/// recovered instance.
+pub const SHED_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// Sheds while a standing queue holds requests longer than a target.
 pub type DelayShedLayer = ShedLayer<crate::DelayShedder>;
 
@@ -275,17 +280,18 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let Some(admitted) = self.gate.admit() else {
             metrics::counter!("load_shed_total", "reason" => A::REASON).increment(1);
-            let refusal = Refusal {
-                grpc_status: "14",
-                http_status: StatusCode::SERVICE_UNAVAILABLE,
-                code: "UNAVAILABLE",
-                reason: "OVERLOADED",
-                message: "overloaded; retry elsewhere".into(),
-                headers: &[],
-            };
-            return Box::pin(std::future::ready(Ok(
-                refusal.into_response(is_grpc(req.headers()))
-            )));
+            // Another instance may have room now; this one in a moment.
+            let error = trellis_core::Error::new(
+                trellis_core::Code::Unavailable,
+                "OVERLOADED",
+                "overloaded; retry elsewhere",
+            )
+            .with_retry_after(SHED_RETRY_AFTER);
+            return Box::pin(std::future::ready(Ok(refuse(
+                error,
+                is_grpc(req.headers()),
+                &[],
+            ))));
         };
         let fut = self.inner.call(req);
         Box::pin(async move {

@@ -25,7 +25,7 @@ use std::{
 use http::{Request, Response, StatusCode};
 use tower::{Layer, Service};
 
-use crate::reject::{Refusal, is_grpc};
+use crate::reject::{is_grpc, refuse};
 
 /// How many requests per period, with what burst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -341,21 +341,15 @@ where
                 Decision::Deny { retry_after } => {
                     metrics::counter!("rate_limit_rejections_total").increment(1);
                     let millis = retry_after.as_millis().max(1);
-                    let secs =
-                        (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1);
-                    let headers = [
-                        ("grpc-retry-pushback-ms", millis.to_string()),
-                        ("retry-after", secs.to_string()),
-                    ];
-                    let refusal = Refusal {
-                        grpc_status: "8",
-                        http_status: StatusCode::TOO_MANY_REQUESTS,
-                        code: "RESOURCE_EXHAUSTED",
-                        reason: "RATE_LIMITED",
-                        message: format!("rate limit exceeded; retry after {millis} ms"),
-                        headers: if grpc { &headers[..1] } else { &headers[1..] },
-                    };
-                    Ok(refusal.into_response(grpc))
+                    let headers = [("grpc-retry-pushback-ms", millis.to_string())];
+                    let error = trellis_core::Error::new(
+                        trellis_core::Code::ResourceExhausted,
+                        "RATE_LIMITED",
+                        format!("rate limit exceeded; retry after {millis} ms"),
+                    )
+                    .with_retry_after(retry_after)
+                    .with_http_status(StatusCode::TOO_MANY_REQUESTS);
+                    Ok(refuse(error, grpc, if grpc { &headers[..1] } else { &[] }))
                 }
             }
         })

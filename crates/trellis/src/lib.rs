@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 
 mod app;
+pub mod service;
 pub mod settings;
 mod signal;
 

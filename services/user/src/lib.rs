@@ -6,13 +6,18 @@
 //! [`biz`] holds the rules (validation, paging, concurrency), [`data`] the
 //! repository over sqlx.
 //!
+//! It is a [`trellis::service::Service`]: [`trellis::service::bind`] gives
+//! it its REST face, validation, the default server stack, health,
+//! `/metrics` and `/debug/config`; `trellis up` and `trellis serve user`
+//! run it through the same path.
+//!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! use shop_user::{UserConfig, UserService};
-//! use trellis::{App, transport::ServerConfig};
+//! use shop_user::{UserService, UserSettings};
+//! use trellis::{App, config::Config, service::bind, transport::ServerConfig};
 //!
-//! let config = UserConfig::embedded(std::path::Path::new("./.trellis"));
-//! let service = UserService::bind(&config, ServerConfig::default()).await?;
+//! let config = Config::<UserSettings>::builder().file("user.toml").env("TRELLIS").build().await?;
+//! let service = bind::<UserService>(config, "./.trellis".as_ref(), ServerConfig::default()).await?;
 //! println!("user service on {}", service.local_addr());
 //! service.into_app(App::builder("user")).run().await?;
 //! # Ok(()) }
@@ -30,45 +35,16 @@ pub mod biz;
 pub mod data;
 pub mod service;
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use trellis::{
-    App, AppBuilder,
-    config::{Config, Invalid, Secret, Validate},
+    config::{Invalid, Secret, Validate},
+    core::BoxError,
+    service::{Context, Service, ServiceSettings},
     settings::{LogSettings, OtlpSettings, ServerSettings},
-    transport::{GrpcHttpServer, ServerConfig, TransportError},
+    transport::GrpcHttpServerBuilder,
 };
-
-/// The user service's settings.
-#[derive(Debug, Clone)]
-pub struct UserConfig {
-    /// Where users are stored: `sqlite://PATH` (created if missing) or
-    /// `postgres://USER@HOST:PORT/DB`. Default: `sqlite://./.trellis/user.db`.
-    pub database_url: String,
-    /// The most database connections the service holds. Default: 8.
-    pub max_connections: u32,
-    /// How long a call waits for a connection before it fails UNAVAILABLE
-    /// (the database is down or every connection is busy). Default: 5 s.
-    pub acquire_timeout: Duration,
-}
-
-impl Default for UserConfig {
-    fn default() -> Self {
-        UserConfig::embedded(Path::new("./.trellis"))
-    }
-}
-
-impl UserConfig {
-    /// SQLite in `data_dir/user.db`: the one-machine default.
-    pub fn embedded(data_dir: &Path) -> Self {
-        UserConfig {
-            database_url: format!("sqlite://{}", data_dir.join("user.db").display()),
-            max_connections: 8,
-            acquire_timeout: Duration::from_secs(5),
-        }
-    }
-}
 
 /// The user service's configuration, as loaded by the config centre
 /// (`user.toml`, `TRELLIS_*`, etcd `{prefix}user/`).
@@ -162,129 +138,56 @@ impl Validate for UserSettings {
     }
 }
 
-impl UserSettings {
-    /// The store settings these describe, SQLite under `data_dir` unless a URL is set.
-    pub fn store(&self, data_dir: &Path) -> UserConfig {
-        let mut config = UserConfig::embedded(data_dir);
-        if let Some(url) = &self.database.url {
-            config.database_url = url.expose().clone();
-        }
-        config.max_connections = self.database.max_connections;
-        config.acquire_timeout = self.database.acquire_timeout;
-        config
+impl ServiceSettings for UserSettings {
+    fn server(&self) -> &ServerSettings {
+        &self.server
     }
-}
 
-/// Why the service could not be built.
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    /// The store could not be opened or migrated.
-    #[error(transparent)]
-    Store(#[from] data::StoreError),
-    /// The listener could not be bound.
-    #[error(transparent)]
-    Transport(#[from] TransportError),
+    fn log(&self) -> &LogSettings {
+        &self.log
+    }
+
+    fn otlp(&self) -> &OtlpSettings {
+        &self.otlp
+    }
 }
 
 /// The service's name: in the registry, on its spans and log lines.
 pub const SERVICE: &str = "user";
 
-/// A bound, ready-to-run user service.
+/// The user service: its store, open while it runs.
 pub struct UserService {
-    server: GrpcHttpServer,
     store: data::SqlUserRepo,
 }
 
-impl UserService {
-    /// Opens (and migrates) the store and binds the server.
-    pub async fn bind(
-        config: &UserConfig,
-        server: ServerConfig,
-    ) -> Result<UserService, BuildError> {
-        let store = data::SqlUserRepo::open(
-            &config.database_url,
-            config.max_connections,
-            config.acquire_timeout,
-        )
-        .await?;
+impl Service for UserService {
+    type Settings = UserSettings;
+    const NAME: &'static str = SERVICE;
+    const PORT_OFFSET: u16 = 2;
+    const DESCRIPTORS: &'static [u8] = api::FILE_DESCRIPTOR_SET;
+    const GRPC_SERVICES: &'static [&'static str] = &["shop.user.v1.UserService"];
+
+    /// Opens (and migrates) the store — `database.url`, or SQLite in the
+    /// data dir — and adds the gRPC service.
+    async fn build(
+        ctx: Context<'_, UserSettings>,
+        server: GrpcHttpServerBuilder,
+    ) -> Result<(UserService, GrpcHttpServerBuilder), BoxError> {
+        let db = &ctx.settings.database;
+        let url = match &db.url {
+            Some(url) => url.expose().clone(),
+            None => format!("sqlite://{}", ctx.data_dir.join("user.db").display()),
+        };
+        let store = data::SqlUserRepo::open(&url, db.max_connections, db.acquire_timeout).await?;
         let handler = service::UserServiceHandler::new(biz::Users::new(store.clone()));
-        let server = GrpcHttpServer::builder(server)
-            .grpc_service(api::v1::user_service_server::UserServiceServer::new(
-                handler,
-            ))
-            .file_descriptor_set(api::FILE_DESCRIPTOR_SET)
-            .rest(Default::default())
-            .bind()
-            .await?;
-        Ok(UserService { server, store })
+        let server = server.grpc_service(api::v1::user_service_server::UserServiceServer::new(
+            handler,
+        ));
+        Ok((UserService { store }, server))
     }
 
-    /// The address serving gRPC and HTTP.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.server.local_addr()
-    }
-
-    /// The admin address, if configured.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.server.admin_addr()
-    }
-
-    /// Opens the store and binds the server from a loaded config, and keeps
-    /// the live settings (request timeout) following it. `/debug/config`
-    /// is served on the admin listener (or the main port without one).
-    pub async fn bind_with_config(
-        config: Config<UserSettings>,
-        data_dir: &Path,
-        database_url: Option<String>,
-        mut server: ServerConfig,
-    ) -> Result<UserService, BuildError> {
-        let settings = config.current();
-        let mut store_config = settings.config.store(data_dir);
-        if let Some(url) = database_url {
-            store_config.database_url = url;
-        }
-        server.limits = settings.config.server.limits();
-        server.reflection = settings.config.server.reflection;
-        let store = data::SqlUserRepo::open(
-            &store_config.database_url,
-            store_config.max_connections,
-            store_config.acquire_timeout,
-        )
-        .await?;
-        let handler = service::UserServiceHandler::new(biz::Users::new(store.clone()));
-        let mut builder = GrpcHttpServer::builder(server)
-            .grpc_service(api::v1::user_service_server::UserServiceServer::new(
-                handler,
-            ))
-            .file_descriptor_set(api::FILE_DESCRIPTOR_SET)
-            .rest(Default::default())
-            .debug_router(trellis::settings::debug_router(config.clone()));
-        match trellis::telemetry::prometheus() {
-            Ok(handle) => {
-                builder = builder.debug_router(trellis::telemetry::metrics_router(handle))
-            }
-            Err(err) => tracing::warn!(error = %err, "serving without /metrics"),
-        }
-        let stack = trellis::stack::ServerStack::new(SERVICE, &settings.config.server);
-        let limiter = stack.limiter();
-        let server = builder.layer(stack).bind().await?;
-        trellis::settings::follow_request_timeout(
-            &config,
-            |s: &UserSettings| &s.server,
-            server.request_timeout(),
-        );
-        trellis::settings::follow_rate_limit(&config, |s: &UserSettings| &s.server, limiter);
-        Ok(UserService { server, store })
-    }
-
-    /// Adds the server to `app` and closes the store after it stops.
-    pub fn into_app(self, app: AppBuilder) -> App {
-        let store = self.store;
-        app.server(self.server)
-            .after_stop(move || async move {
-                store.close().await;
-                Ok::<(), std::convert::Infallible>(())
-            })
-            .build()
+    /// Closes the store.
+    async fn stop(self) {
+        self.store.close().await;
     }
 }

@@ -237,7 +237,7 @@ async fn a_call_across_three_services_is_one_trace_with_baggage_and_correlated_l
         .build()
         .await
         .unwrap();
-    let user = UserService::bind_with_config(config, dir.path(), None, ServerConfig::default())
+    let user = trellis::service::bind::<UserService>(config, dir.path(), ServerConfig::default())
         .await
         .unwrap();
     let user_addr = user.local_addr();

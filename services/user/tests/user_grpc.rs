@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use shop_user::{
-    UserConfig, UserService,
+    UserService, UserSettings,
     api::v1::{
         CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUsersRequest, UpdateUserRequest,
         User, user_service_client::UserServiceClient,
@@ -23,18 +23,24 @@ struct Running {
 
 impl Running {
     async fn start(database_url: &str) -> Running {
-        Self::with(UserConfig {
-            database_url: database_url.to_owned(),
-            max_connections: 4,
-            ..UserConfig::default()
-        })
+        Self::with(&[
+            ("database.url", database_url),
+            ("database.max_connections", "4"),
+        ])
         .await
     }
 
-    async fn with(config: UserConfig) -> Running {
-        let service = UserService::bind(&config, ServerConfig::default())
-            .await
-            .unwrap();
+    /// The service on the one path every service takes, with these
+    /// settings over the defaults.
+    async fn with(settings: &[(&str, &str)]) -> Running {
+        let service = trellis::service::bind::<UserService>(
+            settings_with(settings).await,
+            // Unused: every caller names its database.
+            std::path::Path::new("./.trellis"),
+            ServerConfig::default(),
+        )
+        .await
+        .unwrap();
         let addr = service.local_addr();
         let app = service.into_app(App::builder("user"));
         let mut lifecycle = app.lifecycle();
@@ -70,6 +76,17 @@ impl Running {
         }
         (&mut self.task).await.unwrap().unwrap();
     }
+}
+
+/// The user service's config: defaults, then `settings` (no files, no
+/// process environment).
+async fn settings_with(settings: &[(&str, &str)]) -> trellis::config::Config<UserSettings> {
+    trellis::config::Config::<UserSettings>::builder()
+        .env_vars(Vec::new())
+        .set("the test", settings.iter().copied())
+        .build()
+        .await
+        .unwrap()
 }
 
 fn new_user(email: &str, name: &str) -> CreateUserRequest {
@@ -376,12 +393,13 @@ async fn a_postgres_restart_under_load_is_unavailable_then_recovers() {
         atomic::{AtomicBool, AtomicU64, Ordering::SeqCst},
     };
     let mut pg = trellis_testkit::Postgres::start().unwrap();
-    let service = Running::with(UserConfig {
-        database_url: pg.url(),
-        max_connections: 4,
+    let url = pg.url();
+    let service = Running::with(&[
+        ("database.url", url.as_str()),
+        ("database.max_connections", "4"),
         // Calls wait this long for PostgreSQL before failing UNAVAILABLE.
-        acquire_timeout: Duration::from_millis(200),
-    })
+        ("database.acquire_timeout", "200ms"),
+    ])
     .await;
     let mut client = service.client().await;
     let ada = client
@@ -585,18 +603,19 @@ async fn reports_health_per_service_and_reflects_v1_and_v1alpha() {
 
 #[tokio::test]
 async fn refuses_an_unsupported_database_url_naming_it() {
-    let config = UserConfig {
-        database_url: "mysql://db/shop".into(),
-        max_connections: 1,
-        ..UserConfig::default()
-    };
-    let err = UserService::bind(&config, ServerConfig::default())
+    // The settings refuse it, naming the key and where it came from.
+    let err = trellis::config::Config::<UserSettings>::builder()
+        .env_vars(Vec::new())
+        .set("--database-url", [("database.url", "mysql://db/shop")])
+        .build()
         .await
         .err()
         .expect("mysql is not supported");
     let text = err.to_string();
     assert!(
-        text.contains("mysql://db/shop") && text.contains("sqlite://"),
+        text.contains("database.url")
+            && text.contains("--database-url")
+            && text.contains("sqlite:"),
         "{text}"
     );
 }
@@ -614,7 +633,7 @@ async fn the_default_stack_rate_limits_live_from_config_and_the_resilient_client
         .await
         .unwrap();
     let service =
-        UserService::bind_with_config(config.clone(), dir.path(), None, ServerConfig::default())
+        trellis::service::bind::<UserService>(config.clone(), dir.path(), ServerConfig::default())
             .await
             .unwrap();
     let addr = service.local_addr();

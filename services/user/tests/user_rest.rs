@@ -24,9 +24,10 @@ async fn the_user_service_over_rest() {
         .build()
         .await
         .unwrap();
-    let service = UserService::bind_with_config(config, dir.path(), None, ServerConfig::default())
-        .await
-        .unwrap();
+    let service =
+        trellis::service::bind::<UserService>(config, dir.path(), ServerConfig::default())
+            .await
+            .unwrap();
     let addr = service.local_addr();
     let app = service.into_app(App::builder("user"));
     let mut lifecycle = app.lifecycle();
@@ -208,9 +209,10 @@ async fn small_bodied() -> (
         .await
         .unwrap();
     assert_eq!(config.current().config.server.max_body_bytes, 65536);
-    let service = UserService::bind_with_config(config, dir.path(), None, ServerConfig::default())
-        .await
-        .unwrap();
+    let service =
+        trellis::service::bind::<UserService>(config, dir.path(), ServerConfig::default())
+            .await
+            .unwrap();
     let addr = service.local_addr();
     let app = service.into_app(App::builder("user"));
     let mut lifecycle = app.lifecycle();
