@@ -8,8 +8,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::Trellis;
-
 use shop_user::api::v1::{
     CreateUserRequest, GetUserRequest, User, user_service_client::UserServiceClient,
 };
@@ -58,7 +56,7 @@ async fn create_and_get(addr: SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_serves_the_shop_and_exits_zero_on_sigterm() {
     let data = tempfile::tempdir().unwrap();
-    let mut trellis = Trellis::spawn(&[
+    let mut trellis = support::spawn(&[
         "up",
         "--base-port",
         "0",
@@ -95,7 +93,7 @@ async fn serve_runs_one_service_and_exits_zero_on_sigint() {
     let data = tempfile::tempdir().unwrap();
     let port = trellis_testkit::free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
-    let mut trellis = Trellis::spawn(&[
+    let mut trellis = support::spawn(&[
         "serve",
         "user",
         "--listen",

@@ -332,7 +332,7 @@ async fn config_commands_redact_the_services_secrets() {
     assert!(stderr.contains("database.url"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
 
-    let mut watch = Trellis::spawn(&["config", "watch", "user", "--config-source", &source]);
+    let mut watch = support::spawn(&["config", "watch", "user", "--config-source", &source]);
     let mut lines = vec![
         watch.line_starting_with("user/"),
         watch.line_starting_with("user/"),

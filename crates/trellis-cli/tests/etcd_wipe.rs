@@ -6,7 +6,6 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::Trellis;
 use trellis::registry::{Discovery, EtcdOptions, EtcdRegistry, Instance};
 use trellis_testkit::{Etcd, http};
 
@@ -37,7 +36,7 @@ async fn discovery_and_config_follow_an_etcd_that_lost_its_data() {
         format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap())
             .parse()
             .unwrap();
-    let mut server = Trellis::spawn(&[
+    let mut server = support::spawn(&[
         "serve",
         "user",
         "--listen",

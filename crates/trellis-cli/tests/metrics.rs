@@ -11,7 +11,6 @@ use std::{
 use shop_user::api::v1::{
     GetUserRequest, ListUsersRequest, user_service_client::UserServiceClient,
 };
-use support::Trellis;
 use trellis_testkit::{Prometheus, http};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,7 +22,7 @@ async fn prometheus_scrapes_red_metrics_that_promtool_accepts() {
     let admin: SocketAddr = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap())
         .parse()
         .unwrap();
-    let mut server = Trellis::spawn(&[
+    let mut server = support::spawn(&[
         "serve",
         "user",
         "--listen",
@@ -154,7 +153,7 @@ async fn a_thousand_random_requests_add_a_bounded_number_of_series() {
     let admin: SocketAddr = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap())
         .parse()
         .unwrap();
-    let mut server = Trellis::spawn(&[
+    let mut server = support::spawn(&[
         "serve",
         "user",
         "--listen",

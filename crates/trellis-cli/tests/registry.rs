@@ -23,7 +23,7 @@ async fn watch_users(etcd: &Etcd) -> tokio::sync::watch::Receiver<InstanceSet> {
 fn serve(etcd: &Etcd, data: &std::path::Path, ttl_secs: u64) -> (Trellis, String) {
     let listen = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap());
     let registry = format!("etcd://{}?ttl={ttl_secs}s", etcd.addr());
-    let mut trellis = Trellis::spawn(&[
+    let mut trellis = support::spawn(&[
         "serve",
         "user",
         "--listen",

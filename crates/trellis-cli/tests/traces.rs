@@ -143,7 +143,7 @@ async fn export_headers_from_config_are_sent_and_never_shown() {
     let admin: SocketAddr = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap())
         .parse()
         .unwrap();
-    let mut server = Trellis::spawn_with_log(
+    let mut server = support::spawn_with_log(
         &[
             "serve",
             "user",

@@ -39,6 +39,7 @@ mod engines;
 pub mod http;
 #[cfg(feature = "otlp")]
 mod otlp;
+mod program;
 
 pub use engine::{Engine, TestkitError, find_binary, free_port};
 pub use engines::{Etcd, Nats, Postgres, Prometheus, Redis};
@@ -47,3 +48,4 @@ pub use engines::{Etcd, Nats, Postgres, Prometheus, Redis};
 pub use opentelemetry_proto;
 #[cfg(feature = "otlp")]
 pub use otlp::{OtlpReceiver, ReceivedLog, ReceivedPoint, ReceivedSpan};
+pub use program::Program;
