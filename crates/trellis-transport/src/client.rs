@@ -1,7 +1,7 @@
 //! Client channels to one address over HTTP/2.
 //!
-//! Discovery and load balancing (later) wrap the same settings; this is the
-//! direct form, for a known address.
+//! The direct form, for a known address; `trellis::balanced_channel`
+//! makes one of these per discovered endpoint under a balancer.
 
 use std::time::Duration;
 

@@ -2,8 +2,8 @@
 //!
 //! gRPC requests (`content-type: application/grpc*`) go to the tonic routes,
 //! everything else to the axum router. Steering by content type rather than
-//! by path lets a later JSON face of an RPC (`POST /pkg.Service/Method` with
-//! a JSON body) live on the HTTP side under the same path as the gRPC method.
+//! by path lets the JSON face of an RPC (`POST /pkg.Service/Method` with a
+//! JSON body) live on the HTTP side under the same path as the gRPC method.
 
 use std::{
     collections::HashMap,
