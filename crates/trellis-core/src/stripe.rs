@@ -18,7 +18,10 @@
 
 use std::{
     ops::Deref,
-    sync::atomic::{AtomicUsize, Ordering::Relaxed},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
 };
 
 /// How many copies a [`Striped`] value keeps (a power of two).
@@ -74,9 +77,64 @@ impl<T> Striped<T> {
     }
 }
 
+/// Per-thread handles on one shared value.
+///
+/// A ticket that must own a reference to its limiter (it is held across
+/// an await, in a `'static` future) clones an `Arc`, and every core
+/// cloning and dropping the same `Arc` moves its count's cache line
+/// between them. [`Handles::local`] clones the calling thread's own
+/// handle instead: each handle is a separate allocation on its own cache
+/// line with its own count, all pointing at the one value.
+pub struct Handles<T> {
+    stripes: Striped<Handle<T>>,
+}
+
+impl<T> Handles<T> {
+    /// Handles on `value`.
+    pub fn new(value: Arc<T>) -> Self {
+        Handles {
+            stripes: Striped::new(|_| Handle(Arc::new(CachePadded(value.clone())))),
+        }
+    }
+
+    /// A handle for the calling thread.
+    pub fn local(&self) -> Handle<T> {
+        self.stripes.local().clone()
+    }
+}
+
+impl<T> std::fmt::Debug for Handles<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Handles")
+    }
+}
+
+/// One of [`Handles`]: derefs to the shared value.
+pub struct Handle<T>(Arc<CachePadded<Arc<T>>>);
+
+impl<T> Clone for Handle<T> {
+    fn clone(&self) -> Self {
+        Handle(self.0.clone())
+    }
+}
+
+impl<T> Deref for Handle<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0.0
+    }
+}
+
+impl<T> std::fmt::Debug for Handle<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Handle")
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, atomic::AtomicU64};
+    use std::sync::atomic::AtomicU64;
 
     use super::*;
 
@@ -108,5 +166,28 @@ mod tests {
         let base = &hits.stripes[0] as *const _ as usize;
         let next = &hits.stripes[1] as *const _ as usize;
         assert_eq!(next - base, 128);
+    }
+
+    #[test]
+    fn handles_reach_the_one_value_and_keep_it_alive() {
+        let value = Arc::new(AtomicU64::new(0));
+        let handles = Handles::new(value.clone());
+        let mine = handles.local();
+        let theirs = std::thread::spawn({
+            let other = Handles::local(&handles);
+            move || {
+                other.fetch_add(1, Relaxed);
+                other
+            }
+        })
+        .join()
+        .unwrap();
+        mine.fetch_add(1, Relaxed);
+        assert_eq!(value.load(Relaxed), 2);
+        drop(handles);
+        drop(value);
+        // The tickets still hold it.
+        assert_eq!(theirs.load(Relaxed), 2);
+        assert_eq!(mine.load(Relaxed), 2);
     }
 }

@@ -1,5 +1,6 @@
-//! ns per decision: breaker (closed) acquire + record, SRE throttle,
-//! uncontended and with a second thread doing the same.
+//! ns per decision — breaker (closed) acquire + record, SRE throttle,
+//! local rate limiter, bulkhead, Vegas, queue-delay shedder — alone and
+//! with a second thread making the same decisions on the same state.
 //!
 //! ```sh
 //! cargo bench -p trellis-resilience --bench decision
@@ -103,6 +104,32 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
+/// Times `op`; with `contended`, a second thread runs the same `op` on the
+/// same state for the whole measurement, so both cores decide at once.
+fn measure<F>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    contended: bool,
+    op: F,
+) where
+    F: Fn() + Send + Sync + Clone + 'static,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let other = contended.then(|| {
+        let (op, stop) = (op.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                op();
+            }
+        })
+    });
+    group.bench_function(name, |b| b.iter(&op));
+    stop.store(true, Ordering::Relaxed);
+    if let Some(o) = other {
+        let _ = o.join();
+    }
+}
+
 fn group_limiters(
     c: &mut Criterion,
     name: &str,
@@ -112,46 +139,44 @@ fn group_limiters(
     delay: &Arc<DelayShedder>,
     contended: bool,
 ) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let other = contended.then(|| {
-        let (local, fixed, vegas, delay, stop) = (
-            local.clone(),
-            fixed.clone(),
-            vegas.clone(),
-            delay.clone(),
-            stop.clone(),
-        );
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                black_box(local.check(Some("tenant-a")));
-                black_box(local.check(None));
-                drop(black_box(fixed.try_acquire()));
-                drop(black_box(vegas.try_acquire()));
-                drop(black_box(delay.try_acquire()));
-            }
-        })
-    });
     let mut group = c.benchmark_group(name);
-    group.bench_function("local_limiter_global", |b| {
-        b.iter(|| black_box(local.check(None)))
+    let l = local.clone();
+    measure(&mut group, "local_limiter_global", contended, move || {
+        black_box(l.check(None));
     });
-    group.bench_function("local_limiter_keyed", |b| {
-        b.iter(|| black_box(local.check(Some("tenant-a"))))
+    let l = local.clone();
+    measure(&mut group, "local_limiter_keyed", contended, move || {
+        black_box(l.check(Some("tenant-a")));
     });
-    group.bench_function("bulkhead_admit_release", |b| {
-        b.iter(|| drop(black_box(fixed.try_acquire())))
+    // Each thread its own key: what a limiter keyed by client shows.
+    let l = local.clone();
+    measure(
+        &mut group,
+        "local_limiter_keyed_per_thread",
+        contended,
+        move || {
+            thread_local!(static KEY: String = format!("client-{:?}", std::thread::current().id()));
+            KEY.with(|k| black_box(l.check(Some(k))));
+        },
+    );
+    let f = fixed.clone();
+    measure(&mut group, "bulkhead_admit_release", contended, move || {
+        drop(black_box(f.try_acquire()));
     });
-    group.bench_function("vegas_admit_release", |b| {
-        b.iter(|| drop(black_box(vegas.try_acquire())))
+    let v = vegas.clone();
+    measure(&mut group, "vegas_admit_release", contended, move || {
+        drop(black_box(v.try_acquire()));
     });
-    group.bench_function("queue_delay_admit_release", |b| {
-        b.iter(|| drop(black_box(delay.try_acquire())))
-    });
+    let d = delay.clone();
+    measure(
+        &mut group,
+        "queue_delay_admit_release",
+        contended,
+        move || {
+            drop(black_box(d.try_acquire()));
+        },
+    );
     group.finish();
-    stop.store(true, Ordering::Relaxed);
-    if let Some(o) = other {
-        let _ = o.join();
-    }
 }
 
 criterion_group!(benches, bench);

@@ -19,20 +19,40 @@ use std::{
     time::Duration,
 };
 
-use crate::clock::Stamp;
+use trellis_core::stripe::{Handle, Handles, Striped};
+
+use crate::clock::now_ns;
+
+/// A queueing-delay shedder.
+pub struct DelayShedder {
+    state: Arc<DelayState>,
+    /// What tickets hold: a handle per thread (see [`Handles`]).
+    handles: Handles<DelayState>,
+}
+
+impl std::ops::Deref for DelayShedder {
+    type Target = DelayState;
+
+    fn deref(&self) -> &DelayState {
+        &self.state
+    }
+}
 
 /// The state of a queueing-delay shedder.
-pub struct DelayShedder {
+pub struct DelayState {
     target_us: u64,
     interval_ms: u64,
-    in_flight: AtomicUsize,
+    /// Per thread: a request may end on another thread than it began, so a
+    /// stripe may wrap below zero; the sum is right. Read only while
+    /// shedding, so a calm service never sums it.
+    in_flight: Striped<AtomicUsize>,
     closed_intervals: AtomicU64,
     /// The lowest latency seen (re-learnt every 100 intervals).
     noload_us: AtomicU64,
     /// The interval being measured: its number, lowest latency, completions.
     epoch: AtomicU64,
     interval_min_us: AtomicU64,
-    interval_done: AtomicU64,
+    interval_done: Striped<AtomicU64>,
     /// Set at each interval's end from the one that just finished.
     overloaded: AtomicBool,
     allowed_in_flight: AtomicUsize,
@@ -42,21 +62,44 @@ pub struct DelayShedder {
 impl DelayShedder {
     /// Sheds while the standing queueing delay exceeds `target`.
     pub fn new(target: Duration) -> Arc<Self> {
-        Arc::new(DelayShedder {
+        let state = Arc::new(DelayState {
             target_us: target.as_micros().max(1) as u64,
             interval_ms: 100,
-            in_flight: AtomicUsize::new(0),
+            in_flight: Striped::default(),
             closed_intervals: AtomicU64::new(0),
             noload_us: AtomicU64::new(u64::MAX),
             epoch: AtomicU64::new(0),
             interval_min_us: AtomicU64::new(u64::MAX),
-            interval_done: AtomicU64::new(0),
+            interval_done: Striped::default(),
             overloaded: AtomicBool::new(false),
             allowed_in_flight: AtomicUsize::new(usize::MAX),
             shed: AtomicU64::new(0),
+        });
+        Arc::new(DelayShedder {
+            handles: Handles::new(state.clone()),
+            state,
         })
     }
 
+    /// Admits a request unless the shedder is holding a standing queue down.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<DelayAdmitted> {
+        // Intervals roll on completions; admission only reads the verdict,
+        // and counts what is in flight only while shedding.
+        let state = &self.state;
+        let allowed = state.allowed_in_flight.load(Relaxed);
+        if allowed != usize::MAX && state.in_flight() >= allowed {
+            state.shed.fetch_add(1, Relaxed);
+            return None;
+        }
+        state.in_flight.local().fetch_add(1, Relaxed);
+        Some(DelayAdmitted {
+            shedder: self.handles.local(),
+            started_ns: now_ns(),
+        })
+    }
+}
+
+impl DelayState {
     /// Whether the last complete interval showed a standing queue.
     pub fn is_overloaded(&self) -> bool {
         self.overloaded.load(Relaxed)
@@ -67,9 +110,10 @@ impl DelayShedder {
         self.shed.load(Relaxed)
     }
 
-    fn roll(&self) {
-        // Intervals are 100 ms: the coarse clock (a few ns) is precise enough.
-        let epoch = crate::clock::coarse_now_ms() / self.interval_ms;
+    /// Closes the interval before `now_ms` (milliseconds on [`now_ns`]'s
+    /// clock) if it is over.
+    fn roll(&self, now_ms: u64) {
+        let epoch = now_ms / self.interval_ms;
         let seen = self.epoch.load(Relaxed);
         if seen == epoch
             || self
@@ -87,7 +131,7 @@ impl DelayShedder {
     /// when due and decides whether a standing queue is being held down.
     fn close_interval(&self, seen: u64, epoch: u64) {
         let min = self.interval_min_us.swap(u64::MAX, Relaxed);
-        let done = self.interval_done.swap(0, Relaxed);
+        let done: u64 = self.interval_done.iter().map(|d| d.swap(0, Relaxed)).sum();
         let closed = self.closed_intervals.fetch_add(1, Relaxed) + 1;
         if closed.is_multiple_of(100) && min != u64::MAX {
             // Every 10 s, re-learn the no-load latency. From a calm interval,
@@ -122,40 +166,46 @@ impl DelayShedder {
         self.overloaded.store(overloaded, Relaxed);
     }
 
-    /// Admits a request unless the shedder is holding a standing queue down.
-    pub fn try_acquire(self: &Arc<Self>) -> Option<DelayAdmitted> {
-        // Intervals roll on completions; admission only reads the verdict.
-        let now = self.in_flight.fetch_add(1, Relaxed) + 1;
-        if now > self.allowed_in_flight.load(Relaxed) {
-            self.in_flight.fetch_sub(1, Relaxed);
-            self.shed.fetch_add(1, Relaxed);
-            return None;
-        }
-        Some(DelayAdmitted {
-            shedder: self.clone(),
-            started: Stamp::now(),
-        })
+    /// Requests in flight now.
+    fn in_flight(&self) -> usize {
+        self.in_flight
+            .iter()
+            .fold(0usize, |sum, n| sum.wrapping_add(n.load(Relaxed)))
     }
 
-    fn finish(&self, latency: Duration) {
-        self.in_flight.fetch_sub(1, Relaxed);
-        let us = latency.as_micros() as u64;
-        self.roll();
-        self.interval_min_us.fetch_min(us, Relaxed);
-        self.interval_done.fetch_add(1, Relaxed);
-        self.noload_us.fetch_min(us, Relaxed);
+    /// Records a completion at `now_ns` ([`now_ns`]) after `latency_ns`.
+    fn finish(&self, now_ns: u64, latency_ns: u64) {
+        self.in_flight.local().fetch_sub(1, Relaxed);
+        let us = latency_ns / 1000;
+        // The completion's own clock reading serves the interval too.
+        self.roll(now_ns / 1_000_000);
+        // Read before writing: most completions are not a new minimum, and
+        // a read leaves the line shared where a fetch_min takes it over.
+        if us < self.interval_min_us.load(Relaxed) {
+            self.interval_min_us.fetch_min(us, Relaxed);
+        }
+        // A load and a store: the stripe is this thread's unless more
+        // threads than stripes share it, and a lost count then only
+        // understates throughput a little.
+        let done = self.interval_done.local();
+        done.store(done.load(Relaxed) + 1, Relaxed);
+        if us < self.noload_us.load(Relaxed) {
+            self.noload_us.fetch_min(us, Relaxed);
+        }
     }
 }
 
 /// An admitted request; dropping it records its latency.
 pub struct DelayAdmitted {
-    shedder: Arc<DelayShedder>,
-    started: Stamp,
+    shedder: Handle<DelayState>,
+    started_ns: u64,
 }
 
 impl Drop for DelayAdmitted {
     fn drop(&mut self) {
-        self.shedder.finish(self.started.elapsed());
+        let now = now_ns();
+        self.shedder
+            .finish(now, now.saturating_sub(self.started_ns));
     }
 }
 
@@ -171,9 +221,14 @@ impl crate::Admission for DelayShedder {
 mod tests {
     use super::*;
 
+    /// Milliseconds on the clock intervals are counted on.
+    fn clock_ms() -> u64 {
+        now_ns() / 1_000_000
+    }
+
     /// Sleeps into the next 100 ms interval.
     fn next_interval() {
-        let now = crate::clock::coarse_now_ms();
+        let now = clock_ms();
         std::thread::sleep(Duration::from_millis(100 - now % 100 + 10));
     }
 
@@ -189,13 +244,13 @@ mod tests {
     /// Closes the interval being fed.
     fn close(s: &Arc<DelayShedder>) {
         next_interval();
-        s.roll();
+        s.roll(clock_ms());
     }
 
-    impl DelayShedder {
+    impl DelayState {
         fn finish_for_test(&self, us: u64) {
-            self.in_flight.fetch_add(1, Relaxed);
-            self.finish(Duration::from_micros(us));
+            self.in_flight.local().fetch_add(1, Relaxed);
+            self.finish(now_ns(), us * 1000);
         }
     }
 
@@ -204,7 +259,7 @@ mod tests {
     fn close_by_hand(s: &DelayShedder, epoch: &mut u64, min_us: u64, done: u64) {
         // What finish() does for each completion.
         s.interval_min_us.fetch_min(min_us, Relaxed);
-        s.interval_done.fetch_add(done, Relaxed);
+        s.interval_done.local().fetch_add(done, Relaxed);
         s.noload_us.fetch_min(min_us, Relaxed);
         // What roll() does on reaching the next interval.
         s.close_interval(*epoch, *epoch + 1);

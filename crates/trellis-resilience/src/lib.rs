@@ -46,7 +46,7 @@ pub use breaker::{
     Outcome, Permit, SreBreaker, SreConfig, Trip,
 };
 pub use clock::Clock;
-pub use codel::{DelayAdmitted, DelayShedder};
+pub use codel::{DelayAdmitted, DelayShedder, DelayState};
 pub use concurrency::{
     Admission, Admitted, ConcurrencyLimit, ConcurrencyLimitLayer, CpuShedLayer, DelayShedLayer,
     LimitKind, Shed, ShedLayer,

@@ -10,12 +10,11 @@
 //! any time. That is how [`LocalLimiter`] keeps memory bounded.
 
 use std::{
-    collections::HashMap,
     future::Future,
     hash::{BuildHasher, RandomState},
     pin::Pin,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     task::{Context, Poll},
@@ -115,35 +114,47 @@ fn gcra(tat: &AtomicU64, cell: &Cell, now: u64) -> Decision {
     }
 }
 
-const SHARDS: usize = 16;
+/// Slots a key may be looked for in, from its home slot (four cache lines).
+const PROBES: usize = 16;
 
-/// One shard of keyed cells: key → TAT.
-type Shard = Mutex<HashMap<String, Arc<AtomicU64>>>;
+/// One key's cell: the key's hash (0: never used) and its TAT.
+#[derive(Default)]
+struct Slot {
+    key: AtomicU64,
+    tat: AtomicU64,
+}
 
 /// A per-process GCRA limiter keyed by string, with bounded memory. Its
 /// quota can change while it runs ([`LocalLimiter::set_quota`]).
+///
+/// Keys live in a fixed open-addressing table of (key hash, TAT) slots,
+/// read and claimed with atomics, never locked: a decision on a known key
+/// is a hash, a probe within a cache line or two, and one compare-and-swap.
+/// A key whose TAT has passed holds no information (GCRA), so its slot is
+/// taken over by a new key when its neighbourhood is full; with no such
+/// slot nearby, a new key shares one overflow cell until one frees up.
+/// Two keys whose 64-bit hashes (keyed per process) collide share a cell.
 pub struct LocalLimiter {
     // 0 = unlimited. Read per decision, so a change applies at once.
     interval_ns: AtomicU64,
     tolerance_ns: AtomicU64,
     global: AtomicU64,
-    shards: Box<[Shard]>,
-    max_keys_per_shard: usize,
+    slots: Box<[Slot]>,
     overflow: AtomicU64,
     hasher: RandomState,
 }
 
 impl LocalLimiter {
     /// A limiter applying `quota` to each key, tracking at most `max_keys`
-    /// keys (beyond that, new keys share one overflow cell until idle keys
-    /// are swept).
+    /// keys at once (rounded down to a power of two, at least 16).
     pub fn new(quota: Quota, max_keys: usize) -> Self {
+        let capacity = max_keys.max(PROBES);
+        let capacity = 1usize << capacity.ilog2();
         LocalLimiter {
             interval_ns: AtomicU64::new(quota.emission_interval_ns()),
             tolerance_ns: AtomicU64::new(quota.burst_tolerance_ns()),
             global: AtomicU64::new(0),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            max_keys_per_shard: (max_keys / SHARDS).max(1),
+            slots: (0..capacity).map(|_| Slot::default()).collect(),
             overflow: AtomicU64::new(0),
             hasher: RandomState::new(),
         }
@@ -165,6 +176,11 @@ impl LocalLimiter {
         self.interval_ns.store(interval, Relaxed);
     }
 
+    /// Whether a quota is set (an unlimited limiter allows everything).
+    pub fn is_limited(&self) -> bool {
+        self.interval_ns.load(Relaxed) != 0
+    }
+
     /// Checks one request for `key` (`None`: the limiter's single global cell).
     pub fn check(&self, key: Option<&str>) -> Decision {
         let interval = self.interval_ns.load(Relaxed);
@@ -176,36 +192,55 @@ impl LocalLimiter {
             tolerance: self.tolerance_ns.load(Relaxed),
         };
         let now = monotonic_ns();
-        let Some(key) = key else {
-            return gcra(&self.global, &cell, now);
-        };
-        let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
-        let tat_cell = {
-            let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            match map.get(key) {
-                Some(cell) => cell.clone(),
-                None => {
-                    if map.len() >= self.max_keys_per_shard {
-                        // A key whose TAT has passed is indistinguishable from a new one.
-                        map.retain(|_, tat| tat.load(Relaxed) > now);
-                    }
-                    if map.len() >= self.max_keys_per_shard {
-                        drop(map);
-                        return gcra(&self.overflow, &cell, now);
-                    }
-                    map.entry(key.to_owned()).or_default().clone()
-                }
-            }
-        };
-        gcra(&tat_cell, &cell, now)
+        match key {
+            None => gcra(&self.global, &cell, now),
+            // 0 marks an unused slot.
+            Some(key) => gcra(self.cell(self.hasher.hash_one(key) | 1, now), &cell, now),
+        }
     }
 
-    /// Keys currently tracked (for tests and metrics).
+    /// The TAT cell of the key hashed to `key`, claiming a slot for it if
+    /// it has none.
+    fn cell(&self, key: u64, now: u64) -> &AtomicU64 {
+        let mask = self.slots.len() - 1;
+        let home = key as usize & mask;
+        let mut idle = None;
+        for step in 0..PROBES {
+            let slot = &self.slots[(home + step) & mask];
+            match slot.key.load(Relaxed) {
+                k if k == key => return &slot.tat,
+                0 => match slot.key.compare_exchange(0, key, Relaxed, Relaxed) {
+                    // Never used: its TAT is 0, in the past.
+                    Ok(_) => return &slot.tat,
+                    Err(k) if k == key => return &slot.tat,
+                    Err(_) => {}
+                },
+                k if idle.is_none() && slot.tat.load(Relaxed) <= now => idle = Some((slot, k)),
+                _ => {}
+            }
+        }
+        // Not here, no free slot: take over a key that has gone idle. (A
+        // request of that key racing with this may count against the new
+        // one: a window of one request, and limits are estimates.)
+        if let Some((slot, old)) = idle
+            && slot
+                .key
+                .compare_exchange(old, key, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return &slot.tat;
+        }
+        &self.overflow
+    }
+
+    /// Keys currently tracked: those whose TAT is still ahead (for tests
+    /// and metrics).
     pub fn tracked_keys(&self) -> usize {
-        self.shards
+        let now = monotonic_ns();
+        self.slots
             .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
-            .sum()
+            .filter(|s| s.key.load(Relaxed) != 0 && s.tat.load(Relaxed) > now)
+            .count()
     }
 }
 
@@ -216,9 +251,19 @@ pub trait Limiter: Send + Sync + 'static {
         &'a self,
         key: Option<&'a str>,
     ) -> Pin<Box<dyn Future<Output = Decision> + Send + 'a>>;
+
+    /// Whether any request could be refused now; when not, the layer
+    /// neither builds the key nor asks. Default: yes.
+    fn is_limited(&self) -> bool {
+        true
+    }
 }
 
 impl Limiter for LocalLimiter {
+    fn is_limited(&self) -> bool {
+        LocalLimiter::is_limited(self)
+    }
+
     fn check<'a>(
         &'a self,
         key: Option<&'a str>,
@@ -329,6 +374,10 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        if !self.limiter.is_limited() {
+            // The default (no rate set): no key to build, nothing to ask.
+            return Box::pin(self.inner.call(req));
+        }
         let limiter = self.limiter.clone();
         let key = self.key.key(&req);
         let grpc = is_grpc(req.headers());

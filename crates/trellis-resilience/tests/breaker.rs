@@ -278,6 +278,31 @@ fn sre_throttles_a_failing_dependency_and_not_a_healthy_one() {
     );
 }
 
+/// Each thread keeps its own window; the throttle holds on every thread,
+/// and the probability reported is over all of them.
+#[test]
+fn sre_throttles_on_every_thread_and_reports_over_all() {
+    let failing = std::sync::Arc::new(SreBreaker::new(SreConfig::default()));
+    let rejects: Vec<u32> = (0..3)
+        .map(|_| {
+            let failing = failing.clone();
+            std::thread::spawn(move || {
+                let mut rejects = 0;
+                for _ in 0..2000 {
+                    match failing.acquire() {
+                        Some(p) => failing.record(p, Outcome::Failure, FAST),
+                        None => rejects += 1,
+                    }
+                }
+                rejects
+            })
+        })
+        .map(|t| t.join().unwrap())
+        .collect();
+    assert!(rejects.iter().all(|r| *r > 1800), "{rejects:?}");
+    assert!(failing.rejection_probability() > 0.9);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_breaker_opens_under_an_error_burst_and_closes_when_the_upstream_recovers() {
     let upstream = support::serve(support::hop(Duration::ZERO, None)).await;

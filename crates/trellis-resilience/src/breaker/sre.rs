@@ -5,7 +5,12 @@ use std::{
     time::Duration,
 };
 
-use super::{BreakerPolicy, Outcome, Permit, window::Window};
+use trellis_core::stripe::Striped;
+
+use super::{
+    BreakerPolicy, Outcome, Permit,
+    window::{Totals, Window},
+};
 use crate::{clock::Clock, rng::random_unit};
 
 /// Settings of [`SreBreaker`].
@@ -36,8 +41,20 @@ impl Default for SreConfig {
 
 /// Google SRE adaptive throttling: rejects locally in proportion to how far
 /// requests exceed `k` × accepted requests.
+///
+/// Each thread keeps its own window and probability (up to
+/// [`trellis_core::stripe::STRIPES`] of them): a thread sees a fair sample
+/// of the traffic, so each throttles as the whole would, and no decision
+/// writes a cache line another core is writing (two threads deciding at
+/// once cost 131 ns each with one shared window, against ~20 ns alone).
+/// [`SreBreaker::rejection_probability`] sums every thread's window.
 pub struct SreBreaker {
     config: SreConfig,
+    stripes: Striped<Throttle>,
+}
+
+/// One thread's share: its window and cached probability.
+struct Throttle {
     // `calls` counts requests (including those rejected here), `failures`
     // is unused, `slow` counts accepts.
     window: Window,
@@ -51,6 +68,15 @@ pub struct SreBreaker {
 
 const RECOMPUTE_EVERY: u32 = 16;
 
+/// The rejection probability for window totals.
+fn probability(config: &SreConfig, t: Totals) -> f64 {
+    if t.calls < config.min_requests {
+        return 0.0;
+    }
+    let (requests, accepts) = (f64::from(t.calls), f64::from(t.slow));
+    ((requests - config.k * accepts) / (requests + 1.0)).max(0.0)
+}
+
 impl SreBreaker {
     /// A breaker with no history, on the coarse clock.
     pub fn new(config: SreConfig) -> Self {
@@ -59,42 +85,46 @@ impl SreBreaker {
 
     /// A breaker on `clock` (tests: [`Clock::Tokio`]).
     pub fn with_clock(config: SreConfig, clock: Clock) -> Self {
-        let window = Window::new(config.window, config.buckets, clock);
-        SreBreaker {
-            config,
-            window,
+        let stripes = Striped::new(|_| Throttle {
+            window: Window::new(config.window, config.buckets, clock),
             cached_p: AtomicU64::new(0f64.to_bits()),
             cached_epoch: AtomicU64::new(0),
             since_recompute: AtomicU32::new(0),
-        }
+        });
+        SreBreaker { config, stripes }
     }
 
-    /// The probability a request is rejected now, computed afresh.
+    /// The probability a request is rejected now, over every thread's
+    /// window, computed afresh.
     pub fn rejection_probability(&self) -> f64 {
-        let t = self.window.totals();
-        if t.calls < self.config.min_requests {
-            return 0.0;
+        let mut all = Totals::default();
+        for stripe in self.stripes.iter() {
+            let t = stripe.window.totals();
+            all.calls += t.calls;
+            all.slow += t.slow;
         }
-        let (requests, accepts) = (f64::from(t.calls), f64::from(t.slow));
-        ((requests - self.config.k * accepts) / (requests + 1.0)).max(0.0)
+        probability(&self.config, all)
     }
 }
 
 impl BreakerPolicy for SreBreaker {
     fn acquire(&self) -> Option<Permit> {
-        let epoch = self.window.epoch();
-        let stale = self.cached_epoch.load(Relaxed) != epoch
-            || self.since_recompute.fetch_add(1, Relaxed) + 1 >= RECOMPUTE_EVERY;
+        let own = self.stripes.local();
+        let epoch = own.window.epoch();
+        // A load and a store: the stripe is this thread's (see Striped).
+        let since = own.since_recompute.load(Relaxed) + 1;
+        own.since_recompute.store(since, Relaxed);
+        let stale = own.cached_epoch.load(Relaxed) != epoch || since >= RECOMPUTE_EVERY;
         let p = if stale {
-            let p = self.rejection_probability();
-            self.cached_p.store(p.to_bits(), Relaxed);
-            self.cached_epoch.store(epoch, Relaxed);
-            self.since_recompute.store(0, Relaxed);
+            let p = probability(&self.config, own.window.totals());
+            own.cached_p.store(p.to_bits(), Relaxed);
+            own.cached_epoch.store(epoch, Relaxed);
+            own.since_recompute.store(0, Relaxed);
             p
         } else {
-            f64::from_bits(self.cached_p.load(Relaxed))
+            f64::from_bits(own.cached_p.load(Relaxed))
         };
-        self.window.bucket_at(epoch).calls.fetch_add(1, Relaxed);
+        own.window.bucket_at(epoch).calls.fetch_add(1, Relaxed);
         if p > 0.0 && random_unit() < p {
             None
         } else {
@@ -104,7 +134,12 @@ impl BreakerPolicy for SreBreaker {
 
     fn record(&self, _permit: Permit, outcome: Outcome, _elapsed: Duration) {
         if outcome == Outcome::Success {
-            self.window.current().slow.fetch_add(1, Relaxed);
+            self.stripes
+                .local()
+                .window
+                .current()
+                .slow
+                .fetch_add(1, Relaxed);
         }
     }
 }
