@@ -16,11 +16,14 @@ tokio::task_local! {
 }
 
 /// Runs `fut` with `deadline` as the current deadline.
-pub async fn scope<F: Future>(deadline: Instant, fut: F) -> F::Output {
+pub fn scope<F: Future>(deadline: Instant, fut: F) -> Scoped<F> {
     // A nested scope can only shorten the deadline, never extend it.
     let deadline = current().map_or(deadline, |outer| outer.min(deadline));
-    DEADLINE.scope(deadline, fut).await
+    DEADLINE.scope(deadline, fut)
 }
+
+/// A future running with a deadline set ([`scope`]).
+pub type Scoped<F> = tokio::task::futures::TaskLocalFuture<Instant, F>;
 
 /// The current deadline, if the code runs inside a request that has one.
 pub fn current() -> Option<Instant> {

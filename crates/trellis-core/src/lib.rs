@@ -24,6 +24,7 @@
 
 pub mod deadline;
 mod error;
+pub mod future;
 pub mod lifecycle;
 pub mod protocol;
 mod secret;

@@ -28,6 +28,7 @@ use tower::{Layer, Service};
 use trellis_core::stripe::{Handle, Handles, STRIPES, Striped};
 
 use crate::{
+    EitherFuture,
     clock::now_ns,
     reject::{is_grpc, refuse},
 };
@@ -460,7 +461,7 @@ where
 {
     type Response = Response<RB>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+    type Future = ShedFuture<S::Future, A::Ticket, Response<RB>, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -476,18 +477,40 @@ where
                 "overloaded; retry elsewhere",
             )
             .with_retry_after(SHED_RETRY_AFTER);
-            return Box::pin(std::future::ready(Ok(refuse(
-                error,
-                is_grpc(req.headers()),
-                &[],
-            ))));
+            let refusal = refuse(error, is_grpc(req.headers()), &[]);
+            return EitherFuture::left(std::future::ready(Ok(refusal)));
         };
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let result = fut.await;
-            drop(admitted);
-            result
+        EitherFuture::right(Held {
+            fut: self.inner.call(req),
+            ticket: Some(admitted),
         })
+    }
+}
+
+type Refusal<R, E> = std::future::Ready<Result<R, E>>;
+
+/// The response future of [`Shed`]: the refusal, or the request holding
+/// its ticket until it completes.
+pub type ShedFuture<F, T, R, E> = EitherFuture<Refusal<R, E>, Held<F, T>>;
+
+pin_project_lite::pin_project! {
+    /// A request's future holding its admission ticket until it completes.
+    pub struct Held<F, T> {
+        #[pin]
+        fut: F,
+        ticket: Option<T>,
+    }
+}
+
+impl<F: Future, T> Future for Held<F, T> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.fut.poll(cx));
+        // The completion is recorded as the request ends.
+        drop(this.ticket.take());
+        Poll::Ready(out)
     }
 }
 

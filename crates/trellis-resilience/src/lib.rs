@@ -49,7 +49,7 @@ pub use clock::Clock;
 pub use codel::{DelayAdmitted, DelayShedder, DelayState};
 pub use concurrency::{
     Admission, Admitted, ConcurrencyLimit, ConcurrencyLimitLayer, CpuShedLayer, DelayShedLayer,
-    LimitKind, Shed, ShedLayer,
+    Held, LimitKind, Shed, ShedFuture, ShedLayer,
 };
 pub use cpu_shed::{CpuAdmitted, CpuShedder, CpuSource, ProcessCpu};
 pub use deadline::{Deadline, DeadlineLayer};
@@ -59,6 +59,7 @@ pub use rate_limit::{
 #[cfg(feature = "redis")]
 pub use redis_limit::{RedisFallback, RedisLimiter};
 pub use retry::{Backoff, Retry, RetryBudget, RetryLayer, RetryPolicy};
+pub use trellis_core::future::EitherFuture;
 
 /// The error type of Trellis' layers: boxed, with a `tonic::Status` inside
 /// for rejections, so generated clients report the right code.

@@ -24,6 +24,8 @@ use std::{
 use http::{Request, Response, StatusCode};
 use tower::{Layer, Service};
 
+use trellis_core::future::EitherFuture;
+
 use crate::reject::{is_grpc, refuse};
 
 /// How many requests per period, with what burst.
@@ -367,7 +369,10 @@ where
 {
     type Response = Response<RB>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+    type Future = EitherFuture<
+        S::Future,
+        Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -376,7 +381,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         if !self.limiter.is_limited() {
             // The default (no rate set): no key to build, nothing to ask.
-            return Box::pin(self.inner.call(req));
+            return EitherFuture::left(self.inner.call(req));
         }
         let limiter = self.limiter.clone();
         let key = self.key.key(&req);
@@ -384,7 +389,7 @@ where
         // Take the service that was driven to readiness; leave a clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
+        let fut = Box::pin(async move {
             match limiter.check(key.as_deref()).await {
                 Decision::Allow => inner.call(req).await,
                 Decision::Deny { retry_after } => {
@@ -401,7 +406,8 @@ where
                     Ok(refuse(error, grpc, if grpc { &headers[..1] } else { &[] }))
                 }
             }
-        })
+        });
+        EitherFuture::right(fut)
     }
 }
 

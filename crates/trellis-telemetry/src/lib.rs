@@ -78,6 +78,7 @@ mod pipeline;
 mod process;
 pub mod propagation;
 mod red;
+mod series;
 mod server;
 mod settings;
 
@@ -87,8 +88,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub use client::{ClientTelemetry, ClientTelemetryLayer};
 pub use init::{LogControl, LogFormat, Telemetry, TelemetryBuilder, check_log_filter};
-pub use red::{Red, RedLayer};
-pub use server::{ServerTrace, ServerTraceLayer};
+pub use red::{InFlight, Red, RedFuture, RedLayer, RedSeries};
+pub use server::{AccessLogged, ServerTrace, ServerTraceLayer};
 pub use settings::{Effective, EnvError, OtlpSettings};
 
 /// Why telemetry could not be set up.

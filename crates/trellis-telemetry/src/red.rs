@@ -3,19 +3,25 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Instant,
 };
 
 use axum::extract::MatchedPath;
 use http::{Request, Response};
-use metrics::{SharedString, Unit, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Gauge, Histogram, SharedString, Unit, describe_gauge, describe_histogram, gauge, histogram,
+};
 use tonic::Code;
 use tower::{Layer, Service};
 use trellis_core::{
     RouteTemplate,
     protocol::{self, Classified, End, Report},
+    stripe::{Handle, Handles},
 };
+
+use crate::series::{SeriesCache, SeriesKey};
 
 pub(crate) fn describe() {
     describe_histogram!(
@@ -67,13 +73,24 @@ pub(crate) fn describe() {
 }
 
 /// Records RED metrics for every request (see the crate docs).
-#[derive(Debug, Clone, Default)]
-pub struct RedLayer;
+#[derive(Debug, Clone)]
+pub struct RedLayer {
+    series: Arc<Handles<RedSeries>>,
+}
+
+impl Default for RedLayer {
+    fn default() -> Self {
+        RedLayer::new()
+    }
+}
 
 impl RedLayer {
-    /// A layer recording into the global `metrics` recorder.
+    /// A layer recording into the global `metrics` recorder (the one in
+    /// force where its first request is recorded: handles are kept).
     pub fn new() -> Self {
-        RedLayer
+        RedLayer {
+            series: Arc::new(Handles::new(Arc::new(RedSeries::default()))),
+        }
     }
 }
 
@@ -81,7 +98,10 @@ impl<S> Layer<S> for RedLayer {
     type Service = Red<S>;
 
     fn layer(&self, inner: S) -> Red<S> {
-        Red { inner }
+        Red {
+            inner,
+            series: self.series.clone(),
+        }
     }
 }
 
@@ -89,22 +109,114 @@ impl<S> Layer<S> for RedLayer {
 #[derive(Debug, Clone)]
 pub struct Red<S> {
     inner: S,
+    series: Arc<Handles<RedSeries>>,
 }
+
+/// The handles of the series this layer has recorded into.
+#[derive(Default)]
+pub struct RedSeries {
+    active: SeriesCache<Gauge>,
+    duration: SeriesCache<Histogram>,
+}
+
+const GRPC: u8 = 0;
+const HTTP: u8 = 1;
 
 /// What a request is, for labels. Every label comes from a bounded set:
 /// gRPC service and method from the route the server matched (a method it
 /// does not serve is `_OTHER`), the HTTP method from the standard ones
 /// (`_OTHER` for the rest), the HTTP route from the matched template, never
 /// the raw path.
-enum Kind {
-    Grpc {
-        service: SharedString,
-        method: SharedString,
-    },
-    Http {
-        method: &'static str,
-        route: SharedString,
-    },
+struct Kind {
+    metric: u8,
+    /// `/package.Service/Method` for gRPC (none: a method not served), the
+    /// route template for HTTP (none: no route matched).
+    route: Option<Route>,
+    /// The HTTP method label; empty for gRPC.
+    method: &'static str,
+}
+
+/// A route as the request carries it (no copy of the text).
+enum Route {
+    Template(Arc<str>),
+    Matched(MatchedPath),
+}
+
+impl Kind {
+    fn route(&self) -> &str {
+        match &self.route {
+            Some(Route::Template(t)) => t,
+            Some(Route::Matched(m)) => m.as_str(),
+            None => "",
+        }
+    }
+
+    /// `(service, method)` of a gRPC route.
+    fn grpc_names(&self) -> (SharedString, SharedString) {
+        match self
+            .route()
+            .strip_prefix('/')
+            .and_then(|t| t.split_once('/'))
+        {
+            Some((service, method)) => (
+                SharedString::from(service.to_owned()),
+                SharedString::from(method.to_owned()),
+            ),
+            None => (
+                SharedString::const_str(protocol::OTHER),
+                SharedString::const_str(protocol::OTHER),
+            ),
+        }
+    }
+
+    fn http_route(&self) -> SharedString {
+        match &self.route {
+            Some(_) => SharedString::from(self.route().to_owned()),
+            None => SharedString::const_str("unmatched"),
+        }
+    }
+
+    fn key(&self, code: u16) -> SeriesKey<'_> {
+        SeriesKey {
+            metric: self.metric,
+            route: self.route(),
+            method: self.method,
+            code,
+        }
+    }
+
+    /// Moves the in-flight gauge by `delta`.
+    fn active(&self, series: &RedSeries, delta: f64) {
+        series.active.with(
+            self.key(0),
+            || {
+                if self.metric == GRPC {
+                    let (service, _) = self.grpc_names();
+                    gauge!("rpc_server_active_requests", "rpc_system" => "grpc", "rpc_service" => service)
+                } else {
+                    gauge!("http_server_active_requests", "http_request_method" => self.method, "http_route" => self.http_route())
+                }
+            },
+            |g| g.increment(delta),
+        );
+    }
+
+    /// Records a duration with a gRPC code or an HTTP status.
+    fn duration(&self, series: &RedSeries, code: u16, seconds: f64) {
+        series.duration.with(
+            self.key(code),
+            || {
+                if self.metric == GRPC {
+                    let (service, method) = self.grpc_names();
+                    let code = SharedString::const_str(protocol::code_label(Code::from_i32(i32::from(code))));
+                    histogram!("rpc_server_duration_seconds", "rpc_system" => "grpc", "rpc_service" => service, "rpc_method" => method, "rpc_grpc_status_code" => code)
+                } else {
+                    histogram!("http_server_request_duration_seconds", "http_request_method" => self.method, "http_route" => self.http_route(), "http_response_status_code" => code.to_string())
+                }
+            },
+            |h| h.record(seconds),
+        );
+    }
 }
 
 /// One request in flight: counted in the gauge from creation, and recorded
@@ -116,21 +228,19 @@ enum Kind {
 /// forever.
 pub struct InFlight {
     kind: Option<Kind>,
+    series: Handle<RedSeries>,
     started: Instant,
     /// The HTTP status and the route template a router below named, once
     /// the response head has come.
-    head: Option<(SharedString, Option<SharedString>)>,
+    head: Option<(u16, Option<Arc<str>>)>,
 }
 
 impl InFlight {
-    fn start(kind: Kind) -> InFlight {
-        match &kind {
-            Kind::Grpc { service, .. } => gauge!("rpc_server_active_requests", "rpc_system" => "grpc", "rpc_service" => service.clone()).increment(1.0),
-            Kind::Http { method, route } => gauge!("http_server_active_requests", "http_request_method" => *method, "http_route" => route.clone())
-                .increment(1.0),
-        }
+    fn start(kind: Kind, series: Handle<RedSeries>) -> InFlight {
+        kind.active(&series, 1.0);
         InFlight {
             kind: Some(kind),
+            series,
             started: Instant::now(),
             head: None,
         }
@@ -138,43 +248,35 @@ impl InFlight {
 
     /// Records the outcome: the gRPC code or HTTP status, and the route
     /// template a router below matched (when none had before).
-    fn finish(&mut self, code: SharedString, template: Option<SharedString>) {
+    fn finish(&mut self, code: u16, template: Option<Arc<str>>) {
         let seconds = self.started.elapsed().as_secs_f64();
-        match self.kind.take() {
-            Some(Kind::Grpc { service, method }) => {
-                gauge!("rpc_server_active_requests", "rpc_system" => "grpc", "rpc_service" => service.clone()).decrement(1.0);
-                histogram!("rpc_server_duration_seconds", "rpc_system" => "grpc", "rpc_service" => service, "rpc_method" => method, "rpc_grpc_status_code" => code)
-                    .record(seconds);
-            }
-            Some(Kind::Http { method, route }) => {
-                gauge!("http_server_active_requests", "http_request_method" => method, "http_route" => route.clone())
-                    .decrement(1.0);
-                // A route matched below this layer names its template; the
-                // in-flight gauge keeps the route it was counted under.
-                let route = template.unwrap_or(route);
-                histogram!("http_server_request_duration_seconds", "http_request_method" => method, "http_route" => route, "http_response_status_code" => code)
-                    .record(seconds);
-            }
-            None => {}
+        let Some(mut kind) = self.kind.take() else {
+            return;
+        };
+        kind.active(&self.series, -1.0);
+        // A route matched below this layer names its template; the
+        // in-flight gauge kept the route it was counted under.
+        if kind.metric == HTTP
+            && let Some(template) = template
+        {
+            kind.route = Some(Route::Template(template));
         }
+        kind.duration(&self.series, code, seconds);
     }
 }
 
 /// Records the request when its response ends (see [`Classified`]).
 impl Report for InFlight {
     fn report(mut self, end: Option<End>) {
-        let grpc = matches!(self.kind, Some(Kind::Grpc { .. }));
+        let grpc = matches!(self.kind, Some(Kind { metric: GRPC, .. }));
         let Some(end) = end else {
             // Dropped before the end: the Drop below says cancelled.
             return;
         };
-        let (status, template) = self
-            .head
-            .take()
-            .unwrap_or((SharedString::const_str("200"), None));
+        let (status, template) = self.head.take().unwrap_or((200, None));
         if grpc {
             let code = end.grpc_status.unwrap_or(Code::Unknown);
-            self.finish(SharedString::const_str(protocol::code_label(code)), None);
+            self.finish(code as u16, None);
         } else {
             self.finish(status, template);
         }
@@ -184,11 +286,11 @@ impl Report for InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let cancelled = match &self.kind {
-            Some(Kind::Grpc { .. }) => "1",
-            Some(Kind::Http { .. }) => "499",
+            Some(Kind { metric: GRPC, .. }) => Code::Cancelled as u16,
+            Some(_) => 499,
             None => return,
         };
-        self.finish(SharedString::const_str(cancelled), None);
+        self.finish(cancelled, None);
     }
 }
 
@@ -201,67 +303,84 @@ where
 {
     type Response = Response<Classified<RB, InFlight>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = RedFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let template = req.extensions().get::<RouteTemplate>();
+        let template = req.extensions().get::<RouteTemplate>().map(|t| t.0.clone());
         let kind = if protocol::is_grpc(req.headers()) {
             // `/package.Service/Method`, known to the server; anything else
             // (a method it does not serve) is one label.
-            match template.and_then(|t| t.0.strip_prefix('/')?.split_once('/')) {
-                Some((service, method)) => Kind::Grpc {
-                    service: SharedString::from(service.to_owned()),
-                    method: SharedString::from(method.to_owned()),
-                },
-                None => Kind::Grpc {
-                    service: SharedString::const_str(protocol::OTHER),
-                    method: SharedString::const_str(protocol::OTHER),
-                },
+            let served = template.filter(|t| t.strip_prefix('/').is_some_and(|r| r.contains('/')));
+            Kind {
+                metric: GRPC,
+                route: served.map(Route::Template),
+                method: "",
             }
         } else {
-            let route = match template {
-                Some(t) => SharedString::from(t.0.to_string()),
-                None => req
-                    .extensions()
+            let route = template.map(Route::Template).or_else(|| {
+                req.extensions()
                     .get::<MatchedPath>()
-                    .map(|m| SharedString::from(m.as_str().to_owned()))
-                    .unwrap_or(SharedString::const_str("unmatched")),
-            };
-            Kind::Http {
-                method: protocol::method_label(req.method()),
+                    .cloned()
+                    .map(Route::Matched)
+            });
+            Kind {
+                metric: HTTP,
                 route,
+                method: protocol::method_label(req.method()),
             }
         };
-        let mut in_flight = InFlight::start(kind);
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            match fut.await {
-                Ok(response) => {
-                    let (parts, body) = response.into_parts();
-                    // A route matched below this layer names itself on the response.
-                    let template = parts
-                        .extensions
-                        .get::<RouteTemplate>()
-                        .map(|t| SharedString::from(t.0.to_string()));
-                    in_flight.head = Some((
-                        SharedString::from(parts.status.as_u16().to_string()),
-                        template,
-                    ));
-                    let body = Classified::new(parts.status, &parts.headers, body, in_flight);
-                    Ok(Response::from_parts(parts, body))
-                }
-                Err(err) => {
-                    let failed = match in_flight.kind {
-                        Some(Kind::Grpc { .. }) => "2",
-                        _ => "500",
-                    };
-                    in_flight.finish(SharedString::const_str(failed), None);
-                    Err(err)
-                }
+        let in_flight = InFlight::start(kind, self.series.local());
+        RedFuture {
+            fut: self.inner.call(req),
+            in_flight: Some(in_flight),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`Red`]: the response, its body wrapped to
+    /// record the request when it ends.
+    pub struct RedFuture<F> {
+        #[pin]
+        fut: F,
+        in_flight: Option<InFlight>,
+    }
+}
+
+impl<F, RB, E> Future for RedFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+    RB: http_body::Body,
+{
+    type Output = Result<Response<Classified<RB, InFlight>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.fut.poll(cx));
+        let mut in_flight = this
+            .in_flight
+            .take()
+            .expect("a RED future polled after it completed");
+        Poll::Ready(match result {
+            Ok(response) => {
+                let (parts, body) = response.into_parts();
+                // A route matched below this layer names itself on the response.
+                let template = parts.extensions.get::<RouteTemplate>().map(|t| t.0.clone());
+                in_flight.head = Some((parts.status.as_u16(), template));
+                let body = Classified::new(parts.status, &parts.headers, body, in_flight);
+                Ok(Response::from_parts(parts, body))
+            }
+            Err(err) => {
+                let failed = match in_flight.kind {
+                    Some(Kind { metric: GRPC, .. }) => Code::Unknown as u16,
+                    _ => 500,
+                };
+                in_flight.finish(failed, None);
+                Err(err)
             }
         })
     }
@@ -301,13 +420,13 @@ mod tests {
                 req.extensions_mut()
                     .insert(RouteTemplate("/v1/users/{id}".into()));
             }
-            let mut fut = red.call(req);
+            let mut fut = Box::pin(red.call(req));
             assert!(fut.as_mut().poll(&mut cx).is_ready());
             let grpc = Request::post(format!("/pkg.Svc{i}/Method{i}"))
                 .header("content-type", "application/grpc")
                 .body(())
                 .unwrap();
-            let mut fut = red.call(grpc);
+            let mut fut = Box::pin(red.call(grpc));
             assert!(fut.as_mut().poll(&mut cx).is_ready());
         }
         let text = handle.render();
@@ -402,7 +521,7 @@ mod tests {
                     .insert(RouteTemplate("/shop.user.v1.UserService/GetUser".into()));
                 req
             };
-            let mut fut = red.call(req);
+            let mut fut = Box::pin(red.call(req));
             assert!(fut.as_mut().poll(&mut cx).is_pending());
             pending.push(fut);
         }

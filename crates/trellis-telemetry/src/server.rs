@@ -11,10 +11,15 @@ use std::{
 
 use axum::extract::MatchedPath;
 use http::{Request, Response};
-use opentelemetry::{Context as OtelContext, baggage::BaggageExt, trace::FutureExt as _};
+use opentelemetry::{
+    Context as OtelContext,
+    baggage::BaggageExt,
+    trace::{FutureExt as _, WithContext},
+};
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use trellis_core::future::EitherFuture;
 
 use crate::{
     pipeline::{self, SAMPLER},
@@ -49,9 +54,15 @@ impl<S> Layer<S> for ServerTraceLayer {
     type Service = ServerTrace<S>;
 
     fn layer(&self, inner: S) -> ServerTrace<S> {
+        // The context of a request without a caller's: built once.
+        let base = match &self.service {
+            Some(service) => OtelContext::new().with_value(ServiceName(service.clone())),
+            None => OtelContext::new(),
+        };
         ServerTrace {
             inner,
             service: self.service.clone(),
+            base,
         }
     }
 }
@@ -61,6 +72,7 @@ impl<S> Layer<S> for ServerTraceLayer {
 pub struct ServerTrace<S> {
     inner: S,
     service: Option<Arc<str>>,
+    base: OtelContext,
 }
 
 /// `/package.Service/Method` → (`package.Service`, `Method`).
@@ -88,7 +100,10 @@ where
 {
     type Response = Response<RB>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+    type Future = EitherFuture<
+        WithContext<AccessLogged<S::Future>>,
+        Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -96,15 +111,19 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let grpc = is_grpc(&req);
-        let started = std::time::Instant::now();
-        let mut parent = if propagation::carries_context(req.headers()) {
-            propagation::extract(req.headers())
+        // For the access log. (Asking `tracing::enabled!` whether it is on
+        // would be cheaper, but with per-layer filters the answer is left
+        // behind and filters out the next span: the server span.)
+        let started = Some(std::time::Instant::now());
+        let parent = if propagation::carries_context(req.headers()) {
+            let parent = propagation::extract(req.headers());
+            match &self.service {
+                Some(service) => parent.with_value(ServiceName(service.clone())),
+                None => parent,
+            }
         } else {
-            OtelContext::new()
+            self.base.clone()
         };
-        if let Some(service) = &self.service {
-            parent = parent.with_value(ServiceName(service.clone()));
-        }
 
         // Not recorded (no exporter, an unsampled caller, sampling at 0):
         // no span at all, only the context, so logs and calls downstream
@@ -115,14 +134,7 @@ where
                 let _attached = cx.clone().attach();
                 self.inner.call(req)
             };
-            return Box::pin(
-                async move {
-                    let result = fut.await;
-                    access_log(grpc, &result, started);
-                    result
-                }
-                .with_context(cx),
-            );
+            return EitherFuture::left(AccessLogged { fut, grpc, started }.with_context(cx));
         }
 
         let service = self.service.as_deref();
@@ -187,15 +199,44 @@ where
             let _entered = span.enter();
             self.inner.call(req)
         };
-        Box::pin(
+        EitherFuture::right(Box::pin(
             async move {
                 let result = fut.await;
                 record_outcome(&Span::current(), grpc, &http_method, &result);
-                access_log(grpc, &result, started);
+                if let Some(started) = started {
+                    access_log(grpc, &result, started);
+                }
                 result
             }
             .instrument(span),
-        )
+        ))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response future that writes the access log line (when that log
+    /// is on) as the response head is ready.
+    pub struct AccessLogged<F> {
+        #[pin]
+        fut: F,
+        grpc: bool,
+        started: Option<std::time::Instant>,
+    }
+}
+
+impl<F, RB, E> Future for AccessLogged<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.fut.poll(cx));
+        if let Some(started) = this.started.take() {
+            access_log(*this.grpc, &result, started);
+        }
+        Poll::Ready(result)
     }
 }
 

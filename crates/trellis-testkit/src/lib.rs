@@ -37,6 +37,7 @@
 mod engine;
 mod engines;
 pub mod http;
+pub mod load;
 #[cfg(feature = "otlp")]
 mod otlp;
 mod program;

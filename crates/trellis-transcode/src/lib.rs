@@ -83,12 +83,3 @@ pub(crate) fn full(bytes: Bytes) -> Body {
         |never| match never {},
     ))
 }
-
-/// Any body as a [`Body`].
-pub(crate) fn boxed<B>(body: B) -> Body
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    Body::new(http_body_util::BodyExt::map_err(body, Into::into))
-}

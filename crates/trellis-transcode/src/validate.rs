@@ -32,10 +32,9 @@ use prost_reflect::{
     DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, Value,
 };
 use tower::{BoxError, Layer, Service};
-use trellis_core::{Code, Error};
+use trellis_core::{Code, Error, future::EitherFuture};
 
 use crate::{
-    Body,
     annotations::{Num, Rule, field_rules},
     framing::FrameDecoder,
 };
@@ -279,7 +278,7 @@ fn report(violations: Vec<(String, String)>) -> Result<(), Error> {
 /// The field numbers of a protobuf message's top-level fields: every one
 /// sent, and the ones sent with a non-default value. `None` for input that
 /// is not well-formed (left to the service to reject).
-fn wire_fields(mut b: &[u8]) -> Option<(Vec<u32>, Vec<u32>)> {
+fn wire_fields(mut b: &[u8]) -> Option<(FieldSet, FieldSet)> {
     fn varint(b: &mut &[u8]) -> Option<u64> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
@@ -292,7 +291,7 @@ fn wire_fields(mut b: &[u8]) -> Option<(Vec<u32>, Vec<u32>)> {
         }
         None
     }
-    let (mut sent, mut set) = (Vec::new(), Vec::new());
+    let (mut sent, mut set) = (FieldSet::default(), FieldSet::default());
     while !b.is_empty() {
         let key = varint(&mut b)?;
         let number = u32::try_from(key >> 3).ok()?;
@@ -316,12 +315,36 @@ fn wire_fields(mut b: &[u8]) -> Option<(Vec<u32>, Vec<u32>)> {
             }
             _ => return None,
         };
-        sent.push(number);
+        sent.insert(number);
         if nonzero {
-            set.push(number);
+            set.insert(number);
         }
     }
     Some((sent, set))
+}
+
+/// Field numbers seen on the wire: a bit each below 64 (no allocation for
+/// the messages of nearly every API), a list for the rest.
+#[derive(Default)]
+struct FieldSet {
+    low: u64,
+    high: Vec<u32>,
+}
+
+impl FieldSet {
+    fn insert(&mut self, number: u32) {
+        match 1u64.checked_shl(number) {
+            Some(bit) if number < 64 => self.low |= bit,
+            _ => self.high.push(number),
+        }
+    }
+
+    fn contains(&self, number: &u32) -> bool {
+        match 1u64.checked_shl(*number) {
+            Some(bit) if *number < 64 => self.low & bit != 0,
+            _ => self.high.contains(number),
+        }
+    }
 }
 
 fn list_rule(rule: &Rule, items: &[Value]) -> Option<String> {
@@ -477,15 +500,21 @@ pub struct Validate<S> {
 
 impl<S, B, RB> Service<Request<B>> for Validate<S>
 where
-    S: Service<Request<Body>, Response = Response<RB>, Error = Infallible> + Clone + Send + 'static,
-    <S as Service<Request<Body>>>::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    S: Service<Request<Replay<B>>, Response = Response<RB>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<BoxError>,
     RB: Default + Send + 'static,
 {
     type Response = Response<RB>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, Infallible>> + Send>>;
+    type Future = EitherFuture<
+        S::Future,
+        Pin<Box<dyn Future<Output = Result<Response<RB>, Infallible>> + Send>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -493,18 +522,19 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let Some(plan) = self.layer.inputs.get(req.uri().path()).cloned() else {
-            return Box::pin(self.inner.call(req.map(crate::boxed)));
+            return EitherFuture::left(self.inner.call(req.map(Replay::passing)));
         };
         // The service that was polled ready serves this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let layer = self.layer.clone();
-        Box::pin(async move {
+        let validator = self.layer.validator.clone();
+        let max_bytes = self.layer.max_bytes;
+        EitherFuture::right(Box::pin(async move {
             let (parts, body) = req.into_parts();
             // Only the first message is needed: read that far, and pass the
             // rest of the stream (its end, trailers) through untouched, so a
             // unary call does not wait here for the end of the stream.
-            let (message, body) = match first_message(body, layer.max_bytes).await {
+            let (message, body) = match first_message(body, max_bytes).await {
                 Ok(read) => read,
                 Err(error) => return Ok(status(error)),
             };
@@ -527,18 +557,14 @@ where
                     }),
                     Plan::Full(input) => DynamicMessage::decode(input, message)
                         .ok()
-                        .map(|decoded| layer.validator.check(&decoded)),
+                        .map(|decoded| validator.check(&decoded)),
                 };
                 if let Some(Err(error)) = verdict {
                     return Ok(status(error));
                 }
             }
-            // Boxed before the await: the compiler cannot otherwise see that
-            // the inner future is Send for the body's `'static` error type.
-            let call: Pin<Box<dyn Future<Output = Result<Response<RB>, Infallible>> + Send>> =
-                Box::pin(inner.call(Request::from_parts(parts, body)));
-            call.await
-        })
+            inner.call(Request::from_parts(parts, body)).await
+        }))
     }
 }
 
@@ -547,33 +573,48 @@ where
 /// compressed one, left for the service to handle) and a body that replays
 /// what was read and then goes on with the rest. A message over
 /// `max_bytes` is refused from its header.
-async fn first_message<B>(body: B, max_bytes: usize) -> Result<(Option<Bytes>, Body), Error>
+async fn first_message<B>(
+    mut body: B,
+    max_bytes: usize,
+) -> Result<(Option<Bytes>, Replay<B>), Error>
 where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
     use http_body_util::BodyExt;
-    let mut body = Box::pin(body);
     let mut frames = FrameDecoder::new(max_bytes);
-    let mut read = bytes::BytesMut::new();
-    let mut pending = None;
+    // What was read, replayed as it came: no copy.
+    let mut read = Replay::passing(None);
     let mut ended = false;
     let message = loop {
-        match frames.next_message() {
-            Ok(Some(message)) => break Some(message),
-            Ok(None) => {}
-            Err(e) if e.code() == Code::ResourceExhausted => return Err(e),
-            // Compressed: not ours to read.
-            Err(_) => break None,
-        }
         match body.frame().await {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
+                    // The usual case: the first data frame holds the whole
+                    // message; it is sliced out, not copied.
+                    if read.first.is_none()
+                        && let Some(head) = crate::framing::header(&data)
+                        && !head.compressed
+                        && head.len <= max_bytes
+                        && data.len() >= crate::framing::HEADER_LEN + head.len
+                    {
+                        let start = crate::framing::HEADER_LEN;
+                        let message = data.slice(start..start + head.len);
+                        read.first = Some(data);
+                        break Some(message);
+                    }
                     frames.push(&data);
-                    read.extend_from_slice(&data);
+                    read.push(data);
+                    match frames.next_message() {
+                        Ok(Some(message)) => break Some(message),
+                        Ok(None) => {}
+                        Err(e) if e.code() == Code::ResourceExhausted => return Err(e),
+                        // Compressed: not ours to read.
+                        Err(_) => break None,
+                    }
                 }
                 Err(other) => {
-                    pending = Some(other);
+                    read.pending = Some(other);
                     break None;
                 }
             },
@@ -587,20 +628,88 @@ where
             }
         }
     };
-    let head = read.freeze();
-    if ended {
-        return Ok((message, crate::full(head)));
+    read.rest = (!ended).then_some(body);
+    Ok((message, read))
+}
+
+/// The request body a [`Validate`] layer passes on: what it read of the
+/// original, given back as it came, then the rest of the original.
+pub struct Replay<B> {
+    first: Option<Bytes>,
+    more: std::collections::VecDeque<Bytes>,
+    pending: Option<http_body::Frame<Bytes>>,
+    rest: Option<B>,
+}
+
+impl<B> Replay<B> {
+    /// `body` as it is (nothing read from it); `None` for an ended one.
+    pub fn passing(body: impl Into<Option<B>>) -> Replay<B> {
+        Replay {
+            first: None,
+            more: std::collections::VecDeque::new(),
+            pending: None,
+            rest: body.into(),
+        }
     }
-    let first = futures_util::stream::iter(
-        std::iter::once(http_body::Frame::data(head))
-            .chain(pending)
-            .map(Ok::<_, BoxError>),
-    );
-    let rest = http_body_util::BodyStream::new(body.map_err(Into::into));
-    let replay = Body::new(http_body_util::StreamBody::new(
-        futures_util::StreamExt::chain(first, rest),
-    ));
-    Ok((message, replay))
+
+    fn push(&mut self, chunk: Bytes) {
+        if self.first.is_none() {
+            self.first = Some(chunk);
+        } else {
+            self.more.push_back(chunk);
+        }
+    }
+}
+
+impl<B> http_body::Body for Replay<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(chunk) = this.first.take().or_else(|| this.more.pop_front()) {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
+        }
+        if let Some(frame) = this.pending.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        match this.rest.as_mut() {
+            Some(rest) => Pin::new(rest)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| f.map_err(Into::into))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none()
+            && self.more.is_empty()
+            && self.pending.is_none()
+            && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let read: usize = self.first.iter().chain(&self.more).map(Bytes::len).sum();
+        match (&self.rest, &self.pending) {
+            (Some(rest), None) => {
+                let mut hint = rest.size_hint();
+                hint.set_lower(hint.lower() + read as u64);
+                if let Some(upper) = hint.upper() {
+                    hint.set_upper(upper + read as u64);
+                }
+                hint
+            }
+            (None, None) => http_body::SizeHint::with_exact(read as u64),
+            _ => http_body::SizeHint::default(),
+        }
+    }
 }
 
 /// A trailers-only gRPC response carrying `error`.

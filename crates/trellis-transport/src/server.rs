@@ -5,7 +5,7 @@
 use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc};
 
 use axum::response::IntoResponse;
-use axum::{Router, extract::DefaultBodyLimit};
+use axum::{Router, extract::DefaultBodyLimit, routing::Route};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{server::NamedService, service::RoutesBuilder};
@@ -37,6 +37,15 @@ pub struct GrpcHttpServerBuilder<L = Identity> {
     layer: L,
     rest: Option<trellis_transcode::TranscodeOptions>,
 }
+
+/// What the user's layers ([`GrpcHttpServerBuilder::layer`]) wrap: one
+/// route's service — for gRPC with validation, the request timeout and the
+/// message limit already around it; for HTTP, the route itself.
+pub type Inner = tower::util::BoxCloneSyncService<
+    http::Request<axum::body::Body>,
+    http::Response<axum::body::Body>,
+    Infallible,
+>;
 
 impl<L> GrpcHttpServerBuilder<L> {
     /// Adds a generated tonic service (e.g. `UserServiceServer::new(svc)`).
@@ -114,7 +123,7 @@ impl<L> GrpcHttpServerBuilder<L> {
     /// anything starts.
     pub async fn bind(self) -> Result<GrpcHttpServer, TransportError>
     where
-        L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
+        L: tower::Layer<Inner> + Clone + Send + Sync + 'static,
         L::Service: tower::Service<http::Request<axum::body::Body>, Error = Infallible>
             + Clone
             + Send
@@ -153,15 +162,7 @@ impl<L> GrpcHttpServerBuilder<L> {
         let timeout = RequestTimeout::new(self.config.limits.request_timeout);
         let raw_grpc = self.routes.routes();
         let mut user_grpc = raw_grpc.clone();
-        if user_grpc.axum_router_mut().has_routes() {
-            let router = std::mem::take(user_grpc.axum_router_mut());
-            *user_grpc.axum_router_mut() = router
-                // Every gRPC request message is held to the body limit, on the wire.
-                .route_layer(trellis_transcode::framing::MessageLimitLayer::new(
-                    self.config.limits.max_body_bytes,
-                ))
-                .route_layer(ServerTimeoutLayer::new(timeout.clone()));
-        }
+        let mut validate = None;
         let mut user_http = self.http;
         if user_http.has_routes() {
             user_http = user_http.route_layer(ServerTimeoutLayer::new(timeout.clone()));
@@ -177,13 +178,11 @@ impl<L> GrpcHttpServerBuilder<L> {
             route_match = Some(transcoder.route_layer());
             // The gRPC face checks the same rules the REST face does.
             if let Some(validator) = transcoder.validator() {
-                let layer = trellis_transcode::validate::ValidateLayer::new(
+                validate = Some(trellis_transcode::validate::ValidateLayer::new(
                     transcoder.pool(),
                     validator.clone(),
                     self.config.limits.max_body_bytes,
-                );
-                let router = std::mem::take(user_grpc.axum_router_mut());
-                *user_grpc.axum_router_mut() = router.route_layer(layer);
+                ));
             }
             // The services themselves, not their layered routes: a REST
             // request is limited and measured once, as HTTP.
@@ -201,22 +200,36 @@ impl<L> GrpcHttpServerBuilder<L> {
                 )
                 .route_service("/{*path}", rest);
         }
-        // The user's stack, over both faces.
+        // The user's gRPC services, one layered service per route (each
+        // `route_layer` would box and clone per request): the user's stack;
+        // the same rules the REST face checks; the request timeout; every
+        // request message held to the body limit, on the wire.
         if user_grpc.axum_router_mut().has_routes() {
+            let inner = ServiceBuilder::new()
+                .option_layer(validate)
+                .layer(ServerTimeoutLayer::new(timeout.clone()))
+                .layer(trellis_transcode::framing::MessageLimitLayer::new(
+                    self.config.limits.max_body_bytes,
+                ));
+            let stack = self.layer.clone();
             let router = std::mem::take(user_grpc.axum_router_mut());
-            *user_grpc.axum_router_mut() = router.route_layer(self.layer.clone());
+            *user_grpc.axum_router_mut() =
+                router.route_layer(tower::layer::layer_fn(move |route: Route| {
+                    stack.layer(Inner::new(inner.service(route)))
+                }));
         }
+        // The HTTP routes: the route is known before any layer runs, so
+        // limits, metrics and traces see its template — a REST route's,
+        // matched by the transcoder's table, or an axum route's — then the
+        // user's stack.
         if user_http.has_routes() {
-            user_http = user_http.route_layer(self.layer.clone());
-        }
-        // Outermost on the HTTP routes: the route is known before any layer
-        // runs, so limits, metrics and traces see its template — a REST
-        // route's, matched by the transcoder's table, or an axum route's.
-        if user_http.has_routes() {
-            user_http = user_http.route_layer(axum::middleware::map_request(name_axum_route));
-        }
-        if let Some(route_match) = route_match {
-            user_http = user_http.route_layer(route_match);
+            let stack = self.layer.clone();
+            user_http = user_http.route_layer(tower::layer::layer_fn(move |route: Route| {
+                ServiceBuilder::new()
+                    .option_layer(route_match.clone())
+                    .layer(axum::middleware::map_request(name_axum_route))
+                    .service(stack.layer(Inner::new(route)))
+            }));
         }
         let grpc_routes = Arc::new(grpc_routes(&self.descriptor_sets, &self.service_names));
         let mut grpc = user_grpc.add_service(health_service);

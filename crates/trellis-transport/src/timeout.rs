@@ -108,7 +108,7 @@ where
 {
     type Response = Response<RB>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, Infallible>> + Send>>;
+    type Future = TimeoutFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -122,24 +122,99 @@ where
         };
         let fut = self.inner.call(req);
         let Some(timeout) = timeout else {
-            return Box::pin(fut);
+            return TimeoutFuture {
+                state: TimeoutState::Unbounded { fut },
+            };
         };
         // Outbound calls made while handling this request inherit what is left.
         let deadline = tokio::time::Instant::now() + timeout;
-        let fut = deadline::scope(deadline, fut);
-        Box::pin(async move {
-            match tokio::time::timeout_at(deadline, fut).await {
-                Ok(response) => response,
-                Err(_) => {
-                    let message = format!("request did not complete within {timeout:?}");
-                    Ok(if grpc {
-                        tonic::Status::new(Code::DeadlineExceeded, message).into_http()
-                    } else {
-                        Error::new(Code::DeadlineExceeded, "REQUEST_TIMEOUT", message)
-                            .to_http_response()
-                    })
-                }
-            }
-        })
+        TimeoutFuture {
+            state: TimeoutState::Bounded {
+                fut: Deadlined {
+                    fut: deadline::scope(deadline, fut),
+                    deadline,
+                    timeout,
+                    grpc,
+                    sleep: None,
+                },
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`ServerTimeout`].
+    pub struct TimeoutFuture<F> {
+        #[pin]
+        state: TimeoutState<F>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = TimeoutProj]
+    enum TimeoutState<F> {
+        Unbounded { #[pin] fut: F },
+        Bounded { #[pin] fut: Deadlined<deadline::Scoped<F>> },
+    }
+}
+
+impl<F, RB> Future for TimeoutFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, Infallible>>,
+    RB: Default + From<Bytes>,
+{
+    type Output = Result<Response<RB>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            TimeoutProj::Unbounded { fut } => fut.poll(cx),
+            TimeoutProj::Bounded { fut } => fut.poll(cx),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response future held to its deadline. The timer is set only if
+    /// the response is not ready on the first poll: most answers are, and
+    /// arming and disarming a timer for each is most of a timeout's cost.
+    struct Deadlined<F> {
+        #[pin]
+        fut: F,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+        grpc: bool,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+    }
+}
+
+impl<F, RB> Future for Deadlined<F>
+where
+    F: Future<Output = Result<Response<RB>, Infallible>>,
+    RB: Default + From<Bytes>,
+{
+    type Output = Result<Response<RB>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(response) = this.fut.poll(cx) {
+            return Poll::Ready(response);
+        }
+        if this.sleep.is_none() {
+            this.sleep
+                .set(Some(tokio::time::sleep_until(*this.deadline)));
+        }
+        let Some(sleep) = this.sleep.as_pin_mut() else {
+            return Poll::Pending;
+        };
+        if sleep.poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let message = format!("request did not complete within {:?}", this.timeout);
+        Poll::Ready(Ok(if *this.grpc {
+            tonic::Status::new(Code::DeadlineExceeded, message).into_http()
+        } else {
+            Error::new(Code::DeadlineExceeded, "REQUEST_TIMEOUT", message).to_http_response()
+        }))
     }
 }

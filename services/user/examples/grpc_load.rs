@@ -7,8 +7,7 @@
 //! cargo run --release -p shop-user --example grpc_load -- 127.0.0.1:8082 USER_ID 32 4 10
 //! ```
 
-#[path = "support/load.rs"]
-mod load;
+use trellis_testkit::load;
 
 use std::time::{Duration, Instant};
 

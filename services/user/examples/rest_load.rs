@@ -8,8 +8,7 @@
 //! cargo run --release -p shop-user --example rest_load -- 127.0.0.1:8082 USER_ID 32 4 10 h2c
 //! ```
 
-#[path = "support/load.rs"]
-mod load;
+use trellis_testkit::load;
 
 use std::time::{Duration, Instant};
 

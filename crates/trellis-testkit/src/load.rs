@@ -1,5 +1,6 @@
-//! What the closed-loop load generators share: gathering the callers'
-//! latencies and printing the one summary line the bench scripts parse.
+//! What the closed-loop load generators of the bench scripts share:
+//! gathering the callers' latencies and printing the one summary line the
+//! scripts parse.
 
 use std::time::Instant;
 
