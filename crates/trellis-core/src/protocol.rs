@@ -16,6 +16,16 @@ use std::{
 use http::{HeaderMap, StatusCode};
 use tonic::Code;
 
+/// `grpc-status`, as a header name known in advance (a lookup by string
+/// parses the name on every call).
+pub const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+/// `grpc-timeout`.
+pub const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+/// W3C `traceparent`.
+pub const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+/// W3C `baggage`.
+pub const BAGGAGE: http::HeaderName = http::HeaderName::from_static("baggage");
+
 /// Whether a request (or response) is gRPC, by its content type
 /// (`application/grpc`, `application/grpc+proto`, `application/grpc-web`...).
 pub fn is_grpc(headers: &HeaderMap) -> bool {
@@ -28,7 +38,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 /// there is none; a value that is not a code (0 to 16) reads as UNKNOWN, as
 /// the gRPC spec says a client must treat it.
 pub fn grpc_status(headers: &HeaderMap) -> Option<Code> {
-    let value = headers.get("grpc-status")?;
+    let value = headers.get(GRPC_STATUS)?;
     Some(
         std::str::from_utf8(value.as_bytes())
             .ok()

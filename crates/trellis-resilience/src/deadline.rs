@@ -99,7 +99,7 @@ where
                 // A deadline the caller set on the request itself also counts.
                 let set = req
                     .headers()
-                    .get("grpc-timeout")
+                    .get(trellis_core::protocol::GRPC_TIMEOUT)
                     .and_then(|v| deadline::parse_grpc_timeout(v.as_bytes()));
                 (
                     "grpc-timeout",

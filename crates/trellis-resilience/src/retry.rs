@@ -180,7 +180,11 @@ fn retryable<B>(
         // channel surfaces connect failures here.
         Err(_) => Some(None),
         Ok(response) => {
-            match response.headers().get("grpc-status").map(|v| v.as_bytes()) {
+            match response
+                .headers()
+                .get(trellis_core::protocol::GRPC_STATUS)
+                .map(|v| v.as_bytes())
+            {
                 Some(b"14") => return Some(None),
                 Some(b"8") => {
                     // Only when the server says when (gRPC retry design).

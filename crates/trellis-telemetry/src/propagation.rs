@@ -34,7 +34,8 @@ pub fn inject(cx: &Context, headers: &mut HeaderMap) {
 
 /// Whether the headers carry anything to extract.
 pub(crate) fn carries_context(headers: &HeaderMap) -> bool {
-    headers.contains_key("traceparent") || headers.contains_key("baggage")
+    use trellis_core::protocol::{BAGGAGE, TRACEPARENT};
+    headers.contains_key(TRACEPARENT) || headers.contains_key(BAGGAGE)
 }
 
 struct HeaderExtractor<'a>(&'a HeaderMap);

@@ -260,7 +260,7 @@ fn status_of<RB, E>(grpc: bool, result: &Result<Response<RB>, E>) -> u16 {
 /// body is counted as the headers say, OK.
 pub(crate) fn grpc_code<RB>(r: &Response<RB>) -> &str {
     r.headers()
-        .get("grpc-status")
+        .get(trellis_core::protocol::GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("0")
 }
@@ -288,7 +288,7 @@ fn record_outcome<RB, E>(
         let (code, message) = match result {
             Ok(r) => (
                 r.headers()
-                    .get("grpc-status")
+                    .get(trellis_core::protocol::GRPC_STATUS)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("0"),
                 r.headers()

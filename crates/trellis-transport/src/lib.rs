@@ -51,6 +51,6 @@ pub use client::{ClientConfig, connect, connect_lazy};
 pub use config::{Limits, ServerConfig};
 pub use error::TransportError;
 pub use health::probe_router;
-pub use server::{GrpcHttpServer, GrpcHttpServerBuilder, Inner};
+pub use server::{GrpcHttpServer, GrpcHttpServerBuilder, GrpcRoute, RouteService};
 pub use steer::is_grpc;
 pub use timeout::{RequestTimeout, ServerTimeout, ServerTimeoutLayer, TimeoutFuture};

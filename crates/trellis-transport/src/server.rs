@@ -38,14 +38,44 @@ pub struct GrpcHttpServerBuilder<L = Identity> {
     rest: Option<trellis_transcode::TranscodeOptions>,
 }
 
-/// What the user's layers ([`GrpcHttpServerBuilder::layer`]) wrap: one
-/// route's service — for gRPC with validation, the request timeout and the
-/// message limit already around it; for HTTP, the route itself.
-pub type Inner = tower::util::BoxCloneSyncService<
-    http::Request<axum::body::Body>,
-    http::Response<axum::body::Body>,
-    Infallible,
+/// What the user's layers ([`GrpcHttpServerBuilder::layer`]) wrap on a
+/// gRPC route: the service with validation (when the protos have rules),
+/// the request timeout and the message limit around it. (On an HTTP route
+/// they wrap the axum [`Route`] itself.)
+pub type GrpcRoute = tower::util::Either<
+    trellis_transcode::validate::Validate<
+        crate::ServerTimeout<trellis_transcode::framing::MessageLimit<Route>>,
+    >,
+    crate::ServerTimeout<trellis_transcode::framing::MessageLimit<Route>>,
 >;
+
+/// What an axum route accepts as its service (the bounds of
+/// `Router::route_layer`), for the services the user's layers make.
+pub trait RouteService:
+    tower::Service<
+        http::Request<axum::body::Body>,
+        Error = Infallible,
+        Response: IntoResponse + 'static,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> RouteService for T where
+    T: tower::Service<
+            http::Request<axum::body::Body>,
+            Error = Infallible,
+            Response: IntoResponse + 'static,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
 
 impl<L> GrpcHttpServerBuilder<L> {
     /// Adds a generated tonic service (e.g. `UserServiceServer::new(svc)`).
@@ -123,15 +153,9 @@ impl<L> GrpcHttpServerBuilder<L> {
     /// anything starts.
     pub async fn bind(self) -> Result<GrpcHttpServer, TransportError>
     where
-        L: tower::Layer<Inner> + Clone + Send + Sync + 'static,
-        L::Service: tower::Service<http::Request<axum::body::Body>, Error = Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        <L::Service as tower::Service<http::Request<axum::body::Body>>>::Response:
-            IntoResponse + 'static,
-        <L::Service as tower::Service<http::Request<axum::body::Body>>>::Future: Send + 'static,
+        L: tower::Layer<GrpcRoute> + tower::Layer<Route> + Clone + Send + Sync + 'static,
+        <L as tower::Layer<GrpcRoute>>::Service: RouteService,
+        <L as tower::Layer<Route>>::Service: RouteService,
     {
         let (probes, probes_rx) = watch::channel(State::Starting);
         let closed = CancellationToken::new();
@@ -215,7 +239,8 @@ impl<L> GrpcHttpServerBuilder<L> {
             let router = std::mem::take(user_grpc.axum_router_mut());
             *user_grpc.axum_router_mut() =
                 router.route_layer(tower::layer::layer_fn(move |route: Route| {
-                    stack.layer(Inner::new(inner.service(route)))
+                    let route: GrpcRoute = inner.service(route);
+                    tower::Layer::<GrpcRoute>::layer(&stack, route)
                 }));
         }
         // The HTTP routes: the route is known before any layer runs, so
@@ -228,7 +253,7 @@ impl<L> GrpcHttpServerBuilder<L> {
                 ServiceBuilder::new()
                     .option_layer(route_match.clone())
                     .layer(axum::middleware::map_request(name_axum_route))
-                    .service(stack.layer(Inner::new(route)))
+                    .service(tower::Layer::<Route>::layer(&stack, route))
             }));
         }
         let grpc_routes = Arc::new(grpc_routes(&self.descriptor_sets, &self.service_names));

@@ -89,7 +89,7 @@ pub struct ServerTimeout<S> {
 fn callers_timeout(headers: &http::HeaderMap, grpc: bool) -> Option<Duration> {
     if grpc {
         headers
-            .get("grpc-timeout")
+            .get(protocol::GRPC_TIMEOUT)
             .and_then(|v| deadline::parse_grpc_timeout(v.as_bytes()))
     } else {
         headers
