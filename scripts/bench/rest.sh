@@ -35,7 +35,7 @@ measure() {
   echo "$label $out server_cpu_us_per_req=$(( (after - before) * 1000000 / tick / (reqs > 0 ? reqs : 1) ))"
 }
 wait_port 19102
-id=$(curl -s -XPOST 127.0.0.1:19102/v1/users -d '{"email":"bench@example.com","displayName":"Bench"}' | sed -E 's/.*"id":"([^"]+)".*/\1/')
+id=$(curl -s -XPOST 127.0.0.1:19102/v1/users -H 'content-type: application/json' -d '{"email":"bench@example.com","displayName":"Bench"}' | sed -E 's/.*"id":"([^"]+)".*/\1/')
 
 echo "GetUser, ${CONC} callers, ${SECS}s per run, ${ROUNDS} rounds (user $id)"
 for _ in $(seq "$ROUNDS"); do

@@ -49,6 +49,7 @@
 
 pub mod annotations;
 pub mod framing;
+mod json;
 mod openapi;
 mod request;
 mod response;

@@ -7,11 +7,12 @@ use prost_reflect::{DynamicMessage, ReflectMessage, SerializeOptions};
 use tower::BoxError;
 use trellis_core::Error;
 
-use crate::{Body, TranscodeOptions, framing::FrameDecoder, service::Route};
+use crate::{Body, TranscodeOptions, framing::FrameDecoder, json::Plans, service::Route};
 
 /// The JSON answer to a unary call.
 pub(crate) async fn unary<B>(
     options: &TranscodeOptions,
+    plans: &Plans,
     route: &Route,
     response: Response<B>,
 ) -> Result<Response<Body>, Error>
@@ -38,15 +39,32 @@ where
     let message = frames
         .next_message()?
         .ok_or_else(|| Error::internal("the gRPC response carried no message"))?;
-    let output = DynamicMessage::decode(route.rpc.output(), message)
-        .map_err(|e| Error::internal(e.to_string()))?;
-    let json = to_json(options, route, &output)?;
+    let json = message_json(options, plans, route, &message)?;
     let mut answer = Response::new(crate::full(Bytes::from(json)));
     answer.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
     Ok(answer)
+}
+
+/// A response message's wire bytes as JSON: written straight from the wire
+/// when it can be ([`crate::json`]), else decoded and serialized.
+pub(crate) fn message_json(
+    options: &TranscodeOptions,
+    plans: &Plans,
+    route: &Route,
+    message: &[u8],
+) -> Result<Vec<u8>, Error> {
+    if options.emit_defaults && route.response_body.is_none() {
+        let mut out = Vec::with_capacity(64 + message.len() * 2);
+        if plans.write(route.output_plan, message, &mut out).is_ok() {
+            return Ok(out);
+        }
+    }
+    let output = DynamicMessage::decode(route.rpc.output(), message)
+        .map_err(|e| Error::internal(e.to_string()))?;
+    to_json(options, route, &output)
 }
 
 /// A response message as JSON (one field of it, with `response_body`).

@@ -24,7 +24,7 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 use trellis_core::{Code, Error, RouteTemplate, excerpt};
 
 use crate::{
-    Body, UpstreamBody, annotations, framing, full,
+    Body, UpstreamBody, annotations, framing, full, json,
     request::{self, field_path, is_scalar_wkt},
     response,
     routes::{Lookup, RouteTable},
@@ -104,6 +104,8 @@ pub(crate) struct Route {
     pub(crate) rpc: MethodDescriptor,
     /// `/package.Service/Method`, the gRPC request path.
     pub(crate) grpc_path: http::uri::PathAndQuery,
+    /// The response type's plan in [`json::Plans`].
+    pub(crate) output_plan: usize,
 }
 
 /// A route, as [`Transcoder::bindings`] lists it.
@@ -129,7 +131,7 @@ pub struct Transcoder {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     /// Every annotated route, and every method as `POST /package.Service/Method`.
     table: RouteTable<Arc<Route>>,
     /// The annotated routes alone, most specific first (for listings).
@@ -137,6 +139,8 @@ struct Inner {
     pool: DescriptorPool,
     options: TranscodeOptions,
     validator: Option<Validator>,
+    /// The response types, compiled for writing JSON from the wire.
+    json: Arc<json::Plans>,
 }
 
 impl std::fmt::Debug for Transcoder {
@@ -167,6 +171,7 @@ impl Transcoder {
         }
         let mut table = RouteTable::new();
         let mut annotated = Vec::new();
+        let mut plans = json::Plans::default();
         for name in services {
             let service = pool
                 .get_service_by_name(name)
@@ -182,6 +187,7 @@ impl Transcoder {
                     .map_err(|e: http::uri::InvalidUri| rule_error(e.to_string()))?;
                 let template =
                     PathTemplate::parse(&by_name).map_err(|e| rule_error(e.to_string()))?;
+                let output_plan = plans.add(&rpc.output());
                 let fallback = Route {
                     method: Method::POST,
                     template: template.clone(),
@@ -189,12 +195,13 @@ impl Transcoder {
                     response_body: None,
                     rpc: rpc.clone(),
                     grpc_path: grpc_path.clone(),
+                    output_plan,
                 };
                 table
                     .insert(Method::POST, template, Arc::new(fallback))
                     .map_err(|e| rule_error(e.to_string()))?;
                 for binding in annotations::http_bindings(&rpc).map_err(rule_error)? {
-                    let route = Arc::new(route(&rpc, binding, grpc_path.clone())?);
+                    let route = Arc::new(route(&rpc, binding, grpc_path.clone(), output_plan)?);
                     table
                         .insert(route.method.clone(), route.template.clone(), route.clone())
                         .map_err(|e| rule_error(e.to_string()))?;
@@ -218,6 +225,7 @@ impl Transcoder {
                 pool,
                 options,
                 validator,
+                json: Arc::new(plans),
             }),
         })
     }
@@ -296,6 +304,7 @@ fn route(
     rpc: &MethodDescriptor,
     binding: annotations::HttpBinding,
     grpc_path: http::uri::PathAndQuery,
+    output_plan: usize,
 ) -> Result<Route, TranscodeError> {
     let err = |message: String| TranscodeError::Rule {
         method: rpc.full_name().to_owned(),
@@ -339,6 +348,7 @@ fn route(
         response_body,
         rpc: rpc.clone(),
         grpc_path,
+        output_plan,
     })
 }
 
@@ -604,8 +614,14 @@ where
         Error::unavailable(format!("the gRPC service failed: {e}"))
     })?;
     match stream_format {
-        Some(format) => Ok(stream::respond(&inner.options, route, response, format)),
-        None => response::unary(&inner.options, &route, response).await,
+        Some(format) => Ok(stream::respond(
+            &inner.options,
+            inner.json.clone(),
+            route,
+            response,
+            format,
+        )),
+        None => response::unary(&inner.options, &inner.json, &route, response).await,
     }
 }
 

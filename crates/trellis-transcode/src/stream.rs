@@ -7,14 +7,14 @@ use std::{convert::Infallible, sync::Arc};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Response, header};
-use prost_reflect::DynamicMessage;
 use tower::BoxError;
 use trellis_core::Error;
 
 use crate::{
     Body, TranscodeOptions,
     framing::FrameDecoder,
-    response::{check_status, error_json, to_json},
+    json::Plans,
+    response::{check_status, error_json, message_json},
     service::Route,
 };
 
@@ -75,6 +75,7 @@ type State<B> = (std::pin::Pin<Box<B>>, FrameDecoder, bool);
 /// Streams the gRPC answer as events.
 pub(crate) fn respond<B>(
     options: &TranscodeOptions,
+    plans: Arc<Plans>,
     route: Arc<Route>,
     response: Response<B>,
     format: StreamFormat,
@@ -90,7 +91,7 @@ where
     let options = options.clone();
     let state: State<B> = (Box::pin(body), FrameDecoder::new(usize::MAX), false);
     let events = futures_util::stream::unfold(state, move |(mut body, mut frames, done)| {
-        let (route, options) = (route.clone(), options.clone());
+        let (route, options, plans) = (route.clone(), options.clone(), plans.clone());
         async move {
             if done {
                 return None;
@@ -105,9 +106,7 @@ where
                 // A whole message buffered: send it.
                 match frames.next_message() {
                     Ok(Some(message)) => {
-                        let event = DynamicMessage::decode(route.rpc.output(), message)
-                            .map_err(|e| Error::internal(e.to_string()))
-                            .and_then(|m| to_json(&options, &route, &m));
+                        let event = message_json(&options, &plans, &route, &message);
                         return match event {
                             Ok(json) => {
                                 Some((Ok(format.event(&json, false)), (body, frames, false)))
