@@ -37,14 +37,42 @@ pub fn remaining() -> Option<Duration> {
 
 /// Formats a timeout as a `grpc-timeout` header value (at most 8 digits).
 pub fn grpc_timeout_value(timeout: Duration) -> String {
+    let (buf, len) = grpc_timeout_ascii(timeout);
+    String::from_utf8_lossy(&buf[..len]).into_owned()
+}
+
+/// [`grpc_timeout_value`] as a header value, formatted without allocating
+/// a string first (it is set on every call that has a deadline).
+pub fn grpc_timeout_header(timeout: Duration) -> http::HeaderValue {
+    let (buf, len) = grpc_timeout_ascii(timeout);
+    // Digits and a unit letter: always a valid header value.
+    http::HeaderValue::from_bytes(&buf[..len]).unwrap_or(http::HeaderValue::from_static("0n"))
+}
+
+/// Up to 8 digits and the unit, in a buffer.
+fn grpc_timeout_ascii(timeout: Duration) -> ([u8; 9], usize) {
     let micros = timeout.as_micros();
-    if micros < 100_000_000 {
-        format!("{micros}u")
+    let (n, unit) = if micros < 100_000_000 {
+        (micros as u64, b'u')
     } else if timeout.as_millis() < 100_000_000 {
-        format!("{}m", timeout.as_millis())
+        (timeout.as_millis() as u64, b'm')
     } else {
-        format!("{}S", timeout.as_secs().min(99_999_999))
+        (timeout.as_secs().min(99_999_999), b'S')
+    };
+    let mut digits = [0u8; 9];
+    let mut len = 0;
+    let mut v = n;
+    loop {
+        digits[len] = b'0' + (v % 10) as u8;
+        len += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
     }
+    digits[..len].reverse();
+    digits[len] = unit;
+    (digits, len + 1)
 }
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H M S m u n).
@@ -133,6 +161,11 @@ mod tests {
     #[test]
     fn formats_grpc_timeouts_within_8_digits() {
         assert_eq!(grpc_timeout_value(Duration::from_millis(250)), "250000u");
+        assert_eq!(grpc_timeout_value(Duration::ZERO), "0u");
+        assert_eq!(
+            grpc_timeout_header(Duration::from_micros(99_999_999)),
+            "99999999u"
+        );
         assert_eq!(grpc_timeout_value(Duration::from_secs(200)), "200000m");
         assert_eq!(grpc_timeout_value(Duration::from_secs(200_000)), "200000S");
     }

@@ -95,24 +95,20 @@ where
                     )) as BoxError)
                 });
             }
-            let (name, value) = if crate::reject::is_grpc(req.headers()) {
+            if crate::reject::is_grpc(req.headers()) {
                 // A deadline the caller set on the request itself also counts.
                 let set = req
                     .headers()
                     .get(trellis_core::protocol::GRPC_TIMEOUT)
                     .and_then(|v| deadline::parse_grpc_timeout(v.as_bytes()));
-                (
-                    "grpc-timeout",
-                    deadline::grpc_timeout_value(min_opt(Some(budget), set).unwrap_or(budget)),
-                )
-            } else {
-                (
-                    deadline::HTTP_TIMEOUT_HEADER,
-                    budget.as_millis().max(1).to_string(),
-                )
-            };
-            if let Ok(value) = HeaderValue::from_str(&value) {
-                req.headers_mut().insert(name, value);
+                let value =
+                    deadline::grpc_timeout_header(min_opt(Some(budget), set).unwrap_or(budget));
+                req.headers_mut()
+                    .insert(trellis_core::protocol::GRPC_TIMEOUT, value);
+            } else if let Ok(value) = HeaderValue::from_str(&budget.as_millis().max(1).to_string())
+            {
+                req.headers_mut()
+                    .insert(deadline::HTTP_TIMEOUT_HEADER, value);
             }
         }
         let started = tokio::time::Instant::now();

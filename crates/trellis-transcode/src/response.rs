@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, header};
 use prost_reflect::{DynamicMessage, ReflectMessage, SerializeOptions};
 use tower::BoxError;
-use trellis_core::Error;
+use trellis_core::{Error, protocol::GRPC_STATUS};
 
 use crate::{Body, TranscodeOptions, framing::FrameDecoder, json::Plans, service::Route};
 
@@ -28,7 +28,7 @@ where
     })?;
     if let Some(trailers) = collected.trailers() {
         check_status(trailers)?;
-    } else if parts.headers.get("grpc-status").is_none() {
+    } else if parts.headers.get(GRPC_STATUS).is_none() {
         return Err(Error::internal("the gRPC response ended without a status"));
     }
     // The answer was produced by a service within its own limits; what
@@ -100,7 +100,7 @@ pub(crate) fn to_json(
 
 /// A gRPC status in these headers, as an error (`Ok` for OK or none).
 pub(crate) fn check_status(headers: &HeaderMap) -> Result<(), Error> {
-    match headers.get("grpc-status") {
+    match headers.get(GRPC_STATUS) {
         None => Ok(()),
         Some(v) if v == "0" => Ok(()),
         Some(_) => Err(tonic::Status::from_header_map(headers)

@@ -30,7 +30,12 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::{collections::HashMap, fmt, sync::Arc};
+use std::{
+    collections::HashMap,
+    fmt,
+    hash::{BuildHasherDefault, Hasher},
+    sync::Arc,
+};
 
 use http::Method;
 
@@ -51,7 +56,9 @@ struct Entry<T> {
 
 #[derive(Default)]
 struct Node {
-    literal: HashMap<Box<str>, Node>,
+    /// Hashed with FNV-1a: the keys are the configured literals, which a
+    /// request cannot add to, so a fast hash costs no flooding risk.
+    literal: HashMap<Box<str>, Node, BuildHasherDefault<Fnv>>,
     one: Option<Box<Node>>,
     /// Templates ending here.
     end: Vec<usize>,
@@ -152,16 +159,6 @@ impl<T> RouteTable<T> {
         template: PathTemplate,
         value: T,
     ) -> Result<(), DuplicateRoute> {
-        if self
-            .entries
-            .iter()
-            .any(|e| e.method == method && e.template.same_shape(&template))
-        {
-            return Err(DuplicateRoute {
-                method,
-                template: template.source().to_owned(),
-            });
-        }
         let index = self.entries.len();
         let mut node = &mut self.root;
         for seg in &template.segs {
@@ -171,11 +168,24 @@ impl<T> RouteTable<T> {
                 Seg::Rest => break,
             };
         }
-        if template.segs.last() == Some(&Seg::Rest) {
-            node.rest.push(index);
+        let ending = if template.segs.last() == Some(&Seg::Rest) {
+            &mut node.rest
         } else {
-            node.end.push(index);
+            &mut node.end
+        };
+        // Templates of the same shape end on the same node: the duplicate
+        // check looks there only, so adding n routes is not O(n²).
+        let entries = &self.entries;
+        if ending
+            .iter()
+            .any(|&i| entries[i].method == method && entries[i].template.same_shape(&template))
+        {
+            return Err(DuplicateRoute {
+                method,
+                template: template.source().to_owned(),
+            });
         }
+        ending.push(index);
         self.entries.push(Entry {
             method,
             label: template.source().into(),
@@ -191,39 +201,39 @@ impl<T> RouteTable<T> {
         let Some(rest) = path.strip_prefix('/') else {
             return Lookup::NotFound;
         };
-        let parts: Vec<&str> = if rest.is_empty() {
-            Vec::new()
+        // Up to 16 segments on the stack; longer paths allocate.
+        let mut inline = [""; 16];
+        let spilled: Vec<&str>;
+        let parts: &[&str] = if rest.is_empty() {
+            &[]
         } else {
-            rest.split('/').collect()
+            let mut n = 0;
+            let mut over = false;
+            for part in rest.split('/') {
+                if n == inline.len() {
+                    over = true;
+                    break;
+                }
+                inline[n] = part;
+                n += 1;
+            }
+            if over {
+                spilled = rest.split('/').collect();
+                &spilled
+            } else {
+                &inline[..n]
+            }
         };
         // Templates without a verb match the path as it is; templates with
-        // one match it with the last segment's `:verb` taken off.
-        let mut candidates: Vec<(usize, bool)> = Vec::new();
+        // one match it with the last segment's `:verb` taken off. The most
+        // specific for this method wins; between equals, the first added.
         let mut found = Vec::new();
-        self.root.walk(&parts, 0, &mut found);
-        candidates.extend(
-            found
-                .drain(..)
-                .filter(|i| self.entries[*i].template.verb.is_none())
-                .map(|i| (i, false)),
-        );
-        let mut verb_parts = Vec::new();
-        if let Some((head, verb)) = parts.last().and_then(|last| last.rsplit_once(':')) {
-            verb_parts.extend_from_slice(&parts[..parts.len() - 1]);
-            verb_parts.push(head);
-            self.root.walk(&verb_parts, 0, &mut found);
-            candidates.extend(
-                found
-                    .drain(..)
-                    .filter(|i| self.entries[*i].template.verb.as_deref() == Some(verb))
-                    .map(|i| (i, true)),
-            );
-        }
-        // The most specific for this method; between equals, the first added.
         let mut best: Option<(usize, bool)> = None;
-        for &(i, with_verb) in &candidates {
+        let mut any = false;
+        let mut consider = |i: usize, with_verb: bool, best: &mut Option<(usize, bool)>| {
+            any = true;
             if self.entries[i].method != *method {
-                continue;
+                return;
             }
             let better = best.is_none_or(|(b, _)| {
                 let (new, old) = (&self.entries[i].template, &self.entries[b].template);
@@ -231,13 +241,32 @@ impl<T> RouteTable<T> {
                     || (new.specificity() == old.specificity() && i < b)
             });
             if better {
-                best = Some((i, with_verb));
+                *best = Some((i, with_verb));
+            }
+        };
+        self.root.walk(parts, 0, &mut found);
+        for &i in &found {
+            if self.entries[i].template.verb.is_none() {
+                consider(i, false, &mut best);
+            }
+        }
+        let mut verb_parts = Vec::new();
+        let verb = parts.last().and_then(|last| last.rsplit_once(':'));
+        if let Some((head, verb)) = verb {
+            verb_parts.extend_from_slice(&parts[..parts.len() - 1]);
+            verb_parts.push(head);
+            found.clear();
+            self.root.walk(&verb_parts, 0, &mut found);
+            for &i in &found {
+                if self.entries[i].template.verb.as_deref() == Some(verb) {
+                    consider(i, true, &mut best);
+                }
             }
         }
         match best {
             Some((index, with_verb)) => {
                 let entry = &self.entries[index];
-                let bound = if with_verb { &verb_parts } else { &parts };
+                let bound = if with_verb { &verb_parts[..] } else { parts };
                 match entry.template.bind(bound) {
                     Ok(vars) => Lookup::Found(Found {
                         value: &entry.value,
@@ -247,17 +276,56 @@ impl<T> RouteTable<T> {
                     Err(why) => Lookup::BadPath(why),
                 }
             }
-            None if candidates.is_empty() => Lookup::NotFound,
+            None if !any => Lookup::NotFound,
             None => {
+                // The path matched under other methods: name them (the
+                // uncommon case, so it walks again rather than keep a list).
                 let mut allowed: Vec<Method> = Vec::new();
-                for (i, _) in &candidates {
-                    let m = &self.entries[*i].method;
+                let mut add = |i: usize| {
+                    let m = &self.entries[i].method;
                     if !allowed.contains(m) {
                         allowed.push(m.clone());
+                    }
+                };
+                found.clear();
+                self.root.walk(parts, 0, &mut found);
+                for &i in &found {
+                    if self.entries[i].template.verb.is_none() {
+                        add(i);
+                    }
+                }
+                if let Some((_, verb)) = verb {
+                    found.clear();
+                    self.root.walk(&verb_parts, 0, &mut found);
+                    for &i in &found {
+                        if self.entries[i].template.verb.as_deref() == Some(verb) {
+                            add(i);
+                        }
                     }
                 }
                 Lookup::MethodNotAllowed(allowed)
             }
+        }
+    }
+}
+
+/// FNV-1a, for the short path segments of the literal maps.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
     }
 }

@@ -18,7 +18,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MethodDescriptor};
 use tower::{BoxError, Layer, Service, ServiceExt};
 use trellis_core::{Code, Error, RouteTemplate, excerpt};
@@ -106,6 +106,91 @@ pub(crate) struct Route {
     pub(crate) grpc_path: http::uri::PathAndQuery,
     /// The response type's plan in [`json::Plans`].
     pub(crate) output_plan: usize,
+    /// How a request with no body and no query is written straight to the
+    /// wire, when the route allows it.
+    pub(crate) direct: Option<DirectRequest>,
+}
+
+/// A request message written straight on the wire, for routes whose path
+/// variables are all top-level string fields (`GET /v1/users/{id}`) and
+/// whose message has no rule but `REQUIRED`: with no body and no query the
+/// message is those strings, and building a `DynamicMessage` to encode
+/// them (and to check them) is most of the request's cost.
+#[derive(Debug, Clone)]
+pub(crate) struct DirectRequest {
+    /// (index among the path variables, field number), by field number.
+    fields: Vec<(usize, u32)>,
+    /// The `REQUIRED` fields' numbers: all must be bound and non-empty.
+    required: Vec<u32>,
+}
+
+impl DirectRequest {
+    fn new(
+        template: &PathTemplate,
+        input: &prost_reflect::MessageDescriptor,
+        validator: Option<&Validator>,
+    ) -> Option<DirectRequest> {
+        let mut fields = Vec::new();
+        for (i, path) in template.fields().enumerate() {
+            let field = input.get_field_by_name(path)?;
+            if path.contains('.')
+                || field.is_list()
+                || field.is_map()
+                || field.kind() != Kind::String
+            {
+                return None;
+            }
+            fields.push((i, field.number()));
+        }
+        fields.sort_by_key(|(_, number)| *number);
+        let required = match validator {
+            Some(v) if v.applies_to(input) => v
+                .presence_only(input)?
+                .into_iter()
+                .map(|(number, _, _)| number)
+                .collect(),
+            _ => Vec::new(),
+        };
+        Some(DirectRequest { fields, required })
+    }
+
+    /// The framed request, or `None` when a required field is missing (the
+    /// general path then reports it).
+    fn encode(&self, vars: &PathVars) -> Option<Bytes> {
+        use prost::encoding::{encode_varint, encoded_len_varint};
+        let value = |i: usize| vars.get(i).map(|(_, v)| v.as_str()).unwrap_or("");
+        for number in &self.required {
+            let bound = self
+                .fields
+                .iter()
+                .any(|(i, n)| n == number && !value(*i).is_empty());
+            if !bound {
+                return None;
+            }
+        }
+        // An empty string is the default, which proto3 does not encode.
+        let key = |number: u32| u64::from(number << 3 | 2);
+        let len: usize = self
+            .fields
+            .iter()
+            .map(|(i, n)| (value(*i), *n))
+            .filter(|(v, _)| !v.is_empty())
+            .map(|(v, n)| encoded_len_varint(key(n)) + encoded_len_varint(v.len() as u64) + v.len())
+            .sum();
+        let mut out = bytes::BytesMut::with_capacity(framing::HEADER_LEN + len);
+        out.extend_from_slice(&[0]);
+        out.extend_from_slice(&u32::try_from(len).ok()?.to_be_bytes());
+        for (i, n) in &self.fields {
+            let v = value(*i);
+            if v.is_empty() {
+                continue;
+            }
+            encode_varint(key(*n), &mut out);
+            encode_varint(v.len() as u64, &mut out);
+            out.extend_from_slice(v.as_bytes());
+        }
+        Some(out.freeze())
+    }
 }
 
 /// A route, as [`Transcoder::bindings`] lists it.
@@ -169,6 +254,14 @@ impl Transcoder {
             pool.decode_file_descriptor_set(*set)
                 .map_err(|e| TranscodeError::Descriptors(e.to_string()))?;
         }
+        let validator = if options.validate {
+            Some(Validator::new(&pool).map_err(|e| TranscodeError::Rule {
+                method: e.field,
+                message: e.message,
+            })?)
+        } else {
+            None
+        };
         let mut table = RouteTable::new();
         let mut annotated = Vec::new();
         let mut plans = json::Plans::default();
@@ -189,6 +282,7 @@ impl Transcoder {
                     PathTemplate::parse(&by_name).map_err(|e| rule_error(e.to_string()))?;
                 let output_plan = plans.add(&rpc.output());
                 let fallback = Route {
+                    direct: DirectRequest::new(&template, &rpc.input(), validator.as_ref()),
                     method: Method::POST,
                     template: template.clone(),
                     body: BodyRule::Whole,
@@ -201,7 +295,13 @@ impl Transcoder {
                     .insert(Method::POST, template, Arc::new(fallback))
                     .map_err(|e| rule_error(e.to_string()))?;
                 for binding in annotations::http_bindings(&rpc).map_err(rule_error)? {
-                    let route = Arc::new(route(&rpc, binding, grpc_path.clone(), output_plan)?);
+                    let route = Arc::new(route(
+                        &rpc,
+                        binding,
+                        grpc_path.clone(),
+                        output_plan,
+                        validator.as_ref(),
+                    )?);
                     table
                         .insert(route.method.clone(), route.template.clone(), route.clone())
                         .map_err(|e| rule_error(e.to_string()))?;
@@ -210,14 +310,6 @@ impl Transcoder {
             }
         }
         annotated.sort_by_key(|r| std::cmp::Reverse(r.template.specificity()));
-        let validator = if options.validate {
-            Some(Validator::new(&pool).map_err(|e| TranscodeError::Rule {
-                method: e.field,
-                message: e.message,
-            })?)
-        } else {
-            None
-        };
         Ok(Transcoder {
             inner: Arc::new(Inner {
                 table,
@@ -305,6 +397,7 @@ fn route(
     binding: annotations::HttpBinding,
     grpc_path: http::uri::PathAndQuery,
     output_plan: usize,
+    validator: Option<&Validator>,
 ) -> Result<Route, TranscodeError> {
     let err = |message: String| TranscodeError::Rule {
         method: rpc.full_name().to_owned(),
@@ -341,11 +434,13 @@ fn route(
             ))
         })?),
     };
+    let direct = DirectRequest::new(&template, &input, validator);
     Ok(Route {
         method: binding.method,
         template,
         body,
         response_body,
+        direct,
         rpc: rpc.clone(),
         grpc_path,
         output_plan,
@@ -585,10 +680,21 @@ where
             .map_err(|e| e.with_http_status(StatusCode::UNSUPPORTED_MEDIA_TYPE))?;
     }
     let query = parts.uri.query().unwrap_or("");
-    let message = request::request_message(&inner.options, &route, &matched.vars, query, &body)?;
-    if let Some(validator) = &inner.validator {
-        validator.check(&message)?;
-    }
+    let direct = match &route.direct {
+        Some(direct) if query.is_empty() && body.is_empty() => direct.encode(&matched.vars),
+        _ => None,
+    };
+    let payload = match direct {
+        Some(payload) => payload,
+        None => {
+            let message =
+                request::request_message(&inner.options, &route, &matched.vars, query, &body)?;
+            if let Some(validator) = &inner.validator {
+                validator.check(&message)?;
+            }
+            framing::encode(&message)
+        }
+    };
 
     // A real gRPC request: the caller's headers (auth, trace context,
     // baggage) become metadata; its extensions (peer address) carry over.
@@ -603,12 +709,13 @@ where
     parts
         .headers
         .insert(header::TE, HeaderValue::from_static("trailers"));
-    if let Some(left) = trellis_core::deadline::remaining()
-        && let Ok(v) = HeaderValue::from_str(&trellis_core::deadline::grpc_timeout_value(left))
-    {
-        parts.headers.insert("grpc-timeout", v);
+    if let Some(left) = trellis_core::deadline::remaining() {
+        parts.headers.insert(
+            trellis_core::protocol::GRPC_TIMEOUT,
+            trellis_core::deadline::grpc_timeout_header(left),
+        );
     }
-    let request = Request::from_parts(parts, http_body_util::Full::new(framing::encode(&message)));
+    let request = Request::from_parts(parts, http_body_util::Full::new(payload));
     let response = grpc.oneshot(request).await.map_err(|e| {
         let e: BoxError = e.into();
         Error::unavailable(format!("the gRPC service failed: {e}"))
@@ -642,8 +749,10 @@ fn strip_hop_headers(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
 }
 
 /// The RPCs of a pool's services by gRPC path, for code that needs to know
@@ -656,4 +765,99 @@ pub fn grpc_methods(pool: &DescriptorPool) -> HashMap<String, MethodDescriptor> 
         }
     }
     methods
+}
+
+#[cfg(test)]
+mod tests {
+    //! The direct request path against the general one: the same bytes for
+    //! every value a path variable can carry, and the general path (with
+    //! its error) whenever a required field is missing.
+
+    use prost_reflect::DescriptorPool;
+
+    use super::*;
+
+    fn pool() -> DescriptorPool {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut compiler =
+            protox::Compiler::new([root.join("tests/proto"), root.join("../../proto")])
+                .expect("include paths");
+        compiler
+            .include_imports(true)
+            .open_files(["conformance/v1/mirror.proto"])
+            .expect("mirror.proto compiles");
+        DescriptorPool::decode(compiler.encode_file_descriptor_set().as_slice())
+            .expect("descriptor set decodes")
+    }
+
+    fn route(pool: &DescriptorPool, method: &str, template: &str) -> Route {
+        let rpc = pool
+            .get_service_by_name("conformance.v1.Mirror")
+            .and_then(|s| s.methods().find(|m| m.name() == method))
+            .expect("method");
+        let template = PathTemplate::parse(template).expect("template");
+        let validator = Validator::new(pool).expect("rules");
+        Route {
+            method: Method::GET,
+            direct: DirectRequest::new(&template, &rpc.input(), Some(&validator)),
+            template,
+            body: BodyRule::None,
+            response_body: None,
+            grpc_path: "/conformance.v1.Mirror/Get".parse().expect("path"),
+            rpc,
+            output_plan: 0,
+        }
+    }
+
+    #[test]
+    fn a_direct_request_is_the_message_the_general_path_builds() {
+        let pool = pool();
+        let route = route(&pool, "Get", "/v1/things/{id}/{name}");
+        let direct = route.direct.as_ref().expect("two string fields: direct");
+        let options = TranscodeOptions::default();
+        for (id, name) in [
+            ("42", "n"),
+            ("", "only-name"),
+            ("ünïcödé ✓", ""),
+            ("a/b%2Fc", "x".repeat(300).as_str()),
+        ] {
+            let vars: PathVars = vec![
+                ("id".into(), id.to_owned()),
+                ("name".into(), name.to_owned()),
+            ];
+            let general = request::request_message(&options, &route, &vars, "", b"")
+                .map(|m| framing::encode(&m))
+                .expect("general path");
+            assert_eq!(
+                direct.encode(&vars),
+                Some(general),
+                "id {id:?}, name {name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_required_field_takes_the_general_path() {
+        let pool = pool();
+        // `Ref.id` is REQUIRED; `Ref.parent` too, and no path binds it.
+        let route = route(&pool, "Lookup", "/v1/refs/{id}");
+        let direct = route
+            .direct
+            .as_ref()
+            .expect("REQUIRED is the only rule: checked on the direct path");
+        let vars: PathVars = vec![("id".into(), "7".to_owned())];
+        assert_eq!(
+            direct.encode(&vars),
+            None,
+            "a request without its required parent must be checked the general way"
+        );
+        // Not a top-level string, or rules beyond REQUIRED: no direct path.
+        let nested = super::tests::route(&pool, "Update", "/v1/things/{nested.key}");
+        assert!(nested.direct.is_none());
+        let order = super::tests::route(&pool, "Place", "/v1/orders/{sku}");
+        assert!(
+            order.direct.is_none(),
+            "Order.sku has length and pattern rules"
+        );
+    }
 }

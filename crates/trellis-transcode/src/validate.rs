@@ -134,7 +134,10 @@ impl Validator {
     /// For a message whose only rules are top-level `REQUIRED` fields: their
     /// numbers, names and whether they are messages (present when sent at
     /// all) — checkable on the wire without decoding. `None` otherwise.
-    fn presence_only(&self, message: &MessageDescriptor) -> Option<Vec<(u32, String, bool)>> {
+    pub(crate) fn presence_only(
+        &self,
+        message: &MessageDescriptor,
+    ) -> Option<Vec<(u32, String, bool)>> {
         let checks = self.checks.get(message.full_name())?;
         if checks.iter().any(|c| !c.rules.is_empty() || !c.required) {
             return None;

@@ -213,7 +213,10 @@ impl<L> GrpcHttpServerBuilder<L> {
             let rest = ServiceBuilder::new()
                 .layer(ServerTimeoutLayer::new(timeout.clone()))
                 .map_response(IntoResponse::into_response)
-                .service(transcoder.service(raw_grpc.prepare().into_axum_router()));
+                .service(transcoder.service(tower::ServiceExt::map_request(
+                    raw_grpc.prepare().into_axum_router(),
+                    forget_matched_path,
+                )));
             user_http = user_http
                 .route(
                     "/openapi.json",
@@ -252,7 +255,7 @@ impl<L> GrpcHttpServerBuilder<L> {
             user_http = user_http.route_layer(tower::layer::layer_fn(move |route: Route| {
                 ServiceBuilder::new()
                     .option_layer(route_match.clone())
-                    .layer(axum::middleware::map_request(name_axum_route))
+                    .map_request(name_axum_route)
                     .service(tower::Layer::<Route>::layer(&stack, route))
             }));
         }
@@ -322,16 +325,25 @@ impl<L> GrpcHttpServerBuilder<L> {
 }
 
 /// Names an axum route by its path pattern (`/users/{id}`), unless a router
-/// before it named the request already.
-async fn name_axum_route(
-    mut req: http::Request<axum::body::Body>,
-) -> http::Request<axum::body::Body> {
+/// before it named the request already. (A plain function, not an axum
+/// middleware: nothing is boxed per request.)
+fn name_axum_route(mut req: http::Request<axum::body::Body>) -> http::Request<axum::body::Body> {
     if req.extensions().get::<RouteTemplate>().is_none()
         && let Some(path) = req.extensions().get::<axum::extract::MatchedPath>()
     {
         let template = RouteTemplate(path.as_str().into());
         req.extensions_mut().insert(template);
     }
+    req
+}
+
+/// The REST face's own route (`/{*path}`) is not the gRPC route's parent:
+/// without this the gRPC router would join the two into a nested path (an
+/// allocation per request, and a wrong name).
+fn forget_matched_path(
+    mut req: http::Request<trellis_transcode::UpstreamBody>,
+) -> http::Request<trellis_transcode::UpstreamBody> {
+    req.extensions_mut().remove::<axum::extract::MatchedPath>();
     req
 }
 
