@@ -56,6 +56,9 @@ struct MessagePlan {
     /// The message has extension ranges: a field the plan does not know
     /// may be an extension, which `prost-reflect` writes.
     extensible: bool,
+    /// The JSON of this message with every field at its default: what
+    /// the output is at least, so the buffer is sized once.
+    least: usize,
 }
 
 /// Field numbers below this are found by indexing, above by binary search.
@@ -144,6 +147,7 @@ impl Plans {
             fields: Vec::new(),
             direct: Vec::new(),
             extensible: message.extension_ranges().len() > 0,
+            least: 2,
         });
         if special != Special::None {
             return index;
@@ -160,10 +164,22 @@ impl Plans {
                 direct[f.number as usize] = u16::try_from(i + 1).unwrap_or(0);
             }
         }
+        let least = 2 + fields
+            .iter()
+            .map(|f| f.key.len() + 1 + f.default.as_ref().map_or(0, |d| d.len()))
+            .sum::<usize>();
         let plan = &mut self.plans[index];
         plan.fields = fields;
         plan.direct = direct;
+        plan.least = least;
         index
+    }
+
+    /// A buffer size for the JSON of `wire`, a message of type `plan`:
+    /// its defaults, plus twice the wire bytes (quotes, escapes, keys of
+    /// nested messages).
+    pub(crate) fn capacity(&self, plan: usize, wire: &[u8]) -> usize {
+        self.plans.get(plan).map_or(64, |p| p.least) + 2 * wire.len()
     }
 
     fn field(&mut self, field: &FieldDescriptor) -> FieldPlan {

@@ -8,7 +8,9 @@
 //! variables, the body and the query string (the proto3 JSON mapping,
 //! through `prost-reflect`), checks it against the proto's rules, calls the
 //! gRPC service with a real gRPC request, and answers with the response
-//! message as JSON, or the error in Trellis' error model. Server-streaming
+//! message as JSON — written straight from the wire bytes by a plan
+//! compiled per response type, byte for byte what `prost-reflect` writes —
+//! or the error in Trellis' error model. Server-streaming
 //! methods answer as Server-Sent Events (or newline-delimited JSON when the
 //! client accepts `application/x-ndjson`). Every method is also reachable at
 //! `POST /{package.Service}/{Method}` with the request message as the body.

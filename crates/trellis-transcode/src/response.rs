@@ -57,7 +57,7 @@ pub(crate) fn message_json(
     message: &[u8],
 ) -> Result<Vec<u8>, Error> {
     if options.emit_defaults && route.response_body.is_none() {
-        let mut out = Vec::with_capacity(64 + message.len() * 2);
+        let mut out = Vec::with_capacity(plans.capacity(route.output_plan, message));
         if plans.write(route.output_plan, message, &mut out).is_ok() {
             return Ok(out);
         }
