@@ -309,6 +309,66 @@ impl<T> RouteTable<T> {
     }
 }
 
+impl<T> RouteTable<T> {
+    /// Every route for `method` whose template matches `path`, most
+    /// specific first (between equals, the first added), each with its
+    /// variables — for a router that filters further (hosts, headers) and
+    /// falls through to the next candidate. A candidate whose bound segment
+    /// does not decode is left out.
+    pub fn lookup_all(&self, method: &Method, path: &str) -> Vec<Found<'_, T>> {
+        let Some(rest) = path.strip_prefix('/') else {
+            return Vec::new();
+        };
+        let parts: Vec<&str> = if rest.is_empty() {
+            Vec::new()
+        } else {
+            rest.split('/').collect()
+        };
+        let mut found = Vec::new();
+        self.root.walk(&parts, 0, &mut found);
+        let mut matched: Vec<(usize, bool)> = found
+            .iter()
+            .filter(|&&i| self.entries[i].template.verb.is_none())
+            .map(|&i| (i, false))
+            .collect();
+        let mut verb_parts = Vec::new();
+        if let Some((head, verb)) = parts.last().and_then(|last| last.rsplit_once(':')) {
+            verb_parts.extend_from_slice(&parts[..parts.len() - 1]);
+            verb_parts.push(head);
+            found.clear();
+            self.root.walk(&verb_parts, 0, &mut found);
+            matched.extend(
+                found
+                    .iter()
+                    .filter(|&&i| self.entries[i].template.verb.as_deref() == Some(verb))
+                    .map(|&i| (i, true)),
+            );
+        }
+        matched.retain(|&(i, _)| self.entries[i].method == *method);
+        matched.sort_by(|&(a, _), &(b, _)| {
+            let (ta, tb) = (&self.entries[a].template, &self.entries[b].template);
+            tb.specificity().cmp(&ta.specificity()).then(a.cmp(&b))
+        });
+        matched.dedup_by_key(|(i, _)| *i);
+        matched
+            .into_iter()
+            .filter_map(|(i, with_verb)| {
+                let entry = &self.entries[i];
+                let bound = if with_verb {
+                    &verb_parts[..]
+                } else {
+                    &parts[..]
+                };
+                entry.template.bind(bound).ok().map(|vars| Found {
+                    value: &entry.value,
+                    template: &entry.label,
+                    vars,
+                })
+            })
+            .collect()
+    }
+}
+
 /// FNV-1a, for the short path segments of the literal maps.
 struct Fnv(u64);
 
@@ -372,6 +432,25 @@ mod tests {
             Lookup::Found(f) => Some((*f.value, f.vars.into_iter().map(|(_, v)| v).collect())),
             _ => None,
         }
+    }
+
+    #[test]
+    fn lookup_all_lists_every_match_most_specific_first() {
+        let t = table(&[
+            ("GET", "/v1/{rest=**}"),
+            ("GET", "/v1/users/{id}"),
+            ("GET", "/v1/users/me"),
+            ("POST", "/v1/users/me"),
+            ("GET", "/v2/{rest=**}"),
+        ]);
+        let all: Vec<usize> = t
+            .lookup_all(&Method::GET, "/v1/users/me")
+            .iter()
+            .map(|f| *f.value)
+            .collect();
+        assert_eq!(all, [2, 1, 0]);
+        assert!(t.lookup_all(&Method::DELETE, "/v1/users/me").is_empty());
+        assert!(t.lookup_all(&Method::GET, "/v3/x").is_empty());
     }
 
     #[test]

@@ -1,0 +1,269 @@
+//! The gateway's configuration: upstreams and routes, as a
+//! `trellis-config` document (TOML, YAML or JSON; files, environment,
+//! etcd). Routes and upstreams are maps keyed by name, so a layer can
+//! change one route, and an error names the route and the field
+//! (`routes.users.path: ...`).
+//!
+//! ```toml
+//! [upstreams.user]
+//! discover = "user"                    # a service in the registry
+//!
+//! [upstreams.legacy]
+//! targets = [{ url = "http://127.0.0.1:9000", weight = 3 }, { url = "http://127.0.0.1:9001" }]
+//!
+//! [routes.users]
+//! prefix = "/v1/users"
+//! upstream = "user"
+//!
+//! [routes.legacy]
+//! hosts = ["legacy.example.com"]
+//! prefix = "/"
+//! strip_prefix = "/old"
+//! split = [{ upstream = "legacy", weight = 90 }, { upstream = "user", weight = 10 }]
+//! ```
+//!
+//! [`GatewayConfig::validate`] compiles the whole document — templates,
+//! header names, URLs, splits — so a change that would not compile is
+//! rejected by the config store with the route and field named, and the
+//! last good routes stay in force.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use http::{HeaderName, HeaderValue, Method};
+use serde::{Deserialize, Serialize};
+use trellis_config::{Invalid, Validate};
+
+/// The whole gateway document.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Where requests go, by name.
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Which requests go where, by name.
+    pub routes: BTreeMap<String, RouteConfig>,
+    /// Settings for every route.
+    pub defaults: Defaults,
+}
+
+/// Settings every route has unless it says otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Defaults {
+    /// The time from sending the request to the upstream's response head
+    /// (504 past it). Streams may run longer once the head has arrived.
+    #[serde(with = "trellis_config::duration")]
+    pub timeout: Duration,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An upstream: a discovered service or static targets.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// A service name followed in the registry (`--registry`).
+    pub discover: Option<String>,
+    /// Which of a discovered instance's endpoints to call: `http`
+    /// (default) or `grpc`.
+    pub endpoint: Option<String>,
+    /// Static targets: `http://host:port`, with weights.
+    pub targets: Vec<Target>,
+    /// Speak HTTP/2 without TLS (prior knowledge) to the upstream, as gRPC
+    /// servers expect. Default: HTTP/1.1 (and gRPC requests are sent over
+    /// HTTP/2 whatever this says).
+    pub h2c: bool,
+    /// How endpoints are picked: `p2c_ewma` (default for discovered
+    /// services), `weighted_round_robin` (default for targets),
+    /// `round_robin`, `least_request`, `random`, or a header name to hash
+    /// on (consistent hashing).
+    pub balance: Option<String>,
+}
+
+/// A static upstream target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// `http://host:port`.
+    pub url: String,
+    /// Relative weight, 1..=10000. Default: 1.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A route: what it matches, where it goes, and what changes on the way.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Host names (`api.example.com`, or `*.example.com` for any
+    /// subdomain); empty: any host.
+    pub hosts: Vec<String>,
+    /// The path, exactly.
+    pub path: Option<String>,
+    /// A path prefix, on segment boundaries: `/v1/users` matches
+    /// `/v1/users` and `/v1/users/7`, not `/v1/usersx`.
+    pub prefix: Option<String>,
+    /// A path template with variables (`/v1/users/{id}`, `/v1/{name=shelves/*}`).
+    pub template: Option<String>,
+    /// Methods; empty: any.
+    pub methods: Vec<String>,
+    /// Request headers that must be present with these values.
+    pub headers: BTreeMap<String, String>,
+    /// Query parameters that must be present with these values.
+    pub query: BTreeMap<String, String>,
+    /// Higher wins among routes that match; equal priorities go to the
+    /// more specific path, then the name. Default: 0.
+    pub priority: i32,
+    /// The upstream (or use `split`).
+    pub upstream: Option<String>,
+    /// A weighted split between upstreams (canaries).
+    pub split: Vec<SplitConfig>,
+    /// Taken off the front of the path before it is sent upstream.
+    pub strip_prefix: Option<String>,
+    /// Put in front of the (stripped) path.
+    pub add_prefix: Option<String>,
+    /// Send the client's `Host` rather than the upstream's.
+    pub preserve_host: bool,
+    /// Changes to the request's headers.
+    pub request_headers: HeaderRules,
+    /// Changes to the response's headers.
+    pub response_headers: HeaderRules,
+    /// Overrides `defaults.timeout`.
+    #[serde(with = "trellis_config::duration::option")]
+    pub timeout: Option<Duration>,
+}
+
+/// One side of a weighted split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitConfig {
+    /// The upstream.
+    pub upstream: String,
+    /// Relative weight, 0..=10000 (0 sends nothing).
+    pub weight: u32,
+}
+
+/// Header changes, applied in the order: remove, set, add.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeaderRules {
+    /// Headers taken out.
+    pub remove: Vec<String>,
+    /// Headers set, replacing any value.
+    pub set: BTreeMap<String, String>,
+    /// Headers added next to any value already there.
+    pub add: BTreeMap<String, String>,
+}
+
+/// The largest number of routes (and of upstreams) a document may hold.
+pub const MAX_ROUTES: usize = 100_000;
+
+impl Validate for GatewayConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.routes.len() > MAX_ROUTES || self.upstreams.len() > MAX_ROUTES {
+            return Err(Invalid::new(
+                "routes",
+                format!("at most {MAX_ROUTES} routes and {MAX_ROUTES} upstreams"),
+            ));
+        }
+        for (name, upstream) in &self.upstreams {
+            upstream.check(name)?;
+        }
+        // Compiling is the check: whatever would fail to build fails here,
+        // naming the route and field.
+        crate::table::Table::compile(self).map(drop)
+    }
+}
+
+impl UpstreamConfig {
+    fn check(&self, name: &str) -> Result<(), Invalid> {
+        let key = |field: &str| format!("upstreams.{name}.{field}");
+        match (&self.discover, self.targets.is_empty()) {
+            (Some(_), false) => {
+                return Err(Invalid::new(
+                    key("targets"),
+                    "an upstream is either discovered or has targets, not both",
+                ));
+            }
+            (None, true) => {
+                return Err(Invalid::new(
+                    key("targets"),
+                    "name a service to `discover` or give `targets`",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(endpoint) = &self.endpoint
+            && endpoint != "http"
+            && endpoint != "grpc"
+        {
+            return Err(Invalid::new(key("endpoint"), "must be http or grpc"));
+        }
+        for (i, target) in self.targets.iter().enumerate() {
+            parse_target(&target.url)
+                .map_err(|e| Invalid::new(key(&format!("targets.{i}.url")), e))?;
+            if !(1..=10_000).contains(&target.weight) {
+                return Err(Invalid::new(
+                    key(&format!("targets.{i}.weight")),
+                    "must be 1..=10000",
+                ));
+            }
+        }
+        if let Some(balance) = &self.balance {
+            crate::upstream::policy(balance).map_err(|e| Invalid::new(key("balance"), e))?;
+        }
+        Ok(())
+    }
+}
+
+/// `http://host:port` → (scheme, authority); paths, queries and other
+/// schemes are refused.
+pub(crate) fn parse_target(url: &str) -> Result<http::uri::Authority, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!(
+            "{url}: only http:// targets (TLS upstreams come later)"
+        ));
+    }
+    if uri
+        .path_and_query()
+        .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+    {
+        return Err(format!(
+            "{url}: a target is scheme://host:port, without a path"
+        ));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{url}: no host"))?;
+    if authority.port_u16().is_none() {
+        return Err(format!("{url}: give the port"));
+    }
+    Ok(authority)
+}
+
+/// A header name from config, or why not.
+pub(crate) fn header_name(text: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(text.as_bytes()).map_err(|_| format!("{text:?} is not a header name"))
+}
+
+/// A header value from config, or why not.
+pub(crate) fn header_value(text: &str) -> Result<HeaderValue, String> {
+    HeaderValue::from_str(text).map_err(|_| format!("{text:?} is not a valid header value"))
+}
+
+/// A method from config, or why not.
+pub(crate) fn method(text: &str) -> Result<Method, String> {
+    Method::from_bytes(text.to_ascii_uppercase().as_bytes())
+        .map_err(|_| format!("{text:?} is not an HTTP method"))
+}

@@ -1,0 +1,253 @@
+//! The API gateway: routes from a configuration document, reloaded live,
+//! in front of discovered services and static upstreams.
+//!
+//! It is composed from the platform's parts, not copies of them: the
+//! serving core (`trellis_transport::serve`: accept loop, HTTP/1.1 + h2c,
+//! limits, drain), the transcoder's route trie (`trellis_transcode::RouteTable`),
+//! the generic balancer (`trellis_balance::Balanced`, with outlier
+//! ejection) over one shared HTTP client, the config store
+//! (`trellis_config::Config`: files or etcd, validated as a whole before it
+//! is published, the last good document kept) and RED metrics
+//! (`trellis_telemetry::red`, labelled by route name).
+//!
+//! A reload builds a new table and swaps it atomically: requests in flight
+//! finish on the table they started with, kept-alive connections stay
+//! open, and upstreams whose settings did not change keep their pools.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use trellis_config::Config;
+//! use trellis_gateway::{Gateway, GatewayConfig};
+//!
+//! let config = Config::<GatewayConfig>::builder().file("gateway.toml").build().await?;
+//! let gateway = Gateway::new(config, None).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! let stop = tokio_util::sync::CancellationToken::new();
+//! gateway
+//!     .serve(listener, &Default::default(), trellis_core::Drain::new(stop, Duration::from_secs(10)))
+//!     .await;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod config;
+mod proxy;
+mod table;
+mod upstream;
+
+use std::{
+    cell::Cell,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+use trellis_config::{Config, Snapshot};
+use trellis_core::Drain;
+use trellis_registry::ServiceRegistry;
+use trellis_telemetry::{Red, RedLayer};
+use trellis_transport::Limits;
+
+pub use config::GatewayConfig;
+pub use proxy::{Body, Proxy};
+
+use table::Table;
+use upstream::{Clients, Upstreams};
+
+/// Why the gateway could not start or apply a document.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    /// The document does not compile (the message names the key).
+    #[error("{0}")]
+    Config(String),
+    /// A discovered upstream could not be followed.
+    #[error("registry: {0}")]
+    Registry(String),
+}
+
+/// A document compiled and running: the table and the upstreams it names.
+pub(crate) struct State {
+    pub(crate) table: Table,
+    pub(crate) upstreams: Upstreams,
+    /// The config version it came from.
+    version: String,
+}
+
+/// What every connection's [`Proxy`] shares.
+pub(crate) struct Shared {
+    pub(crate) state: ArcSwap<State>,
+    seed: AtomicU64,
+    /// The config version in force, published after each swap.
+    applied: tokio::sync::watch::Sender<String>,
+}
+
+impl Shared {
+    /// A uniform random number for weighted splits (a per-thread
+    /// xorshift: no shared state on the request path).
+    pub(crate) fn random(&self) -> u32 {
+        thread_local! {
+            static STATE: Cell<u64> = const { Cell::new(0) };
+        }
+        STATE.with(|s| {
+            let mut x = s.get();
+            if x == 0 {
+                // Seeded once per thread, distinct per thread.
+                x = self
+                    .seed
+                    .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
+                    | 1;
+            }
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            s.set(x);
+            (x >> 32) as u32
+        })
+    }
+}
+
+/// The running gateway. Cheap to clone.
+#[derive(Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+    red: RedLayer,
+}
+
+impl Gateway {
+    /// Compiles the current document and follows the store: each new
+    /// (already validated) version is built and swapped in. A version
+    /// whose upstreams cannot be built (a registry that refuses) is
+    /// rejected and counted (`gateway_reloads_total{result="rejected"}`);
+    /// the running table stays.
+    pub async fn new(
+        config: Config<GatewayConfig>,
+        registry: Option<Arc<dyn ServiceRegistry>>,
+    ) -> Result<Gateway, GatewayError> {
+        describe_metrics();
+        let clients = Clients::new();
+        let mut rx = config.subscribe();
+        let first = rx.borrow_and_update().clone();
+        let state = build(&first, None, &clients, registry.as_ref()).await?;
+        metrics::gauge!("gateway_routes").set(state.table.len() as f64);
+        info!(routes = state.table.len(), version = %state.version, "gateway routes loaded");
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let (applied, _) = tokio::sync::watch::channel(state.version.clone());
+        let shared = Arc::new(Shared {
+            state: ArcSwap::from_pointee(state),
+            seed: AtomicU64::new(seed | 1),
+            applied,
+        });
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            // The store lives as long as this task follows it.
+            let _config = config;
+            while rx.changed().await.is_ok() {
+                let Some(shared) = weak.upgrade() else { return };
+                let snapshot = rx.borrow_and_update().clone();
+                let previous = shared.state.load_full();
+                match build(
+                    &snapshot,
+                    Some(&previous.upstreams),
+                    &clients,
+                    registry.as_ref(),
+                )
+                .await
+                {
+                    Ok(state) => {
+                        let routes = state.table.len();
+                        let version = state.version.clone();
+                        shared.state.store(Arc::new(state));
+                        shared.applied.send_replace(version);
+                        metrics::gauge!("gateway_routes").set(routes as f64);
+                        metrics::counter!("gateway_reloads_total", "result" => "applied")
+                            .increment(1);
+                        info!(routes, version = %snapshot.version, "gateway routes reloaded");
+                    }
+                    Err(e) => {
+                        metrics::counter!("gateway_reloads_total", "result" => "rejected")
+                            .increment(1);
+                        warn!(error = %e, version = %snapshot.version, "gateway routes rejected; the running ones stay");
+                    }
+                }
+            }
+        });
+        Ok(Gateway {
+            shared,
+            red: RedLayer::new(),
+        })
+    }
+
+    /// The service for one client connection from `peer`: RED metrics by
+    /// route name around the proxy.
+    pub fn service(&self, peer: Option<SocketAddr>) -> Red<Proxy> {
+        tower::Layer::layer(
+            &self.red,
+            Proxy {
+                shared: self.shared.clone(),
+                peer,
+            },
+        )
+    }
+
+    /// The number of routes in force.
+    pub fn routes(&self) -> usize {
+        self.shared.state.load().table.len()
+    }
+
+    /// The config version of the routes in force.
+    pub fn version(&self) -> String {
+        self.shared.state.load().version.clone()
+    }
+
+    /// The config version in force, as it changes: a new value once a
+    /// reload has been swapped in (for admin views and tests).
+    pub fn applied(&self) -> tokio::sync::watch::Receiver<String> {
+        self.shared.applied.subscribe()
+    }
+
+    /// Serves on `listener` with the serving core until `drain` starts.
+    pub async fn serve(&self, listener: TcpListener, limits: &Limits, drain: Drain) {
+        let gateway = self.clone();
+        trellis_transport::serve::serve(
+            listener,
+            move |peer| gateway.service(Some(peer)),
+            limits,
+            drain,
+        )
+        .await;
+    }
+}
+
+async fn build(
+    snapshot: &Snapshot<GatewayConfig>,
+    previous: Option<&Upstreams>,
+    clients: &Clients,
+    registry: Option<&Arc<dyn ServiceRegistry>>,
+) -> Result<State, GatewayError> {
+    let config = &snapshot.config;
+    let table = Table::compile(config)
+        .map_err(|e| GatewayError::Config(format!("{}: {}", e.key, e.message)))?;
+    let upstreams = Upstreams::build(&config.upstreams, previous, clients, registry).await?;
+    Ok(State {
+        table,
+        upstreams,
+        version: snapshot.version.clone(),
+    })
+}
+
+fn describe_metrics() {
+    metrics::describe_counter!(
+        "gateway_reloads_total",
+        "Gateway route documents applied or rejected after validation"
+    );
+    metrics::describe_gauge!("gateway_routes", "Gateway routes in force");
+}

@@ -1,0 +1,292 @@
+//! The proxy: one request through the live table to an upstream and back,
+//! bodies streamed both ways (never buffered), trailers kept (gRPC).
+//!
+//! On the way up: hop-by-hop headers go (RFC 9110 §7.6.1: `Connection` and
+//! what it names, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`,
+//! `Upgrade`, `TE` except `trailers`), `X-Forwarded-For`/`-Proto`/`-Host`
+//! are set, the route's prefix rules and header rules apply, `Host` becomes
+//! the upstream's unless the route preserves it. On the way down: hop-by-hop
+//! headers go and the route's response rules apply. Failures answer in the
+//! error model — JSON for HTTP, a gRPC status for gRPC: no route 404, no
+//! endpoint 503, a connection refused or broken 502, no response head
+//! within the route's timeout 504.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use tower::{BoxError, Service, ServiceExt};
+use trellis_core::{Code, Error, RouteTemplate, protocol::is_grpc};
+
+use crate::{Shared, State};
+
+/// The body of the gateway's responses: the upstream's, streamed, or an
+/// error of its own.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-connection");
+
+/// The gateway as a tower service for one client connection.
+#[derive(Clone)]
+pub struct Proxy {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) peer: Option<SocketAddr>,
+}
+
+impl Service<Request<Incoming>> for Proxy {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        // The table in force when the request arrived serves it to the end,
+        // whatever reload happens meanwhile.
+        let state = self.shared.state.load_full();
+        let peer = self.peer;
+        let random = self.shared.random();
+        Box::pin(async move {
+            let grpc = is_grpc(req.headers());
+            Ok(match forward(&state, peer, random, req).await {
+                Ok(response) => response,
+                Err((error, route)) => {
+                    let mut response = if grpc {
+                        tonic::Status::from(error).into_http::<Body>()
+                    } else {
+                        error.to_http_response::<Bytes>().map(full)
+                    };
+                    if let Some(route) = route {
+                        response.extensions_mut().insert(RouteTemplate(route));
+                    }
+                    response
+                }
+            })
+        })
+    }
+}
+
+type Failure = (Error, Option<Arc<str>>);
+
+async fn forward(
+    state: &State,
+    peer: Option<SocketAddr>,
+    random: u32,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Failure> {
+    let (mut parts, body) = req.into_parts();
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    let Some(matched) = state.table.find(
+        host.as_deref(),
+        &parts.method,
+        parts.uri.path(),
+        &parts.headers,
+        parts.uri.query(),
+    ) else {
+        return Err((
+            Error::not_found(
+                "ROUTE_NOT_FOUND",
+                format!(
+                    "no route for {} {}",
+                    parts.method,
+                    trellis_core::excerpt(parts.uri.path())
+                ),
+            ),
+            None,
+        ));
+    };
+    let route = matched.route;
+    let name = route.name.clone();
+    let fail = |e: Error| (e, Some(name.clone()));
+    let upstream_name = route.targets.pick(random);
+    let upstream = state.upstreams.get(upstream_name).ok_or_else(|| {
+        fail(Error::unavailable(format!(
+            "upstream {upstream_name} is not running"
+        )))
+    })?;
+
+    // The path the upstream sees.
+    let path = parts.uri.path();
+    let mut new_path = match &route.strip_prefix {
+        Some(prefix) if path == prefix || path.starts_with(&format!("{prefix}/")) => {
+            let rest = &path[prefix.len()..];
+            if rest.is_empty() {
+                "/".to_owned()
+            } else {
+                rest.to_owned()
+            }
+        }
+        _ => path.to_owned(),
+    };
+    if let Some(prefix) = &route.add_prefix {
+        new_path = if new_path == "/" {
+            prefix.clone()
+        } else {
+            format!("{prefix}{new_path}")
+        };
+    }
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{new_path}?{q}"),
+        None => new_path,
+    };
+    parts.uri = path_and_query
+        .parse::<http::Uri>()
+        .map_err(|e| fail(Error::invalid_argument("path", e.to_string())))?;
+
+    // Headers.
+    let client_host = host.clone();
+    strip_hop_by_hop(&mut parts.headers, true);
+    if let Some(peer) = peer {
+        let ip = peer.ip().to_string();
+        let forwarded = match parts
+            .headers
+            .get(X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(earlier) => format!("{earlier}, {ip}"),
+            None => ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&forwarded) {
+            parts.headers.insert(X_FORWARDED_FOR, v);
+        }
+    }
+    parts
+        .headers
+        .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(h) = client_host
+        .as_deref()
+        .and_then(|h| HeaderValue::from_str(h).ok())
+    {
+        parts.headers.insert(X_FORWARDED_HOST, h.clone());
+        if route.preserve_host {
+            parts.headers.insert(header::HOST, h);
+        } else {
+            parts.headers.remove(header::HOST);
+        }
+    }
+    if !route.request_headers.is_empty() {
+        route.request_headers.apply(&mut parts.headers);
+    }
+
+    let request = Request::from_parts(parts, body);
+    let call = upstream.pool.clone().oneshot(request);
+    let response = match tokio::time::timeout(route.timeout, call).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => return Err(fail(upstream_error(upstream_name, e))),
+        Err(_) => {
+            return Err(fail(
+                Error::new(
+                    Code::DeadlineExceeded,
+                    "UPSTREAM_TIMEOUT",
+                    format!(
+                        "upstream {upstream_name} sent no response within {:?}",
+                        route.timeout
+                    ),
+                )
+                .with_http_status(StatusCode::GATEWAY_TIMEOUT),
+            ));
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    if !route.response_headers.is_empty() {
+        route.response_headers.apply(&mut parts.headers);
+    }
+    parts.extensions.insert(RouteTemplate(name));
+    Ok(Response::from_parts(
+        parts,
+        UnsyncBoxBody::new(body.map_err(BoxError::from)),
+    ))
+}
+
+/// A failed upstream call as the error model: no endpoint is 503, a
+/// connection that failed is 502.
+fn upstream_error(upstream: &str, error: BoxError) -> Error {
+    // The balancer reports "no endpoints" as UNAVAILABLE.
+    if let Some(status) = error.downcast_ref::<tonic::Status>()
+        && status.message().starts_with("no endpoints")
+    {
+        return Error::unavailable(format!("upstream {upstream} has no endpoints"));
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+    let mut text = String::new();
+    while let Some(e) = source {
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    Error::new(
+        Code::Unavailable,
+        "UPSTREAM_FAILED",
+        format!("upstream {upstream}: {}", trellis_core::excerpt(&text)),
+    )
+    .with_http_status(StatusCode::BAD_GATEWAY)
+}
+
+/// Takes out the headers that belong to one hop (RFC 9110 §7.6.1). A
+/// request keeps `TE: trailers`, which gRPC needs end to end.
+fn strip_hop_by_hop(headers: &mut HeaderMap, request: bool) {
+    let named: Vec<http::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::TRAILER,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
+    let trailers = request
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+    headers.remove(header::TE);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn full(bytes: Bytes) -> Body {
+    UnsyncBoxBody::new(Full::new(bytes).map_err(|never| match never {}))
+}

@@ -1,0 +1,476 @@
+//! The compiled route table: the document's routes indexed by host and by
+//! path in the transcoder's [`RouteTable`] (a segment trie — no linear
+//! scan), each candidate then filtered by its header and query matchers.
+//!
+//! Order: hosts first — an exact host's routes, then wildcard hosts
+//! (`*.example.com`, the longest suffix first), then routes for any host;
+//! within them the highest `priority`, then the most specific path (more
+//! literal segments; exact before template before prefix), then the name.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use trellis_config::Invalid;
+use trellis_transcode::{PathTemplate, PathVars, RouteTable};
+
+use crate::config::{GatewayConfig, HeaderRules, RouteConfig, header_name, header_value, method};
+
+/// Methods a route without `methods` answers. (CONNECT and TRACE are never
+/// proxied.)
+const ANY_METHOD: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::PATCH,
+    Method::OPTIONS,
+];
+
+/// The routes, compiled. Immutable; a reload builds a new one.
+pub(crate) struct Table {
+    routes: Vec<Route>,
+    exact_hosts: HashMap<String, RouteTable<Vec<usize>>>,
+    /// (suffix with its dot, `.example.com`; table), longest first.
+    wildcard_hosts: Vec<(String, RouteTable<Vec<usize>>)>,
+    any_host: RouteTable<Vec<usize>>,
+}
+
+/// One compiled route.
+pub(crate) struct Route {
+    /// Its name in the document: a bounded label for metrics.
+    pub(crate) name: Arc<str>,
+    priority: i32,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    query: Vec<(String, String)>,
+    /// Where it goes.
+    pub(crate) targets: Targets,
+    pub(crate) strip_prefix: Option<String>,
+    pub(crate) add_prefix: Option<String>,
+    pub(crate) preserve_host: bool,
+    pub(crate) request_headers: Rules,
+    pub(crate) response_headers: Rules,
+    pub(crate) timeout: Duration,
+}
+
+/// A route's upstream, or a weighted split between several.
+pub(crate) enum Targets {
+    One(Arc<str>),
+    Split {
+        /// (upstream, cumulative weight).
+        choices: Vec<(Arc<str>, u32)>,
+        total: u32,
+    },
+}
+
+impl Targets {
+    /// The upstream for a request, given a uniform random number.
+    pub(crate) fn pick(&self, random: u32) -> &Arc<str> {
+        match self {
+            Targets::One(name) => name,
+            Targets::Split { choices, total } => {
+                let at = random % (*total).max(1);
+                choices
+                    .iter()
+                    .find(|(_, upto)| at < *upto)
+                    .or(choices.last())
+                    .map(|(name, _)| name)
+                    .unwrap_or_else(|| &choices[0].0)
+            }
+        }
+    }
+}
+
+/// Compiled header changes.
+#[derive(Default)]
+pub(crate) struct Rules {
+    remove: Vec<HeaderName>,
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Rules {
+    fn compile(rules: &HeaderRules, key: &dyn Fn(&str) -> String) -> Result<Rules, Invalid> {
+        let name =
+            |field: &str, text: &str| header_name(text).map_err(|e| Invalid::new(key(field), e));
+        let value =
+            |field: &str, text: &str| header_value(text).map_err(|e| Invalid::new(key(field), e));
+        let mut out = Rules::default();
+        for h in &rules.remove {
+            out.remove.push(name("remove", h)?);
+        }
+        for (h, v) in &rules.set {
+            out.set
+                .push((name("set", h)?, value(&format!("set.{h}"), v)?));
+        }
+        for (h, v) in &rules.add {
+            out.add
+                .push((name("add", h)?, value(&format!("add.{h}"), v)?));
+        }
+        Ok(out)
+    }
+
+    /// Applies the changes: remove, then set, then add.
+    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+}
+
+/// A route a request matched, with the variables its path bound.
+pub(crate) struct Matched<'a> {
+    pub(crate) route: &'a Route,
+    #[allow(dead_code)]
+    pub(crate) vars: PathVars,
+}
+
+impl Table {
+    /// Compiles `config`; an error names the route (or upstream) and field.
+    pub(crate) fn compile(config: &GatewayConfig) -> Result<Table, Invalid> {
+        let mut routes = Vec::with_capacity(config.routes.len());
+        // (host key, method, template source) → routes, in name order.
+        let mut keys: HashMap<(HostKey, Method, String), (PathTemplate, Vec<usize>)> =
+            HashMap::new();
+        for (index, (name, route)) in config.routes.iter().enumerate() {
+            let key = |field: &str| format!("routes.{name}.{field}");
+            let template =
+                path_template(route).map_err(|(field, e)| Invalid::new(key(field), e))?;
+            let methods = if route.methods.is_empty() {
+                ANY_METHOD.to_vec()
+            } else {
+                route
+                    .methods
+                    .iter()
+                    .map(|m| method(m).map_err(|e| Invalid::new(key("methods"), e)))
+                    .collect::<Result<_, _>>()?
+            };
+            let hosts = if route.hosts.is_empty() {
+                vec![HostKey::Any]
+            } else {
+                route
+                    .hosts
+                    .iter()
+                    .map(|h| host_key(h).map_err(|e| Invalid::new(key("hosts"), e)))
+                    .collect::<Result<_, _>>()?
+            };
+            for host in &hosts {
+                for m in &methods {
+                    keys.entry((host.clone(), m.clone(), template.source().to_owned()))
+                        .or_insert_with(|| (template.clone(), Vec::new()))
+                        .1
+                        .push(index);
+                }
+            }
+            routes.push(compile_route(config, name, route)?);
+        }
+        let mut table = Table {
+            routes,
+            exact_hosts: HashMap::new(),
+            wildcard_hosts: Vec::new(),
+            any_host: RouteTable::new(),
+        };
+        let mut wildcards: HashMap<String, RouteTable<Vec<usize>>> = HashMap::new();
+        for ((host, method, _), (template, indexes)) in keys {
+            let first = indexes.first().copied().unwrap_or(0);
+            let target = match host {
+                HostKey::Any => &mut table.any_host,
+                HostKey::Exact(h) => table.exact_hosts.entry(h).or_default(),
+                HostKey::Suffix(s) => wildcards.entry(s).or_default(),
+            };
+            target.insert(method, template, indexes).map_err(|e| {
+                let name = config.routes.keys().nth(first).map_or("?", String::as_str);
+                Invalid::new(
+                    format!("routes.{name}"),
+                    format!(
+                        "{e}: another route has a path of the same shape with other variable names; write them alike"
+                    ),
+                )
+            })?;
+        }
+        let mut wildcard_hosts: Vec<_> = wildcards.into_iter().collect();
+        wildcard_hosts.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+        table.wildcard_hosts = wildcard_hosts;
+        Ok(table)
+    }
+
+    /// The number of routes.
+    pub(crate) fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// The route for a request, if any.
+    pub(crate) fn find(
+        &self,
+        host: Option<&str>,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Option<Matched<'_>> {
+        let host = host.map(normalize_host);
+        if let Some(host) = &host {
+            if let Some(table) = self.exact_hosts.get(host.as_str())
+                && let Some(m) = self.pick(table, method, path, headers, query)
+            {
+                return Some(m);
+            }
+            for (suffix, table) in &self.wildcard_hosts {
+                if host.ends_with(suffix.as_str())
+                    && host.len() > suffix.len()
+                    && let Some(m) = self.pick(table, method, path, headers, query)
+                {
+                    return Some(m);
+                }
+            }
+        }
+        self.pick(&self.any_host, method, path, headers, query)
+    }
+
+    fn pick(
+        &self,
+        table: &RouteTable<Vec<usize>>,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Option<Matched<'_>> {
+        let found = table.lookup_all(method, path);
+        // The highest priority; then the most specific path (its rank in
+        // `found`); then the first name.
+        let mut best: Option<(i32, usize, usize)> = None;
+        let mut pairs: Option<Vec<(String, String)>> = None;
+        for (rank, f) in found.iter().enumerate() {
+            for &index in f.value {
+                let route = &self.routes[index];
+                let better = match best {
+                    None => true,
+                    Some((p, r, i)) => {
+                        route.priority > p || (route.priority == p && (rank, index) < (r, i))
+                    }
+                };
+                if better && route.accepts(headers, query, &mut pairs) {
+                    best = Some((route.priority, rank, index));
+                }
+            }
+        }
+        let (_, rank, index) = best?;
+        Some(Matched {
+            route: &self.routes[index],
+            vars: found
+                .into_iter()
+                .nth(rank)
+                .map(|f| f.vars)
+                .unwrap_or_default(),
+        })
+    }
+}
+
+impl Route {
+    /// Whether the request's headers and query parameters match.
+    fn accepts(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        pairs: &mut Option<Vec<(String, String)>>,
+    ) -> bool {
+        let headers_ok = self
+            .headers
+            .iter()
+            .all(|(name, value)| headers.get_all(name).iter().any(|v| v == value));
+        if !headers_ok {
+            return false;
+        }
+        if self.query.is_empty() {
+            return true;
+        }
+        // Decoded once per request, and only when a route asks.
+        let pairs = pairs.get_or_insert_with(|| {
+            serde_urlencoded::from_str::<Vec<(String, String)>>(query.unwrap_or(""))
+                .unwrap_or_default()
+        });
+        self.query
+            .iter()
+            .all(|(k, v)| pairs.iter().any(|(pk, pv)| pk == k && pv == v))
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum HostKey {
+    Any,
+    Exact(String),
+    /// `*.example.com` as `.example.com`.
+    Suffix(String),
+}
+
+fn host_key(text: &str) -> Result<HostKey, String> {
+    let host = text.trim().to_ascii_lowercase();
+    let valid = |h: &str| {
+        !h.is_empty()
+            && h.len() <= 253
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    if let Some(rest) = host.strip_prefix("*.") {
+        if !valid(rest) {
+            return Err(format!("{text:?} is not a host name"));
+        }
+        return Ok(HostKey::Suffix(format!(".{rest}")));
+    }
+    if !valid(&host) {
+        return Err(format!(
+            "{text:?} is not a host name (`*.example.com` for any subdomain)"
+        ));
+    }
+    Ok(HostKey::Exact(host))
+}
+
+/// A request's host without its port, lower-cased (`[::1]:8080` → `[::1]`).
+fn normalize_host(host: &str) -> String {
+    let host = if host.starts_with('[') {
+        host.find(']').map_or(host, |end| &host[..=end])
+    } else {
+        host.split(':').next().unwrap_or(host)
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The template a route's path rule stands for, or (field, why).
+fn path_template(route: &RouteConfig) -> Result<PathTemplate, (&'static str, String)> {
+    let given = [
+        route.path.as_ref().map(|p| ("path", p)),
+        route.prefix.as_ref().map(|p| ("prefix", p)),
+        route.template.as_ref().map(|p| ("template", p)),
+    ];
+    let mut given = given.into_iter().flatten();
+    let Some((field, text)) = given.next() else {
+        return Err(("path", "give one of path, prefix or template".into()));
+    };
+    if let Some((other, _)) = given.next() {
+        return Err((
+            other,
+            format!("give one of path, prefix or template, not {field} and {other}"),
+        ));
+    }
+    if !text.starts_with('/') {
+        return Err((field, format!("{text:?} must start with /")));
+    }
+    let source = match field {
+        "prefix" => format!("{}/{{rest=**}}", text.trim_end_matches('/')),
+        _ => text.clone(),
+    };
+    let template = PathTemplate::parse(&source).map_err(|e| (field, e.to_string()))?;
+    if field == "path" && template.fields().next().is_some() {
+        return Err((field, format!("{text:?} has variables: use `template`")));
+    }
+    Ok(template)
+}
+
+fn compile_route(
+    config: &GatewayConfig,
+    name: &str,
+    route: &RouteConfig,
+) -> Result<Route, Invalid> {
+    let key = |field: &str| format!("routes.{name}.{field}");
+    let exists = |upstream: &str, field: &str| {
+        if config.upstreams.contains_key(upstream) {
+            Ok(())
+        } else {
+            Err(Invalid::new(
+                key(field),
+                format!("no upstream named {upstream:?}"),
+            ))
+        }
+    };
+    let targets = match (&route.upstream, route.split.is_empty()) {
+        (Some(upstream), true) => {
+            exists(upstream, "upstream")?;
+            Targets::One(upstream.as_str().into())
+        }
+        (None, false) => {
+            let mut choices = Vec::new();
+            let mut total = 0u32;
+            for (i, s) in route.split.iter().enumerate() {
+                exists(&s.upstream, &format!("split.{i}.upstream"))?;
+                if s.weight > 10_000 {
+                    return Err(Invalid::new(
+                        key(&format!("split.{i}.weight")),
+                        "must be 0..=10000",
+                    ));
+                }
+                if s.weight > 0 {
+                    total += s.weight;
+                    choices.push((s.upstream.as_str().into(), total));
+                }
+            }
+            if total == 0 {
+                return Err(Invalid::new(key("split"), "every weight is 0"));
+            }
+            Targets::Split { choices, total }
+        }
+        (Some(_), false) => {
+            return Err(Invalid::new(
+                key("split"),
+                "give upstream or split, not both",
+            ));
+        }
+        (None, true) => return Err(Invalid::new(key("upstream"), "give upstream or split")),
+    };
+    let mut headers = Vec::new();
+    for (h, v) in &route.headers {
+        headers.push((
+            header_name(h).map_err(|e| Invalid::new(key("headers"), e))?,
+            header_value(v).map_err(|e| Invalid::new(key(&format!("headers.{h}")), e))?,
+        ));
+    }
+    for (field, prefix) in [
+        ("strip_prefix", &route.strip_prefix),
+        ("add_prefix", &route.add_prefix),
+    ] {
+        if let Some(p) = prefix
+            && (!p.starts_with('/') || p.contains(['?', '#']))
+        {
+            return Err(Invalid::new(
+                key(field),
+                format!("{p:?} must be a path starting with /"),
+            ));
+        }
+    }
+    Ok(Route {
+        name: name.into(),
+        priority: route.priority,
+        headers,
+        query: route
+            .query
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        targets,
+        strip_prefix: route
+            .strip_prefix
+            .as_ref()
+            .map(|p| p.trim_end_matches('/').to_owned()),
+        add_prefix: route
+            .add_prefix
+            .as_ref()
+            .map(|p| p.trim_end_matches('/').to_owned()),
+        preserve_host: route.preserve_host,
+        request_headers: Rules::compile(&route.request_headers, &|f| {
+            key(&format!("request_headers.{f}"))
+        })?,
+        response_headers: Rules::compile(&route.response_headers, &|f| {
+            key(&format!("response_headers.{f}"))
+        })?,
+        timeout: route.timeout.unwrap_or(config.defaults.timeout),
+    })
+}

@@ -1,0 +1,709 @@
+//! The gateway end to end over real sockets: upstreams are real HTTP and
+//! gRPC servers on loopback ports, the gateway serves on its own port with
+//! its document in a temp file, clients are plain HTTP/1.1 connections and
+//! a tonic client.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::Request,
+    response::{IntoResponse, Response},
+    routing::any,
+};
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::sync::CancellationToken;
+use trellis_config::Config;
+use trellis_core::Drain;
+use trellis_gateway::{Gateway, GatewayConfig};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// An upstream that answers every request with what it saw, as JSON.
+async fn echo_upstream(name: &'static str) -> SocketAddr {
+    let app = Router::new().fallback(any(move |req: Request| async move {
+        let headers: BTreeMap<String, String> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("?").to_owned()))
+            .collect();
+        let body = json!({
+            "upstream": name,
+            "method": req.method().as_str(),
+            "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
+            "headers": headers,
+        });
+        (
+            [("x-upstream", name), ("connection", "keep-alive")],
+            axum::Json(body),
+        )
+            .into_response()
+    }));
+    serve_axum(app).await
+}
+
+async fn serve_axum(app: Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let addr = listener.local_addr().expect("upstream address");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
+/// A gateway on its own port following `file`.
+struct Running {
+    addr: SocketAddr,
+    gateway: Gateway,
+    config: Config<GatewayConfig>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+async fn gateway(file: &Path) -> Running {
+    let config = Config::<GatewayConfig>::builder()
+        .file(file)
+        .debounce(Duration::from_millis(20))
+        .build()
+        .await
+        .expect("the gateway document loads");
+    let gateway = Gateway::new(config.clone(), None)
+        .await
+        .expect("gateway starts");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind gateway");
+    let addr = listener.local_addr().expect("gateway address");
+    let stop = CancellationToken::new();
+    let serving = gateway.clone();
+    let drain = Drain::new(stop.clone(), Duration::from_secs(1));
+    tokio::spawn(async move { serving.serve(listener, &Default::default(), drain).await });
+    Running {
+        addr,
+        gateway,
+        config,
+        _stop: stop.drop_guard(),
+    }
+}
+
+fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+    let path = dir.path().join("gateway.toml");
+    // Written whole and renamed in, as editors and deploy tools do.
+    let tmp = dir.path().join(".gateway.toml.tmp");
+    std::fs::write(&tmp, text).expect("write document");
+    std::fs::rename(&tmp, &path).expect("rename document");
+    path
+}
+
+/// One HTTP/1.1 connection, kept alive across requests.
+struct Conn {
+    reader: BufReader<TcpStream>,
+}
+
+struct Answer {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr)
+            .await
+            .expect("connect to the gateway");
+        Conn {
+            reader: BufReader::new(stream),
+        }
+    }
+
+    async fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut head = format!("{method} {path} HTTP/1.1\r\n");
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            head.push_str("host: gateway.test\r\n");
+        }
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        self.reader
+            .get_mut()
+            .write_all(head.as_bytes())
+            .await
+            .expect("send request");
+        let mut line = String::new();
+        self.reader.read_line(&mut line).await.expect("status line");
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line: {line:?}"));
+        let mut headers = BTreeMap::new();
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).await.expect("header line");
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+            }
+        }
+        let mut body = Vec::new();
+        if let Some(len) = headers
+            .get("content-length")
+            .and_then(|l| l.parse::<usize>().ok())
+        {
+            body.resize(len, 0);
+            self.reader.read_exact(&mut body).await.expect("body");
+        } else if headers
+            .get("transfer-encoding")
+            .is_some_and(|t| t == "chunked")
+        {
+            loop {
+                let mut size = String::new();
+                self.reader.read_line(&mut size).await.expect("chunk size");
+                let n = usize::from_str_radix(size.trim(), 16).expect("chunk size is hex");
+                let mut chunk = vec![0; n + 2];
+                self.reader.read_exact(&mut chunk).await.expect("chunk");
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        }
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer {
+    Conn::open(addr).await.request("GET", path, headers).await
+}
+
+#[tokio::test]
+async fn routes_by_host_path_method_headers_and_query() {
+    let (a, b, c) = (
+        echo_upstream("a").await,
+        echo_upstream("b").await,
+        echo_upstream("c").await,
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+[upstreams.b]
+targets = [{{ url = "http://{b}" }}]
+[upstreams.c]
+targets = [{{ url = "http://{c}" }}]
+
+[routes.everything]
+prefix = "/"
+upstream = "a"
+
+[routes.users]
+template = "/v1/users/{{id}}"
+methods = ["GET"]
+upstream = "b"
+
+[routes.canary]
+prefix = "/v1/users"
+headers = {{ "x-canary" = "yes" }}
+priority = 10
+upstream = "c"
+
+[routes.debug]
+path = "/v1/users/me"
+query = {{ debug = "1" }}
+upstream = "c"
+
+[routes.api_host]
+hosts = ["api.example.com"]
+prefix = "/"
+upstream = "c"
+
+[routes.wild]
+hosts = ["*.internal.test"]
+prefix = "/v1"
+upstream = "b"
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    let upstream = |answer: &Answer| answer.json()["upstream"].as_str().unwrap_or("?").to_owned();
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 9] = [
+        ("GET", "/anything", &[], "a"),
+        ("GET", "/v1/users/7", &[], "b"),
+        // The template is for GET only: a POST falls through to the prefix route.
+        ("POST", "/v1/users/7", &[], "a"),
+        // A header and a higher priority win over the more specific template.
+        ("GET", "/v1/users/7", &[("x-canary", "yes")], "c"),
+        ("GET", "/v1/users/7", &[("x-canary", "no")], "b"),
+        ("GET", "/v1/users/me?debug=1", &[], "c"),
+        ("GET", "/v1/users/me?debug=0", &[], "b"),
+        (
+            "GET",
+            "/v1/users/7",
+            &[("host", "API.example.com:8080")],
+            "c",
+        ),
+        ("GET", "/v1/x", &[("host", "svc.internal.test")], "b"),
+    ];
+    for (method, path, headers, expected) in cases {
+        let answer = Conn::open(gw.addr)
+            .await
+            .request(method, path, headers)
+            .await;
+        assert_eq!(answer.status, 200, "{method} {path} {headers:?}");
+        assert_eq!(upstream(&answer), expected, "{method} {path} {headers:?}");
+    }
+    // Only the exact subdomain suffix matches a wildcard.
+    let answer = get(gw.addr, "/v1/x", &[("host", "internal.test")]).await;
+    assert_eq!(upstream(&answer), "a");
+}
+
+#[tokio::test]
+async fn no_route_is_a_404_in_the_error_model() {
+    let a = echo_upstream("a").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+[routes.only]
+path = "/here"
+upstream = "a"
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    assert_eq!(get(gw.addr, "/here", &[]).await.status, 200);
+    let answer = get(gw.addr, "/elsewhere", &[]).await;
+    assert_eq!(answer.status, 404);
+    assert_eq!(answer.json()["reason"], "ROUTE_NOT_FOUND");
+    assert_eq!(
+        answer.headers.get("content-type").map(String::as_str),
+        Some("application/json")
+    );
+}
+
+#[tokio::test]
+async fn paths_and_headers_are_rewritten_on_the_way() {
+    let a = echo_upstream("a").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+
+[routes.old]
+prefix = "/old"
+strip_prefix = "/old"
+add_prefix = "/api/v2"
+upstream = "a"
+request_headers = {{ remove = ["cookie"], set = {{ "x-env" = "test" }}, add = {{ "x-tag" = "gw" }} }}
+response_headers = {{ remove = ["x-upstream"], set = {{ "cache-control" = "no-store" }} }}
+
+[routes.kept]
+prefix = "/kept"
+preserve_host = true
+upstream = "a"
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    let answer = get(
+        gw.addr,
+        "/old/items/7?x=1",
+        &[
+            ("cookie", "secret=1"),
+            ("x-tag", "client"),
+            ("x-env", "prod"),
+        ],
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let seen = answer.json();
+    assert_eq!(seen["path"], "/api/v2/items/7?x=1");
+    let headers = &seen["headers"];
+    assert!(headers.get("cookie").is_none(), "cookie removed: {headers}");
+    assert_eq!(headers["x-env"], "test");
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(headers["x-forwarded-host"], "gateway.test");
+    // The upstream's own authority, not the client's host.
+    assert_eq!(headers["host"], a.to_string());
+    assert!(!answer.headers.contains_key("x-upstream"));
+    assert_eq!(
+        answer.headers.get("cache-control").map(String::as_str),
+        Some("no-store")
+    );
+    // The bare prefix maps to the added prefix.
+    assert_eq!(get(gw.addr, "/old", &[]).await.json()["path"], "/api/v2");
+
+    let kept = get(gw.addr, "/kept", &[("host", "shop.example.com")])
+        .await
+        .json();
+    assert_eq!(kept["headers"]["host"], "shop.example.com");
+}
+
+#[tokio::test]
+async fn a_weighted_split_sends_each_side_its_share() {
+    let (a, b) = (echo_upstream("a").await, echo_upstream("b").await);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+[upstreams.b]
+targets = [{{ url = "http://{b}" }}]
+[routes.split]
+prefix = "/"
+split = [{{ upstream = "a", weight = 80 }}, {{ upstream = "b", weight = 20 }}]
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    let mut conn = Conn::open(gw.addr).await;
+    let mut to_b = 0;
+    let n = 1000;
+    for _ in 0..n {
+        let answer = conn.request("GET", "/", &[]).await;
+        if answer.headers.get("x-upstream").map(String::as_str) == Some("b") {
+            to_b += 1;
+        }
+    }
+    // Expected 200, standard deviation ~12.6: ±5σ.
+    assert!(
+        (137..=263).contains(&to_b),
+        "{to_b} of {n} went to b (expected about 200)"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_swaps_routes_without_closing_connections_and_a_bad_one_is_refused() {
+    let (a, b) = (echo_upstream("a").await, echo_upstream("b").await);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let doc = |upstream: &str| {
+        format!(
+            r#"
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+[upstreams.b]
+targets = [{{ url = "http://{b}" }}]
+[routes.main]
+prefix = "/"
+upstream = "{upstream}"
+"#
+        )
+    };
+    let file = write(&dir, &doc("a"));
+    let gw = gateway(&file).await;
+    let mut conn = Conn::open(gw.addr).await;
+    let answer = conn.request("GET", "/x", &[]).await;
+    assert_eq!(
+        answer.headers.get("x-upstream").map(String::as_str),
+        Some("a")
+    );
+
+    // A new document: applied, and the same connection sees it.
+    let mut applied = gw.gateway.applied();
+    let before = applied.borrow_and_update().clone();
+    write(&dir, &doc("b"));
+    tokio::time::timeout(DEADLINE, applied.wait_for(|v| *v != before))
+        .await
+        .expect("the new document is applied within the deadline")
+        .expect("the gateway is running");
+    let answer = conn.request("GET", "/x", &[]).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.headers.get("x-upstream").map(String::as_str),
+        Some("b")
+    );
+
+    // A document naming an upstream that does not exist: refused by the
+    // store, naming the route and field; the running routes stay.
+    let failures = gw.config.reload_failures();
+    write(&dir, &doc("nowhere"));
+    let config = gw.config.clone();
+    tokio::time::timeout(DEADLINE, async move {
+        while config.reload_failures() == failures {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the bad document is refused within the deadline");
+    let error = gw.config.last_error().unwrap_or_default();
+    assert!(error.contains("routes.main.upstream"), "{error}");
+    let answer = conn.request("GET", "/x", &[]).await;
+    assert_eq!(
+        answer.headers.get("x-upstream").map(String::as_str),
+        Some("b")
+    );
+}
+
+#[tokio::test]
+async fn upstream_failures_are_502_and_504() {
+    // A port nothing listens on.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        l.local_addr().expect("address")
+    };
+    let slow = serve_axum(Router::new().fallback(any(|| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        "late"
+    })))
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.closed]
+targets = [{{ url = "http://{closed}" }}]
+[upstreams.slow]
+targets = [{{ url = "http://{slow}" }}]
+[routes.closed]
+prefix = "/closed"
+upstream = "closed"
+[routes.slow]
+prefix = "/slow"
+upstream = "slow"
+timeout = "200ms"
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    let answer = get(gw.addr, "/closed", &[]).await;
+    assert_eq!(
+        answer.status,
+        502,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.json()["reason"], "UPSTREAM_FAILED");
+    let answer = get(gw.addr, "/slow", &[]).await;
+    assert_eq!(answer.status, 504);
+    assert_eq!(answer.json()["reason"], "UPSTREAM_TIMEOUT");
+}
+
+#[tokio::test]
+async fn a_streamed_response_is_passed_on_as_it_comes() {
+    // The upstream sends a first chunk, then waits until the test has seen
+    // that chunk through the gateway before it sends the rest: a gateway
+    // that buffered would never deliver the first chunk.
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let release = Arc::new(Mutex::new(Some(release_rx)));
+    let app = Router::new().fallback(any(move || {
+        let release = release.clone();
+        async move {
+            let rx = release.lock().ok().and_then(|mut r| r.take());
+            let stream = async_stream(rx);
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::from_stream(stream))
+                .unwrap_or_default()
+        }
+    }));
+    let upstream = serve_axum(app).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.s]
+targets = [{{ url = "http://{upstream}" }}]
+[routes.s]
+prefix = "/"
+upstream = "s"
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    let mut stream = TcpStream::connect(gw.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /events HTTP/1.1\r\nhost: gateway.test\r\n\r\n")
+        .await
+        .expect("send");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(DEADLINE, async {
+        while !String::from_utf8_lossy(&seen).contains("data: first") {
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "closed before the first event: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the first event arrives while the upstream is still holding the rest");
+    assert!(!String::from_utf8_lossy(&seen).contains("data: second"));
+    let _ = release_tx.send(());
+    tokio::time::timeout(DEADLINE, async {
+        while !String::from_utf8_lossy(&seen).contains("data: second") {
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before the second event");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the second event arrives once released");
+}
+
+/// `data: first`, then (once `release` fires) `data: second`.
+fn async_stream(
+    release: Option<tokio::sync::oneshot::Receiver<()>>,
+) -> impl futures_util_stream::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures_util_stream::unfold((0, release), |(step, release)| async move {
+        match step {
+            0 => Some((Ok(Bytes::from_static(b"data: first\n\n")), (1, release))),
+            1 => {
+                if let Some(rx) = release {
+                    let _ = rx.await;
+                }
+                Some((Ok(Bytes::from_static(b"data: second\n\n")), (2, None)))
+            }
+            _ => None,
+        }
+    })
+}
+
+mod futures_util_stream {
+    pub use futures_util::stream::{Stream, unfold};
+}
+
+#[tokio::test]
+async fn grpc_is_proxied_with_its_status_and_trailers() {
+    // A real gRPC server (the standard health service) behind the gateway.
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("shop.Up", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream_listener(listener))
+            .await;
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.grpc]
+targets = [{{ url = "http://{upstream}" }}]
+h2c = true
+[routes.health]
+prefix = "/grpc.health.v1.Health"
+upstream = "grpc"
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", gw.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to the gateway");
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let ok = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "shop.Up".into(),
+        })
+        .await
+        .expect("Check through the gateway");
+    assert_eq!(ok.into_inner().status, 1, "SERVING");
+    // A status in the trailers comes back as the status.
+    let err = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "shop.Unknown".into(),
+        })
+        .await
+        .expect_err("an unknown service is NOT_FOUND");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+}
+
+fn tokio_stream_listener(
+    listener: TcpListener,
+) -> impl futures_util_stream::Stream<Item = Result<TcpStream, std::io::Error>> {
+    futures_util_stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(s, _)| s);
+        Some((accepted, listener))
+    })
+}
+
+#[tokio::test]
+async fn a_document_that_does_not_compile_names_the_route_and_field() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (doc, expected) in [
+        (
+            "[upstreams.a]\ntargets = [{ url = \"http://127.0.0.1:1\" }]\n[routes.r]\nprefix = \"/\"\nsplit = [{ upstream = \"a\", weight = 1 }, { upstream = \"b\", weight = 1 }]\n",
+            "routes.r.split.1.upstream",
+        ),
+        (
+            "[upstreams.a]\ntargets = [{ url = \"http://127.0.0.1:1\" }]\n[routes.r]\npath = \"/x\"\nprefix = \"/y\"\nupstream = \"a\"\n",
+            "routes.r.prefix",
+        ),
+        (
+            "[upstreams.a]\ntargets = [{ url = \"http://127.0.0.1\" }]\n",
+            "upstreams.a.targets.0.url",
+        ),
+        (
+            "[upstreams.a]\ntargets = [{ url = \"http://127.0.0.1:1\" }]\n[routes.r]\ntemplate = \"/v1/{id\"\nupstream = \"a\"\n",
+            "routes.r.template",
+        ),
+        (
+            "[upstreams.a]\ntargets = [{ url = \"http://127.0.0.1:1\" }]\n[routes.r]\nprefix = \"/\"\nupstream = \"a\"\nhosts = [\"bad host\"]\n",
+            "routes.r.hosts",
+        ),
+    ] {
+        let file = write(&dir, doc);
+        let error = Config::<GatewayConfig>::builder()
+            .file(&file)
+            .watch(false)
+            .build()
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains(expected), "{expected}: {error}");
+    }
+}
