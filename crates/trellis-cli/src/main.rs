@@ -96,6 +96,29 @@ enum Command {
         #[command(flatten)]
         shutdown: ShutdownArgs,
     },
+    /// Run the API gateway: routes from a document (file or etcd),
+    /// reloaded live, in front of discovered services and static upstreams.
+    Gateway {
+        /// The routes and upstreams: a TOML/YAML/JSON file or a directory of
+        /// them (docs/gateway.md), watched.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where clients connect.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Probes and /metrics, never served on the main port (default:
+        /// loopback, the main port + 1000).
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+        /// A remote layer for the document: etcd://host:port/prefix; the
+        /// gateway reads {prefix}gateway/, watched.
+        #[command(flatten)]
+        config_source: ConfigSourceArg,
+        #[command(flatten)]
+        registry: RegistryArg,
+        #[command(flatten)]
+        shutdown: ShutdownArgs,
+    },
     /// Inspect a service registry.
     Registry {
         #[command(subcommand)]
@@ -250,6 +273,17 @@ async fn main() -> ExitCode {
                 &log, service, sources, server, data_dir, registry, zone, shutdown,
             )
             .await
+        }
+        Command::Gateway {
+            config,
+            listen,
+            admin_listen,
+            config_source,
+            registry,
+            shutdown,
+        } => {
+            let admin = admin_listen.unwrap_or_else(|| loopback(admin_port(listen.port())));
+            gateway(config, config_source, listen, admin, registry, shutdown).await
         }
         Command::Registry {
             command: RegistryCommand::Ls { service, registry },
@@ -417,6 +451,85 @@ async fn up(
 
 /// What `serve` and `up` need before anything starts: signal handlers
 /// (so the process is never up without a graceful way down) and the registry.
+/// `trellis gateway`: the gateway on `listen`, its probes and metrics on
+/// `admin`, until SIGINT/SIGTERM (then a drain of `--shutdown-timeout`).
+async fn gateway(
+    config: Option<PathBuf>,
+    config_source: ConfigSourceArg,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    registry: RegistryArg,
+    shutdown: ShutdownArgs,
+) -> Result<(), String> {
+    use trellis::gateway::{Gateway, GatewayConfig};
+    if config.is_none() && config_source.config_source.is_none() {
+        return Err(
+            "give the gateway its routes: --config FILE or --config-source etcd://HOST:PORT/PREFIX"
+                .into(),
+        );
+    }
+    let sources = ConfigSources {
+        files: config.into_iter().collect(),
+        etcd: config_source.config_source,
+        set: Vec::new(),
+    };
+    let store = sources
+        .load::<GatewayConfig>("gateway")
+        .await
+        .map_err(|e| e.to_string())?;
+    let (signal, registry) = prepare(&registry).await?;
+    let gateway = Gateway::new(store, Some(registry))
+        .await
+        .map_err(|e| e.to_string())?;
+    let prometheus = trellis::telemetry::prometheus().map_err(|e| e.to_string())?;
+    let stop = CancellationToken::new();
+    let (lifecycle, probes) = tokio::sync::watch::channel(trellis::State::Ready);
+    let admin_router = trellis::telemetry::metrics_router(prometheus)
+        .merge(trellis::transport::probe_router(probes));
+    let bind = |addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let listener = bind(listen).await?;
+    let admin_listener = bind(admin).await?;
+    let (main_addr, admin_addr) = (
+        listener.local_addr().map_err(|e| e.to_string())?,
+        admin_listener.local_addr().map_err(|e| e.to_string())?,
+    );
+    tracing::info!(listen = %main_addr, admin = %admin_addr, routes = gateway.routes(), "gateway serving");
+    println!(
+        "gateway  http://{main_addr}  (admin http://{admin_addr}, {} routes)",
+        gateway.routes()
+    );
+    let grace = shutdown.shutdown_timeout.unwrap_or(Duration::from_secs(10));
+    let limits = trellis::transport::Limits::default();
+    let main = {
+        let drain = trellis::core::Drain::new(stop.clone(), grace);
+        let limits = limits.clone();
+        tokio::spawn(async move { gateway.serve(listener, &limits, drain).await })
+    };
+    let admin_task = {
+        let drain = trellis::core::Drain::new(stop.clone(), grace);
+        tokio::spawn(async move {
+            trellis::transport::serve::serve(
+                admin_listener,
+                move |_| admin_router.clone(),
+                &limits,
+                drain,
+            )
+            .await
+        })
+    };
+    signal.recv().await;
+    // Unready first, so a load balancer in front stops sending, then drain.
+    lifecycle.send_replace(trellis::State::Draining);
+    stop.cancel();
+    let _ = main.await;
+    let _ = admin_task.await;
+    Ok(())
+}
+
 async fn prepare(
     registry: &RegistryArg,
 ) -> Result<(ShutdownSignal, Arc<dyn ServiceRegistry>), String> {

@@ -47,6 +47,7 @@ pub use signal::{ShutdownSignal, shutdown_signal};
 pub use trellis_balance as balance;
 pub use trellis_config as config;
 pub use trellis_core::{self as core, Code, Error, Lifecycle, State};
+pub use trellis_gateway as gateway;
 pub use trellis_registry as registry;
 pub use trellis_resilience as resilience;
 pub use trellis_stack as stack;

@@ -1,0 +1,142 @@
+//! `trellis gateway` as a process in front of `trellis serve user`, both
+//! registered in a real etcd: the gateway discovers the service, proxies
+//! REST and gRPC to it, reports RED metrics by route on its admin port,
+//! and exits 0 on SIGTERM.
+
+mod support;
+
+use std::time::Duration;
+
+use trellis_testkit::{Etcd, http};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_discovers_a_service_and_proxies_to_it() {
+    let etcd = Etcd::start().expect("etcd starts");
+    let registry = format!("etcd://{}", etcd.addr());
+    let data = tempfile::tempdir().expect("temp dir");
+    let listen = format!("127.0.0.1:{}", trellis_testkit::free_port().expect("port"));
+    let mut user = support::spawn(&[
+        "serve",
+        "user",
+        "--listen",
+        &listen,
+        "--data-dir",
+        data.path().to_str().expect("utf-8 path"),
+        "--registry",
+        &registry,
+    ]);
+    user.line_starting_with("user serving");
+
+    let doc = data.path().join("gateway.toml");
+    std::fs::write(
+        &doc,
+        r#"
+[upstreams.user]
+discover = "user"
+
+[routes.users]
+prefix = "/v1/users"
+upstream = "user"
+
+[routes.user_grpc]
+prefix = "/shop.user.v1.UserService"
+upstream = "user"
+"#,
+    )
+    .expect("write the gateway document");
+    let admin: std::net::SocketAddr =
+        format!("127.0.0.1:{}", trellis_testkit::free_port().expect("port"))
+            .parse()
+            .expect("address");
+    let gateway_port = trellis_testkit::free_port().expect("port");
+    let mut gateway = support::spawn(&[
+        "gateway",
+        "--config",
+        doc.to_str().expect("utf-8 path"),
+        "--listen",
+        &format!("127.0.0.1:{gateway_port}"),
+        "--admin-listen",
+        &admin.to_string(),
+        "--registry",
+        &registry,
+    ]);
+    let line = gateway.line_starting_with("gateway");
+    assert!(line.contains("2 routes"), "{line}");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{gateway_port}")
+        .parse()
+        .expect("address");
+
+    // The discovered instance may take a moment to appear: wait for the
+    // first answer that is not "no endpoints", with a deadline.
+    let created = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let res = http::request(
+                addr,
+                "POST",
+                "/v1/users",
+                Some(r#"{"email":"ada@example.com","displayName":"Ada"}"#),
+            )
+            .await
+            .expect("POST through the gateway");
+            if res.status != 503 {
+                return res;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the gateway finds the user service");
+    assert_eq!(created.status, 200, "{}", created.body);
+    let user_json: serde_json::Value = serde_json::from_str(&created.body).expect("JSON");
+    let id = user_json["id"].as_str().expect("an id").to_owned();
+
+    let got = http::get(addr, &format!("/v1/users/{id}"))
+        .await
+        .expect("GET");
+    assert_eq!(got.status, 200, "{}", got.body);
+    assert!(got.body.contains("ada@example.com"), "{}", got.body);
+
+    // gRPC through the same port.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = shop_user::api::v1::user_service_client::UserServiceClient::new(channel);
+    let reply = client
+        .get_user(shop_user::api::v1::GetUserRequest { id: id.clone() })
+        .await
+        .expect("GetUser through the gateway");
+    assert_eq!(reply.into_inner().email, "ada@example.com");
+
+    // RED metrics by route name, on the admin port only.
+    let metrics = http::get(admin, "/metrics").await.expect("metrics");
+    assert!(
+        metrics.body.contains("gateway_routes 2"),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics.body.contains(r#"route="users""#),
+        "{}",
+        metrics.body
+    );
+    assert_eq!(
+        http::get(addr, "/metrics").await.expect("main port").status,
+        404
+    );
+    assert_eq!(
+        http::get(admin, "/readyz").await.expect("readyz").status,
+        200
+    );
+
+    gateway.signal(15);
+    let status = gateway.wait(Duration::from_secs(15));
+    assert!(
+        status.success(),
+        "exit on SIGTERM: {status:?}; {}",
+        gateway.stderr()
+    );
+    user.signal(15);
+    user.wait(Duration::from_secs(15));
+}
