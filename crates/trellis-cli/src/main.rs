@@ -404,7 +404,24 @@ async fn up(
         started.push((service, s));
     }
 
+    // The gateway in front: every service's REST and gRPC routes, from
+    // their protos, to the services as discovered in the registry.
+    let stop = CancellationToken::new();
+    let front = start_gateway(
+        SocketAddr::new(host, base_port),
+        SocketAddr::new(admin_base.ip(), admin_base.port()),
+        config.as_deref(),
+        registry.clone(),
+        &stop,
+        shutdown.shutdown_timeout.unwrap_or(Duration::from_secs(10)),
+    )
+    .await?;
+
     println!("{:<10} {:<22} {:<22} HEALTH", "SERVICE", "ADDRESS", "ADMIN");
+    println!(
+        "{:<10} {:<22} {:<22} http://{}/readyz",
+        "gateway", front.addr, front.admin, front.admin
+    );
     for (service, s) in &started {
         let admin = s.admin.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
         println!(
@@ -417,7 +434,6 @@ async fn up(
     }
     println!("data in {}; press Ctrl-C to stop", data_dir.display());
 
-    let stop = CancellationToken::new();
     let mut running = tokio::task::JoinSet::new();
     for (service, s) in started {
         let builder = App::builder(service.name())
@@ -437,10 +453,14 @@ async fn up(
             return Err(failure.unwrap_or_else(|| "a service stopped unexpectedly".into()));
         }
     }
+    front.lifecycle.send_replace(trellis::State::Draining);
     stop.cancel();
     let mut failures = Vec::new();
     while let Some(joined) = running.join_next().await {
         failures.extend(describe_exit(joined));
+    }
+    for task in front.tasks {
+        let _ = task.await;
     }
     if failures.is_empty() {
         Ok(())
@@ -461,7 +481,7 @@ async fn gateway(
     registry: RegistryArg,
     shutdown: ShutdownArgs,
 ) -> Result<(), String> {
-    use trellis::gateway::{Gateway, GatewayConfig};
+    use trellis::gateway::GatewayConfig;
     if config.is_none() && config_source.config_source.is_none() {
         return Err(
             "give the gateway its routes: --config FILE or --config-source etcd://HOST:PORT/PREFIX"
@@ -478,32 +498,61 @@ async fn gateway(
         .await
         .map_err(|e| e.to_string())?;
     let (signal, registry) = prepare(&registry).await?;
-    let gateway = Gateway::new(store, Some(registry))
+    let stop = CancellationToken::new();
+    let grace = shutdown.shutdown_timeout.unwrap_or(Duration::from_secs(10));
+    let front = run_gateway(store, listen, admin, registry, &stop, grace).await?;
+    tracing::info!(listen = %front.addr, admin = %front.admin, "gateway serving");
+    println!(
+        "gateway  http://{}  (admin http://{}, {} routes)",
+        front.addr, front.admin, front.routes
+    );
+    signal.recv().await;
+    // Unready first, so a load balancer in front stops sending, then drain.
+    front.lifecycle.send_replace(trellis::State::Draining);
+    stop.cancel();
+    for task in front.tasks {
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+/// A gateway serving: where, and what to wait for on the way down.
+struct Front {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    routes: usize,
+    lifecycle: tokio::sync::watch::Sender<trellis::State>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The gateway on `listen` and its probes and /metrics on `admin`, until
+/// `stop` (then a drain of `grace`).
+async fn run_gateway(
+    store: trellis::config::Config<trellis::gateway::GatewayConfig>,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    registry: Arc<dyn ServiceRegistry>,
+    stop: &CancellationToken,
+    grace: Duration,
+) -> Result<Front, String> {
+    let gateway = trellis::gateway::Gateway::new(store, Some(registry))
         .await
         .map_err(|e| e.to_string())?;
     let prometheus = trellis::telemetry::prometheus().map_err(|e| e.to_string())?;
-    let stop = CancellationToken::new();
     let (lifecycle, probes) = tokio::sync::watch::channel(trellis::State::Ready);
     let admin_router = trellis::telemetry::metrics_router(prometheus)
         .merge(trellis::transport::probe_router(probes));
     let bind = |addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+            .map_err(|e| format!("the gateway cannot listen on {addr}: {e}"))
     };
     let listener = bind(listen).await?;
     let admin_listener = bind(admin).await?;
-    let (main_addr, admin_addr) = (
-        listener.local_addr().map_err(|e| e.to_string())?,
-        admin_listener.local_addr().map_err(|e| e.to_string())?,
-    );
-    tracing::info!(listen = %main_addr, admin = %admin_addr, routes = gateway.routes(), "gateway serving");
-    println!(
-        "gateway  http://{main_addr}  (admin http://{admin_addr}, {} routes)",
-        gateway.routes()
-    );
-    let grace = shutdown.shutdown_timeout.unwrap_or(Duration::from_secs(10));
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let admin = admin_listener.local_addr().map_err(|e| e.to_string())?;
     let limits = trellis::transport::Limits::default();
+    let routes = gateway.routes();
     let main = {
         let drain = trellis::core::Drain::new(stop.clone(), grace);
         let limits = limits.clone();
@@ -521,13 +570,58 @@ async fn gateway(
             .await
         })
     };
-    signal.recv().await;
-    // Unready first, so a load balancer in front stops sending, then drain.
-    lifecycle.send_replace(trellis::State::Draining);
-    stop.cancel();
-    let _ = main.await;
-    let _ = admin_task.await;
-    Ok(())
+    Ok(Front {
+        addr,
+        admin,
+        routes,
+        lifecycle,
+        tasks: vec![main, admin_task],
+    })
+}
+
+/// For `up`: the gateway with every service's generated routes, and a
+/// `gateway.toml|yaml|yml|json` (or `gateway/`) from `--config` adding
+/// routes of its own.
+async fn start_gateway(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    config_dir: Option<&std::path::Path>,
+    registry: Arc<dyn ServiceRegistry>,
+    stop: &CancellationToken,
+    grace: Duration,
+) -> Result<Front, String> {
+    use trellis::gateway::{GatewayConfig, document_source, routes_for};
+    let mut document = GatewayConfig::default();
+    for &service in services::ALL {
+        let (descriptors, names) = service.descriptors();
+        let part = routes_for(service.name(), &[descriptors], names).map_err(|e| e.to_string())?;
+        document.upstreams.extend(part.upstreams);
+        document.routes.extend(part.routes);
+    }
+    let mut builder = trellis::config::Config::<GatewayConfig>::builder();
+    if let Some(dir) = config_dir {
+        for name in [
+            "gateway.toml",
+            "gateway.yaml",
+            "gateway.yml",
+            "gateway.json",
+            "gateway",
+        ] {
+            let path = dir.join(name);
+            if path.exists() {
+                builder = builder.file(path);
+            }
+        }
+    }
+    let store = builder
+        .source(
+            document_source("generated from the services' protos", &document)
+                .map_err(|e| e.to_string())?,
+        )
+        .build()
+        .await
+        .map_err(|e| format!("gateway: {e}"))?;
+    run_gateway(store, listen, admin, registry, stop, grace).await
 }
 
 async fn prepare(

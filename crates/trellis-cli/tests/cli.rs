@@ -27,7 +27,7 @@ async fn wait_ready(addr: SocketAddr) {
     panic!("{addr} never became ready");
 }
 
-async fn create_and_get(addr: SocketAddr) {
+async fn create_and_get(addr: SocketAddr, email: &str) {
     let channel = trellis::transport::connect(&addr.to_string(), &Default::default())
         .await
         .unwrap();
@@ -35,7 +35,7 @@ async fn create_and_get(addr: SocketAddr) {
     let created = client
         .create_user(CreateUserRequest {
             user: Some(User {
-                email: "grace@example.com".into(),
+                email: email.into(),
                 display_name: "Grace".into(),
                 ..Default::default()
             }),
@@ -65,6 +65,10 @@ async fn up_serves_the_shop_and_exits_zero_on_sigterm() {
     ]);
     let header = trellis.line_starting_with("SERVICE");
     assert!(header.contains("ADMIN"), "{header}");
+    // The gateway first, in front of every service.
+    let front = trellis.line_starting_with("gateway");
+    let gateway: SocketAddr = front.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let gateway_admin: SocketAddr = front.split_whitespace().nth(2).unwrap().parse().unwrap();
     let row = trellis.line_starting_with("user");
     let addr: SocketAddr = row.split_whitespace().nth(1).unwrap().parse().unwrap();
     let admin: SocketAddr = row.split_whitespace().nth(2).unwrap().parse().unwrap();
@@ -72,7 +76,22 @@ async fn up_serves_the_shop_and_exits_zero_on_sigterm() {
     assert!(admin.ip().is_loopback(), "{row}");
 
     wait_ready(addr).await;
-    create_and_get(addr).await;
+    create_and_get(addr, "grace@example.com").await;
+    // Through the gateway: gRPC, and REST on the routes generated from the
+    // protos. The user instance registers once ready; the gateway follows.
+    wait_ready(gateway_admin).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        let res = http::get(gateway, "/v1/users").await.unwrap();
+        if res.status != 503 || Instant::now() > deadline {
+            break res;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert!(listed.body.contains("grace@example.com"), "{}", listed.body);
+    create_and_get(gateway, "ada@example.com").await;
+    assert_eq!(http::get(gateway, "/metrics").await.unwrap().status, 404);
     // Operator endpoints: on the admin listener, never on the public port.
     for path in ["/metrics", "/debug/config"] {
         assert_eq!(http::get(admin, path).await.unwrap().status, 200, "{path}");
@@ -111,7 +130,7 @@ async fn serve_runs_one_service_and_exits_zero_on_sigint() {
         .unwrap_or_else(|e| panic!("no admin address in {line:?}: {e}"));
     let addr: SocketAddr = listen.parse().unwrap();
     wait_ready(addr).await;
-    create_and_get(addr).await;
+    create_and_get(addr, "grace@example.com").await;
     assert_eq!(http::get(admin, "/metrics").await.unwrap().status, 200);
     assert_eq!(http::get(addr, "/metrics").await.unwrap().status, 404);
     trellis.signal(libc::SIGINT);

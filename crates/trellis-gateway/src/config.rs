@@ -184,6 +184,28 @@ impl Validate for GatewayConfig {
     }
 }
 
+impl GatewayConfig {
+    /// The name of the route that would serve a request, or `None` (a 404):
+    /// for checking a document before it goes live, and for tests. Fails
+    /// as [`Validate::validate`] does when the document does not compile.
+    pub fn route_for(
+        &self,
+        method: &Method,
+        host: Option<&str>,
+        path_and_query: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<Option<String>, Invalid> {
+        let table = crate::table::Table::compile(self)?;
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        Ok(table
+            .find(host, method, path, headers, query)
+            .map(|m| m.route.name.to_string()))
+    }
+}
+
 impl UpstreamConfig {
     fn check(&self, name: &str) -> Result<(), Invalid> {
         let key = |field: &str| format!("upstreams.{name}.{field}");

@@ -33,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+mod generate;
 mod proxy;
 mod table;
 mod upstream;
@@ -56,6 +57,7 @@ use trellis_telemetry::{Red, RedLayer};
 use trellis_transport::Limits;
 
 pub use config::GatewayConfig;
+pub use generate::{document_source, routes_for};
 pub use proxy::{Body, Proxy};
 
 use table::Table;
