@@ -191,13 +191,7 @@ impl Gateway {
     /// The service for one client connection from `peer`: RED metrics by
     /// route name around the proxy.
     pub fn service(&self, peer: Option<SocketAddr>) -> Red<Proxy> {
-        tower::Layer::layer(
-            &self.red,
-            Proxy {
-                shared: self.shared.clone(),
-                peer,
-            },
-        )
+        tower::Layer::layer(&self.red, Proxy::new(self.shared.clone(), peer))
     }
 
     /// The number of routes in force.

@@ -43,7 +43,18 @@ const PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-
 #[derive(Clone)]
 pub struct Proxy {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) peer: Option<SocketAddr>,
+    /// The client's address as an `X-Forwarded-For` entry, made once per
+    /// connection.
+    pub(crate) peer: Option<HeaderValue>,
+}
+
+impl Proxy {
+    pub(crate) fn new(shared: Arc<Shared>, peer: Option<SocketAddr>) -> Proxy {
+        Proxy {
+            shared,
+            peer: peer.and_then(|p| HeaderValue::from_str(&p.ip().to_string()).ok()),
+        }
+    }
 }
 
 impl Service<Request<Incoming>> for Proxy {
@@ -59,7 +70,7 @@ impl Service<Request<Incoming>> for Proxy {
         // The table in force when the request arrived serves it to the end,
         // whatever reload happens meanwhile.
         let state = self.shared.state.load_full();
-        let peer = self.peer;
+        let peer = self.peer.clone();
         let random = self.shared.random();
         Box::pin(async move {
             let grpc = is_grpc(req.headers());
@@ -85,7 +96,7 @@ type Failure = (Error, Option<Arc<str>>);
 
 async fn forward(
     state: &State,
-    peer: Option<SocketAddr>,
+    peer: Option<HeaderValue>,
     random: u32,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Failure> {
@@ -161,19 +172,16 @@ async fn forward(
     // Headers.
     let client_host = host.clone();
     strip_hop_by_hop(&mut parts.headers, true);
-    if let Some(peer) = peer {
-        let ip = peer.ip().to_string();
-        let forwarded = match parts
+    if let Some(ip) = peer {
+        let earlier = parts
             .headers
             .get(X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok())
-        {
-            Some(earlier) => format!("{earlier}, {ip}"),
-            None => ip,
+            .map(|earlier| format!("{earlier}, {}", ip.to_str().unwrap_or("")));
+        match earlier.and_then(|v| HeaderValue::from_str(&v).ok()) {
+            Some(joined) => parts.headers.insert(X_FORWARDED_FOR, joined),
+            None => parts.headers.insert(X_FORWARDED_FOR, ip),
         };
-        if let Ok(v) = HeaderValue::from_str(&forwarded) {
-            parts.headers.insert(X_FORWARDED_FOR, v);
-        }
     }
     parts
         .headers
@@ -250,38 +258,60 @@ fn upstream_error(upstream: &str, error: BoxError) -> Error {
     .with_http_status(StatusCode::BAD_GATEWAY)
 }
 
+/// Whether `name` is a hop-by-hop header (or `TE`, kept only as `trailers`).
+fn is_hop_by_hop(name: &http::HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::PROXY_AUTHENTICATE
+        || *name == header::TRAILER
+        || *name == header::TE
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
+}
+
 /// Takes out the headers that belong to one hop (RFC 9110 §7.6.1). A
-/// request keeps `TE: trailers`, which gRPC needs end to end.
+/// request keeps `TE: trailers`, which gRPC needs end to end. One pass over
+/// the names finds which are there (usually none, or `Connection`), and
+/// only those are looked up and removed.
 fn strip_hop_by_hop(headers: &mut HeaderMap, request: bool) {
-    let named: Vec<http::HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+    let present: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
         .collect();
-    for name in named {
+    if present.is_empty() {
+        return;
+    }
+    let mut trailers = false;
+    let mut named: Vec<http::HeaderName> = Vec::new();
+    for name in &present {
+        if *name == header::CONNECTION {
+            named.extend(
+                headers
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .map(str::trim)
+                    // Options, not header names.
+                    .filter(|t| {
+                        !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close")
+                    })
+                    .filter_map(|t| http::HeaderName::from_bytes(t.as_bytes()).ok()),
+            );
+        } else if request && *name == header::TE {
+            trailers = headers.get_all(header::TE).iter().any(|v| {
+                v.to_str().is_ok_and(|v| {
+                    v.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+                })
+            });
+        }
+    }
+    for name in present.into_iter().chain(named) {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::TRAILER,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
-    let trailers = request
-        && headers.get_all(header::TE).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            })
-        });
-    headers.remove(header::TE);
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }

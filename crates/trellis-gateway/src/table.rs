@@ -11,7 +11,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use trellis_config::Invalid;
-use trellis_transcode::{PathTemplate, PathVars, RouteTable};
+use trellis_transcode::{PathTemplate, RouteTable};
 
 use crate::config::{GatewayConfig, HeaderRules, RouteConfig, header_name, header_value, method};
 
@@ -128,11 +128,9 @@ impl Rules {
     }
 }
 
-/// A route a request matched, with the variables its path bound.
+/// A route a request matched.
 pub(crate) struct Matched<'a> {
     pub(crate) route: &'a Route,
-    #[allow(dead_code)]
-    pub(crate) vars: PathVars,
 }
 
 impl Table {
@@ -245,13 +243,13 @@ impl Table {
         headers: &HeaderMap,
         query: Option<&str>,
     ) -> Option<Matched<'_>> {
-        let found = table.lookup_all(method, path);
+        let found = table.matching(method, path);
         // The highest priority; then the most specific path (its rank in
         // `found`); then the first name.
         let mut best: Option<(i32, usize, usize)> = None;
         let mut pairs: Option<Vec<(String, String)>> = None;
-        for (rank, f) in found.iter().enumerate() {
-            for &index in f.value {
+        for (rank, indexes) in found.iter().enumerate() {
+            for &index in *indexes {
                 let route = &self.routes[index];
                 let better = match best {
                     None => true,
@@ -264,14 +262,9 @@ impl Table {
                 }
             }
         }
-        let (_, rank, index) = best?;
+        let (_, _, index) = best?;
         Some(Matched {
             route: &self.routes[index],
-            vars: found
-                .into_iter()
-                .nth(rank)
-                .map(|f| f.vars)
-                .unwrap_or_default(),
         })
     }
 }

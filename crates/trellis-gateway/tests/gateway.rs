@@ -371,6 +371,24 @@ upstream = "a"
     // The bare prefix maps to the added prefix.
     assert_eq!(get(gw.addr, "/old", &[]).await.json()["path"], "/api/v2");
 
+    // Hop-by-hop headers stay on their hop; `TE: trailers` goes on.
+    let hop = get(
+        gw.addr,
+        "/old/x",
+        &[
+            ("connection", "x-hop"),
+            ("x-hop", "1"),
+            ("te", "trailers"),
+            ("keep-alive", "timeout=5"),
+        ],
+    )
+    .await
+    .json();
+    let headers = &hop["headers"];
+    assert!(headers.get("x-hop").is_none(), "{headers}");
+    assert!(headers.get("keep-alive").is_none(), "{headers}");
+    assert_eq!(headers["te"], "trailers");
+
     let kept = get(gw.addr, "/kept", &[("host", "shop.example.com")])
         .await
         .json();

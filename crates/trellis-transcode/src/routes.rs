@@ -324,40 +324,14 @@ impl<T> RouteTable<T> {
         } else {
             rest.split('/').collect()
         };
-        let mut found = Vec::new();
-        self.root.walk(&parts, 0, &mut found);
-        let mut matched: Vec<(usize, bool)> = found
-            .iter()
-            .filter(|&&i| self.entries[i].template.verb.is_none())
-            .map(|&i| (i, false))
-            .collect();
-        let mut verb_parts = Vec::new();
-        if let Some((head, verb)) = parts.last().and_then(|last| last.rsplit_once(':')) {
-            verb_parts.extend_from_slice(&parts[..parts.len() - 1]);
-            verb_parts.push(head);
-            found.clear();
-            self.root.walk(&verb_parts, 0, &mut found);
-            matched.extend(
-                found
-                    .iter()
-                    .filter(|&&i| self.entries[i].template.verb.as_deref() == Some(verb))
-                    .map(|&i| (i, true)),
-            );
-        }
-        matched.retain(|&(i, _)| self.entries[i].method == *method);
-        matched.sort_by(|&(a, _), &(b, _)| {
-            let (ta, tb) = (&self.entries[a].template, &self.entries[b].template);
-            tb.specificity().cmp(&ta.specificity()).then(a.cmp(&b))
-        });
-        matched.dedup_by_key(|(i, _)| *i);
-        matched
+        let verb_parts = verb_parts(&parts);
+        self.ordered(method, &parts, verb_parts.as_ref())
             .into_iter()
             .filter_map(|(i, with_verb)| {
                 let entry = &self.entries[i];
-                let bound = if with_verb {
-                    &verb_parts[..]
-                } else {
-                    &parts[..]
+                let bound = match (&verb_parts, with_verb) {
+                    (Some((vp, _)), true) => &vp[..],
+                    _ => &parts[..],
                 };
                 entry.template.bind(bound).ok().map(|vars| Found {
                     value: &entry.value,
@@ -367,6 +341,83 @@ impl<T> RouteTable<T> {
             })
             .collect()
     }
+
+    /// What every route for `method` whose template matches `path`
+    /// carries, most specific first, without binding variables: the
+    /// gateway's lookup, which needs the candidates and not the values.
+    pub fn matching(&self, method: &Method, path: &str) -> Vec<&T> {
+        let Some(rest) = path.strip_prefix('/') else {
+            return Vec::new();
+        };
+        let mut inline = [""; 16];
+        let spilled: Vec<&str>;
+        let parts: &[&str] = if rest.is_empty() {
+            &[]
+        } else if rest.split('/').count() <= inline.len() {
+            let mut n = 0;
+            for part in rest.split('/') {
+                inline[n] = part;
+                n += 1;
+            }
+            &inline[..n]
+        } else {
+            spilled = rest.split('/').collect();
+            &spilled
+        };
+        let verb_parts = verb_parts(parts);
+        self.ordered(method, parts, verb_parts.as_ref())
+            .into_iter()
+            .map(|(i, _)| &self.entries[i].value)
+            .collect()
+    }
+
+    /// The entries matching `parts` (and, for templates with a verb,
+    /// `verb_parts`) under `method`, most specific first.
+    fn ordered(
+        &self,
+        method: &Method,
+        parts: &[&str],
+        verb_parts: Option<&(Vec<&str>, &str)>,
+    ) -> Vec<(usize, bool)> {
+        let mut found = Vec::new();
+        self.root.walk(parts, 0, &mut found);
+        let mut matched: Vec<(usize, bool)> = found
+            .iter()
+            .filter(|&&i| {
+                self.entries[i].template.verb.is_none() && self.entries[i].method == *method
+            })
+            .map(|&i| (i, false))
+            .collect();
+        if let Some((verb_parts, verb)) = verb_parts {
+            found.clear();
+            self.root.walk(verb_parts, 0, &mut found);
+            matched.extend(
+                found
+                    .iter()
+                    .filter(|&&i| {
+                        self.entries[i].template.verb.as_deref() == Some(*verb)
+                            && self.entries[i].method == *method
+                    })
+                    .map(|&i| (i, true)),
+            );
+        }
+        if matched.len() > 1 {
+            matched.sort_by(|&(a, _), &(b, _)| {
+                let (ta, tb) = (&self.entries[a].template, &self.entries[b].template);
+                tb.specificity().cmp(&ta.specificity()).then(a.cmp(&b))
+            });
+            matched.dedup_by_key(|(i, _)| *i);
+        }
+        matched
+    }
+}
+
+/// The path with the last segment's `:verb` taken off, and the verb.
+fn verb_parts<'a>(parts: &[&'a str]) -> Option<(Vec<&'a str>, &'a str)> {
+    let (head, verb) = parts.last()?.rsplit_once(':')?;
+    let mut out = parts[..parts.len() - 1].to_vec();
+    out.push(head);
+    Some((out, verb))
 }
 
 /// FNV-1a, for the short path segments of the literal maps.
@@ -449,6 +500,17 @@ mod tests {
             .map(|f| *f.value)
             .collect();
         assert_eq!(all, [2, 1, 0]);
+        let values: Vec<usize> = t
+            .matching(&Method::GET, "/v1/users/me")
+            .into_iter()
+            .copied()
+            .collect();
+        assert_eq!(values, all, "matching lists what lookup_all does, unbound");
+        assert!(
+            t.matching(&Method::GET, &format!("/v1{}", "/x".repeat(40)))
+                .len()
+                == 1
+        );
         assert!(t.lookup_all(&Method::DELETE, "/v1/users/me").is_empty());
         assert!(t.lookup_all(&Method::GET, "/v3/x").is_empty());
     }
