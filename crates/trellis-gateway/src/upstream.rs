@@ -1,7 +1,8 @@
 //! Upstreams: each a [`Balanced`] pool (the generic balancer, with its
-//! outlier ejection) over endpoint services that all share one HTTP
-//! client, so every worker thread reuses the same kept-alive connections
-//! (one pool keyed by scheme and authority, as Pingora found best).
+//! outlier ejection) over endpoint services, each with one connection pool
+//! that every worker thread shares (Pingora's finding: a shared pool
+//! reuses more than per-worker pools). HTTP/1.1 connections are kept alive
+//! and reused once a response has ended; HTTP/2 connections multiplex.
 //! Discovered services follow the registry; static targets are a fixed
 //! instance set. A reload keeps every upstream whose settings did not
 //! change — its pool, outlier state and connections.
@@ -10,98 +11,299 @@ use std::{
     collections::HashMap,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use http::{Request, Response, Uri, uri::Authority};
-use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioTimer},
+use bytes::Bytes;
+use http::{
+    HeaderValue, Request, Response, Uri, header,
+    uri::{Authority, PathAndQuery},
 };
-use tokio::sync::watch;
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{net::TcpStream, sync::watch};
 use tower::{BoxError, Service};
 use trellis_balance::{BalanceConfig, Balanced, Policy};
 use trellis_registry::{Instance, InstanceSet, ServiceRegistry};
 
 use crate::{GatewayError, config::UpstreamConfig};
 
-/// The one HTTP client every upstream shares: HTTP/1.1 and, for h2c and
-/// gRPC upstreams, HTTP/2 with prior knowledge.
+/// How upstream connections are kept: shared by every upstream and every
+/// worker thread.
 #[derive(Clone)]
 pub(crate) struct Clients {
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
+    idle_timeout: Duration,
+    max_idle: usize,
+    connect_timeout: Duration,
+    reused: metrics::Counter,
+    opened: metrics::Counter,
 }
 
 impl Clients {
     pub(crate) fn new() -> Clients {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        connector.enforce_http(true);
-        let mut h1 = Client::builder(TokioExecutor::new());
-        h1.pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .pool_timer(TokioTimer::new());
-        let mut h2 = Client::builder(TokioExecutor::new());
-        h2.http2_only(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_keep_alive_interval(Duration::from_secs(30));
         Clients {
-            h1: h1.build(connector.clone()),
-            h2: h2.build(connector),
+            idle_timeout: Duration::from_secs(90),
+            max_idle: 1024,
+            connect_timeout: Duration::from_secs(5),
+            reused: metrics::counter!("gateway_upstream_requests_total", "connection" => "reused"),
+            opened: metrics::counter!("gateway_upstream_requests_total", "connection" => "new"),
         }
     }
 }
 
-/// Talks to one endpoint: aims the request at it and sends it through the
-/// shared client.
+/// The connections to one endpoint: kept-alive HTTP/1.1 connections
+/// (idle ones on a stack, the most recently used first, so a few stay warm
+/// and the rest time out) and one multiplexed HTTP/2 connection. One pool
+/// per endpoint, shared by every worker thread: no key to hash, no map to
+/// search (Pingora's finding: a shared pool reuses more than per-worker
+/// pools).
+pub(crate) struct EndpointPool {
+    authority: Authority,
+    clients: Clients,
+    idle: Mutex<Vec<(http1::SendRequest<Incoming>, Instant)>>,
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+}
+
+impl EndpointPool {
+    fn new(authority: Authority, clients: Clients) -> EndpointPool {
+        EndpointPool {
+            authority,
+            clients,
+            idle: Mutex::new(Vec::new()),
+            h2: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn connect(&self) -> Result<TokioIo<TcpStream>, BoxError> {
+        let stream = tokio::time::timeout(
+            self.clients.connect_timeout,
+            TcpStream::connect(self.authority.as_str()),
+        )
+        .await
+        .map_err(|_| format!("connecting to {} timed out", self.authority))??;
+        stream.set_nodelay(true)?;
+        Ok(TokioIo::new(stream))
+    }
+
+    /// An idle HTTP/1.1 connection that is still open and not too old.
+    async fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
+        loop {
+            let (mut sender, since) = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop()?;
+            if since.elapsed() > self.clients.idle_timeout || sender.is_closed() {
+                continue;
+            }
+            // Returned as soon as its response ended: the connection task
+            // may still be finishing it.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    fn checkin(&self, sender: http1::SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < self.clients.max_idle {
+            idle.push((sender, Instant::now()));
+        }
+    }
+
+    async fn send_h1(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<PoolBody>, BoxError> {
+        // Origin form on the wire, the upstream's authority as Host unless
+        // the route kept the client's.
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
+        *req.version_mut() = http::Version::HTTP_11;
+        if !req.headers().contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(self.authority.as_str())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        // A kept-alive connection first. One the upstream closed while it
+        // sat idle refuses the request unsent: it goes on a new one.
+        if let Some(mut sender) = self.checkout().await {
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    self.clients.reused.increment(1);
+                    return Ok(self.pooled(response, sender));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(e.into_error().into()),
+                },
+            }
+        }
+        let io = self.connect().await?;
+        let (mut sender, connection) = http1::handshake(io).await?;
+        tokio::spawn(async move {
+            // The connection's own errors reach the request that saw them.
+            let _ = connection.await;
+        });
+        self.clients.opened.increment(1);
+        let response = sender.send_request(req).await?;
+        Ok(self.pooled(response, sender))
+    }
+
+    /// The response, whose body puts the connection back once it ends.
+    fn pooled(
+        self: &Arc<Self>,
+        response: Response<Incoming>,
+        sender: http1::SendRequest<Incoming>,
+    ) -> Response<PoolBody> {
+        response.map(|body| {
+            let mut body = PoolBody {
+                body,
+                back: Some((self.clone(), sender)),
+            };
+            body.check_end();
+            body
+        })
+    }
+
+    async fn send_h2(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<PoolBody>, BoxError> {
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(self.authority.clone())
+            .path_and_query(
+                req.uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            )
+            .build()?;
+        *req.uri_mut() = uri;
+        *req.version_mut() = http::Version::HTTP_2;
+        req.headers_mut().remove(header::HOST);
+        let mut sender = {
+            let mut shared = self.h2.lock().await;
+            match shared.as_ref() {
+                Some(sender) if !sender.is_closed() => {
+                    self.clients.reused.increment(1);
+                    sender.clone()
+                }
+                _ => {
+                    let io = self.connect().await?;
+                    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .keep_alive_interval(Duration::from_secs(30))
+                        .handshake(io)
+                        .await?;
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                    self.clients.opened.increment(1);
+                    *shared = Some(sender.clone());
+                    sender
+                }
+            }
+        };
+        sender.ready().await?;
+        let response = sender.send_request(req).await?;
+        Ok(response.map(|body| PoolBody { body, back: None }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream response body that returns its HTTP/1.1 connection to
+    /// the pool when it ends (dropped before its end, the connection
+    /// closes instead).
+    pub struct PoolBody {
+        #[pin]
+        body: Incoming,
+        back: Option<(Arc<EndpointPool>, http1::SendRequest<Incoming>)>,
+    }
+}
+
+impl PoolBody {
+    fn check_end(&mut self) {
+        if http_body::Body::is_end_stream(&self.body)
+            && let Some((pool, sender)) = self.back.take()
+        {
+            pool.checkin(sender);
+        }
+    }
+}
+
+impl http_body::Body for PoolBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let mut this = self.project();
+        let polled = this.body.as_mut().poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => http_body::Body::is_end_stream(&*this.body),
+            Poll::Ready(Some(Err(_))) => {
+                // A broken body: the connection is not reused.
+                this.back.take();
+                false
+            }
+            Poll::Pending => false,
+        };
+        if ended && let Some((pool, sender)) = this.back.take() {
+            pool.checkin(sender);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Talks to one endpoint through its pool: HTTP/1.1, or HTTP/2 for h2c
+/// upstreams and gRPC requests.
 #[derive(Clone)]
 pub(crate) struct EndpointClient {
-    clients: Clients,
-    authority: Authority,
+    pool: Arc<EndpointPool>,
     h2c: bool,
 }
 
 impl Service<Request<Incoming>> for EndpointClient {
-    type Response = Response<Incoming>;
+    type Response = Response<PoolBody>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<PoolBody>, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(self.authority.clone())
-            .path_and_query(path)
-            .build();
-        let uri = match uri {
-            Ok(uri) => uri,
-            Err(e) => return Box::pin(std::future::ready(Err(e.into()))),
-        };
-        *req.uri_mut() = uri;
-        let h2 = self.h2c || trellis_core::protocol::is_grpc(req.headers());
-        let client = if h2 {
-            *req.version_mut() = http::Version::HTTP_2;
-            self.clients.h2.clone()
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let pool = self.pool.clone();
+        if self.h2c || trellis_core::protocol::is_grpc(req.headers()) {
+            Box::pin(pool.send_h2(req))
         } else {
-            *req.version_mut() = http::Version::HTTP_11;
-            self.clients.h1.clone()
-        };
-        Box::pin(async move { client.request(req).await.map_err(BoxError::from) })
+            Box::pin(pool.send_h1(req))
+        }
     }
 }
 
@@ -157,8 +359,7 @@ impl Upstream {
         let connect = move |endpoint: &trellis_balance::Endpoint| {
             let authority: Authority = endpoint.address().parse()?;
             Ok::<_, BoxError>(EndpointClient {
-                clients: clients.clone(),
-                authority,
+                pool: Arc::new(EndpointPool::new(authority, clients.clone())),
                 h2c,
             })
         };

@@ -33,24 +33,27 @@ const DEADLINE: Duration = Duration::from_secs(10);
 
 /// An upstream that answers every request with what it saw, as JSON.
 async fn echo_upstream(name: &'static str) -> SocketAddr {
-    let app = Router::new().fallback(any(move |req: Request| async move {
-        let headers: BTreeMap<String, String> = req
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("?").to_owned()))
-            .collect();
-        let body = json!({
-            "upstream": name,
-            "method": req.method().as_str(),
-            "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
-            "headers": headers,
-        });
-        (
-            [("x-upstream", name), ("connection", "keep-alive")],
-            axum::Json(body),
-        )
-            .into_response()
-    }));
+    let app = Router::new().fallback(any(
+        move |peer: axum::extract::ConnectInfo<SocketAddr>, req: Request| async move {
+            let headers: BTreeMap<String, String> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("?").to_owned()))
+                .collect();
+            let body = json!({
+                "upstream": name,
+                "method": req.method().as_str(),
+                "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
+                "headers": headers,
+                "peer": peer.0.to_string(),
+            });
+            (
+                [("x-upstream", name), ("connection", "keep-alive")],
+                axum::Json(body),
+            )
+                .into_response()
+        },
+    ));
     serve_axum(app).await
 }
 
@@ -60,7 +63,11 @@ async fn serve_axum(app: Router) -> SocketAddr {
         .expect("bind upstream");
     let addr = listener.local_addr().expect("upstream address");
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await;
     });
     addr
 }
@@ -306,7 +313,8 @@ upstream = "a"
         ),
     );
     let gw = gateway(&file).await;
-    assert_eq!(get(gw.addr, "/here", &[]).await.status, 200);
+    let here = get(gw.addr, "/here", &[]).await;
+    assert_eq!(here.status, 200, "{}", String::from_utf8_lossy(&here.body));
     let answer = get(gw.addr, "/elsewhere", &[]).await;
     assert_eq!(answer.status, 404);
     assert_eq!(answer.json()["reason"], "ROUTE_NOT_FOUND");
@@ -393,6 +401,37 @@ upstream = "a"
         .await
         .json();
     assert_eq!(kept["headers"]["host"], "shop.example.com");
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let a = echo_upstream("a").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+[routes.all]
+prefix = "/"
+upstream = "a"
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    // Sequential requests, from new client connections each time: the
+    // gateway's side of the upstream connection stays the same.
+    let mut peers = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let seen = get(gw.addr, "/", &[]).await.json();
+        peers.insert(seen["peer"].as_str().unwrap_or("?").to_owned());
+    }
+    assert_eq!(
+        peers.len(),
+        1,
+        "one upstream connection for 20 sequential requests: {peers:?}"
+    );
 }
 
 #[tokio::test]
