@@ -53,12 +53,17 @@ pub struct Defaults {
     /// (504 past it). Streams may run longer once the head has arrived.
     #[serde(with = "trellis_config::duration")]
     pub timeout: Duration,
+    /// How long an upgraded connection (WebSocket) may carry nothing in
+    /// either direction before both sides are closed.
+    #[serde(with = "trellis_config::duration")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for Defaults {
     fn default() -> Self {
         Defaults {
             timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -140,6 +145,9 @@ pub struct RouteConfig {
     /// Overrides `defaults.timeout`.
     #[serde(with = "trellis_config::duration::option")]
     pub timeout: Option<Duration>,
+    /// Overrides `defaults.idle_timeout`.
+    #[serde(with = "trellis_config::duration::option")]
+    pub idle_timeout: Option<Duration>,
 }
 
 /// One side of a weighted split.

@@ -169,9 +169,23 @@ async fn forward(
         .parse::<http::Uri>()
         .map_err(|e| fail(Error::invalid_argument("path", e.to_string())))?;
 
-    // Headers.
+    // Headers. A protocol switch (WebSocket) keeps its `Upgrade` and
+    // `Connection: upgrade` for the upstream, and the client's side of the
+    // switch is taken now, to be joined to the upstream's after its 101.
     let client_host = host.clone();
+    let upgrade = (parts.version == http::Version::HTTP_11)
+        .then(|| parts.headers.get(header::UPGRADE).cloned())
+        .flatten();
+    let client_upgrade = upgrade
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     strip_hop_by_hop(&mut parts.headers, true);
+    if let Some(protocol) = &upgrade {
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     if let Some(ip) = peer {
         let earlier = parts
             .headers
@@ -221,6 +235,32 @@ async fn forward(
         }
     };
     let (mut parts, body) = response.into_parts();
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        let (Some(client), Some(upstream)) = (
+            client_upgrade,
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+        ) else {
+            return Err(fail(
+                Error::new(
+                    Code::Unavailable,
+                    "UPGRADE_FAILED",
+                    format!("upstream {upstream_name} switched protocols unasked"),
+                )
+                .with_http_status(StatusCode::BAD_GATEWAY),
+            ));
+        };
+        let protocol = parts.headers.get(header::UPGRADE).cloned();
+        strip_hop_by_hop(&mut parts.headers, false);
+        if let Some(protocol) = protocol {
+            parts.headers.insert(header::UPGRADE, protocol);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        tokio::spawn(tunnel(client, upstream, route.idle_timeout));
+        parts.extensions.insert(RouteTemplate(name));
+        return Ok(Response::from_parts(parts, full(Bytes::new())));
+    }
     strip_hop_by_hop(&mut parts.headers, false);
     if !route.response_headers.is_empty() {
         route.response_headers.apply(&mut parts.headers);
@@ -230,6 +270,55 @@ async fn forward(
         parts,
         UnsyncBoxBody::new(body.map_err(BoxError::from)),
     ))
+}
+
+/// Joins the client's and the upstream's upgraded connections (a
+/// WebSocket, or any protocol switched to): bytes both ways until either
+/// side closes, or nothing moves for `idle`.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    idle: std::time::Duration,
+) {
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else {
+        return;
+    };
+    let (mut client_read, mut client_write) = tokio::io::split(TokioIo::new(client));
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(TokioIo::new(upstream));
+    // Each direction copies until its reader ends; the whole tunnel closes
+    // when either direction has seen nothing for `idle`.
+    async fn pump<R, W>(reader: &mut R, writer: &mut W, idle: std::time::Duration) -> bool
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match tokio::time::timeout(idle, reader.read(&mut buf)).await {
+                Ok(Ok(0)) => {
+                    let _ = writer.shutdown().await;
+                    return true;
+                }
+                Ok(Ok(n)) => {
+                    if writer.write_all(&buf[..n]).await.is_err() {
+                        return false;
+                    }
+                }
+                // Idle, or broken.
+                Ok(Err(_)) | Err(_) => return false,
+            }
+        }
+    }
+    let up = pump(&mut client_read, &mut upstream_write, idle);
+    let down = pump(&mut upstream_read, &mut client_write, idle);
+    tokio::pin!(up, down);
+    // A clean close on one side lets the other finish; anything else ends both.
+    tokio::select! {
+        clean = &mut up => if clean { let _ = down.await; },
+        clean = &mut down => if clean { let _ = up.await; },
+    }
 }
 
 /// A failed upstream call as the error model: no endpoint is 503, a

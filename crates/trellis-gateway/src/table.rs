@@ -51,6 +51,8 @@ pub(crate) struct Route {
     pub(crate) request_headers: Rules,
     pub(crate) response_headers: Rules,
     pub(crate) timeout: Duration,
+    /// How long an upgraded connection (WebSocket) may carry nothing.
+    pub(crate) idle_timeout: Duration,
 }
 
 /// A route's upstream, or a weighted split between several.
@@ -465,5 +467,6 @@ fn compile_route(
             key(&format!("response_headers.{f}"))
         })?,
         timeout: route.timeout.unwrap_or(config.defaults.timeout),
+        idle_timeout: route.idle_timeout.unwrap_or(config.defaults.idle_timeout),
     })
 }

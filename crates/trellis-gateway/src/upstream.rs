@@ -162,6 +162,34 @@ impl EndpointPool {
         Ok(self.pooled(response, sender))
     }
 
+    /// A request asking to switch protocols (WebSocket): always on a new
+    /// HTTP/1.1 connection of its own, which the upgrade then takes over.
+    async fn send_upgrade(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<PoolBody>, BoxError> {
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
+        *req.version_mut() = http::Version::HTTP_11;
+        if !req.headers().contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(self.authority.as_str())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        let io = self.connect().await?;
+        let (mut sender, connection) = http1::handshake(io).await?;
+        tokio::spawn(async move {
+            let _ = connection.with_upgrades().await;
+        });
+        self.clients.opened.increment(1);
+        let response = sender.send_request(req).await?;
+        Ok(response.map(|body| PoolBody { body, back: None }))
+    }
+
     /// The response, whose body puts the connection back once it ends.
     fn pooled(
         self: &Arc<Self>,
@@ -299,7 +327,9 @@ impl Service<Request<Incoming>> for EndpointClient {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let pool = self.pool.clone();
-        if self.h2c || trellis_core::protocol::is_grpc(req.headers()) {
+        if req.headers().contains_key(header::UPGRADE) {
+            Box::pin(pool.send_upgrade(req))
+        } else if self.h2c || trellis_core::protocol::is_grpc(req.headers()) {
             Box::pin(pool.send_h2(req))
         } else {
             Box::pin(pool.send_h1(req))

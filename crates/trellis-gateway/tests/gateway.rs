@@ -764,3 +764,93 @@ async fn a_document_that_does_not_compile_names_the_route_and_field() {
         assert!(error.contains(expected), "{expected}: {error}");
     }
 }
+
+#[tokio::test]
+async fn a_websocket_upgrade_is_tunnelled_both_ways_until_idle() {
+    // The upstream switches protocols and then echoes every byte.
+    let app = Router::new().fallback(any(|mut req: Request| async move {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = on.await else { return };
+            let mut io = hyper_util::rt::TokioIo::new(upgraded);
+            let mut buf = [0u8; 1024];
+            loop {
+                match io.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if io.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+            .body(Body::empty())
+            .unwrap_or_default()
+    }));
+    let upstream = serve_axum(app).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.ws]
+targets = [{{ url = "http://{upstream}" }}]
+[routes.ws]
+prefix = "/ws"
+upstream = "ws"
+idle_timeout = "300ms"
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    let mut stream = TcpStream::connect(gw.addr).await.expect("connect");
+    stream
+        .write_all(
+            b"GET /ws/chat HTTP/1.1\r\nhost: gateway.test\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+        )
+        .await
+        .expect("send the upgrade");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(DEADLINE, async {
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = stream.read(&mut byte).await.expect("read the head");
+            assert!(
+                n > 0,
+                "closed during the head: {}",
+                String::from_utf8_lossy(&head)
+            );
+            head.push(byte[0]);
+        }
+    })
+    .await
+    .expect("the 101 arrives");
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("sec-websocket-accept"), "{head}");
+
+    // Bytes both ways, as often as the client likes while it keeps talking.
+    for message in [&b"hello"[..], b"second frame", b"third"] {
+        stream.write_all(message).await.expect("write");
+        let mut echo = vec![0u8; message.len()];
+        tokio::time::timeout(DEADLINE, stream.read_exact(&mut echo))
+            .await
+            .expect("the echo arrives")
+            .expect("read the echo");
+        assert_eq!(echo, message);
+    }
+    // Then silence: the gateway closes the tunnel after its idle timeout.
+    let mut rest = [0u8; 16];
+    let closed = tokio::time::timeout(DEADLINE, stream.read(&mut rest))
+        .await
+        .expect("the idle tunnel is closed within the deadline");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+}
