@@ -57,6 +57,14 @@ pub struct Defaults {
     /// either direction before both sides are closed.
     #[serde(with = "trellis_config::duration")]
     pub idle_timeout: Duration,
+    /// Requests declaring a larger body (`Content-Length`) are refused with
+    /// 413 before anything is read or sent upstream.
+    pub max_body_bytes: u64,
+    /// Requests whose path and query are longer are refused with 414.
+    pub max_uri_bytes: usize,
+    /// Give every request an `X-Request-Id` (a UUID) unless it has one,
+    /// sent upstream and back to the client.
+    pub request_id: bool,
 }
 
 impl Default for Defaults {
@@ -64,8 +72,37 @@ impl Default for Defaults {
         Defaults {
             timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
+            max_body_bytes: 16 << 20,
+            max_uri_bytes: 8 << 10,
+            request_id: true,
         }
     }
+}
+
+/// A route's rate limit (GCRA, in this process).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Requests per `period` on average.
+    pub rate: u32,
+    /// The period `rate` is counted over. Default: 1 s.
+    #[serde(default = "one_second", with = "trellis_config::duration")]
+    pub period: Duration,
+    /// Requests allowed at once after a quiet spell. Default: `rate`.
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Whose budget: `route` (one for the route, default), `client_ip`, or
+    /// `header:NAME` (an API key, a tenant).
+    #[serde(default = "by_route")]
+    pub by: String,
+}
+
+fn one_second() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn by_route() -> String {
+    "route".into()
 }
 
 /// An upstream: a discovered service or static targets.
@@ -148,6 +185,9 @@ pub struct RouteConfig {
     /// Overrides `defaults.idle_timeout`.
     #[serde(with = "trellis_config::duration::option")]
     pub idle_timeout: Option<Duration>,
+    /// Limits requests: over it, 429 with `Retry-After` (gRPC:
+    /// RESOURCE_EXHAUSTED with a retry hint).
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 /// One side of a weighted split.

@@ -136,7 +136,7 @@ impl Gateway {
         let clients = Clients::new();
         let mut rx = config.subscribe();
         let first = rx.borrow_and_update().clone();
-        let state = build(&first, None, &clients, registry.as_ref()).await?;
+        let state = build(&first, None, None, &clients, registry.as_ref()).await?;
         metrics::gauge!("gateway_routes").set(state.table.len() as f64);
         info!(routes = state.table.len(), version = %state.version, "gateway routes loaded");
         let seed = std::time::SystemTime::now()
@@ -158,6 +158,7 @@ impl Gateway {
                 let previous = shared.state.load_full();
                 match build(
                     &snapshot,
+                    Some(&previous.table),
                     Some(&previous.upstreams),
                     &clients,
                     registry.as_ref(),
@@ -225,13 +226,17 @@ impl Gateway {
 
 async fn build(
     snapshot: &Snapshot<GatewayConfig>,
+    previous_table: Option<&Table>,
     previous: Option<&Upstreams>,
     clients: &Clients,
     registry: Option<&Arc<dyn ServiceRegistry>>,
 ) -> Result<State, GatewayError> {
     let config = &snapshot.config;
-    let table = Table::compile(config)
+    let mut table = Table::compile(config)
         .map_err(|e| GatewayError::Config(format!("{}: {}", e.key, e.message)))?;
+    if let Some(previous) = previous_table {
+        table.keep_limiters(previous);
+    }
     let upstreams = Upstreams::build(&config.upstreams, previous, clients, registry).await?;
     Ok(State {
         table,

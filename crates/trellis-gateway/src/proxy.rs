@@ -27,6 +27,8 @@ use hyper::body::Incoming;
 use tower::{BoxError, Service, ServiceExt};
 use trellis_core::{Code, Error, RouteTemplate, protocol::is_grpc};
 
+use trellis_resilience::rate_limit::Decision;
+
 use crate::{Shared, State};
 
 /// The body of the gateway's responses: the upstream's, streamed, or an
@@ -36,6 +38,7 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-connection");
 
@@ -134,6 +137,66 @@ async fn forward(
     let route = matched.route;
     let name = route.name.clone();
     let fail = |e: Error| (e, Some(name.clone()));
+    let defaults = &state.table.defaults;
+    if parts
+        .uri
+        .path_and_query()
+        .is_some_and(|p| p.as_str().len() > defaults.max_uri_bytes)
+    {
+        return Err(fail(
+            Error::new(
+                Code::InvalidArgument,
+                "URI_TOO_LONG",
+                format!(
+                    "the path and query are over {} bytes",
+                    defaults.max_uri_bytes
+                ),
+            )
+            .with_http_status(StatusCode::URI_TOO_LONG),
+        ));
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > defaults.max_body_bytes) {
+        return Err(fail(
+            Error::new(
+                Code::ResourceExhausted,
+                "BODY_TOO_LARGE",
+                format!("the body is over {} bytes", defaults.max_body_bytes),
+            )
+            .with_http_status(StatusCode::PAYLOAD_TOO_LARGE),
+        ));
+    }
+    if let Some(limit) = &route.rate_limit
+        && let Decision::Deny { retry_after } = limit.check(&parts.headers, peer.as_ref())
+    {
+        return Err(fail(
+            Error::new(
+                Code::ResourceExhausted,
+                "RATE_LIMITED",
+                format!("route {name} is over its rate limit"),
+            )
+            .with_retry_after(retry_after)
+            .with_http_status(StatusCode::TOO_MANY_REQUESTS),
+        ));
+    }
+    let request_id = if defaults.request_id {
+        match parts.headers.get(X_REQUEST_ID) {
+            Some(id) => Some(id.clone()),
+            None => {
+                let id = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).ok();
+                if let Some(id) = &id {
+                    parts.headers.insert(X_REQUEST_ID, id.clone());
+                }
+                id
+            }
+        }
+    } else {
+        None
+    };
     let upstream_name = route.targets.pick(random);
     let upstream = state.upstreams.get(upstream_name).ok_or_else(|| {
         fail(Error::unavailable(format!(
@@ -262,6 +325,11 @@ async fn forward(
         return Ok(Response::from_parts(parts, full(Bytes::new())));
     }
     strip_hop_by_hop(&mut parts.headers, false);
+    if let Some(id) = request_id
+        && !parts.headers.contains_key(X_REQUEST_ID)
+    {
+        parts.headers.insert(X_REQUEST_ID, id);
+    }
     if !route.response_headers.is_empty() {
         route.response_headers.apply(&mut parts.headers);
     }

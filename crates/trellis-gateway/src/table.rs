@@ -13,7 +13,12 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use trellis_config::Invalid;
 use trellis_transcode::{PathTemplate, RouteTable};
 
-use crate::config::{GatewayConfig, HeaderRules, RouteConfig, header_name, header_value, method};
+use trellis_resilience::rate_limit::{Decision, LocalLimiter, Quota};
+
+use crate::config::{
+    Defaults, GatewayConfig, HeaderRules, RateLimitConfig, RouteConfig, header_name, header_value,
+    method,
+};
 
 /// Methods a route without `methods` answers. (CONNECT and TRACE are never
 /// proxied.)
@@ -29,6 +34,8 @@ const ANY_METHOD: [Method; 7] = [
 
 /// The routes, compiled. Immutable; a reload builds a new one.
 pub(crate) struct Table {
+    /// The document's settings for every route.
+    pub(crate) defaults: Defaults,
     routes: Vec<Route>,
     exact_hosts: HashMap<String, RouteTable<Vec<usize>>>,
     /// (suffix with its dot, `.example.com`; table), longest first.
@@ -53,7 +60,42 @@ pub(crate) struct Route {
     pub(crate) timeout: Duration,
     /// How long an upgraded connection (WebSocket) may carry nothing.
     pub(crate) idle_timeout: Duration,
+    pub(crate) rate_limit: Option<RouteLimit>,
 }
+
+/// A route's limiter and whose budget a request spends.
+pub(crate) struct RouteLimit {
+    config: RateLimitConfig,
+    limiter: Arc<LocalLimiter>,
+    by: LimitBy,
+}
+
+impl RouteLimit {
+    /// Spends one request of the budget `headers` and `peer` select.
+    pub(crate) fn check(&self, headers: &HeaderMap, peer: Option<&HeaderValue>) -> Decision {
+        match &self.by {
+            LimitBy::Route => self.limiter.check(None),
+            LimitBy::ClientIp => self.limiter.check(Some(
+                peer.and_then(|p| p.to_str().ok()).unwrap_or("unknown"),
+            )),
+            LimitBy::Header(name) => self.limiter.check(Some(
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(""),
+            )),
+        }
+    }
+}
+
+pub(crate) enum LimitBy {
+    Route,
+    ClientIp,
+    Header(HeaderName),
+}
+
+/// Keys a per-client limiter tracks at most (least recently seen go first).
+const MAX_LIMIT_KEYS: usize = 100_000;
 
 /// A route's upstream, or a weighted split between several.
 pub(crate) enum Targets {
@@ -175,6 +217,7 @@ impl Table {
             routes.push(compile_route(config, name, route)?);
         }
         let mut table = Table {
+            defaults: config.defaults.clone(),
             routes,
             exact_hosts: HashMap::new(),
             wildcard_hosts: Vec::new(),
@@ -371,6 +414,59 @@ fn path_template(route: &RouteConfig) -> Result<PathTemplate, (&'static str, Str
     Ok(template)
 }
 
+fn route_limit(limit: &RateLimitConfig) -> Result<RouteLimit, String> {
+    if limit.rate == 0 || limit.period.is_zero() {
+        return Err("rate and period must be more than 0".into());
+    }
+    let by = match limit.by.as_str() {
+        "route" => LimitBy::Route,
+        "client_ip" => LimitBy::ClientIp,
+        other => match other.strip_prefix("header:") {
+            Some(name) => LimitBy::Header(header_name(name)?),
+            None => {
+                return Err(format!(
+                    "by = {other:?}: expected route, client_ip or header:NAME"
+                ));
+            }
+        },
+    };
+    let quota = Quota {
+        rate: limit.rate,
+        period: limit.period,
+        burst: 1,
+    }
+    .with_burst(limit.burst.unwrap_or(limit.rate));
+    let keys = if matches!(by, LimitBy::Route) {
+        1
+    } else {
+        MAX_LIMIT_KEYS
+    };
+    Ok(RouteLimit {
+        config: limit.clone(),
+        limiter: Arc::new(LocalLimiter::new(quota, keys)),
+        by,
+    })
+}
+
+impl Table {
+    /// Carries each route's limiter over from `previous` when its limit is
+    /// unchanged, so a reload does not hand every client a fresh burst.
+    pub(crate) fn keep_limiters(&mut self, previous: &Table) {
+        let old: HashMap<&str, &RouteLimit> = previous
+            .routes
+            .iter()
+            .filter_map(|r| r.rate_limit.as_ref().map(|l| (&*r.name, l)))
+            .collect();
+        for route in &mut self.routes {
+            if let (Some(limit), Some(before)) = (&mut route.rate_limit, old.get(&*route.name))
+                && limit.config == before.config
+            {
+                limit.limiter = before.limiter.clone();
+            }
+        }
+    }
+}
+
 fn compile_route(
     config: &GatewayConfig,
     name: &str,
@@ -468,5 +564,50 @@ fn compile_route(
         })?,
         timeout: route.timeout.unwrap_or(config.defaults.timeout),
         idle_timeout: route.idle_timeout.unwrap_or(config.defaults.idle_timeout),
+        rate_limit: match &route.rate_limit {
+            None => None,
+            Some(limit) => {
+                Some(route_limit(limit).map_err(|e| Invalid::new(key("rate_limit"), e))?)
+            }
+        },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(rate_limit: &str) -> GatewayConfig {
+        let text = format!(
+            "[upstreams.a]\ntargets = [{{ url = \"http://127.0.0.1:1\" }}]\n\
+             [routes.r]\nprefix = \"/\"\nupstream = \"a\"\nrate_limit = {rate_limit}\n"
+        );
+        toml_doc(&text)
+    }
+
+    fn toml_doc(text: &str) -> GatewayConfig {
+        toml::from_str(text).expect("a gateway document")
+    }
+
+    fn spend(table: &Table) -> bool {
+        let route = &table.routes[0];
+        let limit = route.rate_limit.as_ref().expect("a limit");
+        matches!(limit.check(&HeaderMap::new(), None), Decision::Allow)
+    }
+
+    #[test]
+    fn a_reload_keeps_a_routes_spent_budget_unless_its_limit_changed() {
+        let first =
+            Table::compile(&doc("{ rate = 1, period = \"1h\", burst = 2 }")).expect("compiles");
+        assert!(spend(&first) && spend(&first));
+        assert!(!spend(&first), "the burst of 2 is spent");
+        let mut same =
+            Table::compile(&doc("{ rate = 1, period = \"1h\", burst = 2 }")).expect("compiles");
+        same.keep_limiters(&first);
+        assert!(!spend(&same), "the same limit keeps the spent budget");
+        let mut changed =
+            Table::compile(&doc("{ rate = 1, period = \"1h\", burst = 3 }")).expect("compiles");
+        changed.keep_limiters(&first);
+        assert!(spend(&changed), "a changed limit starts afresh");
+    }
 }

@@ -854,3 +854,103 @@ idle_timeout = "300ms"
         .expect("the idle tunnel is closed within the deadline");
     assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
 }
+
+#[tokio::test]
+async fn limits_rate_limits_and_request_ids() {
+    let a = echo_upstream("a").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[defaults]
+max_body_bytes = 1000
+max_uri_bytes = 100
+
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+
+[routes.open]
+prefix = "/open"
+upstream = "a"
+
+[routes.scarce]
+prefix = "/scarce"
+upstream = "a"
+rate_limit = {{ rate = 1, period = "1h", burst = 2 }}
+
+[routes.keyed]
+prefix = "/keyed"
+upstream = "a"
+rate_limit = {{ rate = 1, period = "1h", burst = 1, by = "header:x-api-key" }}
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+
+    // A request id is made when the client sent none, and kept when it did.
+    let answer = get(gw.addr, "/open", &[]).await;
+    let made = answer
+        .headers
+        .get("x-request-id")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(made.len(), 36, "a UUID: {made:?}");
+    assert_eq!(answer.json()["headers"]["x-request-id"], made.as_str());
+    let kept = get(gw.addr, "/open", &[("x-request-id", "abc-123")]).await;
+    assert_eq!(
+        kept.headers.get("x-request-id").map(String::as_str),
+        Some("abc-123")
+    );
+
+    // Too long a URI, too large a declared body: refused before the upstream.
+    let long = format!("/open/{}", "x".repeat(200));
+    assert_eq!(get(gw.addr, &long, &[]).await.status, 414);
+    let big = Conn::open(gw.addr)
+        .await
+        .request("POST", "/open", &[("content-length", "5000")])
+        .await;
+    assert_eq!(big.status, 413);
+    assert_eq!(big.json()["reason"], "BODY_TOO_LARGE");
+
+    // A route's budget: its burst, then 429 with Retry-After.
+    let mut conn = Conn::open(gw.addr).await;
+    let statuses: Vec<u16> = {
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            out.push(conn.request("GET", "/scarce", &[]).await.status);
+        }
+        out
+    };
+    assert_eq!(statuses, [200, 200, 429]);
+    let refused = conn.request("GET", "/scarce", &[]).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.json()["reason"], "RATE_LIMITED");
+    assert!(
+        refused.headers.contains_key("retry-after"),
+        "{:?}",
+        refused.headers
+    );
+    // Other routes are not affected.
+    assert_eq!(conn.request("GET", "/open", &[]).await.status, 200);
+
+    // Keyed by header: each key has its own budget.
+    assert_eq!(
+        conn.request("GET", "/keyed", &[("x-api-key", "k1")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        conn.request("GET", "/keyed", &[("x-api-key", "k1")])
+            .await
+            .status,
+        429
+    );
+    assert_eq!(
+        conn.request("GET", "/keyed", &[("x-api-key", "k2")])
+            .await
+            .status,
+        200
+    );
+}
