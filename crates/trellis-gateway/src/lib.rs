@@ -34,6 +34,7 @@
 
 pub mod config;
 mod generate;
+mod grpc_web;
 mod proxy;
 mod table;
 mod upstream;

@@ -29,7 +29,10 @@ use trellis_core::{Code, Error, RouteTemplate, protocol::is_grpc};
 
 use trellis_resilience::rate_limit::Decision;
 
-use crate::{Shared, State};
+use crate::{
+    Shared, State,
+    grpc_web::{self, RequestBody},
+};
 
 /// The body of the gateway's responses: the upstream's, streamed, or an
 /// error of its own.
@@ -278,6 +281,18 @@ async fn forward(
         route.request_headers.apply(&mut parts.headers);
     }
 
+    // gRPC-Web becomes gRPC on the way up, and back on the way down.
+    let web = grpc_web::Mode::of(&parts.headers);
+    let body = match web {
+        Some(mode) => {
+            mode.request_headers(&mut parts.headers);
+            match mode {
+                grpc_web::Mode::Text => RequestBody::from_text(body),
+                grpc_web::Mode::Binary => RequestBody::plain(body),
+            }
+        }
+        None => RequestBody::plain(body),
+    };
     let request = Request::from_parts(parts, body);
     let call = upstream.pool.clone().oneshot(request);
     let response = match tokio::time::timeout(route.timeout, call).await {
@@ -334,6 +349,13 @@ async fn forward(
         route.response_headers.apply(&mut parts.headers);
     }
     parts.extensions.insert(RouteTemplate(name));
+    if let Some(mode) = web {
+        mode.response_headers(&mut parts.headers);
+        return Ok(Response::from_parts(
+            parts,
+            UnsyncBoxBody::new(grpc_web::ResponseBody::new(body, mode)),
+        ));
+    }
     Ok(Response::from_parts(
         parts,
         UnsyncBoxBody::new(body.map_err(BoxError::from)),

@@ -31,7 +31,7 @@ use tower::{BoxError, Service};
 use trellis_balance::{BalanceConfig, Balanced, Policy};
 use trellis_registry::{Instance, InstanceSet, ServiceRegistry};
 
-use crate::{GatewayError, config::UpstreamConfig};
+use crate::{GatewayError, config::UpstreamConfig, grpc_web::RequestBody};
 
 /// How upstream connections are kept: shared by every upstream and every
 /// worker thread.
@@ -65,8 +65,8 @@ impl Clients {
 pub(crate) struct EndpointPool {
     authority: Authority,
     clients: Clients,
-    idle: Mutex<Vec<(http1::SendRequest<Incoming>, Instant)>>,
-    h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+    idle: Mutex<Vec<(http1::SendRequest<RequestBody>, Instant)>>,
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>,
 }
 
 impl EndpointPool {
@@ -91,7 +91,7 @@ impl EndpointPool {
     }
 
     /// An idle HTTP/1.1 connection that is still open and not too old.
-    async fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
+    async fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
         loop {
             let (mut sender, since) = self
                 .idle
@@ -109,7 +109,7 @@ impl EndpointPool {
         }
     }
 
-    fn checkin(&self, sender: http1::SendRequest<Incoming>) {
+    fn checkin(&self, sender: http1::SendRequest<RequestBody>) {
         if sender.is_closed() {
             return;
         }
@@ -121,7 +121,7 @@ impl EndpointPool {
 
     async fn send_h1(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<Response<PoolBody>, BoxError> {
         // Origin form on the wire, the upstream's authority as Host unless
         // the route kept the client's.
@@ -166,7 +166,7 @@ impl EndpointPool {
     /// HTTP/1.1 connection of its own, which the upgrade then takes over.
     async fn send_upgrade(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<Response<PoolBody>, BoxError> {
         let path = req
             .uri()
@@ -194,7 +194,7 @@ impl EndpointPool {
     fn pooled(
         self: &Arc<Self>,
         response: Response<Incoming>,
-        sender: http1::SendRequest<Incoming>,
+        sender: http1::SendRequest<RequestBody>,
     ) -> Response<PoolBody> {
         response.map(|body| {
             let mut body = PoolBody {
@@ -208,7 +208,7 @@ impl EndpointPool {
 
     async fn send_h2(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<Response<PoolBody>, BoxError> {
         let uri = Uri::builder()
             .scheme("http")
@@ -259,7 +259,7 @@ pin_project_lite::pin_project! {
     pub struct PoolBody {
         #[pin]
         body: Incoming,
-        back: Option<(Arc<EndpointPool>, http1::SendRequest<Incoming>)>,
+        back: Option<(Arc<EndpointPool>, http1::SendRequest<RequestBody>)>,
     }
 }
 
@@ -316,7 +316,7 @@ pub(crate) struct EndpointClient {
     h2c: bool,
 }
 
-impl Service<Request<Incoming>> for EndpointClient {
+impl Service<Request<RequestBody>> for EndpointClient {
     type Response = Response<PoolBody>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Response<PoolBody>, BoxError>> + Send>>;
@@ -325,7 +325,7 @@ impl Service<Request<Incoming>> for EndpointClient {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         let pool = self.pool.clone();
         if req.headers().contains_key(header::UPGRADE) {
             Box::pin(pool.send_upgrade(req))

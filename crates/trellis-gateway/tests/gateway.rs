@@ -144,7 +144,20 @@ impl Conn {
     }
 
     async fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+        self.request_with_body(method, path, headers, None).await
+    }
+
+    async fn request_with_body(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Answer {
         let mut head = format!("{method} {path} HTTP/1.1\r\n");
+        if let Some(body) = body {
+            head.push_str(&format!("content-length: {}\r\n", body.len()));
+        }
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
             head.push_str("host: gateway.test\r\n");
         }
@@ -157,6 +170,13 @@ impl Conn {
             .write_all(head.as_bytes())
             .await
             .expect("send request");
+        if let Some(body) = body {
+            self.reader
+                .get_mut()
+                .write_all(body)
+                .await
+                .expect("send the body");
+        }
         let mut line = String::new();
         self.reader.read_line(&mut line).await.expect("status line");
         let status = line
@@ -953,4 +973,102 @@ rate_limit = {{ rate = 1, period = "1h", burst = 1, by = "header:x-api-key" }}
             .status,
         200
     );
+}
+
+#[tokio::test]
+async fn grpc_web_binary_and_text_become_grpc_and_back() {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("shop.Up", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream_listener(listener))
+            .await;
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.grpc]
+targets = [{{ url = "http://{upstream}" }}]
+h2c = true
+[routes.health]
+prefix = "/grpc.health.v1.Health"
+upstream = "grpc"
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    // HealthCheckRequest { service: "shop.Up" }, framed.
+    let message = [&[0x0a, 7][..], b"shop.Up"].concat();
+    let framed = [&[0u8][..], &(message.len() as u32).to_be_bytes(), &message].concat();
+
+    // Binary, over HTTP/1.1 (as a browser's fetch sends it).
+    let answer = Conn::open(gw.addr)
+        .await
+        .request_with_body(
+            "POST",
+            "/grpc.health.v1.Health/Check",
+            &[
+                ("content-type", "application/grpc-web+proto"),
+                ("x-grpc-web", "1"),
+            ],
+            Some(&framed),
+        )
+        .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.headers.get("content-type").map(String::as_str),
+        Some("application/grpc-web+proto")
+    );
+    check_web_answer(&answer.body);
+
+    // Text: the request base64-encoded, the answer too.
+    use base64::Engine as _;
+    let text = base64::prelude::BASE64_STANDARD.encode(&framed);
+    let answer = Conn::open(gw.addr)
+        .await
+        .request_with_body(
+            "POST",
+            "/grpc.health.v1.Health/Check",
+            &[
+                ("content-type", "application/grpc-web-text"),
+                ("accept", "application/grpc-web-text"),
+            ],
+            Some(text.as_bytes()),
+        )
+        .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.headers.get("content-type").map(String::as_str),
+        Some("application/grpc-web-text+proto")
+    );
+    // Each frame is its own padded base64 segment: decode group by group.
+    let mut decoded = Vec::new();
+    for group in answer.body.chunks(4) {
+        let mut out = [0u8; 3];
+        let n = base64::prelude::BASE64_STANDARD
+            .decode_slice(group, &mut out)
+            .expect("base64");
+        decoded.extend_from_slice(&out[..n]);
+    }
+    check_web_answer(&decoded);
+}
+
+/// A gRPC-Web answer to Health/Check for a serving service: one message
+/// frame (`status: SERVING`), then the trailer frame with `grpc-status: 0`.
+fn check_web_answer(body: &[u8]) {
+    assert!(body.len() > 10, "{body:?}");
+    assert_eq!(body[0], 0, "a message frame first: {body:?}");
+    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    assert_eq!(&body[5..5 + len], &[0x08, 0x01], "status SERVING");
+    let trailer = &body[5 + len..];
+    assert_eq!(trailer[0], 0x80, "then the trailer frame: {trailer:?}");
+    let text = String::from_utf8_lossy(&trailer[5..]);
+    assert!(text.contains("grpc-status: 0\r\n"), "{text}");
 }

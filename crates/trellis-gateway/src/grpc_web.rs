@@ -1,0 +1,242 @@
+//! gRPC-Web to gRPC (the protocol browsers can speak, PROTOCOL-WEB.md):
+//! requests with `application/grpc-web[+proto]` (binary) or
+//! `application/grpc-web-text[+proto]` (base64) become gRPC requests over
+//! HTTP/2 to the upstream; the answer's messages pass through (base64
+//! encoded for text), and its trailers become the final frame of the body
+//! (flag `0x80`, then `name: value\r\n` lines), since a browser cannot read
+//! HTTP trailers. Works over HTTP/1.1 and HTTP/2 from the client.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use base64::{Engine as _, prelude::BASE64_STANDARD};
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, header};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tower::BoxError;
+
+/// Which gRPC-Web a request speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Frames as in gRPC.
+    Binary,
+    /// The same frames, base64-encoded.
+    Text,
+}
+
+impl Mode {
+    /// The request's gRPC-Web mode, if it is gRPC-Web.
+    pub(crate) fn of(headers: &HeaderMap) -> Option<Mode> {
+        let ct = headers.get(header::CONTENT_TYPE)?.as_bytes();
+        if ct.starts_with(b"application/grpc-web-text") {
+            Some(Mode::Text)
+        } else if ct.starts_with(b"application/grpc-web") {
+            Some(Mode::Binary)
+        } else {
+            None
+        }
+    }
+
+    /// Makes the request's headers gRPC's.
+    pub(crate) fn request_headers(self, headers: &mut HeaderMap) {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        // The body's length changes in text mode; gRPC needs none.
+        headers.remove(header::CONTENT_LENGTH);
+        headers.remove(header::ACCEPT);
+    }
+
+    /// Makes the response's headers gRPC-Web's.
+    pub(crate) fn response_headers(self, headers: &mut HeaderMap) {
+        let ct = match self {
+            Mode::Binary => "application/grpc-web+proto",
+            Mode::Text => "application/grpc-web-text+proto",
+        };
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+        headers.remove(header::CONTENT_LENGTH);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The body the gateway sends upstream: the client's as it came, or a
+    /// gRPC-Web-text body decoded from base64 as it streams.
+    pub struct RequestBody {
+        #[pin]
+        body: Incoming,
+        // Text mode: base64 characters not yet decoded (a group split
+        // between chunks).
+        text: Option<Vec<u8>>,
+    }
+}
+
+impl RequestBody {
+    /// The client's body, unchanged.
+    pub(crate) fn plain(body: Incoming) -> RequestBody {
+        RequestBody { body, text: None }
+    }
+
+    /// A gRPC-Web-text body, decoded.
+    pub(crate) fn from_text(body: Incoming) -> RequestBody {
+        RequestBody {
+            body,
+            text: Some(Vec::new()),
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        loop {
+            let frame = match std::task::ready!(this.body.as_mut().poll_frame(cx)) {
+                None => {
+                    return Poll::Ready(match this.text.as_ref() {
+                        Some(rest) if !rest.is_empty() => Some(Err(
+                            "the gRPC-Web-text body ends inside a base64 group".into(),
+                        )),
+                        _ => None,
+                    });
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                Some(Ok(frame)) => frame,
+            };
+            let Some(pending) = this.text.as_mut() else {
+                return Poll::Ready(Some(Ok(frame)));
+            };
+            let Ok(data) = frame.into_data() else {
+                // Trailers on a request: nothing gRPC uses.
+                continue;
+            };
+            pending.extend(data.iter().filter(|b| !b.is_ascii_whitespace()));
+            let whole = pending.len() / 4 * 4;
+            if whole == 0 {
+                continue;
+            }
+            // Each 4-character group on its own: padded segments may be
+            // concatenated (each message encoded separately).
+            let mut out = BytesMut::with_capacity(whole / 4 * 3);
+            let mut group = [0u8; 3];
+            for chunk in pending[..whole].chunks_exact(4) {
+                match BASE64_STANDARD.decode_slice(chunk, &mut group) {
+                    Ok(n) => out.put_slice(&group[..n]),
+                    Err(e) => {
+                        return Poll::Ready(Some(Err(format!(
+                            "the gRPC-Web-text body is not base64: {e}"
+                        )
+                        .into())));
+                    }
+                }
+            }
+            pending.drain(..whole);
+            return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream() && self.text.as_ref().is_none_or(Vec::is_empty)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.text {
+            None => self.body.size_hint(),
+            Some(_) => SizeHint::default(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The upstream's gRPC answer as gRPC-Web: messages as they come (base64
+    /// in text mode), the trailers as a last frame.
+    pub struct ResponseBody<B> {
+        #[pin]
+        body: B,
+        mode: Mode,
+        done: bool,
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn new(body: B, mode: Mode) -> Self {
+        ResponseBody {
+            body,
+            mode,
+            done: false,
+        }
+    }
+}
+
+/// Trailers as gRPC-Web's trailer frame: `0x80`, the length, then the
+/// trailers in HTTP/1 form with lower-case names.
+fn trailer_frame(trailers: &HeaderMap) -> Bytes {
+    let mut block = Vec::new();
+    for (name, value) in trailers {
+        block.extend_from_slice(name.as_str().as_bytes());
+        block.extend_from_slice(b": ");
+        block.extend_from_slice(value.as_bytes());
+        block.extend_from_slice(b"\r\n");
+    }
+    let mut out = BytesMut::with_capacity(5 + block.len());
+    out.put_u8(0x80);
+    out.put_u32(u32::try_from(block.len()).unwrap_or(u32::MAX));
+    out.put_slice(&block);
+    out.freeze()
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        let encode = |bytes: Bytes, mode: Mode| match mode {
+            Mode::Binary => bytes,
+            Mode::Text => Bytes::from(BASE64_STANDARD.encode(&bytes)),
+        };
+        match std::task::ready!(this.body.poll_frame(cx)) {
+            None => {
+                *this.done = true;
+                Poll::Ready(None)
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => Poll::Ready(Some(Ok(Frame::data(encode(data, *this.mode))))),
+                Err(frame) => match frame.into_trailers() {
+                    Ok(trailers) => {
+                        *this.done = true;
+                        Poll::Ready(Some(Ok(Frame::data(encode(
+                            trailer_frame(&trailers),
+                            *this.mode,
+                        )))))
+                    }
+                    Err(_) => Poll::Ready(None),
+                },
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
