@@ -1072,3 +1072,89 @@ fn check_web_answer(body: &[u8]) {
     let text = String::from_utf8_lossy(&trailer[5..]);
     assert!(text.contains("grpc-status: 0\r\n"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_fail_no_request_even_at_ten_thousand_routes() {
+    let (a, b) = (echo_upstream("a").await, echo_upstream("b").await);
+    let dir = tempfile::tempdir().expect("temp dir");
+    // `extra` more routes, each on a path of its own.
+    let doc = |upstream: &str, extra: usize| {
+        let mut text = format!(
+            "[upstreams.a]\ntargets = [{{ url = \"http://{a}\" }}]\n\
+             [upstreams.b]\ntargets = [{{ url = \"http://{b}\" }}]\n\
+             [routes.main]\nprefix = \"/\"\nupstream = \"{upstream}\"\n"
+        );
+        for i in 0..extra {
+            text.push_str(&format!(
+                "[routes.r{i}]\ntemplate = \"/v{}/res{i}/{{id}}\"\nmethods = [\"GET\"]\nupstream = \"a\"\n",
+                i % 3
+            ));
+        }
+        text
+    };
+    let file = write(&dir, &doc("a", 0));
+    let gw = gateway(&file).await;
+
+    // Eight clients on kept-alive connections, requesting without pause.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let stop = stop.clone();
+        let addr = gw.addr;
+        clients.push(tokio::spawn(async move {
+            let mut conn = Conn::open(addr).await;
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let answer = conn.request("GET", "/v2/res5/7", &[]).await;
+                if answer.status == 200 {
+                    ok += 1;
+                } else {
+                    failed.push(answer.status);
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let mut applied = gw.gateway.applied();
+    for (round, (upstream, extra)) in [
+        ("b", 0),
+        ("a", 10_000),
+        ("b", 10_000),
+        ("a", 0),
+        ("b", 10_000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let before = applied.borrow_and_update().clone();
+        let started = std::time::Instant::now();
+        write(&dir, &doc(upstream, extra));
+        tokio::time::timeout(Duration::from_secs(30), applied.wait_for(|v| *v != before))
+            .await
+            .unwrap_or_else(|_| panic!("reload {round} applied within the deadline"))
+            .expect("the gateway is running");
+        eprintln!(
+            "reload {round}: {} routes applied {:?} after the write",
+            gw.gateway.routes(),
+            started.elapsed()
+        );
+        assert_eq!(gw.gateway.routes(), extra + 1);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let (ok, failed) = client.await.expect("client");
+        assert!(
+            failed.is_empty(),
+            "failed requests during reloads: {failed:?}"
+        );
+        total += ok;
+    }
+    assert!(total > 0, "the clients made requests");
+    // The last document's route for this path is the template to `a`.
+    let answer = get(gw.addr, "/v2/res5/7", &[]).await;
+    assert_eq!(
+        answer.headers.get("x-upstream").map(String::as_str),
+        Some("a")
+    );
+}
