@@ -54,7 +54,7 @@ use tracing::{info, warn};
 use trellis_config::{Config, Snapshot};
 use trellis_core::Drain;
 use trellis_registry::ServiceRegistry;
-use trellis_telemetry::{Red, RedLayer};
+use trellis_telemetry::{Red, RedLayer, ServerTrace, ServerTraceLayer};
 use trellis_transport::Limits;
 
 pub use config::GatewayConfig;
@@ -120,6 +120,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct Gateway {
     shared: Arc<Shared>,
+    trace: ServerTraceLayer,
     red: RedLayer,
 }
 
@@ -186,14 +187,20 @@ impl Gateway {
         });
         Ok(Gateway {
             shared,
+            trace: ServerTraceLayer::new().service("gateway"),
             red: RedLayer::new(),
         })
     }
 
-    /// The service for one client connection from `peer`: RED metrics by
-    /// route name around the proxy.
-    pub fn service(&self, peer: Option<SocketAddr>) -> Red<Proxy> {
-        tower::Layer::layer(&self.red, Proxy::new(self.shared.clone(), peer))
+    /// The service for one client connection from `peer`, top-down: the
+    /// server span (continuing the caller's `traceparent`/`baggage`, and the
+    /// access log line), RED metrics by route name, the proxy (which sends
+    /// its span's context upstream).
+    pub fn service(&self, peer: Option<SocketAddr>) -> ServerTrace<Red<Proxy>> {
+        tower::ServiceBuilder::new()
+            .layer(self.trace.clone())
+            .layer(self.red.clone())
+            .service(Proxy::new(self.shared.clone(), peer))
     }
 
     /// The number of routes in force.

@@ -277,6 +277,8 @@ async fn forward(
             parts.headers.remove(header::HOST);
         }
     }
+    // The trace goes on: this request's span is the upstream's parent.
+    trellis_telemetry::propagation::inject_current(&mut parts.headers);
     if !route.request_headers.is_empty() {
         route.request_headers.apply(&mut parts.headers);
     }

@@ -414,6 +414,22 @@ upstream = "a"
     .json();
     let headers = &hop["headers"];
     assert!(headers.get("x-hop").is_none(), "{headers}");
+    // The trace goes on upstream.
+    let traced = get(
+        gw.addr,
+        "/old/t",
+        &[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )],
+    )
+    .await
+    .json();
+    let upstream_parent = traced["headers"]["traceparent"].as_str().unwrap_or("");
+    assert!(
+        upstream_parent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{upstream_parent}"
+    );
     assert!(headers.get("keep-alive").is_none(), "{headers}");
     assert_eq!(headers["te"], "trailers");
 

@@ -32,6 +32,17 @@ pub fn inject(cx: &Context, headers: &mut HeaderMap) {
     propagator().inject_context(cx, &mut HeaderInjector(headers));
 }
 
+/// Writes the current context's trace context and baggage into
+/// `headers` (what a proxy sends upstream: its own span as the parent,
+/// or the caller's context when it records none).
+pub fn inject_current(headers: &mut HeaderMap) {
+    use opentelemetry::{baggage::BaggageExt as _, trace::TraceContextExt as _};
+    let cx = Context::current();
+    if cx.has_active_span() || !cx.baggage().is_empty() {
+        inject(&cx, headers);
+    }
+}
+
 /// Whether the headers carry anything to extract.
 pub(crate) fn carries_context(headers: &HeaderMap) -> bool {
     use trellis_core::protocol::{BAGGAGE, TRACEPARENT};
