@@ -541,7 +541,8 @@ async fn run_gateway(
     let prometheus = trellis::telemetry::prometheus().map_err(|e| e.to_string())?;
     let (lifecycle, probes) = tokio::sync::watch::channel(trellis::State::Ready);
     let admin_router = trellis::telemetry::metrics_router(prometheus)
-        .merge(trellis::transport::probe_router(probes));
+        .merge(trellis::transport::probe_router(probes))
+        .merge(gateway.admin_router());
     let bind = |addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
             .await

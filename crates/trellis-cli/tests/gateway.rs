@@ -129,6 +129,22 @@ upstream = "user"
         http::get(admin, "/readyz").await.expect("readyz").status,
         200
     );
+    // What it runs, on the admin port: routes, the discovered endpoint.
+    let view = http::get(admin, "/gateway").await.expect("admin view");
+    assert_eq!(view.status, 200, "{}", view.body);
+    let view: serde_json::Value = serde_json::from_str(&view.body).expect("JSON");
+    assert_eq!(view["routes"][0]["name"], "user_grpc");
+    let endpoints = view["upstreams"]["user"]["endpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(endpoints.len(), 1, "{view}");
+    assert_eq!(endpoints[0]["address"], listen.as_str());
+    assert_eq!(view["reloads"][0]["result"], "applied");
+    assert_eq!(
+        http::get(addr, "/gateway").await.expect("main port").status,
+        404
+    );
 
     gateway.signal(15);
     let status = gateway.wait(Duration::from_secs(15));

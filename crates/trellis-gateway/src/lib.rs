@@ -89,6 +89,24 @@ pub(crate) struct Shared {
     seed: AtomicU64,
     /// The config version in force, published after each swap.
     applied: tokio::sync::watch::Sender<String>,
+    /// The last reloads, newest last.
+    history: std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>,
+}
+
+/// Reloads remembered for the admin view.
+const HISTORY: usize = 32;
+
+impl Shared {
+    fn record(&self, entry: serde_json::Value) {
+        let mut history = self
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if history.len() == HISTORY {
+            history.pop_front();
+        }
+        history.push_back(entry);
+    }
 }
 
 impl Shared {
@@ -149,7 +167,13 @@ impl Gateway {
             state: ArcSwap::from_pointee(state),
             seed: AtomicU64::new(seed | 1),
             applied,
+            history: Default::default(),
         });
+        shared.record(serde_json::json!({
+            "version": first.version,
+            "at": unix_ms(),
+            "result": "applied",
+        }));
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
             // The store lives as long as this task follows it.
@@ -171,7 +195,13 @@ impl Gateway {
                         let routes = state.table.len();
                         let version = state.version.clone();
                         shared.state.store(Arc::new(state));
-                        shared.applied.send_replace(version);
+                        shared.applied.send_replace(version.clone());
+                        shared.record(serde_json::json!({
+                            "version": version,
+                            "at": unix_ms(),
+                            "result": "applied",
+                            "routes": routes,
+                        }));
                         metrics::gauge!("gateway_routes").set(routes as f64);
                         metrics::counter!("gateway_reloads_total", "result" => "applied")
                             .increment(1);
@@ -201,6 +231,41 @@ impl Gateway {
             .layer(self.trace.clone())
             .layer(self.red.clone())
             .service(Proxy::new(self.shared.clone(), peer))
+    }
+
+    /// What the gateway is running, as JSON for the admin listener
+    /// (`GET /gateway`): the config version, every route with its targets,
+    /// every upstream with its endpoints (weight, in flight, latency,
+    /// ejected), and the last reloads with their errors.
+    pub fn admin_view(&self) -> serde_json::Value {
+        let state = self.shared.state.load();
+        let history: Vec<serde_json::Value> = self
+            .shared
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect();
+        serde_json::json!({
+            "version": state.version,
+            "routes": state.table.describe(),
+            "upstreams": state.upstreams.describe(),
+            "reloads": history,
+        })
+    }
+
+    /// `GET /gateway` with [`admin_view`](Self::admin_view), for the admin
+    /// listener only.
+    pub fn admin_router(&self) -> axum::Router {
+        let gateway = self.clone();
+        axum::Router::new().route(
+            "/gateway",
+            axum::routing::get(move || {
+                let view = gateway.admin_view();
+                async move { axum::Json(view) }
+            }),
+        )
     }
 
     /// The number of routes in force.
@@ -251,6 +316,12 @@ async fn build(
         upstreams,
         version: snapshot.version.clone(),
     })
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn describe_metrics() {

@@ -252,6 +252,42 @@ impl Table {
         self.routes.len()
     }
 
+    /// The routes for the admin view, in name order.
+    pub(crate) fn describe(&self) -> Vec<serde_json::Value> {
+        self.routes
+            .iter()
+            .map(|r| {
+                let upstreams: Vec<serde_json::Value> = match &r.targets {
+                    Targets::One(name) => {
+                        vec![serde_json::json!({ "upstream": &**name, "share": 1.0 })]
+                    }
+                    Targets::Split { choices, total } => {
+                        let mut before = 0;
+                        choices
+                            .iter()
+                            .map(|(name, upto)| {
+                                let share = f64::from(upto - before) / f64::from(*total);
+                                before = *upto;
+                                serde_json::json!({ "upstream": &**name, "share": share })
+                            })
+                            .collect()
+                    }
+                };
+                serde_json::json!({
+                    "name": &*r.name,
+                    "priority": r.priority,
+                    "targets": upstreams,
+                    "timeout_ms": r.timeout.as_millis() as u64,
+                    "rate_limit": r.rate_limit.as_ref().map(|l| serde_json::json!({
+                        "rate": l.config.rate,
+                        "period_ms": l.config.period.as_millis() as u64,
+                        "by": l.config.by,
+                    })),
+                })
+            })
+            .collect()
+    }
+
     /// The route for a request, if any.
     pub(crate) fn find(
         &self,

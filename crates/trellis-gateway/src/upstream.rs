@@ -375,6 +375,41 @@ impl Upstreams {
     pub(crate) fn get(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.by_name.get(name)
     }
+
+    /// Every upstream with its endpoints' state, for the admin view.
+    pub(crate) fn describe(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        let mut names: Vec<&String> = self.by_name.keys().collect();
+        names.sort();
+        for name in names {
+            let upstream = &self.by_name[name];
+            let endpoints: Vec<serde_json::Value> = upstream
+                .pool
+                .endpoints()
+                .iter()
+                .map(|e| {
+                    serde_json::json!({
+                        "address": e.address(),
+                        "weight": e.weight(),
+                        "zone": e.zone(),
+                        "in_flight": e.in_flight(),
+                        "requests": e.requests(),
+                        "latency_ms": e.latency_ns() / 1e6,
+                        "ejected": e.is_ejected(),
+                    })
+                })
+                .collect();
+            out.insert(
+                name.clone(),
+                serde_json::json!({
+                    "discover": upstream.config.discover,
+                    "balance": upstream.pool.policy_name(),
+                    "endpoints": endpoints,
+                }),
+            );
+        }
+        serde_json::Value::Object(out)
+    }
 }
 
 impl Upstream {
