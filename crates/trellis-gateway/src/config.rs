@@ -188,6 +188,34 @@ pub struct RouteConfig {
     /// Limits requests: over it, 429 with `Retry-After` (gRPC:
     /// RESOURCE_EXHAUSTED with a retry hint).
     pub rate_limit: Option<RateLimitConfig>,
+    /// Sending a request again. Default: one more attempt for a request
+    /// without a body whose method may be repeated (GET, HEAD, OPTIONS,
+    /// PUT, DELETE), when the upstream could not take it.
+    pub retries: RetryConfig,
+}
+
+/// When a request is sent again (to an endpoint the balancer picks anew).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included: 1 turns retries off. Default 2.
+    pub attempts: u32,
+    /// Upstream statuses that are retried too (e.g. `[502, 503]`); a
+    /// connection that failed or closed before answering always is.
+    pub on_status: Vec<u16>,
+    /// Retries may add at most this share to the route's requests (a
+    /// failing upstream is not hit with every request twice). Default 0.2.
+    pub budget: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            attempts: 2,
+            on_status: Vec::new(),
+            budget: 0.2,
+        }
+    }
 }
 
 /// One side of a weighted split.

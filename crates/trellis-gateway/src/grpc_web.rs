@@ -64,11 +64,12 @@ impl Mode {
 }
 
 pin_project_lite::pin_project! {
-    /// The body the gateway sends upstream: the client's as it came, or a
-    /// gRPC-Web-text body decoded from base64 as it streams.
+    /// The body the gateway sends upstream: the client's as it came, a
+    /// gRPC-Web-text body decoded from base64 as it streams, or none (a
+    /// request sent again).
     pub struct RequestBody {
         #[pin]
-        body: Incoming,
+        body: Option<Incoming>,
         // Text mode: base64 characters not yet decoded (a group split
         // between chunks).
         text: Option<Vec<u8>>,
@@ -78,14 +79,25 @@ pin_project_lite::pin_project! {
 impl RequestBody {
     /// The client's body, unchanged.
     pub(crate) fn plain(body: Incoming) -> RequestBody {
-        RequestBody { body, text: None }
+        RequestBody {
+            body: Some(body),
+            text: None,
+        }
     }
 
     /// A gRPC-Web-text body, decoded.
     pub(crate) fn from_text(body: Incoming) -> RequestBody {
         RequestBody {
-            body,
+            body: Some(body),
             text: Some(Vec::new()),
+        }
+    }
+
+    /// No body.
+    pub(crate) fn empty() -> RequestBody {
+        RequestBody {
+            body: None,
+            text: None,
         }
     }
 }
@@ -100,7 +112,10 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         loop {
-            let frame = match std::task::ready!(this.body.as_mut().poll_frame(cx)) {
+            let Some(body) = this.body.as_mut().as_pin_mut() else {
+                return Poll::Ready(None);
+            };
+            let frame = match std::task::ready!(body.poll_frame(cx)) {
                 None => {
                     return Poll::Ready(match this.text.as_ref() {
                         Some(rest) if !rest.is_empty() => Some(Err(
@@ -145,13 +160,15 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream() && self.text.as_ref().is_none_or(Vec::is_empty)
+        self.body.as_ref().is_none_or(Body::is_end_stream)
+            && self.text.as_ref().is_none_or(Vec::is_empty)
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.text {
-            None => self.body.size_hint(),
-            Some(_) => SizeHint::default(),
+        match (&self.body, &self.text) {
+            (None, _) => SizeHint::with_exact(0),
+            (Some(body), None) => body.size_hint(),
+            (Some(_), Some(_)) => SizeHint::default(),
         }
     }
 }

@@ -21,7 +21,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use tower::{BoxError, Service, ServiceExt};
@@ -295,23 +296,69 @@ async fn forward(
         }
         None => RequestBody::plain(body),
     };
-    let request = Request::from_parts(parts, body);
-    let call = upstream.pool.clone().oneshot(request);
-    let response = match tokio::time::timeout(route.timeout, call).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => return Err(fail(upstream_error(upstream_name, e))),
-        Err(_) => {
-            return Err(fail(
-                Error::new(
-                    Code::DeadlineExceeded,
-                    "UPSTREAM_TIMEOUT",
-                    format!(
-                        "upstream {upstream_name} sent no response within {:?}",
-                        route.timeout
-                    ),
-                )
-                .with_http_status(StatusCode::GATEWAY_TIMEOUT),
-            ));
+    // A request with no body and a method that may be repeated can be sent
+    // again when the upstream could not take it (nginx's proxy_next_upstream
+    // "error"), within the route's budget.
+    let replay = (body.is_end_stream()
+        && client_upgrade.is_none()
+        && route.retry.attempts > 1
+        && matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+        ))
+    .then(|| {
+        let mut copy = Request::new(());
+        *copy.method_mut() = parts.method.clone();
+        *copy.uri_mut() = parts.uri.clone();
+        *copy.version_mut() = parts.version;
+        *copy.headers_mut() = parts.headers.clone();
+        copy
+    });
+    route.retry.budget.deposit();
+    let mut request = Some(Request::from_parts(parts, body));
+    let mut attempt = 1;
+    let response = loop {
+        let Some(current) = request.take() else {
+            return Err(fail(Error::internal("no request to send")));
+        };
+        let call = upstream.pool.clone().oneshot(current);
+        let outcome = tokio::time::timeout(route.timeout, call).await;
+        let again = attempt < route.retry.attempts
+            && match &outcome {
+                Ok(Ok(response)) => route.retry.on_status.contains(&response.status().as_u16()),
+                Ok(Err(_)) => true,
+                Err(_) => false,
+            };
+        if again
+            && let Some(copy) = &replay
+            && route.retry.budget.withdraw()
+        {
+            attempt += 1;
+            let mut next = Request::new(RequestBody::empty());
+            *next.method_mut() = copy.method().clone();
+            *next.uri_mut() = copy.uri().clone();
+            *next.version_mut() = copy.version();
+            *next.headers_mut() = copy.headers().clone();
+            request = Some(next);
+            metrics::counter!("gateway_retries_total", "route" => name.to_string()).increment(1);
+            continue;
+        }
+        match outcome {
+            Ok(Ok(response)) => break response,
+            Ok(Err(e)) => return Err(fail(upstream_error(upstream_name, e))),
+            Err(_) => {
+                return Err(fail(
+                    Error::new(
+                        Code::DeadlineExceeded,
+                        "UPSTREAM_TIMEOUT",
+                        format!(
+                            "upstream {upstream_name} sent no response within {:?}",
+                            route.timeout
+                        ),
+                    )
+                    .with_http_status(StatusCode::GATEWAY_TIMEOUT),
+                ));
+            }
         }
     };
     let (mut parts, body) = response.into_parts();

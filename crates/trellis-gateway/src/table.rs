@@ -13,7 +13,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use trellis_config::Invalid;
 use trellis_transcode::{PathTemplate, RouteTable};
 
-use trellis_resilience::rate_limit::{Decision, LocalLimiter, Quota};
+use trellis_resilience::{
+    rate_limit::{Decision, LocalLimiter, Quota},
+    retry::RetryBudget,
+};
 
 use crate::config::{
     Defaults, GatewayConfig, HeaderRules, RateLimitConfig, RouteConfig, header_name, header_value,
@@ -61,6 +64,14 @@ pub(crate) struct Route {
     /// How long an upgraded connection (WebSocket) may carry nothing.
     pub(crate) idle_timeout: Duration,
     pub(crate) rate_limit: Option<RouteLimit>,
+    pub(crate) retry: RouteRetry,
+}
+
+/// A route's retry policy and budget.
+pub(crate) struct RouteRetry {
+    pub(crate) attempts: u32,
+    pub(crate) on_status: Vec<u16>,
+    pub(crate) budget: RetryBudget,
 }
 
 /// A route's limiter and whose budget a request spends.
@@ -600,6 +611,27 @@ fn compile_route(
         })?,
         timeout: route.timeout.unwrap_or(config.defaults.timeout),
         idle_timeout: route.idle_timeout.unwrap_or(config.defaults.idle_timeout),
+        retry: {
+            let r = &route.retries;
+            if !(1..=5).contains(&r.attempts) {
+                return Err(Invalid::new(key("retries.attempts"), "must be 1..=5"));
+            }
+            if !(0.0..=1.0).contains(&r.budget) {
+                return Err(Invalid::new(key("retries.budget"), "must be 0..=1"));
+            }
+            if let Some(s) = r.on_status.iter().find(|s| !(500..=599).contains(*s)) {
+                return Err(Invalid::new(
+                    key("retries.on_status"),
+                    format!("{s}: only 5xx statuses are retried"),
+                ));
+            }
+            RouteRetry {
+                attempts: r.attempts,
+                on_status: r.on_status.clone(),
+                // At least a few retries a second even when quiet.
+                budget: RetryBudget::new(r.budget, 10),
+            }
+        },
         rate_limit: match &route.rate_limit {
             None => None,
             Some(limit) => {

@@ -1174,3 +1174,86 @@ async fn reloads_under_load_fail_no_request_even_at_ten_thousand_routes() {
         Some("a")
     );
 }
+
+#[tokio::test]
+async fn a_request_that_could_not_be_taken_is_sent_again_when_safe() {
+    let live = echo_upstream("live").await;
+    // An endpoint that refuses connections: a port nothing listens on.
+    let dead = {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        l.local_addr().expect("address")
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+# Three upstreams with the same two endpoints: each has its own outlier
+# state, so each route meets the dead endpoint before it is ejected.
+[upstreams.pair]
+targets = [{{ url = "http://{live}" }}, {{ url = "http://{dead}" }}]
+balance = "round_robin"
+[upstreams.pair_once]
+targets = [{{ url = "http://{live}" }}, {{ url = "http://{dead}" }}]
+balance = "round_robin"
+[upstreams.pair_post]
+targets = [{{ url = "http://{live}" }}, {{ url = "http://{dead}" }}]
+balance = "round_robin"
+
+[routes.safe]
+prefix = "/safe"
+upstream = "pair"
+retries = {{ attempts = 2, budget = 1.0 }}
+
+[routes.once]
+prefix = "/once"
+upstream = "pair_once"
+retries = {{ attempts = 1 }}
+
+[routes.post]
+prefix = "/post"
+upstream = "pair_post"
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    let mut conn = Conn::open(gw.addr).await;
+    // Round robin sends every other request to the dead endpoint; each of
+    // those goes again, to the live one.
+    for i in 0..40 {
+        let answer = conn.request("GET", "/safe/x", &[]).await;
+        assert_eq!(
+            answer.status,
+            200,
+            "GET {i}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+    // Without retries the dead endpoint's share fails: the same setup could
+    // have failed above.
+    let mut failed = 0;
+    for _ in 0..40 {
+        if conn.request("GET", "/once/x", &[]).await.status == 502 {
+            failed += 1;
+        }
+    }
+    assert!(
+        failed > 0,
+        "without retries some requests reach the dead endpoint and fail"
+    );
+    // A request with a body is never sent twice.
+    let mut failed_posts = 0;
+    for _ in 0..40 {
+        let answer = Conn::open(gw.addr)
+            .await
+            .request_with_body("POST", "/post/x", &[], Some(b"{}"))
+            .await;
+        if answer.status == 502 {
+            failed_posts += 1;
+        }
+    }
+    assert!(
+        failed_posts > 0,
+        "POSTs that met the dead endpoint fail rather than repeat"
+    );
+}
