@@ -43,6 +43,20 @@ pub struct GatewayConfig {
     pub routes: BTreeMap<String, RouteConfig>,
     /// Settings for every route.
     pub defaults: Defaults,
+    /// Serve HTTPS (HTTP/1.1 and HTTP/2 by ALPN) with this certificate.
+    /// Whether the gateway speaks TLS is fixed when it starts; the files
+    /// are read again on every reload, so certificates can be renewed live.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The gateway's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM: the certificate chain, leaf first.
+    pub cert_file: std::path::PathBuf,
+    /// PEM: its private key.
+    pub key_file: std::path::PathBuf,
 }
 
 /// Settings every route has unless it says otherwise.
@@ -253,6 +267,10 @@ impl Validate for GatewayConfig {
         }
         for (name, upstream) in &self.upstreams {
             upstream.check(name)?;
+        }
+        if let Some(tls) = &self.tls {
+            trellis_transport::tls::load(&tls.cert_file, &tls.key_file)
+                .map_err(|e| Invalid::new("tls", e.to_string()))?;
         }
         // Compiling is the check: whatever would fail to build fails here,
         // naming the route and field.

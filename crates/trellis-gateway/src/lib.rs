@@ -138,6 +138,8 @@ impl Shared {
 #[derive(Clone)]
 pub struct Gateway {
     shared: Arc<Shared>,
+    /// The certificate in force, when the gateway serves HTTPS.
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     trace: ServerTraceLayer,
     red: RedLayer,
 }
@@ -157,6 +159,14 @@ impl Gateway {
         let mut rx = config.subscribe();
         let first = rx.borrow_and_update().clone();
         let state = build(&first, None, None, &clients, registry.as_ref()).await?;
+        let tls = match &first.config.tls {
+            Some(t) => Some(Arc::new(ArcSwap::new(
+                trellis_transport::tls::load(&t.cert_file, &t.key_file)
+                    .map_err(|e| GatewayError::Config(format!("tls: {e}")))?,
+            ))),
+            None => None,
+        };
+        let follow_tls = tls.clone();
         metrics::gauge!("gateway_routes").set(state.table.len() as f64);
         info!(routes = state.table.len(), version = %state.version, "gateway routes loaded");
         let seed = std::time::SystemTime::now()
@@ -192,6 +202,21 @@ impl Gateway {
                 .await
                 {
                     Ok(state) => {
+                        // Certificates renewed on disk are picked up here.
+                        match (&follow_tls, &snapshot.config.tls) {
+                            (Some(current), Some(t)) => {
+                                match trellis_transport::tls::load(&t.cert_file, &t.key_file) {
+                                    Ok(config) => current.store(config),
+                                    Err(e) => {
+                                        warn!(error = %e, "the new certificate is refused; the old one stays")
+                                    }
+                                }
+                            }
+                            (None, Some(_)) | (Some(_), None) => warn!(
+                                "turning TLS on or off takes a restart; the listener stays as it started"
+                            ),
+                            (None, None) => {}
+                        }
                         let routes = state.table.len();
                         let version = state.version.clone();
                         shared.state.store(Arc::new(state));
@@ -217,6 +242,7 @@ impl Gateway {
         });
         Ok(Gateway {
             shared,
+            tls,
             trace: ServerTraceLayer::new().service("gateway"),
             red: RedLayer::new(),
         })
@@ -284,16 +310,23 @@ impl Gateway {
         self.shared.applied.subscribe()
     }
 
-    /// Serves on `listener` with the serving core until `drain` starts.
+    /// Whether the gateway serves HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Serves on `listener` with the serving core until `drain` starts:
+    /// HTTPS when the document has `[tls]`, else plain HTTP (and h2c).
     pub async fn serve(&self, listener: TcpListener, limits: &Limits, drain: Drain) {
         let gateway = self.clone();
-        trellis_transport::serve::serve(
-            listener,
-            move |peer| gateway.service(Some(peer)),
-            limits,
-            drain,
-        )
-        .await;
+        let make = move |peer| gateway.service(Some(peer));
+        match &self.tls {
+            Some(tls) => {
+                trellis_transport::serve::serve_tls(listener, make, limits, drain, tls.clone())
+                    .await
+            }
+            None => trellis_transport::serve::serve(listener, make, limits, drain).await,
+        }
     }
 }
 

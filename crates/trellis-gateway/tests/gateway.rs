@@ -1257,3 +1257,77 @@ upstream = "pair_post"
         "POSTs that met the dead endpoint fail rather than repeat"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_alpn_for_http1_and_http2_checked_by_curl() {
+    let a = echo_upstream("a").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+        .expect("a self-signed certificate");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write key");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[tls]
+cert_file = "{}"
+key_file = "{}"
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+[routes.all]
+prefix = "/"
+upstream = "a"
+"#,
+            cert.display(),
+            key.display()
+        ),
+    );
+    let gw = gateway(&file).await;
+    assert!(gw.gateway.is_tls());
+    let port = gw.addr.port();
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let out = tokio::process::Command::new("curl")
+            .args([
+                "-sS",
+                flag,
+                "--cacert",
+                cert.to_str().expect("utf-8 path"),
+                "--resolve",
+                &format!("localhost:{port}:127.0.0.1"),
+                "-w",
+                "\n%{http_version} %{http_code}",
+                &format!("https://localhost:{port}/secure/path"),
+            ])
+            .output()
+            .await
+            .expect("curl runs (apt-get install curl)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{flag}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (body, last) = text.rsplit_once('\n').unwrap_or(("", ""));
+        assert_eq!(last, format!("{version} 200"), "{flag}: {text}");
+        let seen: Value = serde_json::from_str(body).expect("the upstream's JSON");
+        assert_eq!(seen["path"], "/secure/path");
+        assert_eq!(seen["upstream"], "a");
+    }
+    // Plain HTTP on a TLS port is refused (no handshake, no answer).
+    let mut plain = TcpStream::connect(gw.addr).await.expect("connect");
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(DEADLINE, plain.read(&mut buf))
+        .await
+        .expect("closed within the deadline")
+        .unwrap_or(0);
+    assert!(
+        !String::from_utf8_lossy(&buf[..n]).contains("200"),
+        "plain HTTP answered on the TLS port"
+    );
+}

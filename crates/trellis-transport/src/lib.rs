@@ -46,6 +46,8 @@ pub mod serve;
 mod server;
 mod steer;
 mod timeout;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use client::{ClientConfig, connect, connect_lazy};
 pub use config::{Limits, ServerConfig};

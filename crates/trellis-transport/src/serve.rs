@@ -56,6 +56,54 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    serve_with(listener, make, limits, drain, None).await
+}
+
+/// [`serve`] over TLS: each connection's handshake (within the header-read
+/// timeout) uses the configuration `tls` holds when it arrives, so
+/// certificates can be replaced while serving; ALPN offers `h2` and
+/// `http/1.1` (see [`crate::tls::server_config`]).
+#[cfg(feature = "tls")]
+pub async fn serve_tls<M, S, B>(
+    listener: TcpListener,
+    make: M,
+    limits: &Limits,
+    drain: Drain,
+    tls: Arc<arc_swap::ArcSwap<rustls::ServerConfig>>,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    serve_with(listener, make, limits, drain, Some(tls)).await
+}
+
+#[cfg(feature = "tls")]
+type TlsSource = Option<Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>;
+#[cfg(not(feature = "tls"))]
+type TlsSource = Option<std::convert::Infallible>;
+
+async fn serve_with<M, S, B>(
+    listener: TcpListener,
+    make: M,
+    limits: &Limits,
+    drain: Drain,
+    tls: TlsSource,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let addr = listener
         .local_addr()
         .map_or_else(|_| "an unbound address".to_owned(), |a| a.to_string());
@@ -63,6 +111,8 @@ where
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut connections = JoinSet::new();
+    #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
+    let handshake_timeout = limits.header_read_timeout;
     loop {
         // A free slot first: at the cap, stop accepting until one closes.
         let slot = tokio::select! {
@@ -92,16 +142,45 @@ where
             debug!(%peer, error = %err, "cannot set TCP_NODELAY");
         }
         let service = TowerToHyperService::new(make(peer));
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        connections.spawn(async move {
-            if let Err(err) = connection.await {
-                debug!(%peer, error = %err, "connection closed with an error");
+        match &tls {
+            None => {
+                let connection = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                connections.spawn(async move {
+                    if let Err(err) = connection.await {
+                        debug!(%peer, error = %err, "connection closed with an error");
+                    }
+                    drop(slot);
+                });
             }
-            drop(slot);
-        });
+            #[cfg(feature = "tls")]
+            Some(config) => {
+                // The handshake runs in the connection's task, bounded like
+                // a slow request head, so a slow client holds only its slot.
+                let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                connections.spawn(async move {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            let connection = builder
+                                .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                                .into_owned();
+                            if let Err(err) = watcher.watch(connection).await {
+                                debug!(%peer, error = %err, "connection closed with an error");
+                            }
+                        }
+                        Ok(Err(err)) => debug!(%peer, error = %err, "TLS handshake failed"),
+                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    }
+                    drop(slot);
+                });
+            }
+            #[cfg(not(feature = "tls"))]
+            Some(never) => match *never {},
+        }
     }
     drop(listener);
     info!(%addr, open_connections = connections.len(), grace = ?drain.grace(), "draining");
