@@ -176,6 +176,9 @@ pub struct RouteConfig {
     pub headers: BTreeMap<String, String>,
     /// Query parameters that must be present with these values.
     pub query: BTreeMap<String, String>,
+    /// Cookies that must be present with these values (a canary a user
+    /// opts into).
+    pub cookies: BTreeMap<String, String>,
     /// Higher wins among routes that match; equal priorities go to the
     /// more specific path, then the name. Default: 0.
     pub priority: i32,

@@ -53,6 +53,7 @@ pub(crate) struct Route {
     priority: i32,
     headers: Vec<(HeaderName, HeaderValue)>,
     query: Vec<(String, String)>,
+    cookies: Vec<(String, String)>,
     /// Where it goes.
     pub(crate) targets: Targets,
     pub(crate) strip_prefix: Option<String>,
@@ -376,6 +377,18 @@ impl Route {
         if !headers_ok {
             return false;
         }
+        let cookies_ok = self.cookies.iter().all(|(name, value)| {
+            headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|pair| pair.trim().split_once('='))
+                .any(|(k, v)| k == name && v == value)
+        });
+        if !cookies_ok {
+            return false;
+        }
         if self.query.is_empty() {
             return true;
         }
@@ -590,6 +603,11 @@ fn compile_route(
         headers,
         query: route
             .query
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        cookies: route
+            .cookies
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),

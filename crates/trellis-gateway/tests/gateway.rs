@@ -270,6 +270,12 @@ path = "/v1/users/me"
 query = {{ debug = "1" }}
 upstream = "c"
 
+[routes.cookie_canary]
+prefix = "/v1/users"
+cookies = {{ canary = "on" }}
+priority = 5
+upstream = "a"
+
 [routes.api_host]
 hosts = ["api.example.com"]
 prefix = "/"
@@ -285,7 +291,15 @@ upstream = "b"
     let gw = gateway(&file).await;
     let upstream = |answer: &Answer| answer.json()["upstream"].as_str().unwrap_or("?").to_owned();
     type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case<'_>; 9] = [
+    let cases: [Case<'_>; 11] = [
+        // A cookie canary, among other cookies.
+        (
+            "GET",
+            "/v1/users/7",
+            &[("cookie", "session=x; canary=on")],
+            "a",
+        ),
+        ("GET", "/v1/users/7", &[("cookie", "canary=off")], "b"),
         ("GET", "/anything", &[], "a"),
         ("GET", "/v1/users/7", &[], "b"),
         // The template is for GET only: a POST falls through to the prefix route.
