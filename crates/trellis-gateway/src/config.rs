@@ -205,10 +205,24 @@ pub struct RouteConfig {
     /// Limits requests: over it, 429 with `Retry-After` (gRPC:
     /// RESOURCE_EXHAUSTED with a retry hint).
     pub rate_limit: Option<RateLimitConfig>,
+    /// JSON → gRPC: REST calls (the `google.api.http` routes of these
+    /// services, and `POST /package.Service/Method` with a JSON body) are
+    /// transcoded and sent to a gRPC upstream; gRPC calls pass as they are.
+    pub transcode: Option<TranscodeConfig>,
     /// Sending a request again. Default: one more attempt for a request
     /// without a body whose method may be repeated (GET, HEAD, OPTIONS,
     /// PUT, DELETE), when the upstream could not take it.
     pub retries: RetryConfig,
+}
+
+/// Which protos a transcoding route reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TranscodeConfig {
+    /// A file descriptor set (`protoc --include_imports -o`, or protox).
+    pub descriptor_set: std::path::PathBuf,
+    /// The gRPC services (full names) whose methods are served.
+    pub services: Vec<String>,
 }
 
 /// When a request is sent again (to an endpoint the balancer picks anew).

@@ -70,6 +70,8 @@ pin_project_lite::pin_project! {
     pub struct RequestBody {
         #[pin]
         body: Option<Incoming>,
+        // A request the gateway made itself (the transcoder's): one buffer.
+        full: Option<Bytes>,
         // Text mode: base64 characters not yet decoded (a group split
         // between chunks).
         text: Option<Vec<u8>>,
@@ -81,6 +83,7 @@ impl RequestBody {
     pub(crate) fn plain(body: Incoming) -> RequestBody {
         RequestBody {
             body: Some(body),
+            full: None,
             text: None,
         }
     }
@@ -89,6 +92,7 @@ impl RequestBody {
     pub(crate) fn from_text(body: Incoming) -> RequestBody {
         RequestBody {
             body: Some(body),
+            full: None,
             text: Some(Vec::new()),
         }
     }
@@ -97,6 +101,16 @@ impl RequestBody {
     pub(crate) fn empty() -> RequestBody {
         RequestBody {
             body: None,
+            full: None,
+            text: None,
+        }
+    }
+
+    /// A body the gateway made, whole.
+    pub(crate) fn bytes(bytes: Bytes) -> RequestBody {
+        RequestBody {
+            body: None,
+            full: Some(bytes),
             text: None,
         }
     }
@@ -113,7 +127,7 @@ impl Body for RequestBody {
         let mut this = self.project();
         loop {
             let Some(body) = this.body.as_mut().as_pin_mut() else {
-                return Poll::Ready(None);
+                return Poll::Ready(this.full.take().map(|b| Ok(Frame::data(b))));
             };
             let frame = match std::task::ready!(body.poll_frame(cx)) {
                 None => {
@@ -162,11 +176,12 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         self.body.as_ref().is_none_or(Body::is_end_stream)
             && self.text.as_ref().is_none_or(Vec::is_empty)
+            && self.full.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
         match (&self.body, &self.text) {
-            (None, _) => SizeHint::with_exact(0),
+            (None, _) => SizeHint::with_exact(self.full.as_ref().map_or(0, |b| b.len() as u64)),
             (Some(body), None) => body.size_hint(),
             (Some(_), Some(_)) => SizeHint::default(),
         }

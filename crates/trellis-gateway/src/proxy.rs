@@ -284,6 +284,17 @@ async fn forward(
         route.request_headers.apply(&mut parts.headers);
     }
 
+    // REST on a transcoding route: the transcoder makes the gRPC call
+    // through the same upstream pool and writes the JSON answer.
+    if let Some(transcoder) = &route.transcoder
+        && !is_grpc(&parts.headers)
+    {
+        let grpc = crate::upstream::GrpcCalls(upstream.pool.clone());
+        let request = Request::from_parts(parts, body);
+        let Ok(mut response) = transcoder.service(grpc).oneshot(request).await;
+        response.extensions_mut().insert(RouteTemplate(name));
+        return Ok(response);
+    }
     // gRPC-Web becomes gRPC on the way up, and back on the way down.
     let web = grpc_web::Mode::of(&parts.headers);
     let body = match web {

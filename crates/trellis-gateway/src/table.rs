@@ -66,6 +66,8 @@ pub(crate) struct Route {
     pub(crate) idle_timeout: Duration,
     pub(crate) rate_limit: Option<RouteLimit>,
     pub(crate) retry: RouteRetry,
+    /// JSON → gRPC for REST calls on this route.
+    pub(crate) transcoder: Option<trellis_transcode::Transcoder>,
 }
 
 /// A route's retry policy and budget.
@@ -648,6 +650,22 @@ fn compile_route(
                 on_status: r.on_status.clone(),
                 // At least a few retries a second even when quiet.
                 budget: RetryBudget::new(r.budget, 10),
+            }
+        },
+        transcoder: match &route.transcode {
+            None => None,
+            Some(t) => {
+                let fds = std::fs::read(&t.descriptor_set).map_err(|e| {
+                    Invalid::new(
+                        key("transcode.descriptor_set"),
+                        format!("{}: {e}", t.descriptor_set.display()),
+                    )
+                })?;
+                let services: Vec<&str> = t.services.iter().map(String::as_str).collect();
+                Some(
+                    trellis_transcode::Transcoder::new(&[&fds], &services)
+                        .map_err(|e| Invalid::new(key("transcode"), e.to_string()))?,
+                )
             }
         },
         rate_limit: match &route.rate_limit {

@@ -337,6 +337,34 @@ impl Service<Request<RequestBody>> for EndpointClient {
     }
 }
 
+/// An upstream's pool taking the gRPC requests the transcoder makes (one
+/// buffered message each).
+#[derive(Clone)]
+pub(crate) struct GrpcCalls(pub(crate) Balanced<EndpointClient>);
+
+impl Service<Request<trellis_transcode::UpstreamBody>> for GrpcCalls {
+    type Response = Response<trellis_balance::BalancedBody<PoolBody>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<trellis_transcode::UpstreamBody>) -> Self::Future {
+        let mut pool = self.0.clone();
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let bytes = http_body_util::BodyExt::collect(body)
+                .await
+                .map(http_body_util::Collected::to_bytes)
+                .unwrap_or_default();
+            pool.call(Request::from_parts(parts, RequestBody::bytes(bytes)))
+                .await
+        })
+    }
+}
+
 /// An upstream: its settings and its pool.
 pub(crate) struct Upstream {
     config: UpstreamConfig,

@@ -1345,3 +1345,77 @@ upstream = "a"
         "plain HTTP answered on the TLS port"
     );
 }
+
+#[tokio::test]
+async fn rest_calls_are_transcoded_to_a_remote_grpc_upstream() {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("shop.Up", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream_listener(listener))
+            .await;
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fds = dir.path().join("health.pb");
+    std::fs::write(&fds, tonic_health::pb::FILE_DESCRIPTOR_SET).expect("write descriptors");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.grpc]
+targets = [{{ url = "http://{upstream}" }}]
+h2c = true
+[routes.health]
+prefix = "/grpc.health.v1.Health"
+upstream = "grpc"
+transcode = {{ descriptor_set = "{}", services = ["grpc.health.v1.Health"] }}
+"#,
+            fds.display()
+        ),
+    );
+    let gw = gateway(&file).await;
+    let call = |service: &'static str| async move {
+        let body = format!(r#"{{"service":"{service}"}}"#);
+        Conn::open(gw.addr)
+            .await
+            .request_with_body(
+                "POST",
+                "/grpc.health.v1.Health/Check",
+                &[("content-type", "application/json")],
+                Some(body.as_bytes()),
+            )
+            .await
+    };
+    let ok = call("shop.Up").await;
+    assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));
+    assert_eq!(ok.json()["status"], "SERVING");
+    // The upstream's gRPC status comes back in the error model.
+    let missing = call("shop.Nope").await;
+    assert_eq!(
+        missing.status,
+        404,
+        "{}",
+        String::from_utf8_lossy(&missing.body)
+    );
+    assert_eq!(missing.json()["code"], "NOT_FOUND");
+    // gRPC on the same route passes as it is.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", gw.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let status = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "shop.Up".into(),
+        })
+        .await
+        .expect("gRPC through the transcoding route")
+        .into_inner()
+        .status;
+    assert_eq!(status, 1);
+}
