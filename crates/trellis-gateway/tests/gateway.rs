@@ -81,6 +81,10 @@ struct Running {
 }
 
 async fn gateway(file: &Path) -> Running {
+    gateway_with(file, trellis_transport::Limits::default()).await
+}
+
+async fn gateway_with(file: &Path, limits: trellis_transport::Limits) -> Running {
     let config = Config::<GatewayConfig>::builder()
         .file(file)
         .debounce(Duration::from_millis(20))
@@ -97,7 +101,7 @@ async fn gateway(file: &Path) -> Running {
     let stop = CancellationToken::new();
     let serving = gateway.clone();
     let drain = Drain::new(stop.clone(), Duration::from_secs(1));
-    tokio::spawn(async move { serving.serve(listener, &Default::default(), drain).await });
+    tokio::spawn(async move { serving.serve(listener, &limits, drain).await });
     Running {
         addr,
         gateway,
@@ -1418,4 +1422,55 @@ transcode = {{ descriptor_set = "{}", services = ["grpc.health.v1.Health"] }}
         .into_inner()
         .status;
     assert_eq!(status, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_holding_every_slot_are_cut_and_others_served() {
+    let a = echo_upstream("a").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+[routes.all]
+prefix = "/"
+upstream = "a"
+"#
+        ),
+    );
+    let limits = trellis_transport::Limits {
+        max_connections: 8,
+        header_read_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let gw = gateway_with(&file, limits).await;
+    // Slowloris: every connection slot taken by a head that never ends.
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nhost: gateway.test\r\nx-slow: ")
+            .await
+            .expect("a partial head");
+        slow.push(s);
+    }
+    // A well-behaved client still gets its answer: the slow heads are cut
+    // at the header-read timeout, which frees their slots.
+    let answer = tokio::time::timeout(DEADLINE, get(gw.addr, "/ok", &[]))
+        .await
+        .expect("a normal request is answered while slow clients hold every slot");
+    assert_eq!(answer.status, 200);
+    // And the slow ones were closed (with a 408, or without a word).
+    for mut s in slow {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+            .await
+            .expect("the slow connection is closed within the deadline");
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            read.is_err() || buf.is_empty() || text.contains("408"),
+            "{text}"
+        );
+    }
 }
