@@ -205,6 +205,14 @@ pub struct RouteConfig {
     /// Limits requests: over it, 429 with `Retry-After` (gRPC:
     /// RESOURCE_EXHAUSTED with a retry hint).
     pub rate_limit: Option<RateLimitConfig>,
+    /// Cross-origin requests from browsers: preflights answered here, the
+    /// `Access-Control-*` headers added to answers for allowed origins.
+    pub cors: Option<CorsConfig>,
+    /// Client addresses (`10.0.0.0/8`, `2001:db8::/32`, `127.0.0.1`)
+    /// allowed; empty allows any. Others get 403.
+    pub allow_ips: Vec<String>,
+    /// Client addresses refused with 403 (checked before `allow_ips`).
+    pub deny_ips: Vec<String>,
     /// JSON → gRPC: REST calls (the `google.api.http` routes of these
     /// services, and `POST /package.Service/Method` with a JSON body) are
     /// transcoded and sent to a gRPC upstream; gRPC calls pass as they are.
@@ -213,6 +221,43 @@ pub struct RouteConfig {
     /// without a body whose method may be repeated (GET, HEAD, OPTIONS,
     /// PUT, DELETE), when the upstream could not take it.
     pub retries: RetryConfig,
+}
+
+/// A route's CORS policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins allowed (`https://app.example.com`), or `["*"]` for any.
+    pub allow_origins: Vec<String>,
+    /// Methods a preflight allows. Default: GET, HEAD, POST, PUT, PATCH,
+    /// DELETE.
+    pub allow_methods: Vec<String>,
+    /// Request headers a preflight allows; empty: those the browser asks
+    /// for.
+    pub allow_headers: Vec<String>,
+    /// Response headers the browser's script may read. Default: the gRPC
+    /// status headers (`grpc-status`, `grpc-message`), for gRPC-Web.
+    pub expose_headers: Vec<String>,
+    /// Allow cookies and credentials (then the origin is echoed, never `*`).
+    pub allow_credentials: bool,
+    /// How long a browser may cache a preflight.
+    #[serde(with = "trellis_config::duration")]
+    pub max_age: Duration,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        CorsConfig {
+            allow_origins: Vec::new(),
+            allow_methods: ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+                .map(str::to_owned)
+                .to_vec(),
+            allow_headers: Vec::new(),
+            expose_headers: vec!["grpc-status".into(), "grpc-message".into()],
+            allow_credentials: false,
+            max_age: Duration::from_secs(600),
+        }
+    }
 }
 
 /// Which protos a transcoding route reads.

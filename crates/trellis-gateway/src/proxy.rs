@@ -53,6 +53,8 @@ pub struct Proxy {
     /// The client's address as an `X-Forwarded-For` entry, made once per
     /// connection.
     pub(crate) peer: Option<HeaderValue>,
+    /// The client's address, for address rules.
+    pub(crate) peer_ip: Option<std::net::IpAddr>,
 }
 
 impl Proxy {
@@ -60,6 +62,7 @@ impl Proxy {
         Proxy {
             shared,
             peer: peer.and_then(|p| HeaderValue::from_str(&p.ip().to_string()).ok()),
+            peer_ip: peer.map(|p| p.ip()),
         }
     }
 }
@@ -78,10 +81,11 @@ impl Service<Request<Incoming>> for Proxy {
         // whatever reload happens meanwhile.
         let state = self.shared.state.load_full();
         let peer = self.peer.clone();
+        let peer_ip = self.peer_ip;
         let random = self.shared.random();
         Box::pin(async move {
             let grpc = is_grpc(req.headers());
-            Ok(match forward(&state, peer, random, req).await {
+            Ok(match forward(&state, peer, peer_ip, random, req).await {
                 Ok(response) => response,
                 Err((error, route)) => {
                     let mut response = if grpc {
@@ -104,6 +108,7 @@ type Failure = (Error, Option<Arc<str>>);
 async fn forward(
     state: &State,
     peer: Option<HeaderValue>,
+    peer_ip: Option<std::net::IpAddr>,
     random: u32,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Failure> {
@@ -119,9 +124,19 @@ async fn forward(
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_owned)
         });
+    // A CORS preflight is matched as the request it announces.
+    let origin = parts.headers.get(header::ORIGIN).cloned();
+    let preflight = (parts.method == Method::OPTIONS && origin.is_some())
+        .then(|| {
+            parts
+                .headers
+                .get(header::ACCESS_CONTROL_REQUEST_METHOD)
+                .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        })
+        .flatten();
     let Some(matched) = state.table.find(
         host.as_deref(),
-        &parts.method,
+        preflight.as_ref().unwrap_or(&parts.method),
         parts.uri.path(),
         &parts.headers,
         parts.uri.query(),
@@ -141,6 +156,45 @@ async fn forward(
     let route = matched.route;
     let name = route.name.clone();
     let fail = |e: Error| (e, Some(name.clone()));
+    if !route.ips.permits(peer_ip) {
+        return Err(fail(
+            Error::new(
+                Code::PermissionDenied,
+                "ADDRESS_REFUSED",
+                format!("route {name} does not take requests from this address"),
+            )
+            .with_http_status(StatusCode::FORBIDDEN),
+        ));
+    }
+    // CORS: a preflight is answered here; an allowed origin's answer gets
+    // the Access-Control headers on the way back.
+    let cors_origin = match (&route.cors, &origin) {
+        (Some(cors), Some(origin)) if cors.allows(origin) => {
+            if preflight.is_some() {
+                let mut answer = Response::new(full(Bytes::new()));
+                *answer.status_mut() = StatusCode::NO_CONTENT;
+                cors.preflight(
+                    origin,
+                    parts.headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS),
+                    answer.headers_mut(),
+                );
+                answer.extensions_mut().insert(RouteTemplate(name));
+                return Ok(answer);
+            }
+            Some(origin.clone())
+        }
+        (Some(_), Some(_)) if preflight.is_some() => {
+            return Err(fail(
+                Error::new(
+                    Code::PermissionDenied,
+                    "CORS_ORIGIN_REFUSED",
+                    format!("route {name} does not take calls from this origin"),
+                )
+                .with_http_status(StatusCode::FORBIDDEN),
+            ));
+        }
+        _ => None,
+    };
     let defaults = &state.table.defaults;
     if parts
         .uri
@@ -292,6 +346,9 @@ async fn forward(
         let grpc = crate::upstream::GrpcCalls(upstream.pool.clone());
         let request = Request::from_parts(parts, body);
         let Ok(mut response) = transcoder.service(grpc).oneshot(request).await;
+        if let (Some(cors), Some(origin)) = (&route.cors, &cors_origin) {
+            cors.answer(origin, response.headers_mut());
+        }
         response.extensions_mut().insert(RouteTemplate(name));
         return Ok(response);
     }
@@ -404,6 +461,9 @@ async fn forward(
         && !parts.headers.contains_key(X_REQUEST_ID)
     {
         parts.headers.insert(X_REQUEST_ID, id);
+    }
+    if let (Some(cors), Some(origin)) = (&route.cors, &cors_origin) {
+        cors.answer(origin, &mut parts.headers);
     }
     if !route.response_headers.is_empty() {
         route.response_headers.apply(&mut parts.headers);

@@ -19,8 +19,8 @@ use trellis_resilience::{
 };
 
 use crate::config::{
-    Defaults, GatewayConfig, HeaderRules, RateLimitConfig, RouteConfig, header_name, header_value,
-    method,
+    CorsConfig, Defaults, GatewayConfig, HeaderRules, RateLimitConfig, RouteConfig, header_name,
+    header_value, method,
 };
 
 /// Methods a route without `methods` answers. (CONNECT and TRACE are never
@@ -68,6 +68,182 @@ pub(crate) struct Route {
     pub(crate) retry: RouteRetry,
     /// JSON → gRPC for REST calls on this route.
     pub(crate) transcoder: Option<trellis_transcode::Transcoder>,
+    pub(crate) cors: Option<Cors>,
+    pub(crate) ips: IpRules,
+}
+
+/// A compiled CORS policy.
+pub(crate) struct Cors {
+    any_origin: bool,
+    origins: Vec<HeaderValue>,
+    methods: HeaderValue,
+    headers: Option<HeaderValue>,
+    expose: Option<HeaderValue>,
+    credentials: bool,
+    max_age: HeaderValue,
+}
+
+impl Cors {
+    fn compile(c: &CorsConfig, key: &dyn Fn(&str) -> String) -> Result<Cors, Invalid> {
+        let join = |field: &str, items: &[String]| -> Result<Option<HeaderValue>, Invalid> {
+            if items.is_empty() {
+                return Ok(None);
+            }
+            header_value(&items.join(", "))
+                .map(Some)
+                .map_err(|e| Invalid::new(key(field), e))
+        };
+        let any_origin = c.allow_origins.iter().any(|o| o == "*");
+        if c.allow_origins.is_empty() {
+            return Err(Invalid::new(
+                key("cors.allow_origins"),
+                "name the origins, or [\"*\"]",
+            ));
+        }
+        let origins = c
+            .allow_origins
+            .iter()
+            .filter(|o| *o != "*")
+            .map(|o| header_value(o).map_err(|e| Invalid::new(key("cors.allow_origins"), e)))
+            .collect::<Result<_, _>>()?;
+        for m in &c.allow_methods {
+            method(m).map_err(|e| Invalid::new(key("cors.allow_methods"), e))?;
+        }
+        Ok(Cors {
+            any_origin,
+            origins,
+            methods: join("cors.allow_methods", &c.allow_methods)?
+                .unwrap_or(HeaderValue::from_static("GET")),
+            headers: join("cors.allow_headers", &c.allow_headers)?,
+            expose: join("cors.expose_headers", &c.expose_headers)?,
+            credentials: c.allow_credentials,
+            max_age: HeaderValue::from(c.max_age.as_secs()),
+        })
+    }
+
+    /// Whether `origin` may call.
+    pub(crate) fn allows(&self, origin: &HeaderValue) -> bool {
+        self.any_origin || self.origins.iter().any(|o| o == origin)
+    }
+
+    /// The headers of an answer to an allowed origin.
+    pub(crate) fn answer(&self, origin: &HeaderValue, headers: &mut HeaderMap) {
+        use http::header::{
+            ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_ORIGIN,
+            ACCESS_CONTROL_EXPOSE_HEADERS, VARY,
+        };
+        let echo = !self.any_origin || self.credentials;
+        headers.insert(
+            ACCESS_CONTROL_ALLOW_ORIGIN,
+            if echo {
+                origin.clone()
+            } else {
+                HeaderValue::from_static("*")
+            },
+        );
+        if echo {
+            headers.append(VARY, HeaderValue::from_static("origin"));
+        }
+        if self.credentials {
+            headers.insert(
+                ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+        }
+        if let Some(expose) = &self.expose {
+            headers.insert(ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
+        }
+    }
+
+    /// The headers of a preflight's answer; `asked` is the browser's
+    /// `Access-Control-Request-Headers`.
+    pub(crate) fn preflight(
+        &self,
+        origin: &HeaderValue,
+        asked: Option<&HeaderValue>,
+        headers: &mut HeaderMap,
+    ) {
+        use http::header::{
+            ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_MAX_AGE,
+        };
+        self.answer(origin, headers);
+        headers.insert(ACCESS_CONTROL_ALLOW_METHODS, self.methods.clone());
+        if let Some(allowed) = self.headers.as_ref().or(asked) {
+            headers.insert(ACCESS_CONTROL_ALLOW_HEADERS, allowed.clone());
+        }
+        headers.insert(ACCESS_CONTROL_MAX_AGE, self.max_age.clone());
+    }
+}
+
+/// Client address rules.
+#[derive(Default)]
+pub(crate) struct IpRules {
+    allow: Vec<Cidr>,
+    deny: Vec<Cidr>,
+}
+
+impl IpRules {
+    /// Whether `ip` may use the route.
+    pub(crate) fn permits(&self, ip: Option<std::net::IpAddr>) -> bool {
+        if self.allow.is_empty() && self.deny.is_empty() {
+            return true;
+        }
+        let Some(ip) = ip else { return false };
+        !self.deny.iter().any(|c| c.contains(ip))
+            && (self.allow.is_empty() || self.allow.iter().any(|c| c.contains(ip)))
+    }
+}
+
+/// An address block: `10.0.0.0/8`, `2001:db8::/32`, or one address.
+struct Cidr {
+    net: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let net: std::net::IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?} is not an address or block"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?}: the prefix must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(Cidr { net, prefix })
+    }
+
+    fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A route's retry policy and budget.
@@ -652,6 +828,22 @@ fn compile_route(
                 budget: RetryBudget::new(r.budget, 10),
             }
         },
+        cors: match &route.cors {
+            None => None,
+            Some(c) => Some(Cors::compile(c, &key)?),
+        },
+        ips: IpRules {
+            allow: route
+                .allow_ips
+                .iter()
+                .map(|t| Cidr::parse(t).map_err(|e| Invalid::new(key("allow_ips"), e)))
+                .collect::<Result<_, _>>()?,
+            deny: route
+                .deny_ips
+                .iter()
+                .map(|t| Cidr::parse(t).map_err(|e| Invalid::new(key("deny_ips"), e)))
+                .collect::<Result<_, _>>()?,
+        },
         transcoder: match &route.transcode {
             None => None,
             Some(t) => {
@@ -697,6 +889,24 @@ mod tests {
         let route = &table.routes[0];
         let limit = route.rate_limit.as_ref().expect("a limit");
         matches!(limit.check(&HeaderMap::new(), None), Decision::Allow)
+    }
+
+    #[test]
+    fn address_blocks_contain_what_they_should() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("address");
+        let block = |s: &str| Cidr::parse(s).expect("block");
+        assert!(block("10.0.0.0/8").contains(ip("10.200.1.2")));
+        assert!(!block("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(block("0.0.0.0/0").contains(ip("203.0.113.9")));
+        assert!(block("192.168.1.7").contains(ip("192.168.1.7")));
+        assert!(!block("192.168.1.7").contains(ip("192.168.1.8")));
+        assert!(block("2001:db8::/32").contains(ip("2001:db8:1::5")));
+        assert!(!block("2001:db8::/32").contains(ip("2001:db9::5")));
+        // An IPv4 client seen through an IPv6 socket.
+        assert!(block("127.0.0.0/8").contains(ip("::ffff:127.0.0.1")));
+        assert!(!block("10.0.0.0/8").contains(ip("2001:db8::1")));
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Cidr::parse("nonsense").is_err());
     }
 
     #[test]

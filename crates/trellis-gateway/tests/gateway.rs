@@ -1474,3 +1474,117 @@ upstream = "a"
         );
     }
 }
+
+#[tokio::test]
+async fn cors_preflights_answered_and_address_rules_applied() {
+    let a = echo_upstream("a").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+
+[routes.api]
+prefix = "/api"
+methods = ["POST"]
+upstream = "a"
+cors = {{ allow_origins = ["https://app.example.com"], allow_credentials = true, max_age = "5m" }}
+
+[routes.internal]
+prefix = "/internal"
+upstream = "a"
+allow_ips = ["10.0.0.0/8", "127.0.0.1"]
+deny_ips = ["127.0.0.1/32"]
+
+[routes.local]
+prefix = "/local"
+upstream = "a"
+allow_ips = ["127.0.0.0/8", "::1"]
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    // The preflight of a POST (a method the route takes) is answered here.
+    let pre = Conn::open(gw.addr)
+        .await
+        .request(
+            "OPTIONS",
+            "/api/orders",
+            &[
+                ("origin", "https://app.example.com"),
+                ("access-control-request-method", "POST"),
+                ("access-control-request-headers", "content-type, x-tenant"),
+            ],
+        )
+        .await;
+    assert_eq!(pre.status, 204, "{:?}", pre.headers);
+    let h = &pre.headers;
+    assert_eq!(
+        h.get("access-control-allow-origin").map(String::as_str),
+        Some("https://app.example.com")
+    );
+    assert_eq!(
+        h.get("access-control-allow-credentials")
+            .map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        h.get("access-control-allow-headers").map(String::as_str),
+        Some("content-type, x-tenant")
+    );
+    assert_eq!(
+        h.get("access-control-max-age").map(String::as_str),
+        Some("300")
+    );
+    assert!(
+        h.get("access-control-allow-methods")
+            .is_some_and(|m| m.contains("POST"))
+    );
+    // Another origin's preflight is refused.
+    let refused = Conn::open(gw.addr)
+        .await
+        .request(
+            "OPTIONS",
+            "/api/orders",
+            &[
+                ("origin", "https://evil.example"),
+                ("access-control-request-method", "POST"),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.json()["reason"], "CORS_ORIGIN_REFUSED");
+    // The call itself goes upstream and comes back with the CORS headers.
+    let call = Conn::open(gw.addr)
+        .await
+        .request_with_body(
+            "POST",
+            "/api/orders",
+            &[
+                ("origin", "https://app.example.com"),
+                ("content-type", "application/json"),
+            ],
+            Some(b"{}"),
+        )
+        .await;
+    assert_eq!(call.status, 200);
+    assert_eq!(
+        call.headers
+            .get("access-control-allow-origin")
+            .map(String::as_str),
+        Some("https://app.example.com")
+    );
+    assert!(
+        call.headers
+            .get("access-control-expose-headers")
+            .is_some_and(|e| e.contains("grpc-status"))
+    );
+
+    // Address rules: 127.0.0.1 is in an allowed block but denied by name.
+    let denied = get(gw.addr, "/internal/x", &[]).await;
+    assert_eq!(denied.status, 403);
+    assert_eq!(denied.json()["reason"], "ADDRESS_REFUSED");
+    assert_eq!(get(gw.addr, "/local/x", &[]).await.status, 200);
+}
