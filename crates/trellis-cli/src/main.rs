@@ -118,6 +118,8 @@ enum Command {
         registry: RegistryArg,
         #[command(flatten)]
         shutdown: ShutdownArgs,
+        #[command(subcommand)]
+        command: Option<GatewayCommand>,
     },
     /// Inspect a service registry.
     Registry {
@@ -138,6 +140,17 @@ enum Command {
         /// Write to this file instead of stdout.
         #[arg(long, short)]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum GatewayCommand {
+    /// Print a running gateway's routes and upstream endpoints (from its
+    /// admin listener's /gateway).
+    Routes {
+        /// The gateway's admin address.
+        #[arg(long, default_value = "127.0.0.1:9080")]
+        admin: SocketAddr,
     },
 }
 
@@ -281,10 +294,14 @@ async fn main() -> ExitCode {
             config_source,
             registry,
             shutdown,
-        } => {
-            let admin = admin_listen.unwrap_or_else(|| loopback(admin_port(listen.port())));
-            gateway(config, config_source, listen, admin, registry, shutdown).await
-        }
+            command,
+        } => match command {
+            Some(GatewayCommand::Routes { admin }) => gateway_routes(admin).await,
+            None => {
+                let admin = admin_listen.unwrap_or_else(|| loopback(admin_port(listen.port())));
+                gateway(config, config_source, listen, admin, registry, shutdown).await
+            }
+        },
         Command::Registry {
             command: RegistryCommand::Ls { service, registry },
         } => registry_ls(service.as_deref(), &registry).await,
@@ -512,6 +529,85 @@ async fn gateway(
     stop.cancel();
     for task in front.tasks {
         let _ = task.await;
+    }
+    Ok(())
+}
+
+/// `trellis gateway routes`: the admin view of a running gateway, as tables.
+async fn gateway_routes(admin: SocketAddr) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fail = |e: std::io::Error| format!("cannot read http://{admin}/gateway: {e}");
+    let mut stream = tokio::net::TcpStream::connect(admin).await.map_err(fail)?;
+    stream
+        .write_all(
+            format!("GET /gateway HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(fail)?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .map_err(|_| format!("http://{admin}/gateway did not answer within 10 s"))?
+        .map_err(fail)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!(
+            "http://{admin}/gateway answered {}",
+            head.lines().next().unwrap_or("nothing")
+        ));
+    }
+    let view: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| format!("http://{admin}/gateway: {e}"))?;
+    println!("version {}", view["version"].as_str().unwrap_or("?"));
+    println!("{:<28} {:>8}  TARGETS", "ROUTE", "PRIORITY");
+    for route in view["routes"].as_array().into_iter().flatten() {
+        let targets: Vec<String> = route["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                format!(
+                    "{} ({:.0} %)",
+                    t["upstream"].as_str().unwrap_or("?"),
+                    t["share"].as_f64().unwrap_or(0.0) * 100.0
+                )
+            })
+            .collect();
+        println!(
+            "{:<28} {:>8}  {}",
+            route["name"].as_str().unwrap_or("?"),
+            route["priority"],
+            targets.join(", ")
+        );
+    }
+    println!();
+    println!(
+        "{:<16} {:<22} {:>6} {:>9} {:>10} {:>8}",
+        "UPSTREAM", "ENDPOINT", "WEIGHT", "IN FLIGHT", "LATENCY", "EJECTED"
+    );
+    if let Some(upstreams) = view["upstreams"].as_object() {
+        for (name, upstream) in upstreams {
+            let endpoints = upstream["endpoints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if endpoints.is_empty() {
+                println!("{name:<16} (no endpoints)");
+            }
+            for e in endpoints {
+                println!(
+                    "{:<16} {:<22} {:>6} {:>9} {:>8.2}ms {:>8}",
+                    name,
+                    e["address"].as_str().unwrap_or("?"),
+                    e["weight"],
+                    e["in_flight"],
+                    e["latency_ms"].as_f64().unwrap_or(0.0),
+                    e["ejected"]
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -145,6 +145,24 @@ upstream = "user"
         http::get(addr, "/gateway").await.expect("main port").status,
         404
     );
+    // The same, printed.
+    let printed = tokio::process::Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["gateway", "routes", "--admin", &admin.to_string()])
+        .output()
+        .await
+        .expect("trellis gateway routes runs");
+    let out = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        printed.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("users ") && l.contains("user (100 %)")),
+        "{out}"
+    );
+    assert!(out.contains(listen.as_str()), "{out}");
 
     gateway.signal(15);
     let status = gateway.wait(Duration::from_secs(15));
