@@ -134,11 +134,43 @@ pub struct UpstreamConfig {
     /// servers expect. Default: HTTP/1.1 (and gRPC requests are sent over
     /// HTTP/2 whatever this says).
     pub h2c: bool,
+    /// Probe every endpoint and balance over those that answer.
+    pub health_check: Option<HealthCheckConfig>,
     /// How endpoints are picked: `p2c_ewma` (default for discovered
     /// services), `weighted_round_robin` (default for targets),
     /// `round_robin`, `least_request`, `random`, or a header name to hash
     /// on (consistent hashing).
     pub balance: Option<String>,
+}
+
+/// An upstream's active health check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// `GET` this path; a 2xx is healthy. Default `/readyz`.
+    pub path: String,
+    /// How often. Default 5 s.
+    #[serde(with = "trellis_config::duration")]
+    pub interval: Duration,
+    /// How long a probe may take. Default 1 s.
+    #[serde(with = "trellis_config::duration")]
+    pub timeout: Duration,
+    /// Failed probes in a row that take an endpoint out. Default 2.
+    pub unhealthy_after: u32,
+    /// Good probes in a row that bring it back. Default 2.
+    pub healthy_after: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            path: "/readyz".into(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            unhealthy_after: 2,
+            healthy_after: 2,
+        }
+    }
 }
 
 /// A static upstream target.
@@ -398,6 +430,20 @@ impl UpstreamConfig {
         }
         if let Some(balance) = &self.balance {
             crate::upstream::policy(balance).map_err(|e| Invalid::new(key("balance"), e))?;
+        }
+        if let Some(h) = &self.health_check {
+            if !h.path.starts_with('/') || h.path.parse::<http::uri::PathAndQuery>().is_err() {
+                return Err(Invalid::new(
+                    key("health_check.path"),
+                    "must be a path starting with /",
+                ));
+            }
+            if h.interval.is_zero() || h.timeout.is_zero() {
+                return Err(Invalid::new(
+                    key("health_check"),
+                    "interval and timeout must be more than 0",
+                ));
+            }
         }
         Ok(())
     }

@@ -35,6 +35,7 @@
 pub mod config;
 mod generate;
 mod grpc_web;
+mod health;
 mod proxy;
 mod table;
 mod upstream;

@@ -369,6 +369,8 @@ impl Service<Request<trellis_transcode::UpstreamBody>> for GrpcCalls {
 pub(crate) struct Upstream {
     config: UpstreamConfig,
     pub(crate) pool: Balanced<EndpointClient>,
+    /// Stops the health checks with the upstream.
+    _checks: Option<tokio_util::sync::DropGuard>,
 }
 
 /// Every upstream of a document, by name.
@@ -460,7 +462,7 @@ impl Upstream {
             protocol: config.endpoint.clone().unwrap_or_else(|| "http".into()),
             ..BalanceConfig::default()
         };
-        let pool = match &config.discover {
+        let (source, protocol) = match &config.discover {
             Some(service) => {
                 if let Some(b) = &config.balance {
                     balance.policy = policy(b).map_err(GatewayError::Config)?;
@@ -470,9 +472,11 @@ impl Upstream {
                         "upstreams.{name}.discover: no registry (start the gateway with --registry)"
                     ))
                 })?;
-                Balanced::discover(registry.as_ref(), service, balance, connect)
+                let rx = registry
+                    .watch(service)
                     .await
-                    .map_err(|e| GatewayError::Registry(e.to_string()))?
+                    .map_err(|e| GatewayError::Registry(e.to_string()))?;
+                (rx, balance.protocol.clone())
             }
             None => {
                 balance.policy = match &config.balance {
@@ -497,12 +501,22 @@ impl Upstream {
                 }
                 let set: InstanceSet = instances.into();
                 let (_tx, rx) = watch::channel(set);
-                Balanced::from_watch(name, rx, balance, connect)
+                (rx, "http".to_owned())
             }
         };
+        // Active checks, when asked, between the source and the balancer.
+        let (source, checks) = match &config.health_check {
+            Some(h) => {
+                let (rx, guard) = crate::health::filter(name, source, protocol, h.clone());
+                (rx, Some(guard))
+            }
+            None => (source, None),
+        };
+        let pool = Balanced::from_watch(name, source, balance, connect);
         Ok(Upstream {
             config: config.clone(),
             pool,
+            _checks: checks,
         })
     }
 }

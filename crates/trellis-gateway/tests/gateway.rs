@@ -1588,3 +1588,96 @@ allow_ips = ["127.0.0.0/8", "::1"]
     assert_eq!(denied.json()["reason"], "ADDRESS_REFUSED");
     assert_eq!(get(gw.addr, "/local/x", &[]).await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_health_checks_take_failing_endpoints_out_and_back() {
+    let good = echo_upstream("good").await;
+    // An upstream that serves traffic but fails its health path while `sick`.
+    let sick = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = sick.clone();
+    let app = Router::new()
+        .route(
+            "/healthz",
+            any(move || {
+                let sick = flag.load(std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if sick {
+                        (http::StatusCode::SERVICE_UNAVAILABLE, "sick")
+                    } else {
+                        (http::StatusCode::OK, "ok")
+                    }
+                }
+            }),
+        )
+        .fallback(any(|| async { ([("x-upstream", "flaky")], "hello") }));
+    let flaky = serve_axum(app).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.pair]
+targets = [{{ url = "http://{good}" }}, {{ url = "http://{flaky}" }}]
+balance = "round_robin"
+health_check = {{ path = "/healthz", interval = "50ms", timeout = "1s", unhealthy_after = 1, healthy_after = 1 }}
+[routes.all]
+prefix = "/"
+upstream = "pair"
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    let endpoints = |view: &Value| {
+        view["upstreams"]["pair"]["endpoints"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .map(|e| e["address"].as_str().unwrap_or("").to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    // `good` answers /healthz with its echo (200); `flaky` with 503: only
+    // `good` stays.
+    let only_good = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let now = endpoints(&gw.gateway.admin_view());
+            if now == [good.to_string()] {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the failing endpoint is taken out within the deadline");
+    assert_eq!(only_good.len(), 1);
+    let mut conn = Conn::open(gw.addr).await;
+    for _ in 0..20 {
+        let answer = conn.request("GET", "/x", &[]).await;
+        assert_eq!(
+            answer.headers.get("x-upstream").map(String::as_str),
+            Some("good")
+        );
+    }
+    // Healthy again: back in the set, and in the rotation.
+    sick.store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::timeout(DEADLINE, async {
+        while endpoints(&gw.gateway.admin_view()).len() != 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the recovered endpoint comes back within the deadline");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let answer = conn.request("GET", "/x", &[]).await;
+        seen.insert(
+            answer
+                .headers
+                .get("x-upstream")
+                .cloned()
+                .unwrap_or_default(),
+        );
+    }
+    assert!(seen.contains("flaky") && seen.contains("good"), "{seen:?}");
+}
