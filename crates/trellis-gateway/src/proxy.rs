@@ -245,7 +245,17 @@ async fn forward(
         match parts.headers.get(X_REQUEST_ID) {
             Some(id) => Some(id.clone()),
             None => {
-                let id = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).ok();
+                // A version-4 UUID from the per-thread generator: no
+                // syscall per request (ids need to be unique, not secret).
+                let mut bytes = [0u8; 16];
+                for chunk in bytes.chunks_mut(4) {
+                    chunk.copy_from_slice(&random_u32().to_le_bytes());
+                }
+                let uuid = uuid::Builder::from_random_bytes(bytes).into_uuid();
+                let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                let id =
+                    HeaderValue::from_bytes(uuid.hyphenated().encode_lower(&mut text).as_bytes())
+                        .ok();
                 if let Some(id) = &id {
                     parts.headers.insert(X_REQUEST_ID, id.clone());
                 }
@@ -529,6 +539,28 @@ async fn tunnel(
         clean = &mut up => if clean { let _ = down.await; },
         clean = &mut down => if clean { let _ = up.await; },
     }
+}
+
+/// A uniform random number from a per-thread xorshift.
+fn random_u32() -> u32 {
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
+            // Distinct per thread: the thread's id and the clock.
+            use std::hash::{BuildHasher, Hash, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            std::thread::current().id().hash(&mut h);
+            std::time::SystemTime::now().hash(&mut h);
+            h.finish() | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (x >> 32) as u32
+    })
 }
 
 /// A failed upstream call as the error model: no endpoint is 503, a

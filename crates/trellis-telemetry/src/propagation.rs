@@ -38,7 +38,9 @@ pub fn inject(cx: &Context, headers: &mut HeaderMap) {
 pub fn inject_current(headers: &mut HeaderMap) {
     use opentelemetry::{baggage::BaggageExt as _, trace::TraceContextExt as _};
     let cx = Context::current();
-    if cx.has_active_span() || !cx.baggage().is_empty() {
+    // Only a real trace context (a recorded span, or a caller's): an
+    // empty or invalid one writes nothing, and costs nothing.
+    if cx.span().span_context().is_valid() || !cx.baggage().is_empty() {
         inject(&cx, headers);
     }
 }
