@@ -249,6 +249,9 @@ pub struct RouteConfig {
     /// services, and `POST /package.Service/Method` with a JSON body) are
     /// transcoded and sent to a gRPC upstream; gRPC calls pass as they are.
     pub transcode: Option<TranscodeConfig>,
+    /// Fail fast while the upstream fails: open after too many failures
+    /// (5xx, no connection, timeouts), probe after `open_duration`.
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
     /// Sending a request again. Default: one more attempt for a request
     /// without a body whose method may be repeated (GET, HEAD, OPTIONS,
     /// PUT, DELETE), when the upstream could not take it.
@@ -288,6 +291,39 @@ impl Default for CorsConfig {
             expose_headers: vec!["grpc-status".into(), "grpc-message".into()],
             allow_credentials: false,
             max_age: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A route's circuit breaker (the classic one of trellis-resilience).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// Open when failures reach this share of the window's calls. Default 0.5.
+    pub failure_ratio: f64,
+    /// No ratio opens the breaker before this many calls. Default 20.
+    pub min_calls: u32,
+    /// Open after this many failures in a row (0: never). Default 10.
+    pub consecutive_failures: u32,
+    /// The window the ratio is over. Default 10 s.
+    #[serde(with = "trellis_config::duration")]
+    pub window: Duration,
+    /// How long it stays open before probing. Default 5 s.
+    #[serde(with = "trellis_config::duration")]
+    pub open_duration: Duration,
+    /// Probes let through when half-open; all must succeed. Default 3.
+    pub half_open_probes: u32,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig {
+            failure_ratio: 0.5,
+            min_calls: 20,
+            consecutive_failures: 10,
+            window: Duration::from_secs(10),
+            open_duration: Duration::from_secs(5),
+            half_open_probes: 3,
         }
     }
 }

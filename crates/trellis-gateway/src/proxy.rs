@@ -392,6 +392,25 @@ async fn forward(
         *copy.headers_mut() = parts.headers.clone();
         copy
     });
+    // An open breaker fails the call here, without touching the upstream.
+    let permit = match &route.breaker {
+        Some(b) => match trellis_resilience::BreakerPolicy::acquire(&*b.breaker) {
+            Some(permit) => Some(permit),
+            None => {
+                return Err(fail(
+                    Error::new(
+                        Code::Unavailable,
+                        "CIRCUIT_OPEN",
+                        format!("route {name}: upstream {upstream_name} is failing; not called"),
+                    )
+                    .with_retry_after(b.open_duration)
+                    .with_http_status(StatusCode::SERVICE_UNAVAILABLE),
+                ));
+            }
+        },
+        None => None,
+    };
+    let called = std::time::Instant::now();
     route.retry.budget.deposit();
     let mut request = Some(Request::from_parts(parts, body));
     let mut attempt = 1;
@@ -420,6 +439,22 @@ async fn forward(
             request = Some(next);
             metrics::counter!("gateway_retries_total", "route" => name.to_string()).increment(1);
             continue;
+        }
+        let failed = match &outcome {
+            Ok(Ok(response)) => response.status().is_server_error(),
+            _ => true,
+        };
+        if let (Some(b), Some(permit)) = (&route.breaker, permit) {
+            trellis_resilience::BreakerPolicy::record(
+                &*b.breaker,
+                permit,
+                if failed {
+                    trellis_resilience::Outcome::Failure
+                } else {
+                    trellis_resilience::Outcome::Success
+                },
+                called.elapsed(),
+            );
         }
         match outcome {
             Ok(Ok(response)) => break response,

@@ -14,13 +14,14 @@ use trellis_config::Invalid;
 use trellis_transcode::{PathTemplate, RouteTable};
 
 use trellis_resilience::{
+    Breaker, BreakerConfig,
     rate_limit::{Decision, LocalLimiter, Quota},
     retry::RetryBudget,
 };
 
 use crate::config::{
-    CorsConfig, Defaults, GatewayConfig, HeaderRules, RateLimitConfig, RouteConfig, header_name,
-    header_value, method,
+    CircuitBreakerConfig, CorsConfig, Defaults, GatewayConfig, HeaderRules, RateLimitConfig,
+    RouteConfig, header_name, header_value, method,
 };
 
 /// Methods a route without `methods` answers. (CONNECT and TRACE are never
@@ -70,6 +71,14 @@ pub(crate) struct Route {
     pub(crate) transcoder: Option<trellis_transcode::Transcoder>,
     pub(crate) cors: Option<Cors>,
     pub(crate) ips: IpRules,
+    pub(crate) breaker: Option<RouteBreaker>,
+}
+
+/// A route's circuit breaker and the settings it was made from.
+pub(crate) struct RouteBreaker {
+    config: CircuitBreakerConfig,
+    pub(crate) breaker: Arc<Breaker>,
+    pub(crate) open_duration: Duration,
 }
 
 /// A compiled CORS policy.
@@ -687,9 +696,22 @@ fn route_limit(limit: &RateLimitConfig) -> Result<RouteLimit, String> {
 }
 
 impl Table {
-    /// Carries each route's limiter over from `previous` when its limit is
-    /// unchanged, so a reload does not hand every client a fresh burst.
+    /// Carries each route's limiter and breaker over from `previous` when
+    /// its settings are unchanged, so a reload neither hands every client a
+    /// fresh burst nor closes an open breaker.
     pub(crate) fn keep_limiters(&mut self, previous: &Table) {
+        let breakers: HashMap<&str, &RouteBreaker> = previous
+            .routes
+            .iter()
+            .filter_map(|r| r.breaker.as_ref().map(|b| (&*r.name, b)))
+            .collect();
+        for route in &mut self.routes {
+            if let (Some(b), Some(before)) = (&mut route.breaker, breakers.get(&*route.name))
+                && b.config == before.config
+            {
+                b.breaker = before.breaker.clone();
+            }
+        }
         let old: HashMap<&str, &RouteLimit> = previous
             .routes
             .iter()
@@ -826,6 +848,34 @@ fn compile_route(
                 on_status: r.on_status.clone(),
                 // At least a few retries a second even when quiet.
                 budget: RetryBudget::new(r.budget, 10),
+            }
+        },
+        breaker: match &route.circuit_breaker {
+            None => None,
+            Some(c) => {
+                if !(0.0..=1.0).contains(&c.failure_ratio)
+                    || c.window.is_zero()
+                    || c.half_open_probes == 0
+                {
+                    return Err(Invalid::new(
+                        key("circuit_breaker"),
+                        "failure_ratio must be 0..=1, window more than 0, half_open_probes at least 1",
+                    ));
+                }
+                Some(RouteBreaker {
+                    config: c.clone(),
+                    breaker: Arc::new(Breaker::new(BreakerConfig {
+                        window: c.window,
+                        min_calls: c.min_calls,
+                        failure_ratio: c.failure_ratio,
+                        consecutive_failures: (c.consecutive_failures > 0)
+                            .then_some(c.consecutive_failures),
+                        open_duration: c.open_duration,
+                        half_open_probes: c.half_open_probes,
+                        ..BreakerConfig::default()
+                    })),
+                    open_duration: c.open_duration,
+                })
             }
         },
         cors: match &route.cors {

@@ -1681,3 +1681,40 @@ upstream = "pair"
     }
     assert!(seen.contains("flaky") && seen.contains("good"), "{seen:?}");
 }
+
+#[tokio::test]
+async fn a_failing_upstream_opens_the_routes_breaker() {
+    // Every call fails (500); the upstream counts the calls it gets.
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let seen = calls.clone();
+    let app = Router::new().fallback(any(move || {
+        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { (http::StatusCode::INTERNAL_SERVER_ERROR, "broken") }
+    }));
+    let upstream = serve_axum(app).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.broken]
+targets = [{{ url = "http://{upstream}" }}]
+[routes.all]
+prefix = "/"
+upstream = "broken"
+circuit_breaker = {{ consecutive_failures = 3, open_duration = "1h" }}
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    let mut conn = Conn::open(gw.addr).await;
+    for _ in 0..3 {
+        assert_eq!(conn.request("GET", "/x", &[]).await.status, 500);
+    }
+    // Open: failed here, the upstream not called.
+    let open = conn.request("GET", "/x", &[]).await;
+    assert_eq!(open.status, 503);
+    assert_eq!(open.json()["reason"], "CIRCUIT_OPEN");
+    assert!(open.headers.contains_key("retry-after"));
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
