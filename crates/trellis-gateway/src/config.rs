@@ -134,6 +134,8 @@ pub struct UpstreamConfig {
     /// servers expect. Default: HTTP/1.1 (and gRPC requests are sent over
     /// HTTP/2 whatever this says).
     pub h2c: bool,
+    /// TLS to the upstream (required for `https://` targets).
+    pub tls: Option<UpstreamTlsConfig>,
     /// Probe every endpoint and balance over those that answer.
     pub health_check: Option<HealthCheckConfig>,
     /// How endpoints are picked: `p2c_ewma` (default for discovered
@@ -141,6 +143,18 @@ pub struct UpstreamConfig {
     /// `round_robin`, `least_request`, `random`, or a header name to hash
     /// on (consistent hashing).
     pub balance: Option<String>,
+}
+
+/// How the gateway trusts an upstream's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM: the certificate authorities to trust (your internal CA).
+    pub ca_file: std::path::PathBuf,
+    /// The name to verify, when the endpoints are reached by address.
+    /// Default: the target's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 /// An upstream's active health check.
@@ -454,6 +468,20 @@ impl UpstreamConfig {
         {
             return Err(Invalid::new(key("endpoint"), "must be http or grpc"));
         }
+        let https = self.targets.iter().any(|t| t.url.starts_with("https://"));
+        if https && self.tls.is_none() {
+            return Err(Invalid::new(
+                key("tls"),
+                "https:// targets need tls = { ca_file = \"...\" }",
+            ));
+        }
+        if https && self.targets.iter().any(|t| t.url.starts_with("http://")) {
+            return Err(Invalid::new(key("targets"), "all http:// or all https://"));
+        }
+        if let Some(tls) = &self.tls {
+            crate::upstream::tls_connector(tls, self.h2c)
+                .map_err(|e| Invalid::new(key("tls.ca_file"), e))?;
+        }
         for (i, target) in self.targets.iter().enumerate() {
             parse_target(&target.url)
                 .map_err(|e| Invalid::new(key(&format!("targets.{i}.url")), e))?;
@@ -489,10 +517,8 @@ impl UpstreamConfig {
 /// schemes are refused.
 pub(crate) fn parse_target(url: &str) -> Result<http::uri::Authority, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(format!(
-            "{url}: only http:// targets (TLS upstreams come later)"
-        ));
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!("{url}: targets are http:// or https://"));
     }
     if uri
         .path_and_query()

@@ -65,29 +65,48 @@ impl Clients {
 pub(crate) struct EndpointPool {
     authority: Authority,
     clients: Clients,
+    /// TLS to this endpoint: the connector and the name to verify.
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
     idle: Mutex<Vec<(http1::SendRequest<RequestBody>, Instant)>>,
     h2: tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>,
 }
 
 impl EndpointPool {
-    fn new(authority: Authority, clients: Clients) -> EndpointPool {
+    fn new(
+        authority: Authority,
+        clients: Clients,
+        tls: Option<(
+            tokio_rustls::TlsConnector,
+            rustls::pki_types::ServerName<'static>,
+        )>,
+    ) -> EndpointPool {
         EndpointPool {
             authority,
             clients,
+            tls,
             idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
         }
     }
 
-    async fn connect(&self) -> Result<TokioIo<TcpStream>, BoxError> {
-        let stream = tokio::time::timeout(
-            self.clients.connect_timeout,
-            TcpStream::connect(self.authority.as_str()),
-        )
-        .await
-        .map_err(|_| format!("connecting to {} timed out", self.authority))??;
-        stream.set_nodelay(true)?;
-        Ok(TokioIo::new(stream))
+    async fn connect(&self) -> Result<TokioIo<Conn>, BoxError> {
+        let connecting = async {
+            let stream = TcpStream::connect(self.authority.as_str()).await?;
+            stream.set_nodelay(true)?;
+            Ok::<_, BoxError>(match &self.tls {
+                None => Conn::Plain(stream),
+                Some((connector, name)) => {
+                    Conn::Tls(Box::new(connector.connect(name.clone(), stream).await?))
+                }
+            })
+        };
+        let conn = tokio::time::timeout(self.clients.connect_timeout, connecting)
+            .await
+            .map_err(|_| format!("connecting to {} timed out", self.authority))??;
+        Ok(TokioIo::new(conn))
     }
 
     /// An idle HTTP/1.1 connection that is still open and not too old.
@@ -211,7 +230,7 @@ impl EndpointPool {
         mut req: Request<RequestBody>,
     ) -> Result<Response<PoolBody>, BoxError> {
         let uri = Uri::builder()
-            .scheme("http")
+            .scheme(if self.tls.is_some() { "https" } else { "http" })
             .authority(self.authority.clone())
             .path_and_query(
                 req.uri()
@@ -337,6 +356,103 @@ impl Service<Request<RequestBody>> for EndpointClient {
     }
 }
 
+/// A connector trusting `tls.ca_file`, offering `h2` (for h2c/gRPC
+/// upstreams) or `http/1.1` by ALPN.
+pub(crate) fn tls_connector(
+    tls: &crate::config::UpstreamTlsConfig,
+    h2: bool,
+) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let pem = std::fs::read(&tls.ca_file).map_err(|e| format!("{}: {e}", tls.ca_file.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("{}: {e}", tls.ca_file.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", tls.ca_file.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no CERTIFICATE block", tls.ca_file.display()));
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![if h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// A connection to an endpoint, plain or TLS.
+pub(crate) enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// An upstream's pool taking the gRPC requests the transcoder makes (one
 /// buffered message each).
 #[derive(Clone)]
@@ -451,10 +567,26 @@ impl Upstream {
     ) -> Result<Upstream, GatewayError> {
         let h2c = config.h2c;
         let clients = clients.clone();
+        let tls = match &config.tls {
+            Some(t) => Some((
+                tls_connector(t, h2c)
+                    .map_err(|e| GatewayError::Config(format!("upstreams.{name}.tls: {e}")))?,
+                t.server_name.clone(),
+            )),
+            None => None,
+        };
         let connect = move |endpoint: &trellis_balance::Endpoint| {
             let authority: Authority = endpoint.address().parse()?;
+            let tls = match &tls {
+                Some((connector, name)) => {
+                    let name = name.clone().unwrap_or_else(|| authority.host().to_owned());
+                    let name = rustls::pki_types::ServerName::try_from(name)?;
+                    Some((connector.clone(), name))
+                }
+                None => None,
+            };
             Ok::<_, BoxError>(EndpointClient {
-                pool: Arc::new(EndpointPool::new(authority, clients.clone())),
+                pool: Arc::new(EndpointPool::new(authority, clients.clone(), tls)),
                 h2c,
             })
         };

@@ -1718,3 +1718,79 @@ circuit_breaker = {{ consecutive_failures = 3, open_duration = "1h" }}
     assert!(open.headers.contains_key("retry-after"));
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_is_reached_over_tls_and_verified() {
+    // The upstream serves HTTPS with the platform's own serving core.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+        .expect("a self-signed certificate");
+    let (cert, key) = (
+        dir.path().join("up-cert.pem"),
+        dir.path().join("up-key.pem"),
+    );
+    std::fs::write(&cert, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write key");
+    let config = trellis_transport::tls::load(&cert, &key).expect("the upstream's TLS config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let app = Router::new().fallback(any(|req: Request| async move {
+        axum::Json(json!({ "secure": true, "path": req.uri().path() }))
+    }));
+    let stop = CancellationToken::new();
+    let drain = Drain::new(stop.clone(), Duration::from_secs(1));
+    let _stop_upstream = stop.drop_guard();
+    tokio::spawn(async move {
+        trellis_transport::serve::serve_tls(
+            listener,
+            move |_| app.clone(),
+            &Default::default(),
+            drain,
+            Arc::new(arc_swap::ArcSwap::new(config)),
+        )
+        .await
+    });
+    // A second certificate the gateway does not trust.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let untrusted = dir.path().join("other.pem");
+    std::fs::write(&untrusted, other.cert.pem()).expect("write");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.secure]
+targets = [{{ url = "https://localhost:{port}" }}]
+tls = {{ ca_file = "{}" }}
+[upstreams.wrong_ca]
+targets = [{{ url = "https://localhost:{port}" }}]
+tls = {{ ca_file = "{}" }}
+[routes.secure]
+prefix = "/secure"
+upstream = "secure"
+[routes.wrong]
+prefix = "/wrong"
+upstream = "wrong_ca"
+retries = {{ attempts = 1 }}
+"#,
+            cert.display(),
+            untrusted.display()
+        ),
+    );
+    let gw = gateway(&file).await;
+    let answer = get(gw.addr, "/secure/x", &[]).await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.json()["secure"], true);
+    // A certificate the gateway cannot verify: refused, never proxied.
+    let refused = get(gw.addr, "/wrong/x", &[]).await;
+    assert_eq!(
+        refused.status,
+        502,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+}
