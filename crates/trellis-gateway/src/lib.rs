@@ -40,14 +40,7 @@ mod proxy;
 mod table;
 mod upstream;
 
-use std::{
-    cell::Cell,
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-};
+use std::{cell::Cell, net::SocketAddr, sync::Arc};
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
@@ -87,7 +80,6 @@ pub(crate) struct State {
 /// What every connection's [`Proxy`] shares.
 pub(crate) struct Shared {
     pub(crate) state: ArcSwap<State>,
-    seed: AtomicU64,
     /// The config version in force, published after each swap.
     applied: tokio::sync::watch::Sender<String>,
     /// The last reloads, newest last.
@@ -110,29 +102,27 @@ impl Shared {
     }
 }
 
-impl Shared {
-    /// A uniform random number for weighted splits (a per-thread
-    /// xorshift: no shared state on the request path).
-    pub(crate) fn random(&self) -> u32 {
-        thread_local! {
-            static STATE: Cell<u64> = const { Cell::new(0) };
-        }
-        STATE.with(|s| {
-            let mut x = s.get();
-            if x == 0 {
-                // Seeded once per thread, distinct per thread.
-                x = self
-                    .seed
-                    .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
-                    | 1;
-            }
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            s.set(x);
-            (x >> 32) as u32
-        })
+/// A uniform random number from a per-thread xorshift (weighted splits,
+/// request ids): no shared state and no syscall on the request path.
+pub(crate) fn random_u32() -> u32 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            // Distinct per thread: a random key, the thread's id, the clock.
+            use std::hash::{BuildHasher, Hash, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            std::thread::current().id().hash(&mut h);
+            std::time::SystemTime::now().hash(&mut h);
+            h.finish() | 1
+        });
     }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (x >> 32) as u32
+    })
 }
 
 /// The running gateway. Cheap to clone.
@@ -170,13 +160,9 @@ impl Gateway {
         let follow_tls = tls.clone();
         metrics::gauge!("gateway_routes").set(state.table.len() as f64);
         info!(routes = state.table.len(), version = %state.version, "gateway routes loaded");
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
         let (applied, _) = tokio::sync::watch::channel(state.version.clone());
         let shared = Arc::new(Shared {
             state: ArcSwap::from_pointee(state),
-            seed: AtomicU64::new(seed | 1),
             applied,
             history: Default::default(),
         });

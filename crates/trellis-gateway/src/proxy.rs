@@ -82,7 +82,7 @@ impl Service<Request<Incoming>> for Proxy {
         let state = self.shared.state.load_full();
         let peer = self.peer.clone();
         let peer_ip = self.peer_ip;
-        let random = self.shared.random();
+        let random = crate::random_u32();
         Box::pin(async move {
             let grpc = is_grpc(req.headers());
             Ok(match forward(&state, peer, peer_ip, random, req).await {
@@ -249,7 +249,7 @@ async fn forward(
                 // syscall per request (ids need to be unique, not secret).
                 let mut bytes = [0u8; 16];
                 for chunk in bytes.chunks_mut(4) {
-                    chunk.copy_from_slice(&random_u32().to_le_bytes());
+                    chunk.copy_from_slice(&crate::random_u32().to_le_bytes());
                 }
                 let uuid = uuid::Builder::from_random_bytes(bytes).into_uuid();
                 let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
@@ -574,28 +574,6 @@ async fn tunnel(
         clean = &mut up => if clean { let _ = down.await; },
         clean = &mut down => if clean { let _ = up.await; },
     }
-}
-
-/// A uniform random number from a per-thread xorshift.
-fn random_u32() -> u32 {
-    thread_local! {
-        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
-            // Distinct per thread: the thread's id and the clock.
-            use std::hash::{BuildHasher, Hash, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            std::thread::current().id().hash(&mut h);
-            std::time::SystemTime::now().hash(&mut h);
-            h.finish() | 1
-        });
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.set(x);
-        (x >> 32) as u32
-    })
 }
 
 /// A failed upstream call as the error model: no endpoint is 503, a
