@@ -1794,3 +1794,74 @@ retries = {{ attempts = 1 }}
         String::from_utf8_lossy(&refused.body)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_rapid_reset_flood_closes_that_connection_only() {
+    let a = echo_upstream("a").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+[routes.all]
+prefix = "/"
+upstream = "a"
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    // The control: the same kind of connection, used normally, stays open.
+    {
+        let tcp = TcpStream::connect(gw.addr).await.expect("connect");
+        let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(connection);
+        for i in 0..50 {
+            client = client.ready().await.expect("the connection stays usable");
+            let request = http::Request::get(format!("http://{}/calm", gw.addr))
+                .body(())
+                .expect("request");
+            let (response, _) = client.send_request(request, true).expect("send");
+            let response = response
+                .await
+                .unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(response.status(), 200);
+        }
+    }
+    // h2c: open streams and reset each at once (CVE-2023-44487's pattern).
+    let tcp = TcpStream::connect(gw.addr).await.expect("connect");
+    let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let driven = tokio::spawn(connection);
+    let mut refused = false;
+    for _ in 0..10_000 {
+        let request = http::Request::get(format!("http://{}/flood", gw.addr))
+            .body(())
+            .expect("request");
+        match client.send_request(request, true) {
+            // Dropping the response future resets the stream.
+            Ok((response, _)) => drop(response),
+            Err(_) => {
+                refused = true;
+                break;
+            }
+        }
+        if driven.is_finished() {
+            refused = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    if !refused {
+        // The connection may only be closed once the frames are read.
+        let closed = tokio::time::timeout(DEADLINE, driven).await;
+        refused = matches!(closed, Ok(Ok(Err(_))) | Ok(Ok(Ok(()))));
+    }
+    assert!(
+        refused,
+        "the server should end a connection that floods it with resets"
+    );
+    // Everyone else is served.
+    let answer = get(gw.addr, "/ok", &[]).await;
+    assert_eq!(answer.status, 200);
+}
