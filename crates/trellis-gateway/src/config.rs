@@ -263,6 +263,9 @@ pub struct RouteConfig {
     /// services, and `POST /package.Service/Method` with a JSON body) are
     /// transcoded and sent to a gRPC upstream; gRPC calls pass as they are.
     pub transcode: Option<TranscodeConfig>,
+    /// Plugins of your own (registered with `Gateway::with_plugins`), by
+    /// name, run in this order.
+    pub plugins: Vec<String>,
     /// Fail fast while the upstream fails: open after too many failures
     /// (5xx, no connection, timeouts), probe after `open_duration`.
     pub circuit_breaker: Option<CircuitBreakerConfig>,

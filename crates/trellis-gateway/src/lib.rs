@@ -36,6 +36,7 @@ pub mod config;
 mod generate;
 mod grpc_web;
 mod health;
+mod plugin;
 mod proxy;
 mod table;
 mod upstream;
@@ -53,6 +54,7 @@ use trellis_transport::Limits;
 
 pub use config::GatewayConfig;
 pub use generate::{document_source, routes_for};
+pub use plugin::{Plugin, Plugins};
 pub use proxy::{Body, Proxy};
 
 use table::Table;
@@ -145,11 +147,22 @@ impl Gateway {
         config: Config<GatewayConfig>,
         registry: Option<Arc<dyn ServiceRegistry>>,
     ) -> Result<Gateway, GatewayError> {
+        Self::with_plugins(config, registry, Plugins::new()).await
+    }
+
+    /// [`new`](Self::new) with plugins routes can name (see [`Plugin`]).
+    /// A document naming a plugin that is not here fails to start, or is
+    /// refused on reload.
+    pub async fn with_plugins(
+        config: Config<GatewayConfig>,
+        registry: Option<Arc<dyn ServiceRegistry>>,
+        plugins: Plugins,
+    ) -> Result<Gateway, GatewayError> {
         describe_metrics();
         let clients = Clients::new();
         let mut rx = config.subscribe();
         let first = rx.borrow_and_update().clone();
-        let state = build(&first, None, None, &clients, registry.as_ref()).await?;
+        let state = build(&first, None, None, &clients, registry.as_ref(), &plugins).await?;
         let tls = match &first.config.tls {
             Some(t) => Some(Arc::new(ArcSwap::new(
                 trellis_transport::tls::load(&t.cert_file, &t.key_file)
@@ -185,6 +198,7 @@ impl Gateway {
                     Some(&previous.upstreams),
                     &clients,
                     registry.as_ref(),
+                    &plugins,
                 )
                 .await
                 {
@@ -222,6 +236,12 @@ impl Gateway {
                     Err(e) => {
                         metrics::counter!("gateway_reloads_total", "result" => "rejected")
                             .increment(1);
+                        shared.record(serde_json::json!({
+                            "version": snapshot.version,
+                            "at": unix_ms(),
+                            "result": "rejected",
+                            "error": e.to_string(),
+                        }));
                         warn!(error = %e, version = %snapshot.version, "gateway routes rejected; the running ones stay");
                     }
                 }
@@ -323,9 +343,13 @@ async fn build(
     previous: Option<&Upstreams>,
     clients: &Clients,
     registry: Option<&Arc<dyn ServiceRegistry>>,
+    plugins: &Plugins,
 ) -> Result<State, GatewayError> {
     let config = &snapshot.config;
     let mut table = Table::compile(config)
+        .map_err(|e| GatewayError::Config(format!("{}: {}", e.key, e.message)))?;
+    table
+        .resolve_plugins(plugins)
         .map_err(|e| GatewayError::Config(format!("{}: {}", e.key, e.message)))?;
     if let Some(previous) = previous_table {
         table.keep_limiters(previous);

@@ -241,6 +241,9 @@ async fn forward(
             .with_http_status(StatusCode::TOO_MANY_REQUESTS),
         ));
     }
+    for plugin in &route.plugins {
+        plugin.on_request(&mut parts).map_err(&fail)?;
+    }
     let request_id = if defaults.request_id {
         match parts.headers.get(X_REQUEST_ID) {
             Some(id) => Some(id.clone()),
@@ -512,6 +515,9 @@ async fn forward(
     }
     if !route.response_headers.is_empty() {
         route.response_headers.apply(&mut parts.headers);
+    }
+    for plugin in &route.plugins {
+        plugin.on_response(&mut parts);
     }
     parts.extensions.insert(RouteTemplate(name));
     if let Some(mode) = web {

@@ -72,6 +72,9 @@ pub(crate) struct Route {
     pub(crate) cors: Option<Cors>,
     pub(crate) ips: IpRules,
     pub(crate) breaker: Option<RouteBreaker>,
+    /// The plugins' names, and the plugins once resolved.
+    plugin_names: Vec<String>,
+    pub(crate) plugins: Vec<Arc<dyn crate::Plugin>>,
 }
 
 /// A route's circuit breaker and the settings it was made from.
@@ -696,6 +699,17 @@ fn route_limit(limit: &RateLimitConfig) -> Result<RouteLimit, String> {
 }
 
 impl Table {
+    /// Finds every route's plugins; an unknown name is an error naming the
+    /// route.
+    pub(crate) fn resolve_plugins(&mut self, plugins: &crate::Plugins) -> Result<(), Invalid> {
+        for route in &mut self.routes {
+            route.plugins = plugins
+                .resolve(&route.plugin_names)
+                .map_err(|e| Invalid::new(format!("routes.{}.plugins", route.name), e))?;
+        }
+        Ok(())
+    }
+
     /// Carries each route's limiter and breaker over from `previous` when
     /// its settings are unchanged, so a reload neither hands every client a
     /// fresh burst nor closes an open breaker.
@@ -850,6 +864,8 @@ fn compile_route(
                 budget: RetryBudget::new(r.budget, 10),
             }
         },
+        plugin_names: route.plugins.clone(),
+        plugins: Vec::new(),
         breaker: match &route.circuit_breaker {
             None => None,
             Some(c) => {

@@ -1865,3 +1865,131 @@ upstream = "a"
     let answer = get(gw.addr, "/ok", &[]).await;
     assert_eq!(answer.status, 200);
 }
+
+/// Requests must name their tenant.
+struct Tenant;
+
+impl trellis_gateway::Plugin for Tenant {
+    fn on_request(&self, request: &mut http::request::Parts) -> Result<(), trellis_core::Error> {
+        if request.headers.contains_key("x-tenant") {
+            Ok(())
+        } else {
+            Err(trellis_core::Error::invalid_argument(
+                "x-tenant",
+                "name the tenant",
+            ))
+        }
+    }
+}
+
+/// Tags the request going up and the answer coming back.
+struct Tag;
+
+impl trellis_gateway::Plugin for Tag {
+    fn on_request(&self, request: &mut http::request::Parts) -> Result<(), trellis_core::Error> {
+        request
+            .headers
+            .insert("x-tagged", http::HeaderValue::from_static("up"));
+        Ok(())
+    }
+
+    fn on_response(&self, response: &mut http::response::Parts) {
+        response
+            .headers
+            .insert("x-tagged", http::HeaderValue::from_static("down"));
+    }
+}
+
+#[tokio::test]
+async fn plugins_of_your_own_run_on_the_routes_that_name_them() {
+    let a = echo_upstream("a").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let doc = |plugins: &str| {
+        format!(
+            r#"
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+[routes.tenants]
+prefix = "/t"
+upstream = "a"
+plugins = [{plugins}]
+[routes.plain]
+prefix = "/p"
+upstream = "a"
+"#
+        )
+    };
+    let file = write(&dir, &doc(r#""tenant", "tag""#));
+    let config = Config::<GatewayConfig>::builder()
+        .file(&file)
+        .debounce(Duration::from_millis(20))
+        .build()
+        .await
+        .expect("loads");
+    let plugins = trellis_gateway::Plugins::new()
+        .with("tenant", Arc::new(Tenant))
+        .with("tag", Arc::new(Tag));
+    let gateway = Gateway::with_plugins(config.clone(), None, plugins.clone())
+        .await
+        .expect("starts");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let serving = gateway.clone();
+    tokio::spawn(async move {
+        serving
+            .serve(
+                listener,
+                &Default::default(),
+                Drain::new(stop, Duration::from_secs(1)),
+            )
+            .await
+    });
+
+    let refused = get(addr, "/t/x", &[]).await;
+    assert_eq!(refused.status, 400);
+    assert_eq!(refused.json()["metadata"]["field"], "x-tenant");
+    let ok = get(addr, "/t/x", &[("x-tenant", "acme")]).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json()["headers"]["x-tagged"], "up");
+    assert_eq!(ok.headers.get("x-tagged").map(String::as_str), Some("down"));
+    // A route that names none is untouched.
+    let plain = get(addr, "/p/x", &[]).await;
+    assert_eq!(plain.status, 200);
+    assert!(plain.json()["headers"].get("x-tagged").is_none());
+
+    // A document naming a plugin the gateway lacks is refused on reload.
+    let before = gateway.version();
+    write(&dir, &doc(r#""tenant", "missing""#));
+    tokio::time::timeout(DEADLINE, async {
+        while gateway.admin_view()["reloads"]
+            .as_array()
+            .map_or(0, Vec::len)
+            < 2
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the reload is decided within the deadline");
+    assert_eq!(
+        gateway.version(),
+        before,
+        "a document with an unknown plugin must not apply"
+    );
+    let view = gateway.admin_view();
+    let last = view["reloads"]
+        .as_array()
+        .and_then(|r| r.last())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(last["result"], "rejected", "{view}");
+    assert!(
+        last["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("routes.tenants.plugins"),
+        "{last}"
+    );
+}
