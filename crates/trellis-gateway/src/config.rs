@@ -109,6 +109,19 @@ pub struct RateLimitConfig {
     /// `header:NAME` (an API key, a tenant).
     #[serde(default = "by_route")]
     pub by: String,
+    /// Share the budget through Redis (`redis://host:port`) across every
+    /// gateway instance; GCRA on Redis' clock. Needs the `redis` feature
+    /// (on in the `trellis` binary).
+    #[serde(default)]
+    pub redis: Option<String>,
+    /// When Redis does not answer: `local` (this process's own budget,
+    /// default), `allow` or `deny`.
+    #[serde(default = "local_fallback")]
+    pub fallback: String,
+}
+
+fn local_fallback() -> String {
+    "local".into()
 }
 
 fn one_second() -> Duration {

@@ -229,7 +229,7 @@ async fn forward(
         ));
     }
     if let Some(limit) = &route.rate_limit
-        && let Decision::Deny { retry_after } = limit.check(&parts.headers, peer.as_ref())
+        && let Decision::Deny { retry_after } = limit.check(&parts.headers, peer.as_ref()).await
     {
         return Err(fail(
             Error::new(

@@ -268,24 +268,37 @@ pub(crate) struct RouteRetry {
 /// A route's limiter and whose budget a request spends.
 pub(crate) struct RouteLimit {
     config: RateLimitConfig,
-    limiter: Arc<LocalLimiter>,
+    limiter: RouteLimiter,
     by: LimitBy,
+}
+
+/// In this process, or shared through Redis.
+#[derive(Clone)]
+enum RouteLimiter {
+    Local(Arc<LocalLimiter>),
+    #[cfg(feature = "redis")]
+    Redis(Arc<trellis_resilience::redis_limit::RedisLimiter>),
 }
 
 impl RouteLimit {
     /// Spends one request of the budget `headers` and `peer` select.
-    pub(crate) fn check(&self, headers: &HeaderMap, peer: Option<&HeaderValue>) -> Decision {
-        match &self.by {
-            LimitBy::Route => self.limiter.check(None),
-            LimitBy::ClientIp => self.limiter.check(Some(
-                peer.and_then(|p| p.to_str().ok()).unwrap_or("unknown"),
-            )),
-            LimitBy::Header(name) => self.limiter.check(Some(
+    pub(crate) async fn check(&self, headers: &HeaderMap, peer: Option<&HeaderValue>) -> Decision {
+        let key = match &self.by {
+            LimitBy::Route => None,
+            LimitBy::ClientIp => Some(peer.and_then(|p| p.to_str().ok()).unwrap_or("unknown")),
+            LimitBy::Header(name) => Some(
                 headers
                     .get(name)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or(""),
-            )),
+            ),
+        };
+        match &self.limiter {
+            RouteLimiter::Local(l) => l.check(key),
+            #[cfg(feature = "redis")]
+            RouteLimiter::Redis(r) => {
+                trellis_resilience::rate_limit::Limiter::check(&**r, key).await
+            }
         }
     }
 }
@@ -664,7 +677,7 @@ fn path_template(route: &RouteConfig) -> Result<PathTemplate, (&'static str, Str
     Ok(template)
 }
 
-fn route_limit(limit: &RateLimitConfig) -> Result<RouteLimit, String> {
+fn route_limit(route: &str, limit: &RateLimitConfig) -> Result<RouteLimit, String> {
     if limit.rate == 0 || limit.period.is_zero() {
         return Err("rate and period must be more than 0".into());
     }
@@ -691,9 +704,37 @@ fn route_limit(limit: &RateLimitConfig) -> Result<RouteLimit, String> {
     } else {
         MAX_LIMIT_KEYS
     };
+    let local = LocalLimiter::new(quota, keys);
+    let limiter = match &limit.redis {
+        None => RouteLimiter::Local(Arc::new(local)),
+        #[cfg(feature = "redis")]
+        Some(url) => {
+            use trellis_resilience::redis_limit::{RedisFallback, RedisLimiter};
+            let fallback = match limit.fallback.as_str() {
+                "local" => RedisFallback::Local(local),
+                "allow" => RedisFallback::Allow,
+                "deny" => RedisFallback::Deny,
+                other => {
+                    return Err(format!(
+                        "fallback = {other:?}: expected local, allow or deny"
+                    ));
+                }
+            };
+            let prefix = format!("trellis:gateway:{route}:");
+            RouteLimiter::Redis(Arc::new(
+                RedisLimiter::new(url, &prefix, quota, fallback)
+                    .map_err(|e| format!("redis = {url:?}: {e}"))?,
+            ))
+        }
+        #[cfg(not(feature = "redis"))]
+        Some(_) => {
+            let _ = (route, local);
+            return Err("this build has no Redis support (cargo feature `redis`)".into());
+        }
+    };
     Ok(RouteLimit {
         config: limit.clone(),
-        limiter: Arc::new(LocalLimiter::new(quota, keys)),
+        limiter,
         by,
     })
 }
@@ -929,7 +970,7 @@ fn compile_route(
         rate_limit: match &route.rate_limit {
             None => None,
             Some(limit) => {
-                Some(route_limit(limit).map_err(|e| Invalid::new(key("rate_limit"), e))?)
+                Some(route_limit(name, limit).map_err(|e| Invalid::new(key("rate_limit"), e))?)
             }
         },
     })
@@ -954,7 +995,9 @@ mod tests {
     fn spend(table: &Table) -> bool {
         let route = &table.routes[0];
         let limit = route.rate_limit.as_ref().expect("a limit");
-        matches!(limit.check(&HeaderMap::new(), None), Decision::Allow)
+        let decision = futures_util::FutureExt::now_or_never(limit.check(&HeaderMap::new(), None))
+            .expect("a local limit decides at once");
+        matches!(decision, Decision::Allow)
     }
 
     #[test]

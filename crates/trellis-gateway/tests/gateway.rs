@@ -1993,3 +1993,39 @@ upstream = "a"
         "{last}"
     );
 }
+
+/// Two gateways share one route's budget through a real Redis.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_rate_limit_is_shared_by_every_gateway() {
+    let redis = trellis_testkit::Redis::start()
+        .expect("redis-server starts (apt-get install redis-server)");
+    let a = echo_upstream("a").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+[routes.shared]
+prefix = "/"
+upstream = "a"
+rate_limit = {{ rate = 1, period = "1h", burst = 4, redis = "redis://{}" }}
+"#,
+            redis.addr()
+        ),
+    );
+    let (one, two) = (gateway(&file).await, gateway(&file).await);
+    let mut admitted = 0;
+    for i in 0..12 {
+        let gw = if i % 2 == 0 { &one } else { &two };
+        match get(gw.addr, "/x", &[]).await.status {
+            200 => admitted += 1,
+            429 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // One budget of 4 for both, not 4 each.
+    assert_eq!(admitted, 4, "the two gateways admitted {admitted}");
+}
