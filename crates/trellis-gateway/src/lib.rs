@@ -263,7 +263,7 @@ impl Gateway {
         tower::ServiceBuilder::new()
             .layer(self.trace.clone())
             .layer(self.red.clone())
-            .service(Proxy::new(self.shared.clone(), peer))
+            .service(Proxy::new(self.shared.clone(), peer, self.tls.is_some()))
     }
 
     /// What the gateway is running, as JSON for the admin listener

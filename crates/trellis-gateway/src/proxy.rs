@@ -55,14 +55,17 @@ pub struct Proxy {
     pub(crate) peer: Option<HeaderValue>,
     /// The client's address, for address rules.
     pub(crate) peer_ip: Option<std::net::IpAddr>,
+    /// `X-Forwarded-Proto`: how the client reached the gateway.
+    pub(crate) proto: HeaderValue,
 }
 
 impl Proxy {
-    pub(crate) fn new(shared: Arc<Shared>, peer: Option<SocketAddr>) -> Proxy {
+    pub(crate) fn new(shared: Arc<Shared>, peer: Option<SocketAddr>, tls: bool) -> Proxy {
         Proxy {
             shared,
             peer: peer.and_then(|p| HeaderValue::from_str(&p.ip().to_string()).ok()),
             peer_ip: peer.map(|p| p.ip()),
+            proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
         }
     }
 }
@@ -82,23 +85,26 @@ impl Service<Request<Incoming>> for Proxy {
         let state = self.shared.state.load_full();
         let peer = self.peer.clone();
         let peer_ip = self.peer_ip;
+        let proto = self.proto.clone();
         let random = crate::random_u32();
         Box::pin(async move {
             let grpc = is_grpc(req.headers());
-            Ok(match forward(&state, peer, peer_ip, random, req).await {
-                Ok(response) => response,
-                Err((error, route)) => {
-                    let mut response = if grpc {
-                        tonic::Status::from(error).into_http::<Body>()
-                    } else {
-                        error.to_http_response::<Bytes>().map(full)
-                    };
-                    if let Some(route) = route {
-                        response.extensions_mut().insert(RouteTemplate(route));
+            Ok(
+                match forward(&state, peer, peer_ip, proto, random, req).await {
+                    Ok(response) => response,
+                    Err((error, route)) => {
+                        let mut response = if grpc {
+                            tonic::Status::from(error).into_http::<Body>()
+                        } else {
+                            error.to_http_response::<Bytes>().map(full)
+                        };
+                        if let Some(route) = route {
+                            response.extensions_mut().insert(RouteTemplate(route));
+                        }
+                        response
                     }
-                    response
-                }
-            })
+                },
+            )
         })
     }
 }
@@ -109,6 +115,7 @@ async fn forward(
     state: &State,
     peer: Option<HeaderValue>,
     peer_ip: Option<std::net::IpAddr>,
+    proto: HeaderValue,
     random: u32,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Failure> {
@@ -331,9 +338,7 @@ async fn forward(
             None => parts.headers.insert(X_FORWARDED_FOR, ip),
         };
     }
-    parts
-        .headers
-        .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    parts.headers.insert(X_FORWARDED_PROTO, proto);
     if let Some(h) = client_host
         .as_deref()
         .and_then(|h| HeaderValue::from_str(h).ok())

@@ -407,6 +407,7 @@ upstream = "a"
     assert_eq!(headers["x-env"], "test");
     assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(headers["x-forwarded-host"], "gateway.test");
+    assert_eq!(headers["x-forwarded-proto"], "http");
     // The upstream's own authority, not the client's host.
     assert_eq!(headers["host"], a.to_string());
     assert!(!answer.headers.contains_key("x-upstream"));
@@ -1332,6 +1333,7 @@ upstream = "a"
         let seen: Value = serde_json::from_str(body).expect("the upstream's JSON");
         assert_eq!(seen["path"], "/secure/path");
         assert_eq!(seen["upstream"], "a");
+        assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
     }
     // Plain HTTP on a TLS port is refused (no handshake, no answer).
     let mut plain = TcpStream::connect(gw.addr).await.expect("connect");
