@@ -93,3 +93,79 @@ fn a_fuzzer_driven_by_the_document_finds_no_server_errors_and_no_spec_violations
     assert!(out.status.success(), "{text}");
     assert!(text.contains("passed"), "{text}");
 }
+
+/// The same fuzzer through the gateway `trellis up` puts in front of the
+/// shop: the user service's document, every request sent to the gateway.
+/// No 5xx, and the answers still conform (the gateway changes nothing the
+/// document describes).
+#[test]
+fn the_fuzzer_through_the_gateway_finds_no_server_errors_either() {
+    let st = trellis_testkit::find_binary("st", "pip install schemathesis")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let data = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "up",
+            "--base-port",
+            "0",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut shop = support::Trellis::from_child(child);
+    let gateway = shop.line_starting_with("gateway");
+    let gateway = gateway.split_whitespace().nth(1).unwrap().to_owned();
+    let user = shop.line_starting_with("user");
+    let user = user.split_whitespace().nth(1).unwrap().to_owned();
+    // The user instance registers once ready; the gateway then finds it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr: std::net::SocketAddr = gateway.parse().unwrap();
+    loop {
+        let status = rt
+            .block_on(trellis_testkit::http::get(addr, "/v1/users"))
+            .map(|r| r.status)
+            .unwrap_or(0);
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway never reached the user service ({status})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    let out = Command::new(st)
+        .args([
+            "run",
+            &format!("http://{user}/openapi.json"),
+            "--url",
+            &format!("http://{gateway}"),
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--max-examples",
+            "30",
+            "--seed",
+            "20261130",
+            "--report-dir",
+            data.path().join("report").to_str().unwrap(),
+        ])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("passed"), "{text}");
+}
