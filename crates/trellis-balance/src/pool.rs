@@ -471,11 +471,15 @@ where
                     endpoint.observe(FAILURE_PENALTY);
                     outcome.set.record(outcome.index, true);
                     let error: BoxError = error.into();
-                    Err(unavailable(format!(
+                    let mut status = Status::unavailable(format!(
                         "{} at {}: {error}",
                         outcome.set.service,
                         endpoint.address()
-                    )))
+                    ));
+                    // The cause stays reachable (a proxy tells a body it
+                    // refused from an endpoint that failed).
+                    status.set_source(std::sync::Arc::from(error));
+                    Err(Box::new(status) as BalanceError)
                 }
             }
         })

@@ -75,8 +75,24 @@ pin_project_lite::pin_project! {
         // Text mode: base64 characters not yet decoded (a group split
         // between chunks).
         text: Option<Vec<u8>>,
+        // The most the client may send, and what it has sent (a body
+        // without a declared length is counted as it streams).
+        limit: u64,
+        seen: u64,
     }
 }
+
+/// A streamed request body went over `max_body_bytes`: answered 413.
+#[derive(Debug)]
+pub(crate) struct BodyTooLarge(pub(crate) u64);
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the body is over {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
 
 impl RequestBody {
     /// The client's body, unchanged.
@@ -85,7 +101,16 @@ impl RequestBody {
             body: Some(body),
             full: None,
             text: None,
+            limit: u64::MAX,
+            seen: 0,
         }
+    }
+
+    /// At most `limit` bytes from the client; past it the body fails with
+    /// [`BodyTooLarge`].
+    pub(crate) fn limited(mut self, limit: u64) -> RequestBody {
+        self.limit = limit;
+        self
     }
 
     /// A gRPC-Web-text body, decoded.
@@ -94,6 +119,8 @@ impl RequestBody {
             body: Some(body),
             full: None,
             text: Some(Vec::new()),
+            limit: u64::MAX,
+            seen: 0,
         }
     }
 
@@ -103,6 +130,8 @@ impl RequestBody {
             body: None,
             full: None,
             text: None,
+            limit: u64::MAX,
+            seen: 0,
         }
     }
 
@@ -112,6 +141,8 @@ impl RequestBody {
             body: None,
             full: Some(bytes),
             text: None,
+            limit: u64::MAX,
+            seen: 0,
         }
     }
 }
@@ -141,6 +172,12 @@ impl Body for RequestBody {
                 Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
                 Some(Ok(frame)) => frame,
             };
+            if let Some(data) = frame.data_ref() {
+                *this.seen += data.len() as u64;
+                if *this.seen > *this.limit {
+                    return Poll::Ready(Some(Err(Box::new(BodyTooLarge(*this.limit)))));
+                }
+            }
             let Some(pending) = this.text.as_mut() else {
                 return Poll::Ready(Some(Ok(frame)));
             };

@@ -381,7 +381,8 @@ async fn forward(
             }
         }
         None => RequestBody::plain(body),
-    };
+    }
+    .limited(defaults.max_body_bytes);
     // A request with no body and a method that may be repeated can be sent
     // again when the upstream could not take it (nginx's proxy_next_upstream
     // "error"), within the route's budget.
@@ -590,6 +591,19 @@ async fn tunnel(
 /// A failed upstream call as the error model: no endpoint is 503, a
 /// connection that failed is 502.
 fn upstream_error(upstream: &str, error: BoxError) -> Error {
+    // The client's streamed body went over the limit on the way up.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+    while let Some(e) = source {
+        if let Some(too_large) = e.downcast_ref::<grpc_web::BodyTooLarge>() {
+            return Error::new(
+                Code::ResourceExhausted,
+                "BODY_TOO_LARGE",
+                too_large.to_string(),
+            )
+            .with_http_status(StatusCode::PAYLOAD_TOO_LARGE);
+        }
+        source = e.source();
+    }
     // The balancer reports "no endpoints" as UNAVAILABLE.
     if let Some(status) = error.downcast_ref::<tonic::Status>()
         && status.message().starts_with("no endpoints")

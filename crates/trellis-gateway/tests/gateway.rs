@@ -2031,3 +2031,53 @@ rate_limit = {{ rate = 1, period = "1h", burst = 4, redis = "redis://{}" }}
     // One budget of 4 for both, not 4 each.
     assert_eq!(admitted, 4, "the two gateways admitted {admitted}");
 }
+
+#[tokio::test]
+async fn a_streamed_body_over_the_limit_is_refused_with_413() {
+    // The upstream reads the whole body before it answers.
+    let app = Router::new().fallback(any(|body: Bytes| async move { format!("{}", body.len()) }));
+    let upstream = serve_axum(app).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[defaults]
+max_body_bytes = 1000
+[upstreams.a]
+targets = [{{ url = "http://{upstream}" }}]
+[routes.all]
+prefix = "/"
+upstream = "a"
+retries = {{ attempts = 1 }}
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    let send = |size: usize| async move {
+        let mut stream = TcpStream::connect(gw.addr).await.expect("connect");
+        let chunk = vec![b'x'; size];
+        let mut request =
+            b"POST /upload HTTP/1.1\r\nhost: gateway.test\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n"
+                .to_vec();
+        request.extend_from_slice(format!("{size:x}\r\n").as_bytes());
+        request.extend_from_slice(&chunk);
+        request.extend_from_slice(b"\r\n0\r\n\r\n");
+        // The gateway may answer and close before taking all of it.
+        let _ = stream.write_all(&request).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    // Under the limit, without a declared length: streamed through.
+    let small = send(800).await;
+    assert!(small.starts_with("HTTP/1.1 200"), "{small}");
+    assert!(
+        small.ends_with("800") || small.contains("\r\n\r\n800"),
+        "{small}"
+    );
+    // Over it: counted as it streams, refused.
+    let big = send(5000).await;
+    assert!(big.starts_with("HTTP/1.1 413"), "{big}");
+    assert!(big.contains("BODY_TOO_LARGE"), "{big}");
+}
