@@ -195,6 +195,8 @@ struct Shared<S> {
     hash_header: Option<HeaderName>,
     connect: Box<Connect<S>>,
     snapshot: ArcSwap<Snapshot<S>>,
+    /// How many endpoint sets have been taken in, published after each.
+    updates: watch::Sender<u64>,
     // Dropping the pool drops this, which ends the watch task.
     _stop: oneshot::Sender<()>,
 }
@@ -274,6 +276,7 @@ impl<S: Clone> Shared<S> {
             "endpoint set updated"
         );
         self.snapshot.store(Arc::new(snapshot));
+        self.updates.send_modify(|n| *n += 1);
     }
 }
 
@@ -340,6 +343,7 @@ impl<S: Clone + Send + Sync + 'static> Balanced<S> {
             hash_header,
             connect: Box::new(connect),
             snapshot: ArcSwap::from_pointee(empty),
+            updates: watch::Sender::new(0),
             _stop: stop,
         });
         shared.update(&rx.borrow_and_update().clone());
@@ -368,6 +372,13 @@ impl<S> Balanced<S> {
     /// The endpoints currently in use (for inspection and tests).
     pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
         self.shared.snapshot.load().set.all.endpoints().to_vec()
+    }
+
+    /// The number of endpoint sets the pool has taken in, as it changes:
+    /// a new value once [`endpoints`](Self::endpoints) shows a new set (for
+    /// tests and admin views that wait on discovery).
+    pub fn updates(&self) -> watch::Receiver<u64> {
+        self.shared.updates.subscribe()
     }
 
     /// The balancer's name.

@@ -2,11 +2,7 @@
 
 mod support;
 
-use std::{
-    net::SocketAddr,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
 use shop_user::api::v1::{
     CreateUserRequest, GetUserRequest, User, user_service_client::UserServiceClient,
@@ -14,17 +10,14 @@ use shop_user::api::v1::{
 use trellis_testkit::http;
 
 async fn wait_ready(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if http::get(addr, "/readyz")
-            .await
-            .is_ok_and(|r| r.status == 200)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{addr} never became ready");
+    let ready = http::poll_until(addr, "/readyz", Duration::from_secs(20), |r| {
+        r.status == 200
+    })
+    .await;
+    assert!(
+        ready.as_ref().is_ok_and(|r| r.status == 200),
+        "{addr} never became ready: {ready:?}"
+    );
 }
 
 async fn create_and_get(addr: SocketAddr, email: &str) {
@@ -80,14 +73,11 @@ async fn up_serves_the_shop_and_exits_zero_on_sigterm() {
     // Through the gateway: gRPC, and REST on the routes generated from the
     // protos. The user instance registers once ready; the gateway follows.
     wait_ready(gateway_admin).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let listed = loop {
-        let res = http::get(gateway, "/v1/users").await.unwrap();
-        if res.status != 503 || Instant::now() > deadline {
-            break res;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let listed = http::poll_until(gateway, "/v1/users", Duration::from_secs(20), |r| {
+        r.status != 503
+    })
+    .await
+    .unwrap();
     assert_eq!(listed.status, 200, "{}", listed.body);
     assert!(listed.body.contains("grace@example.com"), "{}", listed.body);
     create_and_get(gateway, "ada@example.com").await;

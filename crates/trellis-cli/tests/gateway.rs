@@ -68,24 +68,26 @@ upstream = "user"
 
     // The discovered instance may take a moment to appear: wait for the
     // first answer that is not "no endpoints", with a deadline.
-    let created = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let res = http::request(
-                addr,
-                "POST",
-                "/v1/users",
-                Some(r#"{"email":"ada@example.com","displayName":"Ada"}"#),
-            )
-            .await
-            .expect("POST through the gateway");
-            if res.status != 503 {
-                return res;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    // The gateway finds the instance in etcd once it has registered; the
+    // gateway is another process, so it is asked until it answers.
+    let found = http::poll_until(addr, "/v1/users", Duration::from_secs(10), |r| {
+        r.status == 200
     })
     .await
-    .expect("the gateway finds the user service");
+    .expect("GET through the gateway");
+    assert_eq!(
+        found.status, 200,
+        "the gateway never found the user service: {}",
+        found.body
+    );
+    let created = http::request(
+        addr,
+        "POST",
+        "/v1/users",
+        Some(r#"{"email":"ada@example.com","displayName":"Ada"}"#),
+    )
+    .await
+    .expect("POST through the gateway");
     assert_eq!(created.status, 200, "{}", created.body);
     let user_json: serde_json::Value = serde_json::from_str(&created.body).expect("JSON");
     let id = user_json["id"].as_str().expect("an id").to_owned();

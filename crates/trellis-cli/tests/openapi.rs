@@ -121,27 +121,23 @@ fn the_fuzzer_through_the_gateway_finds_no_server_errors_either() {
     let gateway = gateway.split_whitespace().nth(1).unwrap().to_owned();
     let user = shop.line_starting_with("user");
     let user = user.split_whitespace().nth(1).unwrap().to_owned();
-    // The user instance registers once ready; the gateway then finds it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // The user instance registers once ready; the gateway then finds it
+    // (another process: asked until it answers).
+    let addr: std::net::SocketAddr = gateway.parse().unwrap();
+    let found = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    let addr: std::net::SocketAddr = gateway.parse().unwrap();
-    loop {
-        let status = rt
-            .block_on(trellis_testkit::http::get(addr, "/v1/users"))
-            .map(|r| r.status)
-            .unwrap_or(0);
-        if status == 200 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the gateway never reached the user service ({status})"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+        .unwrap()
+        .block_on(trellis_testkit::http::poll_until(
+            addr,
+            "/v1/users",
+            std::time::Duration::from_secs(20),
+            |r| r.status == 200,
+        ));
+    assert!(
+        found.as_ref().is_ok_and(|r| r.status == 200),
+        "the gateway never reached the user service: {found:?}"
+    );
 
     let out = Command::new(st)
         .args([

@@ -44,6 +44,8 @@ pub struct Snapshot<T> {
 struct Stats {
     failures: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// The failure count, published after each rejection.
+    rejected: watch::Sender<u64>,
 }
 
 /// A typed configuration that stays current. Cheap to clone.
@@ -293,7 +295,8 @@ where
             .last_error
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(err.to_string());
-        self.stats.failures.fetch_add(1, Release);
+        let count = self.stats.failures.fetch_add(1, Release) + 1;
+        self.stats.rejected.send_replace(count);
         metrics::counter!("config_reload_failures_total").increment(1);
         error!(error = %err, "config update rejected; keeping the last good config");
     }
@@ -461,6 +464,12 @@ impl<T: Send + Sync + 'static> Config<T> {
     /// Updates rejected since start (`config_reload_failures_total`).
     pub fn reload_failures(&self) -> u64 {
         self.stats.failures.load(Acquire)
+    }
+
+    /// The number of rejected updates as it changes: a new value after
+    /// each rejection (its text is already in [`last_error`](Self::last_error)).
+    pub fn rejections(&self) -> watch::Receiver<u64> {
+        self.stats.rejected.subscribe()
     }
 
     /// The most recent rejection, if any.

@@ -86,6 +86,8 @@ pub(crate) struct Shared {
     applied: tokio::sync::watch::Sender<String>,
     /// The last reloads, newest last.
     history: std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>,
+    /// Reloads decided (applied or rejected), the first load included.
+    decided: tokio::sync::watch::Sender<u64>,
 }
 
 /// Reloads remembered for the admin view.
@@ -101,6 +103,8 @@ impl Shared {
             history.pop_front();
         }
         history.push_back(entry);
+        drop(history);
+        self.decided.send_modify(|n| *n += 1);
     }
 }
 
@@ -178,6 +182,7 @@ impl Gateway {
             state: ArcSwap::from_pointee(state),
             applied,
             history: Default::default(),
+            decided: tokio::sync::watch::Sender::new(0),
         });
         shared.record(serde_json::json!({
             "version": first.version,
@@ -264,6 +269,24 @@ impl Gateway {
             .layer(self.trace.clone())
             .layer(self.red.clone())
             .service(Proxy::new(self.shared.clone(), peer, self.tls.is_some()))
+    }
+
+    /// How many documents the gateway has decided on — applied or
+    /// rejected, the first included — as it changes (each decision is in
+    /// [`admin_view`](Self::admin_view)'s `reloads` before this moves).
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.decided.subscribe()
+    }
+
+    /// The endpoint-set updates of upstream `name` as they happen (see
+    /// `trellis_balance::Balanced::updates`); `None` for an unknown name.
+    pub fn upstream_updates(&self, name: &str) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.shared
+            .state
+            .load()
+            .upstreams
+            .get(name)
+            .map(|u| u.pool.updates())
     }
 
     /// What the gateway is running, as JSON for the admin listener

@@ -567,17 +567,13 @@ upstream = "{upstream}"
 
     // A document naming an upstream that does not exist: refused by the
     // store, naming the route and field; the running routes stay.
-    let failures = gw.config.reload_failures();
+    let mut rejections = gw.config.rejections();
+    let failures = *rejections.borrow_and_update();
     write(&dir, &doc("nowhere"));
-    let config = gw.config.clone();
-    tokio::time::timeout(DEADLINE, async move {
-        while config.reload_failures() == failures {
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the bad document is refused within the deadline");
+    tokio::time::timeout(DEADLINE, rejections.wait_for(|n| *n > failures))
+        .await
+        .expect("the bad document is refused within the deadline")
+        .expect("the config store is running");
     let error = gw.config.last_error().unwrap_or_default();
     assert!(error.contains("routes.main.upstream"), "{error}");
     let answer = conn.request("GET", "/x", &[]).await;
@@ -594,9 +590,10 @@ async fn upstream_failures_are_502_and_504() {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         l.local_addr().expect("address")
     };
+    // An upstream that takes the request and never answers.
     let slow = serve_axum(Router::new().fallback(any(|| async {
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        "late"
+        std::future::pending::<()>().await;
+        "never"
     })))
     .await;
     let dir = tempfile::tempdir().expect("temp dir");
@@ -1641,13 +1638,17 @@ upstream = "pair"
     };
     // `good` answers /healthz with its echo (200); `flaky` with 503: only
     // `good` stays.
+    let mut updates = gw
+        .gateway
+        .upstream_updates("pair")
+        .expect("the upstream runs");
     let only_good = tokio::time::timeout(DEADLINE, async {
         loop {
             let now = endpoints(&gw.gateway.admin_view());
             if now == [good.to_string()] {
                 return now;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            updates.changed().await.expect("the upstream runs");
         }
     })
     .await
@@ -1665,7 +1666,7 @@ upstream = "pair"
     sick.store(false, std::sync::atomic::Ordering::SeqCst);
     tokio::time::timeout(DEADLINE, async {
         while endpoints(&gw.gateway.admin_view()).len() != 2 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            updates.changed().await.expect("the upstream runs");
         }
     })
     .await
@@ -1964,17 +1965,11 @@ upstream = "a"
     // A document naming a plugin the gateway lacks is refused on reload.
     let before = gateway.version();
     write(&dir, &doc(r#""tenant", "missing""#));
-    tokio::time::timeout(DEADLINE, async {
-        while gateway.admin_view()["reloads"]
-            .as_array()
-            .map_or(0, Vec::len)
-            < 2
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the reload is decided within the deadline");
+    let mut decided = gateway.reloads();
+    tokio::time::timeout(DEADLINE, decided.wait_for(|n| *n >= 2))
+        .await
+        .map(drop)
+        .expect("the reload is decided within the deadline");
     assert_eq!(
         gateway.version(),
         before,

@@ -360,11 +360,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        // Polled again after it completed (a caller's mistake): fused, the
+        // inner future is not polled again.
+        if this.in_flight.is_none() {
+            return Poll::Pending;
+        }
         let result = std::task::ready!(this.fut.poll(cx));
-        let mut in_flight = this
-            .in_flight
-            .take()
-            .expect("a RED future polled after it completed");
+        let Some(mut in_flight) = this.in_flight.take() else {
+            return Poll::Pending;
+        };
         Poll::Ready(match result {
             Ok(response) => {
                 let (parts, body) = response.into_parts();

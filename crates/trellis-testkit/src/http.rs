@@ -31,6 +31,33 @@ impl Response {
     }
 }
 
+/// `GET path` on `addr` until `done` accepts the answer, for up to
+/// `within`; the last answer (or the last error) when it never does.
+///
+/// For state that lives in another process (a child's readiness, a
+/// gateway that has yet to see an instance in the registry): asking is
+/// the only way to observe it, so this asks every 20 ms until the deadline.
+/// Within one process, wait on the event itself instead.
+pub async fn poll_until(
+    addr: SocketAddr,
+    path: &str,
+    within: Duration,
+    done: impl Fn(&Response) -> bool,
+) -> std::io::Result<Response> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let answer = get(addr, path).await;
+        let finished = answer.as_ref().is_ok_and(&done);
+        if finished || tokio::time::Instant::now() >= deadline {
+            return answer;
+        }
+        tokio::time::sleep_until(
+            (tokio::time::Instant::now() + Duration::from_millis(20)).min(deadline),
+        )
+        .await;
+    }
+}
+
 /// `GET path` on `addr`.
 pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
     request(addr, "GET", path, None).await

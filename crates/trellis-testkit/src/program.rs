@@ -65,7 +65,12 @@ impl Program {
     pub fn from_child(mut child: Child) -> Program {
         // One reader for the life of the child: a reader per call could
         // buffer (and lose) lines past the one it returns.
-        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let stdout = BufReader::new(
+            child
+                .stdout
+                .take()
+                .expect("Program::from_child needs the child's stdout piped"),
+        );
         let (stderr, reader) = drain(child.stderr.take());
         Program(child, stdout, stderr, reader)
     }
@@ -75,7 +80,8 @@ impl Program {
         let mut line = String::new();
         loop {
             line.clear();
-            let n = self.1.read_line(&mut line).unwrap();
+            // A read error is the end of what the program will say.
+            let n = self.1.read_line(&mut line).unwrap_or(0);
             if n == 0 {
                 // stdout closed: the process is exiting; let it finish so
                 // the whole of stderr is there to show.
@@ -109,18 +115,49 @@ impl Program {
         }
     }
 
-    /// Waits for the process to exit, up to `timeout` (a failed test past it).
+    /// Waits for the process to exit, up to `timeout` (a failed test past
+    /// it): woken by the exit itself (a pidfd becomes readable), not by
+    /// polling.
     pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_pidfd_open, self.0.id() as libc::pid_t, 0) } as i32;
         loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status;
+            match self.0.try_wait() {
+                Ok(Some(status)) => {
+                    if fd >= 0 {
+                        // SAFETY: our own descriptor, closed once.
+                        unsafe { libc::close(fd) };
+                    }
+                    return status;
+                }
+                Ok(None) => {}
+                Err(e) => panic!("cannot wait for the program: {e}"),
             }
+            let left = deadline.saturating_duration_since(Instant::now());
             assert!(
-                Instant::now() < deadline,
-                "the program did not exit within {timeout:?}"
+                !left.is_zero() && fd >= 0,
+                "the program did not exit within {timeout:?}{}",
+                if fd < 0 {
+                    " (pidfd_open refused: Linux 5.3 or later is needed)"
+                } else {
+                    ""
+                }
             );
-            std::thread::sleep(Duration::from_millis(20));
+            let mut pollfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; an interrupted poll just loops.
+            unsafe {
+                libc::poll(
+                    &mut pollfd,
+                    1,
+                    left.as_millis().min(i32::MAX as u128) as i32,
+                )
+            };
         }
     }
 }
