@@ -138,12 +138,9 @@ impl EndpointPool {
         }
     }
 
-    async fn send_h1(
-        self: Arc<Self>,
-        mut req: Request<RequestBody>,
-    ) -> Result<Response<PoolBody>, BoxError> {
-        // Origin form on the wire, the upstream's authority as Host unless
-        // the route kept the client's.
+    /// An HTTP/1.1 request as it goes on the wire: origin form, the
+    /// upstream's authority as `Host` unless the route kept the client's.
+    fn origin_form(&self, req: &mut Request<RequestBody>) {
         let path = req
             .uri()
             .path_and_query()
@@ -156,6 +153,13 @@ impl EndpointPool {
         {
             req.headers_mut().insert(header::HOST, host);
         }
+    }
+
+    async fn send_h1(
+        self: Arc<Self>,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<PoolBody>, BoxError> {
+        self.origin_form(&mut req);
         // A kept-alive connection first. One the upstream closed while it
         // sat idle refuses the request unsent: it goes on a new one.
         if let Some(mut sender) = self.checkout().await {
@@ -187,18 +191,7 @@ impl EndpointPool {
         self: Arc<Self>,
         mut req: Request<RequestBody>,
     ) -> Result<Response<PoolBody>, BoxError> {
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(path);
-        *req.version_mut() = http::Version::HTTP_11;
-        if !req.headers().contains_key(header::HOST)
-            && let Ok(host) = HeaderValue::from_str(self.authority.as_str())
-        {
-            req.headers_mut().insert(header::HOST, host);
-        }
+        self.origin_form(&mut req);
         let io = self.connect().await?;
         let (mut sender, connection) = http1::handshake(io).await?;
         tokio::spawn(async move {

@@ -79,6 +79,20 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 /// The body of the gRPC requests the transcoder makes: one framed message.
 pub type UpstreamBody = http_body_util::Full<Bytes>;
 
+/// The descriptors of a test proto under `tests/proto` (imports included).
+#[cfg(test)]
+pub(crate) fn test_pool(file: &str) -> prost_reflect::DescriptorPool {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut compiler = protox::Compiler::new([root.join("tests/proto"), root.join("../../proto")])
+        .expect("include paths");
+    compiler
+        .include_imports(true)
+        .open_files([file])
+        .unwrap_or_else(|e| panic!("{file} compiles: {e}"));
+    prost_reflect::DescriptorPool::decode(compiler.encode_file_descriptor_set().as_slice())
+        .expect("descriptor set decodes")
+}
+
 /// `bytes` as a [`Body`].
 pub(crate) fn full(bytes: Bytes) -> Body {
     Body::new(http_body_util::BodyExt::map_err(

@@ -778,16 +778,7 @@ mod tests {
     use super::*;
 
     fn pool() -> DescriptorPool {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut compiler =
-            protox::Compiler::new([root.join("tests/proto"), root.join("../../proto")])
-                .expect("include paths");
-        compiler
-            .include_imports(true)
-            .open_files(["conformance/v1/mirror.proto"])
-            .expect("mirror.proto compiles");
-        DescriptorPool::decode(compiler.encode_file_descriptor_set().as_slice())
-            .expect("descriptor set decodes")
+        crate::test_pool("conformance/v1/mirror.proto")
     }
 
     fn route(pool: &DescriptorPool, method: &str, template: &str) -> Route {
