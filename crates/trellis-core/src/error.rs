@@ -65,6 +65,7 @@ pub struct Error {
     metadata: BTreeMap<String, String>,
     retry_after: Option<Duration>,
     http_status: Option<StatusCode>,
+    challenge: Option<String>,
 }
 
 impl Error {
@@ -94,6 +95,7 @@ impl Error {
             metadata: BTreeMap::new(),
             retry_after: None,
             http_status: None,
+            challenge: None,
         }
     }
 
@@ -150,6 +152,20 @@ impl Error {
     pub fn with_http_status(mut self, status: StatusCode) -> Self {
         self.http_status = Some(status);
         self
+    }
+
+    /// The authentication challenge HTTP clients receive as
+    /// `WWW-Authenticate` (RFC 9110 §11.6.1), e.g. `Bearer realm="shop",
+    /// error="invalid_token"` (builder style). For UNAUTHENTICATED, and
+    /// PERMISSION_DENIED with `error="insufficient_scope"` (RFC 6750 §3.1).
+    pub fn with_challenge(mut self, challenge: impl Into<String>) -> Self {
+        self.challenge = Some(challenge.into());
+        self
+    }
+
+    /// The authentication challenge, if the error carries one.
+    pub fn challenge(&self) -> Option<&str> {
+        self.challenge.as_deref()
     }
 
     /// When a retry may succeed, if the error says.
@@ -222,6 +238,7 @@ impl Error {
                 http_status: (status != code_to_http_status(code)
                     && (status.is_client_error() || status.is_server_error()))
                 .then_some(status),
+                challenge: None,
             };
         }
         let code = code_from_http_status(status);
@@ -306,7 +323,31 @@ impl Error {
                 .headers_mut()
                 .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
         }
+        if let Some(challenge) = self
+            .challenge
+            .as_deref()
+            .and_then(|c| http::HeaderValue::from_str(c).ok())
+        {
+            response
+                .headers_mut()
+                .insert(http::header::WWW_AUTHENTICATE, challenge);
+        }
         response
+    }
+}
+
+impl Error {
+    /// The answer for the caller's protocol: for gRPC (`grpc`) a
+    /// trailers-only status whose details carry the reason and the retry
+    /// hint, for HTTP [`to_http_response`](Self::to_http_response). For
+    /// layers that refuse a request, over any body type.
+    pub fn to_response<RB: Default + From<String>>(&self, grpc: bool) -> http::Response<RB> {
+        if grpc {
+            tonic::Status::from(self.clone()).into_http::<RB>()
+        } else {
+            self.to_http_response::<Bytes>()
+                .map(|body| RB::from(String::from_utf8_lossy(&body).into_owned()))
+        }
     }
 }
 
@@ -429,6 +470,7 @@ impl From<tonic::Status> for Error {
             metadata,
             retry_after,
             http_status: None,
+            challenge: None,
         }
     }
 }

@@ -15,13 +15,7 @@ pub(crate) fn refuse<RB: Default + From<String>>(
     grpc: bool,
     headers: &[(&'static str, String)],
 ) -> Response<RB> {
-    let mut response = if grpc {
-        tonic::Status::from(error).into_http::<RB>()
-    } else {
-        error
-            .to_http_response::<bytes::Bytes>()
-            .map(|body| RB::from(String::from_utf8_lossy(&body).into_owned()))
-    };
+    let mut response = error.to_response::<RB>(grpc);
     for (name, value) in headers {
         if let Ok(v) = HeaderValue::from_str(value) {
             response.headers_mut().insert(*name, v);

@@ -1,0 +1,194 @@
+//! Who may call what, and the tower layer that enforces it on a service's
+//! HTTP routes and gRPC methods.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{HeaderMap, Request, Response};
+use tower::{Layer, Service};
+use trellis_core::{Error, protocol::is_grpc};
+
+use crate::{Claims, Refusal, Verifier, verify::forbidden};
+
+/// What a call needs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Access {
+    /// Anyone; a token that comes is still verified (a bad one is refused)
+    /// and its claims passed on.
+    Public,
+    /// A valid token.
+    #[default]
+    Authenticated,
+    /// A valid token granting every one of these (roles, permissions or
+    /// scopes).
+    Require(Vec<String>),
+}
+
+impl Access {
+    /// Decides for a request's `headers`: the claims of its token (`None`
+    /// for a public call without one), or the answer refusing it —
+    /// 401 with `WWW-Authenticate`, 403 naming the missing permission, 503
+    /// while no keys could be fetched. The one decision the service layer
+    /// and the gateway both make.
+    pub async fn check(
+        &self,
+        verifier: &Verifier,
+        headers: &HeaderMap,
+    ) -> Result<Option<Arc<Claims>>, Error> {
+        let realm = &verifier.config().realm;
+        let decided = match verifier.verify_headers(headers).await {
+            Ok(Some(claims)) => match self {
+                Access::Require(required) => match claims.missing(required) {
+                    Some(missing) => Err(forbidden(realm, missing)),
+                    None => Ok(Some(claims)),
+                },
+                _ => Ok(Some(claims)),
+            },
+            Ok(None) if *self == Access::Public => Ok(None),
+            Ok(None) => Err(Refusal::Missing.to_error(realm)),
+            Err(refusal) => Err(refusal.to_error(realm)),
+        };
+        let outcome = match &decided {
+            Ok(Some(_)) => "allowed",
+            Ok(None) => "anonymous",
+            Err(e) if e.code() == tonic::Code::PermissionDenied => "forbidden",
+            Err(e) if e.code() == tonic::Code::Unavailable => "unavailable",
+            Err(_) => "refused",
+        };
+        metrics::counter!("auth_decisions_total", "outcome" => outcome).increment(1);
+        decided
+    }
+}
+
+/// Access rules by path: exact paths (`/shop.order.v1.Orders/Create`,
+/// `/v1/orders`) and prefixes ending in `*` (`/shop.order.v1.Orders/*`,
+/// `/admin/*`); the exact rule wins, then the longest prefix, then the
+/// default — [`Access::Authenticated`]: what is not opened explicitly is
+/// protected.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    exact: HashMap<String, Access>,
+    /// Longest first.
+    prefixes: Vec<(String, Access)>,
+    default: Access,
+}
+
+impl Policy {
+    /// Every call needs a valid token unless a rule says otherwise.
+    pub fn new() -> Policy {
+        Policy::default()
+    }
+
+    /// What a path no rule names needs.
+    pub fn default_access(mut self, access: Access) -> Policy {
+        self.default = access;
+        self
+    }
+
+    /// A rule for `pattern` (exact, or a prefix ending in `*`).
+    pub fn rule(mut self, pattern: impl Into<String>, access: Access) -> Policy {
+        let pattern = pattern.into();
+        match pattern.strip_suffix('*') {
+            Some(prefix) => {
+                self.prefixes.retain(|(p, _)| p != prefix);
+                self.prefixes.push((prefix.to_owned(), access));
+                self.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+            }
+            None => {
+                self.exact.insert(pattern, access);
+            }
+        }
+        self
+    }
+
+    /// What a call to `path` needs.
+    pub fn access(&self, path: &str) -> &Access {
+        if let Some(access) = self.exact.get(path) {
+            return access;
+        }
+        self.prefixes
+            .iter()
+            .find(|(p, _)| path.starts_with(p.as_str()))
+            .map_or(&self.default, |(_, a)| a)
+    }
+}
+
+/// Verifies bearer tokens and applies a [`Policy`] in front of a service:
+/// the claims go into the request's extensions (`Arc<Claims>`), a refusal
+/// is answered in the caller's protocol (a gRPC status for gRPC calls).
+#[derive(Clone)]
+pub struct AuthLayer {
+    verifier: Arc<Verifier>,
+    policy: Arc<Policy>,
+}
+
+impl AuthLayer {
+    /// The layer for `verifier` and `policy`.
+    pub fn new(verifier: Arc<Verifier>, policy: Policy) -> AuthLayer {
+        AuthLayer {
+            verifier,
+            policy: Arc::new(policy),
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth {
+            inner,
+            verifier: self.verifier.clone(),
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+/// The service [`AuthLayer`] makes.
+#[derive(Clone)]
+pub struct Auth<S> {
+    inner: S,
+    verifier: Arc<Verifier>,
+    policy: Arc<Policy>,
+}
+
+impl<S, B, RB> Service<Request<B>> for Auth<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+    RB: Default + From<String> + Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        // The clone waits for its own readiness; this one was made ready.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let verifier = self.verifier.clone();
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            let access = policy.access(req.uri().path());
+            match access.check(&verifier, req.headers()).await {
+                Ok(claims) => {
+                    if let Some(claims) = claims {
+                        req.extensions_mut().insert(claims);
+                    }
+                    inner.call(req).await
+                }
+                Err(error) => Ok(error.to_response(is_grpc(req.headers()))),
+            }
+        })
+    }
+}
