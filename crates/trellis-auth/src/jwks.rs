@@ -326,6 +326,18 @@ impl Jwks {
         self.fetch_locked().await
     }
 
+    /// Fetches the set unless one has been fetched already (a start-up
+    /// warm-up that never doubles a fetch a first token made).
+    pub async fn warm(&self) -> Result<usize, String> {
+        let mut fetching = self.fetching.lock().await;
+        let keys = self.keys.load();
+        if keys.fetched.is_some() {
+            return Ok(keys.by_kid.len() + keys.anonymous.len());
+        }
+        fetching.last_attempt = Some(Instant::now());
+        self.fetch_locked().await
+    }
+
     async fn fetch_locked(&self) -> Result<usize, String> {
         match self.source.fetch().await {
             Ok(set) => {

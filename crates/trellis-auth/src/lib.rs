@@ -34,6 +34,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 mod claims;
 mod fetch;
 pub mod jwks;

@@ -47,6 +47,76 @@ pub struct GatewayConfig {
     /// Whether the gateway speaks TLS is fixed when it starts; the files
     /// are read again on every reload, so certificates can be renewed live.
     pub tls: Option<TlsConfig>,
+    /// How bearer tokens are verified on routes with `jwt`.
+    pub jwt: Option<JwtConfig>,
+}
+
+/// `[jwt]`: the key set and what a token must say, for every route that
+/// has `jwt = { ... }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The key set's URL (`https://auth.example.com/.well-known/jwks.json`;
+    /// `http://` for a local one). One of this and `jwks_file`.
+    pub jwks_url: Option<String>,
+    /// A key set file, read again on every refetch.
+    pub jwks_file: Option<std::path::PathBuf>,
+    /// PEM: the authorities trusted for an `https://` key set. Default: the
+    /// system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The accepted `iss` (required).
+    pub issuer: String,
+    /// Accepted audiences: a token's `aud` must name one (required).
+    pub audience: Vec<String>,
+    /// The algorithm allowlist. Default: `EdDSA`, `ES256`, `RS256`.
+    pub algorithms: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`. Default 30 s.
+    #[serde(with = "trellis_config::duration")]
+    pub leeway: Duration,
+    /// A key set older than this is fetched again. Default 5 min.
+    #[serde(with = "trellis_config::duration")]
+    pub refresh: Duration,
+    /// At most one fetch per this long for tokens naming an unknown `kid`.
+    /// Default 10 s.
+    #[serde(with = "trellis_config::duration")]
+    pub cooldown: Duration,
+    /// The `realm` of `WWW-Authenticate` challenges. Default `gateway`.
+    pub realm: String,
+    /// Claims sent upstream as headers: `sub`, `tenant`, `roles`
+    /// (comma-separated), `permissions`, `scope`, `iss`, `jti` → a header
+    /// name. A client's own copies of these headers are always removed
+    /// first on `jwt` routes.
+    pub claims_to_headers: BTreeMap<String, String>,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            jwks_url: None,
+            jwks_file: None,
+            ca_file: None,
+            issuer: String::new(),
+            audience: Vec::new(),
+            algorithms: vec!["EdDSA".into(), "ES256".into(), "RS256".into()],
+            leeway: Duration::from_secs(30),
+            refresh: Duration::from_secs(300),
+            cooldown: Duration::from_secs(10),
+            realm: "gateway".into(),
+            claims_to_headers: BTreeMap::new(),
+        }
+    }
+}
+
+/// A route's token check.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteJwtConfig {
+    /// Roles, permissions or scopes the token must grant, all of them
+    /// (403 naming the first missing).
+    pub require: Vec<String>,
+    /// Let requests without a token through (a token that comes is still
+    /// verified, and a bad one refused).
+    pub optional: bool,
 }
 
 /// The gateway's certificate.
@@ -105,8 +175,10 @@ pub struct RateLimitConfig {
     /// Requests allowed at once after a quiet spell. Default: `rate`.
     #[serde(default)]
     pub burst: Option<u32>,
-    /// Whose budget: `route` (one for the route, default), `client_ip`, or
-    /// `header:NAME` (an API key, a tenant).
+    /// Whose budget: `route` (one for the route, default), `client_ip`,
+    /// `subject` (the verified token's `sub`; the client's address without
+    /// one — needs `jwt` on the route), or `header:NAME` (an API key, a
+    /// tenant).
     #[serde(default = "by_route")]
     pub by: String,
     /// Share the budget through Redis (`redis://host:port`) across every
@@ -279,6 +351,10 @@ pub struct RouteConfig {
     /// Plugins of your own (registered with `Gateway::with_plugins`), by
     /// name, run in this order.
     pub plugins: Vec<String>,
+    /// Verify bearer tokens (against `[jwt]`): 401 with
+    /// `WWW-Authenticate` without a valid one, 403 without the permissions
+    /// `require` names.
+    pub jwt: Option<RouteJwtConfig>,
     /// Fail fast while the upstream fails: open after too many failures
     /// (5xx, no connection, timeouts), probe after `open_duration`.
     pub circuit_breaker: Option<CircuitBreakerConfig>,

@@ -36,6 +36,7 @@ pub mod config;
 mod generate;
 mod grpc_web;
 mod health;
+mod jwt;
 mod plugin;
 mod proxy;
 mod table;
@@ -376,6 +377,9 @@ async fn build(
         .map_err(|e| GatewayError::Config(format!("{}: {}", e.key, e.message)))?;
     if let Some(previous) = previous_table {
         table.keep_limiters(previous);
+    }
+    if let Some(jwt) = &table.jwt {
+        jwt.warm();
     }
     let upstreams = Upstreams::build(&config.upstreams, previous, clients, registry).await?;
     Ok(State {

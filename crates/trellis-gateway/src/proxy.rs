@@ -235,8 +235,19 @@ async fn forward(
             .with_http_status(StatusCode::PAYLOAD_TOO_LARGE),
         ));
     }
+    // Bearer tokens: 401/403 here, the claims' headers set for upstream.
+    let claims = match (&route.jwt, &state.table.jwt) {
+        (Some(access), Some(jwt)) => jwt.check(access, &mut parts.headers).await.map_err(&fail)?,
+        _ => None,
+    };
     if let Some(limit) = &route.rate_limit
-        && let Decision::Deny { retry_after } = limit.check(&parts.headers, peer.as_ref()).await
+        && let Decision::Deny { retry_after } = limit
+            .check(
+                &parts.headers,
+                peer.as_ref(),
+                claims.as_ref().map(|c| c.sub.as_str()),
+            )
+            .await
     {
         return Err(fail(
             Error::new(

@@ -45,6 +45,8 @@ pub(crate) struct Table {
     /// (suffix with its dot, `.example.com`; table), longest first.
     wildcard_hosts: Vec<(String, RouteTable<Vec<usize>>)>,
     any_host: RouteTable<Vec<usize>>,
+    /// `[jwt]`, for routes with `jwt`.
+    pub(crate) jwt: Option<Arc<crate::jwt::GatewayJwt>>,
 }
 
 /// One compiled route.
@@ -72,6 +74,8 @@ pub(crate) struct Route {
     pub(crate) cors: Option<Cors>,
     pub(crate) ips: IpRules,
     pub(crate) breaker: Option<RouteBreaker>,
+    /// What the route's `jwt` asks of a token.
+    pub(crate) jwt: Option<trellis_auth::Access>,
     /// The plugins' names, and the plugins once resolved.
     plugin_names: Vec<String>,
     pub(crate) plugins: Vec<Arc<dyn crate::Plugin>>,
@@ -282,10 +286,19 @@ enum RouteLimiter {
 
 impl RouteLimit {
     /// Spends one request of the budget `headers` and `peer` select.
-    pub(crate) async fn check(&self, headers: &HeaderMap, peer: Option<&HeaderValue>) -> Decision {
+    pub(crate) async fn check(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<&HeaderValue>,
+        subject: Option<&str>,
+    ) -> Decision {
+        let client_ip = || peer.and_then(|p| p.to_str().ok()).unwrap_or("unknown");
         let key = match &self.by {
             LimitBy::Route => None,
-            LimitBy::ClientIp => Some(peer.and_then(|p| p.to_str().ok()).unwrap_or("unknown")),
+            LimitBy::ClientIp => Some(client_ip()),
+            // One budget per subject; anonymous callers (an optional
+            // token) by address, in a space no subject can name.
+            LimitBy::Subject => Some(subject.unwrap_or_else(|| client_ip())),
             LimitBy::Header(name) => Some(
                 headers
                     .get(name)
@@ -306,6 +319,7 @@ impl RouteLimit {
 pub(crate) enum LimitBy {
     Route,
     ClientIp,
+    Subject,
     Header(HeaderName),
 }
 
@@ -432,6 +446,10 @@ impl Table {
             routes.push(compile_route(config, name, route)?);
         }
         let mut table = Table {
+            jwt: match &config.jwt {
+                Some(jwt) => Some(Arc::new(crate::jwt::GatewayJwt::compile(jwt)?)),
+                None => None,
+            },
             defaults: config.defaults.clone(),
             routes,
             exact_hosts: HashMap::new(),
@@ -684,11 +702,12 @@ fn route_limit(route: &str, limit: &RateLimitConfig) -> Result<RouteLimit, Strin
     let by = match limit.by.as_str() {
         "route" => LimitBy::Route,
         "client_ip" => LimitBy::ClientIp,
+        "subject" => LimitBy::Subject,
         other => match other.strip_prefix("header:") {
             Some(name) => LimitBy::Header(header_name(name)?),
             None => {
                 return Err(format!(
-                    "by = {other:?}: expected route, client_ip or header:NAME"
+                    "by = {other:?}: expected route, client_ip, subject or header:NAME"
                 ));
             }
         },
@@ -755,6 +774,13 @@ impl Table {
     /// its settings are unchanged, so a reload neither hands every client a
     /// fresh burst nor closes an open breaker.
     pub(crate) fn keep_limiters(&mut self, previous: &Table) {
+        // An unchanged [jwt] keeps its verifier: its keys and the tokens it
+        // has verified.
+        if let (Some(jwt), Some(before)) = (&mut self.jwt, &previous.jwt)
+            && jwt.config == before.config
+        {
+            *jwt = before.clone();
+        }
         let breakers: HashMap<&str, &RouteBreaker> = previous
             .routes
             .iter()
@@ -905,6 +931,24 @@ fn compile_route(
                 budget: RetryBudget::new(r.budget, 10),
             }
         },
+        jwt: match &route.jwt {
+            None => None,
+            Some(jwt) => {
+                if config.jwt.is_none() {
+                    return Err(Invalid::new(
+                        key("jwt"),
+                        "the document has no [jwt] section saying how to verify tokens",
+                    ));
+                }
+                if jwt.optional && !jwt.require.is_empty() {
+                    return Err(Invalid::new(
+                        key("jwt"),
+                        "optional and require contradict each other",
+                    ));
+                }
+                Some(crate::jwt::access(jwt))
+            }
+        },
         plugin_names: route.plugins.clone(),
         plugins: Vec::new(),
         breaker: match &route.circuit_breaker {
@@ -970,7 +1014,15 @@ fn compile_route(
         rate_limit: match &route.rate_limit {
             None => None,
             Some(limit) => {
-                Some(route_limit(name, limit).map_err(|e| Invalid::new(key("rate_limit"), e))?)
+                let limit =
+                    route_limit(name, limit).map_err(|e| Invalid::new(key("rate_limit"), e))?;
+                if matches!(limit.by, LimitBy::Subject) && route.jwt.is_none() {
+                    return Err(Invalid::new(
+                        key("rate_limit.by"),
+                        "\"subject\" needs jwt on the route (a verified token's sub)",
+                    ));
+                }
+                Some(limit)
             }
         },
     })
@@ -995,8 +1047,9 @@ mod tests {
     fn spend(table: &Table) -> bool {
         let route = &table.routes[0];
         let limit = route.rate_limit.as_ref().expect("a limit");
-        let decision = futures_util::FutureExt::now_or_never(limit.check(&HeaderMap::new(), None))
-            .expect("a local limit decides at once");
+        let decision =
+            futures_util::FutureExt::now_or_never(limit.check(&HeaderMap::new(), None, None))
+                .expect("a local limit decides at once");
         matches!(decision, Decision::Allow)
     }
 

@@ -2076,3 +2076,200 @@ retries = {{ attempts = 1 }}
     assert!(big.starts_with("HTTP/1.1 413"), "{big}");
     assert!(big.contains("BODY_TOO_LARGE"), "{big}");
 }
+
+/// A key set served over HTTP, counting its fetches.
+async fn jwks_server(
+    keys: trellis_auth::JwkSet,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = fetches.clone();
+    let app = Router::new().route(
+        "/.well-known/jwks.json",
+        axum::routing::get(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let keys = keys.clone();
+            async move { axum::Json(keys) }
+        }),
+    );
+    (serve_axum(app).await, fetches)
+}
+
+#[tokio::test]
+async fn jwt_routes_refuse_without_a_valid_token_pass_claims_up_and_limit_per_subject() {
+    use trellis_auth::SigningKey;
+    let key = SigningKey::generate_ed25519("k1").expect("key");
+    let (jwks, fetches) = jwks_server(trellis_auth::JwkSet {
+        keys: vec![key.jwk().clone()],
+    })
+    .await;
+    let a = echo_upstream("a").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let doc = |extra: &str| {
+        format!(
+            r#"
+[jwt]
+jwks_url = "http://{jwks}/.well-known/jwks.json"
+issuer = "https://auth.shop"
+audience = ["shop"]
+claims_to_headers = {{ sub = "x-user-id", tenant = "x-tenant-id", roles = "x-roles" }}
+
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+
+[routes.orders]
+prefix = "/orders"
+upstream = "a"
+jwt = {{ require = ["orders:write"] }}
+rate_limit = {{ rate = 1, period = "1h", burst = 2, by = "subject" }}
+
+[routes.catalog]
+prefix = "/catalog"
+upstream = "a"
+jwt = {{ optional = true }}
+{extra}
+"#
+        )
+    };
+    let file = write(&dir, &doc(""));
+    let gw = gateway(&file).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let token = |sub: &str, roles: &[&str]| {
+        let bearer = key
+            .sign(&json!({
+                "iss": "https://auth.shop", "aud": "shop", "sub": sub,
+                "exp": now + 600, "iat": now, "roles": roles, "tenant": "acme",
+            }))
+            .expect("sign");
+        format!("Bearer {bearer}")
+    };
+    let alice = token("alice", &["customer", "orders:write"]);
+    let bob = token("bob", &["customer", "orders:write"]);
+    let browser = token("carol", &["customer"]);
+
+    // No token: 401 with a challenge, in the error model.
+    let answer = get(gw.addr, "/orders", &[]).await;
+    assert_eq!(answer.status, 401);
+    assert_eq!(
+        answer.headers["www-authenticate"],
+        "Bearer realm=\"gateway\""
+    );
+    assert_eq!(answer.json()["reason"], "UNAUTHENTICATED");
+    // A token that does not verify says why.
+    let answer = get(gw.addr, "/orders", &[("authorization", "Bearer a.b.c")]).await;
+    assert_eq!(answer.status, 401);
+    assert!(answer.headers["www-authenticate"].contains("invalid_token"));
+    // A gRPC caller gets UNAUTHENTICATED as a status.
+    let answer = get(gw.addr, "/orders", &[("content-type", "application/grpc")]).await;
+    assert_eq!(
+        answer.headers.get("grpc-status").map(String::as_str),
+        Some("16")
+    );
+
+    // Verified but without the permission: 403 naming it.
+    let answer = get(gw.addr, "/orders", &[("authorization", &browser)]).await;
+    assert_eq!(answer.status, 403);
+    assert_eq!(answer.json()["metadata"]["permission"], "orders:write");
+
+    // Verified with it: the upstream sees the claims as headers, never the
+    // client's own copies.
+    let answer = get(
+        gw.addr,
+        "/orders",
+        &[
+            ("authorization", &alice),
+            ("x-user-id", "admin"),
+            ("x-tenant-id", "other"),
+        ],
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let seen = &answer.json()["headers"];
+    assert_eq!(seen["x-user-id"], "alice");
+    assert_eq!(seen["x-tenant-id"], "acme");
+    assert_eq!(seen["x-roles"], "customer,orders:write");
+
+    // Rate limited per subject: alice's burst is spent, bob's is not.
+    assert_eq!(
+        get(gw.addr, "/orders", &[("authorization", &alice)])
+            .await
+            .status,
+        200
+    );
+    let refused = get(gw.addr, "/orders", &[("authorization", &alice)]).await;
+    assert_eq!(
+        (refused.status, refused.json()["reason"].clone()),
+        (429, json!("RATE_LIMITED"))
+    );
+    assert_eq!(
+        get(gw.addr, "/orders", &[("authorization", &bob)])
+            .await
+            .status,
+        200
+    );
+
+    // An optional route: anonymous callers pass, without forged identity
+    // headers; a bad token is still refused.
+    let answer = get(gw.addr, "/catalog", &[("x-user-id", "admin")]).await;
+    assert_eq!(answer.status, 200);
+    assert!(
+        answer.json()["headers"].get("x-user-id").is_none(),
+        "{}",
+        answer.json()
+    );
+    assert_eq!(
+        get(gw.addr, "/catalog", &[("authorization", "Bearer nope")])
+            .await
+            .status,
+        401
+    );
+    let answer = get(gw.addr, "/catalog", &[("authorization", &browser)]).await;
+    assert_eq!(answer.json()["headers"]["x-user-id"], "carol");
+
+    // A reload that leaves [jwt] alone keeps its keys: no new fetch.
+    let before = fetches.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(before, 1, "one fetch at start, for every token since");
+    let mut applied = gw.gateway.applied();
+    write(
+        &dir,
+        &doc("[routes.more]\nprefix = \"/more\"\nupstream = \"a\"\n"),
+    );
+    tokio::time::timeout(DEADLINE, applied.changed())
+        .await
+        .expect("the reload is applied within the deadline")
+        .expect("gateway alive");
+    let answer = get(gw.addr, "/orders", &[("authorization", &bob)]).await;
+    assert_eq!(answer.status, 200);
+    let stranger = SigningKey::generate_ed25519("k2").expect("key");
+    let forged = stranger
+        .sign(&json!({"iss": "https://auth.shop", "aud": "shop", "sub": "x", "exp": now + 60}))
+        .expect("sign");
+    // An unknown kid may fetch (once per cooldown); a known one never does.
+    assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), before);
+    assert_eq!(
+        get(
+            gw.addr,
+            "/catalog",
+            &[("authorization", &format!("Bearer {forged}"))]
+        )
+        .await
+        .status,
+        401
+    );
+    assert_eq!(
+        fetches.load(std::sync::atomic::Ordering::SeqCst),
+        before + 1
+    );
+
+    // A route asking for jwt in a document without [jwt] is refused, named.
+    let bad = GatewayConfig {
+        jwt: None,
+        ..toml::from_str::<GatewayConfig>(&doc("")).expect("parses")
+    };
+    let err = trellis_config::Validate::validate(&bad).expect_err("refused");
+    // Routes compile in name order: catalog first.
+    assert_eq!(err.key, "routes.catalog.jwt", "{err:?}");
+    assert!(err.message.contains("[jwt]"), "{err:?}");
+}
