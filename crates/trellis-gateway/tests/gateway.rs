@@ -2273,3 +2273,115 @@ jwt = {{ optional = true }}
     assert_eq!(err.key, "routes.catalog.jwt", "{err:?}");
     assert!(err.message.contains("[jwt]"), "{err:?}");
 }
+
+/// What grpcio (Python's gRPC, an independent client: its own HTTP/2 and
+/// gRPC framing) sees through the gateway: unary calls with their status,
+/// a server stream's first message, metadata carrying a bearer token.
+const PYTHON_GRPC_CLIENT: &str = r#"
+import json, sys
+import grpc
+addr, token = sys.argv[1], sys.argv[2]
+channel = grpc.insecure_channel(addr)
+check = channel.unary_unary('/grpc.health.v1.Health/Check')
+watch = channel.unary_stream('/grpc.health.v1.Health/Watch')
+def request(service):
+    name = service.encode()
+    return bytes([0x0a, len(name)]) + name
+def call(fn, *args, **kwargs):
+    try:
+        return fn(*args, timeout=10, **kwargs).hex()
+    except grpc.RpcError as e:
+        return e.code().name
+auth = [('authorization', token)]
+out = {
+    'serving': call(check, request('shop.Up'), metadata=auth),
+    'unknown': call(check, request('shop.Unknown'), metadata=auth),
+    'anonymous': call(check, request('shop.Up')),
+}
+stream = watch(request('shop.Up'), metadata=auth, timeout=10)
+out['watch'] = next(stream).hex()
+stream.cancel()
+print(json.dumps(out))
+"#;
+
+#[tokio::test]
+async fn a_python_grpc_client_calls_through_the_gateway_with_a_token() {
+    use trellis_auth::SigningKey;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("shop.Up", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream_listener(listener))
+            .await;
+    });
+    let key = SigningKey::generate_ed25519("k1").expect("key");
+    let (jwks, _) = jwks_server(trellis_auth::JwkSet {
+        keys: vec![key.jwk().clone()],
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[jwt]
+jwks_url = "http://{jwks}/.well-known/jwks.json"
+issuer = "https://auth.shop"
+audience = ["shop"]
+
+[upstreams.grpc]
+targets = [{{ url = "http://{upstream}" }}]
+h2c = true
+
+[routes.health]
+prefix = "/grpc.health.v1.Health"
+upstream = "grpc"
+jwt = {{}}
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let token = key
+        .sign(&json!({"iss": "https://auth.shop", "aud": "shop", "sub": "py", "exp": now + 600}))
+        .expect("sign");
+    let out = tokio::process::Command::new("python3")
+        .args([
+            "-c",
+            PYTHON_GRPC_CLIENT,
+            &gw.addr.to_string(),
+            &format!("Bearer {token}"),
+        ])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("the Python client ends within a minute")
+        .expect("python3 runs (apt-get install python3)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No module named 'grpc'"),
+        "grpcio is missing: python3 -m pip install grpcio (scripts/test installs it)"
+    );
+    assert!(out.status.success(), "the Python client failed: {stderr}");
+    let seen: Value = serde_json::from_slice(&out.stdout).expect("the client prints JSON");
+    assert_eq!(
+        seen,
+        json!({
+            // HealthCheckResponse { status: SERVING }
+            "serving": "0801",
+            "unknown": "NOT_FOUND",
+            "anonymous": "UNAUTHENTICATED",
+            "watch": "0801",
+        }),
+        "{stderr}"
+    );
+}
