@@ -1,7 +1,7 @@
 //! One bounded HTTP(S) GET, for key sets: no redirects followed, a
 //! deadline, a size limit checked as the body arrives.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{path::Path, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use http::{Request, StatusCode, Uri, header};
@@ -12,40 +12,9 @@ use tokio::net::TcpStream;
 /// A TLS client trusting `ca_file`'s certificates, or the system's roots
 /// without one.
 pub(crate) fn tls_connector(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, String> {
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            // Unreadable entries are skipped; an empty store is refused below.
-            roots.add_parsable_certificates(found.certs);
-        }
-    }
-    if roots.is_empty() {
-        return Err(match ca_file {
-            Some(path) => format!("{}: no CERTIFICATE block", path.display()),
-            None => "no trusted roots on this system (install ca-certificates, or set ca_file)"
-                .to_owned(),
-        });
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    trellis_transport::tls::client_config(ca_file, vec![b"http/1.1".to_vec()])
+        .map(tokio_rustls::TlsConnector::from)
+        .map_err(|e| e.to_string())
 }
 
 /// GETs `uri` (http or https) within `timeout`; the body must be at most

@@ -49,6 +49,26 @@ pub struct GatewayConfig {
     pub tls: Option<TlsConfig>,
     /// How bearer tokens are verified on routes with `jwt`.
     pub jwt: Option<JwtConfig>,
+    /// The client-facing listener's limits, over those the gateway was
+    /// started with. Fixed when it starts, like `tls`.
+    pub listener: ListenerConfig,
+}
+
+/// `[listener]`: connections from clients.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Open connections at most (past it, new ones wait in the kernel's
+    /// backlog). Default: 10 000.
+    pub max_connections: Option<usize>,
+    /// Open connections per client address; past it a new one is closed at
+    /// once, so one client cannot take every slot. Default: no cap (set it
+    /// at the edge; not behind a load balancer that is every client).
+    pub max_connections_per_client: Option<usize>,
+    /// How long a client may take to send a request head (slowloris).
+    /// Default: 10 s.
+    #[serde(with = "trellis_config::duration::option")]
+    pub header_read_timeout: Option<Duration>,
 }
 
 /// `[jwt]`: the key set and what a token must say, for every route that
@@ -146,6 +166,10 @@ pub struct Defaults {
     pub max_body_bytes: u64,
     /// Requests whose path and query are longer are refused with 414.
     pub max_uri_bytes: usize,
+    /// The longest the client may keep the gateway waiting for the next
+    /// bytes of a request body (slow-body attacks): past it, 408.
+    #[serde(with = "trellis_config::duration")]
+    pub body_timeout: Duration,
     /// Give every request an `X-Request-Id` (a UUID) unless it has one,
     /// sent upstream and back to the client.
     pub request_id: bool,
@@ -158,6 +182,7 @@ impl Default for Defaults {
             idle_timeout: Duration::from_secs(300),
             max_body_bytes: 16 << 20,
             max_uri_bytes: 8 << 10,
+            body_timeout: Duration::from_secs(60),
             request_id: true,
         }
     }
@@ -219,7 +244,8 @@ pub struct UpstreamConfig {
     /// servers expect. Default: HTTP/1.1 (and gRPC requests are sent over
     /// HTTP/2 whatever this says).
     pub h2c: bool,
-    /// TLS to the upstream (required for `https://` targets).
+    /// TLS to the upstream: whom to trust. `https://` targets without it
+    /// trust the system's roots.
     pub tls: Option<UpstreamTlsConfig>,
     /// Probe every endpoint and balance over those that answer.
     pub health_check: Option<HealthCheckConfig>,
@@ -231,11 +257,13 @@ pub struct UpstreamConfig {
 }
 
 /// How the gateway trusts an upstream's certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTlsConfig {
     /// PEM: the certificate authorities to trust (your internal CA).
-    pub ca_file: std::path::PathBuf,
+    /// Default: the system's roots (a public upstream).
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// The name to verify, when the endpoints are reached by address.
     /// Default: the target's host.
     #[serde(default)]
@@ -561,12 +589,6 @@ impl UpstreamConfig {
             return Err(Invalid::new(key("endpoint"), "must be http or grpc"));
         }
         let https = self.targets.iter().any(|t| t.url.starts_with("https://"));
-        if https && self.tls.is_none() {
-            return Err(Invalid::new(
-                key("tls"),
-                "https:// targets need tls = { ca_file = \"...\" }",
-            ));
-        }
         if https && self.targets.iter().any(|t| t.url.starts_with("http://")) {
             return Err(Invalid::new(key("targets"), "all http:// or all https://"));
         }

@@ -79,8 +79,25 @@ pin_project_lite::pin_project! {
         // without a declared length is counted as it streams).
         limit: u64,
         seen: u64,
+        // The longest wait for the client's next bytes, and its timer
+        // (made the first time the client keeps the gateway waiting).
+        idle_for: Option<std::time::Duration>,
+        idle: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 }
+
+/// The client sent nothing of its body for the route's `body_timeout`:
+/// answered 408.
+#[derive(Debug)]
+pub(crate) struct BodyTimeout(pub(crate) std::time::Duration);
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the client sent nothing of its body for {:?}", self.0)
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
 
 /// A streamed request body went over `max_body_bytes`: answered 413.
 #[derive(Debug)]
@@ -103,6 +120,8 @@ impl RequestBody {
             text: None,
             limit: u64::MAX,
             seen: 0,
+            idle_for: None,
+            idle: None,
         }
     }
 
@@ -110,6 +129,13 @@ impl RequestBody {
     /// [`BodyTooLarge`].
     pub(crate) fn limited(mut self, limit: u64) -> RequestBody {
         self.limit = limit;
+        self
+    }
+
+    /// Fails with [`BodyTimeout`] when the client sends nothing for `idle`
+    /// (a slow-body attack holds a connection and an upstream's with it).
+    pub(crate) fn idle_timeout(mut self, idle: std::time::Duration) -> RequestBody {
+        self.idle_for = Some(idle);
         self
     }
 
@@ -121,6 +147,8 @@ impl RequestBody {
             text: Some(Vec::new()),
             limit: u64::MAX,
             seen: 0,
+            idle_for: None,
+            idle: None,
         }
     }
 
@@ -132,6 +160,8 @@ impl RequestBody {
             text: None,
             limit: u64::MAX,
             seen: 0,
+            idle_for: None,
+            idle: None,
         }
     }
 
@@ -143,6 +173,8 @@ impl RequestBody {
             text: None,
             limit: u64::MAX,
             seen: 0,
+            idle_for: None,
+            idle: None,
         }
     }
 }
@@ -160,7 +192,22 @@ impl Body for RequestBody {
             let Some(body) = this.body.as_mut().as_pin_mut() else {
                 return Poll::Ready(this.full.take().map(|b| Ok(Frame::data(b))));
             };
-            let frame = match std::task::ready!(body.poll_frame(cx)) {
+            let polled = body.poll_frame(cx);
+            if polled.is_pending() {
+                if let Some(idle_for) = *this.idle_for {
+                    let timer = this
+                        .idle
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle_for)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(Err(Box::new(BodyTimeout(idle_for)))));
+                    }
+                }
+                return Poll::Pending;
+            }
+            if let (Some(timer), Some(idle_for)) = (this.idle.as_mut(), *this.idle_for) {
+                timer.as_mut().reset(tokio::time::Instant::now() + idle_for);
+            }
+            let frame = match std::task::ready!(polled) {
                 None => {
                     return Poll::Ready(match this.text.as_ref() {
                         Some(rest) if !rest.is_empty() => Some(Err(

@@ -138,6 +138,8 @@ pub struct Gateway {
     shared: Arc<Shared>,
     /// The certificate in force, when the gateway serves HTTPS.
     tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    /// `[listener]` as the gateway started.
+    listener: config::ListenerConfig,
     trace: ServerTraceLayer,
     red: RedLayer,
 }
@@ -256,6 +258,7 @@ impl Gateway {
         Ok(Gateway {
             shared,
             tls,
+            listener: first.config.listener.clone(),
             trace: ServerTraceLayer::new().service("gateway"),
             red: RedLayer::new(),
         })
@@ -341,6 +344,21 @@ impl Gateway {
         self.shared.applied.subscribe()
     }
 
+    /// `limits` with the document's `[listener]` settings over them.
+    pub fn listener_limits(&self, limits: &Limits) -> Limits {
+        let listener = &self.listener;
+        Limits {
+            max_connections: listener.max_connections.unwrap_or(limits.max_connections),
+            max_connections_per_client: listener
+                .max_connections_per_client
+                .or(limits.max_connections_per_client),
+            header_read_timeout: listener
+                .header_read_timeout
+                .unwrap_or(limits.header_read_timeout),
+            ..limits.clone()
+        }
+    }
+
     /// Whether the gateway serves HTTPS.
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
@@ -349,6 +367,7 @@ impl Gateway {
     /// Serves on `listener` with the serving core until `drain` starts:
     /// HTTPS when the document has `[tls]`, else plain HTTP (and h2c).
     pub async fn serve(&self, listener: TcpListener, limits: &Limits, drain: Drain) {
+        let limits = &self.listener_limits(limits);
         let gateway = self.clone();
         let make = move |peer| gateway.service(Some(peer));
         match &self.tls {

@@ -393,7 +393,8 @@ async fn forward(
         }
         None => RequestBody::plain(body),
     }
-    .limited(defaults.max_body_bytes);
+    .limited(defaults.max_body_bytes)
+    .idle_timeout(defaults.body_timeout);
     // A request with no body and a method that may be repeated can be sent
     // again when the upstream could not take it (nginx's proxy_next_upstream
     // "error"), within the route's budget.
@@ -605,6 +606,10 @@ fn upstream_error(upstream: &str, error: BoxError) -> Error {
     // The client's streamed body went over the limit on the way up.
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
     while let Some(e) = source {
+        if let Some(slow) = e.downcast_ref::<grpc_web::BodyTimeout>() {
+            return Error::new(Code::DeadlineExceeded, "BODY_TIMEOUT", slow.to_string())
+                .with_http_status(StatusCode::REQUEST_TIMEOUT);
+        }
         if let Some(too_large) = e.downcast_ref::<grpc_web::BodyTooLarge>() {
             return Error::new(
                 Code::ResourceExhausted,

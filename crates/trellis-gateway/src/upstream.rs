@@ -349,37 +349,20 @@ impl Service<Request<RequestBody>> for EndpointClient {
     }
 }
 
-/// A connector trusting `tls.ca_file`, offering `h2` (for h2c/gRPC
-/// upstreams) or `http/1.1` by ALPN.
+/// A connector trusting `tls.ca_file` (the system's roots without one),
+/// offering `h2` (for h2c/gRPC upstreams) or `http/1.1` by ALPN.
 pub(crate) fn tls_connector(
     tls: &crate::config::UpstreamTlsConfig,
     h2: bool,
 ) -> Result<tokio_rustls::TlsConnector, String> {
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let pem = std::fs::read(&tls.ca_file).map_err(|e| format!("{}: {e}", tls.ca_file.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| format!("{}: {e}", tls.ca_file.display()))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: {e}", tls.ca_file.display()))?;
-    }
-    if roots.is_empty() {
-        return Err(format!("{}: no CERTIFICATE block", tls.ca_file.display()));
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![if h2 {
+    let alpn = if h2 {
         b"h2".to_vec()
     } else {
         b"http/1.1".to_vec()
-    }];
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    };
+    trellis_transport::tls::client_config(tls.ca_file.as_deref(), vec![alpn])
+        .map(tokio_rustls::TlsConnector::from)
+        .map_err(|e| e.to_string())
 }
 
 /// A connection to an endpoint, plain or TLS.
@@ -560,7 +543,11 @@ impl Upstream {
     ) -> Result<Upstream, GatewayError> {
         let h2c = config.h2c;
         let clients = clients.clone();
-        let tls = match &config.tls {
+        // `https://` targets without `tls` trust the system's roots.
+        let implied = (config.tls.is_none()
+            && config.targets.iter().any(|t| t.url.starts_with("https://")))
+        .then(crate::config::UpstreamTlsConfig::default);
+        let tls = match config.tls.as_ref().or(implied.as_ref()) {
             Some(t) => Some((
                 tls_connector(t, h2c)
                     .map_err(|e| GatewayError::Config(format!("upstreams.{name}.tls: {e}")))?,

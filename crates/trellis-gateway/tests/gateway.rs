@@ -1767,6 +1767,12 @@ tls = {{ ca_file = "{}" }}
 [upstreams.wrong_ca]
 targets = [{{ url = "https://localhost:{port}" }}]
 tls = {{ ca_file = "{}" }}
+[upstreams.system_roots]
+targets = [{{ url = "https://localhost:{port}" }}]
+[routes.public]
+prefix = "/public"
+upstream = "system_roots"
+retries = {{ attempts = 1 }}
 [routes.secure]
 prefix = "/secure"
 upstream = "secure"
@@ -1788,14 +1794,14 @@ retries = {{ attempts = 1 }}
         String::from_utf8_lossy(&answer.body)
     );
     assert_eq!(answer.json()["secure"], true);
-    // A certificate the gateway cannot verify: refused, never proxied.
-    let refused = get(gw.addr, "/wrong/x", &[]).await;
-    assert_eq!(
-        refused.status,
-        502,
-        "{}",
-        String::from_utf8_lossy(&refused.body)
-    );
+    // A certificate the gateway cannot verify: refused, never proxied —
+    // against the wrong CA, and against the system's roots (what an
+    // https:// target without `tls` trusts), which do not hold the test CA.
+    for path in ["/wrong/x", "/public/x"] {
+        let refused = get(gw.addr, path, &[]).await;
+        let text = String::from_utf8_lossy(&refused.body).into_owned();
+        assert_eq!(refused.status, 502, "{path}: {text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2384,4 +2390,114 @@ jwt = {{}}
         }),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_gets_408_and_one_client_cannot_take_every_connection() {
+    // An upstream that reads the whole body before answering.
+    let reader = serve_axum(Router::new().fallback(any(|body: Bytes| async move {
+        format!("{} bytes", body.len())
+    })))
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[defaults]
+body_timeout = "300ms"
+
+[listener]
+max_connections_per_client = 3
+
+[upstreams.reader]
+targets = [{{ url = "http://{reader}" }}]
+[routes.all]
+prefix = "/"
+upstream = "reader"
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+
+    // Slow body: 3 of 10 declared bytes, then nothing.
+    let mut slow = TcpStream::connect(gw.addr).await.expect("connect");
+    slow.write_all(b"POST /upload HTTP/1.1\r\nhost: gw\r\ncontent-length: 10\r\n\r\nabc")
+        .await
+        .expect("a partial body");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(DEADLINE, slow.read(&mut buf))
+        .await
+        .expect("the slow body is answered within the deadline")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("BODY_TIMEOUT"), "{text}");
+    drop(slow);
+    // The same request with its whole body passes.
+    let whole = Conn::open(gw.addr)
+        .await
+        .request_with_body("POST", "/upload", &[], Some(b"abcdefghij"))
+        .await;
+    assert_eq!(
+        (whole.status, whole.body.as_slice()),
+        (200, &b"10 bytes"[..])
+    );
+
+    // Three idle connections from 127.0.0.1 are its share...
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpStream::connect(gw.addr).await.expect("connect"));
+    }
+    // ...so a fourth is closed at once, before a byte is read.
+    let mut fourth = TcpStream::connect(gw.addr).await.expect("connect");
+    let _ = fourth
+        .write_all(b"GET / HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, fourth.read_to_end(&mut rest))
+        .await
+        .expect("the connection over the share is closed within the deadline");
+    assert!(
+        read.is_err() || rest.is_empty(),
+        "answered over the share: {}",
+        String::from_utf8_lossy(&rest)
+    );
+    // Another client address is served meanwhile.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.2:0".parse().expect("address"))
+        .expect("bind 127.0.0.2 (any 127/8 address is loopback)");
+    let other = socket
+        .connect(gw.addr)
+        .await
+        .expect("connect from 127.0.0.2");
+    let mut other = Conn {
+        reader: BufReader::new(other),
+    };
+    assert_eq!(other.request("GET", "/x", &[]).await.status, 200);
+    // One of the held connections closes: its place is free again.
+    drop(held.pop());
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let mut again = Conn::open(gw.addr).await;
+        let mut line = String::new();
+        again
+            .reader
+            .get_mut()
+            .write_all(b"GET /y HTTP/1.1\r\nhost: gw\r\n\r\n")
+            .await
+            .ok();
+        let n = again.reader.read_line(&mut line).await.unwrap_or(0);
+        if n > 0 {
+            assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+            break;
+        }
+        // Closed: the gateway has not yet seen the held connection go.
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the freed place was never given back"
+        );
+        tokio::task::yield_now().await;
+    }
 }

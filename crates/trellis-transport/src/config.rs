@@ -50,6 +50,12 @@ pub struct Limits {
     /// until one closes (new connections wait in the kernel's backlog).
     /// Default: 10 000.
     pub max_connections: usize,
+    /// Open connections per client address; a connection past it is closed
+    /// as soon as it is accepted, so one client (a flood) cannot take every
+    /// slot of `max_connections` from the others. `None`: no cap per client
+    /// (right behind a load balancer, where every connection comes from a
+    /// few addresses). Default: `None`.
+    pub max_connections_per_client: Option<usize>,
     /// How long a request may take to produce its response head. For gRPC the
     /// smaller of this and the caller's `grpc-timeout` applies; a timed-out
     /// call gets DEADLINE_EXCEEDED (gRPC) or 504 (HTTP). `None` disables it.
@@ -71,6 +77,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_concurrent_streams: 256,
             max_connections: 10_000,
+            max_connections_per_client: None,
             request_timeout: Some(Duration::from_secs(30)),
             header_read_timeout: Duration::from_secs(10),
             http2_keepalive_interval: Some(Duration::from_secs(30)),

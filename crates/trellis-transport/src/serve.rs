@@ -41,6 +41,9 @@ use crate::Limits;
 /// - At most `limits.max_connections` are open at once: past it the loop
 ///   stops accepting (new connections wait in the kernel's backlog) until
 ///   one closes, so a flood cannot exhaust file descriptors or memory.
+/// - With `limits.max_connections_per_client`, a client address past its
+///   share is closed at once (`server_connections_refused_total`), leaving
+///   the slots to the others.
 /// - When the drain starts the listener closes (new connections are
 ///   refused from that moment), every connection is asked to finish
 ///   (HTTP/2 GOAWAY, HTTP/1.1 close after the response), and those still
@@ -113,6 +116,7 @@ async fn serve_with<M, S, B>(
     let mut connections = JoinSet::new();
     #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
     let handshake_timeout = limits.header_read_timeout;
+    let per_client = limits.max_connections_per_client.map(PerClient::new);
     loop {
         // A free slot first: at the cap, stop accepting until one closes.
         let slot = tokio::select! {
@@ -138,6 +142,21 @@ async fn serve_with<M, S, B>(
                 continue;
             }
         };
+        // The client's share: its guard lives as long as the connection.
+        let share = match &per_client {
+            Some(per_client) => match per_client.take(peer.ip()) {
+                Some(share) => Some(share),
+                None => {
+                    metrics::counter!("server_connections_refused_total", "reason" => "per_client")
+                        .increment(1);
+                    debug!(%peer, "over the connections allowed per client; closed");
+                    drop(stream);
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let slot = (slot, share);
         if let Err(err) = stream.set_nodelay(true) {
             debug!(%peer, error = %err, "cannot set TCP_NODELAY");
         }
@@ -192,6 +211,59 @@ async fn serve_with<M, S, B>(
         connections.abort_all();
     }
     while connections.join_next().await.is_some() {}
+}
+
+/// Open connections per client address. Only addresses with a connection
+/// open have an entry, so the map is bounded by `max_connections`.
+struct PerClient {
+    max: usize,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// One connection's place in its client's share; gives it back on drop.
+struct Share {
+    ip: std::net::IpAddr,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl PerClient {
+    fn new(max: usize) -> PerClient {
+        PerClient {
+            max: max.max(1),
+            open: Default::default(),
+        }
+    }
+
+    fn take(&self, ip: std::net::IpAddr) -> Option<Share> {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(Share {
+            ip,
+            open: self.open.clone(),
+        })
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// hyper's HTTP/1.1 and HTTP/2 settings from the limits.

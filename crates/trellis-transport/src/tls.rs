@@ -65,6 +65,58 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// A client configuration trusting the authorities in `ca_file` (PEM), or
+/// the system's roots without one (`/etc/ssl/certs`, as `openssl` finds
+/// them), offering `alpn` (e.g. `h2`, `http/1.1`); TLS 1.2 and 1.3.
+pub fn client_config(
+    ca_file: Option<&Path>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| TlsError::Read {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            let invalid = |reason: String| TlsError::Invalid {
+                what: format!("certificate authorities in {}", path.display()),
+                reason,
+            };
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                roots
+                    .add(cert.map_err(|e| invalid(e.to_string()))?)
+                    .map_err(|e| invalid(e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(invalid("no CERTIFICATE block".into()));
+            }
+        }
+        None => {
+            // Unreadable entries are skipped; an empty store is refused.
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            if roots.is_empty() {
+                return Err(TlsError::Invalid {
+                    what: "the system's certificate authorities".into(),
+                    reason: "none found (install ca-certificates, or name a ca_file)".into(),
+                });
+            }
+        }
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| TlsError::Invalid {
+        what: "protocol versions".into(),
+        reason: e.to_string(),
+    })?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn;
+    Ok(Arc::new(config))
+}
+
 /// [`server_config`] from two PEM files.
 pub fn load(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let read = |path: &Path| {
