@@ -35,6 +35,7 @@
 pub mod config;
 mod generate;
 mod grpc_web;
+mod h1;
 mod health;
 mod jwt;
 mod plugin;

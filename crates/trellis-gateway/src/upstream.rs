@@ -71,6 +71,8 @@ pub(crate) struct EndpointPool {
         rustls::pki_types::ServerName<'static>,
     )>,
     idle: Mutex<Vec<(http1::SendRequest<RequestBody>, Instant)>>,
+    /// Kept-alive connections for the in-task client (see [`crate::h1`]).
+    raw_idle: Mutex<Vec<(crate::h1::RawConn, Instant)>>,
     h2: tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>,
 }
 
@@ -88,8 +90,64 @@ impl EndpointPool {
             clients,
             tls,
             idle: Mutex::new(Vec::new()),
+            raw_idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// A new plain TCP connection, within the connect timeout.
+    async fn connect_tcp(&self) -> Result<TcpStream, BoxError> {
+        let connecting = async {
+            let stream = TcpStream::connect(self.authority.as_str()).await?;
+            stream.set_nodelay(true)?;
+            Ok::<_, BoxError>(stream)
+        };
+        tokio::time::timeout(self.clients.connect_timeout, connecting)
+            .await
+            .map_err(|_| format!("connecting to {} timed out", self.authority))?
+    }
+
+    /// An idle in-task connection that is still open and not too old.
+    fn raw_checkout(&self) -> Option<crate::h1::RawConn> {
+        let mut idle = self.raw_idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some((conn, since)) = idle.pop() {
+            if since.elapsed() <= self.clients.idle_timeout && conn.is_open() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    pub(crate) fn raw_checkin(&self, conn: crate::h1::RawConn) {
+        let mut idle = self.raw_idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < self.clients.max_idle {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    /// A bodiless request on plain TCP, sent and answered from this task
+    /// ([`crate::h1`]). A kept-alive connection the upstream closed without
+    /// answering is replaced once for methods that may be repeated.
+    async fn send_raw(
+        self: Arc<Self>,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<PoolBody>, BoxError> {
+        self.origin_form(&mut req);
+        let (parts, _) = req.into_parts();
+        if let Some(conn) = self.raw_checkout() {
+            match conn.send(&parts, self.clone()).await {
+                Ok(response) => {
+                    self.clients.reused.increment(1);
+                    return Ok(response.map(PoolBody::Raw));
+                }
+                Err(e) if e.stale && parts.method.is_idempotent() => {}
+                Err(e) => return Err(e.error),
+            }
+        }
+        let conn = crate::h1::RawConn::new(self.connect_tcp().await?);
+        self.clients.opened.increment(1);
+        let response = conn.send(&parts, self.clone()).await.map_err(|e| e.error)?;
+        Ok(response.map(PoolBody::Raw))
     }
 
     async fn connect(&self) -> Result<TokioIo<Conn>, BoxError> {
@@ -199,7 +257,7 @@ impl EndpointPool {
         });
         self.clients.opened.increment(1);
         let response = sender.send_request(req).await?;
-        Ok(response.map(|body| PoolBody { body, back: None }))
+        Ok(response.map(PoolBody::hyper))
     }
 
     /// The response, whose body puts the connection back once it ends.
@@ -209,7 +267,7 @@ impl EndpointPool {
         sender: http1::SendRequest<RequestBody>,
     ) -> Response<PoolBody> {
         response.map(|body| {
-            let mut body = PoolBody {
+            let mut body = PoolBody::Hyper {
                 body,
                 back: Some((self.clone(), sender)),
             };
@@ -260,25 +318,34 @@ impl EndpointPool {
         };
         sender.ready().await?;
         let response = sender.send_request(req).await?;
-        Ok(response.map(|body| PoolBody { body, back: None }))
+        Ok(response.map(PoolBody::hyper))
     }
 }
 
-pin_project_lite::pin_project! {
-    /// An upstream response body that returns its HTTP/1.1 connection to
-    /// the pool when it ends (dropped before its end, the connection
-    /// closes instead).
-    pub struct PoolBody {
-        #[pin]
+/// An upstream response body: hyper's (HTTP/2, bodies, TLS), which returns
+/// its HTTP/1.1 connection to the pool when it ends (dropped before its
+/// end, the connection closes instead), or the in-task client's.
+pub enum PoolBody {
+    /// From a hyper connection.
+    Hyper {
+        /// The body.
         body: Incoming,
+        /// Where its HTTP/1.1 connection goes back.
         back: Option<(Arc<EndpointPool>, http1::SendRequest<RequestBody>)>,
-    }
+    },
+    /// From the in-task HTTP/1.1 client.
+    Raw(crate::h1::RawBody),
 }
 
 impl PoolBody {
+    fn hyper(body: Incoming) -> PoolBody {
+        PoolBody::Hyper { body, back: None }
+    }
+
     fn check_end(&mut self) {
-        if http_body::Body::is_end_stream(&self.body)
-            && let Some((pool, sender)) = self.back.take()
+        if let PoolBody::Hyper { body, back } = self
+            && http_body::Body::is_end_stream(body)
+            && let Some((pool, sender)) = back.take()
         {
             pool.checkin(sender);
         }
@@ -287,36 +354,45 @@ impl PoolBody {
 
 impl http_body::Body for PoolBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        let mut this = self.project();
-        let polled = this.body.as_mut().poll_frame(cx);
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let (body, back) = match self.get_mut() {
+            PoolBody::Raw(raw) => return Pin::new(raw).poll_frame(cx),
+            PoolBody::Hyper { body, back } => (body, back),
+        };
+        let polled = Pin::new(&mut *body).poll_frame(cx);
         let ended = match &polled {
             Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => http_body::Body::is_end_stream(&*this.body),
+            Poll::Ready(Some(Ok(_))) => http_body::Body::is_end_stream(&*body),
             Poll::Ready(Some(Err(_))) => {
                 // A broken body: the connection is not reused.
-                this.back.take();
+                back.take();
                 false
             }
             Poll::Pending => false,
         };
-        if ended && let Some((pool, sender)) = this.back.take() {
+        if ended && let Some((pool, sender)) = back.take() {
             pool.checkin(sender);
         }
-        polled
+        polled.map(|frame| frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match self {
+            PoolBody::Hyper { body, .. } => body.is_end_stream(),
+            PoolBody::Raw(raw) => raw.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        match self {
+            PoolBody::Hyper { body, .. } => body.size_hint(),
+            PoolBody::Raw(raw) => raw.size_hint(),
+        }
     }
 }
 
@@ -343,6 +419,8 @@ impl Service<Request<RequestBody>> for EndpointClient {
             Box::pin(pool.send_upgrade(req))
         } else if self.h2c || trellis_core::protocol::is_grpc(req.headers()) {
             Box::pin(pool.send_h2(req))
+        } else if pool.tls.is_none() && http_body::Body::is_end_stream(req.body()) {
+            Box::pin(pool.send_raw(req))
         } else {
             Box::pin(pool.send_h1(req))
         }
