@@ -69,6 +69,12 @@ pub struct ListenerConfig {
     /// Default: 10 s.
     #[serde(with = "trellis_config::duration::option")]
     pub header_read_timeout: Option<Duration>,
+    /// Proxies in front of the gateway (`10.0.0.0/8`, a load balancer's
+    /// address): from a connection of theirs, the client is the nearest
+    /// address in `X-Forwarded-For` that is not one of them — for address
+    /// rules and per-client rate limits. From anyone else the header is not
+    /// believed. Applied on reload. Default: none.
+    pub trusted_proxies: Vec<String>,
 }
 
 /// `[jwt]`: the key set and what a token must say, for every route that

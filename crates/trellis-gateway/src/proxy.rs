@@ -163,7 +163,14 @@ async fn forward(
     let route = matched.route;
     let name = route.name.clone();
     let fail = |e: Error| (e, Some(name.clone()));
-    if !route.ips.permits(peer_ip) {
+    // The client: the peer, or who a trusted proxy says it forwards.
+    let client_ip = state.table.trusted.client(peer_ip, &parts.headers);
+    let client_key = if client_ip == peer_ip {
+        peer.clone()
+    } else {
+        client_ip.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok())
+    };
+    if !route.ips.permits(client_ip) {
         return Err(fail(
             Error::new(
                 Code::PermissionDenied,
@@ -244,7 +251,7 @@ async fn forward(
         && let Decision::Deny { retry_after } = limit
             .check(
                 &parts.headers,
-                peer.as_ref(),
+                client_key.as_ref(),
                 claims.as_ref().map(|c| c.sub.as_str()),
             )
             .await

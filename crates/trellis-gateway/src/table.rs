@@ -47,7 +47,56 @@ pub(crate) struct Table {
     any_host: RouteTable<Vec<usize>>,
     /// `[jwt]`, for routes with `jwt`.
     pub(crate) jwt: Option<Arc<crate::jwt::GatewayJwt>>,
+    /// `[listener] trusted_proxies`.
+    pub(crate) trusted: TrustedProxies,
 }
+
+/// The proxies whose `X-Forwarded-For` is believed.
+#[derive(Default)]
+pub(crate) struct TrustedProxies(Vec<Cidr>);
+
+/// The most `X-Forwarded-For` entries looked at, nearest first.
+const MAX_FORWARDED_HOPS: usize = 16;
+
+impl TrustedProxies {
+    /// The client behind `peer`: `peer` itself unless it is a trusted
+    /// proxy, else the nearest untrusted address `X-Forwarded-For` names
+    /// (the farthest trusted one when all are, `peer` when the header is
+    /// missing or unreadable).
+    pub(crate) fn client(
+        &self,
+        peer: Option<std::net::IpAddr>,
+        headers: &HeaderMap,
+    ) -> Option<std::net::IpAddr> {
+        let trusted = |ip: std::net::IpAddr| self.0.iter().any(|c| c.contains(ip));
+        let mut client = peer?;
+        if self.0.is_empty() || !trusted(client) {
+            return Some(client);
+        }
+        // Every header line, right to left: the nearest hop last.
+        let mut hops = Vec::new();
+        for value in headers.get_all(X_FORWARDED_FOR) {
+            let Ok(text) = value.to_str() else {
+                return Some(client);
+            };
+            hops.extend(text.split(','));
+        }
+        for hop in hops.iter().rev().take(MAX_FORWARDED_HOPS) {
+            match hop.trim().parse::<std::net::IpAddr>() {
+                Ok(ip) => {
+                    client = ip;
+                    if !trusted(ip) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        Some(client)
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// One compiled route.
 pub(crate) struct Route {
@@ -446,6 +495,16 @@ impl Table {
             routes.push(compile_route(config, name, route)?);
         }
         let mut table = Table {
+            trusted: TrustedProxies(
+                config
+                    .listener
+                    .trusted_proxies
+                    .iter()
+                    .map(|t| {
+                        Cidr::parse(t).map_err(|e| Invalid::new("listener.trusted_proxies", e))
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
             jwt: match &config.jwt {
                 Some(jwt) => Some(Arc::new(crate::jwt::GatewayJwt::compile(jwt)?)),
                 None => None,

@@ -2641,3 +2641,76 @@ retries = {{ attempts = 1 }}
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn the_client_behind_a_trusted_proxy_is_the_forwarded_address_and_only_then() {
+    let a = echo_upstream("a").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[listener]
+trusted_proxies = ["127.0.0.1", "192.168.0.0/16"]
+
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+
+[routes.internal]
+prefix = "/internal"
+upstream = "a"
+allow_ips = ["10.1.2.3"]
+
+[routes.limited]
+prefix = "/limited"
+upstream = "a"
+rate_limit = {{ rate = 1, period = "1h", burst = 1, by = "client_ip" }}
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    let xff = |v: &'static str| [("x-forwarded-for", v)];
+    // From the trusted proxy (127.0.0.1): the nearest untrusted hop.
+    assert_eq!(
+        get(gw.addr, "/internal", &xff("10.1.2.3")).await.status,
+        200
+    );
+    assert_eq!(
+        get(gw.addr, "/internal", &xff("10.1.2.3, 192.168.4.4"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(gw.addr, "/internal", &xff("10.1.2.3, 10.9.9.9"))
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        get(gw.addr, "/internal", &xff("not-an-address"))
+            .await
+            .status,
+        403
+    );
+    assert_eq!(get(gw.addr, "/internal", &[]).await.status, 403);
+    // Per-client budgets follow the forwarded client.
+    assert_eq!(get(gw.addr, "/limited", &xff("10.0.0.1")).await.status, 200);
+    assert_eq!(get(gw.addr, "/limited", &xff("10.0.0.1")).await.status, 429);
+    assert_eq!(get(gw.addr, "/limited", &xff("10.0.0.2")).await.status, 200);
+    // From an address that is not a trusted proxy the header is not believed.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.2:0".parse().expect("address"))
+        .expect("bind 127.0.0.2");
+    let mut untrusted = Conn {
+        reader: BufReader::new(socket.connect(gw.addr).await.expect("connect")),
+    };
+    assert_eq!(
+        untrusted
+            .request("GET", "/internal", &xff("10.1.2.3"))
+            .await
+            .status,
+        403
+    );
+}
