@@ -2714,3 +2714,48 @@ rate_limit = {{ rate = 1, period = "1h", burst = 1, by = "client_ip" }}
         403
     );
 }
+
+#[tokio::test]
+async fn header_floods_are_refused_with_431_and_the_connection_is_not_kept() {
+    let a = echo_upstream("a").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            "[upstreams.a]\ntargets = [{{ url = \"http://{a}\" }}]\n[routes.all]\nprefix = \"/\"\nupstream = \"a\"\n"
+        ),
+    );
+    let gw = gateway(&file).await;
+    // Many headers (hyper's limit is 100), and one header over the head
+    // limit (64 KiB): 431 before any upstream is called.
+    let many: Vec<(String, String)> = (0..150).map(|i| (format!("x-h{i}"), "v".into())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let flood = |headers: Vec<(&str, &str)>| {
+        let mut head = String::from("GET /x HTTP/1.1\r\nhost: gw\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        head
+    };
+    let big = "v".repeat(70 * 1024);
+    for head in [flood(many), flood(vec![("x-big", big.as_str())])] {
+        let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+        // The server may answer and close before the whole head is written.
+        let _ = s.write_all(head.as_bytes()).await;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut got))
+            .await
+            .expect("the flooding connection is answered and closed within the deadline");
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 431"),
+            "{}",
+            trellis_core::excerpt(&text)
+        );
+    }
+    // Within the limits, the same shape passes.
+    let fine: Vec<(String, String)> = (0..50).map(|i| (format!("x-h{i}"), "v".into())).collect();
+    let fine: Vec<(&str, &str)> = fine.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(get(gw.addr, "/x", &fine).await.status, 200);
+}
