@@ -473,7 +473,13 @@ impl Default for CircuitBreakerConfig {
 #[serde(deny_unknown_fields)]
 pub struct TranscodeConfig {
     /// A file descriptor set (`protoc --include_imports -o`, or protox).
-    pub descriptor_set: std::path::PathBuf,
+    /// One of this and `reflection`.
+    #[serde(default)]
+    pub descriptor_set: Option<std::path::PathBuf>,
+    /// Ask the upstream's gRPC server reflection for the descriptors when
+    /// the document is applied (the route's one upstream must answer then).
+    #[serde(default)]
+    pub reflection: bool,
     /// The gRPC services (full names) whose methods are served.
     pub services: Vec<String>,
 }

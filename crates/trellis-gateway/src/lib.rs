@@ -40,6 +40,7 @@ mod health;
 mod jwt;
 mod plugin;
 mod proxy;
+mod reflect;
 mod table;
 mod upstream;
 
@@ -402,6 +403,10 @@ async fn build(
         jwt.warm();
     }
     let upstreams = Upstreams::build(&config.upstreams, previous, clients, registry).await?;
+    table
+        .resolve_reflection(previous_table, &upstreams)
+        .await
+        .map_err(|e| GatewayError::Config(format!("{}: {}", e.key, e.message)))?;
     Ok(State {
         table,
         upstreams,

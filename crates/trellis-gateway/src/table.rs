@@ -120,6 +120,9 @@ pub(crate) struct Route {
     pub(crate) retry: RouteRetry,
     /// JSON → gRPC for REST calls on this route.
     pub(crate) transcoder: Option<trellis_transcode::Transcoder>,
+    /// What it was made from; with `reflection`, the transcoder comes once
+    /// the upstreams run ([`Table::resolve_reflection`]).
+    transcode: Option<crate::config::TranscodeConfig>,
     pub(crate) cors: Option<Cors>,
     pub(crate) ips: IpRules,
     pub(crate) breaker: Option<RouteBreaker>,
@@ -386,6 +389,11 @@ pub(crate) enum Targets {
 }
 
 impl Targets {
+    /// Whether both name the same single upstream.
+    fn same(&self, other: &Targets) -> bool {
+        matches!((self, other), (Targets::One(a), Targets::One(b)) if a == b)
+    }
+
     /// The upstream for a request, given a uniform random number.
     pub(crate) fn pick(&self, random: u32) -> &Arc<str> {
         match self {
@@ -829,6 +837,52 @@ impl Table {
         Ok(())
     }
 
+    /// Fetches the descriptors of `reflection` transcoding routes from their
+    /// upstreams' server reflection — or keeps the transcoder of the same
+    /// route in `previous` when its settings are unchanged. An upstream that
+    /// cannot answer fails the document, naming the route.
+    pub(crate) async fn resolve_reflection(
+        &mut self,
+        previous: Option<&Table>,
+        upstreams: &crate::upstream::Upstreams,
+    ) -> Result<(), Invalid> {
+        let before: HashMap<&str, &Route> = previous
+            .map(|p| p.routes.iter().map(|r| (&*r.name, r)).collect())
+            .unwrap_or_default();
+        for route in &mut self.routes {
+            let Some(t) = route.transcode.as_ref().filter(|t| t.reflection) else {
+                continue;
+            };
+            let key = format!("routes.{}.transcode.reflection", route.name);
+            if let Some(old) = before.get(&*route.name)
+                && old.transcode == route.transcode
+                && old.targets.same(&route.targets)
+                && old.transcoder.is_some()
+            {
+                route.transcoder = old.transcoder.clone();
+                continue;
+            }
+            let Targets::One(name) = &route.targets else {
+                return Err(Invalid::new(key, "reflection asks one upstream"));
+            };
+            let upstream = upstreams
+                .get(name)
+                .ok_or_else(|| Invalid::new(key.clone(), format!("no upstream named {name:?}")))?;
+            let fds = crate::reflect::descriptor_set(
+                crate::upstream::GrpcCalls(upstream.pool.clone()),
+                &t.services,
+            )
+            .await
+            .map_err(|e| Invalid::new(key.clone(), format!("upstream {name}: {e}")))?;
+            let services: Vec<&str> = t.services.iter().map(String::as_str).collect();
+            route.transcoder = Some(
+                trellis_transcode::Transcoder::new(&[&fds], &services)
+                    .map_err(|e| Invalid::new(key, e.to_string()))?,
+            );
+        }
+        Ok(())
+    }
+
     /// Carries each route's limiter and breaker over from `previous` when
     /// its settings are unchanged, so a reload neither hands every client a
     /// fresh burst nor closes an open breaker.
@@ -1054,21 +1108,39 @@ fn compile_route(
                 .map(|t| Cidr::parse(t).map_err(|e| Invalid::new(key("deny_ips"), e)))
                 .collect::<Result<_, _>>()?,
         },
+        transcode: route.transcode.clone(),
         transcoder: match &route.transcode {
             None => None,
-            Some(t) => {
-                let fds = std::fs::read(&t.descriptor_set).map_err(|e| {
-                    Invalid::new(
-                        key("transcode.descriptor_set"),
-                        format!("{}: {e}", t.descriptor_set.display()),
+            Some(t) => match (&t.descriptor_set, t.reflection) {
+                (Some(path), false) => {
+                    let fds = std::fs::read(path).map_err(|e| {
+                        Invalid::new(
+                            key("transcode.descriptor_set"),
+                            format!("{}: {e}", path.display()),
+                        )
+                    })?;
+                    let services: Vec<&str> = t.services.iter().map(String::as_str).collect();
+                    Some(
+                        trellis_transcode::Transcoder::new(&[&fds], &services)
+                            .map_err(|e| Invalid::new(key("transcode"), e.to_string()))?,
                     )
-                })?;
-                let services: Vec<&str> = t.services.iter().map(String::as_str).collect();
-                Some(
-                    trellis_transcode::Transcoder::new(&[&fds], &services)
-                        .map_err(|e| Invalid::new(key("transcode"), e.to_string()))?,
-                )
-            }
+                }
+                (None, true) => {
+                    if route.upstream.is_none() {
+                        return Err(Invalid::new(
+                            key("transcode.reflection"),
+                            "reflection asks one upstream: use `upstream`, not `split`",
+                        ));
+                    }
+                    None
+                }
+                _ => {
+                    return Err(Invalid::new(
+                        key("transcode"),
+                        "name the descriptors: one of descriptor_set and reflection = true",
+                    ));
+                }
+            },
         },
         rate_limit: match &route.rate_limit {
             None => None,

@@ -507,12 +507,16 @@ impl tokio::io::AsyncWrite for Conn {
     }
 }
 
-/// An upstream's pool taking the gRPC requests the transcoder makes (one
-/// buffered message each).
+/// An upstream's pool taking gRPC requests the gateway makes itself, their
+/// bodies buffered: the transcoder's (one message), server reflection's.
 #[derive(Clone)]
 pub(crate) struct GrpcCalls(pub(crate) Balanced<EndpointClient>);
 
-impl Service<Request<trellis_transcode::UpstreamBody>> for GrpcCalls {
+impl<B> Service<Request<B>> for GrpcCalls
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     type Response = Response<trellis_balance::BalancedBody<PoolBody>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
@@ -521,14 +525,14 @@ impl Service<Request<trellis_transcode::UpstreamBody>> for GrpcCalls {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<trellis_transcode::UpstreamBody>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         let mut pool = self.0.clone();
         Box::pin(async move {
             let (parts, body) = req.into_parts();
             let bytes = http_body_util::BodyExt::collect(body)
                 .await
-                .map(http_body_util::Collected::to_bytes)
-                .unwrap_or_default();
+                .map_err(Into::into)?
+                .to_bytes();
             pool.call(Request::from_parts(parts, RequestBody::bytes(bytes)))
                 .await
         })

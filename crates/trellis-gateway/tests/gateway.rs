@@ -2759,3 +2759,173 @@ async fn header_floods_are_refused_with_431_and_the_connection_is_not_kept() {
     let fine: Vec<(&str, &str)> = fine.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     assert_eq!(get(gw.addr, "/x", &fine).await.status, 200);
 }
+
+/// Two files, one importing the other: `svc.Echo/Get(dep.Dep) → dep.Dep`.
+fn importing_descriptors() -> Vec<u8> {
+    use prost::Message as _;
+    use prost_types::{
+        DescriptorProto, FieldDescriptorProto, FileDescriptorProto, FileDescriptorSet,
+        MethodDescriptorProto, ServiceDescriptorProto, field_descriptor_proto::Type,
+    };
+    let dep = FileDescriptorProto {
+        name: Some("dep.proto".into()),
+        package: Some("dep".into()),
+        syntax: Some("proto3".into()),
+        message_type: vec![DescriptorProto {
+            name: Some("Dep".into()),
+            field: vec![FieldDescriptorProto {
+                name: Some("value".into()),
+                json_name: Some("value".into()),
+                number: Some(1),
+                r#type: Some(Type::String as i32),
+                label: Some(1),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let svc = FileDescriptorProto {
+        name: Some("svc.proto".into()),
+        package: Some("svc".into()),
+        syntax: Some("proto3".into()),
+        dependency: vec!["dep.proto".into()],
+        service: vec![ServiceDescriptorProto {
+            name: Some("Echo".into()),
+            method: vec![MethodDescriptorProto {
+                name: Some("Get".into()),
+                input_type: Some(".dep.Dep".into()),
+                output_type: Some(".dep.Dep".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    FileDescriptorSet {
+        file: vec![dep, svc],
+    }
+    .encode_to_vec()
+}
+
+#[tokio::test]
+async fn a_transcoding_route_can_read_its_descriptors_from_server_reflection() {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("shop.Up", tonic_health::ServingStatus::Serving)
+        .await;
+    let imports = importing_descriptors();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(Box::leak(imports.into_boxed_slice()))
+        .build_v1()
+        .expect("reflection service");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .serve_with_incoming(tokio_stream_listener(listener))
+            .await;
+    });
+    // A second upstream without reflection.
+    let (_, bare_health) = tonic_health::server::health_reporter();
+    let bare_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let bare = bare_listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(bare_health)
+            .serve_with_incoming(tokio_stream_listener(bare_listener))
+            .await;
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let doc = |extra: &str| {
+        format!(
+            r#"
+[upstreams.grpc]
+targets = [{{ url = "http://{upstream}" }}]
+h2c = true
+[upstreams.bare]
+targets = [{{ url = "http://{bare}" }}]
+h2c = true
+[routes.health]
+prefix = "/grpc.health.v1.Health"
+upstream = "grpc"
+transcode = {{ reflection = true, services = ["grpc.health.v1.Health"] }}
+[routes.echo]
+prefix = "/svc.Echo"
+upstream = "grpc"
+transcode = {{ reflection = true, services = ["svc.Echo"] }}
+{extra}
+"#
+        )
+    };
+    let file = write(&dir, &doc(""));
+    let gw = gateway(&file).await;
+    let ok = Conn::open(gw.addr)
+        .await
+        .request_with_body(
+            "POST",
+            "/grpc.health.v1.Health/Check",
+            &[("content-type", "application/json")],
+            Some(br#"{"service":"shop.Up"}"#),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));
+    assert_eq!(ok.json()["status"], "SERVING");
+    // A service whose file imports another: transcoded (the upstream does
+    // not implement it, and says so as a gRPC status → 501).
+    let echo = Conn::open(gw.addr)
+        .await
+        .request_with_body(
+            "POST",
+            "/svc.Echo/Get",
+            &[("content-type", "application/json")],
+            Some(br#"{"value":"x"}"#),
+        )
+        .await;
+    assert_eq!(echo.status, 501, "{}", String::from_utf8_lossy(&echo.body));
+    assert_eq!(echo.json()["code"], "UNIMPLEMENTED");
+    // A bad JSON field is refused by the transcoder before any call.
+    let bad = Conn::open(gw.addr)
+        .await
+        .request_with_body(
+            "POST",
+            "/svc.Echo/Get",
+            &[("content-type", "application/json")],
+            Some(br#"{"nope":1}"#),
+        )
+        .await;
+    assert_eq!(bad.status, 400, "{}", String::from_utf8_lossy(&bad.body));
+
+    // An upstream without reflection: the document is refused, the route
+    // named, the running one kept.
+    let mut decided = gw.gateway.reloads();
+    let before = *decided.borrow_and_update();
+    write(
+        &dir,
+        &doc(
+            "[routes.bare]\nprefix = \"/b\"\nupstream = \"bare\"\ntranscode = { reflection = true, services = [\"grpc.health.v1.Health\"] }\n",
+        ),
+    );
+    tokio::time::timeout(DEADLINE, decided.wait_for(|n| *n > before))
+        .await
+        .expect("the reload is decided within the deadline")
+        .expect("gateway alive");
+    let view = gw.gateway.admin_view();
+    let last = view["reloads"]
+        .as_array()
+        .and_then(|r| r.last())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(last["result"], "rejected", "{view}");
+    assert!(
+        last["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("routes.bare.transcode.reflection"),
+        "{last}"
+    );
+    assert_eq!(gw.gateway.routes(), 2);
+}
