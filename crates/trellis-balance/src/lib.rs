@@ -61,5 +61,6 @@ pub use endpoint::{Endpoint, MAX_WEIGHT, now_ns};
 pub use hash::hash_key;
 pub use outlier::OutlierDetection;
 pub use pool::{
-    BalanceConfig, BalanceError, Balanced, BalancedBody, Connect, Filter, Outcome, Policy,
+    AvoidEndpoint, BalanceConfig, BalanceError, Balanced, BalancedBody, Connect, EndpointFailed,
+    Filter, Outcome, Policy,
 };

@@ -157,6 +157,27 @@ impl EndpointSet {
             .or_else(|| self.all.pick(key, u64::MAX))
     }
 
+    /// [`choose`](Self::choose), but not the endpoint at `avoid` while
+    /// another one can be had (a retry after that endpoint failed): picked
+    /// again a few times, then the next endpoint in the set that is not
+    /// ejected.
+    fn choose_avoiding(&self, key: Option<u64>, now: u64, avoid: &str) -> Option<usize> {
+        let avoided = |i: usize| self.endpoint(i).address() == avoid;
+        let mut last = None;
+        for _ in 0..4 {
+            match self.choose(key, now) {
+                Some(i) if avoided(i) => last = Some(i),
+                other => return other,
+            }
+        }
+        let all = self.all.endpoints();
+        let start = last?;
+        (1..all.len())
+            .map(|step| (start + step) % all.len())
+            .find(|&i| !avoided(i) && !all[i].is_ejected_at(now))
+            .or(Some(start))
+    }
+
     fn endpoint(&self, index: usize) -> &Arc<Endpoint> {
         &self.all.endpoints()[index]
     }
@@ -423,6 +444,50 @@ impl std::fmt::Debug for Outcome {
     }
 }
 
+/// Asks a [`Balanced`] pool for another endpoint than the one at this
+/// address when the set has one (in the request's extensions): a retry
+/// after that endpoint failed should not go back to it (Envoy's
+/// `previous_hosts`, nginx's "next upstream").
+#[derive(Debug, Clone)]
+pub struct AvoidEndpoint(pub Arc<str>);
+
+/// The endpoint a failed call went to: the source of the error a
+/// [`Balanced`] pool returns, so a caller can retry elsewhere
+/// ([`AvoidEndpoint`]); its own source is the endpoint service's error.
+#[derive(Debug)]
+pub struct EndpointFailed {
+    /// The endpoint's address.
+    pub address: Arc<str>,
+    /// What failed.
+    pub error: BoxError,
+}
+
+impl std::fmt::Display for EndpointFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.address, self.error)
+    }
+}
+
+impl std::error::Error for EndpointFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.error.as_ref())
+    }
+}
+
+impl EndpointFailed {
+    /// The endpoint that failed somewhere in `error`'s source chain.
+    pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a EndpointFailed> {
+        let mut source = Some(error);
+        while let Some(e) = source {
+            if let Some(found) = e.downcast_ref::<EndpointFailed>() {
+                return Some(found);
+            }
+            source = e.source();
+        }
+        None
+    }
+}
+
 /// The response body of a [`Balanced`] pool: the endpoint's, reporting
 /// how it ended.
 pub type BalancedBody<B> = Classified<B, Outcome>;
@@ -457,7 +522,13 @@ where
             .as_ref()
             .and_then(|h| request.headers().get(h))
             .map(|v| hash_key(v.as_bytes()));
-        let Some(index) = snapshot.set.choose(key, nanos_at(started)) else {
+        let picked = match request.extensions().get::<AvoidEndpoint>() {
+            Some(avoid) => snapshot
+                .set
+                .choose_avoiding(key, nanos_at(started), &avoid.0),
+            None => snapshot.set.choose(key, nanos_at(started)),
+        };
+        let Some(index) = picked else {
             let message = format!("no endpoints for service {}", self.shared.service);
             return Box::pin(std::future::ready(Err(unavailable(message))));
         };
@@ -488,8 +559,12 @@ where
                         endpoint.address()
                     ));
                     // The cause stays reachable (a proxy tells a body it
-                    // refused from an endpoint that failed).
-                    status.set_source(std::sync::Arc::from(error));
+                    // refused from an endpoint that failed), with the
+                    // endpoint (a retry goes elsewhere).
+                    status.set_source(std::sync::Arc::new(EndpointFailed {
+                        address: Arc::from(endpoint.address()),
+                        error,
+                    }));
                     Err(Box::new(status) as BalanceError)
                 }
             }

@@ -464,6 +464,14 @@ async fn forward(
             *next.uri_mut() = copy.uri().clone();
             *next.version_mut() = copy.version();
             *next.headers_mut() = copy.headers().clone();
+            // Not back to the endpoint that just failed, while there is
+            // another.
+            if let Ok(Err(e)) = &outcome
+                && let Some(failed) = trellis_balance::EndpointFailed::find(e.as_ref())
+            {
+                next.extensions_mut()
+                    .insert(trellis_balance::AvoidEndpoint(failed.address.clone()));
+            }
             request = Some(next);
             metrics::counter!("gateway_retries_total", "route" => name.to_string()).increment(1);
             continue;

@@ -158,6 +158,20 @@ impl Conn {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Answer {
+        self.try_request(method, path, headers, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// One request; an error when the connection ends before a whole
+    /// answer.
+    async fn try_request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<Answer, String> {
         let mut head = format!("{method} {path} HTTP/1.1\r\n");
         if let Some(body) = body {
             head.push_str(&format!("content-length: {}\r\n", body.len()));
@@ -173,25 +187,31 @@ impl Conn {
             .get_mut()
             .write_all(head.as_bytes())
             .await
-            .expect("send request");
+            .map_err(|e| format!("send request: {e}"))?;
         if let Some(body) = body {
             self.reader
                 .get_mut()
                 .write_all(body)
                 .await
-                .expect("send the body");
+                .map_err(|e| format!("send the body: {e}"))?;
         }
         let mut line = String::new();
-        self.reader.read_line(&mut line).await.expect("status line");
+        self.reader
+            .read_line(&mut line)
+            .await
+            .map_err(|e| format!("status line: {e}"))?;
         let status = line
             .split_whitespace()
             .nth(1)
             .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no status line: {line:?}"));
+            .ok_or_else(|| format!("no status line: {line:?}"))?;
         let mut headers = BTreeMap::new();
         loop {
             let mut line = String::new();
-            self.reader.read_line(&mut line).await.expect("header line");
+            self.reader
+                .read_line(&mut line)
+                .await
+                .map_err(|e| format!("header line: {e}"))?;
             let line = line.trim_end();
             if line.is_empty() {
                 break;
@@ -208,28 +228,38 @@ impl Conn {
             .and_then(|l| l.parse::<usize>().ok())
         {
             body.resize(len, 0);
-            self.reader.read_exact(&mut body).await.expect("body");
+            self.reader
+                .read_exact(&mut body)
+                .await
+                .map_err(|e| format!("body: {e}"))?;
         } else if headers
             .get("transfer-encoding")
             .is_some_and(|t| t == "chunked")
         {
             loop {
                 let mut size = String::new();
-                self.reader.read_line(&mut size).await.expect("chunk size");
-                let n = usize::from_str_radix(size.trim(), 16).expect("chunk size is hex");
+                self.reader
+                    .read_line(&mut size)
+                    .await
+                    .map_err(|e| format!("chunk size: {e}"))?;
+                let n = usize::from_str_radix(size.trim(), 16)
+                    .map_err(|e| format!("chunk size {size:?}: {e}"))?;
                 let mut chunk = vec![0; n + 2];
-                self.reader.read_exact(&mut chunk).await.expect("chunk");
+                self.reader
+                    .read_exact(&mut chunk)
+                    .await
+                    .map_err(|e| format!("chunk: {e}"))?;
                 if n == 0 {
                     break;
                 }
                 body.extend_from_slice(&chunk[..n]);
             }
         }
-        Answer {
+        Ok(Answer {
             status,
             headers,
             body,
-        }
+        })
     }
 }
 
@@ -2928,4 +2958,116 @@ transcode = {{ reflection = true, services = ["svc.Echo"] }}
         "{last}"
     );
     assert_eq!(gw.gateway.routes(), 2);
+}
+
+async fn next_answer(seen: &mut tokio::sync::mpsc::UnboundedReceiver<(u16, bool)>) -> (u16, bool) {
+    tokio::time::timeout(DEADLINE, seen.recv())
+        .await
+        .expect("the clients keep getting answers")
+        .expect("clients running")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_killed_under_load_costs_no_idempotent_request() {
+    let live = echo_upstream("live").await;
+    // The other endpoint: a separate process (Python's HTTP server), so it
+    // can die the way processes do.
+    let root = tempfile::tempdir().expect("temp dir");
+    std::fs::write(root.path().join("x"), "from python").expect("write");
+    let port = trellis_testkit::free_port().expect("a free port");
+    let mut python = tokio::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .current_dir(root.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs (apt-get install python3)");
+    let doomed: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+    trellis_testkit::http::poll_until(doomed, "/x", DEADLINE, |r| r.status == 200)
+        .await
+        .expect("the Python upstream answers");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.pair]
+targets = [{{ url = "http://{live}" }}, {{ url = "http://{doomed}" }}]
+balance = "round_robin"
+[routes.all]
+prefix = "/"
+upstream = "pair"
+retries = {{ attempts = 2, budget = 1.0 }}
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    // Four clients in a loop; each answer says which endpoint gave it.
+    let stop = CancellationToken::new();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<(u16, bool)>();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let stop = stop.clone();
+        let seen_tx = seen_tx.clone();
+        let addr = gw.addr;
+        clients.push(tokio::spawn(async move {
+            let mut conn = Conn::open(addr).await;
+            while !stop.is_cancelled() {
+                let seen = match conn.try_request("GET", "/x", &[], None).await {
+                    Ok(answer) => (answer.status, answer.body == b"from python"),
+                    Err(_) => {
+                        // A response cut mid-body (its head was relayed
+                        // before the upstream died): no proxy can send it
+                        // again. The client reconnects.
+                        conn = Conn::open(addr).await;
+                        (0, true)
+                    }
+                };
+                if seen_tx.send(seen).is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    drop(seen_tx);
+    // Both endpoints serve before the kill.
+    let mut from_python = 0;
+    while from_python < 20 {
+        let (status, python) = next_answer(&mut seen).await;
+        assert_eq!(status, 200);
+        from_python += usize::from(python);
+    }
+    python.start_kill().expect("SIGKILL the upstream");
+    python.wait().await.expect("the upstream is gone");
+    // After the kill: every request still succeeds (the ones that met the
+    // dead endpoint went again, to the live one), and only the live one
+    // answers once the in-flight ones are through.
+    let mut after = 0;
+    let mut cut = 0;
+    let mut live_in_a_row = 0;
+    while live_in_a_row < 200 {
+        let (status, python) = next_answer(&mut seen).await;
+        after += 1;
+        if status == 0 {
+            cut += 1;
+        } else {
+            assert_eq!(status, 200, "request {after} after the kill failed");
+        }
+        live_in_a_row = if python { 0 } else { live_in_a_row + 1 };
+    }
+    // At most the responses in flight at the kill (one per client) can
+    // have been cut after their heads were relayed.
+    assert!(cut <= 4, "{cut} responses cut");
+    stop.cancel();
+    for client in clients {
+        client.await.expect("client task");
+    }
 }
