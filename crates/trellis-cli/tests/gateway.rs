@@ -123,6 +123,25 @@ upstream = "user"
         "{}",
         metrics.body
     );
+    // And by upstream: every attempt's answer class and time to head.
+    assert!(
+        metrics
+            .body
+            .lines()
+            .any(|l| l
+                .starts_with(r#"gateway_upstream_responses_total{upstream="user",class="2xx"}"#)),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics
+            .body
+            .contains(r#"gateway_upstream_duration_seconds_count{upstream="user"}"#),
+        "{}",
+        metrics.body
+    );
+    trellis_testkit::Prometheus::check_metrics(&metrics.body)
+        .unwrap_or_else(|complaints| panic!("promtool: {complaints}\n{}", metrics.body));
     assert_eq!(
         http::get(addr, "/metrics").await.expect("main port").status,
         404

@@ -204,3 +204,123 @@ async fn export_headers_from_config_are_sent_and_never_shown() {
     assert!(stderr.contains("exporting over OTLP"), "{stderr}");
     assert!(!stderr.contains("k-secret-123"), "the secret was logged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_exports_a_span_per_request_and_one_per_upstream_attempt() {
+    let receiver = OtlpReceiver::start().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let user_listen = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap());
+    let mut user = support::spawn(&[
+        "serve",
+        "user",
+        "--listen",
+        &user_listen,
+        "--data-dir",
+        data.path().to_str().unwrap(),
+    ]);
+    user.line_starting_with("user serving");
+    // An endpoint that refuses connections: a free port nothing listens on.
+    let dead = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap());
+    let doc = data.path().join("gateway.toml");
+    std::fs::write(
+        &doc,
+        format!(
+            r#"
+[upstreams.user]
+targets = [{{ url = "http://{dead}" }}, {{ url = "http://{user_listen}" }}]
+balance = "round_robin"
+[routes.users]
+prefix = "/v1/users"
+upstream = "user"
+retries = {{ attempts = 2, budget = 1.0 }}
+"#
+        ),
+    )
+    .unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap())
+        .parse()
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "gateway",
+            "--config",
+            doc.to_str().unwrap(),
+            "--listen",
+            &listen.to_string(),
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "60000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut gateway = Trellis::from_child(child);
+    gateway.line_starting_with("gateway");
+
+    // Two traced requests: round robin sends one of them to the dead
+    // endpoint first, and it goes again to the live one.
+    let traces = [
+        "0af7651916cd43dd8448eb211c80319c",
+        "1af7651916cd43dd8448eb211c80319d",
+    ];
+    for trace in traces {
+        let request = format!(
+            "GET /v1/users HTTP/1.1\r\nhost: gw\r\nconnection: close\r\ntraceparent: 00-{trace}-b7ad6b7169203331-01\r\n\r\n"
+        );
+        let answer =
+            trellis_testkit::http::raw(listen, request.as_bytes(), Duration::from_secs(10))
+                .await
+                .unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    gateway.signal(libc::SIGTERM);
+    assert_eq!(gateway.wait(Duration::from_secs(15)).code(), Some(0));
+    let (found, spans) = receiver
+        .wait_for(Duration::from_secs(5), |s| {
+            traces
+                .iter()
+                .all(|t| s.iter().filter(|s| s.trace_id() == *t).count() >= 2)
+        })
+        .await;
+    assert!(found, "spans of both traces: {} received", spans.len());
+    let mut attempts = Vec::new();
+    for trace in traces {
+        let of: Vec<_> = spans.iter().filter(|s| s.trace_id() == trace).collect();
+        let server: Vec<_> = of
+            .iter()
+            .filter(|s| s.kind() == trellis_testkit::opentelemetry_proto::tonic::trace::v1::span::SpanKind::Server)
+            .collect();
+        assert_eq!(server.len(), 1, "one server span per request: {of:#?}");
+        assert_eq!(server[0].parent_span_id(), "b7ad6b7169203331");
+        let clients: Vec<_> = of
+            .iter()
+            .filter(|s| s.kind() == trellis_testkit::opentelemetry_proto::tonic::trace::v1::span::SpanKind::Client)
+            .collect();
+        assert!(
+            clients
+                .iter()
+                .all(|c| c.parent_span_id() == server[0].span_id()),
+            "client spans are children of the server span: {of:#?}"
+        );
+        if clients.len() == 2 {
+            // The attempt at the dead endpoint failed, the other did not.
+            let errors = clients
+                .iter()
+                .filter(|c| {
+                    c.status()
+                        == trellis_testkit::opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error
+                })
+                .count();
+            assert_eq!(errors, 1, "{clients:#?}");
+        }
+        attempts.push(clients.len());
+    }
+    // Round robin sends a first attempt to the dead endpoint at least once.
+    assert!(
+        attempts.iter().all(|n| (1..=2).contains(n)) && attempts.contains(&2),
+        "attempts per request: {attempts:?}"
+    );
+}

@@ -518,12 +518,15 @@ pub struct SplitConfig {
     pub weight: u32,
 }
 
-/// Header changes, applied in the order: remove, set, add.
+/// Header changes, applied in the order: remove, rename, set, add.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HeaderRules {
     /// Headers taken out.
     pub remove: Vec<String>,
+    /// Headers moved to another name (`{ "x-old" = "x-new" }`), every
+    /// value in order; what the new name held goes.
+    pub rename: BTreeMap<String, String>,
     /// Headers set, replacing any value.
     pub set: BTreeMap<String, String>,
     /// Headers added next to any value already there.

@@ -426,4 +426,21 @@ fn describe_metrics() {
         "Gateway route documents applied or rejected after validation"
     );
     metrics::describe_gauge!("gateway_routes", "Gateway routes in force");
+    metrics::describe_counter!(
+        "gateway_upstream_requests_total",
+        "Requests sent upstream, by whether their connection was reused or new (the reuse ratio)"
+    );
+    metrics::describe_counter!(
+        "gateway_retries_total",
+        "Requests the gateway sent again after an attempt failed, by route"
+    );
+    metrics::describe_counter!(
+        "gateway_upstream_responses_total",
+        "Attempts sent to each upstream, by the class of its answer (error: none came)"
+    );
+    metrics::describe_histogram!(
+        "gateway_upstream_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from sending an attempt to its response head, by upstream"
+    );
 }

@@ -368,8 +368,6 @@ async fn forward(
             parts.headers.remove(header::HOST);
         }
     }
-    // The trace goes on: this request's span is the upstream's parent.
-    trellis_telemetry::propagation::inject_current(&mut parts.headers);
     if !route.request_headers.is_empty() {
         route.request_headers.apply(&mut parts.headers);
     }
@@ -379,6 +377,8 @@ async fn forward(
     if let Some(transcoder) = &route.transcoder
         && !is_grpc(&parts.headers)
     {
+        // The trace goes on: this request's span is the upstream's parent.
+        trellis_telemetry::propagation::inject_current(&mut parts.headers);
         let grpc = crate::upstream::GrpcCalls(upstream.pool.clone());
         let request = Request::from_parts(parts, body);
         let Ok(mut response) = transcoder.service(grpc).oneshot(request).await;
@@ -446,8 +446,22 @@ async fn forward(
         let Some(current) = request.take() else {
             return Err(fail(Error::internal("no request to send")));
         };
-        let call = upstream.pool.clone().oneshot(current);
+        // Each attempt is a client span of its own (when traced), its
+        // context sent upstream, and `http_client_request_duration_seconds`.
+        let call = tower::Layer::layer(
+            &trellis_telemetry::ClientTelemetryLayer::new(),
+            upstream.pool.clone(),
+        )
+        .oneshot(current);
+        let sent = std::time::Instant::now();
         let outcome = tokio::time::timeout(route.timeout, call).await;
+        upstream.red.record(
+            match &outcome {
+                Ok(Ok(response)) => Some(response.status()),
+                _ => None,
+            },
+            sent.elapsed(),
+        );
         let again = attempt < route.retry.attempts
             && match &outcome {
                 Ok(Ok(response)) => route.retry.on_status.contains(&response.status().as_u16()),

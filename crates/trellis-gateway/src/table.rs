@@ -415,6 +415,8 @@ impl Targets {
 #[derive(Default)]
 pub(crate) struct Rules {
     remove: Vec<HeaderName>,
+    /// (from, to).
+    rename: Vec<(HeaderName, HeaderName)>,
     set: Vec<(HeaderName, HeaderValue)>,
     add: Vec<(HeaderName, HeaderValue)>,
 }
@@ -429,6 +431,10 @@ impl Rules {
         for h in &rules.remove {
             out.remove.push(name("remove", h)?);
         }
+        for (from, to) in &rules.rename {
+            out.rename
+                .push((name("rename", from)?, name(&format!("rename.{from}"), to)?));
+        }
         for (h, v) in &rules.set {
             out.set
                 .push((name("set", h)?, value(&format!("set.{h}"), v)?));
@@ -440,10 +446,20 @@ impl Rules {
         Ok(out)
     }
 
-    /// Applies the changes: remove, then set, then add.
+    /// Applies the changes: remove, rename, set, add.
     pub(crate) fn apply(&self, headers: &mut HeaderMap) {
         for name in &self.remove {
             headers.remove(name);
+        }
+        for (from, to) in &self.rename {
+            // Every value moves, in order; what `to` held goes.
+            if let http::header::Entry::Occupied(entry) = headers.entry(from) {
+                let values: Vec<HeaderValue> = entry.remove_entry_mult().1.collect();
+                headers.remove(to);
+                for value in values {
+                    headers.append(to.clone(), value);
+                }
+            }
         }
         for (name, value) in &self.set {
             headers.insert(name.clone(), value.clone());
@@ -454,7 +470,10 @@ impl Rules {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+        self.remove.is_empty()
+            && self.rename.is_empty()
+            && self.set.is_empty()
+            && self.add.is_empty()
     }
 }
 

@@ -543,8 +543,42 @@ where
 pub(crate) struct Upstream {
     config: UpstreamConfig,
     pub(crate) pool: Balanced<EndpointClient>,
+    /// Its RED series, made once (the upstream's name is a bounded label).
+    pub(crate) red: UpstreamRed,
     /// Stops the health checks with the upstream.
     _checks: Option<tokio_util::sync::DropGuard>,
+}
+
+/// `gateway_upstream_responses_total{upstream, class}` (`2xx` … `5xx`, or
+/// `error` when no answer came) and `gateway_upstream_duration_seconds
+/// {upstream}` (sent to response head, every attempt), as handles.
+pub(crate) struct UpstreamRed {
+    classes: [metrics::Counter; 6],
+    duration: metrics::Histogram,
+}
+
+impl UpstreamRed {
+    fn new(name: &str) -> UpstreamRed {
+        let class = |c: &'static str| metrics::counter!("gateway_upstream_responses_total", "upstream" => name.to_owned(), "class" => c);
+        UpstreamRed {
+            classes: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+                class("error"),
+            ],
+            duration: metrics::histogram!("gateway_upstream_duration_seconds", "upstream" => name.to_owned()),
+        }
+    }
+
+    /// One attempt: its status (`None`: no answer) and how long it took.
+    pub(crate) fn record(&self, status: Option<http::StatusCode>, took: Duration) {
+        let class = status.map_or(5, |s| usize::from(s.as_u16() / 100).clamp(1, 5) - 1);
+        self.classes[class].increment(1);
+        self.duration.record(took.as_secs_f64());
+    }
 }
 
 /// Every upstream of a document, by name.
@@ -710,6 +744,7 @@ impl Upstream {
         Ok(Upstream {
             config: config.clone(),
             pool,
+            red: UpstreamRed::new(name),
             _checks: checks,
         })
     }

@@ -410,8 +410,8 @@ prefix = "/old"
 strip_prefix = "/old"
 add_prefix = "/api/v2"
 upstream = "a"
-request_headers = {{ remove = ["cookie"], set = {{ "x-env" = "test" }}, add = {{ "x-tag" = "gw" }} }}
-response_headers = {{ remove = ["x-upstream"], set = {{ "cache-control" = "no-store" }} }}
+request_headers = {{ remove = ["cookie"], rename = {{ "x-legacy-user" = "x-user" }}, set = {{ "x-env" = "test" }}, add = {{ "x-tag" = "gw" }} }}
+response_headers = {{ remove = ["x-upstream"], rename = {{ "content-type" = "x-original-type" }}, set = {{ "cache-control" = "no-store" }} }}
 
 [routes.kept]
 prefix = "/kept"
@@ -428,14 +428,24 @@ upstream = "a"
             ("cookie", "secret=1"),
             ("x-tag", "client"),
             ("x-env", "prod"),
+            ("x-legacy-user", "ada"),
+            ("x-user", "spoofed"),
         ],
     )
     .await;
     assert_eq!(answer.status, 200);
-    let seen = answer.json();
+    // Renamed on the way back: the upstream's content type under its new name.
+    assert_eq!(
+        answer.headers.get("x-original-type").map(String::as_str),
+        Some("application/json")
+    );
+    assert!(!answer.headers.contains_key("content-type"));
+    let seen: Value = serde_json::from_slice(&answer.body).expect("JSON");
     assert_eq!(seen["path"], "/api/v2/items/7?x=1");
     let headers = &seen["headers"];
     assert!(headers.get("cookie").is_none(), "cookie removed: {headers}");
+    assert_eq!(headers["x-user"], "ada", "renamed, the old value replaced");
+    assert!(headers.get("x-legacy-user").is_none(), "{headers}");
     assert_eq!(headers["x-env"], "test");
     assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(headers["x-forwarded-host"], "gateway.test");
