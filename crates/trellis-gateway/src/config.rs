@@ -250,6 +250,9 @@ pub struct UpstreamConfig {
     /// servers expect. Default: HTTP/1.1 (and gRPC requests are sent over
     /// HTTP/2 whatever this says).
     pub h2c: bool,
+    /// How long connecting (and a TLS handshake) may take. Default: 5 s.
+    #[serde(with = "trellis_config::duration::option")]
+    pub connect_timeout: Option<Duration>,
     /// TLS to the upstream: whom to trust. `https://` targets without it
     /// trust the system's roots.
     pub tls: Option<UpstreamTlsConfig>,
@@ -361,9 +364,13 @@ pub struct RouteConfig {
     pub request_headers: HeaderRules,
     /// Changes to the response's headers.
     pub response_headers: HeaderRules,
-    /// Overrides `defaults.timeout`.
+    /// Overrides `defaults.timeout` (sent → response head: 504 past it).
     #[serde(with = "trellis_config::duration::option")]
     pub timeout: Option<Duration>,
+    /// The whole exchange, the response body included: past it the
+    /// response is cut (a head not yet come is a 504). Default: none.
+    #[serde(with = "trellis_config::duration::option")]
+    pub total_timeout: Option<Duration>,
     /// Overrides `defaults.idle_timeout`.
     #[serde(with = "trellis_config::duration::option")]
     pub idle_timeout: Option<Duration>,

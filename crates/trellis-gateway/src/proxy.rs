@@ -111,6 +111,47 @@ impl Service<Request<Incoming>> for Proxy {
 
 type Failure = (Error, Option<Arc<str>>);
 
+pin_project_lite::pin_project! {
+    /// A response body cut at the route's `total_timeout`.
+    struct Deadline<B> {
+        #[pin]
+        body: B,
+        until: Pin<Box<tokio::time::Sleep>>,
+        total: std::time::Duration,
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes, Error = BoxError>> http_body::Body for Deadline<B> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = this.body.poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if this.until.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(format!(
+                "the exchange went over the route's total_timeout ({:?})",
+                this.total
+            )
+            .into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 async fn forward(
     state: &State,
     peer: Option<HeaderValue>,
@@ -454,7 +495,13 @@ async fn forward(
         )
         .oneshot(current);
         let sent = std::time::Instant::now();
-        let outcome = tokio::time::timeout(route.timeout, call).await;
+        // The head within the route's timeout, and within what is left of
+        // the total.
+        let head_within = match route.total_timeout {
+            Some(total) => route.timeout.min(total.saturating_sub(called.elapsed())),
+            None => route.timeout,
+        };
+        let outcome = tokio::time::timeout(head_within, call).await;
         upstream.red.record(
             match &outcome {
                 Ok(Ok(response)) => Some(response.status()),
@@ -516,7 +563,9 @@ async fn forward(
                         "UPSTREAM_TIMEOUT",
                         format!(
                             "upstream {upstream_name} sent no response within {:?}",
-                            route.timeout
+                            route
+                                .total_timeout
+                                .map_or(route.timeout, |t| t.min(route.timeout))
                         ),
                     )
                     .with_http_status(StatusCode::GATEWAY_TIMEOUT),
@@ -572,6 +621,17 @@ async fn forward(
         return Ok(Response::from_parts(
             parts,
             UnsyncBoxBody::new(grpc_web::ResponseBody::new(body, mode)),
+        ));
+    }
+    if let Some(total) = route.total_timeout {
+        let deadline = tokio::time::Instant::from_std(called) + total;
+        return Ok(Response::from_parts(
+            parts,
+            UnsyncBoxBody::new(Deadline {
+                body: body.map_err(BoxError::from),
+                until: Box::pin(tokio::time::sleep_until(deadline)),
+                total,
+            }),
         ));
     }
     Ok(Response::from_parts(

@@ -114,6 +114,8 @@ pub(crate) struct Route {
     pub(crate) request_headers: Rules,
     pub(crate) response_headers: Rules,
     pub(crate) timeout: Duration,
+    /// The whole exchange, body included.
+    pub(crate) total_timeout: Option<Duration>,
     /// How long an upgraded connection (WebSocket) may carry nothing.
     pub(crate) idle_timeout: Duration,
     pub(crate) rate_limit: Option<RouteLimit>,
@@ -1041,6 +1043,7 @@ fn compile_route(
             key(&format!("response_headers.{f}"))
         })?,
         timeout: route.timeout.unwrap_or(config.defaults.timeout),
+        total_timeout: route.total_timeout,
         idle_timeout: route.idle_timeout.unwrap_or(config.defaults.idle_timeout),
         retry: {
             let r = &route.retries;

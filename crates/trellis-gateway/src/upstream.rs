@@ -658,7 +658,10 @@ impl Upstream {
         registry: Option<&Arc<dyn ServiceRegistry>>,
     ) -> Result<Upstream, GatewayError> {
         let h2c = config.h2c;
-        let clients = clients.clone();
+        let mut clients = clients.clone();
+        if let Some(timeout) = config.connect_timeout {
+            clients.connect_timeout = timeout;
+        }
         // `https://` targets without `tls` trust the system's roots.
         let implied = (config.tls.is_none()
             && config.targets.iter().any(|t| t.url.starts_with("https://")))

@@ -3081,3 +3081,82 @@ retries = {{ attempts = 2, budget = 1.0 }}
         client.await.expect("client task");
     }
 }
+
+#[tokio::test]
+async fn a_total_timeout_cuts_a_long_response_and_other_routes_keep_theirs() {
+    // Each request streams `data: first`, then holds until its release.
+    let (cut_release, cut_rx) = tokio::sync::oneshot::channel::<()>();
+    let (held_release, held_rx) = tokio::sync::oneshot::channel::<()>();
+    let releases = Arc::new(Mutex::new(vec![held_rx, cut_rx]));
+    let app = Router::new().fallback(any(move || {
+        let releases = releases.clone();
+        async move {
+            let rx = releases.lock().ok().and_then(|mut r| r.pop());
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::from_stream(async_stream(rx)))
+                .unwrap_or_default()
+        }
+    }));
+    let upstream = serve_axum(app).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[upstreams.s]
+targets = [{{ url = "http://{upstream}" }}]
+[routes.cut]
+prefix = "/cut"
+upstream = "s"
+total_timeout = "300ms"
+[routes.held]
+prefix = "/held"
+upstream = "s"
+"#
+        ),
+    );
+    let gw = gateway(&file).await;
+    let open = |path: &'static str| async move {
+        let mut stream = TcpStream::connect(gw.addr).await.expect("connect");
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: gw\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&seen).contains("data: first") {
+            let n = tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+                .await
+                .expect("the first event within the deadline")
+                .expect("read");
+            assert!(n > 0, "closed before the first event");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        stream
+    };
+    let mut cut = open("/cut").await;
+    let mut held = open("/held").await;
+    // The route with a total timeout: cut while its upstream still holds.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(DEADLINE, cut.read_to_end(&mut rest))
+        .await
+        .expect("the response is cut within the deadline");
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("data: second"),
+        "{ended:?}"
+    );
+    drop(cut_release);
+    // The other route's response, open all that time, goes on.
+    let _ = held_release.send(());
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("data: second") {
+        let n = tokio::time::timeout(DEADLINE, held.read(&mut buf))
+            .await
+            .expect("the second event within the deadline")
+            .expect("read");
+        assert!(n > 0, "the held response was closed");
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
