@@ -111,6 +111,98 @@ impl Service<Request<Incoming>> for Proxy {
 
 type Failure = (Error, Option<Arc<str>>);
 
+/// One access log line, written when the response body ends (or is cut,
+/// or dropped), under the request's trace.
+struct AccessLine {
+    cx: opentelemetry::Context,
+    route: Arc<str>,
+    upstream: Arc<str>,
+    method: Method,
+    status: u16,
+    attempts: u32,
+    started: std::time::Instant,
+    head: std::time::Duration,
+    bytes: u64,
+}
+
+impl AccessLine {
+    fn write(self, end: &'static str) {
+        let _trace = self.cx.attach();
+        tracing::debug!(
+            target: "trellis::gateway::access",
+            route = &*self.route,
+            upstream = &*self.upstream,
+            method = self.method.as_str(),
+            status = self.status,
+            attempts = self.attempts,
+            bytes = self.bytes,
+            head_us = self.head.as_micros() as u64,
+            total_us = self.started.elapsed().as_micros() as u64,
+            end,
+            "request served"
+        );
+    }
+}
+
+/// A response body that writes the access log line at its end.
+struct Logged {
+    body: Body,
+    line: Option<AccessLine>,
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if let Some(line) = self.line.take() {
+            // hyper does not poll a body that says it is over.
+            line.write(if self.body.is_end_stream() {
+                "complete"
+            } else {
+                "dropped"
+            });
+        }
+    }
+}
+
+impl http_body::Body for Logged {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(line), Some(data)) = (this.line.as_mut(), frame.data_ref()) {
+                    line.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(line) = this.line.take() {
+                    line.write("complete");
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(line) = this.line.take() {
+                    line.write("cut");
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 pin_project_lite::pin_project! {
     /// A response body cut at the route's `total_timeout`.
     struct Deadline<B> {
@@ -203,6 +295,9 @@ async fn forward(
     };
     let route = matched.route;
     let name = route.name.clone();
+    // The access log (`trellis::gateway::access` at debug): only when
+    // something logs at debug at all, so it costs nothing otherwise.
+    let logging = tracing::level_enabled!(tracing::Level::DEBUG).then(|| parts.method.clone());
     let fail = |e: Error| (e, Some(name.clone()));
     // The client: the peer, or who a trusted proxy says it forwards.
     let client_ip = state.table.trusted.client(peer_ip, &parts.headers);
@@ -615,29 +710,43 @@ async fn forward(
     for plugin in &route.plugins {
         plugin.on_response(&mut parts);
     }
+    let line = logging.map(|method| AccessLine {
+        cx: opentelemetry::Context::current(),
+        route: name.clone(),
+        upstream: upstream_name.clone(),
+        method,
+        status: parts.status.as_u16(),
+        attempts: attempt,
+        started: called,
+        head: called.elapsed(),
+        bytes: 0,
+    });
     parts.extensions.insert(RouteTemplate(name));
-    if let Some(mode) = web {
-        mode.response_headers(&mut parts.headers);
-        return Ok(Response::from_parts(
-            parts,
-            UnsyncBoxBody::new(grpc_web::ResponseBody::new(body, mode)),
-        ));
-    }
-    if let Some(total) = route.total_timeout {
-        let deadline = tokio::time::Instant::from_std(called) + total;
-        return Ok(Response::from_parts(
-            parts,
-            UnsyncBoxBody::new(Deadline {
-                body: body.map_err(BoxError::from),
-                until: Box::pin(tokio::time::sleep_until(deadline)),
-                total,
-            }),
-        ));
-    }
-    Ok(Response::from_parts(
-        parts,
-        UnsyncBoxBody::new(body.map_err(BoxError::from)),
-    ))
+    let body: Body = match web {
+        Some(mode) => {
+            mode.response_headers(&mut parts.headers);
+            UnsyncBoxBody::new(grpc_web::ResponseBody::new(body, mode))
+        }
+        None => UnsyncBoxBody::new(body.map_err(BoxError::from)),
+    };
+    let body = match route.total_timeout {
+        Some(total) => UnsyncBoxBody::new(Deadline {
+            body,
+            until: Box::pin(tokio::time::sleep_until(
+                tokio::time::Instant::from_std(called) + total,
+            )),
+            total,
+        }),
+        None => body,
+    };
+    let body = match line {
+        Some(line) => UnsyncBoxBody::new(Logged {
+            body,
+            line: Some(line),
+        }),
+        None => body,
+    };
+    Ok(Response::from_parts(parts, body))
 }
 
 /// Joins the client's and the upstream's upgraded connections (a

@@ -3160,3 +3160,62 @@ upstream = "s"
         seen.extend_from_slice(&buf[..n]);
     }
 }
+
+#[tokio::test]
+async fn the_access_log_names_route_upstream_status_bytes_and_trace() {
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let writer = Arc::new(log.reopen().expect("log file"));
+    let _telemetry = trellis_telemetry::Telemetry::builder("gateway")
+        .log_format(trellis_telemetry::LogFormat::Json)
+        .log_level("warn,trellis::gateway::access=debug")
+        .writer(writer)
+        .init()
+        .expect("telemetry");
+    let a = echo_upstream("a").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(
+        &dir,
+        &format!(
+            "[upstreams.a]\ntargets = [{{ url = \"http://{a}\" }}]\n[routes.all]\nprefix = \"/\"\nupstream = \"a\"\n"
+        ),
+    );
+    let gw = gateway(&file).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let answer = get(
+        gw.addr,
+        "/logged",
+        &[("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01"))],
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    // The line is written when the gateway lets go of the body, which may
+    // be just after the client has the last byte: read until it is there.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let line: Value = loop {
+        let text = std::fs::read_to_string(log.path()).expect("read the log");
+        if let Some(line) = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["target"] == "trellis::gateway::access")
+        {
+            break line;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no access line in {text:?}"
+        );
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(line["route"], "all", "{line}");
+    assert_eq!(line["upstream"], "a", "{line}");
+    assert_eq!(line["method"], "GET", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["attempts"], 1, "{line}");
+    assert_eq!(line["bytes"], answer.body.len(), "{line}");
+    assert_eq!(line["end"], "complete", "{line}");
+    assert_eq!(line["trace_id"], trace, "{line}");
+    assert!(
+        line["total_us"].as_u64() >= line["head_us"].as_u64(),
+        "{line}"
+    );
+}
