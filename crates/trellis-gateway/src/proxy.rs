@@ -576,19 +576,37 @@ async fn forward(
     };
     let called = std::time::Instant::now();
     route.retry.budget.deposit();
+    // Traced (an exporter may record this request): each attempt is a
+    // client span of its own, whose context the upstream receives. Not
+    // traced: no span to make; the request's context goes up as it is.
+    let traced = trellis_telemetry::may_record_current();
+    if !traced {
+        trellis_telemetry::propagation::inject_current(&mut parts.headers);
+    }
     let mut request = Some(Request::from_parts(parts, body));
     let mut attempt = 1;
     let response = loop {
         let Some(current) = request.take() else {
             return Err(fail(Error::internal("no request to send")));
         };
-        // Each attempt is a client span of its own (when traced), its
-        // context sent upstream, and `http_client_request_duration_seconds`.
-        let call = tower::Layer::layer(
-            &trellis_telemetry::ClientTelemetryLayer::new(),
-            upstream.pool.clone(),
-        )
-        .oneshot(current);
+        let call = if traced {
+            let traced_call = tower::Layer::layer(
+                &trellis_telemetry::ClientTelemetryLayer::new(),
+                upstream.pool.clone(),
+            )
+            .oneshot(current);
+            futures_util::future::Either::Left(async move {
+                traced_call
+                    .await
+                    .map(|r| r.map(|b| UnsyncBoxBody::new(b.map_err(BoxError::from))))
+            })
+        } else {
+            let call = upstream.pool.clone().oneshot(current);
+            futures_util::future::Either::Right(async move {
+                call.await
+                    .map(|r| r.map(|b| UnsyncBoxBody::new(b.map_err(BoxError::from))))
+            })
+        };
         let sent = std::time::Instant::now();
         // The head within the route's timeout, and within what is left of
         // the total.
@@ -727,7 +745,7 @@ async fn forward(
             mode.response_headers(&mut parts.headers);
             UnsyncBoxBody::new(grpc_web::ResponseBody::new(body, mode))
         }
-        None => UnsyncBoxBody::new(body.map_err(BoxError::from)),
+        None => body,
     };
     let body = match route.total_timeout {
         Some(total) => UnsyncBoxBody::new(Deadline {

@@ -22,6 +22,13 @@ use crate::{
     server::{grpc_parts, is_grpc},
 };
 
+/// Whether a span made now, under the current context, could be recorded
+/// (an exporter is on and the sampler may keep it). `false` is final: a
+/// caller that would only make a span for the exporter can skip the work.
+pub fn may_record_current() -> bool {
+    SAMPLER.may_record(&OtelContext::current())
+}
+
 /// Traces, propagates and measures outbound gRPC and HTTP calls:
 ///
 /// - a client span (`otel.kind = client`), child of whatever span is
@@ -113,7 +120,7 @@ where
 
         // Not recorded: no span, the context passed on as it is.
         if !SAMPLER.may_record(&current) {
-            propagation::inject(&pipeline::unrecorded(current), req.headers_mut());
+            propagation::inject_fast(&pipeline::unrecorded(current), req.headers_mut());
             let fut = self.inner.call(req);
             let call = Call {
                 kind: Some(kind),

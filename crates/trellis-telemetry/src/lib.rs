@@ -86,7 +86,7 @@ use std::{sync::OnceLock, time::Duration};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-pub use client::{ClientTelemetry, ClientTelemetryLayer};
+pub use client::{ClientTelemetry, ClientTelemetryLayer, may_record_current};
 pub use init::{LogControl, LogFormat, Telemetry, TelemetryBuilder, check_log_filter};
 pub use red::{InFlight, Red, RedFuture, RedLayer, RedSeries};
 pub use server::{AccessLogged, ServerTrace, ServerTraceLayer};

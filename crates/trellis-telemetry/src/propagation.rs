@@ -36,8 +36,13 @@ pub fn inject(cx: &Context, headers: &mut HeaderMap) {
 /// `headers` (what a proxy sends upstream: its own span as the parent,
 /// or the caller's context when it records none).
 pub fn inject_current(headers: &mut HeaderMap) {
+    inject_fast(&Context::current(), headers);
+}
+
+/// [`inject`], with the usual case — `traceparent` alone — written by
+/// hand, and nothing written for an invalid context without baggage.
+pub fn inject_fast(cx: &Context, headers: &mut HeaderMap) {
     use opentelemetry::{baggage::BaggageExt as _, trace::TraceContextExt as _};
-    let cx = Context::current();
     let span = cx.span();
     let sc = span.span_context();
     // Only a real trace context (a recorded span, or a caller's): an
@@ -46,7 +51,7 @@ pub fn inject_current(headers: &mut HeaderMap) {
         return;
     }
     if !cx.baggage().is_empty() || !sc.trace_state().header().is_empty() {
-        inject(&cx, headers);
+        inject(cx, headers);
         return;
     }
     // The usual case, `traceparent` alone, written without the formatting
