@@ -36,6 +36,7 @@
 
 #![warn(missing_docs)]
 
+pub mod audit;
 mod claims;
 mod fetch;
 pub mod jwks;

@@ -121,6 +121,11 @@ enum Command {
         #[command(subcommand)]
         command: Option<GatewayCommand>,
     },
+    /// Read and check an audit trail (a file of hash-chained records).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Inspect a service registry.
     Registry {
         #[command(subcommand)]
@@ -151,6 +156,29 @@ enum GatewayCommand {
         /// The gateway's admin address.
         #[arg(long, default_value = "127.0.0.1:9080")]
         admin: SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the chain: every record in sequence, following the one before
+    /// it, its hash matching its contents. Exits 1 naming the first broken
+    /// line; prints the head hash to keep elsewhere.
+    Verify {
+        /// The trail.
+        file: PathBuf,
+    },
+    /// Print the last records as JSON lines, and with --follow the new
+    /// ones as they are appended.
+    Tail {
+        /// The trail.
+        file: PathBuf,
+        /// How many of the last records.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        lines: usize,
+        /// Keep printing records as they come.
+        #[arg(long, short)]
+        follow: bool,
     },
 }
 
@@ -306,6 +334,7 @@ async fn main() -> ExitCode {
             command: RegistryCommand::Ls { service, registry },
         } => registry_ls(service.as_deref(), &registry).await,
         Command::Config { command } => config_cmd::run(command).await,
+        Command::Audit { command } => audit(command).await,
         Command::Openapi { service, out } => match services::find(&service) {
             Some(service) => openapi(service, out.as_deref()),
             None => Err(format!("unknown service {service:?}")),
@@ -610,6 +639,66 @@ async fn gateway_routes(admin: SocketAddr) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `trellis audit verify|tail`.
+async fn audit(command: AuditCommand) -> Result<(), String> {
+    use trellis::auth::audit;
+    match command {
+        AuditCommand::Verify { file } => {
+            let report = audit::verify(&file).map_err(|e| e.to_string())?;
+            match report.broken {
+                None => {
+                    println!(
+                        "{}: {} records, chain intact; head {}",
+                        file.display(),
+                        report.records,
+                        report.head
+                    );
+                    Ok(())
+                }
+                Some((line, why)) => Err(format!(
+                    "{}: the chain breaks at line {line}: {why} ({} records before it are intact)",
+                    file.display(),
+                    report.records
+                )),
+            }
+        }
+        AuditCommand::Tail {
+            file,
+            lines,
+            follow,
+        } => {
+            let records = audit::read_all(&file).map_err(|e| e.to_string())?;
+            let mut printed = records.last().map_or(0, |r| r.seq);
+            for record in records.iter().skip(records.len().saturating_sub(lines)) {
+                println!("{}", serde_json::to_string(record).unwrap_or_default());
+            }
+            if !follow {
+                return Ok(());
+            }
+            // New records: read again when the file grows (it is only ever
+            // appended to), until interrupted.
+            let mut size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+                }
+                let now = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+                if now == size {
+                    continue;
+                }
+                size = now;
+                for record in audit::read_all(&file).map_err(|e| e.to_string())? {
+                    if record.seq > printed {
+                        printed = record.seq;
+                        println!("{}", serde_json::to_string(&record).unwrap_or_default());
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A gateway serving: where, and what to wait for on the way down.

@@ -78,6 +78,8 @@ pub enum GatewayError {
 pub(crate) struct State {
     pub(crate) table: Table,
     pub(crate) upstreams: Upstreams,
+    /// `[audit]`, when on.
+    pub(crate) audit: Option<Arc<jwt::Audit>>,
     /// The config version it came from.
     version: String,
 }
@@ -171,7 +173,16 @@ impl Gateway {
         let clients = Clients::new();
         let mut rx = config.subscribe();
         let first = rx.borrow_and_update().clone();
-        let state = build(&first, None, None, &clients, registry.as_ref(), &plugins).await?;
+        let state = build(
+            &first,
+            None,
+            None,
+            None,
+            &clients,
+            registry.as_ref(),
+            &plugins,
+        )
+        .await?;
         let tls = match &first.config.tls {
             Some(t) => Some(Arc::new(ArcSwap::new(
                 trellis_transport::tls::load(&t.cert_file, &t.key_file)
@@ -206,6 +217,7 @@ impl Gateway {
                     &snapshot,
                     Some(&previous.table),
                     Some(&previous.upstreams),
+                    previous.audit.as_ref(),
                     &clients,
                     registry.as_ref(),
                     &plugins,
@@ -386,6 +398,7 @@ async fn build(
     snapshot: &Snapshot<GatewayConfig>,
     previous_table: Option<&Table>,
     previous: Option<&Upstreams>,
+    previous_audit: Option<&Arc<jwt::Audit>>,
     clients: &Clients,
     registry: Option<&Arc<dyn ServiceRegistry>>,
     plugins: &Plugins,
@@ -407,9 +420,20 @@ async fn build(
         .resolve_reflection(previous_table, &upstreams)
         .await
         .map_err(|e| GatewayError::Config(format!("{}: {}", e.key, e.message)))?;
+    // The same trail file keeps its log (and its place in the chain).
+    let audit = match (&config.audit, previous_audit) {
+        (None, _) => None,
+        (Some(c), Some(before)) if before.config == *c => Some(before.clone()),
+        (Some(c), _) => {
+            Some(Arc::new(jwt::Audit::open(c).map_err(|e| {
+                GatewayError::Config(format!("audit.file: {e}"))
+            })?))
+        }
+    };
     Ok(State {
         table,
         upstreams,
+        audit,
         version: snapshot.version.clone(),
     })
 }

@@ -111,6 +111,40 @@ impl Service<Request<Incoming>> for Proxy {
 
 type Failure = (Error, Option<Arc<str>>);
 
+/// A mutating call's audit record, written with the upstream's status —
+/// or, if the call ends without one (502, 504, the client gone), as
+/// `failed` when this is dropped.
+struct AuditedCall(Option<(Arc<crate::jwt::Audit>, trellis_auth::audit::Entry)>);
+
+impl Drop for AuditedCall {
+    fn drop(&mut self) {
+        if let Some((audit, mut entry)) = self.0.take() {
+            entry.outcome = "failed".to_owned();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { audit.record(entry, false).await });
+            }
+        }
+    }
+}
+
+/// At most 512 bytes of `text` (on a character boundary), for records.
+fn bounded(text: &str) -> String {
+    let mut end = text.len().min(512);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// The current trace's id, for audit records.
+fn current_trace_id() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    let cx = opentelemetry::Context::current();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
 /// One access log line, written when the response body ends (or is cut,
 /// or dropped), under the request's trace.
 struct AccessLine {
@@ -380,7 +414,61 @@ async fn forward(
     }
     // Bearer tokens: 401/403 here, the claims' headers set for upstream.
     let claims = match (&route.jwt, &state.table.jwt) {
-        (Some(access), Some(jwt)) => jwt.check(access, &mut parts.headers).await.map_err(&fail)?,
+        (Some(access), Some(jwt)) => match jwt.check(access, &mut parts.headers).await {
+            Ok(claims) => claims,
+            Err(e) => {
+                if let Some(audit) = &state.audit {
+                    let forbidden = e.code() == Code::PermissionDenied;
+                    let why = e
+                        .metadata()
+                        .get(if forbidden { "permission" } else { "why" })
+                        .map_or("missing", String::as_str);
+                    let entry = trellis_auth::audit::Entry {
+                        client_ip: client_ip.map(|ip| ip.to_string()),
+                        trace_id: current_trace_id(),
+                        resource: Some(bounded(parts.uri.path())),
+                        ..trellis_auth::audit::Entry::new(
+                            if forbidden {
+                                "forbidden"
+                            } else {
+                                "token_refused"
+                            },
+                            format!("{} {name}", parts.method),
+                            format!("refused: {why}"),
+                        )
+                    };
+                    audit.record(entry, true).await;
+                }
+                return Err(fail(e));
+            }
+        },
+        _ => None,
+    };
+    // A mutating call through a protected route is audited with its
+    // outcome once the upstream has answered.
+    let audited = match (&state.audit, &route.jwt) {
+        (Some(audit), Some(_))
+            if matches!(
+                parts.method,
+                Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+            ) =>
+        {
+            Some(AuditedCall(Some((
+                audit.clone(),
+                trellis_auth::audit::Entry {
+                    subject: claims.as_ref().map(|c| c.sub.clone()),
+                    tenant: claims.as_ref().and_then(|c| c.tenant.clone()),
+                    client_ip: client_ip.map(|ip| ip.to_string()),
+                    trace_id: current_trace_id(),
+                    resource: Some(bounded(parts.uri.path())),
+                    ..trellis_auth::audit::Entry::new(
+                        "call",
+                        format!("{} {name}", parts.method),
+                        String::new(),
+                    )
+                },
+            ))))
+        }
         _ => None,
     };
     if let Some(limit) = &route.rate_limit
@@ -687,6 +775,10 @@ async fn forward(
         }
     };
     let (mut parts, body) = response.into_parts();
+    if let Some((audit, mut entry)) = audited.and_then(|mut a| a.0.take()) {
+        entry.outcome = parts.status.as_u16().to_string();
+        audit.record(entry, false).await;
+    }
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         let (Some(client), Some(upstream)) = (
             client_upgrade,

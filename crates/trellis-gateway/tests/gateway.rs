@@ -3219,3 +3219,127 @@ async fn the_access_log_names_route_upstream_status_bytes_and_trace() {
         "{line}"
     );
 }
+
+#[tokio::test]
+async fn refused_tokens_and_mutating_calls_go_to_the_audit_trail() {
+    use trellis_auth::SigningKey;
+    let key = SigningKey::generate_ed25519("k1").expect("key");
+    let (jwks, _) = jwks_server(trellis_auth::JwkSet {
+        keys: vec![key.jwk().clone()],
+    })
+    .await;
+    let a = echo_upstream("a").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trail = dir.path().join("audit.jsonl");
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[jwt]
+jwks_url = "http://{jwks}/.well-known/jwks.json"
+issuer = "https://auth.shop"
+audience = ["shop"]
+
+[audit]
+file = "{}"
+max_refusals_per_second = 2
+
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+
+[routes.orders]
+prefix = "/orders"
+upstream = "a"
+jwt = {{ require = ["orders:write"] }}
+"#,
+            trail.display()
+        ),
+    );
+    let gw = gateway(&file).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let token = |roles: &[&str]| {
+        let signed = key
+            .sign(&json!({
+                "iss": "https://auth.shop", "aud": "shop", "sub": "ada",
+                "exp": now + 600, "roles": roles, "tenant": "acme",
+            }))
+            .expect("sign");
+        format!("Bearer {signed}")
+    };
+    let writer = token(&["orders:write"]);
+    let reader = token(&[]);
+    let mut conn = Conn::open(gw.addr).await;
+    // Audited: a created order, a deletion; not audited: a read.
+    let created = conn
+        .request_with_body(
+            "POST",
+            "/orders",
+            &[("authorization", &writer)],
+            Some(b"{}"),
+        )
+        .await;
+    assert_eq!(created.status, 200);
+    assert_eq!(
+        conn.request("GET", "/orders/7", &[("authorization", &writer)])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        conn.request("DELETE", "/orders/7", &[("authorization", &writer)])
+            .await
+            .status,
+        200
+    );
+    // A token without the permission, then a flood of missing tokens: at
+    // most two refusals a second are recorded.
+    assert_eq!(
+        conn.request("DELETE", "/orders/8", &[("authorization", &reader)])
+            .await
+            .status,
+        403
+    );
+    for _ in 0..10 {
+        assert_eq!(conn.request("POST", "/orders", &[]).await.status, 401);
+    }
+    let records = trellis_auth::audit::read_all(&trail).expect("the trail reads");
+    let calls: Vec<_> = records.iter().filter(|r| r.entry.kind == "call").collect();
+    assert_eq!(calls.len(), 2, "{records:#?}");
+    assert_eq!(calls[0].entry.action, "POST orders");
+    assert_eq!(calls[0].entry.outcome, "200");
+    assert_eq!(calls[0].entry.subject.as_deref(), Some("ada"));
+    assert_eq!(calls[0].entry.tenant.as_deref(), Some("acme"));
+    assert_eq!(calls[0].entry.client_ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!(calls[1].entry.action, "DELETE orders");
+    assert_eq!(calls[1].entry.resource.as_deref(), Some("/orders/7"));
+    let forbidden: Vec<_> = records
+        .iter()
+        .filter(|r| r.entry.kind == "forbidden")
+        .collect();
+    assert_eq!(forbidden.len(), 1, "{records:#?}");
+    assert_eq!(forbidden[0].entry.outcome, "refused: orders:write");
+    let refused = records
+        .iter()
+        .filter(|r| r.entry.kind == "token_refused")
+        .count();
+    // The ten missing tokens: a burst within a second or two.
+    assert!(
+        (1..=4).contains(&refused),
+        "{refused} refusals recorded of 10"
+    );
+    assert!(
+        records
+            .iter()
+            .filter(|r| r.entry.kind == "token_refused")
+            .all(|r| r.entry.outcome == "refused: missing")
+    );
+    // The chain is intact.
+    let report = trellis_auth::audit::verify(&trail).expect("verify");
+    assert_eq!(
+        (report.records as usize, report.broken),
+        (records.len(), None)
+    );
+}

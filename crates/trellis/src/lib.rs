@@ -44,6 +44,7 @@ mod signal;
 
 pub use app::{App, AppBuilder, AppError, AppInfo};
 pub use signal::{ShutdownSignal, shutdown_signal};
+pub use trellis_auth as auth;
 pub use trellis_balance as balance;
 pub use trellis_config as config;
 pub use trellis_core::{self as core, Code, Error, Lifecycle, State};
