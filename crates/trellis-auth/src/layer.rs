@@ -179,7 +179,18 @@ where
         let verifier = self.verifier.clone();
         let policy = self.policy.clone();
         Box::pin(async move {
-            let access = policy.access(req.uri().path());
+            // A REST call transcoded to a gRPC method is judged as that
+            // method: one rule covers both faces.
+            let path: std::borrow::Cow<'_, str> =
+                match req.extensions().get::<trellis_transcode::MatchedRoute>() {
+                    Some(route) => std::borrow::Cow::Owned(format!(
+                        "/{}/{}",
+                        route.rpc().parent_service().full_name(),
+                        route.rpc().name()
+                    )),
+                    None => std::borrow::Cow::Borrowed(req.uri().path()),
+                };
+            let access = policy.access(&path);
             match access.check(&verifier, req.headers()).await {
                 Ok(claims) => {
                     if let Some(claims) = claims {

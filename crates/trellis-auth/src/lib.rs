@@ -41,6 +41,7 @@ mod claims;
 mod fetch;
 pub mod jwks;
 mod layer;
+mod settings;
 mod sign;
 mod verify;
 
@@ -48,5 +49,6 @@ pub use claims::Claims;
 pub use jsonwebtoken::{Algorithm, Header, jwk::JwkSet};
 pub use jwks::{FileSource, Jwks, JwksTiming, KeySource, StaticSource, UrlSource};
 pub use layer::{Access, Auth, AuthLayer, Policy};
+pub use settings::{AuthSettings, PolicySettings, SettingsError, VerifierSettings};
 pub use sign::SigningKey;
 pub use verify::{MAX_TOKEN_BYTES, Refusal, Verifier, VerifierConfig, bearer, forbidden};

@@ -5,9 +5,7 @@
 use std::{str::FromStr, sync::Arc};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use trellis_auth::{
-    Access, Algorithm, Claims, FileSource, Jwks, JwksTiming, UrlSource, Verifier, VerifierConfig,
-};
+use trellis_auth::{Access, Claims, Verifier};
 use trellis_config::Invalid;
 use trellis_core::Error;
 
@@ -81,39 +79,20 @@ enum Claim {
 
 impl GatewayJwt {
     pub(crate) fn compile(config: &JwtConfig) -> Result<GatewayJwt, Invalid> {
-        let source: Box<dyn FnOnce(JwksTiming) -> Arc<Jwks>> =
-            match (&config.jwks_url, &config.jwks_file) {
-                (Some(url), None) => {
-                    let source = UrlSource::new(url, config.ca_file.as_deref())
-                        .map_err(|e| Invalid::new("jwt.jwks_url", e))?;
-                    Box::new(move |t| Jwks::new(source, t))
-                }
-                (None, Some(path)) => {
-                    let source = FileSource(path.clone());
-                    Box::new(move |t| Jwks::new(source, t))
-                }
-                _ => {
-                    return Err(Invalid::new(
-                        "jwt",
-                        "name the key set: one of jwks_url and jwks_file",
-                    ));
-                }
-            };
-        if config.issuer.is_empty() {
-            return Err(Invalid::new("jwt.issuer", "required"));
+        let verifier = trellis_auth::VerifierSettings {
+            jwks_url: config.jwks_url.clone(),
+            jwks_file: config.jwks_file.clone(),
+            ca_file: config.ca_file.clone(),
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+            algorithms: config.algorithms.clone(),
+            leeway: config.leeway,
+            refresh: config.refresh,
+            cooldown: config.cooldown,
+            realm: config.realm.clone(),
         }
-        if config.audience.is_empty() {
-            return Err(Invalid::new("jwt.audience", "name at least one"));
-        }
-        let algorithms = config
-            .algorithms
-            .iter()
-            .map(|a| {
-                Algorithm::from_str(a).map_err(|_| {
-                    Invalid::new("jwt.algorithms", format!("{a:?}: no such algorithm"))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        .build()
+        .map_err(|(key, e)| Invalid::new(format!("jwt.{key}"), e))?;
         let mut claim_headers = Vec::new();
         for (claim, header) in &config.claims_to_headers {
             let key = format!("jwt.claims_to_headers.{claim}");
@@ -138,22 +117,6 @@ impl GatewayJwt {
                 .map_err(|e| Invalid::new(key, format!("{header:?}: {e}")))?;
             claim_headers.push((claim, name));
         }
-        let keys = source(JwksTiming {
-            refresh: config.refresh,
-            cooldown: config.cooldown,
-        });
-        let verifier = Verifier::new(
-            VerifierConfig {
-                realm: config.realm.clone(),
-                issuers: vec![config.issuer.clone()],
-                audiences: config.audience.clone(),
-                algorithms,
-                leeway: config.leeway,
-                ..VerifierConfig::new("", "")
-            },
-            keys,
-        )
-        .map_err(|e| Invalid::new("jwt", e))?;
         Ok(GatewayJwt {
             config: config.clone(),
             verifier: Arc::new(verifier),

@@ -63,6 +63,10 @@ pub struct ServerSettings {
     /// Whether gRPC reflection (v1 and v1alpha) is served. Restart.
     /// Default: true (it is for clients: grpcurl, Postman, gateways).
     pub reflection: bool,
+    /// Bearer tokens and access rules for the service's own routes
+    /// (`server.auth.tokens`, `server.auth.access`; see docs/auth.md).
+    /// Restart. Default: none (no token checked).
+    pub auth: Option<trellis_auth::AuthSettings>,
 }
 
 /// A local rate limit (GCRA) in front of the service's own routes.
@@ -179,6 +183,7 @@ impl Default for ServerSettings {
             rate_limit: RateLimitSettings::default(),
             shedding: SheddingSettings::default(),
             reflection: true,
+            auth: None,
         }
     }
 }
@@ -198,6 +203,14 @@ impl ServerSettings {
 
     /// Checks ranges; `prefix` is where these settings sit (e.g. `server`).
     pub fn validate(&self, prefix: &str) -> Result<(), Invalid> {
+        if let Some(auth) = &self.auth {
+            auth.tokens
+                .build()
+                .map_err(|(key, e)| Invalid::new(format!("{prefix}.auth.tokens.{key}"), e))?;
+            auth.access
+                .build()
+                .map_err(|(key, e)| Invalid::new(format!("{prefix}.auth.access.{key}"), e))?;
+        }
         if self
             .request_timeout
             .is_some_and(|t| t < Duration::from_millis(1))

@@ -205,7 +205,17 @@ pub async fn bind<S: Service>(
     }
     let stack = trellis_stack::ServerStack::new(S::NAME, settings.server());
     let limiter = stack.limiter();
-    let server = builder.layer(stack).bind().await?;
+    // Tokens and access rules, inside the stack: refusals are traced and
+    // counted like any answer.
+    let auth = match &settings.server().auth {
+        Some(auth) => Some(auth.layer().map_err(|e| StartError::Build(e.into()))?),
+        None => None,
+    };
+    let server = builder
+        .layer(stack)
+        .layer(tower::util::option_layer(auth))
+        .bind()
+        .await?;
     crate::settings::follow_request_timeout(&config, server_of::<S>, server.request_timeout());
     crate::settings::follow_rate_limit(&config, server_of::<S>, limiter);
     Ok(Bound {
