@@ -118,8 +118,24 @@ impl Policy {
     }
 }
 
+/// The longest subject or tenant put in baggage (W3C baggage is bounded).
+const MAX_BAGGAGE_VALUE: usize = 256;
+
+/// The current context with the caller's identity as baggage:
+/// `enduser.id` (the subject, OpenTelemetry's name for it) and `tenant`.
+pub fn with_identity(claims: &Claims) -> opentelemetry::Context {
+    use opentelemetry::{KeyValue, baggage::BaggageExt as _};
+    let bounded = |v: &str| v.chars().take(MAX_BAGGAGE_VALUE).collect::<String>();
+    let mut pairs = vec![KeyValue::new("enduser.id", bounded(&claims.sub))];
+    if let Some(tenant) = &claims.tenant {
+        pairs.push(KeyValue::new("tenant", bounded(tenant)));
+    }
+    opentelemetry::Context::current_with_baggage(pairs)
+}
+
 /// Verifies bearer tokens and applies a [`Policy`] in front of a service:
-/// the claims go into the request's extensions (`Arc<Claims>`), a refusal
+/// the claims go into the request's extensions (`Arc<Claims>`) and the
+/// subject and tenant into its context's baggage ([`with_identity`]), a refusal
 /// is answered in the caller's protocol (a gRPC status for gRPC calls).
 #[derive(Clone)]
 pub struct AuthLayer {
@@ -192,12 +208,15 @@ where
                 };
             let access = policy.access(&path);
             match access.check(&verifier, req.headers()).await {
-                Ok(claims) => {
-                    if let Some(claims) = claims {
-                        req.extensions_mut().insert(claims);
-                    }
-                    inner.call(req).await
+                Ok(Some(claims)) => {
+                    // Who is calling goes on with the request's context:
+                    // into every log line and, as baggage, to the calls
+                    // this one makes.
+                    let cx = with_identity(&claims);
+                    req.extensions_mut().insert(claims);
+                    opentelemetry::context::FutureExt::with_context(inner.call(req), cx).await
                 }
+                Ok(None) => inner.call(req).await,
                 Err(error) => Ok(error.to_response(is_grpc(req.headers()))),
             }
         })

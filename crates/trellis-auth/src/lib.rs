@@ -48,7 +48,7 @@ mod verify;
 pub use claims::Claims;
 pub use jsonwebtoken::{Algorithm, Header, jwk::JwkSet};
 pub use jwks::{FileSource, Jwks, JwksTiming, KeySource, StaticSource, UrlSource};
-pub use layer::{Access, Auth, AuthLayer, Policy};
+pub use layer::{Access, Auth, AuthLayer, Policy, with_identity};
 pub use settings::{AuthSettings, PolicySettings, SettingsError, VerifierSettings};
 pub use sign::SigningKey;
 pub use verify::{MAX_TOKEN_BYTES, Refusal, Verifier, VerifierConfig, bearer, forbidden};

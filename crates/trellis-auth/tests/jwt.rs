@@ -400,10 +400,25 @@ async fn the_layer_answers_401_403_and_grpc_statuses_and_passes_the_claims_on() 
         .rule("/public*", Access::Public)
         .rule("/admin", Access::Require(vec!["admin".into()]));
     let inner = service_fn(|req: Request<String>| async move {
+        use opentelemetry::baggage::BaggageExt as _;
         let who = req
             .extensions()
             .get::<Arc<Claims>>()
             .map_or("anonymous".to_owned(), |c| c.sub.clone());
+        // The caller's identity travels in the context's baggage too.
+        let cx = opentelemetry::Context::current();
+        let baggage = cx.baggage();
+        let from_baggage = baggage.get("enduser.id").map(|v| v.as_str().to_owned());
+        if who != "anonymous" {
+            assert_eq!(from_baggage.as_deref(), Some(who.as_str()));
+            assert_eq!(
+                baggage
+                    .get("tenant")
+                    .map(|v| v.as_str().to_owned())
+                    .as_deref(),
+                Some("acme")
+            );
+        }
         Ok::<_, std::convert::Infallible>(http::Response::new(who))
     });
     let svc = tower::ServiceBuilder::new()
