@@ -254,6 +254,75 @@ fn last_line(file: &mut File) -> std::io::Result<Option<String>> {
         .map(str::to_owned))
 }
 
+/// Where a component's trail goes, and its cap on refusal records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    /// The trail's file (created if missing, continued if present).
+    pub file: PathBuf,
+    /// Refusals recorded per second at most (a flood of bad tokens must not
+    /// fill the disk); the excess is counted in
+    /// `audit_records_dropped_total{kind="refusal"}`. Default 100.
+    #[serde(default = "hundred")]
+    pub max_refusals_per_second: u32,
+}
+
+fn hundred() -> u32 {
+    100
+}
+
+/// An [`AuditLog`] for a component's decisions: refusals capped per
+/// second, and a trail that cannot be written logged — never the
+/// request's failure.
+pub struct Recorder {
+    settings: AuditSettings,
+    log: AuditLog,
+    /// (second, refusals recorded in it).
+    window: std::sync::Mutex<(u64, u32)>,
+}
+
+impl Recorder {
+    /// Opens the trail `settings` names.
+    pub fn open(settings: &AuditSettings) -> Result<Recorder, AuditError> {
+        Ok(Recorder {
+            settings: settings.clone(),
+            log: AuditLog::open(&settings.file)?,
+            window: std::sync::Mutex::new((0, 0)),
+        })
+    }
+
+    /// What it was opened with.
+    pub fn settings(&self) -> &AuditSettings {
+        &self.settings
+    }
+
+    /// Records `entry`; a `refusal` past the per-second cap is counted
+    /// instead.
+    pub async fn record(&self, entry: Entry, refusal: bool) {
+        if refusal {
+            let second = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let mut window = self
+                .window
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if window.0 != second {
+                *window = (second, 0);
+            }
+            if window.1 >= self.settings.max_refusals_per_second {
+                metrics::counter!("audit_records_dropped_total", "kind" => "refusal").increment(1);
+                return;
+            }
+            window.1 += 1;
+        }
+        if let Err(e) = self.log.append(entry).await {
+            metrics::counter!("audit_records_dropped_total", "kind" => "error").increment(1);
+            tracing::error!(error = %e, "the audit trail cannot be written");
+        }
+    }
+}
+
 /// What [`verify`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {

@@ -118,6 +118,31 @@ impl Policy {
     }
 }
 
+/// The client's address, when the server recorded it.
+fn client_ip<B>(req: &Request<B>) -> Option<String> {
+    req.extensions()
+        .get::<trellis_core::PeerAddr>()
+        .map(|p| p.0.ip().to_string())
+}
+
+/// The current trace's id, when there is one.
+fn trace_id() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    let cx = opentelemetry::Context::current();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// At most 512 bytes of `text` (on a character boundary), for records.
+fn bounded(text: &str) -> String {
+    let mut end = text.len().min(512);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
 /// The longest subject or tenant put in baggage (W3C baggage is bounded).
 const MAX_BAGGAGE_VALUE: usize = 256;
 
@@ -141,6 +166,7 @@ pub fn with_identity(claims: &Claims) -> opentelemetry::Context {
 pub struct AuthLayer {
     verifier: Arc<Verifier>,
     policy: Arc<Policy>,
+    audit: Option<Arc<crate::audit::Recorder>>,
 }
 
 impl AuthLayer {
@@ -149,7 +175,16 @@ impl AuthLayer {
         AuthLayer {
             verifier,
             policy: Arc::new(policy),
+            audit: None,
         }
+    }
+
+    /// Records decisions in `audit`: every refusal (capped per second), and
+    /// every call that passed a rule requiring permissions or that changes
+    /// something over HTTP (POST, PUT, PATCH, DELETE), with its outcome.
+    pub fn with_audit(mut self, audit: Arc<crate::audit::Recorder>) -> AuthLayer {
+        self.audit = Some(audit);
+        self
     }
 }
 
@@ -161,6 +196,7 @@ impl<S> Layer<S> for AuthLayer {
             inner,
             verifier: self.verifier.clone(),
             policy: self.policy.clone(),
+            audit: self.audit.clone(),
         }
     }
 }
@@ -171,12 +207,14 @@ pub struct Auth<S> {
     inner: S,
     verifier: Arc<Verifier>,
     policy: Arc<Policy>,
+    audit: Option<Arc<crate::audit::Recorder>>,
 }
 
 impl<S, B, RB> Service<Request<B>> for Auth<S>
 where
     S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
     S::Future: Send,
+    S::Error: Send,
     B: Send + 'static,
     RB: Default + From<String> + Send + 'static,
 {
@@ -194,6 +232,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let verifier = self.verifier.clone();
         let policy = self.policy.clone();
+        let audit = self.audit.clone();
         Box::pin(async move {
             // A REST call transcoded to a gRPC method is judged as that
             // method: one rule covers both faces.
@@ -207,17 +246,78 @@ where
                     None => std::borrow::Cow::Borrowed(req.uri().path()),
                 };
             let access = policy.access(&path);
+            let grpc = is_grpc(req.headers());
             match access.check(&verifier, req.headers()).await {
                 Ok(Some(claims)) => {
+                    let audited = audit.as_ref().filter(|_| {
+                        matches!(access, Access::Require(_))
+                            || (!grpc
+                                && matches!(
+                                    *req.method(),
+                                    http::Method::POST
+                                        | http::Method::PUT
+                                        | http::Method::PATCH
+                                        | http::Method::DELETE
+                                ))
+                    });
+                    let entry = audited.map(|_| crate::audit::Entry {
+                        subject: Some(claims.sub.clone()),
+                        tenant: claims.tenant.clone(),
+                        client_ip: client_ip(&req),
+                        trace_id: trace_id(),
+                        resource: Some(bounded(req.uri().path())),
+                        ..crate::audit::Entry::new("call", bounded(&path), String::new())
+                    });
                     // Who is calling goes on with the request's context:
                     // into every log line and, as baggage, to the calls
                     // this one makes.
                     let cx = with_identity(&claims);
                     req.extensions_mut().insert(claims);
-                    opentelemetry::context::FutureExt::with_context(inner.call(req), cx).await
+                    let result =
+                        opentelemetry::context::FutureExt::with_context(inner.call(req), cx).await;
+                    if let (Some(recorder), Some(mut entry)) = (audited, entry) {
+                        entry.outcome = match &result {
+                            Ok(response) if grpc => format!(
+                                "grpc-status {}",
+                                response
+                                    .headers()
+                                    .get("grpc-status")
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("0")
+                            ),
+                            Ok(response) => response.status().as_u16().to_string(),
+                            Err(_) => "failed".to_owned(),
+                        };
+                        recorder.record(entry, false).await;
+                    }
+                    result
                 }
                 Ok(None) => inner.call(req).await,
-                Err(error) => Ok(error.to_response(is_grpc(req.headers()))),
+                Err(error) => {
+                    if let Some(recorder) = &audit {
+                        let forbidden = error.code() == tonic::Code::PermissionDenied;
+                        let why = error
+                            .metadata()
+                            .get(if forbidden { "permission" } else { "why" })
+                            .map_or("missing", String::as_str);
+                        let entry = crate::audit::Entry {
+                            client_ip: client_ip(&req),
+                            trace_id: trace_id(),
+                            resource: Some(bounded(req.uri().path())),
+                            ..crate::audit::Entry::new(
+                                if forbidden {
+                                    "forbidden"
+                                } else {
+                                    "token_refused"
+                                },
+                                bounded(&path),
+                                format!("refused: {why}"),
+                            )
+                        };
+                        recorder.record(entry, true).await;
+                    }
+                    Ok(error.to_response(grpc))
+                }
             }
         })
     }

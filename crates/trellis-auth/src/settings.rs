@@ -175,6 +175,9 @@ pub struct AuthSettings {
     /// Who may call what.
     #[serde(default)]
     pub access: PolicySettings,
+    /// The audit trail of the decisions (see [`AuthLayer::with_audit`]).
+    #[serde(default)]
+    pub audit: Option<crate::audit::AuditSettings>,
 }
 
 impl AuthSettings {
@@ -197,6 +200,12 @@ impl AuthSettings {
                 let _ = keys.warm().await;
             });
         }
-        Ok(crate::AuthLayer::new(verifier, policy))
+        let layer = crate::AuthLayer::new(verifier, policy);
+        Ok(match &self.audit {
+            Some(audit) => layer.with_audit(Arc::new(
+                crate::audit::Recorder::open(audit).map_err(|e| format!("audit.file: {e}"))?,
+            )),
+            None => layer,
+        })
     }
 }

@@ -52,27 +52,10 @@ pub struct GatewayConfig {
     /// The client-facing listener's limits, over those the gateway was
     /// started with. Fixed when it starts, like `tls`.
     pub listener: ListenerConfig,
-    /// The audit trail of `jwt` routes.
-    pub audit: Option<AuditConfig>,
-}
-
-/// `[audit]`: every token refused (401/403) and every mutating call
-/// (POST, PUT, PATCH, DELETE) through a `jwt` route, appended to a
-/// hash-chained file (`trellis audit verify FILE`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuditConfig {
-    /// The trail's file (created if missing, continued if present).
-    pub file: std::path::PathBuf,
-    /// Refusals recorded per second at most (a flood of bad tokens must not
-    /// fill the disk); the excess is counted in
-    /// `audit_records_dropped_total`. Default 100.
-    #[serde(default = "hundred")]
-    pub max_refusals_per_second: u32,
-}
-
-fn hundred() -> u32 {
-    100
+    /// The audit trail of `jwt` routes: every token refused (401/403) and
+    /// every mutating call (POST, PUT, PATCH, DELETE) through a `jwt`
+    /// route, appended to a hash-chained file (`trellis audit verify`).
+    pub audit: Option<trellis_auth::audit::AuditSettings>,
 }
 
 /// `[listener]`: connections from clients.

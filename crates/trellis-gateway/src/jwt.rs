@@ -9,52 +9,7 @@ use trellis_auth::{Access, Claims, Verifier};
 use trellis_config::Invalid;
 use trellis_core::Error;
 
-use crate::config::{AuditConfig, JwtConfig, RouteJwtConfig};
-
-/// The gateway's audit trail and its cap on refusal records.
-pub(crate) struct Audit {
-    pub(crate) config: AuditConfig,
-    log: trellis_auth::audit::AuditLog,
-    /// (second, refusals recorded in it).
-    window: std::sync::Mutex<(u64, u32)>,
-}
-
-impl Audit {
-    pub(crate) fn open(config: &AuditConfig) -> Result<Audit, String> {
-        Ok(Audit {
-            config: config.clone(),
-            log: trellis_auth::audit::AuditLog::open(&config.file).map_err(|e| e.to_string())?,
-            window: std::sync::Mutex::new((0, 0)),
-        })
-    }
-
-    /// Records `entry`; a refusal past the per-second cap is counted
-    /// instead. A trail that cannot be written is logged, never the
-    /// request's failure.
-    pub(crate) async fn record(&self, entry: trellis_auth::audit::Entry, refusal: bool) {
-        if refusal {
-            let second = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let mut window = self
-                .window
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if window.0 != second {
-                *window = (second, 0);
-            }
-            if window.1 >= self.config.max_refusals_per_second {
-                metrics::counter!("audit_records_dropped_total", "kind" => "refusal").increment(1);
-                return;
-            }
-            window.1 += 1;
-        }
-        if let Err(e) = self.log.append(entry).await {
-            metrics::counter!("audit_records_dropped_total", "kind" => "error").increment(1);
-            tracing::error!(error = %e, "the audit trail cannot be written");
-        }
-    }
-}
+use crate::config::{JwtConfig, RouteJwtConfig};
 
 /// The compiled `[jwt]` section.
 pub(crate) struct GatewayJwt {

@@ -79,7 +79,7 @@ pub(crate) struct State {
     pub(crate) table: Table,
     pub(crate) upstreams: Upstreams,
     /// `[audit]`, when on.
-    pub(crate) audit: Option<Arc<jwt::Audit>>,
+    pub(crate) audit: Option<Arc<trellis_auth::audit::Recorder>>,
     /// The config version it came from.
     version: String,
 }
@@ -398,7 +398,7 @@ async fn build(
     snapshot: &Snapshot<GatewayConfig>,
     previous_table: Option<&Table>,
     previous: Option<&Upstreams>,
-    previous_audit: Option<&Arc<jwt::Audit>>,
+    previous_audit: Option<&Arc<trellis_auth::audit::Recorder>>,
     clients: &Clients,
     registry: Option<&Arc<dyn ServiceRegistry>>,
     plugins: &Plugins,
@@ -423,12 +423,11 @@ async fn build(
     // The same trail file keeps its log (and its place in the chain).
     let audit = match (&config.audit, previous_audit) {
         (None, _) => None,
-        (Some(c), Some(before)) if before.config == *c => Some(before.clone()),
-        (Some(c), _) => {
-            Some(Arc::new(jwt::Audit::open(c).map_err(|e| {
-                GatewayError::Config(format!("audit.file: {e}"))
-            })?))
-        }
+        (Some(c), Some(before)) if before.settings() == c => Some(before.clone()),
+        (Some(c), _) => Some(Arc::new(
+            trellis_auth::audit::Recorder::open(c)
+                .map_err(|e| GatewayError::Config(format!("audit.file: {e}")))?,
+        )),
     };
     Ok(State {
         table,

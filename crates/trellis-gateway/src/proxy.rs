@@ -114,7 +114,12 @@ type Failure = (Error, Option<Arc<str>>);
 /// A mutating call's audit record, written with the upstream's status —
 /// or, if the call ends without one (502, 504, the client gone), as
 /// `failed` when this is dropped.
-struct AuditedCall(Option<(Arc<crate::jwt::Audit>, trellis_auth::audit::Entry)>);
+struct AuditedCall(
+    Option<(
+        Arc<trellis_auth::audit::Recorder>,
+        trellis_auth::audit::Entry,
+    )>,
+);
 
 impl Drop for AuditedCall {
     fn drop(&mut self) {

@@ -57,8 +57,12 @@ audience = ["shop"]
 [server.auth.access]
 public = ["/shop.user.v1.UserService/GetUser"]
 require = {{ "/shop.user.v1.UserService/DeleteUser" = ["admin"] }}
+
+[server.auth.audit]
+file = "{}"
 "#,
-            jwks.display()
+            jwks.display(),
+            dir.path().join("audit.jsonl").display()
         ),
     )
     .unwrap();
@@ -157,6 +161,64 @@ require = {{ "/shop.user.v1.UserService/DeleteUser" = ["admin"] }}
         .metadata_mut()
         .insert("authorization", format!("Bearer {admin}").parse().unwrap());
     client.delete_user(delete).await.expect("an admin deletes");
+
+    // The trail: refusals with their reason, and the calls that changed
+    // something (a REST POST; the admin's DeleteUser, a rule requiring a
+    // permission) with who and the outcome — reads are not recorded.
+    let trail = dir.path().join("audit.jsonl");
+    let records = trellis::auth::audit::read_all(&trail).unwrap();
+    let of = |kind: &str| {
+        records
+            .iter()
+            .filter(|r| r.entry.kind == kind)
+            .map(|r| (r.entry.action.clone(), r.entry.outcome.clone()))
+            .collect::<Vec<_>>()
+    };
+    let create = "/shop.user.v1.UserService/CreateUser".to_owned();
+    let delete = "/shop.user.v1.UserService/DeleteUser".to_owned();
+    assert_eq!(
+        of("call"),
+        [
+            (create.clone(), "200".to_owned()),
+            (delete.clone(), "grpc-status 0".to_owned())
+        ],
+        "{records:#?}"
+    );
+    assert_eq!(
+        of("forbidden"),
+        [
+            (delete.clone(), "refused: admin".to_owned()),
+            (delete.clone(), "refused: admin".to_owned())
+        ]
+    );
+    assert_eq!(
+        of("token_refused"),
+        [
+            (create, "refused: missing".to_owned()),
+            (
+                "/shop.user.v1.UserService/ListUsers".to_owned(),
+                "refused: malformed".to_owned()
+            ),
+            (delete, "refused: missing".to_owned()),
+        ]
+    );
+    let calls: Vec<_> = records.iter().filter(|r| r.entry.kind == "call").collect();
+    assert!(
+        calls
+            .iter()
+            .all(|r| r.entry.subject.as_deref() == Some("ada"))
+    );
+    assert!(
+        calls
+            .iter()
+            .all(|r| r.entry.client_ip.as_deref() == Some("127.0.0.1")),
+        "{calls:#?}"
+    );
+    let report = trellis::auth::audit::verify(&trail).unwrap();
+    assert_eq!(
+        (report.records as usize, report.broken),
+        (records.len(), None)
+    );
 
     let _ = stop.send(());
     task.await.unwrap().unwrap();
