@@ -254,6 +254,25 @@ fn last_line(file: &mut File) -> std::io::Result<Option<String>> {
         .map(str::to_owned))
 }
 
+/// At most 512 bytes of `text` (on a character boundary): what a record
+/// keeps of a path or a name a client chose.
+pub fn bounded(text: &str) -> String {
+    let mut end = text.len().min(512);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// The current trace's id, when there is one: what a record links to.
+pub fn current_trace_id() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    let cx = opentelemetry::Context::current();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
 /// Where a component's trail goes, and its cap on refusal records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -125,24 +125,6 @@ fn client_ip<B>(req: &Request<B>) -> Option<String> {
         .map(|p| p.0.ip().to_string())
 }
 
-/// The current trace's id, when there is one.
-fn trace_id() -> Option<String> {
-    use opentelemetry::trace::TraceContextExt as _;
-    let cx = opentelemetry::Context::current();
-    let span = cx.span();
-    let sc = span.span_context();
-    sc.is_valid().then(|| sc.trace_id().to_string())
-}
-
-/// At most 512 bytes of `text` (on a character boundary), for records.
-fn bounded(text: &str) -> String {
-    let mut end = text.len().min(512);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
-
 /// The longest subject or tenant put in baggage (W3C baggage is bounded).
 const MAX_BAGGAGE_VALUE: usize = 256;
 
@@ -264,9 +246,13 @@ where
                         subject: Some(claims.sub.clone()),
                         tenant: claims.tenant.clone(),
                         client_ip: client_ip(&req),
-                        trace_id: trace_id(),
-                        resource: Some(bounded(req.uri().path())),
-                        ..crate::audit::Entry::new("call", bounded(&path), String::new())
+                        trace_id: crate::audit::current_trace_id(),
+                        resource: Some(crate::audit::bounded(req.uri().path())),
+                        ..crate::audit::Entry::new(
+                            "call",
+                            crate::audit::bounded(&path),
+                            String::new(),
+                        )
                     });
                     // Who is calling goes on with the request's context:
                     // into every log line and, as baggage, to the calls
@@ -302,15 +288,15 @@ where
                             .map_or("missing", String::as_str);
                         let entry = crate::audit::Entry {
                             client_ip: client_ip(&req),
-                            trace_id: trace_id(),
-                            resource: Some(bounded(req.uri().path())),
+                            trace_id: crate::audit::current_trace_id(),
+                            resource: Some(crate::audit::bounded(req.uri().path())),
                             ..crate::audit::Entry::new(
                                 if forbidden {
                                     "forbidden"
                                 } else {
                                     "token_refused"
                                 },
-                                bounded(&path),
+                                crate::audit::bounded(&path),
                                 format!("refused: {why}"),
                             )
                         };

@@ -132,24 +132,6 @@ impl Drop for AuditedCall {
     }
 }
 
-/// At most 512 bytes of `text` (on a character boundary), for records.
-fn bounded(text: &str) -> String {
-    let mut end = text.len().min(512);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
-
-/// The current trace's id, for audit records.
-fn current_trace_id() -> Option<String> {
-    use opentelemetry::trace::TraceContextExt as _;
-    let cx = opentelemetry::Context::current();
-    let span = cx.span();
-    let sc = span.span_context();
-    sc.is_valid().then(|| sc.trace_id().to_string())
-}
-
 /// One access log line, written when the response body ends (or is cut,
 /// or dropped), under the request's trace.
 struct AccessLine {
@@ -430,8 +412,8 @@ async fn forward(
                         .map_or("missing", String::as_str);
                     let entry = trellis_auth::audit::Entry {
                         client_ip: client_ip.map(|ip| ip.to_string()),
-                        trace_id: current_trace_id(),
-                        resource: Some(bounded(parts.uri.path())),
+                        trace_id: trellis_auth::audit::current_trace_id(),
+                        resource: Some(trellis_auth::audit::bounded(parts.uri.path())),
                         ..trellis_auth::audit::Entry::new(
                             if forbidden {
                                 "forbidden"
@@ -464,8 +446,8 @@ async fn forward(
                     subject: claims.as_ref().map(|c| c.sub.clone()),
                     tenant: claims.as_ref().and_then(|c| c.tenant.clone()),
                     client_ip: client_ip.map(|ip| ip.to_string()),
-                    trace_id: current_trace_id(),
-                    resource: Some(bounded(parts.uri.path())),
+                    trace_id: trellis_auth::audit::current_trace_id(),
+                    resource: Some(trellis_auth::audit::bounded(parts.uri.path())),
                     ..trellis_auth::audit::Entry::new(
                         "call",
                         format!("{} {name}", parts.method),
