@@ -431,8 +431,30 @@ async fn forward(
         },
         _ => None,
     };
-    // A mutating call through a protected route is audited with its
-    // outcome once the upstream has answered.
+    if let Some(limit) = &route.rate_limit
+        && let Decision::Deny { retry_after } = limit
+            .check(
+                &parts.headers,
+                client_key.as_ref(),
+                claims.as_ref().map(|c| c.sub.as_str()),
+            )
+            .await
+    {
+        return Err(fail(
+            Error::new(
+                Code::ResourceExhausted,
+                "RATE_LIMITED",
+                format!("route {name} is over its rate limit"),
+            )
+            .with_retry_after(retry_after)
+            .with_http_status(StatusCode::TOO_MANY_REQUESTS),
+        ));
+    }
+    for plugin in &route.plugins {
+        plugin.on_request(&mut parts).map_err(&fail)?;
+    }
+    // A mutating call through a protected route that passed every check
+    // here is audited with its outcome once the upstream has answered.
     let audited = match (&state.audit, &route.jwt) {
         (Some(audit), Some(_))
             if matches!(
@@ -458,28 +480,6 @@ async fn forward(
         }
         _ => None,
     };
-    if let Some(limit) = &route.rate_limit
-        && let Decision::Deny { retry_after } = limit
-            .check(
-                &parts.headers,
-                client_key.as_ref(),
-                claims.as_ref().map(|c| c.sub.as_str()),
-            )
-            .await
-    {
-        return Err(fail(
-            Error::new(
-                Code::ResourceExhausted,
-                "RATE_LIMITED",
-                format!("route {name} is over its rate limit"),
-            )
-            .with_retry_after(retry_after)
-            .with_http_status(StatusCode::TOO_MANY_REQUESTS),
-        ));
-    }
-    for plugin in &route.plugins {
-        plugin.on_request(&mut parts).map_err(&fail)?;
-    }
     let request_id = if defaults.request_id {
         match parts.headers.get(X_REQUEST_ID) {
             Some(id) => Some(id.clone()),
@@ -593,6 +593,10 @@ async fn forward(
         let grpc = crate::upstream::GrpcCalls(upstream.pool.clone());
         let request = Request::from_parts(parts, body);
         let Ok(mut response) = transcoder.service(grpc).oneshot(request).await;
+        if let Some((audit, mut entry)) = audited.and_then(|mut a| a.0.take()) {
+            entry.outcome = response.status().as_u16().to_string();
+            audit.record(entry, false).await;
+        }
         if let (Some(cors), Some(origin)) = (&route.cors, &cors_origin) {
             cors.answer(origin, response.headers_mut());
         }

@@ -3251,6 +3251,12 @@ targets = [{{ url = "http://{a}" }}]
 prefix = "/orders"
 upstream = "a"
 jwt = {{ require = ["orders:write"] }}
+
+[routes.limited]
+prefix = "/limited"
+upstream = "a"
+jwt = {{}}
+rate_limit = {{ rate = 1, period = "1h", burst = 1 }}
 "#,
             trail.display()
         ),
@@ -3294,6 +3300,34 @@ jwt = {{ require = ["orders:write"] }}
             .status,
         200
     );
+    // A call the gateway refuses itself (over the rate limit) never reached
+    // the upstream: not recorded as a call.
+    assert_eq!(
+        Conn::open(gw.addr)
+            .await
+            .request_with_body(
+                "POST",
+                "/limited",
+                &[("authorization", &writer)],
+                Some(b"{}")
+            )
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        Conn::open(gw.addr)
+            .await
+            .request_with_body(
+                "POST",
+                "/limited",
+                &[("authorization", &writer)],
+                Some(b"{}")
+            )
+            .await
+            .status,
+        429
+    );
     // A token without the permission, then a flood of missing tokens: at
     // most two refusals a second are recorded.
     assert_eq!(
@@ -3307,7 +3341,12 @@ jwt = {{ require = ["orders:write"] }}
     }
     let records = trellis_auth::audit::read_all(&trail).expect("the trail reads");
     let calls: Vec<_> = records.iter().filter(|r| r.entry.kind == "call").collect();
-    assert_eq!(calls.len(), 2, "{records:#?}");
+    assert_eq!(calls.len(), 3, "{records:#?}");
+    assert!(
+        calls.iter().all(|c| c.entry.outcome == "200"),
+        "{records:#?}"
+    );
+    assert_eq!(calls[2].entry.action, "POST limited");
     assert_eq!(calls[0].entry.action, "POST orders");
     assert_eq!(calls[0].entry.outcome, "200");
     assert_eq!(calls[0].entry.subject.as_deref(), Some("ada"));
