@@ -378,7 +378,7 @@ async fn serve(
 ) -> Result<(), String> {
     let (signal, registry) = prepare(&registry).await?;
     let started = service
-        .start(&sources, &data_dir, server)
+        .start(&sources, &data_dir, server, Some(&registry))
         .await
         .map_err(|e| {
             services::explain(&e, service.name(), "--listen or --admin-listen", &data_dir)
@@ -434,7 +434,7 @@ async fn up(
             ..ServerConfig::default()
         };
         let s = service
-            .start(&sources, &data_dir, server)
+            .start(&sources, &data_dir, server, Some(&registry))
             .await
             .map_err(|e| {
                 services::explain(

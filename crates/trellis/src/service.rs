@@ -74,6 +74,7 @@ use std::{
     marker::PhantomData,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -81,6 +82,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::watch;
 use trellis_config::{Config, ConfigError, Validate};
 use trellis_core::BoxError;
+use trellis_registry::ServiceRegistry;
 use trellis_transport::{GrpcHttpServer, GrpcHttpServerBuilder, ServerConfig, TransportError};
 
 use crate::{
@@ -111,6 +113,9 @@ pub struct Context<'a, T> {
     pub settings: &'a T,
     /// Where it keeps local data (SQLite files and the like).
     pub data_dir: &'a Path,
+    /// Where it finds the services it calls (`trellis serve` and `trellis
+    /// up` pass their registry; [`bind`] alone has none).
+    pub discovery: Option<&'a Arc<dyn ServiceRegistry>>,
 }
 
 /// A Trellis service.
@@ -180,7 +185,17 @@ pub struct Bound<S: Service> {
 pub async fn bind<S: Service>(
     config: Config<S::Settings>,
     data_dir: &Path,
+    server: ServerConfig,
+) -> Result<Bound<S>, StartError> {
+    bind_with(config, data_dir, server, None).await
+}
+
+/// [`bind`], with a registry the service finds its peers in.
+pub async fn bind_with<S: Service>(
+    config: Config<S::Settings>,
+    data_dir: &Path,
     mut server: ServerConfig,
+    discovery: Option<&Arc<dyn ServiceRegistry>>,
 ) -> Result<Bound<S>, StartError> {
     let current = config.current();
     let settings = &current.config;
@@ -191,6 +206,7 @@ pub async fn bind<S: Service>(
         config: &config,
         settings,
         data_dir,
+        discovery,
     };
     let (service, builder) = S::build(context, builder)
         .await
@@ -356,12 +372,14 @@ pub trait Definition: Send + Sync {
     fn check_setting(&self, key: &str, value: &str) -> Result<(), ConfigError>;
     /// Whether `key` is a secret in the settings (shown redacted).
     fn is_secret(&self, key: &str) -> bool;
-    /// Loads the config from `sources` and [`bind`]s the service.
+    /// Loads the config from `sources` and [`bind_with`]s the service, its
+    /// peers found through `discovery`.
     fn start<'a>(
         &'a self,
         sources: &'a ConfigSources,
         data_dir: &'a Path,
         server: ServerConfig,
+        discovery: Option<&'a Arc<dyn ServiceRegistry>>,
     ) -> BoxFuture<'a, Result<Started, StartError>>;
 }
 
@@ -400,12 +418,13 @@ impl<S: Service> Definition for Of<S> {
         sources: &'a ConfigSources,
         data_dir: &'a Path,
         server: ServerConfig,
+        discovery: Option<&'a Arc<dyn ServiceRegistry>>,
     ) -> BoxFuture<'a, Result<Started, StartError>> {
         Box::pin(async move {
             let config = sources.load::<S::Settings>(S::NAME).await?;
             let log_level = config.section(|s| s.log().level.clone());
             let otlp = config.section(|s| s.otlp().clone());
-            let bound = bind::<S>(config, data_dir, server).await?;
+            let bound = bind_with::<S>(config, data_dir, server, discovery).await?;
             Ok(Started {
                 addr: bound.local_addr(),
                 admin: bound.admin_addr(),

@@ -22,7 +22,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = args
         .next()
         .ok_or("usage: bare_tonic LISTEN_ADDR DATABASE_URL")?;
-    let repo = SqlUserRepo::open(&url, 8, std::time::Duration::from_secs(5)).await?;
+    let settings = trellis_store::DatabaseSettings {
+        url: Some(trellis::config::Secret::new(url)),
+        ..Default::default()
+    };
+    let repo = SqlUserRepo::open(&settings, "unused.db".as_ref()).await?;
     let users = Users::new(repo);
     let seeded = users
         .create(

@@ -35,11 +35,9 @@ pub mod biz;
 pub mod data;
 pub mod service;
 
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
 use trellis::{
-    config::{Invalid, Secret, Validate},
+    config::{Invalid, Validate},
     core::BoxError,
     service::{Context, Service, ServiceSettings},
     settings::{LogSettings, OtlpSettings, ServerSettings},
@@ -75,31 +73,7 @@ pub struct UserSettings {
     /// OTLP export of traces, metrics and logs; trace sampling.
     pub otlp: OtlpSettings,
     /// Where users are stored.
-    pub database: DatabaseSettings,
-}
-
-/// The user store's settings (applied on restart).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DatabaseSettings {
-    /// `sqlite://PATH` or `postgres://...`; unset means SQLite in the data dir.
-    pub url: Option<Secret<String>>,
-    /// The most connections to hold. Default: 8.
-    pub max_connections: u32,
-    /// How long a call waits for a connection before it fails UNAVAILABLE.
-    /// Default: 5s.
-    #[serde(with = "trellis::config::duration")]
-    pub acquire_timeout: Duration,
-}
-
-impl Default for DatabaseSettings {
-    fn default() -> Self {
-        DatabaseSettings {
-            url: None,
-            max_connections: 8,
-            acquire_timeout: Duration::from_secs(5),
-        }
-    }
+    pub database: trellis_store::DatabaseSettings,
 }
 
 impl Validate for UserSettings {
@@ -108,32 +82,7 @@ impl Validate for UserSettings {
         self.otlp
             .check()
             .map_err(|(key, message)| Invalid::new(format!("otlp.{key}"), message))?;
-        if !(1..=1000).contains(&self.database.max_connections) {
-            return Err(Invalid::new(
-                "database.max_connections",
-                "must be between 1 and 1000",
-            ));
-        }
-        if !(Duration::from_millis(10)..=Duration::from_secs(600))
-            .contains(&self.database.acquire_timeout)
-        {
-            return Err(Invalid::new(
-                "database.acquire_timeout",
-                "must be between 10ms and 10m",
-            ));
-        }
-        if let Some(url) = &self.database.url {
-            let url = url.expose();
-            if !["sqlite:", "postgres://", "postgresql://"]
-                .iter()
-                .any(|p| url.starts_with(p))
-            {
-                return Err(Invalid::new(
-                    "database.url",
-                    "must start with sqlite:, postgres:// or postgresql://",
-                ));
-            }
-        }
+        self.database.validate("database")?;
         Ok(())
     }
 }
@@ -173,12 +122,8 @@ impl Service for UserService {
         ctx: Context<'_, UserSettings>,
         server: GrpcHttpServerBuilder,
     ) -> Result<(UserService, GrpcHttpServerBuilder), BoxError> {
-        let db = &ctx.settings.database;
-        let url = match &db.url {
-            Some(url) => url.expose().clone(),
-            None => format!("sqlite://{}", ctx.data_dir.join("user.db").display()),
-        };
-        let store = data::SqlUserRepo::open(&url, db.max_connections, db.acquire_timeout).await?;
+        let store =
+            data::SqlUserRepo::open(&ctx.settings.database, &ctx.data_dir.join("user.db")).await?;
         let handler = service::UserServiceHandler::new(biz::Users::new(store.clone()));
         let server = server.grpc_service(api::v1::user_service_server::UserServiceServer::new(
             handler,
