@@ -14,7 +14,7 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use trellis_store::{DatabaseSettings, Pool, migrator, with_pool};
 //!
-//! let migrations = migrator(&[(1, "notes", "CREATE TABLE notes (id TEXT PRIMARY KEY)")]);
+//! let migrations = migrator("_notes_migrations", &[(1, "notes", "CREATE TABLE notes (id TEXT PRIMARY KEY)")]);
 //! let settings = DatabaseSettings::default();
 //! let pool = Pool::open_settings(&settings, "./.trellis/notes.db".as_ref(), &migrations).await?;
 //! let n: i64 = with_pool!(&pool, p => sqlx::query_scalar("SELECT COUNT(*) FROM notes").fetch_one(p).await?);
@@ -140,9 +140,11 @@ impl DatabaseSettings {
     }
 }
 
-/// Migrations from `(version, description, sql)`, in version order.
-pub fn migrator(migrations: &[(i64, &'static str, &'static str)]) -> Migrator {
-    Migrator::with_migrations(
+/// Migrations from `(version, description, sql)`, in version order,
+/// tracked in the table `table` — one per service, so services can share a
+/// database without their version numbers colliding.
+pub fn migrator(table: &'static str, migrations: &[(i64, &'static str, &'static str)]) -> Migrator {
+    let mut migrator = Migrator::with_migrations(
         migrations
             .iter()
             .map(|&(version, description, sql)| {
@@ -155,7 +157,9 @@ pub fn migrator(migrations: &[(i64, &'static str, &'static str)]) -> Migrator {
                 )
             })
             .collect(),
-    )
+    );
+    migrator.dangerous_set_table_name(table);
+    migrator
 }
 
 /// A pool of connections to SQLite or PostgreSQL. Cheap to clone.
@@ -423,7 +427,10 @@ mod tests {
     #[tokio::test]
     async fn sqlite_opens_migrates_and_reports_duplicates() {
         let dir = tempfile::tempdir().unwrap();
-        let migrations = migrator(&[(1, "t", "CREATE TABLE t (k TEXT PRIMARY KEY)")]);
+        let migrations = migrator(
+            "_t_migrations",
+            &[(1, "t", "CREATE TABLE t (k TEXT PRIMARY KEY)")],
+        );
         let pool = Pool::open_settings(
             &DatabaseSettings::default(),
             &dir.path().join("sub/t.db"),

@@ -6,7 +6,10 @@ use trellis_store::{Failure, Pool, StoreError, with_pool};
 
 /// The schema, in version order.
 fn migrator() -> sqlx::migrate::Migrator {
-    trellis_store::migrator(&[(1, "auth", include_str!("../migrations/0001_auth.sql"))])
+    trellis_store::migrator(
+        "_auth_migrations",
+        &[(1, "auth", include_str!("../migrations/0001_auth.sql"))],
+    )
 }
 
 /// An account's credentials.

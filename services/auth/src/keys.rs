@@ -348,7 +348,7 @@ pub fn to_api(key: &SigningKey) -> crate::api::v1::JsonWebKey {
         r#use: "sig".to_owned(),
         crv: field("crv"),
         x: field("x"),
-        y: field("y"),
+        y: Some(field("y")).filter(|y| !y.is_empty()),
     }
 }
 

@@ -525,3 +525,66 @@ impl Service for AuthService {
         self.store.close().await;
     }
 }
+
+/// What `trellis auth keys ls` shows of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    /// The key as stored (sealed).
+    pub key: data::StoredKey,
+    /// `pending`, `active`, `retiring` (published, no longer signing) or
+    /// `retired` (no longer published).
+    pub state: &'static str,
+}
+
+/// Makes the next signing key, signing `activate_in` from now (published
+/// at once): `trellis auth keys rotate`. Running instances pick it up
+/// within `keys.reload_interval`.
+pub async fn rotate_key(
+    settings: &AuthSettings,
+    data_dir: &std::path::Path,
+    activate_in: Duration,
+) -> Result<data::StoredKey, BoxError> {
+    let store = open_store(settings, data_dir).await?;
+    let sealer = sealer(settings, data_dir)?;
+    let alg = keys::algorithm(&settings.keys.algorithm)?;
+    let made = keys::create(&store, &sealer, alg, activate_in).await;
+    store.close().await;
+    made
+}
+
+/// Every stored key with its state now: `trellis auth keys ls`.
+pub async fn key_status(
+    settings: &AuthSettings,
+    data_dir: &std::path::Path,
+) -> Result<Vec<KeyStatus>, BoxError> {
+    let store = open_store(settings, data_dir).await?;
+    let ring = keys::KeyRing::new(
+        sealer(settings, data_dir)?,
+        settings.tokens.access_ttl + Duration::from_secs(60),
+    );
+    ring.reload(&store).await?;
+    let stored = store.keys().await?;
+    store.close().await;
+    let now = now_ms();
+    let signing = ring.signing(now).map(|k| k.key.kid().to_owned());
+    let published: Vec<String> = ring
+        .published(now)
+        .iter()
+        .map(|k| k.key.kid().to_owned())
+        .collect();
+    Ok(stored
+        .into_iter()
+        .map(|key| {
+            let state = if key.activate_time_ms > now {
+                "pending"
+            } else if signing.as_deref() == Some(key.kid.as_str()) {
+                "active"
+            } else if published.contains(&key.kid) {
+                "retiring"
+            } else {
+                "retired"
+            };
+            KeyStatus { key, state }
+        })
+        .collect())
+}

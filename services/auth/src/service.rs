@@ -146,15 +146,15 @@ impl AuthService for AuthServiceHandler {
         let secs = |s: u64| u32::try_from(s).unwrap_or(u32::MAX);
         Ok(Response::new(IntrospectResponse {
             active: true,
-            token_type: found.token_type,
-            sub: claims.sub,
-            iss: claims.iss,
+            token_type: Some(found.token_type),
+            sub: Some(claims.sub),
+            iss: Some(claims.iss),
             aud: claims.aud,
-            exp: secs(claims.exp),
-            iat: claims.iat.map(secs).unwrap_or_default(),
-            jti: claims.jti.unwrap_or_default(),
+            exp: Some(secs(claims.exp)),
+            iat: claims.iat.map(secs),
+            jti: claims.jti,
             roles: claims.roles,
-            tenant: claims.tenant.unwrap_or_default(),
+            tenant: claims.tenant,
         }))
     }
 

@@ -12,7 +12,11 @@ use crate::biz::{RepoError, UpdateOutcome, User, UserRepo};
 
 /// The schema, in version order.
 fn migrator() -> sqlx::migrate::Migrator {
-    trellis_store::migrator(&[(1, "users", include_str!("../migrations/0001_users.sql"))])
+    // sqlx's default table, as before there were other services.
+    trellis_store::migrator(
+        "_sqlx_migrations",
+        &[(1, "users", include_str!("../migrations/0001_users.sql"))],
+    )
 }
 
 /// Users in SQLite or PostgreSQL.
