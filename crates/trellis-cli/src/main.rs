@@ -126,6 +126,12 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Manage the auth service's signing keys (in its database, as its
+    /// config names it).
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
     /// Inspect a service registry.
     Registry {
         #[command(subcommand)]
@@ -157,6 +163,40 @@ enum GatewayCommand {
         #[arg(long, default_value = "127.0.0.1:9080")]
         admin: SocketAddr,
     },
+}
+
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+        /// The auth service's data dir (its SQLite database and key
+        /// encryption key file, unless its config names others).
+        #[arg(long, default_value = "./.trellis", global = true)]
+        data_dir: PathBuf,
+        /// The auth service's config: a file or a directory of them.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        config_source: ConfigSourceArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make the next signing key: published at once, signing after
+    /// --activate-in (give verifiers time to fetch it), the old one kept
+    /// published until its tokens have expired. Running instances pick it
+    /// up within keys.reload_interval.
+    Rotate {
+        /// How long the new key is published before it signs.
+        #[arg(long, default_value = "1m", value_parser = parse_duration)]
+        activate_in: Duration,
+    },
+    /// List the keys: id, algorithm, activation, state (pending, active,
+    /// retiring, retired).
+    Ls,
 }
 
 #[derive(Subcommand)]
@@ -335,6 +375,15 @@ async fn main() -> ExitCode {
         } => registry_ls(service.as_deref(), &registry).await,
         Command::Config { command } => config_cmd::run(command).await,
         Command::Audit { command } => audit(command).await,
+        Command::Auth {
+            command:
+                AuthCommand::Keys {
+                    command,
+                    data_dir,
+                    config,
+                    config_source,
+                },
+        } => auth_keys(command, &data_dir, config, config_source).await,
         Command::Openapi { service, out } => match services::find(&service) {
             Some(service) => openapi(service, out.as_deref()),
             None => Err(format!("unknown service {service:?}")),
@@ -453,10 +502,18 @@ async fn up(
     // The gateway in front: every service's REST and gRPC routes, from
     // their protos, to the services as discovered in the registry.
     let stop = CancellationToken::new();
+    let auth = started
+        .iter()
+        .find(|(service, _)| service.name() == shop_auth::SERVICE)
+        .map(|(_, s)| s.addr);
     let front = start_gateway(
         SocketAddr::new(host, base_port),
         SocketAddr::new(admin_base.ip(), admin_base.port()),
         config.as_deref(),
+        Shop {
+            auth,
+            data_dir: &data_dir,
+        },
         registry.clone(),
         &stop,
         shutdown.shutdown_timeout.unwrap_or(Duration::from_secs(10)),
@@ -641,6 +698,56 @@ async fn gateway_routes(admin: SocketAddr) -> Result<(), String> {
     Ok(())
 }
 
+/// `trellis auth keys rotate|ls`: on the auth service's store, as its
+/// config names it.
+async fn auth_keys(
+    command: KeysCommand,
+    data_dir: &std::path::Path,
+    config: Option<PathBuf>,
+    config_source: ConfigSourceArg,
+) -> Result<(), String> {
+    let sources = services::sources_for_serve(config, config_source.config_source);
+    let config = sources
+        .load::<shop_auth::AuthSettings>(shop_auth::SERVICE)
+        .await
+        .map_err(|e| format!("auth config: {e}"))?;
+    let settings = config.current().config.clone();
+    match command {
+        KeysCommand::Rotate { activate_in } => {
+            let key = shop_auth::rotate_key(&settings, data_dir, activate_in)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!(
+                "made key {} ({}), published now, signing from {}",
+                key.kid,
+                key.alg,
+                rfc3339(key.activate_time_ms)
+            );
+        }
+        KeysCommand::Ls => {
+            let keys = shop_auth::key_status(&settings, data_dir)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("{:<34} {:<6} {:<24} STATE", "KID", "ALG", "SIGNS FROM");
+            for k in keys {
+                println!(
+                    "{:<34} {:<6} {:<24} {}",
+                    k.key.kid,
+                    k.key.alg,
+                    rfc3339(k.key.activate_time_ms),
+                    k.state
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Milliseconds since the epoch as an RFC 3339 UTC time.
+fn rfc3339(ms: i64) -> String {
+    trellis::telemetry::rfc3339(ms.div_euclid(1000), (ms.rem_euclid(1000) * 1000) as u32)
+}
+
 /// `trellis audit verify|tail`.
 async fn audit(command: AuditCommand) -> Result<(), String> {
     use trellis::auth::audit;
@@ -765,13 +872,23 @@ async fn run_gateway(
     })
 }
 
-/// For `up`: the gateway with every service's generated routes, and a
+/// What the gateway of `up` needs to know of the shop behind it.
+struct Shop<'a> {
+    /// The auth service, whose key set verifies tokens.
+    auth: Option<SocketAddr>,
+    /// Where the gateway's audit trail goes.
+    data_dir: &'a std::path::Path,
+}
+
+/// For `up`: the gateway with every service's generated routes — those of
+/// every service but `auth` requiring a token its key set verifies — and a
 /// `gateway.toml|yaml|yml|json` (or `gateway/`) from `--config` adding
-/// routes of its own.
+/// routes of its own or changing these.
 async fn start_gateway(
     listen: SocketAddr,
     admin: SocketAddr,
     config_dir: Option<&std::path::Path>,
+    shop: Shop<'_>,
     registry: Arc<dyn ServiceRegistry>,
     stop: &CancellationToken,
     grace: Duration,
@@ -780,9 +897,27 @@ async fn start_gateway(
     let mut document = GatewayConfig::default();
     for &service in services::ALL {
         let (descriptors, names) = service.descriptors();
-        let part = routes_for(service.name(), &[descriptors], names).map_err(|e| e.to_string())?;
+        let mut part =
+            routes_for(service.name(), &[descriptors], names).map_err(|e| e.to_string())?;
+        if shop.auth.is_some() && !services::PUBLIC.contains(&service.name()) {
+            for route in part.routes.values_mut() {
+                route.jwt = Some(Default::default());
+            }
+        }
         document.upstreams.extend(part.upstreams);
         document.routes.extend(part.routes);
+    }
+    if let Some(auth) = shop.auth {
+        document.jwt = Some(trellis::gateway::JwtConfig {
+            jwks_url: Some(format!("http://{auth}/.well-known/jwks.json")),
+            issuer: "trellis".into(),
+            audience: vec!["shop".into()],
+            ..Default::default()
+        });
+        document.audit = Some(trellis::auth::audit::AuditSettings {
+            file: shop.data_dir.join("gateway-audit.jsonl"),
+            max_refusals_per_second: 100,
+        });
     }
     let mut builder = trellis::config::Config::<GatewayConfig>::builder();
     if let Some(dir) = config_dir {

@@ -7,7 +7,14 @@ use std::path::Path;
 use trellis::service::{ConfigSources, Definition, StartError};
 
 /// Every service of the shop, in start order.
-pub const ALL: &[&dyn Definition] = &[<dyn Definition>::of::<shop_user::UserService>()];
+pub const ALL: &[&dyn Definition] = &[
+    <dyn Definition>::of::<shop_user::UserService>(),
+    <dyn Definition>::of::<shop_auth::AuthService>(),
+];
+
+/// The services whose routes `up`'s gateway serves without a token (the
+/// one that hands tokens out).
+pub const PUBLIC: &[&str] = &[shop_auth::SERVICE];
 
 /// The service called `name`.
 pub fn find(name: &str) -> Option<&'static dyn Definition> {

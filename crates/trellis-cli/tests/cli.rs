@@ -21,10 +21,24 @@ async fn wait_ready(addr: SocketAddr) {
 }
 
 async fn create_and_get(addr: SocketAddr, email: &str) {
+    create_and_get_as(addr, email, None).await
+}
+
+/// Creates a user over gRPC and reads it back, with a bearer token when
+/// one is given.
+async fn create_and_get_as(addr: SocketAddr, email: &str, token: Option<&str>) {
     let channel = trellis::transport::connect(&addr.to_string(), &Default::default())
         .await
         .unwrap();
-    let mut client = UserServiceClient::new(channel);
+    let bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+        token.map(|t| format!("Bearer {t}").parse().unwrap());
+    let mut client =
+        UserServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            if let Some(b) = &bearer {
+                request.metadata_mut().insert("authorization", b.clone());
+            }
+            Ok(request)
+        });
     let created = client
         .create_user(CreateUserRequest {
             user: Some(User {
@@ -73,24 +87,44 @@ async fn up_serves_the_shop_and_exits_zero_on_sigterm() {
     // Through the gateway: gRPC, and REST on the routes generated from the
     // protos. The user instance registers once ready; the gateway follows.
     wait_ready(gateway_admin).await;
-    let listed = http::poll_until(gateway, "/v1/users", Duration::from_secs(20), |r| {
+    // The user routes want a token: register and log in through the
+    // gateway (the auth service's routes are public), then call with it.
+    let refused = http::poll_until(gateway, "/v1/users", Duration::from_secs(20), |r| {
         r.status != 503
     })
     .await
     .unwrap();
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    assert!(
+        refused
+            .header("www-authenticate")
+            .is_some_and(|c| c.starts_with("Bearer"))
+    );
+    let token = &support::token_through(gateway, "ann@example.com").await;
+    let listed = http::raw(
+        gateway,
+        format!("GET /v1/users HTTP/1.1\r\nHost: shop\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     assert_eq!(listed.status, 200, "{}", listed.body);
     assert!(listed.body.contains("grace@example.com"), "{}", listed.body);
-    create_and_get(gateway, "ada@example.com").await;
+    // The registered account is a user of the user service.
+    assert!(listed.body.contains("ann@example.com"), "{}", listed.body);
+    create_and_get_as(gateway, "ada@example.com", Some(token)).await;
     assert_eq!(http::get(gateway, "/metrics").await.unwrap().status, 404);
     // Operator endpoints: on the admin listener, never on the public port.
     for path in ["/metrics", "/debug/config"] {
         assert_eq!(http::get(admin, path).await.unwrap().status, 200, "{path}");
         assert_eq!(http::get(addr, path).await.unwrap().status, 404, "{path}");
     }
-    assert!(
-        data.path().join("user.db").exists(),
-        "user data is not under --data-dir"
-    );
+    for file in ["user.db", "auth.db", "auth-keys.secret", "auth-audit.jsonl"] {
+        assert!(
+            data.path().join(file).exists(),
+            "{file} is not under --data-dir"
+        );
+    }
 
     trellis.signal(libc::SIGTERM);
     let status = trellis.wait(Duration::from_secs(15));

@@ -123,17 +123,18 @@ fn the_fuzzer_through_the_gateway_finds_no_server_errors_either() {
     let user = user.split_whitespace().nth(1).unwrap().to_owned();
     // The user instance registers once ready; the gateway then finds it
     // (another process: asked until it answers).
+    // The user routes want a token: one from the shop's auth service.
     let addr: std::net::SocketAddr = gateway.parse().unwrap();
-    let found = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap()
-        .block_on(trellis_testkit::http::poll_until(
-            addr,
-            "/v1/users",
-            std::time::Duration::from_secs(20),
-            |r| r.status == 200,
-        ));
+        .unwrap();
+    let token = runtime.block_on(support::token_through(addr, "fuzzer@example.com"));
+    let found = runtime.block_on(trellis_testkit::http::raw(
+        addr,
+        format!("GET /v1/users HTTP/1.1\r\nHost: shop\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").as_bytes(),
+        std::time::Duration::from_secs(20),
+    ));
     assert!(
         found.as_ref().is_ok_and(|r| r.status == 200),
         "the gateway never reached the user service: {found:?}"
@@ -145,6 +146,8 @@ fn the_fuzzer_through_the_gateway_finds_no_server_errors_either() {
             &format!("http://{user}/openapi.json"),
             "--url",
             &format!("http://{gateway}"),
+            "--header",
+            &format!("Authorization: Bearer {token}"),
             "--checks",
             "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
             "--max-examples",

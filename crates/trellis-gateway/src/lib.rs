@@ -55,7 +55,7 @@ use trellis_registry::ServiceRegistry;
 use trellis_telemetry::{Red, RedLayer, ServerTrace, ServerTraceLayer};
 use trellis_transport::Limits;
 
-pub use config::GatewayConfig;
+pub use config::{GatewayConfig, JwtConfig, RouteJwtConfig};
 pub use generate::{document_source, routes_for};
 pub use plugin::{Plugin, Plugins};
 pub use proxy::{Body, Proxy};

@@ -74,6 +74,7 @@ mod bridge;
 mod client;
 mod init;
 mod logs;
+pub use logs::rfc3339;
 mod pipeline;
 mod process;
 pub mod propagation;

@@ -187,7 +187,9 @@ fn rfc3339_now() -> String {
     rfc3339(now.as_secs() as i64, now.subsec_micros())
 }
 
-fn rfc3339(secs: i64, micros: u32) -> String {
+/// `secs` since the Unix epoch (and `micros`) as an RFC 3339 UTC time,
+/// `2026-11-30T14:05:15.000123Z`.
+pub fn rfc3339(secs: i64, micros: u32) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).

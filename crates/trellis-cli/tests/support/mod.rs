@@ -26,3 +26,42 @@ pub fn spawn_with_log(args: &[&str], rust_log: Option<&str>) -> Trellis {
     }
     Trellis::spawn(command).expect("the trellis binary starts")
 }
+
+/// Registers `email` and logs in through the gateway of `trellis up` (the
+/// auth service's routes are public), once the gateway has found the auth
+/// service; the access token.
+#[allow(dead_code)]
+pub async fn token_through(gateway: std::net::SocketAddr, email: &str) -> String {
+    use trellis_testkit::http;
+    let jwks = http::poll_until(
+        gateway,
+        "/.well-known/jwks.json",
+        std::time::Duration::from_secs(20),
+        |r| r.status == 200,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        jwks.status, 200,
+        "the gateway never reached auth: {}",
+        jwks.body
+    );
+    let password = "correct horse battery";
+    let account = serde_json::json!({"email": email, "password": password, "display_name": "Ann"});
+    let created = http::request(
+        gateway,
+        "POST",
+        "/v1/auth/register",
+        Some(&account.to_string()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.status, 200, "{}", created.body);
+    let login = serde_json::json!({"email": email, "password": password});
+    let answer = http::request(gateway, "POST", "/v1/auth/login", Some(&login.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let tokens: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    tokens["access_token"].as_str().unwrap().to_owned()
+}
