@@ -3382,3 +3382,130 @@ rate_limit = {{ rate = 1, period = "1h", burst = 1 }}
         (records.len(), None)
     );
 }
+
+/// The attack suite: tokens forged by PyJWT and `cryptography` (outside
+/// the code under test, `tests/forge_tokens.py`) — `alg: none`, HS256 keyed
+/// with each public key, unknown and hostile `kid`s, `jku`/`x5u`/`jwk`
+/// headers, expired, early, wrong `iss`/`aud`, missing claims, tampered,
+/// stripped, `crit`, oversize, garbage. Every one is refused with 401 and
+/// audited with its reason; the valid token of each key type is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_tokens_from_an_independent_library_are_refused_and_audited() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/forge_tokens.py");
+    let out = std::process::Command::new("python3")
+        .args([script, "https://auth.shop", "shop"])
+        .output()
+        .expect("python3 runs (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "forge_tokens.py failed (pip install pyjwt cryptography): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, made["jwks"].to_string()).expect("write jwks");
+    let trail = dir.path().join("audit.jsonl");
+    let a = echo_upstream("a").await;
+    let file = write(
+        &dir,
+        &format!(
+            r#"
+[jwt]
+jwks_file = "{}"
+issuer = "https://auth.shop"
+audience = ["shop"]
+
+[audit]
+file = "{}"
+
+[upstreams.a]
+targets = [{{ url = "http://{a}" }}]
+
+[routes.orders]
+prefix = "/orders"
+upstream = "a"
+jwt = {{}}
+"#,
+            jwks.display(),
+            trail.display()
+        ),
+    );
+    let gw = gateway(&file).await;
+    let mut conn = Conn::open(gw.addr).await;
+    // Valid tokens of every key type are served: the refusals below are
+    // the tokens' doing, not the setup's.
+    for (name, token) in made["valid"].as_object().expect("valid") {
+        let bearer = format!("Bearer {}", token.as_str().expect("token"));
+        let r = conn
+            .request("GET", "/orders", &[("authorization", &bearer)])
+            .await;
+        assert_eq!(r.status, 200, "valid {name} refused: {:?}", r.body);
+    }
+    let forged = made["forged"].as_object().expect("forged");
+    for (name, token) in forged {
+        let bearer = format!("Bearer {}", token.as_str().expect("token"));
+        let mut conn = Conn::open(gw.addr).await;
+        let r = conn
+            .request("GET", "/orders", &[("authorization", &bearer)])
+            .await;
+        assert_eq!(
+            r.status, 401,
+            "forged {name} got {}: {:?}",
+            r.status, r.body
+        );
+        assert!(
+            r.headers
+                .get("www-authenticate")
+                .is_some_and(|c| c.contains("invalid_token")),
+            "forged {name}: {:?}",
+            r.headers
+        );
+    }
+    let records = trellis_auth::audit::read_all(&trail).expect("the trail reads");
+    let refused: Vec<&str> = records
+        .iter()
+        .filter(|r| r.entry.kind == "token_refused")
+        .map(|r| r.entry.outcome.as_str())
+        .collect();
+    assert_eq!(refused.len(), forged.len(), "{refused:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|o| o.starts_with("refused: ") && *o != "refused: missing"),
+        "{refused:?}"
+    );
+    // The reasons are the attacks': a sample, in the order sent.
+    let reason = |name: &str| {
+        let i = forged.keys().position(|k| k == name).expect("sent");
+        refused[i]
+    };
+    for (name, expected) in [
+        // `none` is not an algorithm the parser knows at all.
+        ("alg_none", "refused: malformed"),
+        ("missing_audience", "refused: claim"),
+        ("alg_swapped_to_es256", "refused: unknown_key"),
+        ("hs256_with_rsa_public_pem", "refused: algorithm"),
+        ("unknown_kid", "refused: unknown_key"),
+        ("jku_elsewhere", "refused: unknown_key"),
+        ("wrong_key_known_kid", "refused: signature"),
+        ("embedded_jwk", "refused: signature"),
+        ("tampered_payload", "refused: signature"),
+        ("expired", "refused: expired"),
+        ("not_yet_valid", "refused: not_yet_valid"),
+        ("wrong_issuer", "refused: issuer"),
+        ("wrong_audience", "refused: audience"),
+        ("crit_header", "refused: critical"),
+        ("wrong_typ", "refused: type"),
+        ("oversize", "refused: malformed"),
+        ("garbage", "refused: malformed"),
+    ] {
+        assert_eq!(
+            reason(name),
+            expected,
+            "{name}: {:?}",
+            forged.keys().zip(&refused).collect::<Vec<_>>()
+        );
+    }
+    trellis_auth::audit::verify(&trail).expect("the chain holds");
+}
