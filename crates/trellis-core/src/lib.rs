@@ -44,6 +44,26 @@ pub use server::{BoxError, Drain, Server, ServerFuture};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
+/// Who the client proved to be with its TLS certificate (mutual TLS): the
+/// certificate's first URI subject alternative name — a SPIFFE ID such as
+/// `spiffe://trellis/order` — or, without one, its first DNS name. The
+/// Trellis server puts it in the extensions of every request on a
+/// connection whose client presented a certificate it verified.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerIdentity(pub std::sync::Arc<str>);
+
+impl PeerIdentity {
+    /// The workload in a SPIFFE ID (`order` in `spiffe://trellis/order`,
+    /// `ns/order` in `spiffe://trellis/ns/order`), or the whole identity
+    /// when it is not one.
+    pub fn name(&self) -> &str {
+        self.0
+            .strip_prefix("spiffe://")
+            .and_then(|rest| rest.split_once('/'))
+            .map_or(&self.0, |(_, path)| path)
+    }
+}
+
 /// The route template a request matched (`/v1/users/{id}`, or a gRPC
 /// method's `/package.Service/Method`): a bounded label, so metrics, rate
 /// limits and traces never key on the raw path. Routers that match before

@@ -21,6 +21,11 @@ pub struct ClientConfig {
     pub keepalive_interval: Option<Duration>,
     /// How long to wait for a ping's ack before the connection is closed. Default: 10 s.
     pub keepalive_timeout: Duration,
+    /// Speak TLS with this configuration (its roots verify the server;
+    /// with a client certificate, mutual TLS). The address may still be
+    /// written `http://` or bare. Default: none (plaintext HTTP/2).
+    #[cfg(feature = "tls")]
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Default for ClientConfig {
@@ -30,6 +35,8 @@ impl Default for ClientConfig {
             request_timeout: Some(Duration::from_secs(10)),
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_timeout: Duration::from_secs(10),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -62,7 +69,18 @@ fn endpoint(target: &str, config: &ClientConfig) -> Result<Endpoint, TransportEr
 /// channel for generated tonic clients; fails if the connection cannot be
 /// made within the connect timeout.
 pub async fn connect(target: &str, config: &ClientConfig) -> Result<Channel, TransportError> {
-    endpoint(target, config)?
+    let endpoint = endpoint(target, config)?;
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &config.tls {
+        return endpoint
+            .connect_with_connector(tls_connector(tls.clone()))
+            .await
+            .map_err(|source| TransportError::Connect {
+                uri: target.to_owned(),
+                source,
+            });
+    }
+    endpoint
         .connect()
         .await
         .map_err(|source| TransportError::Connect {
@@ -73,5 +91,46 @@ pub async fn connect(target: &str, config: &ClientConfig) -> Result<Channel, Tra
 
 /// Like [`connect`], but connects on first use and reconnects as needed.
 pub fn connect_lazy(target: &str, config: &ClientConfig) -> Result<Channel, TransportError> {
-    Ok(endpoint(target, config)?.connect_lazy())
+    let endpoint = endpoint(target, config)?;
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &config.tls {
+        return Ok(endpoint.connect_with_connector_lazy(tls_connector(tls.clone())));
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+/// TCP, then a TLS handshake naming the URI's host (an IP address or a DNS
+/// name, verified against the server's certificate).
+#[cfg(feature = "tls")]
+fn tls_connector(
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    let connector = tokio_rustls::TlsConnector::from(config);
+    tower::service_fn(move |uri: http::Uri| {
+        let connector = connector.clone();
+        async move {
+            let invalid = |what: &str| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri}: {what}"))
+            };
+            let host = uri.host().ok_or_else(|| invalid("no host"))?;
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|_| invalid("not a host name or address"))?;
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        }
+    })
 }

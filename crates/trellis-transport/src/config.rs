@@ -17,6 +17,12 @@ pub struct ServerConfig {
     pub reflection: bool,
     /// Limits that protect the server from large or slow peers.
     pub limits: Limits,
+    /// Serve TLS on the main and admin listeners with the configuration this
+    /// holds when each connection arrives (swap it to renew certificates
+    /// without dropping connections); with a client verifier, mutual TLS,
+    /// and each request carries the client's `PeerIdentity`. Default: none.
+    #[cfg(feature = "tls")]
+    pub tls: Option<std::sync::Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>,
 }
 
 impl Default for ServerConfig {
@@ -26,6 +32,8 @@ impl Default for ServerConfig {
             admin_listen: None,
             reflection: true,
             limits: Limits::default(),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }

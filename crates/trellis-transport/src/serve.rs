@@ -86,10 +86,33 @@ pub async fn serve_tls<M, S, B>(
     serve_with(listener, make, limits, drain, Some(tls)).await
 }
 
+/// Where a listener's TLS configuration comes from, if it has one.
 #[cfg(feature = "tls")]
-type TlsSource = Option<Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>;
+pub(crate) type TlsSource = Option<Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>;
+/// Where a listener's TLS configuration comes from: nowhere, without the
+/// `tls` feature.
 #[cfg(not(feature = "tls"))]
-type TlsSource = Option<std::convert::Infallible>;
+pub(crate) type TlsSource = Option<std::convert::Infallible>;
+
+/// [`serve`], or [`serve_tls`] when `tls` holds a configuration.
+pub(crate) async fn serve_maybe_tls<M, S, B>(
+    listener: TcpListener,
+    make: M,
+    limits: &Limits,
+    drain: Drain,
+    tls: TlsSource,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    serve_with(listener, make, limits, drain, tls).await
+}
 
 async fn serve_with<M, S, B>(
     listener: TcpListener,
@@ -160,9 +183,10 @@ async fn serve_with<M, S, B>(
         if let Err(err) = stream.set_nodelay(true) {
             debug!(%peer, error = %err, "cannot set TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(make(peer));
+        let service = make(peer);
         match &tls {
             None => {
+                let service = TowerToHyperService::new(service);
                 let connection = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
@@ -184,6 +208,18 @@ async fn serve_with<M, S, B>(
                 connections.spawn(async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
+                            // The client's verified certificate, if it sent
+                            // one: its identity goes with every request.
+                            let identity = tls_stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|chain| chain.first())
+                                .and_then(|leaf| crate::tls::peer_identity(leaf));
+                            let service = TowerToHyperService::new(WithIdentity {
+                                inner: service,
+                                identity,
+                            });
                             let connection = builder
                                 .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
                                 .into_owned();
@@ -211,6 +247,39 @@ async fn serve_with<M, S, B>(
         connections.abort_all();
     }
     while connections.join_next().await.is_some() {}
+}
+
+/// Puts the connection's [`trellis_core::PeerIdentity`] (mutual TLS) into
+/// every request's extensions.
+#[cfg(feature = "tls")]
+#[derive(Clone)]
+struct WithIdentity<S> {
+    inner: S,
+    identity: Option<trellis_core::PeerIdentity>,
+}
+
+#[cfg(feature = "tls")]
+impl<S> Service<Request<Incoming>> for WithIdentity<S>
+where
+    S: Service<Request<Incoming>, Error = Infallible>,
+{
+    type Response = S::Response;
+    type Error = Infallible;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        if let Some(identity) = &self.identity {
+            request.extensions_mut().insert(identity.clone());
+        }
+        self.inner.call(request)
+    }
 }
 
 /// Open connections per client address. Only addresses with a connection

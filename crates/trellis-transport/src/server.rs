@@ -320,6 +320,8 @@ impl<L> GrpcHttpServerBuilder<L> {
             closed,
             service_names: self.service_names,
             limits: self.config.limits,
+            #[cfg(feature = "tls")]
+            tls: self.config.tls,
         })
     }
 }
@@ -393,6 +395,8 @@ pub struct GrpcHttpServer {
     closed: CancellationToken,
     service_names: Vec<String>,
     limits: Limits,
+    #[cfg(feature = "tls")]
+    tls: Option<std::sync::Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>,
 }
 
 impl GrpcHttpServer {
@@ -456,7 +460,11 @@ impl Server for GrpcHttpServer {
                 closed.cancel();
             });
             let (steer, admin_steer) = (this.steer, this.admin_steer);
-            let main = crate::serve::serve(
+            #[cfg(feature = "tls")]
+            let tls = this.tls;
+            #[cfg(not(feature = "tls"))]
+            let tls = None;
+            let main = crate::serve::serve_maybe_tls(
                 this.listener,
                 move |peer| Steer {
                     peer: Some(peer),
@@ -464,10 +472,11 @@ impl Server for GrpcHttpServer {
                 },
                 &this.limits,
                 drain.clone(),
+                tls.clone(),
             );
             match this.admin {
                 Some((listener, _)) => {
-                    let admin = crate::serve::serve(
+                    let admin = crate::serve::serve_maybe_tls(
                         listener,
                         move |peer| Steer {
                             peer: Some(peer),
@@ -475,6 +484,7 @@ impl Server for GrpcHttpServer {
                         },
                         &this.limits,
                         drain,
+                        tls,
                     );
                     tokio::join!(main, admin);
                 }

@@ -131,3 +131,281 @@ pub fn load(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsErr
         &format!("{} and {}", cert.display(), key.display()),
     )
 }
+
+/// A server configuration that also asks every client for a certificate
+/// issued by one of the authorities in `client_ca_pem` (mutual TLS) and
+/// refuses the handshake without one.
+pub fn server_config_mtls(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: &[u8],
+    source: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let invalid = |what: &str, reason: String| TlsError::Invalid {
+        what: format!("{what} in {source}"),
+        reason,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid("certificate chain", e.to_string()))?;
+    if chain.is_empty() {
+        return Err(invalid("certificate chain", "no CERTIFICATE block".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| invalid("private key", e.to_string()))?;
+    let roots = roots_from_pem(client_ca_pem, &format!("client authorities in {source}"))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| invalid("client authorities", e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("protocol versions", e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| invalid("certificate and key", e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn roots_from_pem(pem: &[u8], what: &str) -> Result<rustls::RootCertStore, TlsError> {
+    let invalid = |reason: String| TlsError::Invalid {
+        what: what.to_owned(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        roots
+            .add(cert.map_err(|e| invalid(e.to_string()))?)
+            .map_err(|e| invalid(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(invalid("no CERTIFICATE block".into()));
+    }
+    Ok(roots)
+}
+
+/// Reads a file for a TLS configuration, naming it when it cannot.
+pub fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| TlsError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// The server configuration three files describe: certificate chain, key,
+/// and — for mutual TLS — the authorities client certificates must chain to.
+pub fn load_server(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let source = format!("{} and {}", cert.display(), key.display());
+    match client_ca {
+        None => server_config(&read(cert)?, &read(key)?, &source),
+        Some(ca) => server_config_mtls(&read(cert)?, &read(key)?, &read(ca)?, &source),
+    }
+}
+
+/// A client configuration trusting the authorities in `ca_pem` and, with
+/// `identity` (certificate chain and key, PEM), presenting it to servers
+/// that ask (mutual TLS); ALPN `h2`.
+pub fn client_config_mtls(
+    ca_pem: &[u8],
+    identity: Option<(&[u8], &[u8])>,
+    source: &str,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let invalid = |what: &str, reason: String| TlsError::Invalid {
+        what: format!("{what} in {source}"),
+        reason,
+    };
+    let roots = roots_from_pem(ca_pem, &format!("certificate authorities in {source}"))?;
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| invalid("protocol versions", e.to_string()))?
+    .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert_pem, key_pem)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| invalid("client certificate", e.to_string()))?;
+            if chain.is_empty() {
+                return Err(invalid("client certificate", "no CERTIFICATE block".into()));
+            }
+            let key = PrivateKeyDer::from_pem_slice(key_pem)
+                .map_err(|e| invalid("client key", e.to_string()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| invalid("client certificate and key", e.to_string()))?
+        }
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// [`client_config_mtls`] from files.
+pub fn load_client(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let source = match identity {
+        Some((cert, _)) => format!("{} and {}", ca.display(), cert.display()),
+        None => ca.display().to_string(),
+    };
+    let identity = match identity {
+        Some((cert, key)) => Some((read(cert)?, read(key)?)),
+        None => None,
+    };
+    client_config_mtls(
+        &read(ca)?,
+        identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+        &source,
+    )
+}
+
+/// The identity in a verified peer certificate (DER): its first URI
+/// subject alternative name, else its first DNS name.
+pub fn peer_identity(cert: &[u8]) -> Option<trellis_core::PeerIdentity> {
+    let names = san::names(cert)?;
+    names
+        .iter()
+        .find(|(kind, _)| *kind == san::URI)
+        .or_else(|| names.iter().find(|(kind, _)| *kind == san::DNS))
+        .and_then(|(_, value)| std::str::from_utf8(value).ok())
+        .filter(|s| !s.is_empty() && s.len() <= 512)
+        .map(|s| trellis_core::PeerIdentity(s.into()))
+}
+
+/// Just enough DER to read a certificate's subject alternative names
+/// (RFC 5280 §4.2.1.6). The certificate was verified by rustls first; this
+/// still refuses (None) anything malformed rather than trusting lengths.
+mod san {
+    /// A `uniformResourceIdentifier` name.
+    pub const URI: u8 = 0x86;
+    /// A `dNSName` name.
+    pub const DNS: u8 = 0x82;
+    const SEQUENCE: u8 = 0x30;
+    const EXTENSIONS: u8 = 0xa3;
+    const OID: u8 = 0x06;
+    const BOOLEAN: u8 = 0x01;
+    const OCTET_STRING: u8 = 0x04;
+    /// id-ce-subjectAltName, 2.5.29.17.
+    const SAN_OID: &[u8] = &[0x55, 0x1d, 0x11];
+
+    /// One tag-length-value: (tag, value, rest).
+    fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+            (len, &rest[n..])
+        };
+        if rest.len() < len {
+            return None;
+        }
+        Some((tag, &rest[..len], &rest[len..]))
+    }
+
+    fn expect(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+        let (t, value, rest) = tlv(input)?;
+        (t == tag).then_some((value, rest))
+    }
+
+    /// Every (kind, value) in the certificate's SAN extension.
+    pub fn names(cert: &[u8]) -> Option<Vec<(u8, &[u8])>> {
+        let (cert, _) = expect(cert, SEQUENCE)?;
+        let (mut tbs, _) = expect(cert, SEQUENCE)?;
+        while !tbs.is_empty() {
+            let (tag, value, rest) = tlv(tbs)?;
+            tbs = rest;
+            if tag != EXTENSIONS {
+                continue;
+            }
+            let (mut extensions, _) = expect(value, SEQUENCE)?;
+            while !extensions.is_empty() {
+                let (extension, rest) = expect(extensions, SEQUENCE)?;
+                extensions = rest;
+                let (oid, mut fields) = expect(extension, OID)?;
+                if oid != SAN_OID {
+                    continue;
+                }
+                if let Some((_, rest)) = expect(fields, BOOLEAN) {
+                    fields = rest;
+                }
+                let (octets, _) = expect(fields, OCTET_STRING)?;
+                let (mut general, _) = expect(octets, SEQUENCE)?;
+                let mut names = Vec::new();
+                while !general.is_empty() && names.len() < 64 {
+                    let (kind, value, rest) = tlv(general)?;
+                    general = rest;
+                    names.push((kind, value));
+                }
+                return Some(names);
+            }
+        }
+        Some(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert_with(sans: Vec<rcgen::SanType>) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = sans;
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_identity_is_the_first_uri_then_the_first_dns_name() {
+        let uri = |s: &str| rcgen::SanType::URI(s.try_into().unwrap());
+        let dns = |s: &str| rcgen::SanType::DnsName(s.try_into().unwrap());
+        let ip = rcgen::SanType::IpAddress([127, 0, 0, 1].into());
+        let der = cert_with(vec![
+            dns("order.local"),
+            ip.clone(),
+            uri("spiffe://trellis/order"),
+        ]);
+        let id = peer_identity(&der).unwrap();
+        assert_eq!(&*id.0, "spiffe://trellis/order");
+        assert_eq!(id.name(), "order");
+        let der = cert_with(vec![ip.clone(), dns("payment.local")]);
+        assert_eq!(&*peer_identity(&der).unwrap().0, "payment.local");
+        assert_eq!(peer_identity(&cert_with(vec![ip])), None);
+    }
+
+    #[test]
+    fn malformed_certificates_have_no_identity_and_do_not_panic() {
+        let der = cert_with(vec![rcgen::SanType::URI(
+            "spiffe://trellis/order".try_into().unwrap(),
+        )]);
+        // Every truncation, and every single-byte change of the length
+        // bytes near the front, is refused or read within bounds.
+        for cut in 0..der.len() {
+            let _ = peer_identity(&der[..cut]);
+        }
+        for i in 0..der.len().min(64) {
+            let mut bad = der.clone();
+            bad[i] ^= 0xff;
+            let _ = peer_identity(&bad);
+        }
+        assert_eq!(peer_identity(&[]), None);
+        assert_eq!(peer_identity(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+    }
+}
