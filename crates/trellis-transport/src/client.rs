@@ -24,8 +24,10 @@ pub struct ClientConfig {
     /// Speak TLS with this configuration (its roots verify the server;
     /// with a client certificate, mutual TLS). The address may still be
     /// written `http://` or bare. Default: none (plaintext HTTP/2).
+    /// Held as [`crate::tls::Reloading`] so a renewed client certificate is
+    /// used by the next connection.
     #[cfg(feature = "tls")]
-    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    pub tls: Option<crate::tls::Reloading<rustls::ClientConfig>>,
 }
 
 impl Default for ClientConfig {
@@ -103,7 +105,7 @@ pub fn connect_lazy(target: &str, config: &ClientConfig) -> Result<Channel, Tran
 /// name, verified against the server's certificate).
 #[cfg(feature = "tls")]
 fn tls_connector(
-    config: std::sync::Arc<rustls::ClientConfig>,
+    config: crate::tls::Reloading<rustls::ClientConfig>,
 ) -> impl tower::Service<
     http::Uri,
     Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
@@ -112,9 +114,8 @@ fn tls_connector(
 > + Clone
 + Send
 + 'static {
-    let connector = tokio_rustls::TlsConnector::from(config);
     tower::service_fn(move |uri: http::Uri| {
-        let connector = connector.clone();
+        let connector = tokio_rustls::TlsConnector::from(config.load_full());
         async move {
             let invalid = |what: &str| {
                 std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri}: {what}"))

@@ -409,3 +409,67 @@ mod tests {
         assert_eq!(peer_identity(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
     }
 }
+
+/// A configuration that is replaced while in use (renewed certificates):
+/// each new connection takes the one held when it starts.
+pub type Reloading<T> = Arc<arc_swap::ArcSwap<T>>;
+
+/// Builds a configuration with `build` and builds it again whenever one of
+/// `files` changes (checked every `every`: modification time and size), so
+/// renewed certificates and keys are used without a restart and without
+/// dropping open connections. A rebuild that fails is logged and the
+/// previous configuration stays. Checking stops once nothing else holds the
+/// configuration. Needs a Tokio runtime.
+pub fn follow_files<T, F>(
+    files: Vec<std::path::PathBuf>,
+    every: std::time::Duration,
+    build: F,
+) -> Result<Reloading<T>, TlsError>
+where
+    T: Send + Sync + 'static,
+    F: Fn() -> Result<Arc<T>, TlsError> + Send + 'static,
+{
+    let stamp = move |files: &[std::path::PathBuf]| {
+        files
+            .iter()
+            .map(|f| {
+                std::fs::metadata(f)
+                    .ok()
+                    .map(|m| (m.modified().ok(), m.len()))
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut seen = stamp(&files);
+    let current = Arc::new(arc_swap::ArcSwap::new(build()?));
+    let weak = Arc::downgrade(&current);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(current) = weak.upgrade() else {
+                return;
+            };
+            let now = stamp(&files);
+            if now == seen {
+                continue;
+            }
+            match build() {
+                Ok(config) => {
+                    current.store(config);
+                    seen = now;
+                    tracing::info!(files = ?files, "TLS certificates reloaded");
+                }
+                // Half-written files: tried again on the next tick.
+                Err(e) => tracing::warn!(error = %e, "TLS certificates not reloaded"),
+            }
+        }
+    });
+    Ok(current)
+}
+
+/// A configuration that never changes, where a [`Reloading`] one is wanted.
+pub fn fixed<T>(config: Arc<T>) -> Reloading<T> {
+    Arc::new(arc_swap::ArcSwap::new(config))
+}

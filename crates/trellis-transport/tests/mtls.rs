@@ -188,14 +188,14 @@ async fn the_grpc_client_speaks_mutual_tls() {
     let s = server(&shop).await;
     let (cert, key) = leaf(&shop, "order", false);
     let config = ClientConfig {
-        tls: Some(
+        tls: Some(tls::fixed(
             tls::client_config_mtls(
                 shop.pem.as_bytes(),
                 Some((cert.as_bytes(), key.as_bytes())),
                 "test",
             )
             .unwrap(),
-        ),
+        )),
         ..ClientConfig::default()
     };
     let channel = trellis_transport::connect(&s.addr.to_string(), &config)
@@ -209,7 +209,9 @@ async fn the_grpc_client_speaks_mutual_tls() {
     assert_eq!(answer.into_inner().status, 1, "SERVING");
     // Without its certificate the same client is refused.
     let bare = ClientConfig {
-        tls: Some(tls::client_config_mtls(shop.pem.as_bytes(), None, "test").unwrap()),
+        tls: Some(tls::fixed(
+            tls::client_config_mtls(shop.pem.as_bytes(), None, "test").unwrap(),
+        )),
         ..ClientConfig::default()
     };
     let refused = match trellis_transport::connect(&s.addr.to_string(), &bare).await {
@@ -230,14 +232,14 @@ async fn a_renewed_certificate_is_used_by_new_connections_without_dropping_open_
     let order = leaf(&shop, "order", false);
     let (cert, key) = leaf(&shop, "order", false);
     let grpc = ClientConfig {
-        tls: Some(
+        tls: Some(tls::fixed(
             tls::client_config_mtls(
                 shop.pem.as_bytes(),
                 Some((cert.as_bytes(), key.as_bytes())),
                 "test",
             )
             .unwrap(),
-        ),
+        )),
         ..ClientConfig::default()
     };
     let channel = trellis_transport::connect(&s.addr.to_string(), &grpc)
@@ -278,4 +280,68 @@ async fn a_renewed_certificate_is_used_by_new_connections_without_dropping_open_
         .await
         .unwrap();
     s.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_files_are_reloaded_when_they_change() {
+    let shop = ca("trellis dev CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_file, key_file, ca_file) = (
+        dir.path().join("user.pem"),
+        dir.path().join("user-key.pem"),
+        dir.path().join("ca.pem"),
+    );
+    let (cert, key) = leaf(&shop, "user", false);
+    std::fs::write(&cert_file, &cert).unwrap();
+    std::fs::write(&key_file, &key).unwrap();
+    std::fs::write(&ca_file, &shop.pem).unwrap();
+    let (c, k, a) = (cert_file.clone(), key_file.clone(), ca_file.clone());
+    let reloading = tls::follow_files(
+        vec![cert_file.clone(), key_file.clone(), ca_file.clone()],
+        Duration::from_millis(50),
+        move || tls::load_server(&c, &k, Some(&a)),
+    )
+    .unwrap();
+    let server = GrpcHttpServer::builder(ServerConfig {
+        tls: Some(reloading.clone()),
+        ..ServerConfig::default()
+    })
+    .bind()
+    .await
+    .unwrap();
+    let addr = server.local_addr();
+    let lifecycle = Lifecycle::new();
+    lifecycle.advance(State::Ready);
+    let stop = CancellationToken::new();
+    tokio::spawn(Box::new(server).serve(
+        lifecycle.subscribe(),
+        Drain::new(stop.clone(), Duration::from_millis(100)),
+    ));
+    let order = leaf(&shop, "order", false);
+    let (_, first) = get_over_tls(addr, client_config(&shop, Some(&order)), "/readyz")
+        .await
+        .unwrap();
+
+    // A renewal written in two steps: a certificate without its key fails
+    // to build and is skipped until the key is there too.
+    let (new_cert, new_key) = leaf(&shop, "user", false);
+    std::fs::write(&cert_file, &new_cert).unwrap();
+
+    std::fs::write(&key_file, &new_key).unwrap();
+    let renewed = rustls::pki_types::CertificateDer::from_pem_slice(new_cert.as_bytes())
+        .unwrap()
+        .to_vec();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let seen = loop {
+        let (_, seen) = get_over_tls(addr, client_config(&shop, Some(&order)), "/readyz")
+            .await
+            .unwrap();
+        if seen == renewed || tokio::time::Instant::now() > deadline {
+            break seen;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_ne!(seen, first);
+    assert_eq!(seen, renewed, "the renewed certificate was never served");
+    stop.cancel();
 }
