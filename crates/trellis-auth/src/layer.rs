@@ -76,6 +76,8 @@ pub struct Policy {
     /// Longest first.
     prefixes: Vec<(String, Access)>,
     default: Access,
+    /// Paths (exact, or prefixes ending in `*`) only some peers may call.
+    peers: Vec<(String, Vec<String>)>,
 }
 
 impl Policy {
@@ -106,6 +108,30 @@ impl Policy {
         self
     }
 
+    /// Only the services named (by their mTLS identity, see
+    /// [`trellis_core::PeerIdentity::name`]) may call `pattern` (exact, or
+    /// a prefix ending in `*`).
+    pub fn peers(mut self, pattern: impl Into<String>, allowed: Vec<String>) -> Policy {
+        let pattern = pattern.into();
+        self.peers.retain(|(p, _)| *p != pattern);
+        self.peers.push((pattern, allowed));
+        // Exact rules, then longer prefixes, first.
+        self.peers
+            .sort_by_key(|(p, _)| (p.ends_with('*'), std::cmp::Reverse(p.len())));
+        self
+    }
+
+    /// The services allowed to call `path`, if a rule limits them.
+    pub fn allowed_peers(&self, path: &str) -> Option<&[String]> {
+        self.peers
+            .iter()
+            .find(|(p, _)| match p.strip_suffix('*') {
+                Some(prefix) => path.starts_with(prefix),
+                None => p == path,
+            })
+            .map(|(_, allowed)| allowed.as_slice())
+    }
+
     /// What a call to `path` needs.
     pub fn access(&self, path: &str) -> &Access {
         if let Some(access) = self.exact.get(path) {
@@ -123,6 +149,28 @@ fn client_ip<B>(req: &Request<B>) -> Option<String> {
     req.extensions()
         .get::<trellis_core::PeerAddr>()
         .map(|p| p.0.ip().to_string())
+}
+
+/// The calling service's mTLS identity, when it showed a certificate.
+fn peer<B>(req: &Request<B>) -> Option<String> {
+    req.extensions()
+        .get::<trellis_core::PeerIdentity>()
+        .map(|p| crate::audit::bounded(&p.0))
+}
+
+/// 403 for a caller whose certificate does not name an allowed service.
+fn peer_refused(who: Option<&str>) -> Error {
+    Error::new(
+        tonic::Code::PermissionDenied,
+        "PEER_NOT_ALLOWED",
+        match who {
+            Some(who) => format!("{who} may not call this method"),
+            None => {
+                "this method is for named services only: call with a client certificate".to_owned()
+            }
+        },
+    )
+    .with_metadata("peer", who.unwrap_or("none"))
 }
 
 /// The longest subject or tenant put in baggage (W3C baggage is bounded).
@@ -229,6 +277,27 @@ where
                 };
             let access = policy.access(&path);
             let grpc = is_grpc(req.headers());
+            if let Some(allowed) = policy.allowed_peers(&path) {
+                let identity = req.extensions().get::<trellis_core::PeerIdentity>();
+                if !identity.is_some_and(|id| allowed.iter().any(|a| a == id.name())) {
+                    let who = identity.map(|id| id.name().to_owned());
+                    if let Some(recorder) = &audit {
+                        let entry = crate::audit::Entry {
+                            client_ip: client_ip(&req),
+                            peer: peer(&req),
+                            trace_id: crate::audit::current_trace_id(),
+                            resource: Some(crate::audit::bounded(req.uri().path())),
+                            ..crate::audit::Entry::new(
+                                "forbidden",
+                                crate::audit::bounded(&path),
+                                format!("refused: peer {}", who.as_deref().unwrap_or("none")),
+                            )
+                        };
+                        recorder.record(entry, true).await;
+                    }
+                    return Ok(peer_refused(who.as_deref()).to_response(grpc));
+                }
+            }
             match access.check(&verifier, req.headers()).await {
                 Ok(Some(claims)) => {
                     let audited = audit.as_ref().filter(|_| {
@@ -246,6 +315,7 @@ where
                         subject: Some(claims.sub.clone()),
                         tenant: claims.tenant.clone(),
                         client_ip: client_ip(&req),
+                        peer: peer(&req),
                         trace_id: crate::audit::current_trace_id(),
                         resource: Some(crate::audit::bounded(req.uri().path())),
                         ..crate::audit::Entry::new(
@@ -288,6 +358,7 @@ where
                             .map_or("missing", String::as_str);
                         let entry = crate::audit::Entry {
                             client_ip: client_ip(&req),
+                            peer: peer(&req),
                             trace_id: crate::audit::current_trace_id(),
                             resource: Some(crate::audit::bounded(req.uri().path())),
                             ..crate::audit::Entry::new(

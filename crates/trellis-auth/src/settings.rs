@@ -124,6 +124,10 @@ pub struct PolicySettings {
     /// Paths that need every permission listed (roles, permissions or
     /// scopes).
     pub require: BTreeMap<String, Vec<String>>,
+    /// Paths only the named services may call, by the identity in their
+    /// mTLS certificate (`order` for `spiffe://trellis/order`), on top of
+    /// the token rules: `"/shop.payment.v1.PaymentService/Charge" = ["order"]`.
+    pub peers: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for PolicySettings {
@@ -132,6 +136,7 @@ impl Default for PolicySettings {
             default: "authenticated".into(),
             public: Vec::new(),
             require: BTreeMap::new(),
+            peers: BTreeMap::new(),
         }
     }
 }
@@ -161,6 +166,15 @@ impl PolicySettings {
                 return Err(("require", format!("{path:?}: paths start with /")));
             }
             policy = policy.rule(path.clone(), Access::Require(permissions.clone()));
+        }
+        for (path, peers) in &self.peers {
+            if !path.starts_with('/') {
+                return Err(("peers", format!("{path:?}: paths start with /")));
+            }
+            if peers.is_empty() {
+                return Err(("peers", format!("{path:?}: name at least one service")));
+            }
+            policy = policy.peers(path.clone(), peers.clone());
         }
         Ok(policy)
     }

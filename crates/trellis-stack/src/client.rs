@@ -40,6 +40,9 @@ pub struct ClientSettings {
     pub breaker: BreakerSettings,
     /// How endpoints are chosen.
     pub balancer: BalancerSettings,
+    /// TLS to the service's endpoints (with a certificate: mutual TLS).
+    /// Default: none (plaintext HTTP/2).
+    pub tls: Option<crate::ClientTlsSettings>,
 }
 
 impl Default for ClientSettings {
@@ -49,6 +52,7 @@ impl Default for ClientSettings {
             retry: RetrySettings::default(),
             breaker: BreakerSettings::default(),
             balancer: BalancerSettings::default(),
+            tls: None,
         }
     }
 }
@@ -180,6 +184,9 @@ impl ClientSettings {
     /// Checks ranges; `prefix` is where these settings sit (e.g. `client`).
     pub fn validate(&self, prefix: &str) -> Result<(), Invalid> {
         let bad = |key: &str, why: &str| Err(Invalid::new(format!("{prefix}.{key}"), why));
+        if let Some(tls) = &self.tls {
+            tls.validate(&format!("{prefix}.tls"))?;
+        }
         if self.timeout.is_some_and(|t| t < Duration::from_millis(1)) {
             return bad("timeout", "must be at least 1ms (or null)");
         }

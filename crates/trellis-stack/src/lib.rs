@@ -28,6 +28,7 @@
 
 mod client;
 mod server;
+mod tls;
 
 pub use client::{
     BalancerSettings, BreakerSettings, ClientBreaker, ClientSettings, ClientStack,
@@ -36,3 +37,4 @@ pub use client::{
 pub use server::{
     RateLimitSettings, ServerSettings, ServerStack, ServerStackService, SheddingSettings,
 };
+pub use tls::{ClientTlsSettings, ServerTlsSettings};

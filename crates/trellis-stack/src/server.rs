@@ -67,6 +67,10 @@ pub struct ServerSettings {
     /// (`server.auth.tokens`, `server.auth.access`; see docs/auth.md).
     /// Restart. Default: none (no token checked).
     pub auth: Option<trellis_auth::AuthSettings>,
+    /// TLS on the main and admin listeners; with `client_ca_file`, mutual
+    /// TLS. Restart to turn on; certificate files are followed. Default:
+    /// none (plaintext).
+    pub tls: Option<crate::ServerTlsSettings>,
 }
 
 /// A local rate limit (GCRA) in front of the service's own routes.
@@ -184,6 +188,7 @@ impl Default for ServerSettings {
             shedding: SheddingSettings::default(),
             reflection: true,
             auth: None,
+            tls: None,
         }
     }
 }
@@ -203,6 +208,9 @@ impl ServerSettings {
 
     /// Checks ranges; `prefix` is where these settings sit (e.g. `server`).
     pub fn validate(&self, prefix: &str) -> Result<(), Invalid> {
+        if let Some(tls) = &self.tls {
+            tls.validate(&format!("{prefix}.tls"))?;
+        }
         if let Some(auth) = &self.auth {
             auth.tokens
                 .build()

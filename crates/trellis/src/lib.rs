@@ -93,9 +93,25 @@ pub async fn balanced_channel(
     service: &str,
     config: balance::BalanceConfig,
 ) -> Result<BalancedChannel, registry::RegistryError> {
-    let connect = |endpoint: &balance::Endpoint| {
-        transport::connect_lazy(endpoint.address(), &transport::ClientConfig::default())
-            .map_err(core::BoxError::from)
+    balanced_channel_with(
+        discovery,
+        service,
+        config,
+        transport::ClientConfig::default(),
+    )
+    .await
+}
+
+/// [`balanced_channel`] with each endpoint's channel made as `client`
+/// says (timeouts, keep-alive, TLS).
+pub async fn balanced_channel_with(
+    discovery: &dyn registry::Discovery,
+    service: &str,
+    config: balance::BalanceConfig,
+    client: transport::ClientConfig,
+) -> Result<BalancedChannel, registry::RegistryError> {
+    let connect = move |endpoint: &balance::Endpoint| {
+        transport::connect_lazy(endpoint.address(), &client).map_err(core::BoxError::from)
     };
     balance::Balanced::discover(discovery, service, config, connect).await
 }
@@ -142,7 +158,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for ResilientChannel {
 pub async fn resilient_client(
     discovery: &dyn registry::Discovery,
     service: &str,
-) -> Result<ResilientChannel, registry::RegistryError> {
+) -> Result<ResilientChannel, core::BoxError> {
     resilient_client_with(discovery, service, &settings::ClientSettings::default()).await
 }
 
@@ -163,9 +179,14 @@ pub async fn resilient_client_with(
     discovery: &dyn registry::Discovery,
     service: &str,
     settings: &settings::ClientSettings,
-) -> Result<ResilientChannel, registry::RegistryError> {
+) -> Result<ResilientChannel, core::BoxError> {
     use tower::Layer;
-    let balanced = balanced_channel(discovery, service, settings.balance_config()).await?;
+    let mut client = transport::ClientConfig::default();
+    if let Some(tls) = &settings.tls {
+        client.tls = Some(tls.follow().map_err(|e| format!("client tls: {e}"))?);
+    }
+    let balanced =
+        balanced_channel_with(discovery, service, settings.balance_config(), client).await?;
     let stack = trellis_stack::ClientStack::new(settings).layer(balanced.clone());
     Ok(ResilientChannel { stack, balanced })
 }

@@ -201,6 +201,14 @@ pub async fn bind_with<S: Service>(
     let settings = &current.config;
     server.limits = settings.server().limits();
     server.reflection = settings.server().reflection;
+    if let Some(tls) = &settings.server().tls {
+        server.tls = Some(tls.follow().map_err(|e| {
+            StartError::Config(ConfigError::Read {
+                source_name: "server.tls".into(),
+                reason: e.to_string(),
+            })
+        })?);
+    }
     let builder = GrpcHttpServer::builder(server);
     let context = Context {
         config: &config,
