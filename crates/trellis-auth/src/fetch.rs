@@ -10,9 +10,12 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 /// A TLS client trusting `ca_file`'s certificates, or the system's roots
-/// without one.
-pub(crate) fn tls_connector(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, String> {
-    trellis_transport::tls::client_config(ca_file, vec![b"http/1.1".to_vec()])
+/// without one; presenting `identity` (certificate, key) when given.
+pub(crate) fn tls_connector(
+    ca_file: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<tokio_rustls::TlsConnector, String> {
+    trellis_transport::tls::client_config_with(ca_file, identity, vec![b"http/1.1".to_vec()])
         .map(tokio_rustls::TlsConnector::from)
         .map_err(|e| e.to_string())
 }

@@ -63,9 +63,19 @@ impl UrlSource {
     /// The set at `url`; HTTPS trusts `ca_file`, or the system's roots
     /// without one. Fetches give up after 5 s.
     pub fn new(url: &str, ca_file: Option<&std::path::Path>) -> Result<UrlSource, String> {
+        UrlSource::with_identity(url, ca_file, None)
+    }
+
+    /// [`new`](Self::new), presenting a client certificate and key (PEM
+    /// files) to a key set served over mutual TLS.
+    pub fn with_identity(
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<UrlSource, String> {
         let uri: http::Uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
         let tls = match uri.scheme_str() {
-            Some("https") => Some(crate::fetch::tls_connector(ca_file)?),
+            Some("https") => Some(crate::fetch::tls_connector(ca_file, identity)?),
             Some("http") => None,
             _ => return Err(format!("{url:?}: expected an http:// or https:// URL")),
         };

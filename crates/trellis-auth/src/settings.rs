@@ -21,6 +21,11 @@ pub struct VerifierSettings {
     /// PEM: the authorities trusted for an `https://` key set. Default:
     /// the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// PEM: a client certificate for a key set served over mutual TLS
+    /// (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM: its private key.
+    pub key_file: Option<PathBuf>,
     /// The accepted `iss` (required).
     pub issuer: String,
     /// Accepted audiences: a token's `aud` must name one (required).
@@ -46,6 +51,8 @@ impl Default for VerifierSettings {
             jwks_url: None,
             jwks_file: None,
             ca_file: None,
+            cert_file: None,
+            key_file: None,
             issuer: String::new(),
             audience: Vec::new(),
             algorithms: vec!["EdDSA".into(), "ES256".into(), "RS256".into()],
@@ -68,9 +75,17 @@ impl VerifierSettings {
             refresh: self.refresh,
             cooldown: self.cooldown,
         };
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(("cert_file", "cert_file and key_file come together".to_owned()));
+        }
         let keys = match (&self.jwks_url, &self.jwks_file) {
             (Some(url), None) => Jwks::new(
-                UrlSource::new(url, self.ca_file.as_deref()).map_err(|e| ("jwks_url", e))?,
+                UrlSource::with_identity(
+                    url,
+                    self.ca_file.as_deref(),
+                    self.cert_file.as_deref().zip(self.key_file.as_deref()),
+                )
+                .map_err(|e| ("jwks_url", e))?,
                 timing,
             ),
             (None, Some(path)) => Jwks::new(FileSource(path.clone()), timing),

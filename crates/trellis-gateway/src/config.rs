@@ -94,6 +94,11 @@ pub struct JwtConfig {
     /// PEM: the authorities trusted for an `https://` key set. Default: the
     /// system's roots.
     pub ca_file: Option<std::path::PathBuf>,
+    /// PEM: a client certificate for a key set served over mutual TLS
+    /// (with `key_file`).
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM: its private key.
+    pub key_file: Option<std::path::PathBuf>,
     /// The accepted `iss` (required).
     pub issuer: String,
     /// Accepted audiences: a token's `aud` must name one (required).
@@ -125,6 +130,8 @@ impl Default for JwtConfig {
             jwks_url: None,
             jwks_file: None,
             ca_file: None,
+            cert_file: None,
+            key_file: None,
             issuer: String::new(),
             audience: Vec::new(),
             algorithms: vec!["EdDSA".into(), "ES256".into(), "RS256".into()],
@@ -281,6 +288,13 @@ pub struct UpstreamTlsConfig {
     /// Default: the target's host.
     #[serde(default)]
     pub server_name: Option<String>,
+    /// PEM: the gateway's certificate for upstreams that ask for one
+    /// (mutual TLS), with `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM: its private key.
+    #[serde(default)]
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// An upstream's active health check.

@@ -38,6 +38,8 @@ impl GatewayJwt {
             jwks_url: config.jwks_url.clone(),
             jwks_file: config.jwks_file.clone(),
             ca_file: config.ca_file.clone(),
+            cert_file: config.cert_file.clone(),
+            key_file: config.key_file.clone(),
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
             algorithms: config.algorithms.clone(),

@@ -428,7 +428,8 @@ impl Service<Request<RequestBody>> for EndpointClient {
 }
 
 /// A connector trusting `tls.ca_file` (the system's roots without one),
-/// offering `h2` (for h2c/gRPC upstreams) or `http/1.1` by ALPN.
+/// presenting `tls.cert_file` when set (mutual TLS), offering `h2` (for
+/// h2c/gRPC upstreams) or `http/1.1` by ALPN.
 pub(crate) fn tls_connector(
     tls: &crate::config::UpstreamTlsConfig,
     h2: bool,
@@ -438,9 +439,16 @@ pub(crate) fn tls_connector(
     } else {
         b"http/1.1".to_vec()
     };
-    trellis_transport::tls::client_config(tls.ca_file.as_deref(), vec![alpn])
-        .map(tokio_rustls::TlsConnector::from)
-        .map_err(|e| e.to_string())
+    if tls.cert_file.is_some() != tls.key_file.is_some() {
+        return Err("cert_file and key_file come together".to_owned());
+    }
+    trellis_transport::tls::client_config_with(
+        tls.ca_file.as_deref(),
+        tls.cert_file.as_deref().zip(tls.key_file.as_deref()),
+        vec![alpn],
+    )
+    .map(tokio_rustls::TlsConnector::from)
+    .map_err(|e| e.to_string())
 }
 
 /// A connection to an endpoint, plain or TLS.

@@ -38,6 +38,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "dev-certs")]
+pub mod certs;
 mod client;
 mod config;
 mod error;

@@ -45,14 +45,7 @@ pub fn server_config(
         what: format!("{what} in {source}"),
         reason,
     };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| invalid("certificate chain", e.to_string()))?;
-    if chain.is_empty() {
-        return Err(invalid("certificate chain", "no CERTIFICATE block".into()));
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| invalid("private key", e.to_string()))?;
+    let (chain, key) = identity_from_pem(cert_pem, key_pem, source)?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
@@ -72,28 +65,24 @@ pub fn client_config(
     ca_file: Option<&Path>,
     alpn: Vec<Vec<u8>>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| TlsError::Read {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-            let invalid = |reason: String| TlsError::Invalid {
-                what: format!("certificate authorities in {}", path.display()),
-                reason,
-            };
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                roots
-                    .add(cert.map_err(|e| invalid(e.to_string()))?)
-                    .map_err(|e| invalid(e.to_string()))?;
-            }
-            if roots.is_empty() {
-                return Err(invalid("no CERTIFICATE block".into()));
-            }
-        }
+    client_config_with(ca_file, None, alpn)
+}
+
+/// [`client_config`], presenting the certificate and key in `identity`
+/// (PEM files) to servers that ask for one (mutual TLS).
+pub fn client_config_with(
+    ca_file: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let roots = match ca_file {
+        Some(path) => roots_from_pem(
+            &read(path)?,
+            &format!("certificate authorities in {}", path.display()),
+        )?,
         None => {
             // Unreadable entries are skipped; an empty store is refused.
+            let mut roots = rustls::RootCertStore::empty();
             roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
             if roots.is_empty() {
                 return Err(TlsError::Invalid {
@@ -101,9 +90,10 @@ pub fn client_config(
                     reason: "none found (install ca-certificates, or name a ca_file)".into(),
                 });
             }
+            roots
         }
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
@@ -111,10 +101,43 @@ pub fn client_config(
         what: "protocol versions".into(),
         reason: e.to_string(),
     })?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let source = cert.display().to_string();
+            let (chain, key) = identity_from_pem(&read(cert)?, &read(key)?, &source)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| TlsError::Invalid {
+                    what: format!("client certificate and key in {source}"),
+                    reason: e.to_string(),
+                })?
+        }
+    };
     config.alpn_protocols = alpn;
     Ok(Arc::new(config))
+}
+
+/// A certificate chain and its key from PEM text.
+fn identity_from_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    source: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let invalid = |what: &str, reason: String| TlsError::Invalid {
+        what: format!("{what} in {source}"),
+        reason,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid("certificate chain", e.to_string()))?;
+    if chain.is_empty() {
+        return Err(invalid("certificate chain", "no CERTIFICATE block".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| invalid("private key", e.to_string()))?;
+    Ok((chain, key))
 }
 
 /// [`server_config`] from two PEM files.
@@ -145,14 +168,7 @@ pub fn server_config_mtls(
         what: format!("{what} in {source}"),
         reason,
     };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| invalid("certificate chain", e.to_string()))?;
-    if chain.is_empty() {
-        return Err(invalid("certificate chain", "no CERTIFICATE block".into()));
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| invalid("private key", e.to_string()))?;
+    let (chain, key) = identity_from_pem(cert_pem, key_pem, source)?;
     let roots = roots_from_pem(client_ca_pem, &format!("client authorities in {source}"))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -232,14 +248,7 @@ pub fn client_config_mtls(
     let mut config = match identity {
         None => builder.with_no_client_auth(),
         Some((cert_pem, key_pem)) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
-                .collect::<Result<_, _>>()
-                .map_err(|e| invalid("client certificate", e.to_string()))?;
-            if chain.is_empty() {
-                return Err(invalid("client certificate", "no CERTIFICATE block".into()));
-            }
-            let key = PrivateKeyDer::from_pem_slice(key_pem)
-                .map_err(|e| invalid("client key", e.to_string()))?;
+            let (chain, key) = identity_from_pem(cert_pem, key_pem, source)?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| invalid("client certificate and key", e.to_string()))?
@@ -249,24 +258,13 @@ pub fn client_config_mtls(
     Ok(Arc::new(config))
 }
 
-/// [`client_config_mtls`] from files.
+/// A client configuration for gRPC from files: trusting `ca`, presenting
+/// `identity` (certificate, key) when given; ALPN `h2`.
 pub fn load_client(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let source = match identity {
-        Some((cert, _)) => format!("{} and {}", ca.display(), cert.display()),
-        None => ca.display().to_string(),
-    };
-    let identity = match identity {
-        Some((cert, key)) => Some((read(cert)?, read(key)?)),
-        None => None,
-    };
-    client_config_mtls(
-        &read(ca)?,
-        identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
-        &source,
-    )
+    client_config_with(Some(ca), identity, vec![b"h2".to_vec()])
 }
 
 /// The identity in a verified peer certificate (DER): its first URI
