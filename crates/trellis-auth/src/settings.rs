@@ -76,7 +76,10 @@ impl VerifierSettings {
             cooldown: self.cooldown,
         };
         if self.cert_file.is_some() != self.key_file.is_some() {
-            return Err(("cert_file", "cert_file and key_file come together".to_owned()));
+            return Err((
+                "cert_file",
+                "cert_file and key_file come together".to_owned(),
+            ));
         }
         let keys = match (&self.jwks_url, &self.jwks_file) {
             (Some(url), None) => Jwks::new(

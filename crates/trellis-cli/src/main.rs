@@ -56,12 +56,23 @@ enum Command {
         /// user.toml, user.yaml, user/ ...
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Mutual TLS between every service, and TLS on the gateway, with
+        /// development certificates made once under DATA_DIR/certs
+        /// (`trellis certs init`).
+        #[arg(long)]
+        tls: bool,
         #[command(flatten)]
         config_source: ConfigSourceArg,
         #[command(flatten)]
         registry: RegistryArg,
         #[command(flatten)]
         shutdown: ShutdownArgs,
+    },
+    /// Make a development certificate authority and a certificate per
+    /// service (SPIFFE ID spiffe://trellis/SERVICE, localhost, 127.0.0.1).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
     },
     /// Run one service in this process.
     Serve {
@@ -162,6 +173,18 @@ enum GatewayCommand {
         /// The gateway's admin address.
         #[arg(long, default_value = "127.0.0.1:9080")]
         admin: SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write ca.pem, ca-key.pem and SERVICE.pem, SERVICE-key.pem for every
+    /// service of the shop and the gateway (keys mode 0600). Refuses a
+    /// directory that already has a CA.
+    Init {
+        /// Where to write them.
+        #[arg(long, default_value = "./.trellis/certs")]
+        dir: PathBuf,
     },
 }
 
@@ -301,6 +324,7 @@ async fn main() -> ExitCode {
             base_port,
             admin_listen,
             config,
+            tls,
             config_source,
             registry,
             shutdown,
@@ -313,12 +337,16 @@ async fn main() -> ExitCode {
                 base_port,
                 admin_base,
                 config,
+                tls,
                 config_source,
                 registry,
                 shutdown,
             )
             .await
         }
+        Command::Certs {
+            command: CertsCommand::Init { dir },
+        } => certs_init(&dir),
         Command::Serve {
             service,
             listen,
@@ -463,20 +491,28 @@ async fn up(
     base_port: u16,
     admin_base: SocketAddr,
     config: Option<PathBuf>,
+    tls: bool,
     config_source: ConfigSourceArg,
     registry: RegistryArg,
     shutdown: ShutdownArgs,
 ) -> Result<(), String> {
     let (signal, registry) = prepare(&registry).await?;
+    let certs = match tls {
+        true => Some(services::dev_certs(&data_dir)?),
+        false => None,
+    };
     let mut started = Vec::new();
     for &service in services::ALL {
         let port = services::port(service, base_port);
         let admin_port = services::port(service, admin_base.port());
-        let sources = services::sources_for_up(
+        let mut sources = services::sources_for_up(
             service,
             config.as_deref(),
             config_source.config_source.clone(),
         )?;
+        if let Some(certs) = &certs {
+            sources.set.extend(services::tls_settings(service, certs));
+        }
         let server = ServerConfig {
             listen: SocketAddr::new(host, port),
             admin_listen: Some(SocketAddr::new(admin_base.ip(), admin_port)),
@@ -513,6 +549,7 @@ async fn up(
         Shop {
             auth,
             data_dir: &data_dir,
+            certs: certs.as_deref(),
         },
         registry.clone(),
         &stop,
@@ -527,12 +564,19 @@ async fn up(
     );
     for (service, s) in &started {
         let admin = s.admin.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+        let scheme = if certs.is_some() { "https" } else { "http" };
         println!(
-            "{:<10} {:<22} {:<22} http://{}/readyz",
+            "{:<10} {:<22} {:<22} {scheme}://{}/readyz",
             service.name(),
             s.addr,
             admin,
             s.addr
+        );
+    }
+    if let Some(certs) = &certs {
+        println!(
+            "mutual TLS between the services; the gateway serves HTTPS (CA {})",
+            certs.join("ca.pem").display()
         );
     }
     println!("data in {}; press Ctrl-C to stop", data_dir.display());
@@ -694,6 +738,24 @@ async fn gateway_routes(admin: SocketAddr) -> Result<(), String> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// `trellis certs init`.
+fn certs_init(dir: &std::path::Path) -> Result<(), String> {
+    let mut names: Vec<&str> = services::ALL.iter().map(|d| d.name()).collect();
+    names.push("gateway");
+    let made = trellis::transport::certs::init(dir, services::TRUST_DOMAIN, &names)
+        .map_err(|e| e.to_string())?;
+    println!("CA          {}", made.ca.display());
+    for (name, cert, key) in made.services {
+        println!(
+            "{name:<11} {}  {}  spiffe://{}/{name}",
+            cert.display(),
+            key.display(),
+            services::TRUST_DOMAIN
+        );
     }
     Ok(())
 }
@@ -878,6 +940,9 @@ struct Shop<'a> {
     auth: Option<SocketAddr>,
     /// Where the gateway's audit trail goes.
     data_dir: &'a std::path::Path,
+    /// With `--tls`: the development certificates (the gateway serves TLS
+    /// and calls the services with its client certificate).
+    certs: Option<&'a std::path::Path>,
 }
 
 /// For `up`: the gateway with every service's generated routes — those of
@@ -907,9 +972,31 @@ async fn start_gateway(
         document.upstreams.extend(part.upstreams);
         document.routes.extend(part.routes);
     }
+    let identity = shop.certs.map(|dir| {
+        let (cert, key) = trellis::transport::certs::DevCerts::paths(dir, "gateway");
+        (dir.join("ca.pem"), cert, key)
+    });
+    if let Some((ca, cert, key)) = &identity {
+        for upstream in document.upstreams.values_mut() {
+            upstream.tls = Some(trellis::gateway::config::UpstreamTlsConfig {
+                ca_file: Some(ca.clone()),
+                server_name: None,
+                cert_file: Some(cert.clone()),
+                key_file: Some(key.clone()),
+            });
+        }
+        document.tls = Some(trellis::gateway::config::TlsConfig {
+            cert_file: cert.clone(),
+            key_file: key.clone(),
+        });
+    }
     if let Some(auth) = shop.auth {
+        let scheme = if identity.is_some() { "https" } else { "http" };
         document.jwt = Some(trellis::gateway::JwtConfig {
-            jwks_url: Some(format!("http://{auth}/.well-known/jwks.json")),
+            jwks_url: Some(format!("{scheme}://{auth}/.well-known/jwks.json")),
+            ca_file: identity.as_ref().map(|i| i.0.clone()),
+            cert_file: identity.as_ref().map(|i| i.1.clone()),
+            key_file: identity.as_ref().map(|i| i.2.clone()),
             issuer: "trellis".into(),
             audience: vec!["shop".into()],
             ..Default::default()

@@ -91,3 +91,43 @@ pub fn explain(error: &StartError, service: &str, flag: &str, data_dir: &Path) -
         (None, other) => format!("{service}: {other} (data dir {})", data_dir.display()),
     }
 }
+
+/// The trust domain of the development certificates.
+pub const TRUST_DOMAIN: &str = "trellis";
+
+/// For `up --tls`: the shop's development CA and certificates under
+/// `{data_dir}/certs`, made on first use (every service and the gateway).
+pub fn dev_certs(data_dir: &Path) -> Result<std::path::PathBuf, String> {
+    let dir = data_dir.join("certs");
+    if !dir.join("ca.pem").exists() {
+        let mut names: Vec<&str> = ALL.iter().map(|d| d.name()).collect();
+        names.push("gateway");
+        trellis::transport::certs::init(&dir, TRUST_DOMAIN, &names).map_err(|e| e.to_string())?;
+    }
+    Ok(dir)
+}
+
+/// For `up --tls`: the settings that put `service` on mutual TLS with the
+/// certificates in `certs` — its server, and the clients it has.
+pub fn tls_settings(service: &dyn Definition, certs: &Path) -> Vec<(String, String, String)> {
+    use trellis::transport::certs::DevCerts;
+    let (cert, key) = DevCerts::paths(certs, service.name());
+    let ca = certs.join("ca.pem");
+    let path = |p: &Path| p.display().to_string();
+    let mut set = vec![
+        ("server.tls.cert_file", path(&cert)),
+        ("server.tls.key_file", path(&key)),
+        ("server.tls.client_ca_file", path(&ca)),
+    ];
+    // The clients a service has, where its settings keep them.
+    if service.name() == shop_auth::SERVICE {
+        set.extend([
+            ("users.client.tls.ca_file", path(&ca)),
+            ("users.client.tls.cert_file", path(&cert)),
+            ("users.client.tls.key_file", path(&key)),
+        ]);
+    }
+    set.into_iter()
+        .map(|(k, v)| ("--tls".to_owned(), k.to_owned(), v))
+        .collect()
+}

@@ -359,55 +359,6 @@ mod san {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cert_with(sans: Vec<rcgen::SanType>) -> Vec<u8> {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.subject_alt_names = sans;
-        let key = rcgen::KeyPair::generate().unwrap();
-        params.self_signed(&key).unwrap().der().to_vec()
-    }
-
-    #[test]
-    fn the_identity_is_the_first_uri_then_the_first_dns_name() {
-        let uri = |s: &str| rcgen::SanType::URI(s.try_into().unwrap());
-        let dns = |s: &str| rcgen::SanType::DnsName(s.try_into().unwrap());
-        let ip = rcgen::SanType::IpAddress([127, 0, 0, 1].into());
-        let der = cert_with(vec![
-            dns("order.local"),
-            ip.clone(),
-            uri("spiffe://trellis/order"),
-        ]);
-        let id = peer_identity(&der).unwrap();
-        assert_eq!(&*id.0, "spiffe://trellis/order");
-        assert_eq!(id.name(), "order");
-        let der = cert_with(vec![ip.clone(), dns("payment.local")]);
-        assert_eq!(&*peer_identity(&der).unwrap().0, "payment.local");
-        assert_eq!(peer_identity(&cert_with(vec![ip])), None);
-    }
-
-    #[test]
-    fn malformed_certificates_have_no_identity_and_do_not_panic() {
-        let der = cert_with(vec![rcgen::SanType::URI(
-            "spiffe://trellis/order".try_into().unwrap(),
-        )]);
-        // Every truncation, and every single-byte change of the length
-        // bytes near the front, is refused or read within bounds.
-        for cut in 0..der.len() {
-            let _ = peer_identity(&der[..cut]);
-        }
-        for i in 0..der.len().min(64) {
-            let mut bad = der.clone();
-            bad[i] ^= 0xff;
-            let _ = peer_identity(&bad);
-        }
-        assert_eq!(peer_identity(&[]), None);
-        assert_eq!(peer_identity(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
-    }
-}
-
 /// A configuration that is replaced while in use (renewed certificates):
 /// each new connection takes the one held when it starts.
 pub type Reloading<T> = Arc<arc_swap::ArcSwap<T>>;
@@ -470,4 +421,53 @@ where
 /// A configuration that never changes, where a [`Reloading`] one is wanted.
 pub fn fixed<T>(config: Arc<T>) -> Reloading<T> {
     Arc::new(arc_swap::ArcSwap::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert_with(sans: Vec<rcgen::SanType>) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = sans;
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_identity_is_the_first_uri_then_the_first_dns_name() {
+        let uri = |s: &str| rcgen::SanType::URI(s.try_into().unwrap());
+        let dns = |s: &str| rcgen::SanType::DnsName(s.try_into().unwrap());
+        let ip = rcgen::SanType::IpAddress([127, 0, 0, 1].into());
+        let der = cert_with(vec![
+            dns("order.local"),
+            ip.clone(),
+            uri("spiffe://trellis/order"),
+        ]);
+        let id = peer_identity(&der).unwrap();
+        assert_eq!(&*id.0, "spiffe://trellis/order");
+        assert_eq!(id.name(), "order");
+        let der = cert_with(vec![ip.clone(), dns("payment.local")]);
+        assert_eq!(&*peer_identity(&der).unwrap().0, "payment.local");
+        assert_eq!(peer_identity(&cert_with(vec![ip])), None);
+    }
+
+    #[test]
+    fn malformed_certificates_have_no_identity_and_do_not_panic() {
+        let der = cert_with(vec![rcgen::SanType::URI(
+            "spiffe://trellis/order".try_into().unwrap(),
+        )]);
+        // Every truncation, and every single-byte change of the length
+        // bytes near the front, is refused or read within bounds.
+        for cut in 0..der.len() {
+            let _ = peer_identity(&der[..cut]);
+        }
+        for i in 0..der.len().min(64) {
+            let mut bad = der.clone();
+            bad[i] ^= 0xff;
+            let _ = peer_identity(&bad);
+        }
+        assert_eq!(peer_identity(&[]), None);
+        assert_eq!(peer_identity(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+    }
 }

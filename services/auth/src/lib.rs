@@ -248,13 +248,16 @@ impl Default for LoginSettings {
     }
 }
 
-/// Where the user service is.
+/// Where the user service is and how it is called.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct UsersSettings {
     /// A fixed address (`http://host:port`); unset, the service `user` is
     /// discovered through the registry.
     pub endpoint: Option<String>,
+    /// The client: timeout, retries, breaker, balancer, and `tls` (the
+    /// shop's CA and this service's certificate, for mutual TLS).
+    pub client: trellis::settings::ClientSettings,
 }
 
 fn between(key: &str, value: Duration, min: Duration, max: Duration) -> Result<(), Invalid> {
@@ -352,6 +355,7 @@ impl Validate for AuthSettings {
                 "must be at least 1",
             ));
         }
+        self.users.client.validate("users.client")?;
         if let Some(endpoint) = &self.users.endpoint
             && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
         {
@@ -448,11 +452,17 @@ impl Service for AuthService {
             tracing::info!(kid = %key.kid, alg = %key.alg, "made the first signing key");
         }
         let users = match &settings.users.endpoint {
-            Some(url) => users::UserDirectory::Direct(
-                shop_user::api::v1::user_service_client::UserServiceClient::new(
-                    trellis::transport::connect_lazy(url, &Default::default())?,
-                ),
-            ),
+            Some(url) => {
+                let mut client = trellis::transport::ClientConfig::default();
+                if let Some(tls) = &settings.users.client.tls {
+                    client.tls = Some(tls.follow()?);
+                }
+                users::UserDirectory::Direct(
+                    shop_user::api::v1::user_service_client::UserServiceClient::new(
+                        trellis::transport::connect_lazy(url, &client)?,
+                    ),
+                )
+            }
             None => {
                 let registry = ctx.discovery.ok_or(
                     "users.endpoint is unset and there is no registry to discover the user service in",
@@ -460,7 +470,12 @@ impl Service for AuthService {
                 let discovery: &dyn trellis::registry::Discovery = registry.as_ref();
                 users::UserDirectory::Discovered(
                     shop_user::api::v1::user_service_client::UserServiceClient::new(
-                        trellis::resilient_client(discovery, shop_user::SERVICE).await?,
+                        trellis::resilient_client_with(
+                            discovery,
+                            shop_user::SERVICE,
+                            &settings.users.client,
+                        )
+                        .await?,
                     ),
                 )
             }
