@@ -121,8 +121,13 @@ pub struct AuthSettings {
 
 impl Default for AuthSettings {
     fn default() -> Self {
+        let mut server = ServerSettings::default();
+        // A login is tens of milliseconds of hashing by design; callers
+        // queue for the hashing permits. Shed only a queue that stands far
+        // longer than one hash, not the ordinary wait for a permit.
+        server.shedding.queue_delay = Some(Duration::from_millis(250));
         AuthSettings {
-            server: ServerSettings::default(),
+            server,
             log: LogSettings::default(),
             otlp: OtlpSettings::default(),
             database: DatabaseSettings::default(),
