@@ -253,6 +253,16 @@ impl Postgres {
     /// Runs initdb and starts postgres on a free port. As root, both run as
     /// the `postgres` user, since PostgreSQL refuses to run as root.
     pub fn start() -> Result<Postgres, TestkitError> {
+        Postgres::start_with(None)
+    }
+
+    /// [`start`](Self::start), serving TLS with this certificate chain and
+    /// key (PEM) besides plaintext: clients choose with `sslmode`.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<Postgres, TestkitError> {
+        Postgres::start_with(Some((cert_pem.to_owned(), key_pem.to_owned())))
+    }
+
+    fn start_with(tls: Option<(String, String)>) -> Result<Postgres, TestkitError> {
         const INSTALL: &str = "apt-get install -y postgresql";
         let initdb = find_binary("initdb", INSTALL)?;
         let postgres = find_binary("postgres", INSTALL)?;
@@ -294,6 +304,32 @@ impl Postgres {
                     ),
                 });
             }
+            // The server's certificate and key in its data dir, the key
+            // private to the server's user as PostgreSQL insists.
+            let mut ssl = Vec::new();
+            if let Some((cert, key)) = &tls {
+                use std::os::unix::fs::PermissionsExt;
+                for (name, text, mode) in [("server.crt", cert, 0o644), ("server.key", key, 0o600)]
+                {
+                    let path = data.join(name);
+                    std::fs::write(&path, text)
+                        .map_err(io_err("cannot write the postgres certificate"))?;
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                        .map_err(io_err("cannot protect the postgres key"))?;
+                    if let Some((uid, gid)) = run_as {
+                        std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                            .map_err(io_err("cannot hand the key to the postgres user"))?;
+                    }
+                }
+                ssl = vec![
+                    "-c".to_owned(),
+                    "ssl=on".to_owned(),
+                    "-c".to_owned(),
+                    format!("ssl_cert_file={}", data.join("server.crt").display()),
+                    "-c".to_owned(),
+                    format!("ssl_key_file={}", data.join("server.key").display()),
+                ];
+            }
             let addr = loopback(free_port()?);
             let (bin, root) = (postgres.clone(), dir.path().to_owned());
             let command = move || {
@@ -312,7 +348,8 @@ impl Postgres {
                         "full_page_writes=off",
                         "-c",
                         "max_connections=200",
-                    ]);
+                    ])
+                    .args(&ssl);
                 if let Some((uid, gid)) = run_as {
                     cmd.uid(uid).gid(gid);
                 }
