@@ -221,6 +221,7 @@ impl AuditLog {
             subject = record.entry.subject.as_deref(),
             tenant = record.entry.tenant.as_deref(),
             client_ip = record.entry.client_ip.as_deref(),
+            peer = record.entry.peer.as_deref(),
             action = record.entry.action.as_str(),
             resource = record.entry.resource.as_deref(),
             outcome = record.entry.outcome.as_str(),

@@ -558,3 +558,72 @@ async fn a_call_across_three_services_is_one_trace_with_baggage_and_correlated_l
 
     telemetry.shutdown().await;
 }
+
+/// An audit record is also a JSON log line (target `trellis::audit`) and an
+/// OTLP log record with its fields as attributes, inside the trace it was
+/// made in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_records_are_log_lines_and_otlp_log_records() {
+    let receiver = OtlpReceiver::start().await.unwrap();
+    let logs = Captured::default();
+    let sink = logs.clone();
+    let _telemetry = Telemetry::builder("audit-test")
+        .log_format(LogFormat::Json)
+        .log_level("info")
+        .otlp(OtlpSettings {
+            endpoint: Some(receiver.endpoint()),
+            logs: true,
+            ..Default::default()
+        })
+        .writer(move || sink.clone())
+        .init()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let trail = trellis::auth::audit::AuditLog::open(&dir.path().join("audit.jsonl")).unwrap();
+    let entry = trellis::auth::audit::Entry {
+        subject: Some("ada".into()),
+        client_ip: Some("203.0.113.9".into()),
+        peer: Some("spiffe://trellis/gateway".into()),
+        ..trellis::auth::audit::Entry::new("login", "Login", "failed")
+    };
+    let record = trail.append(entry).await.unwrap();
+    let exported = receiver
+        .wait_until(Duration::from_secs(10), |r| {
+            r.logs().iter().any(|l| {
+                l.body == "audit" && l.attributes.get("kind").map(String::as_str) == Some("login")
+            })
+        })
+        .await;
+    let found: Vec<_> = receiver
+        .logs()
+        .into_iter()
+        .filter(|l| l.body == "audit")
+        .collect();
+    assert!(
+        exported,
+        "no audit log record over OTLP: {:#?}",
+        receiver.logs()
+    );
+    let attrs = &found[0].attributes;
+    assert_eq!(attrs.get("outcome").map(String::as_str), Some("failed"));
+    assert_eq!(attrs.get("subject").map(String::as_str), Some("ada"));
+    assert_eq!(
+        attrs.get("client_ip").map(String::as_str),
+        Some("203.0.113.9")
+    );
+    assert_eq!(
+        attrs.get("peer").map(String::as_str),
+        Some("spiffe://trellis/gateway")
+    );
+    assert_eq!(
+        attrs.get("seq").map(String::as_str),
+        Some(record.seq.to_string().as_str())
+    );
+    let line = logs
+        .lines()
+        .into_iter()
+        .find(|l| l["message"] == "audit")
+        .unwrap_or_else(|| panic!("no audit line in {:#?}", logs.lines()));
+    assert_eq!(line["target"], "trellis::audit", "{line}");
+    assert_eq!(line["kind"], "login", "{line}");
+}
