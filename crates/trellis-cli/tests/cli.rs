@@ -113,6 +113,43 @@ async fn up_serves_the_shop_and_exits_zero_on_sigterm() {
     // The registered account is a user of the user service.
     assert!(listed.body.contains("ann@example.com"), "{}", listed.body);
     create_and_get_as(gateway, "ada@example.com", Some(token)).await;
+    // Refresh and log out through the gateway: the refresh token rotates,
+    // and after logout the login's tokens no longer refresh.
+    let login = r#"{"email":"ann@example.com","password":"correct horse battery"}"#;
+    let tokens = http::request(gateway, "POST", "/v1/auth/login", Some(login))
+        .await
+        .unwrap();
+    let tokens: serde_json::Value = serde_json::from_str(&tokens.body).unwrap();
+    let refresh = |token: &serde_json::Value| format!(r#"{{"refresh_token":{token}}}"#);
+    let rotated = http::request(
+        gateway,
+        "POST",
+        "/v1/auth/refresh",
+        Some(&refresh(&tokens["refresh_token"])),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rotated.status, 200, "{}", rotated.body);
+    let rotated: serde_json::Value = serde_json::from_str(&rotated.body).unwrap();
+    assert_ne!(rotated["refresh_token"], tokens["refresh_token"]);
+    let out = http::request(
+        gateway,
+        "POST",
+        "/v1/auth/logout",
+        Some(&refresh(&rotated["refresh_token"])),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status, 200, "{}", out.body);
+    let after = http::request(
+        gateway,
+        "POST",
+        "/v1/auth/refresh",
+        Some(&refresh(&rotated["refresh_token"])),
+    )
+    .await
+    .unwrap();
+    assert_eq!(after.status, 401, "{}", after.body);
     assert_eq!(http::get(gateway, "/metrics").await.unwrap().status, 404);
     // Operator endpoints: on the admin listener, never on the public port.
     for path in ["/metrics", "/debug/config"] {
