@@ -7,7 +7,7 @@ use jsonwebtoken::{
     jwk::{
         AlgorithmParameters, CommonParameters, EllipticCurve, EllipticCurveKeyParameters,
         EllipticCurveKeyType, Jwk, KeyAlgorithm, OctetKeyPairParameters, OctetKeyPairType,
-        PublicKeyUse,
+        PublicKeyUse, RSAKeyParameters, RSAKeyType,
     },
 };
 use serde::Serialize;
@@ -51,8 +51,20 @@ impl SigningKey {
         SigningKey::from_pkcs8(kid, Algorithm::ES256, doc.as_ref())
     }
 
+    /// A new RSA-2048 key for RS256 (for verifiers that take nothing
+    /// newer).
+    pub fn generate_rs256(kid: impl Into<String>) -> Result<SigningKey, String> {
+        use aws_lc_rs::encoding::AsDer as _;
+        let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+            .map_err(|_| "generating an RSA key failed".to_owned())?;
+        let doc = pair
+            .as_der()
+            .map_err(|_| "encoding an RSA key failed".to_owned())?;
+        SigningKey::from_pkcs8(kid, Algorithm::RS256, doc.as_ref())
+    }
+
     /// A key from its PKCS#8 document (as [`pkcs8`](Self::pkcs8) gives it):
-    /// `EdDSA` (Ed25519) or `ES256` (P-256).
+    /// `EdDSA` (Ed25519), `ES256` (P-256) or `RS256` (RSA).
     pub fn from_pkcs8(
         kid: impl Into<String>,
         alg: Algorithm,
@@ -94,13 +106,36 @@ impl SigningKey {
                     }),
                 )
             }
-            other => return Err(format!("{other:?}: signing supports EdDSA and ES256")),
+            Algorithm::RS256 => {
+                use aws_lc_rs::signature::KeyPair as _;
+                let pair = aws_lc_rs::rsa::KeyPair::from_pkcs8(pkcs8)
+                    .map_err(|e| format!("not an RSA PKCS#8 key: {e}"))?;
+                // The signer takes the PKCS#1 key inside the PKCS#8 document;
+                // the JWK, n and e from the PKCS#1 public key.
+                let pkcs1 = rsa_private_pkcs1(pkcs8).ok_or("malformed RSA PKCS#8 key")?;
+                let (n, e) = rsa_public_parts(pair.public_key().as_ref())
+                    .ok_or("malformed RSA public key")?;
+                (
+                    EncodingKey::from_rsa_der(pkcs1),
+                    AlgorithmParameters::RSA(RSAKeyParameters {
+                        key_type: RSAKeyType::RSA,
+                        n: URL_SAFE_NO_PAD.encode(n),
+                        e: URL_SAFE_NO_PAD.encode(e),
+                    }),
+                )
+            }
+            other => {
+                return Err(format!(
+                    "{other:?}: signing supports EdDSA, ES256 and RS256"
+                ));
+            }
         };
         let public = Jwk {
             common: CommonParameters {
                 public_key_use: Some(PublicKeyUse::Signature),
                 key_algorithm: Some(match alg {
                     Algorithm::EdDSA => KeyAlgorithm::EdDSA,
+                    Algorithm::RS256 => KeyAlgorithm::RS256,
                     _ => KeyAlgorithm::ES256,
                 }),
                 key_id: Some(kid.clone()),
@@ -155,4 +190,23 @@ impl SigningKey {
     ) -> Result<String, String> {
         jsonwebtoken::encode(header, claims, &self.encoding).map_err(|e| e.to_string())
     }
+}
+
+/// The PKCS#1 `RSAPrivateKey` inside a PKCS#8 `PrivateKeyInfo`.
+fn rsa_private_pkcs1(pkcs8: &[u8]) -> Option<&[u8]> {
+    use trellis_core::der::{INTEGER, OCTET_STRING, SEQUENCE, expect};
+    let (info, _) = expect(pkcs8, SEQUENCE)?;
+    let (_, rest) = expect(info, INTEGER)?;
+    let (_, rest) = expect(rest, SEQUENCE)?;
+    let (key, _) = expect(rest, OCTET_STRING)?;
+    Some(key)
+}
+
+/// `n` and `e` of a PKCS#1 `RSAPublicKey`, as unsigned big-endian bytes.
+fn rsa_public_parts(pkcs1: &[u8]) -> Option<(&[u8], &[u8])> {
+    use trellis_core::der::{INTEGER, SEQUENCE, expect, unsigned};
+    let (key, _) = expect(pkcs1, SEQUENCE)?;
+    let (n, rest) = expect(key, INTEGER)?;
+    let (e, _) = expect(rest, INTEGER)?;
+    Some((unsigned(n), unsigned(e)))
 }

@@ -63,7 +63,11 @@ fn verifier(keys: Arc<Jwks>) -> Verifier {
 async fn a_good_token_passes_and_each_fault_is_refused_for_its_reason() {
     let key = SigningKey::generate_ed25519("k1").unwrap();
     let es = SigningKey::generate_es256("k2").unwrap();
-    let keys = Jwks::new(StaticSource::new(set(&[&key, &es])), timing(Duration::ZERO));
+    let rs = SigningKey::generate_rs256("k3").unwrap();
+    let keys = Jwks::new(
+        StaticSource::new(set(&[&key, &es, &rs])),
+        timing(Duration::ZERO),
+    );
     let v = verifier(keys);
 
     let ok = v
@@ -75,6 +79,17 @@ async fn a_good_token_passes_and_each_fault_is_refused_for_its_reason() {
         ("alice", Some("acme"))
     );
     assert_eq!(ok.roles, ["customer"]);
+    // RS256 keys sign tokens the verifier takes from their JWK (n, e).
+    assert_eq!(
+        v.verify(&rs.sign(&claims("carol")).unwrap())
+            .await
+            .unwrap()
+            .sub,
+        "carol"
+    );
+    // A round trip through the PKCS#8 document gives the same key.
+    let again = SigningKey::from_pkcs8("k3", trellis_auth::Algorithm::RS256, rs.pkcs8()).unwrap();
+    assert_eq!(again.jwk(), rs.jwk());
     // ES256 is on the default allowlist too.
     assert_eq!(
         v.verify(&es.sign(&claims("bob")).unwrap())

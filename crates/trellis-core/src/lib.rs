@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod deadline;
+pub mod der;
 mod error;
 pub mod future;
 pub mod lifecycle;

@@ -280,48 +280,18 @@ pub fn peer_identity(cert: &[u8]) -> Option<trellis_core::PeerIdentity> {
         .map(|s| trellis_core::PeerIdentity(s.into()))
 }
 
-/// Just enough DER to read a certificate's subject alternative names
-/// (RFC 5280 §4.2.1.6). The certificate was verified by rustls first; this
-/// still refuses (None) anything malformed rather than trusting lengths.
+/// A certificate's subject alternative names (RFC 5280 §4.2.1.6). The
+/// certificate was verified by rustls first; this still refuses (None)
+/// anything malformed rather than trusting lengths.
 mod san {
     /// A `uniformResourceIdentifier` name.
     pub const URI: u8 = 0x86;
     /// A `dNSName` name.
     pub const DNS: u8 = 0x82;
-    const SEQUENCE: u8 = 0x30;
+    use trellis_core::der::{BOOLEAN, OCTET_STRING, OID, SEQUENCE, expect, tlv};
     const EXTENSIONS: u8 = 0xa3;
-    const OID: u8 = 0x06;
-    const BOOLEAN: u8 = 0x01;
-    const OCTET_STRING: u8 = 0x04;
     /// id-ce-subjectAltName, 2.5.29.17.
     const SAN_OID: &[u8] = &[0x55, 0x1d, 0x11];
-
-    /// One tag-length-value: (tag, value, rest).
-    fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = input.split_first()?;
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (usize::from(first), rest)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let len = rest[..n]
-                .iter()
-                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-            (len, &rest[n..])
-        };
-        if rest.len() < len {
-            return None;
-        }
-        Some((tag, &rest[..len], &rest[len..]))
-    }
-
-    fn expect(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-        let (t, value, rest) = tlv(input)?;
-        (t == tag).then_some((value, rest))
-    }
 
     /// Every (kind, value) in the certificate's SAN extension.
     pub fn names(cert: &[u8]) -> Option<Vec<(u8, &[u8])>> {

@@ -191,8 +191,9 @@ pub fn algorithm(name: &str) -> Result<Algorithm, KeyError> {
     match name {
         "EdDSA" => Ok(Algorithm::EdDSA),
         "ES256" => Ok(Algorithm::ES256),
+        "RS256" => Ok(Algorithm::RS256),
         other => Err(KeyError::Other(format!(
-            "algorithm {other:?} is not supported: use EdDSA or ES256"
+            "algorithm {other:?} is not supported: use EdDSA, ES256 or RS256"
         ))),
     }
 }
@@ -210,6 +211,7 @@ pub async fn create(
     let key = match alg {
         Algorithm::EdDSA => SigningKey::generate_ed25519(kid.clone()),
         Algorithm::ES256 => SigningKey::generate_es256(kid.clone()),
+        Algorithm::RS256 => SigningKey::generate_rs256(kid.clone()),
         other => Err(format!("{other:?} keys cannot be generated")),
     }
     .map_err(KeyError::Other)?;
@@ -338,17 +340,19 @@ pub fn to_api(key: &SigningKey) -> crate::api::v1::JsonWebKey {
         value
             .get(name)
             .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_owned()
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
     };
     crate::api::v1::JsonWebKey {
-        kty: field("kty"),
+        kty: field("kty").unwrap_or_default(),
         kid: key.kid().to_owned(),
         alg: format!("{:?}", key.algorithm()),
         r#use: "sig".to_owned(),
         crv: field("crv"),
         x: field("x"),
-        y: Some(field("y")).filter(|y| !y.is_empty()),
+        y: field("y"),
+        n: field("n"),
+        e: field("e"),
     }
 }
 

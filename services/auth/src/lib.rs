@@ -81,7 +81,7 @@ use trellis_store::DatabaseSettings;
 /// reuse_grace = "10s"
 ///
 /// [keys]
-/// algorithm = "EdDSA"                       # or ES256
+/// algorithm = "EdDSA"                       # or ES256, RS256
 /// encryption_key = "${AUTH_KEY_ENCRYPTION_KEY}"   # 32 bytes, base64
 ///
 /// [login]
@@ -185,7 +185,8 @@ impl Default for TokenSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct KeySettings {
-    /// The algorithm of keys made: `EdDSA` (Ed25519, default) or `ES256`.
+    /// The algorithm of keys made: `EdDSA` (Ed25519, default), `ES256`
+    /// (P-256) or `RS256` (RSA-2048, for verifiers that take nothing newer).
     pub algorithm: String,
     /// The key that seals private keys at rest: 32 bytes, base64. Unset:
     /// a file (`encryption_key_file`) created on first start.

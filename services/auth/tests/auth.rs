@@ -578,3 +578,35 @@ async fn a_key_sealed_under_another_encryption_key_does_not_sign() {
     assert_eq!(status, 503, "{body}");
     shop.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn es256_and_rs256_keys_by_config() {
+    for (alg, kty) in [("ES256", "EC"), ("RS256", "RSA")] {
+        let dir = tempfile::tempdir().unwrap();
+        let shop = Shop::start(dir.path(), None, &[("keys.algorithm", alg)]).await;
+        shop.register("ivy@example.com").await;
+        let (status, tokens) = shop.login("ivy@example.com", "correct horse battery").await;
+        assert_eq!(status, 200, "{tokens}");
+        let token = tokens["access_token"].as_str().unwrap();
+        let header = jsonwebtoken::decode_header(token).unwrap();
+        assert_eq!(format!("{:?}", header.alg), alg);
+        let jwks = http::get(shop.auth.addr, "/.well-known/jwks.json")
+            .await
+            .unwrap();
+        let jwks: Value = serde_json::from_str(&jwks.body).unwrap();
+        assert_eq!(jwks["keys"][0]["kty"], kty, "{jwks}");
+        // Verified from the published key set, as any verifier would.
+        let source = UrlSource::new(
+            &format!("http://{}/.well-known/jwks.json", shop.auth.addr),
+            None,
+        )
+        .unwrap();
+        let verifier = Verifier::new(
+            VerifierConfig::new("trellis", "shop"),
+            Jwks::new(source, JwksTiming::default()),
+        )
+        .unwrap();
+        verifier.verify(token).await.unwrap();
+        shop.stop().await;
+    }
+}
