@@ -59,20 +59,74 @@ pub struct RedisLimiter {
     skip_until_ms: AtomicU64,
 }
 
+/// A Redis client for `url`. `rediss://` speaks TLS (rustls on aws-lc-rs),
+/// trusting the system's roots, or with `?ca_file=PATH` the authorities in
+/// that PEM file; `&cert_file=PATH&key_file=PATH` add a client certificate
+/// (Redis' `tls-auth-clients`). The three parameters are read here and
+/// removed before the rest of the URL goes to the driver.
+pub fn redis_client(url: &str) -> Result<redis::Client, redis::RedisError> {
+    let invalid = |what: String| {
+        redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "redis url", what))
+    };
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let (mut ca, mut cert, mut key) = (None, None, None);
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("ca_file", v)) => ca = Some(v),
+            Some(("cert_file", v)) => cert = Some(v),
+            Some(("key_file", v)) => key = Some(v),
+            _ => rest.push(pair),
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    if ca.is_none() && cert.is_none() && key.is_none() {
+        return redis::Client::open(url);
+    }
+    if !base.starts_with("rediss://") {
+        return Err(invalid(
+            "ca_file, cert_file and key_file need a rediss:// URL".into(),
+        ));
+    }
+    let read =
+        |path: &str| std::fs::read(path).map_err(|e| invalid(format!("cannot read {path}: {e}")));
+    let client_tls = match (cert, key) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert)?,
+            client_key: read(key)?,
+        }),
+        (None, None) => None,
+        _ => return Err(invalid("cert_file and key_file come together".into())),
+    };
+    let root_cert = ca.map(read).transpose()?;
+    redis::Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+}
+
 /// How long to use the fallback without asking Redis after it failed.
 const RETRY_REDIS_AFTER: Duration = Duration::from_secs(1);
 
 impl RedisLimiter {
-    /// A limiter at `url` (`redis://host:port`), keys under `prefix`.
-    /// Connects lazily: a limiter can start while Redis is down (and uses
-    /// the fallback until it is up).
+    /// A limiter at `url` (`redis://host:port`, or `rediss://` for TLS —
+    /// see [`redis_client`]), keys under `prefix`. Connects lazily: a
+    /// limiter can start while Redis is down (and uses the fallback until
+    /// it is up).
     pub fn new(
         url: &str,
         prefix: &str,
         quota: Quota,
         fallback: RedisFallback,
     ) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
+        let client = redis_client(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(200)))
             .set_response_timeout(Some(Duration::from_millis(200)))

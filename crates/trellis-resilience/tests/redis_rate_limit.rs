@@ -110,3 +110,51 @@ async fn futures_collect(limiter: &RedisLimiter, n: usize) -> Vec<Decision> {
     }
     out
 }
+
+/// `rediss://` with the shop's CA and a client certificate: the limiter
+/// asks Redis over mutual TLS (its fallback denies, so an allowed request
+/// is Redis' answer); without the certificate Redis refuses the handshake
+/// and the fallback decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limit_is_shared_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = trellis_transport::certs::init(dir.path(), "trellis", &["redis", "order"]).unwrap();
+    let (_, cert, key) = &certs.services[0];
+    let redis = Redis::start_tls(cert, key, &certs.ca).unwrap();
+    let (_, client_cert, client_key) = &certs.services[1];
+    let base = redis.tls_url().unwrap();
+    let url = format!(
+        "{base}?ca_file={}&cert_file={}&key_file={}",
+        certs.ca.display(),
+        client_cert.display(),
+        client_key.display()
+    );
+    let quota = Quota::per_second(1).with_burst(2);
+    let limiter = RedisLimiter::new(&url, "rl:", quota, RedisFallback::Deny)
+        .unwrap()
+        .with_timeout(Duration::from_secs(5));
+    let decisions = futures_collect(&limiter, 4).await;
+    assert_eq!(decisions[0], Decision::Allow, "{decisions:?}");
+    assert!(
+        decisions.contains(&Decision::Allow) && decisions.iter().any(|d| *d != Decision::Allow),
+        "{decisions:?}"
+    );
+
+    let bare = format!("{base}?ca_file={}", certs.ca.display());
+    let refused = RedisLimiter::new(&bare, "rl:", quota, RedisFallback::Deny)
+        .unwrap()
+        .with_timeout(Duration::from_secs(5));
+    assert_ne!(
+        refused.check(Some("k")).await,
+        Decision::Allow,
+        "served without a certificate"
+    );
+    assert!(
+        trellis_resilience::redis_client(&format!(
+            "redis://127.0.0.1:1?ca_file={}",
+            certs.ca.display()
+        ))
+        .is_err(),
+        "TLS files on a plaintext URL are refused"
+    );
+}

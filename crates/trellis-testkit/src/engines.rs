@@ -188,16 +188,46 @@ fn nats_version_ok(output: &str) -> bool {
 pub struct Redis {
     engine: Engine,
     addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
 }
 
 impl Redis {
     /// Starts redis-server on a free port and waits for `PING`.
     pub fn start() -> Result<Redis, TestkitError> {
+        Redis::start_with(None)
+    }
+
+    /// [`start`](Self::start), also serving TLS on a second port with this
+    /// certificate and key, requiring clients to show a certificate from
+    /// `ca` (all PEM files): see [`tls_url`](Self::tls_url).
+    pub fn start_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        ca: &std::path::Path,
+    ) -> Result<Redis, TestkitError> {
+        Redis::start_with(Some((cert.to_owned(), key.to_owned(), ca.to_owned())))
+    }
+
+    fn start_with(
+        tls: Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)>,
+    ) -> Result<Redis, TestkitError> {
         let bin = find_binary("redis-server", "apt-get install -y redis-server")?;
         with_retries(|| {
             let dir = temp_dir("redis")?;
             let addr = loopback(free_port()?);
             let mut cmd = Command::new(&bin);
+            let mut tls_addr = None;
+            if let Some((cert, key, ca)) = &tls {
+                let port = free_port()?;
+                tls_addr = Some(loopback(port));
+                cmd.args(["--tls-port", &port.to_string(), "--tls-auth-clients", "yes"])
+                    .arg("--tls-cert-file")
+                    .arg(cert)
+                    .arg("--tls-key-file")
+                    .arg(key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(ca);
+            }
             cmd.args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()])
                 .args([
                     "--save",
@@ -212,9 +242,21 @@ impl Redis {
                 .arg("--dir")
                 .arg(dir.path());
             let mut engine = Engine::spawn("redis-server", cmd, dir)?;
-            engine.wait_ready(READY_TIMEOUT, |_| redis_ping(addr))?;
-            Ok(Redis { engine, addr })
+            engine.wait_ready(READY_TIMEOUT, |_| {
+                redis_ping(addr) && tls_addr.is_none_or(tcp_open)
+            })?;
+            Ok(Redis {
+                engine,
+                addr,
+                tls_addr,
+            })
         })
+    }
+
+    /// With [`start_tls`](Self::start_tls): `rediss://127.0.0.1:PORT` of
+    /// the TLS port.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_addr.map(|a| format!("rediss://{a}"))
     }
 
     /// The server address.
