@@ -48,9 +48,12 @@ pub struct Source {
 
 impl Source {
     async fn connect(&self) -> Result<(Client, String), String> {
-        let (endpoints, prefix) = trellis::config::parse_etcd_url(&self.config_source)
+        let (endpoints, prefix, tls) = trellis::config::parse_etcd_url_tls(&self.config_source)
             .map_err(|e| format!("--config-source: {e}"))?;
-        let client = Client::connect(&endpoints, None)
+        let options = tls
+            .apply(etcd_client::ConnectOptions::new())
+            .map_err(|e| format!("--config-source: {e}"))?;
+        let client = Client::connect(&endpoints, Some(options))
             .await
             .map_err(|e| format!("cannot reach {}: {e}", self.config_source))?;
         Ok((client, prefix))

@@ -25,7 +25,11 @@ pub(crate) struct RemoteSource {
 }
 
 impl RemoteSource {
-    pub(crate) async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, ConfigError> {
+    pub(crate) async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        tls: &trellis_etcd::EtcdTls,
+    ) -> Result<Self, ConfigError> {
         let unavailable = |e: etcd_client::Error| ConfigError::Unavailable {
             source_name: format!("etcd {prefix}"),
             reason: e.to_string(),
@@ -33,6 +37,12 @@ impl RemoteSource {
         let options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(3))
             .with_timeout(std::time::Duration::from_secs(3));
+        let options = tls
+            .apply(options)
+            .map_err(|reason| ConfigError::Unavailable {
+                source_name: format!("etcd {prefix}"),
+                reason,
+            })?;
         let client = etcd_client::Client::connect(endpoints, Some(options))
             .await
             .map_err(unavailable)?;
@@ -144,14 +154,31 @@ fn to_layer(prefix: &str, entries: &[(String, String, i64)]) -> Result<Layer, Co
 /// Splits `etcd://host:port[,host:port]/prefix` into endpoints and a prefix
 /// ending in `/`.
 pub fn parse_url(url: &str) -> Result<(Vec<String>, String), String> {
+    parse_url_tls(url).map(|(endpoints, prefix, _)| (endpoints, prefix))
+}
+
+/// [`parse_url`], with the TLS parameters of its query
+/// (`?ca_file=…&cert_file=…&key_file=…`; endpoints then `https://`).
+pub fn parse_url_tls(url: &str) -> Result<(Vec<String>, String, trellis_etcd::EtcdTls), String> {
     let rest = url
         .strip_prefix("etcd://")
         .ok_or_else(|| format!("{url:?} is not an etcd:// URL"))?;
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut tls = trellis_etcd::EtcdTls::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let taken = pair.split_once('=').is_some_and(|(k, v)| tls.take(k, v));
+        if !taken {
+            return Err(format!(
+                "{url:?}: unknown option {pair:?}; known: ca_file, cert_file, key_file"
+            ));
+        }
+    }
     let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let scheme = tls.scheme();
     let endpoints: Vec<String> = hosts
         .split(',')
         .filter(|h| !h.is_empty())
-        .map(|h| format!("http://{h}"))
+        .map(|h| format!("{scheme}://{h}"))
         .collect();
     if endpoints.is_empty() {
         return Err(format!("{url:?} names no etcd endpoint"));
@@ -162,7 +189,7 @@ pub fn parse_url(url: &str) -> Result<(Vec<String>, String), String> {
     } else {
         format!("{prefix}/")
     };
-    Ok((endpoints, prefix))
+    Ok((endpoints, prefix, tls))
 }
 
 #[cfg(test)]
@@ -181,6 +208,17 @@ mod tests {
         assert_eq!(parse_url("etcd://a:1").unwrap().1, "/trellis/config/");
         assert!(parse_url("http://a:1").is_err());
         assert!(parse_url("etcd:///x").is_err());
+        let (endpoints, prefix, tls) = parse_url_tls(
+            "etcd://a:1,b:2/cfg?ca_file=/c/ca.pem&cert_file=/c/s.pem&key_file=/c/k.pem",
+        )
+        .unwrap();
+        assert_eq!(endpoints, ["https://a:1", "https://b:2"]);
+        assert_eq!(prefix, "/cfg/");
+        assert_eq!(
+            tls.ca_file.as_deref(),
+            Some(std::path::Path::new("/c/ca.pem"))
+        );
+        assert!(parse_url_tls("etcd://a:1?bogus=1").is_err());
     }
 
     #[test]

@@ -61,7 +61,9 @@ mod store;
 mod value;
 
 #[cfg(feature = "etcd")]
-pub use etcd::{MAX_DEPTH, MAX_DOCUMENT_BYTES, parse_url as parse_etcd_url};
+pub use etcd::{
+    MAX_DEPTH, MAX_DOCUMENT_BYTES, parse_url as parse_etcd_url, parse_url_tls as parse_etcd_url_tls,
+};
 pub use source::{BoxFuture, Source};
 pub use store::{Config, ConfigBuilder, Snapshot, check_setting, is_secret};
 pub use trellis_core::{Secret, redact_url};

@@ -83,7 +83,7 @@ pub struct ConfigBuilder<T> {
 enum Upper {
     Ready(Box<dyn Source>),
     #[cfg(feature = "etcd")]
-    Etcd(Vec<String>, String),
+    Etcd(Vec<String>, String, trellis_etcd::EtcdTls),
 }
 
 impl<T> Config<T>
@@ -143,8 +143,19 @@ where
     /// An etcd key prefix (`{prefix}a/b` or `{prefix}a.b` sets `a.b`),
     /// mirrored and followed.
     #[cfg(feature = "etcd")]
-    pub fn etcd(mut self, endpoints: Vec<String>, prefix: impl Into<String>) -> Self {
-        self.upper.push(Upper::Etcd(endpoints, prefix.into()));
+    pub fn etcd(self, endpoints: Vec<String>, prefix: impl Into<String>) -> Self {
+        self.etcd_tls(endpoints, prefix, trellis_etcd::EtcdTls::default())
+    }
+
+    /// [`etcd`](Self::etcd) over TLS (`https://` endpoints).
+    #[cfg(feature = "etcd")]
+    pub fn etcd_tls(
+        mut self,
+        endpoints: Vec<String>,
+        prefix: impl Into<String>,
+        tls: trellis_etcd::EtcdTls,
+    ) -> Self {
+        self.upper.push(Upper::Etcd(endpoints, prefix.into(), tls));
         self
     }
 
@@ -190,8 +201,8 @@ where
             sources.push(match upper {
                 Upper::Ready(source) => source,
                 #[cfg(feature = "etcd")]
-                Upper::Etcd(endpoints, prefix) => {
-                    Box::new(crate::etcd::RemoteSource::connect(&endpoints, &prefix).await?)
+                Upper::Etcd(endpoints, prefix, tls) => {
+                    Box::new(crate::etcd::RemoteSource::connect(&endpoints, &prefix, &tls).await?)
                 }
             });
         }

@@ -1,4 +1,6 @@
-//! What Trellis' etcd backends (registry, config) share.
+//! What Trellis' etcd backends (registry, config) share: the mirror below,
+//! and [`EtcdTls`] — TLS to etcd from the URL's `ca_file`, `cert_file` and
+//! `key_file` parameters.
 //!
 //! [`mirror_prefix`] keeps a local copy of everything under a key prefix:
 //! it lists the prefix, then watches from the listed revision + 1. A broken
@@ -26,6 +28,70 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use etcd_client::{Client, EventType, GetOptions, KeyValue, ResponseHeader, WatchOptions};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
+
+/// TLS to etcd (tonic on rustls/aws-lc-rs): the authorities that sign
+/// etcd's certificate and, for `--client-cert-auth`, a client certificate.
+/// Read from an `etcd://` URL's query (`?ca_file=…&cert_file=…&key_file=…`);
+/// with any of them the endpoints are `https://`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// PEM: the authorities trusted for etcd's certificate.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM: the client certificate.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM: its key.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl EtcdTls {
+    /// Takes `key=value` if it is one of the TLS parameters; whether it was.
+    pub fn take(&mut self, key: &str, value: &str) -> bool {
+        let slot = match key {
+            "ca_file" => &mut self.ca_file,
+            "cert_file" => &mut self.cert_file,
+            "key_file" => &mut self.key_file,
+            _ => return false,
+        };
+        *slot = Some(value.into());
+        true
+    }
+
+    /// Whether TLS is asked for.
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some()
+    }
+
+    /// `http://` or `https://`, for the endpoints.
+    pub fn scheme(&self) -> &'static str {
+        if self.is_set() { "https" } else { "http" }
+    }
+
+    /// `options` with TLS as set (unchanged when not); the error names the
+    /// file that could not be read.
+    pub fn apply(
+        &self,
+        options: etcd_client::ConnectOptions,
+    ) -> Result<etcd_client::ConnectOptions, String> {
+        if !self.is_set() {
+            return Ok(options);
+        }
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let mut tls = etcd_client::TlsOptions::new();
+        if let Some(ca) = &self.ca_file {
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+            }
+            (None, None) => {}
+            _ => return Err("cert_file and key_file come together".into()),
+        }
+        Ok(options.with_tls(tls))
+    }
+}
 
 /// Capped exponential backoff for reconnect loops: 100 ms doubling to 2 s.
 #[derive(Debug)]

@@ -35,6 +35,8 @@ pub struct EtcdOptions {
     pub ttl: Duration,
     /// Per-request timeout. Default: 3 s.
     pub request_timeout: Duration,
+    /// TLS to etcd (`?ca_file=…&cert_file=…&key_file=…`). Default: none.
+    pub tls: trellis_etcd::EtcdTls,
 }
 
 impl EtcdOptions {
@@ -45,6 +47,7 @@ impl EtcdOptions {
             prefix: "/trellis/services/".into(),
             ttl: Duration::from_secs(5),
             request_timeout: Duration::from_secs(3),
+            tls: trellis_etcd::EtcdTls::default(),
         }
     }
 
@@ -61,6 +64,11 @@ impl EtcdOptions {
         }
         let mut options = EtcdOptions::new(hosts.iter().map(|h| format!("http://{h}")));
         for pair in query.split('&').filter(|p| !p.is_empty()) {
+            if let Some((k, v)) = pair.split_once('=')
+                && options.tls.take(k, v)
+            {
+                continue;
+            }
             match pair.split_once('=') {
                 Some(("ttl", v)) => {
                     let secs: u64 = v
@@ -79,9 +87,15 @@ impl EtcdOptions {
                         format!("{v}/")
                     };
                 }
-                _ => return Err(format!("unknown option {pair:?}; known: ttl, prefix")),
+                _ => {
+                    return Err(format!(
+                        "unknown option {pair:?}; known: ttl, prefix, ca_file, cert_file, key_file"
+                    ));
+                }
             }
         }
+        let scheme = options.tls.scheme();
+        options.endpoints = hosts.iter().map(|h| format!("{scheme}://{h}")).collect();
         Ok(options)
     }
 }
@@ -101,6 +115,13 @@ impl EtcdRegistry {
             .with_timeout(options.request_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
+        let connect = options
+            .tls
+            .apply(connect)
+            .map_err(|reason| RegistryError::Unavailable {
+                endpoint: options.endpoints.join(","),
+                reason,
+            })?;
         let client = Client::connect(&options.endpoints, Some(connect))
             .await
             .map_err(|e| unavailable(&options, e))?;

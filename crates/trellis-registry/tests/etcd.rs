@@ -217,3 +217,47 @@ async fn values_that_are_not_instances_are_ignored() {
         .expect("an out-of-range weight was published");
     assert!(err.to_string().contains("weight"), "{err}");
 }
+
+/// `etcd://HOST:PORT?ca_file=…&cert_file=…&key_file=…`: the registry on an
+/// etcd that requires client certificates, over TLS; the same URL without
+/// the client certificate is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_speaks_mutual_tls_to_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = trellis_transport::certs::init(dir.path(), "trellis", &["etcd", "user"]).unwrap();
+    let (_, cert, key) = &certs.services[0];
+    let etcd = Etcd::start_tls(cert, key, &certs.ca).unwrap();
+    let (_, client_cert, client_key) = &certs.services[1];
+    let url = format!(
+        "etcd://{}?ca_file={}&cert_file={}&key_file={}",
+        etcd.tls_addr().unwrap(),
+        certs.ca.display(),
+        client_cert.display(),
+        client_key.display()
+    );
+    let registry = trellis_registry::connect(&url).await.unwrap();
+    let mut users = registry.watch("user").await.unwrap();
+    let _reg = registry
+        .register(Instance::new("user", "u1").with_endpoint("grpc", "127.0.0.1:9000"))
+        .await
+        .unwrap();
+    wait_until(
+        &mut users,
+        Duration::from_secs(10),
+        "registration over TLS",
+        |s| s.iter().any(|x| x.id == "u1"),
+    )
+    .await;
+
+    // Only the CA, no client certificate: etcd refuses.
+    let bare = format!(
+        "etcd://{}?ca_file={}",
+        etcd.tls_addr().unwrap(),
+        certs.ca.display()
+    );
+    let refused = match trellis_registry::connect(&bare).await {
+        Err(_) => true,
+        Ok(r) => r.watch("user").await.is_err(),
+    };
+    assert!(refused, "etcd served a client without a certificate");
+}

@@ -26,16 +26,52 @@ pub struct Etcd {
     bin: std::path::PathBuf,
     client: SocketAddr,
     peer: SocketAddr,
+    tls: Option<EtcdTlsListener>,
+}
+
+/// A second client listener speaking TLS, requiring client certificates.
+#[derive(Clone)]
+struct EtcdTlsListener {
+    addr: SocketAddr,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    ca: std::path::PathBuf,
 }
 
 impl Etcd {
     /// Starts etcd on a free port and waits for `/health`.
     pub fn start() -> Result<Etcd, TestkitError> {
+        Etcd::start_with(None)
+    }
+
+    /// [`start`](Self::start), with a second client listener on TLS using
+    /// this certificate and key and requiring client certificates from
+    /// `ca` (PEM files): see [`tls_addr`](Self::tls_addr).
+    pub fn start_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        ca: &std::path::Path,
+    ) -> Result<Etcd, TestkitError> {
+        Etcd::start_with(Some((cert.to_owned(), key.to_owned(), ca.to_owned())))
+    }
+
+    fn start_with(
+        files: Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)>,
+    ) -> Result<Etcd, TestkitError> {
         let bin = find_binary("etcd", "apt-get install -y etcd-server")?;
         with_retries(|| {
             let dir = temp_dir("etcd")?;
             let (client, peer) = (loopback(free_port()?), loopback(free_port()?));
-            let command = Self::command(&bin, dir.path(), client, peer);
+            let tls = match &files {
+                Some((cert, key, ca)) => Some(EtcdTlsListener {
+                    addr: loopback(free_port()?),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.clone(),
+                }),
+                None => None,
+            };
+            let command = Self::command(&bin, dir.path(), client, peer, tls.as_ref());
             let mut engine = Engine::spawn("etcd", command, dir)?;
             Self::wait_healthy(&mut engine, client)?;
             Ok(Etcd {
@@ -43,6 +79,7 @@ impl Etcd {
                 bin: bin.clone(),
                 client,
                 peer,
+                tls,
             })
         })
     }
@@ -52,11 +89,20 @@ impl Etcd {
         dir: &std::path::Path,
         client: SocketAddr,
         peer: SocketAddr,
+        tls: Option<&EtcdTlsListener>,
     ) -> Command {
         let mut cmd = Command::new(bin);
+        let mut listen = format!("http://{client}");
+        if let Some(tls) = tls {
+            listen.push_str(&format!(",https://{}", tls.addr));
+            cmd.arg(format!("--cert-file={}", tls.cert.display()))
+                .arg(format!("--key-file={}", tls.key.display()))
+                .arg(format!("--trusted-ca-file={}", tls.ca.display()))
+                .arg("--client-cert-auth");
+        }
         cmd.arg("--name=testkit")
             .arg(format!("--data-dir={}", dir.join("data").display()))
-            .arg(format!("--listen-client-urls=http://{client}"))
+            .arg(format!("--listen-client-urls={listen}"))
             .arg(format!("--advertise-client-urls=http://{client}"))
             .arg(format!("--listen-peer-urls=http://{peer}"))
             .arg(format!("--initial-advertise-peer-urls=http://{peer}"))
@@ -87,7 +133,13 @@ impl Etcd {
             std::fs::remove_dir_all(&data)
                 .map_err(io_err(format!("cannot wipe {}", data.display())))?;
         }
-        let command = Self::command(&self.bin, self.engine.dir(), self.client, self.peer);
+        let command = Self::command(
+            &self.bin,
+            self.engine.dir(),
+            self.client,
+            self.peer,
+            self.tls.as_ref(),
+        );
         self.engine.respawn(command)?;
         Self::wait_healthy(&mut self.engine, self.client)
     }
@@ -100,6 +152,11 @@ impl Etcd {
     /// The client endpoint, `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.client)
+    }
+
+    /// With [`start_tls`](Self::start_tls): the TLS listener's address.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|t| t.addr)
     }
 
     /// The process, for logs, signals and kills.

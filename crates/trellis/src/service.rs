@@ -344,12 +344,12 @@ fn with_etcd<T>(
 where
     T: DeserializeOwned + Validate + Send + Sync + 'static,
 {
-    let (endpoints, prefix) =
-        trellis_config::parse_etcd_url(url).map_err(|reason| ConfigError::Unavailable {
+    let (endpoints, prefix, tls) =
+        trellis_config::parse_etcd_url_tls(url).map_err(|reason| ConfigError::Unavailable {
             source_name: format!("--config-source {url}"),
             reason,
         })?;
-    Ok(builder.etcd(endpoints, format!("{prefix}{name}/")))
+    Ok(builder.etcd_tls(endpoints, format!("{prefix}{name}/"), tls))
 }
 
 #[cfg(not(feature = "etcd"))]
