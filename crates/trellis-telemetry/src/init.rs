@@ -248,6 +248,19 @@ struct Applied {
     metrics: Option<(String, Duration)>,
     logs: Option<String>,
     headers: Secret<BTreeMap<String, String>>,
+    tls: crate::settings::OtlpTls,
+}
+
+/// The exporter's TLS for `endpoint`, as the settings and `OTEL_*`
+/// variables name it.
+fn tls_config(
+    effective: &Effective,
+    endpoint: &str,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, TelemetryError> {
+    effective
+        .tls
+        .config()
+        .map_err(|e| TelemetryError::Exporter(redact_url(endpoint), e))
 }
 
 /// The export headers as gRPC metadata (checked by `OtlpSettings::check`;
@@ -305,24 +318,27 @@ impl Telemetry {
 
     fn apply_effective(&self, effective: Effective) -> Result<(), TelemetryError> {
         let mut applied = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
-        if applied.headers != effective.headers {
-            // New credentials: every exporter is built again.
+        if applied.headers != effective.headers || applied.tls != effective.tls {
+            // New credentials or certificates: every exporter is built again.
             *applied = Applied {
                 headers: effective.headers.clone(),
+                tls: effective.tls.clone(),
                 ..Applied::default()
             };
         }
         if applied.traces != effective.traces {
             let processor = match &effective.traces {
                 Some(endpoint) => {
-                    let exporter = opentelemetry_otlp::SpanExporter::builder()
+                    let mut builder = opentelemetry_otlp::SpanExporter::builder()
                         .with_tonic()
                         .with_endpoint(endpoint.clone())
-                        .with_metadata(metadata(&effective.headers))
-                        .build()
-                        .map_err(|e| {
-                            TelemetryError::Exporter(redact_url(endpoint), e.to_string())
-                        })?;
+                        .with_metadata(metadata(&effective.headers));
+                    if let Some(tls) = tls_config(&effective, endpoint)? {
+                        builder = builder.with_tls_config(tls);
+                    }
+                    let exporter = builder.build().map_err(|e| {
+                        TelemetryError::Exporter(redact_url(endpoint), e.to_string())
+                    })?;
                     Some(BatchSpanProcessor::builder(exporter).build())
                 }
                 None => None,
@@ -343,14 +359,16 @@ impl Telemetry {
         if applied.metrics != metrics {
             let provider = match &metrics {
                 Some((endpoint, interval)) => {
-                    let exporter = opentelemetry_otlp::MetricExporter::builder()
+                    let mut builder = opentelemetry_otlp::MetricExporter::builder()
                         .with_tonic()
                         .with_endpoint(endpoint.clone())
-                        .with_metadata(metadata(&effective.headers))
-                        .build()
-                        .map_err(|e| {
-                            TelemetryError::Exporter(redact_url(endpoint), e.to_string())
-                        })?;
+                        .with_metadata(metadata(&effective.headers));
+                    if let Some(tls) = tls_config(&effective, endpoint)? {
+                        builder = builder.with_tls_config(tls);
+                    }
+                    let exporter = builder.build().map_err(|e| {
+                        TelemetryError::Exporter(redact_url(endpoint), e.to_string())
+                    })?;
                     let reader = PeriodicReader::builder(exporter)
                         .with_interval(*interval)
                         .build();
@@ -374,14 +392,16 @@ impl Telemetry {
         if applied.logs != effective.logs {
             let processor = match &effective.logs {
                 Some(endpoint) => {
-                    let exporter = opentelemetry_otlp::LogExporter::builder()
+                    let mut builder = opentelemetry_otlp::LogExporter::builder()
                         .with_tonic()
                         .with_endpoint(endpoint.clone())
-                        .with_metadata(metadata(&effective.headers))
-                        .build()
-                        .map_err(|e| {
-                            TelemetryError::Exporter(redact_url(endpoint), e.to_string())
-                        })?;
+                        .with_metadata(metadata(&effective.headers));
+                    if let Some(tls) = tls_config(&effective, endpoint)? {
+                        builder = builder.with_tls_config(tls);
+                    }
+                    let exporter = builder.build().map_err(|e| {
+                        TelemetryError::Exporter(redact_url(endpoint), e.to_string())
+                    })?;
                     Some(BatchLogProcessor::builder(exporter).build())
                 }
                 None => None,

@@ -91,7 +91,7 @@ pub use client::{ClientTelemetry, ClientTelemetryLayer, may_record_current};
 pub use init::{LogControl, LogFormat, Telemetry, TelemetryBuilder, check_log_filter};
 pub use red::{InFlight, Red, RedFuture, RedLayer, RedSeries};
 pub use server::{AccessLogged, ServerTrace, ServerTraceLayer};
-pub use settings::{Effective, EnvError, OtlpSettings};
+pub use settings::{Effective, EnvError, OtlpSettings, OtlpTls};
 
 /// Why telemetry could not be set up.
 #[derive(Debug, Clone, thiserror::Error)]

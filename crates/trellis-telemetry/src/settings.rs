@@ -63,6 +63,16 @@ pub struct OtlpSettings {
     /// `deployment.environment.name` on everything exported. Restart.
     /// Default: unset.
     pub environment: Option<String>,
+    /// PEM: the authorities trusted for an `https://` collector
+    /// (`OTEL_EXPORTER_OTLP_CERTIFICATE` wins). Live. Default: unset (the
+    /// exporter's defaults).
+    pub certificate: Option<std::path::PathBuf>,
+    /// PEM: a client certificate for a collector that asks for one
+    /// (`OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` wins), with `client_key`.
+    /// Live. Default: unset.
+    pub client_certificate: Option<std::path::PathBuf>,
+    /// PEM: its key (`OTEL_EXPORTER_OTLP_CLIENT_KEY` wins).
+    pub client_key: Option<std::path::PathBuf>,
 }
 
 impl Default for OtlpSettings {
@@ -76,6 +86,9 @@ impl Default for OtlpSettings {
             logs: false,
             metrics_interval: Duration::from_secs(10),
             environment: None,
+            certificate: None,
+            client_certificate: None,
+            client_key: None,
         }
     }
 }
@@ -92,6 +105,7 @@ impl std::fmt::Debug for Effective {
             .field("ratio", &self.ratio)
             .field("environment", &self.environment)
             .field("headers", &self.headers)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -107,6 +121,8 @@ impl std::fmt::Debug for OtlpSettings {
             .field("logs", &self.logs)
             .field("metrics_interval", &self.metrics_interval)
             .field("environment", &self.environment)
+            .field("certificate", &self.certificate)
+            .field("client_certificate", &self.client_certificate)
             .finish()
     }
 }
@@ -294,6 +310,20 @@ impl OtlpSettings {
                 }
             }
         };
+        let path = |var: &str, own: &Option<std::path::PathBuf>| {
+            env(var)
+                .filter(|v| !v.trim().is_empty())
+                .map(std::path::PathBuf::from)
+                .or_else(|| own.clone())
+        };
+        let tls = OtlpTls {
+            certificate: path("OTEL_EXPORTER_OTLP_CERTIFICATE", &self.certificate),
+            client_certificate: path(
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                &self.client_certificate,
+            ),
+            client_key: path("OTEL_EXPORTER_OTLP_CLIENT_KEY", &self.client_key),
+        };
         Ok(Effective {
             traces,
             metrics,
@@ -303,6 +333,7 @@ impl OtlpSettings {
             ratio,
             environment: self.environment.clone(),
             headers: self.headers.clone(),
+            tls,
         })
     }
 }
@@ -327,6 +358,47 @@ pub struct Effective {
     /// Metadata sent with every export (the `OTEL_EXPORTER_OTLP_*HEADERS`
     /// variables are added by the exporter itself).
     pub headers: Secret<BTreeMap<String, String>>,
+    /// TLS to the collector.
+    pub tls: OtlpTls,
+}
+
+/// TLS to an OTLP collector: the standard variables' files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OtlpTls {
+    /// PEM: trusted authorities.
+    pub certificate: Option<std::path::PathBuf>,
+    /// PEM: the client certificate.
+    pub client_certificate: Option<std::path::PathBuf>,
+    /// PEM: its key.
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+impl OtlpTls {
+    /// The exporter's TLS configuration, if any file is named; the error
+    /// names the file that could not be read.
+    pub fn config(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+        if self.certificate.is_none() && self.client_certificate.is_none() {
+            return Ok(None);
+        }
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &self.certificate {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        match (&self.client_certificate, &self.client_key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    read(cert)?,
+                    read(key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => return Err("client_certificate and client_key come together".into()),
+        }
+        Ok(Some(tls))
+    }
 }
 
 /// An `OTEL_*` variable with a value we cannot use.
@@ -343,6 +415,36 @@ pub struct EnvError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_standard_certificate_variables_win_over_config() {
+        let settings = OtlpSettings {
+            certificate: Some("/config/ca.pem".into()),
+            client_certificate: Some("/config/me.pem".into()),
+            client_key: Some("/config/me-key.pem".into()),
+            ..OtlpSettings::default()
+        };
+        let env = |name: &str| match name {
+            "OTEL_EXPORTER_OTLP_CERTIFICATE" => Some("/env/ca.pem".to_owned()),
+            _ => None,
+        };
+        let tls = settings.effective_with(env).unwrap().tls;
+        assert_eq!(
+            tls.certificate.as_deref(),
+            Some(std::path::Path::new("/env/ca.pem"))
+        );
+        assert_eq!(
+            tls.client_certificate.as_deref(),
+            Some(std::path::Path::new("/config/me.pem"))
+        );
+        let err = OtlpTls {
+            certificate: Some("/nowhere/ca.pem".into()),
+            ..OtlpTls::default()
+        }
+        .config()
+        .unwrap_err();
+        assert!(err.contains("/nowhere/ca.pem"), "{err}");
+    }
+
     use std::collections::HashMap;
 
     use super::*;

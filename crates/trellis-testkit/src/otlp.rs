@@ -119,6 +119,7 @@ pub struct OtlpReceiver {
     points: Arc<Mutex<Vec<ReceivedPoint>>>,
     logs: Arc<Mutex<Vec<ReceivedLog>>>,
     addr: SocketAddr,
+    secure: bool,
     count: Arc<std::sync::atomic::AtomicU64>,
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
     arrived: Arc<Notify>,
@@ -351,12 +352,29 @@ impl OtlpReceiver {
         Self::start_with(true).await
     }
 
+    /// A receiver on TLS with this certificate and key, requiring clients
+    /// to show a certificate from `ca` (PEM text): its
+    /// [`endpoint`](Self::endpoint) is `https://`.
+    pub async fn start_tls(cert: &str, key: &str, ca: &str) -> Result<OtlpReceiver, TestkitError> {
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key))
+            .client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        Self::start_on(false, Some(tls)).await
+    }
+
     /// Spans received by a counting receiver.
     pub fn count(&self) -> u64 {
         self.count.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn start_with(counting: bool) -> Result<OtlpReceiver, TestkitError> {
+        Self::start_on(counting, None).await
+    }
+
+    async fn start_on(
+        counting: bool,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> Result<OtlpReceiver, TestkitError> {
         let io = |source| TestkitError::Io {
             context: "binding the OTLP receiver".into(),
             source,
@@ -385,8 +403,17 @@ impl OtlpReceiver {
         );
         let (stop, stopped) = oneshot::channel::<()>();
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let secure = tls.is_some();
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls).map_err(|e| TestkitError::Start {
+                engine: "otlp receiver",
+                reason: e.to_string(),
+                log: String::new(),
+            })?;
+        }
         tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
+            let _ = server
                 .add_service(service)
                 .add_service(metrics)
                 .add_service(logs)
@@ -399,6 +426,7 @@ impl OtlpReceiver {
             points: sink.points.clone(),
             logs: sink.logs.clone(),
             addr,
+            secure,
             count,
             spans,
             arrived,
@@ -406,9 +434,11 @@ impl OtlpReceiver {
         })
     }
 
-    /// `http://127.0.0.1:PORT`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    /// `http://127.0.0.1:PORT` (`https://` with [`start_tls`](Self::start_tls)),
+    /// for `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.secure { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Every span received so far.

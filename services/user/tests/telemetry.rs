@@ -627,3 +627,41 @@ async fn audit_records_are_log_lines_and_otlp_log_records() {
     assert_eq!(line["target"], "trellis::audit", "{line}");
     assert_eq!(line["kind"], "login", "{line}");
 }
+
+/// An OTLP collector on mutual TLS: the exporter trusts the collector's
+/// authority and shows its own certificate (the collector requires one),
+/// from `[otlp] certificate`, `client_certificate`, `client_key`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_reaches_a_collector_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs =
+        trellis::transport::certs::init(dir.path(), "trellis", &["collector", "user"]).unwrap();
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+    let (_, cert, key) = &certs.services[0];
+    let receiver = OtlpReceiver::start_tls(&read(cert), &read(key), &read(&certs.ca))
+        .await
+        .unwrap();
+    assert!(receiver.endpoint().starts_with("https://"));
+    let (_, client_cert, client_key) = &certs.services[1];
+    let _telemetry = Telemetry::builder("tls-test")
+        .log_format(LogFormat::Json)
+        .log_level("info")
+        .otlp(OtlpSettings {
+            endpoint: Some(receiver.endpoint()),
+            logs: true,
+            certificate: Some(certs.ca.clone()),
+            client_certificate: Some(client_cert.clone()),
+            client_key: Some(client_key.clone()),
+            ..Default::default()
+        })
+        .writer(std::io::sink)
+        .init()
+        .unwrap();
+    tracing::info!(answer = 42, "over mutual tls");
+    let arrived = receiver
+        .wait_until(Duration::from_secs(15), |r| {
+            r.logs().iter().any(|l| l.body == "over mutual tls")
+        })
+        .await;
+    assert!(arrived, "nothing arrived over TLS: {:#?}", receiver.logs());
+}
