@@ -158,12 +158,23 @@ impl tower::Service<http::Request<tonic::body::Body>> for ResilientChannel {
 pub async fn resilient_client(
     discovery: &dyn registry::Discovery,
     service: &str,
-) -> Result<ResilientChannel, core::BoxError> {
+) -> Result<ResilientChannel, ClientError> {
     resilient_client_with(discovery, service, &settings::ClientSettings::default()).await
 }
 
+/// Why a client could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The service could not be followed in the registry.
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
+    /// `tls` names certificate files that could not be used.
+    #[error("client tls: {0}")]
+    Tls(#[from] transport::tls::TlsError),
+}
+
 /// [`client`] behind the client stack `settings` describe: timeout,
-/// retries, breaker and balancer, from typed config or code.
+/// retries, breaker, balancer and TLS, from typed config or code.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -179,11 +190,11 @@ pub async fn resilient_client_with(
     discovery: &dyn registry::Discovery,
     service: &str,
     settings: &settings::ClientSettings,
-) -> Result<ResilientChannel, core::BoxError> {
+) -> Result<ResilientChannel, ClientError> {
     use tower::Layer;
     let mut client = transport::ClientConfig::default();
     if let Some(tls) = &settings.tls {
-        client.tls = Some(tls.follow().map_err(|e| format!("client tls: {e}"))?);
+        client.tls = Some(tls.follow()?);
     }
     let balanced =
         balanced_channel_with(discovery, service, settings.balance_config(), client).await?;

@@ -25,7 +25,7 @@ use trellis_examples::{
 };
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let name = std::env::args().nth(1).unwrap_or_else(|| "world".into());
     let registry = MemoryRegistry::new();
 
