@@ -208,7 +208,76 @@ macro_rules! with_pool {
     };
 }
 
+/// A transaction on whichever engine the [`Pool`] holds: what a handler
+/// writes its rows in, together with the platform's own (the saga barrier,
+/// the outbox). Dropped without [`commit`](Tx::commit), it rolls back.
+#[derive(Debug)]
+pub enum Tx {
+    /// On SQLite.
+    #[cfg(feature = "sqlite")]
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    /// On PostgreSQL.
+    #[cfg(feature = "postgres")]
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+/// Runs `$body` with `$conn` bound to the connection of `$tx` (a
+/// `&mut Tx`), once per engine: `with_tx!(tx, c => sqlx::query(..).execute(&mut **c).await)`.
+#[cfg(all(feature = "sqlite", feature = "postgres"))]
+#[macro_export]
+macro_rules! with_tx {
+    ($tx:expr, $conn:ident => $body:expr) => {
+        match $tx {
+            $crate::Tx::Sqlite($conn) => $body,
+            $crate::Tx::Postgres($conn) => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$conn` bound to the SQLite transaction `$tx` holds.
+#[cfg(all(feature = "sqlite", not(feature = "postgres")))]
+#[macro_export]
+macro_rules! with_tx {
+    ($tx:expr, $conn:ident => $body:expr) => {
+        match $tx {
+            $crate::Tx::Sqlite($conn) => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$conn` bound to the PostgreSQL transaction `$tx` holds.
+#[cfg(all(feature = "postgres", not(feature = "sqlite")))]
+#[macro_export]
+macro_rules! with_tx {
+    ($tx:expr, $conn:ident => $body:expr) => {
+        match $tx {
+            $crate::Tx::Postgres($conn) => $body,
+        }
+    };
+}
+
+impl Tx {
+    /// Makes the transaction's writes durable.
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        with_tx!(self, tx => tx.commit().await)
+    }
+
+    /// Undoes them (dropping the transaction does too).
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        with_tx!(self, tx => tx.rollback().await)
+    }
+}
+
 impl Pool {
+    /// Starts a transaction.
+    pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        Ok(with_pool!(self, pool => {
+            #[allow(clippy::useless_conversion)]
+            let tx = pool.begin().await?;
+            tx_of(tx)
+        }))
+    }
+
     /// Opens the store named by `url` and applies `migrations`. A call
     /// waits at most `acquire_timeout` for a connection (while the database
     /// is down, the pool keeps reconnecting) before it fails.
@@ -302,6 +371,29 @@ impl Pool {
         }
         false
     }
+}
+
+/// Wraps an engine's transaction.
+trait IntoTx {
+    fn into_tx(self) -> Tx;
+}
+
+#[cfg(feature = "sqlite")]
+impl IntoTx for sqlx::Transaction<'static, sqlx::Sqlite> {
+    fn into_tx(self) -> Tx {
+        Tx::Sqlite(self)
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl IntoTx for sqlx::Transaction<'static, sqlx::Postgres> {
+    fn into_tx(self) -> Tx {
+        Tx::Postgres(self)
+    }
+}
+
+fn tx_of(tx: impl IntoTx) -> Tx {
+    tx.into_tx()
 }
 
 /// Opens a pool of at most `max_connections` and applies the migrations.
@@ -445,6 +537,18 @@ mod tests {
         insert().await.unwrap();
         let again = Failure::from(insert().await.unwrap_err());
         assert!(matches!(again, Failure::Duplicate), "{again:?}");
+        // A transaction: rolled back, nothing; committed, the row.
+        for (commit, key) in [(false, "b"), (true, "c")] {
+            let mut tx = pool.begin().await.unwrap();
+            with_tx!(&mut tx, c => sqlx::query("INSERT INTO t (k) VALUES ($1)").bind(key).execute(&mut **c).await.map(drop)).unwrap();
+            if commit {
+                tx.commit().await.unwrap();
+            } else {
+                tx.rollback().await.unwrap();
+            }
+        }
+        let keys: Vec<String> = with_pool!(&pool, p => sqlx::query_scalar("SELECT k FROM t ORDER BY k").fetch_all(p).await.unwrap());
+        assert_eq!(keys, ["a", "c"]);
         pool.close().await;
     }
 
