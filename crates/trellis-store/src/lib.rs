@@ -366,6 +366,7 @@ impl Pool {
     /// spell differently).
     pub fn is_postgres(&self) -> bool {
         #[cfg(feature = "postgres")]
+        #[allow(irrefutable_let_patterns)]
         if let Pool::Postgres(_) = self {
             return true;
         }
