@@ -1,6 +1,8 @@
 //! Distributed transactions for Trellis services, in the spirit of dtm.
 //!
-//! This first part is the participant's side: [`barrier`], the one call a
+//! [`machine`] is the coordinator's state machine, pure: what to call next
+//! and what an answer changes (property-tested with random answers and
+//! crash points). [`barrier`] is the participant's side: the one call a
 //! branch handler wraps its work in, so that whatever a coordinator's
 //! retries and the network do — a branch delivered twice, a compensation
 //! arriving for a step that never ran, a step arriving after its
@@ -29,3 +31,4 @@
 #![warn(missing_docs)]
 
 pub mod barrier;
+pub mod machine;
