@@ -31,4 +31,5 @@
 #![warn(missing_docs)]
 
 pub mod barrier;
+pub mod log;
 pub mod machine;

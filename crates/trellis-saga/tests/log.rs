@@ -1,0 +1,153 @@
+//! The coordinator's log on SQLite and PostgreSQL: submissions are durable
+//! and unique, work is claimed under a lease, a coordinator that lost its
+//! lease cannot write, and two coordinators on one PostgreSQL never claim
+//! the same saga.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use trellis_saga::{
+    barrier::Op,
+    log::{Definition, Endpoint, LogError, SagaLog, StepDefinition, migrator},
+    machine::{Answer, Status},
+};
+use trellis_store::Pool;
+
+fn definition(steps: usize) -> Definition {
+    Definition {
+        steps: (0..steps)
+            .map(|i| StepDefinition {
+                name: format!("step{i}"),
+                action: Endpoint::Grpc {
+                    service: "inventory".into(),
+                    path: "/shop.inventory.v1.InventoryService/Reserve".into(),
+                },
+                compensate: Endpoint::Http {
+                    url: "http://inventory/v1/release".into(),
+                },
+                payload: vec![0, 1, 2, 255],
+            })
+            .collect(),
+        timeout_to_fail_ms: 30_000,
+    }
+}
+
+async fn log(url: &str) -> SagaLog {
+    SagaLog::new(
+        Pool::open(url, 8, Duration::from_secs(10), &migrator())
+            .await
+            .unwrap(),
+    )
+}
+
+async fn the_log_on(url: &str) {
+    let log = log(url).await;
+    log.submit("g1", &definition(2)).await.unwrap();
+    assert!(matches!(
+        log.submit("g1", &definition(2)).await,
+        Err(LogError::Duplicate(_))
+    ));
+    let got = log.get("g1").await.unwrap().unwrap();
+    assert_eq!(
+        got.definition,
+        definition(2),
+        "bytes survive the round trip"
+    );
+    assert_eq!(got.state.status, Status::Running);
+
+    // A claims it; B finds nothing while A's lease lives.
+    let a = log.claim("a", Duration::from_secs(60), 10).await.unwrap();
+    assert_eq!(a.len(), 1);
+    assert!(
+        log.claim("b", Duration::from_secs(60), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let mut state = a[0].record.state.clone();
+    state.calling(0, Op::Action);
+    state.record(0, Op::Action, Answer::Success);
+    log.save(&a[0], "a", &state, 0).await.unwrap();
+    assert_eq!(log.get("g1").await.unwrap().unwrap().state, state);
+
+    // A pauses past its lease; B takes over; A's late write is refused.
+    log.release(&a[0], "a").await.unwrap();
+    let b = log.claim("b", Duration::from_secs(60), 10).await.unwrap();
+    assert_eq!(b.len(), 1, "released, so claimable");
+    let mut stale = state.clone();
+    stale.record(1, Op::Action, Answer::Failure);
+    assert!(matches!(
+        log.save(&a[0], "a", &stale, 0).await,
+        Err(LogError::LeaseLost(_))
+    ));
+    state.record(1, Op::Action, Answer::Success);
+    log.save(&b[0], "b", &state, 0).await.unwrap();
+    let done = log.get("g1").await.unwrap().unwrap();
+    assert_eq!(done.state.status, Status::Succeeded);
+    // Terminal sagas are never claimed again; listing filters by status.
+    log.release(&b[0], "b").await.unwrap();
+    assert!(
+        log.claim("c", Duration::from_secs(60), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    log.submit("g2", &definition(1)).await.unwrap();
+    let running = log.list(Some(Status::Running), 10).await.unwrap();
+    assert_eq!(
+        running.iter().map(|r| r.gid.as_str()).collect::<Vec<_>>(),
+        ["g2"]
+    );
+    assert_eq!(log.list(None, 10).await.unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    the_log_on(&format!(
+        "sqlite://{}",
+        dir.path().join("saga.db").display()
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_on_postgres() {
+    let pg = trellis_testkit::Postgres::start().unwrap();
+    the_log_on(&pg.url()).await;
+}
+
+/// Two coordinators claiming concurrently from one PostgreSQL: every saga
+/// is claimed by exactly one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinators_sharing_postgres_never_claim_the_same_saga() {
+    let pg = trellis_testkit::Postgres::start().unwrap();
+    let log = log(&pg.url()).await;
+    for i in 0..200 {
+        log.submit(&format!("g{i:03}"), &definition(1))
+            .await
+            .unwrap();
+    }
+    let claim_all = |owner: &'static str, log: SagaLog| async move {
+        let mut mine = Vec::new();
+        loop {
+            let got = log.claim(owner, Duration::from_secs(60), 7).await.unwrap();
+            if got.is_empty() {
+                return mine;
+            }
+            mine.extend(got.into_iter().map(|c| c.record.gid));
+        }
+    };
+    let (a, b) = tokio::join!(
+        tokio::spawn(claim_all("a", log.clone())),
+        tokio::spawn(claim_all("b", log.clone()))
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let (sa, sb): (BTreeSet<_>, BTreeSet<_>) = (a.iter().collect(), b.iter().collect());
+    assert_eq!(sa.len(), a.len(), "a claimed something twice");
+    assert!(
+        sa.is_disjoint(&sb),
+        "both claimed {:?}",
+        sa.intersection(&sb).collect::<Vec<_>>()
+    );
+    assert_eq!(a.len() + b.len(), 200);
+}
