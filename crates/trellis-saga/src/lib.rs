@@ -31,5 +31,6 @@
 #![warn(missing_docs)]
 
 pub mod barrier;
+pub mod driver;
 pub mod log;
 pub mod machine;

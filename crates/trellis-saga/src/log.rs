@@ -295,36 +295,45 @@ impl SagaLog {
     }
 
     /// Writes `state` for a saga this coordinator holds (`claim`), due
-    /// again at `next_attempt_ms` and keeping the lease until
-    /// `lease_until_ms` — unless the lease was lost.
+    /// again at `next_attempt_ms`, and renews the lease for `lease` from
+    /// now — unless the lease was lost ([`LogError::LeaseLost`]: another
+    /// coordinator owns the saga; this one must stop driving it).
     pub async fn save(
         &self,
-        claimed: &Claimed,
+        claimed: &mut Claimed,
         owner: &str,
         state: &Saga,
         next_attempt_ms: i64,
+        lease: Duration,
     ) -> Result<(), LogError> {
-        let gid = &claimed.record.gid;
+        let gid = claimed.record.gid.clone();
         let text = serde_json::to_string(state).map_err(|e| LogError::Corrupt {
             gid: gid.clone(),
             what: "state",
             reason: e.to_string(),
         })?;
-        let rows = with_pool!(&self.pool, p => sqlx::query("UPDATE saga_transactions SET status = $1, state = $2, update_time_ms = $3, next_attempt_ms = $4 WHERE gid = $5 AND lease_owner = $6 AND lease_until_ms = $7")
+        let now = now_ms();
+        let until = now
+            .saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
+            .max(claimed.lease_until_ms.saturating_add(1));
+        let rows = with_pool!(&self.pool, p => sqlx::query("UPDATE saga_transactions SET status = $1, state = $2, update_time_ms = $3, next_attempt_ms = $4, lease_until_ms = $5 WHERE gid = $6 AND lease_owner = $7 AND lease_until_ms = $8")
             .bind(status_text(state.status))
             .bind(&text)
-            .bind(now_ms())
+            .bind(now)
             .bind(next_attempt_ms)
-            .bind(gid)
+            .bind(until)
+            .bind(&gid)
             .bind(owner)
             .bind(claimed.lease_until_ms)
             .execute(p)
             .await?
             .rows_affected());
         if rows == 1 {
+            claimed.lease_until_ms = until;
+            claimed.record.state = state.clone();
             Ok(())
         } else {
-            Err(LogError::LeaseLost(gid.clone()))
+            Err(LogError::LeaseLost(gid))
         }
     }
 

@@ -55,7 +55,7 @@ async fn the_log_on(url: &str) {
     assert_eq!(got.state.status, Status::Running);
 
     // A claims it; B finds nothing while A's lease lives.
-    let a = log.claim("a", Duration::from_secs(60), 10).await.unwrap();
+    let mut a = log.claim("a", Duration::from_secs(60), 10).await.unwrap();
     assert_eq!(a.len(), 1);
     assert!(
         log.claim("b", Duration::from_secs(60), 10)
@@ -66,21 +66,28 @@ async fn the_log_on(url: &str) {
     let mut state = a[0].record.state.clone();
     state.calling(0, Op::Action);
     state.record(0, Op::Action, Answer::Success);
-    log.save(&a[0], "a", &state, 0).await.unwrap();
+    let before = a[0].lease_until_ms;
+    log.save(&mut a[0], "a", &state, 0, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(a[0].lease_until_ms > before, "each write renews the lease");
     assert_eq!(log.get("g1").await.unwrap().unwrap().state, state);
 
     // A pauses past its lease; B takes over; A's late write is refused.
     log.release(&a[0], "a").await.unwrap();
-    let b = log.claim("b", Duration::from_secs(60), 10).await.unwrap();
+    let mut b = log.claim("b", Duration::from_secs(60), 10).await.unwrap();
     assert_eq!(b.len(), 1, "released, so claimable");
     let mut stale = state.clone();
     stale.record(1, Op::Action, Answer::Failure);
     assert!(matches!(
-        log.save(&a[0], "a", &stale, 0).await,
+        log.save(&mut a[0], "a", &stale, 0, Duration::from_secs(60))
+            .await,
         Err(LogError::LeaseLost(_))
     ));
     state.record(1, Op::Action, Answer::Success);
-    log.save(&b[0], "b", &state, 0).await.unwrap();
+    log.save(&mut b[0], "b", &state, 0, Duration::from_secs(60))
+        .await
+        .unwrap();
     let done = log.get("g1").await.unwrap().unwrap();
     assert_eq!(done.state.status, Status::Succeeded);
     // Terminal sagas are never claimed again; listing filters by status.
