@@ -118,7 +118,15 @@ impl Sealer {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir).map_err(io)?;
                 }
-                write_private(path, STANDARD.encode(key).as_bytes()).map_err(io)?;
+                match write_private(path, STANDARD.encode(key).as_bytes()) {
+                    Ok(()) => {}
+                    // Another instance made it first: use theirs.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        let text = std::fs::read_to_string(path).map_err(io)?;
+                        return Sealer::from_base64(&text, &shown);
+                    }
+                    Err(e) => return Err(io(e)),
+                }
                 tracing::warn!(
                     file = %shown,
                     "created a key encryption key for signing keys; set keys.encryption_key in production"
@@ -299,6 +307,12 @@ impl KeyRing {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Whether the key `kid` opened (a key sealed under another key
+    /// encryption key, or changed, did not).
+    pub fn contains(&self, kid: &str) -> bool {
+        self.all().iter().any(|k| k.key.kid() == kid)
     }
 
     /// The key that signs at `now_ms`: the newest one already active.

@@ -552,8 +552,9 @@ impl Service for AuthService {
 pub struct KeyStatus {
     /// The key as stored (sealed).
     pub key: data::StoredKey,
-    /// `pending`, `active`, `retiring` (published, no longer signing) or
-    /// `retired` (no longer published).
+    /// `pending`, `active`, `retiring` (published, no longer signing),
+    /// `retired` (no longer published) or `unreadable` (it does not open
+    /// under the key encryption key in force).
     pub state: &'static str,
 }
 
@@ -596,7 +597,9 @@ pub async fn key_status(
     Ok(stored
         .into_iter()
         .map(|key| {
-            let state = if key.activate_time_ms > now {
+            let state = if !ring.contains(&key.kid) {
+                "unreadable"
+            } else if key.activate_time_ms > now {
                 "pending"
             } else if signing.as_deref() == Some(key.kid.as_str()) {
                 "active"

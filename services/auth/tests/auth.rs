@@ -576,6 +576,11 @@ async fn a_key_sealed_under_another_encryption_key_does_not_sign() {
     shop.register("hal@example.com").await;
     let (status, body) = shop.login("hal@example.com", "correct horse battery").await;
     assert_eq!(status, 503, "{body}");
+    let keys = shop_auth::key_status(&shop.settings, dir.path())
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].state, "unreadable", "{keys:?}");
     shop.stop().await;
 }
 
