@@ -107,6 +107,174 @@ impl Caller for HttpCaller {
     }
 }
 
+/// A gRPC channel to a participant (cheap to clone; reconnects itself).
+pub type GrpcChannel = tonic::transport::Channel;
+
+/// Branches over gRPC: unary calls whose request message is the step's
+/// payload (protobuf bytes), with the branch headers as metadata, on the
+/// channel `channels` gives for the endpoint's service. The answer's status
+/// decides: OK success; ABORTED or FAILED_PRECONDITION a definite failure;
+/// anything else a retry.
+#[derive(Clone)]
+pub struct GrpcCaller {
+    channels: Arc<dyn Fn(&str) -> Option<GrpcChannel> + Send + Sync>,
+}
+
+impl GrpcCaller {
+    /// A caller that finds each service's channel with `channels`.
+    pub fn new(channels: impl Fn(&str) -> Option<GrpcChannel> + Send + Sync + 'static) -> Self {
+        GrpcCaller {
+            channels: Arc::new(channels),
+        }
+    }
+}
+
+/// What a gRPC status means for a saga.
+pub fn answer_for_code(code: tonic::Code) -> Answer {
+    match code {
+        tonic::Code::Ok => Answer::Success,
+        tonic::Code::Aborted | tonic::Code::FailedPrecondition => Answer::Failure,
+        _ => Answer::Retry,
+    }
+}
+
+/// Passes the payload through as the message's bytes, both ways.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = bytes::Bytes;
+    type Decode = bytes::Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut as _;
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<bytes::Bytes>, tonic::Status> {
+        use bytes::Buf as _;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl Caller for GrpcCaller {
+    fn call<'a>(
+        &'a self,
+        endpoint: &'a Endpoint,
+        branch: &'a Branch,
+        payload: &'a [u8],
+        deadline: Duration,
+    ) -> BoxFuture<'a, (Answer, String)> {
+        Box::pin(async move {
+            let Endpoint::Grpc { service, path } = endpoint else {
+                return (Answer::Retry, "not a gRPC endpoint".to_owned());
+            };
+            let Some(channel) = (self.channels)(service) else {
+                return (Answer::Retry, format!("{service}: no channel"));
+            };
+            let Ok(path) = http::uri::PathAndQuery::try_from(path.as_str()) else {
+                return (Answer::Failure, format!("{path:?} is not a method path"));
+            };
+            let mut request = tonic::Request::new(bytes::Bytes::copy_from_slice(payload));
+            request.set_timeout(deadline);
+            match branch.headers() {
+                Ok(headers) => {
+                    for (name, value) in headers {
+                        if let (Ok(key), Ok(value)) = (
+                            tonic::metadata::MetadataKey::from_bytes(name.as_str().as_bytes()),
+                            tonic::metadata::MetadataValue::try_from(value.as_bytes()),
+                        ) {
+                            request.metadata_mut().insert(key, value);
+                        }
+                    }
+                }
+                Err(e) => return (Answer::Failure, e.to_string()),
+            }
+            let answer = match tokio::time::timeout(deadline, unary(channel, path, request)).await {
+                Err(_) => {
+                    return (
+                        Answer::Retry,
+                        format!("{service}: no answer within {deadline:?}"),
+                    );
+                }
+                Ok(answer) => answer,
+            };
+            match answer {
+                Ok(_) => (Answer::Success, format!("{service}: OK")),
+                Err(status) => (
+                    answer_for_code(status.code()),
+                    format!("{service}: {:?}: {}", status.code(), status.message()),
+                ),
+            }
+        })
+    }
+}
+
+/// One unary call of raw bytes on `channel`.
+async fn unary(
+    channel: GrpcChannel,
+    path: http::uri::PathAndQuery,
+    request: tonic::Request<bytes::Bytes>,
+) -> Result<tonic::Response<bytes::Bytes>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    grpc.unary(request, path, RawCodec).await
+}
+
+/// Calls HTTP endpoints with one caller and gRPC ones with another.
+#[derive(Clone)]
+pub struct Callers {
+    /// For [`Endpoint::Http`].
+    pub http: HttpCaller,
+    /// For [`Endpoint::Grpc`].
+    pub grpc: GrpcCaller,
+}
+
+impl Caller for Callers {
+    fn call<'a>(
+        &'a self,
+        endpoint: &'a Endpoint,
+        branch: &'a Branch,
+        payload: &'a [u8],
+        deadline: Duration,
+    ) -> BoxFuture<'a, (Answer, String)> {
+        match endpoint {
+            Endpoint::Http { .. } => self.http.call(endpoint, branch, payload, deadline),
+            Endpoint::Grpc { .. } => self.grpc.call(endpoint, branch, payload, deadline),
+        }
+    }
+}
+
 /// How a coordinator drives sagas.
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
@@ -300,6 +468,22 @@ mod tests {
             let d = backoff(base, max, attempts);
             let full = base.saturating_mul(1 << (attempts - 1).min(20)).min(max);
             assert!(d <= full && d >= full / 2, "{attempts}: {d:?} vs {full:?}");
+        }
+    }
+
+    #[test]
+    fn grpc_codes_sort_into_answers() {
+        assert_eq!(answer_for_code(tonic::Code::Ok), Answer::Success);
+        for code in [tonic::Code::Aborted, tonic::Code::FailedPrecondition] {
+            assert_eq!(answer_for_code(code), Answer::Failure, "{code:?}");
+        }
+        for code in [
+            tonic::Code::Unavailable,
+            tonic::Code::DeadlineExceeded,
+            tonic::Code::Internal,
+            tonic::Code::ResourceExhausted,
+        ] {
+            assert_eq!(answer_for_code(code), Answer::Retry, "{code:?}");
         }
     }
 

@@ -291,3 +291,91 @@ async fn checkouts_succeed_compensate_retry_and_survive_a_dead_coordinator() {
     assert_eq!(finish(&survivor, &log, "orphan").await, Status::Succeeded);
     assert_eq!(totals(&shop).await, (4, 55), "reserved once, charged once");
 }
+
+/// gRPC branches, with the payload passed through as the request message:
+/// against a real gRPC server (the standard health service), a call that
+/// answers OK succeeds, and one that keeps answering NOT_FOUND is retried
+/// until the saga's timeout_to_fail turns it round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_branches_succeed_and_retry_until_the_saga_times_out() {
+    use prost::Message as _;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let grpc = trellis_saga::driver::GrpcCaller::new(move |service| {
+        (service == "health").then(|| channel.clone())
+    });
+    let callers = trellis_saga::driver::Callers {
+        http: HttpCaller::default(),
+        grpc,
+    };
+    let check = |service: &str| {
+        tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        }
+        .encode_to_vec()
+    };
+    let endpoint = Endpoint::Grpc {
+        service: "health".into(),
+        path: "/grpc.health.v1.Health/Check".into(),
+    };
+    let saga = |payload: Vec<u8>, timeout_to_fail_ms| Definition {
+        steps: vec![StepDefinition {
+            name: "check".into(),
+            action: endpoint.clone(),
+            compensate: endpoint.clone(),
+            payload,
+        }],
+        timeout_to_fail_ms,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log = SagaLog::new(
+        Pool::open(
+            &format!("sqlite://{}", dir.path().join("saga.db").display()),
+            4,
+            Duration::from_secs(10),
+            &migrator(),
+        )
+        .await
+        .unwrap(),
+    );
+    let driver = Driver::new(log.clone(), Arc::new(callers), config("g"));
+    log.submit("ok", &saga(check(""), 60_000)).await.unwrap();
+    assert_eq!(finish(&driver, &log, "ok").await, Status::Succeeded);
+    // NOT_FOUND is not a definite failure: retried, until the saga's
+    // timeout turns it round. Its compensation (the same check) answers
+    // NOT_FOUND too — retried — until the service is known.
+    log.submit("lost", &saga(check("no.such.Service"), 300))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        driver.run_once().await.unwrap();
+        let state = log.get("lost").await.unwrap().unwrap().state;
+        if state.status == Status::Compensating {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{state:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    reporter
+        .set_service_status("no.such.Service", tonic_health::ServingStatus::Serving)
+        .await;
+    assert_eq!(finish(&driver, &log, "lost").await, Status::Compensated);
+    let lost = log.get("lost").await.unwrap().unwrap().state;
+    assert!(lost.steps[0].attempts >= 2, "{lost:?}");
+    assert!(
+        lost.failure
+            .as_ref()
+            .is_some_and(|f| f.1.contains("300 ms")),
+        "{lost:?}"
+    );
+}
