@@ -117,8 +117,11 @@ pub type GrpcChannel = tonic::transport::Channel;
 /// anything else a retry.
 #[derive(Clone)]
 pub struct GrpcCaller {
-    channels: Arc<dyn Fn(&str) -> Option<GrpcChannel> + Send + Sync>,
+    channels: Arc<ChannelFor>,
 }
+
+/// Finds the channel to a service, by its name.
+type ChannelFor = dyn Fn(&str) -> Option<GrpcChannel> + Send + Sync;
 
 impl GrpcCaller {
     /// A caller that finds each service's channel with `channels`.
