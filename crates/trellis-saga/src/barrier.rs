@@ -30,8 +30,6 @@
 //! # Ok(()) }
 //! ```
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use trellis_store::{Pool, Tx, with_tx};
@@ -231,17 +229,11 @@ pub enum BarrierError<E> {
     Store(#[from] sqlx::Error),
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 const INSERT: &str = "INSERT INTO saga_barrier (gid, branch_id, op, reason, create_time_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING";
 
 /// Inserts a barrier row; whether it was new.
 async fn insert(tx: &mut Tx, branch: &Branch, op: Op, reason: Op) -> Result<bool, sqlx::Error> {
-    let now = now_ms();
+    let now = trellis_store::now_ms();
     let done = with_tx!(tx, c => sqlx::query(INSERT)
         .bind(&branch.gid)
         .bind(&branch.branch_id)

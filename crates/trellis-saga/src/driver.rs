@@ -317,12 +317,6 @@ pub struct Driver {
     config: DriverConfig,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -391,7 +385,7 @@ impl Driver {
         loop {
             // A forward step retried past the saga's timeout_to_fail turns
             // the saga round.
-            let age = now_ms().saturating_sub(claimed.record.create_time_ms);
+            let age = trellis_store::now_ms().saturating_sub(claimed.record.create_time_ms);
             if age > i64::try_from(definition.timeout_to_fail_ms).unwrap_or(i64::MAX) {
                 state.time_out(&format!(
                     "no step answered for good within {} ms",
@@ -435,7 +429,7 @@ impl Driver {
                 let attempts = state.steps[step].attempts;
                 let delay = backoff(self.config.backoff, self.config.max_backoff, attempts);
                 tracing::debug!(%gid, step = %def.name, op = op.as_str(), %said, ?delay, "branch to retry");
-                let due = now_ms().saturating_add(ms(delay));
+                let due = trellis_store::now_ms().saturating_add(ms(delay));
                 self.log
                     .save(&mut claimed, &owner, &state, due, lease)
                     .await?;

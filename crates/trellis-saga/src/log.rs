@@ -8,7 +8,7 @@
 //! whose lease expired (paused, partitioned) and was taken over cannot
 //! overwrite its successor's progress — its write matches no row.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -112,15 +112,16 @@ pub struct Record {
     pub update_time_ms: i64,
     /// When it is next due.
     pub next_attempt_ms: i64,
+    /// Until when a coordinator holds it (0: nobody); in a [`Claimed`],
+    /// the lease this claim holds, which every write names.
+    pub lease_until_ms: i64,
 }
 
-/// A saga claimed for driving: the record and the lease to write with.
+/// A saga claimed for driving: its record, with the lease to write with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claimed {
     /// The saga.
     pub record: Record,
-    /// The lease's end, as written (the fencing value of this claim).
-    pub lease_until_ms: i64,
 }
 
 /// Why the log refused.
@@ -153,12 +154,6 @@ impl From<sqlx::Error> for LogError {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 fn status_text(status: Status) -> &'static str {
     match status {
         Status::Running => "running",
@@ -177,7 +172,7 @@ pub struct SagaLog {
 const COLUMNS: &str =
     "gid, definition, state, create_time_ms, update_time_ms, next_attempt_ms, lease_until_ms";
 
-fn record_from_row<R: Row>(row: &R) -> Result<(Record, i64), LogError>
+fn record_from_row<R: Row>(row: &R) -> Result<Record, LogError>
 where
     for<'r> &'r str: sqlx::ColumnIndex<R>,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
@@ -197,9 +192,10 @@ where
         create_time_ms: row.try_get("create_time_ms")?,
         update_time_ms: row.try_get("update_time_ms")?,
         next_attempt_ms: row.try_get("next_attempt_ms")?,
+        lease_until_ms: row.try_get("lease_until_ms")?,
         gid: gid.clone(),
     };
-    Ok((record, row.try_get("lease_until_ms")?))
+    Ok(record)
 }
 
 impl SagaLog {
@@ -211,7 +207,7 @@ impl SagaLog {
     /// Records a new saga, durably, due at once. [`LogError::Duplicate`] if
     /// the gid was used.
     pub async fn submit(&self, gid: &str, definition: &Definition) -> Result<(), LogError> {
-        let now = now_ms();
+        let now = trellis_store::now_ms();
         let state = Saga::new(definition.steps.len());
         let definition_text = serde_json::to_string(definition).map_err(|e| LogError::Corrupt {
             gid: gid.to_owned(),
@@ -250,7 +246,7 @@ impl SagaLog {
         lease: Duration,
         limit: u32,
     ) -> Result<Vec<Claimed>, LogError> {
-        let now = now_ms();
+        let now = trellis_store::now_ms();
         let until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
         let lock = if self.pool.is_postgres() {
             " FOR UPDATE SKIP LOCKED"
@@ -271,7 +267,7 @@ impl SagaLog {
             rows.iter().map(record_from_row).collect::<Result<Vec<_>, LogError>>()?
         });
         let mut claimed = Vec::with_capacity(rows.len());
-        for (record, _) in rows {
+        for mut record in rows {
             // Conditional too, so a claim never takes a live lease even
             // where rows are not locked (SQLite).
             let taken = with_tx!(&mut tx, c => sqlx::query("UPDATE saga_transactions SET lease_owner = $1, lease_until_ms = $2 WHERE gid = $3 AND lease_until_ms < $4")
@@ -285,10 +281,8 @@ impl SagaLog {
             if taken != 1 {
                 continue;
             }
-            claimed.push(Claimed {
-                record,
-                lease_until_ms: until,
-            });
+            record.lease_until_ms = until;
+            claimed.push(Claimed { record });
         }
         tx.commit().await?;
         Ok(claimed)
@@ -312,10 +306,10 @@ impl SagaLog {
             what: "state",
             reason: e.to_string(),
         })?;
-        let now = now_ms();
+        let now = trellis_store::now_ms();
         let until = now
             .saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
-            .max(claimed.lease_until_ms.saturating_add(1));
+            .max(claimed.record.lease_until_ms.saturating_add(1));
         let rows = with_pool!(&self.pool, p => sqlx::query("UPDATE saga_transactions SET status = $1, state = $2, update_time_ms = $3, next_attempt_ms = $4, lease_until_ms = $5 WHERE gid = $6 AND lease_owner = $7 AND lease_until_ms = $8")
             .bind(status_text(state.status))
             .bind(&text)
@@ -324,12 +318,12 @@ impl SagaLog {
             .bind(until)
             .bind(&gid)
             .bind(owner)
-            .bind(claimed.lease_until_ms)
+            .bind(claimed.record.lease_until_ms)
             .execute(p)
             .await?
             .rows_affected());
         if rows == 1 {
-            claimed.lease_until_ms = until;
+            claimed.record.lease_until_ms = until;
             claimed.record.state = state.clone();
             Ok(())
         } else {
@@ -343,7 +337,7 @@ impl SagaLog {
         with_pool!(&self.pool, p => sqlx::query("UPDATE saga_transactions SET lease_owner = NULL, lease_until_ms = 0 WHERE gid = $1 AND lease_owner = $2 AND lease_until_ms = $3")
             .bind(&claimed.record.gid)
             .bind(owner)
-            .bind(claimed.lease_until_ms)
+            .bind(claimed.record.lease_until_ms)
             .execute(p)
             .await
             .map(drop))?;
@@ -355,7 +349,7 @@ impl SagaLog {
         let select = format!("SELECT {COLUMNS} FROM saga_transactions WHERE gid = $1");
         with_pool!(&self.pool, p => {
             let row = sqlx::query(sqlx::AssertSqlSafe(select.as_str())).bind(gid).fetch_optional(p).await?;
-            row.map(|r| record_from_row(&r).map(|(record, _)| record)).transpose()
+            row.map(|r| record_from_row(&r)).transpose()
         })
     }
 
@@ -372,7 +366,7 @@ impl SagaLog {
                 .bind(i64::from(limit))
                 .fetch_all(p)
                 .await?;
-            rows.iter().map(|r| record_from_row(r).map(|(record, _)| record)).collect()
+            rows.iter().map(record_from_row).collect()
         })
     }
 }

@@ -66,11 +66,14 @@ async fn the_log_on(url: &str) {
     let mut state = a[0].record.state.clone();
     state.calling(0, Op::Action);
     state.record(0, Op::Action, Answer::Success);
-    let before = a[0].lease_until_ms;
+    let before = a[0].record.lease_until_ms;
     log.save(&mut a[0], "a", &state, 0, Duration::from_secs(60))
         .await
         .unwrap();
-    assert!(a[0].lease_until_ms > before, "each write renews the lease");
+    assert!(
+        a[0].record.lease_until_ms > before,
+        "each write renews the lease"
+    );
     assert_eq!(log.get("g1").await.unwrap().unwrap().state, state);
 
     // A pauses past its lease; B takes over; A's late write is refused.

@@ -140,6 +140,14 @@ impl DatabaseSettings {
     }
 }
 
+/// Now, in milliseconds since the Unix epoch: how rows here carry time
+/// (`*_time_ms` columns, `BIGINT` on both engines).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Migrations from `(version, description, sql)`, in version order,
 /// tracked in the table `table` — one per service, so services can share a
 /// database without their version numbers colliding.
@@ -271,11 +279,12 @@ impl Tx {
 impl Pool {
     /// Starts a transaction.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        Ok(with_pool!(self, pool => {
-            #[allow(clippy::useless_conversion)]
-            let tx = pool.begin().await?;
-            tx_of(tx)
-        }))
+        Ok(match self {
+            #[cfg(feature = "sqlite")]
+            Pool::Sqlite(pool) => Tx::Sqlite(pool.begin().await?),
+            #[cfg(feature = "postgres")]
+            Pool::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+        })
     }
 
     /// Opens the store named by `url` and applies `migrations`. A call
@@ -372,29 +381,6 @@ impl Pool {
         }
         false
     }
-}
-
-/// Wraps an engine's transaction.
-trait IntoTx {
-    fn into_tx(self) -> Tx;
-}
-
-#[cfg(feature = "sqlite")]
-impl IntoTx for sqlx::Transaction<'static, sqlx::Sqlite> {
-    fn into_tx(self) -> Tx {
-        Tx::Sqlite(self)
-    }
-}
-
-#[cfg(feature = "postgres")]
-impl IntoTx for sqlx::Transaction<'static, sqlx::Postgres> {
-    fn into_tx(self) -> Tx {
-        Tx::Postgres(self)
-    }
-}
-
-fn tx_of(tx: impl IntoTx) -> Tx {
-    tx.into_tx()
 }
 
 /// Opens a pool of at most `max_connections` and applies the migrations.

@@ -95,26 +95,7 @@ pub(crate) type TlsSource = Option<Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>
 pub(crate) type TlsSource = Option<std::convert::Infallible>;
 
 /// [`serve`], or [`serve_tls`] when `tls` holds a configuration.
-pub(crate) async fn serve_maybe_tls<M, S, B>(
-    listener: TcpListener,
-    make: M,
-    limits: &Limits,
-    drain: Drain,
-    tls: TlsSource,
-) where
-    M: Fn(SocketAddr) -> S,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    serve_with(listener, make, limits, drain, tls).await
-}
-
-async fn serve_with<M, S, B>(
+pub(crate) async fn serve_with<M, S, B>(
     listener: TcpListener,
     make: M,
     limits: &Limits,

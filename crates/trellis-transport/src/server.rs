@@ -464,7 +464,7 @@ impl Server for GrpcHttpServer {
             let tls = this.tls;
             #[cfg(not(feature = "tls"))]
             let tls = None;
-            let main = crate::serve::serve_maybe_tls(
+            let main = crate::serve::serve_with(
                 this.listener,
                 move |peer| Steer {
                     peer: Some(peer),
@@ -476,7 +476,7 @@ impl Server for GrpcHttpServer {
             );
             match this.admin {
                 Some((listener, _)) => {
-                    let admin = crate::serve::serve_maybe_tls(
+                    let admin = crate::serve::serve_with(
                         listener,
                         move |peer| Steer {
                             peer: Some(peer),

@@ -348,6 +348,22 @@ where
     T: Send + Sync + 'static,
     F: Fn() -> Result<Arc<T>, TlsError> + Send + 'static,
 {
+    follow_files_counted(files, every, build).map(|(config, _)| config)
+}
+
+/// [`follow_files`], with a receiver of how many times the configuration
+/// was rebuilt since (to wait for a renewal instead of guessing when it
+/// happened).
+pub fn follow_files_counted<T, F>(
+    files: Vec<std::path::PathBuf>,
+    every: std::time::Duration,
+    build: F,
+) -> Result<(Reloading<T>, tokio::sync::watch::Receiver<u64>), TlsError>
+where
+    T: Send + Sync + 'static,
+    F: Fn() -> Result<Arc<T>, TlsError> + Send + 'static,
+{
+    let (reloads, counted) = tokio::sync::watch::channel(0u64);
     let stamp = move |files: &[std::path::PathBuf]| {
         files
             .iter()
@@ -378,6 +394,7 @@ where
                 Ok(config) => {
                     current.store(config);
                     seen = now;
+                    reloads.send_modify(|n| *n += 1);
                     tracing::info!(files = ?files, "TLS certificates reloaded");
                 }
                 // Half-written files: tried again on the next tick.
@@ -385,7 +402,7 @@ where
             }
         }
     });
-    Ok(current)
+    Ok((current, counted))
 }
 
 /// A configuration that never changes, where a [`Reloading`] one is wanted.

@@ -49,12 +49,7 @@ pub mod passwords;
 pub mod service;
 pub mod users;
 
-use std::{
-    net::IpAddr,
-    path::PathBuf,
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use trellis::{
@@ -391,12 +386,7 @@ impl ServiceSettings for AuthSettings {
 /// The service's name: in the registry, on its spans and log lines.
 pub const SERVICE: &str = "auth";
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub use trellis_store::now_ms;
 
 /// The key encryption key the settings name: `keys.encryption_key`, or
 /// the file (created on first use).

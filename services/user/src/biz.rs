@@ -1,10 +1,7 @@
 //! The rules of user accounts: what a valid user is, how pages work, and how
 //! concurrent updates are kept from overwriting each other.
 
-use std::{
-    future::Future,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::future::Future;
 
 use trellis::{Code, Error};
 
@@ -105,7 +102,7 @@ impl<R: UserRepo> Users<R> {
 
     /// Creates a user after validating and normalising its fields.
     pub async fn create(&self, email: &str, display_name: &str) -> Result<User, Error> {
-        let now = now_ms();
+        let now = trellis_store::now_ms();
         let user = User {
             id: uuid::Uuid::now_v7().to_string(),
             email: validate_email(email)?,
@@ -186,7 +183,7 @@ impl<R: UserRepo> Users<R> {
         if next == current {
             return Ok(current);
         }
-        next.update_time_ms = now_ms().max(current.update_time_ms + 1);
+        next.update_time_ms = trellis_store::now_ms().max(current.update_time_ms + 1);
         match self
             .repo
             .update(&next, current.update_time_ms)
@@ -242,13 +239,6 @@ fn store_error(err: RepoError, email: &str) -> Error {
             Error::internal("the user store failed")
         }
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// A user id must be a UUID; returns its canonical form.

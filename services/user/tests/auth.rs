@@ -3,14 +3,15 @@
 //! face too, 401/403 over HTTP and UNAUTHENTICATED/PERMISSION_DENIED over
 //! gRPC — no change to the service's code.
 
+mod support;
+
 use std::time::Duration;
 
 use shop_user::{
-    UserService, UserSettings,
+    UserSettings,
     api::v1::{DeleteUserRequest, GetUserRequest, user_service_client::UserServiceClient},
 };
-use tokio::sync::oneshot;
-use trellis::{App, State, auth::SigningKey, config::Config, transport::ServerConfig};
+use trellis::{auth::SigningKey, config::Config};
 use trellis_testkit::http;
 
 async fn with_token(
@@ -72,24 +73,8 @@ file = "{}"
         .build()
         .await
         .unwrap();
-    let service =
-        trellis::service::bind::<UserService>(config, dir.path(), ServerConfig::default())
-            .await
-            .unwrap();
-    let addr = service.local_addr();
-    let app = service.into_app(App::builder("user"));
-    let mut lifecycle = app.lifecycle();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(app.run_until(async move {
-        let _ = stopped.await;
-    }));
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        lifecycle.wait_for(|s| *s == State::Ready),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let running = support::serve(config, dir.path()).await;
+    let addr = running.addr;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -220,8 +205,7 @@ file = "{}"
         (records.len(), None)
     );
 
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[tokio::test]

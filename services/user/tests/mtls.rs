@@ -3,18 +3,16 @@
 //! from the shop's authority may read; a client without one never gets past
 //! the handshake. No change to the service's code.
 
-use std::time::Duration;
+mod support;
 
 use shop_user::{
-    UserService, UserSettings,
+    UserSettings,
     api::v1::{CreateUserRequest, GetUserRequest, User, user_service_client::UserServiceClient},
 };
-use tokio::sync::oneshot;
 use trellis::{
-    App, State,
     auth::SigningKey,
     config::Config,
-    transport::{ClientConfig, ServerConfig, certs, tls},
+    transport::{ClientConfig, certs, tls},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,24 +65,8 @@ file = "{}"
         .build()
         .await
         .unwrap();
-    let service =
-        trellis::service::bind::<UserService>(config, dir.path(), ServerConfig::default())
-            .await
-            .unwrap();
-    let addr = service.local_addr();
-    let app = service.into_app(App::builder("user"));
-    let mut lifecycle = app.lifecycle();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(app.run_until(async move {
-        let _ = stopped.await;
-    }));
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        lifecycle.wait_for(|s| *s == State::Ready),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let running = support::serve(config, dir.path()).await;
+    let addr = running.addr;
 
     let client_as = |service: Option<&str>| {
         let identity = service.map(|s| certs::DevCerts::paths(&certs_dir, s));
@@ -159,6 +141,5 @@ file = "{}"
         .unwrap_or_else(|| panic!("no refusal in {records:#?}"));
     assert_eq!(refusal.entry.outcome, "refused: peer auth");
     assert_eq!(refusal.entry.peer.as_deref(), Some("spiffe://trellis/auth"));
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }

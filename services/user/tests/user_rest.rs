@@ -3,12 +3,13 @@
 //! JSON, errors in the error model, the OpenAPI document, and REST requests
 //! measured under their route templates.
 
+mod support;
+
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shop_user::{UserService, UserSettings};
-use tokio::sync::oneshot;
-use trellis::{App, State, config::Config, transport::ServerConfig};
+use shop_user::UserSettings;
+use trellis::config::Config;
 use trellis_testkit::http;
 
 fn json(r: &http::Response) -> Value {
@@ -24,24 +25,8 @@ async fn the_user_service_over_rest() {
         .build()
         .await
         .unwrap();
-    let service =
-        trellis::service::bind::<UserService>(config, dir.path(), ServerConfig::default())
-            .await
-            .unwrap();
-    let addr = service.local_addr();
-    let app = service.into_app(App::builder("user"));
-    let mut lifecycle = app.lifecycle();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(app.run_until(async move {
-        let _ = stopped.await;
-    }));
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        lifecycle.wait_for(|s| *s == State::Ready),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let running = support::serve(config, dir.path()).await;
+    let addr = running.addr;
 
     // Create: POST /v1/users, the user as the body.
     let created = http::request(
@@ -187,17 +172,11 @@ async fn the_user_service_over_rest() {
     );
     assert!(!text.contains(&id), "no raw ids in labels");
 
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 /// Runs the user service with `server.max_body_bytes` at 64 KiB.
-async fn small_bodied() -> (
-    std::net::SocketAddr,
-    oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), trellis::AppError>>,
-    tempfile::TempDir,
-) {
+async fn small_bodied() -> (support::Running, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let config = Config::<UserSettings>::builder()
         .env_vars([(
@@ -209,25 +188,7 @@ async fn small_bodied() -> (
         .await
         .unwrap();
     assert_eq!(config.current().config.server.max_body_bytes, 65536);
-    let service =
-        trellis::service::bind::<UserService>(config, dir.path(), ServerConfig::default())
-            .await
-            .unwrap();
-    let addr = service.local_addr();
-    let app = service.into_app(App::builder("user"));
-    let mut lifecycle = app.lifecycle();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(app.run_until(async move {
-        let _ = stopped.await;
-    }));
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        lifecycle.wait_for(|s| *s == State::Ready),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    (addr, stop, task, dir)
+    (support::serve(config, dir.path()).await, dir)
 }
 
 /// A request with these head lines and body bytes, answered within 5 s.
@@ -259,7 +220,8 @@ fn problem(r: &http::Response) -> (u16, String, String) {
 /// nested past any sense.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_answered_4xx_naming_the_problem() {
-    let (addr, stop, task, _dir) = small_bodied().await;
+    let (running, _dir) = small_bodied().await;
+    let addr = running.addr;
     let user = |name: &str| format!(r#"{{"email":"{name}@example.com","displayName":"{name}"}}"#);
 
     // Declared 100 MiB, 64 KiB sent: refused at once, the limit named.
@@ -402,6 +364,5 @@ async fn bad_input_is_answered_4xx_naming_the_problem() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
 
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
