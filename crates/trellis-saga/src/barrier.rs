@@ -42,6 +42,38 @@ pub const BRANCH: HeaderName = HeaderName::from_static("trellis-saga-branch");
 /// `confirm`, `cancel`).
 pub const OP: HeaderName = HeaderName::from_static("trellis-saga-op");
 
+/// The header a coordinator adds to compensations: why the transaction
+/// turned round (visible ASCII, at most [`MAX_REASON_BYTES`]).
+pub const REASON: HeaderName = HeaderName::from_static("trellis-saga-reason");
+/// The longest reason sent.
+pub const MAX_REASON_BYTES: usize = 512;
+
+/// Why the transaction is being undone, as a compensation request carries
+/// it (`trellis-saga-reason`); `None` when absent or malformed.
+pub fn reason(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(&REASON)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= MAX_REASON_BYTES)
+}
+
+/// `text` as a header value: visible ASCII (anything else becomes `?`),
+/// cut to [`MAX_REASON_BYTES`].
+pub fn reason_value(text: &str) -> HeaderValue {
+    let cleaned: String = text
+        .chars()
+        .take(MAX_REASON_BYTES)
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    HeaderValue::from_str(&cleaned).unwrap_or(HeaderValue::from_static("?"))
+}
+
 /// The longest global transaction id accepted.
 pub const MAX_GID_BYTES: usize = 128;
 /// The longest branch id accepted.

@@ -16,18 +16,19 @@ use futures_util::future::BoxFuture;
 
 use crate::{
     barrier::{Branch, Op},
-    log::{Claimed, Endpoint, LogError, SagaLog},
+    log::{Claimed, Endpoint, LogError, SagaLog, ms},
     machine::{Answer, Next},
 };
 
 /// Calls one branch operation; the answer, and a description of it for
 /// the log and the saga's failure reason.
 pub trait Caller: Send + Sync + 'static {
-    /// Sends `payload` to `endpoint` as `branch`, within `deadline`.
+    /// Sends `payload` to `endpoint` with `headers` (the branch's, see
+    /// [`Branch::headers`]), within `deadline`.
     fn call<'a>(
         &'a self,
         endpoint: &'a Endpoint,
-        branch: &'a Branch,
+        headers: &'a http::HeaderMap,
         payload: &'a [u8],
         deadline: Duration,
     ) -> BoxFuture<'a, (Answer, String)>;
@@ -68,7 +69,7 @@ impl Caller for HttpCaller {
     fn call<'a>(
         &'a self,
         endpoint: &'a Endpoint,
-        branch: &'a Branch,
+        headers: &'a http::HeaderMap,
         payload: &'a [u8],
         deadline: Duration,
     ) -> BoxFuture<'a, (Answer, String)> {
@@ -78,13 +79,9 @@ impl Caller for HttpCaller {
             };
             let mut request = http::Request::post(url.as_str())
                 .header(http::header::CONTENT_TYPE, "application/json");
-            match branch.headers() {
-                Ok(headers) => {
-                    for (name, value) in headers {
-                        request = request.header(name, value);
-                    }
-                }
-                Err(e) => return (Answer::Failure, e.to_string()),
+            if let Some(h) = request.headers_mut() {
+                h.extend(headers.clone());
+                trellis_telemetry::propagation::inject_span(&tracing::Span::current(), h);
             }
             let request = match request.body(http_body_util::Full::new(
                 bytes::Bytes::copy_from_slice(payload),
@@ -107,25 +104,73 @@ impl Caller for HttpCaller {
     }
 }
 
-/// A gRPC channel to a participant (cheap to clone; reconnects itself).
-pub type GrpcChannel = tonic::transport::Channel;
+/// A gRPC channel to a participant, type-erased: a tonic `Channel`, a
+/// balanced and traced one from discovery, anything tonic can call on
+/// ([`boxed`] makes one).
+pub type GrpcChannel = tower::util::BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    ChannelError,
+>;
+
+/// Errors of type-erased channels.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a type-erased channel failed (connecting, no endpoint, ...).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ChannelError(#[from] pub BoxError);
+
+/// Erases a channel's type (a tonic `Channel`, a balanced or traced one).
+pub fn boxed<S, B>(channel: S) -> GrpcChannel
+where
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    use tower::ServiceExt as _;
+    tower::util::BoxCloneSyncService::new(
+        channel
+            .map_response(|r: http::Response<B>| r.map(tonic::body::Body::new))
+            .map_err(|e: S::Error| ChannelError(e.into())),
+    )
+}
+
+/// Finds the channel to a service by its registry name.
+pub trait Channels: Send + Sync + 'static {
+    /// The channel to `service`, or why there is none (a retry).
+    fn channel<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<GrpcChannel, String>>;
+}
+
+impl<F> Channels for F
+where
+    F: Fn(&str) -> Option<GrpcChannel> + Send + Sync + 'static,
+{
+    fn channel<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<GrpcChannel, String>> {
+        let found = self(service).ok_or_else(|| format!("{service}: no channel"));
+        Box::pin(std::future::ready(found))
+    }
+}
 
 /// Branches over gRPC: unary calls whose request message is the step's
 /// payload (protobuf bytes), with the branch headers as metadata, on the
-/// channel `channels` gives for the endpoint's service. The answer's status
-/// decides: OK success; ABORTED or FAILED_PRECONDITION a definite failure;
-/// anything else a retry.
+/// channel [`Channels`] gives for the endpoint's service. The answer's
+/// status decides: OK success; ABORTED or FAILED_PRECONDITION a definite
+/// failure; anything else a retry.
 #[derive(Clone)]
 pub struct GrpcCaller {
-    channels: Arc<ChannelFor>,
+    channels: Arc<dyn Channels>,
 }
-
-/// Finds the channel to a service, by its name.
-type ChannelFor = dyn Fn(&str) -> Option<GrpcChannel> + Send + Sync;
 
 impl GrpcCaller {
     /// A caller that finds each service's channel with `channels`.
-    pub fn new(channels: impl Fn(&str) -> Option<GrpcChannel> + Send + Sync + 'static) -> Self {
+    pub fn new(channels: impl Channels) -> Self {
         GrpcCaller {
             channels: Arc::new(channels),
         }
@@ -192,7 +237,7 @@ impl Caller for GrpcCaller {
     fn call<'a>(
         &'a self,
         endpoint: &'a Endpoint,
-        branch: &'a Branch,
+        headers: &'a http::HeaderMap,
         payload: &'a [u8],
         deadline: Duration,
     ) -> BoxFuture<'a, (Answer, String)> {
@@ -200,27 +245,18 @@ impl Caller for GrpcCaller {
             let Endpoint::Grpc { service, path } = endpoint else {
                 return (Answer::Retry, "not a gRPC endpoint".to_owned());
             };
-            let Some(channel) = (self.channels)(service) else {
-                return (Answer::Retry, format!("{service}: no channel"));
+            let channel = match self.channels.channel(service).await {
+                Ok(channel) => channel,
+                Err(e) => return (Answer::Retry, e),
             };
             let Ok(path) = http::uri::PathAndQuery::try_from(path.as_str()) else {
                 return (Answer::Failure, format!("{path:?} is not a method path"));
             };
             let mut request = tonic::Request::new(bytes::Bytes::copy_from_slice(payload));
             request.set_timeout(deadline);
-            match branch.headers() {
-                Ok(headers) => {
-                    for (name, value) in headers {
-                        if let (Ok(key), Ok(value)) = (
-                            tonic::metadata::MetadataKey::from_bytes(name.as_str().as_bytes()),
-                            tonic::metadata::MetadataValue::try_from(value.as_bytes()),
-                        ) {
-                            request.metadata_mut().insert(key, value);
-                        }
-                    }
-                }
-                Err(e) => return (Answer::Failure, e.to_string()),
-            }
+            let mut metadata = headers.clone();
+            trellis_telemetry::propagation::inject_span(&tracing::Span::current(), &mut metadata);
+            *request.metadata_mut() = tonic::metadata::MetadataMap::from_headers(metadata);
             let answer = match tokio::time::timeout(deadline, unary(channel, path, request)).await {
                 Err(_) => {
                     return (
@@ -241,17 +277,20 @@ impl Caller for GrpcCaller {
     }
 }
 
-/// One unary call of raw bytes on `channel`.
-async fn unary(
+/// One unary call of raw bytes on `channel` (a named future: the
+/// compiler cannot prove an inline one `Send` for every lifetime).
+fn unary(
     channel: GrpcChannel,
     path: http::uri::PathAndQuery,
     request: tonic::Request<bytes::Bytes>,
-) -> Result<tonic::Response<bytes::Bytes>, tonic::Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    grpc.unary(request, path, RawCodec).await
+) -> BoxFuture<'static, Result<tonic::Response<bytes::Bytes>, tonic::Status>> {
+    Box::pin(async move {
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        grpc.unary(request, path, RawCodec).await
+    })
 }
 
 /// Calls HTTP endpoints with one caller and gRPC ones with another.
@@ -267,13 +306,13 @@ impl Caller for Callers {
     fn call<'a>(
         &'a self,
         endpoint: &'a Endpoint,
-        branch: &'a Branch,
+        headers: &'a http::HeaderMap,
         payload: &'a [u8],
         deadline: Duration,
     ) -> BoxFuture<'a, (Answer, String)> {
         match endpoint {
-            Endpoint::Http { .. } => self.http.call(endpoint, branch, payload, deadline),
-            Endpoint::Grpc { .. } => self.grpc.call(endpoint, branch, payload, deadline),
+            Endpoint::Http { .. } => self.http.call(endpoint, headers, payload, deadline),
+            Endpoint::Grpc { .. } => self.grpc.call(endpoint, headers, payload, deadline),
         }
     }
 }
@@ -294,6 +333,8 @@ pub struct DriverConfig {
     pub max_backoff: Duration,
     /// Sagas claimed at once.
     pub batch: u32,
+    /// Sagas driven at once (past it, new ones wait in the log).
+    pub max_in_flight: usize,
 }
 
 impl Default for DriverConfig {
@@ -305,6 +346,7 @@ impl Default for DriverConfig {
             backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
             batch: 64,
+            max_in_flight: 1024,
         }
     }
 }
@@ -312,31 +354,99 @@ impl Default for DriverConfig {
 /// Drives sagas from a log.
 #[derive(Clone)]
 pub struct Driver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     log: SagaLog,
     caller: Arc<dyn Caller>,
     config: DriverConfig,
+    slots: Arc<tokio::sync::Semaphore>,
+    wake: tokio::sync::Notify,
 }
 
-fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+/// A place among the sagas a driver drives at once ([`Driver::slot`]).
+#[derive(Debug)]
+pub struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Counts a saga being driven, for as long as it is (a drop guard: a
+/// panicking or cancelled drive still leaves the gauge).
+struct InFlight;
+
+impl InFlight {
+    fn new() -> InFlight {
+        metrics::gauge!("saga_in_flight").increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("saga_in_flight").decrement(1.0);
+    }
 }
 
 impl Driver {
     /// A driver over `log`, calling branches with `caller`.
     pub fn new(log: SagaLog, caller: Arc<dyn Caller>, config: DriverConfig) -> Driver {
+        let slots = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1)));
         Driver {
-            log,
-            caller,
-            config,
+            inner: Arc::new(Inner {
+                log,
+                caller,
+                config,
+                slots,
+                wake: tokio::sync::Notify::new(),
+            }),
         }
     }
 
+    /// Its settings.
+    pub fn config(&self) -> &DriverConfig {
+        &self.inner.config
+    }
+
+    /// Its log.
+    pub fn log(&self) -> &SagaLog {
+        &self.inner.log
+    }
+
+    /// A free place to drive one more saga, if there is one.
+    pub fn slot(&self) -> Option<Slot> {
+        self.inner
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(|p| Slot { _permit: p })
+    }
+
+    /// Drives `claimed` in the background, in `slot` (a saga submitted
+    /// with [`SagaLog::submit_claimed`] starts at once this way).
+    pub fn spawn(&self, claimed: Claimed, slot: Slot) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let gid = claimed.record.gid.clone();
+            match this.drive(claimed).await {
+                Ok(()) | Err(LogError::LeaseLost(_)) => {}
+                Err(e) => tracing::warn!(%gid, error = %e, "saga left for a later round"),
+            }
+            drop(slot);
+            // A place came free: sagas waiting in the log may be claimed.
+            this.inner.wake.notify_one();
+        });
+    }
+
     /// Claims what is due and drives each saga until it ends or waits for
-    /// a retry; how many it claimed.
+    /// a retry, waiting for all of them; how many it claimed.
     pub async fn run_once(&self) -> Result<usize, LogError> {
+        let config = &self.inner.config;
         let claimed = self
+            .inner
             .log
-            .claim(&self.config.owner, self.config.lease, self.config.batch)
+            .claim(&config.owner, config.lease, config.batch)
             .await?;
         let n = claimed.len();
         let mut running = tokio::task::JoinSet::new();
@@ -362,23 +472,76 @@ impl Driver {
         Ok(n)
     }
 
-    /// Runs until `stop`: claims every `poll` what is due.
+    /// Runs until `stop`: claims what is due — every `poll`, and at once
+    /// when a place comes free — and drives it in the background, up to
+    /// `max_in_flight` sagas at a time.
     pub async fn run(self, poll: Duration, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
+        let config = &self.inner.config;
         loop {
-            if let Err(e) = self.run_once().await {
-                tracing::warn!(error = %e, "saga driver round failed");
+            let free = self
+                .inner
+                .slots
+                .available_permits()
+                .min(config.batch as usize);
+            let mut full_batch = false;
+            if free > 0 {
+                let limit = u32::try_from(free).unwrap_or(config.batch);
+                match self
+                    .inner
+                    .log
+                    .claim(&config.owner, config.lease, limit)
+                    .await
+                {
+                    Ok(claimed) => {
+                        full_batch = claimed.len() == free;
+                        for c in claimed {
+                            match self.slot() {
+                                Some(slot) => self.spawn(c, slot),
+                                // Submissions took the places meanwhile.
+                                None => {
+                                    if let Err(e) = self.inner.log.release(&c, &config.owner).await
+                                    {
+                                        tracing::warn!(error = %e, "saga not released");
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "saga claim failed"),
+                }
+            }
+            if full_batch {
+                // More may be due: claim again at once.
+                continue;
             }
             tokio::select! {
                 _ = &mut stop => return,
                 _ = tokio::time::sleep(poll) => {}
+                _ = self.inner.wake.notified() => {}
             }
         }
     }
 
-    async fn drive(&self, mut claimed: Claimed) -> Result<(), LogError> {
-        let owner = self.config.owner.clone();
-        let lease = self.config.lease;
+    async fn drive(&self, claimed: Claimed) -> Result<(), LogError> {
+        use tracing::Instrument as _;
+        let span = tracing::info_span!(
+            "saga",
+            otel.name = "saga.drive",
+            saga.gid = %claimed.record.gid,
+        );
+        if let Some(parent) = &claimed.record.definition.traceparent {
+            trellis_telemetry::propagation::adopt_traceparent(&span, parent);
+        }
+        let _in_flight = InFlight::new();
+        self.drive_in_span(claimed).instrument(span).await
+    }
+
+    async fn drive_in_span(&self, mut claimed: Claimed) -> Result<(), LogError> {
+        let config = &self.inner.config;
+        let log = &self.inner.log;
+        let owner = config.owner.as_str();
+        let lease = config.lease;
         let definition = claimed.record.definition.clone();
         let gid = claimed.record.gid.clone();
         let mut state = claimed.record.state.clone();
@@ -393,11 +556,12 @@ impl Driver {
                 ));
             }
             let (step, op) = match state.next() {
-                Next::Done(_) => {
-                    self.log
-                        .save(&mut claimed, &owner, &state, i64::MAX, lease)
+                Next::Done(status) => {
+                    log.save(&mut claimed, owner, &state, i64::MAX, lease)
                         .await?;
-                    return self.log.release(&claimed, &owner).await;
+                    metrics::counter!("saga_finished_total", "status" => crate::log::status_text(status))
+                        .increment(1);
+                    return log.release(&claimed, owner).await;
                 }
                 Next::Call { step, op } => (step, op),
             };
@@ -411,34 +575,74 @@ impl Driver {
             // Persisted before the call: after a crash here the step counts
             // as possibly done, and is compensated if the saga turns round.
             state.calling(step, op);
-            self.log
-                .save(&mut claimed, &owner, &state, 0, lease)
-                .await?;
-            let branch = Branch::new(&gid, &def.name, op);
+            if let Some(s) = state.steps.get_mut(step) {
+                s.last_attempt_ms = trellis_store::now_ms();
+            }
+            log.save(&mut claimed, owner, &state, 0, lease).await?;
+            let mut headers = http::HeaderMap::new();
+            match Branch::new(&gid, &def.name, op).headers() {
+                Ok(branch) => headers.extend(branch),
+                Err(e) => {
+                    return Err(LogError::Corrupt {
+                        gid,
+                        what: "definition",
+                        reason: e.to_string(),
+                    });
+                }
+            }
+            if let (Op::Compensate, Some((_, why))) = (op, &state.failure) {
+                headers.insert(crate::barrier::REASON, crate::barrier::reason_value(why));
+            }
             let endpoint = if op == Op::Action {
                 &def.action
             } else {
                 &def.compensate
             };
-            let (answer, said) = self
-                .caller
-                .call(endpoint, &branch, &def.payload, self.config.call_timeout)
-                .await;
+            let started = std::time::Instant::now();
+            let span = tracing::info_span!(
+                "saga.branch",
+                otel.name = %format_args!("saga.{} {}", op.as_str(), def.name),
+                saga.step = %def.name,
+                saga.op = op.as_str(),
+            );
+            let (answer, said) = {
+                use tracing::Instrument as _;
+                self.inner
+                    .caller
+                    .call(endpoint, &headers, &def.payload, config.call_timeout)
+                    .instrument(span)
+                    .await
+            };
+            metrics::histogram!("saga_branch_duration_seconds", "op" => op.as_str())
+                .record(started.elapsed().as_secs_f64());
+            metrics::counter!("saga_branch_calls_total", "op" => op.as_str(), "answer" => answer_text(answer))
+                .increment(1);
             state.record_with(step, op, answer, &said);
+            if let Some(s) = state.steps.get_mut(step) {
+                if answer == Answer::Success {
+                    s.last_error.clear();
+                } else {
+                    s.last_error = said.clone();
+                }
+            }
             if answer == Answer::Retry {
-                let attempts = state.steps[step].attempts;
-                let delay = backoff(self.config.backoff, self.config.max_backoff, attempts);
+                let attempts = state.steps.get(step).map_or(1, |s| s.attempts);
+                let delay = backoff(config.backoff, config.max_backoff, attempts);
                 tracing::debug!(%gid, step = %def.name, op = op.as_str(), %said, ?delay, "branch to retry");
                 let due = trellis_store::now_ms().saturating_add(ms(delay));
-                self.log
-                    .save(&mut claimed, &owner, &state, due, lease)
-                    .await?;
-                return self.log.release(&claimed, &owner).await;
+                log.save(&mut claimed, owner, &state, due, lease).await?;
+                return log.release(&claimed, owner).await;
             }
-            self.log
-                .save(&mut claimed, &owner, &state, 0, lease)
-                .await?;
+            log.save(&mut claimed, owner, &state, 0, lease).await?;
         }
+    }
+}
+
+fn answer_text(answer: Answer) -> &'static str {
+    match answer {
+        Answer::Success => "success",
+        Answer::Failure => "failure",
+        Answer::Retry => "retry",
     }
 }
 

@@ -27,10 +27,15 @@
 //! |---|---|---|
 //! | `sqlite` | yes | participants on SQLite |
 //! | `postgres` | yes | participants on PostgreSQL |
+//! | `service` | no | the coordinator as a Trellis service ([`service`]) |
 
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod barrier;
+pub mod client;
 pub mod driver;
 pub mod log;
 pub mod machine;
+#[cfg(feature = "service")]
+pub mod service;

@@ -81,6 +81,10 @@ pub struct Definition {
     /// How long a forward step may keep failing retryably before it counts
     /// as a definite failure, in milliseconds.
     pub timeout_to_fail_ms: u64,
+    /// The submitter's W3C `traceparent`: the coordinator's spans, and the
+    /// branch calls under them, join the submitter's trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 mod base64_bytes {
@@ -154,7 +158,14 @@ impl From<sqlx::Error> for LogError {
     }
 }
 
-fn status_text(status: Status) -> &'static str {
+/// A duration in whole milliseconds, saturating.
+pub(crate) fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The status's name in the log (`running`, `compensating`, `succeeded`,
+/// `compensated`).
+pub fn status_text(status: Status) -> &'static str {
     match status {
         Status::Running => "running",
         Status::Compensating => "compensating",
@@ -207,6 +218,28 @@ impl SagaLog {
     /// Records a new saga, durably, due at once. [`LogError::Duplicate`] if
     /// the gid was used.
     pub async fn submit(&self, gid: &str, definition: &Definition) -> Result<(), LogError> {
+        self.insert(gid, definition, None).await.map(drop)
+    }
+
+    /// [`submit`](Self::submit), with the saga claimed by `owner` for
+    /// `lease` in the same write: the submitting coordinator drives it at
+    /// once, without a claim round trip.
+    pub async fn submit_claimed(
+        &self,
+        gid: &str,
+        definition: &Definition,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Claimed, LogError> {
+        self.insert(gid, definition, Some((owner, lease))).await
+    }
+
+    async fn insert(
+        &self,
+        gid: &str,
+        definition: &Definition,
+        claim: Option<(&str, Duration)>,
+    ) -> Result<Claimed, LogError> {
         let now = trellis_store::now_ms();
         let state = Saga::new(definition.steps.len());
         let definition_text = serde_json::to_string(definition).map_err(|e| LogError::Corrupt {
@@ -219,7 +252,11 @@ impl SagaLog {
             what: "state",
             reason: e.to_string(),
         })?;
-        let done = with_pool!(&self.pool, p => sqlx::query("INSERT INTO saga_transactions (gid, status, definition, state, create_time_ms, update_time_ms, next_attempt_ms, lease_owner, lease_until_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, 0)")
+        let (owner, until) = match claim {
+            Some((owner, lease)) => (Some(owner), now.saturating_add(ms(lease))),
+            None => (None, 0),
+        };
+        let done = with_pool!(&self.pool, p => sqlx::query("INSERT INTO saga_transactions (gid, status, definition, state, create_time_ms, update_time_ms, next_attempt_ms, lease_owner, lease_until_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
             .bind(gid)
             .bind(status_text(state.status))
             .bind(&definition_text)
@@ -227,11 +264,23 @@ impl SagaLog {
             .bind(now)
             .bind(now)
             .bind(now)
+            .bind(owner)
+            .bind(until)
             .execute(p)
             .await
             .map(drop));
         match done.map_err(Failure::from) {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(Claimed {
+                record: Record {
+                    gid: gid.to_owned(),
+                    definition: definition.clone(),
+                    state,
+                    create_time_ms: now,
+                    update_time_ms: now,
+                    next_attempt_ms: now,
+                    lease_until_ms: until,
+                },
+            }),
             Err(Failure::Duplicate) => Err(LogError::Duplicate(gid.to_owned())),
             Err(other) => Err(other.into()),
         }
@@ -247,7 +296,7 @@ impl SagaLog {
         limit: u32,
     ) -> Result<Vec<Claimed>, LogError> {
         let now = trellis_store::now_ms();
-        let until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+        let until = now.saturating_add(ms(lease));
         let lock = if self.pool.is_postgres() {
             " FOR UPDATE SKIP LOCKED"
         } else {
@@ -308,7 +357,7 @@ impl SagaLog {
         })?;
         let now = trellis_store::now_ms();
         let until = now
-            .saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
+            .saturating_add(ms(lease))
             .max(claimed.record.lease_until_ms.saturating_add(1));
         let rows = with_pool!(&self.pool, p => sqlx::query("UPDATE saga_transactions SET status = $1, state = $2, update_time_ms = $3, next_attempt_ms = $4, lease_until_ms = $5 WHERE gid = $6 AND lease_owner = $7 AND lease_until_ms = $8")
             .bind(status_text(state.status))

@@ -69,7 +69,7 @@ pub enum Answer {
 }
 
 /// One step's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Step {
     /// Its action was called at least once (so it may have had an effect).
     pub called: bool,
@@ -79,6 +79,13 @@ pub struct Step {
     pub compensated: bool,
     /// Calls made, both operations.
     pub attempts: u32,
+    /// What the last call that did not succeed said (the coordinator
+    /// keeps it for `trellis saga show`; the machine ignores it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_error: String,
+    /// When the last call was made (ms since the epoch; 0: never).
+    #[serde(default)]
+    pub last_attempt_ms: i64,
 }
 
 /// What the coordinator does next.

@@ -180,6 +180,7 @@ fn checkout(addr: SocketAddr, amount: i64) -> Definition {
             },
         ],
         timeout_to_fail_ms: 60_000,
+        traceparent: None,
     }
 }
 
@@ -225,6 +226,7 @@ fn config(owner: &str) -> DriverConfig {
         backoff: Duration::from_millis(5),
         max_backoff: Duration::from_millis(50),
         batch: 16,
+        max_in_flight: 64,
     }
 }
 
@@ -287,7 +289,11 @@ async fn checkouts_succeed_compensate_retry_and_survive_a_dead_coordinator() {
     let (answer, _) = trellis_saga::driver::Caller::call(
         &caller,
         &claimed[0].record.definition.steps[0].action,
-        &Branch::new("orphan", "reserve", Op::Action),
+        &Branch::new("orphan", "reserve", Op::Action)
+            .headers()
+            .unwrap()
+            .into_iter()
+            .collect(),
         &[],
         Duration::from_secs(5),
     )
@@ -318,10 +324,12 @@ async fn grpc_branches_succeed_and_retry_until_the_saga_times_out() {
             .add_service(health)
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
-    let grpc = trellis_saga::driver::GrpcCaller::new(move |service| {
+    let channel = trellis_saga::driver::boxed(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy(),
+    );
+    let grpc = trellis_saga::driver::GrpcCaller::new(move |service: &str| {
         (service == "health").then(|| channel.clone())
     });
     let callers = trellis_saga::driver::Callers {
@@ -346,6 +354,7 @@ async fn grpc_branches_succeed_and_retry_until_the_saga_times_out() {
             payload,
         }],
         timeout_to_fail_ms,
+        traceparent: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let log = SagaLog::new(

@@ -28,6 +28,7 @@ fn definition(steps: usize) -> Definition {
             })
             .collect(),
         timeout_to_fail_ms: 30_000,
+        traceparent: None,
     }
 }
 

@@ -32,6 +32,30 @@ pub fn inject(cx: &Context, headers: &mut HeaderMap) {
     propagator().inject_context(cx, &mut HeaderInjector(headers));
 }
 
+/// Writes `span`'s trace context (and the baggage it carries) into
+/// `headers`: what a component that makes its own calls — not through
+/// [`ClientTelemetry`](crate::ClientTelemetry) — sends so its callees join
+/// the trace under `span`. Nothing when `span` records nothing.
+pub fn inject_span(span: &tracing::Span, headers: &mut HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    inject_fast(&span.context(), headers);
+}
+
+/// Makes the trace a stored W3C `traceparent` names the parent of `span`
+/// (work resumed later — a saga driven after a restart — joins the trace
+/// that started it). A malformed value changes nothing.
+pub fn adopt_traceparent(span: &tracing::Span, traceparent: &str) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let Ok(value) = HeaderValue::from_str(traceparent) else {
+        return;
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(trellis_core::protocol::TRACEPARENT, value);
+    let parent = extract(&headers);
+    // Only fails when no OpenTelemetry layer is installed: nothing to join.
+    let _ = span.set_parent(parent);
+}
+
 /// Writes the current context's trace context and baggage into
 /// `headers` (what a proxy sends upstream: its own span as the parent,
 /// or the caller's context when it records none).

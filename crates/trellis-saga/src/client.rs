@@ -1,0 +1,134 @@
+//! Submitting sagas from Rust: build the steps, submit to the coordinator
+//! (`trellis serve saga`, or the one inside `trellis up`) over gRPC.
+//!
+//! ```no_run
+//! # async fn run(channel: tonic::transport::Channel) -> Result<(), tonic::Status> {
+//! use trellis_saga::{client::Saga, log::Endpoint};
+//! use trellis_saga::api::v1::saga_service_client::SagaServiceClient;
+//!
+//! let reserve = b"...".to_vec(); // the Reserve request, encoded
+//! let charge = b"...".to_vec();
+//! let gid = Saga::new("order-42")
+//!     .add(
+//!         "reserve",
+//!         Endpoint::grpc("inventory", "/shop.inventory.v1.InventoryService/Reserve"),
+//!         Endpoint::grpc("inventory", "/shop.inventory.v1.InventoryService/Release"),
+//!         reserve,
+//!     )
+//!     .add(
+//!         "charge",
+//!         Endpoint::grpc("payment", "/shop.payment.v1.PaymentService/Charge"),
+//!         Endpoint::grpc("payment", "/shop.payment.v1.PaymentService/Refund"),
+//!         charge,
+//!     )
+//!     .submit(&mut SagaServiceClient::new(channel))
+//!     .await?;
+//! # let _ = gid; Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use crate::{
+    api::v1::{self, saga_service_client::SagaServiceClient},
+    log::Endpoint,
+};
+
+/// A saga being put together.
+#[derive(Debug, Clone)]
+pub struct Saga {
+    request: v1::SubmitRequest,
+}
+
+impl Endpoint {
+    /// A unary gRPC method (`/pkg.Service/Method`) of the service the
+    /// registry knows as `service`.
+    pub fn grpc(service: impl Into<String>, method: impl Into<String>) -> Endpoint {
+        Endpoint::Grpc {
+            service: service.into(),
+            path: method.into(),
+        }
+    }
+
+    /// An HTTP endpoint the payload is POSTed to.
+    pub fn http(url: impl Into<String>) -> Endpoint {
+        Endpoint::Http { url: url.into() }
+    }
+}
+
+/// The wire form of an endpoint.
+pub fn endpoint_to_proto(endpoint: &Endpoint) -> v1::Endpoint {
+    v1::Endpoint {
+        target: Some(match endpoint {
+            Endpoint::Grpc { service, path } => v1::endpoint::Target::Grpc(v1::GrpcEndpoint {
+                service: service.clone(),
+                method: path.clone(),
+            }),
+            Endpoint::Http { url } => v1::endpoint::Target::HttpUrl(url.clone()),
+        }),
+    }
+}
+
+impl Saga {
+    /// A saga with global id `gid`: choose it so that a retried submit
+    /// names the same saga (the order's id, say); the coordinator accepts
+    /// the same definition twice and refuses a different one.
+    pub fn new(gid: impl Into<String>) -> Saga {
+        Saga {
+            request: v1::SubmitRequest {
+                gid: gid.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Adds a step: `action` forward, `compensate` to undo it, both sent
+    /// `payload` (an encoded protobuf request for gRPC, JSON for HTTP).
+    pub fn add(
+        mut self,
+        name: impl Into<String>,
+        action: Endpoint,
+        compensate: Endpoint,
+        payload: impl Into<Vec<u8>>,
+    ) -> Saga {
+        self.request.steps.push(v1::Step {
+            name: name.into(),
+            action: Some(endpoint_to_proto(&action)),
+            compensate: Some(endpoint_to_proto(&compensate)),
+            payload: payload.into(),
+        });
+        self
+    }
+
+    /// How long forward steps may keep failing retryably before the saga
+    /// compensates (the coordinator's default: 60 s).
+    pub fn timeout_to_fail(mut self, timeout: Duration) -> Saga {
+        self.request.timeout_to_fail = Some(prost_types::Duration {
+            seconds: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(timeout.subsec_nanos()).unwrap_or(0),
+        });
+        self
+    }
+
+    /// Its global id.
+    pub fn gid(&self) -> &str {
+        &self.request.gid
+    }
+
+    /// The request [`submit`](Self::submit) sends.
+    pub fn into_request(self) -> v1::SubmitRequest {
+        self.request
+    }
+
+    /// Submits it; once this returns, the saga is in the coordinator's log
+    /// and will run to the end whatever crashes. Its gid.
+    pub async fn submit<T>(self, client: &mut SagaServiceClient<T>) -> Result<String, tonic::Status>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        <T::ResponseBody as http_body::Body>::Error:
+            Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    {
+        Ok(client.submit(self.request).await?.into_inner().gid)
+    }
+}
