@@ -27,6 +27,18 @@ pub fn compile(
     protos: &[&str],
     descriptor_file: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    compile_with(root, protos, descriptor_file, &[])
+}
+
+/// [`compile`], with packages another crate already generated mapped to
+/// its Rust paths (`(".trellis.saga.v1", "::trellis_saga::api::v1")`)
+/// instead of generated again.
+pub fn compile_with(
+    root: &Path,
+    protos: &[&str],
+    descriptor_file: &str,
+    extern_paths: &[(&str, &str)],
+) -> Result<(), Box<dyn std::error::Error>> {
     let files: Vec<_> = protos.iter().map(|p| root.join(p)).collect();
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
@@ -46,6 +58,10 @@ pub fn compile(
         out.join(descriptor_file),
         compiler.encode_file_descriptor_set(),
     )?;
-    tonic_prost_build::configure().compile_fds(compiler.file_descriptor_set())?;
+    let mut config = tonic_prost_build::configure();
+    for (proto, rust) in extern_paths {
+        config = config.extern_path(*proto, *rust);
+    }
+    config.compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

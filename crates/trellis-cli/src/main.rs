@@ -4,6 +4,7 @@
 
 mod config_cmd;
 mod logging;
+mod saga_cmd;
 mod services;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
@@ -142,6 +143,11 @@ enum Command {
     Auth {
         #[command(subcommand)]
         command: AuthCommand,
+    },
+    /// Inspect the saga coordinator's transactions.
+    Saga {
+        #[command(subcommand)]
+        command: saga_cmd::SagaCommand,
     },
     /// Inspect a service registry.
     Registry {
@@ -402,6 +408,7 @@ async fn main() -> ExitCode {
             command: RegistryCommand::Ls { service, registry },
         } => registry_ls(service.as_deref(), &registry).await,
         Command::Config { command } => config_cmd::run(command).await,
+        Command::Saga { command } => saga_cmd::run(command).await,
         Command::Audit { command } => audit(command).await,
         Command::Auth {
             command:
@@ -961,6 +968,9 @@ async fn start_gateway(
     use trellis::gateway::{GatewayConfig, document_source, routes_for};
     let mut document = GatewayConfig::default();
     for &service in services::ALL {
+        if services::INTERNAL.contains(&service.name()) {
+            continue;
+        }
         let (descriptors, names) = service.descriptors();
         let mut part =
             routes_for(service.name(), &[descriptors], names).map_err(|e| e.to_string())?;
@@ -999,6 +1009,13 @@ async fn start_gateway(
             key_file: identity.as_ref().map(|i| i.2.clone()),
             issuer: "trellis".into(),
             audience: vec!["shop".into()],
+            // The order service knows its customer by this header.
+            claims_to_headers: [(
+                "sub".to_owned(),
+                shop_order::service::USER_HEADER.to_owned(),
+            )]
+            .into_iter()
+            .collect(),
             ..Default::default()
         });
         document.audit = Some(trellis::auth::audit::AuditSettings {

@@ -10,11 +10,21 @@ use trellis::service::{ConfigSources, Definition, StartError};
 pub const ALL: &[&dyn Definition] = &[
     <dyn Definition>::of::<shop_user::UserService>(),
     <dyn Definition>::of::<shop_auth::AuthService>(),
+    <dyn Definition>::of::<trellis_saga::service::Coordinator>(),
+    <dyn Definition>::of::<shop_inventory::InventoryService>(),
+    <dyn Definition>::of::<shop_payment::PaymentService>(),
+    <dyn Definition>::of::<shop_order::OrderService>(),
 ];
 
-/// The services whose routes `up`'s gateway serves without a token (the
-/// one that hands tokens out).
-pub const PUBLIC: &[&str] = &[shop_auth::SERVICE];
+/// The services whose routes `up`'s gateway serves without a token: the
+/// one that hands tokens out, and the catalogue (read-only; its stock
+/// branches are not routed).
+pub const PUBLIC: &[&str] = &[shop_auth::SERVICE, shop_inventory::SERVICE];
+
+/// The services `up`'s gateway does not route at all: the saga
+/// coordinator's API is for services and operators (`trellis saga`), not
+/// for the shop's customers.
+pub const INTERNAL: &[&str] = &[trellis_saga::service::SERVICE];
 
 /// The service called `name`.
 pub fn find(name: &str) -> Option<&'static dyn Definition> {
@@ -114,20 +124,30 @@ pub fn tls_settings(service: &dyn Definition, certs: &Path) -> Vec<(String, Stri
     let (cert, key) = DevCerts::paths(certs, service.name());
     let ca = certs.join("ca.pem");
     let path = |p: &Path| p.display().to_string();
-    let mut set = vec![
+    let set = vec![
         ("server.tls.cert_file", path(&cert)),
         ("server.tls.key_file", path(&key)),
         ("server.tls.client_ca_file", path(&ca)),
     ];
     // The clients a service has, where its settings keep them.
-    if service.name() == shop_auth::SERVICE {
-        set.extend([
-            ("users.client.tls.ca_file", path(&ca)),
-            ("users.client.tls.cert_file", path(&cert)),
-            ("users.client.tls.key_file", path(&key)),
-        ]);
-    }
+    let client = match service.name() {
+        shop_auth::SERVICE => Some("users.client.tls"),
+        shop_order::SERVICE => Some("client.tls"),
+        trellis_saga::service::SERVICE => Some("participants.tls"),
+        _ => None,
+    };
+    let keys: Vec<(String, String)> = client
+        .map(|prefix| {
+            vec![
+                (format!("{prefix}.ca_file"), path(&ca)),
+                (format!("{prefix}.cert_file"), path(&cert)),
+                (format!("{prefix}.key_file"), path(&key)),
+            ]
+        })
+        .unwrap_or_default();
     set.into_iter()
-        .map(|(k, v)| ("--tls".to_owned(), k.to_owned(), v))
+        .map(|(k, v)| (k.to_owned(), v))
+        .chain(keys)
+        .map(|(k, v)| ("--tls".to_owned(), k, v))
         .collect()
 }

@@ -325,6 +325,53 @@ where
     }
 }
 
+/// [`run`] for a gRPC branch handler: the branch from the request's
+/// metadata, the handler's work in the barrier's transaction, and the
+/// answer the coordinator understands — OK when done or skipped (a
+/// duplicate, a null compensation, a hanging step), the handler's own
+/// error (ABORTED / FAILED_PRECONDITION for a definite failure), UNAVAILABLE
+/// when the database failed (the coordinator retries), INVALID_ARGUMENT
+/// for missing or malformed branch headers.
+///
+/// ```no_run
+/// # async fn reserve(pool: &trellis_store::Pool, request: tonic::Request<()>) -> Result<tonic::Response<()>, tonic::Status> {
+/// trellis_saga::barrier::grpc(pool, request.metadata(), |tx| Box::pin(async move {
+///     trellis_store::with_tx!(tx, c => sqlx::query("UPDATE stock SET n = n - 1 WHERE n > 0")
+///         .execute(&mut **c).await.map(drop))
+///         .map_err(|e| trellis_core::Error::unavailable(e.to_string()))
+/// })).await?;
+/// Ok(tonic::Response::new(()))
+/// # }
+/// ```
+pub async fn grpc<F>(
+    pool: &Pool,
+    metadata: &tonic::metadata::MetadataMap,
+    handler: F,
+) -> Result<(), tonic::Status>
+where
+    F: for<'t> FnOnce(&'t mut Tx) -> BoxFuture<'t, Result<(), trellis_core::Error>>,
+{
+    let headers = metadata.clone().into_headers();
+    let branch = Branch::from_headers(&headers).map_err(trellis_core::Error::from)?;
+    match run(pool, &branch, handler).await {
+        Ok(Outcome::Done(())) => Ok(()),
+        Ok(Outcome::Skipped(skip)) => {
+            let reason = match skip {
+                Skip::Duplicate => "duplicate",
+                Skip::NullCompensation => "null_compensation",
+                Skip::Hanging => "hanging",
+            };
+            metrics::counter!("saga_barrier_skips_total", "reason" => reason).increment(1);
+            tracing::debug!(gid = %branch.gid, branch = %branch.branch_id, op = branch.op.as_str(), reason, "branch skipped");
+            Ok(())
+        }
+        Err(BarrierError::Handler(e)) => Err(e.into()),
+        Err(BarrierError::Store(e)) => {
+            Err(trellis_core::Error::unavailable(format!("saga barrier: {e}")).into())
+        }
+    }
+}
+
 /// Who wrote this operation's row: itself, or the compensation that
 /// claimed it first.
 async fn reason_of(tx: &mut Tx, branch: &Branch) -> Result<Option<String>, sqlx::Error> {

@@ -618,12 +618,10 @@ impl Driver {
             metrics::counter!("saga_branch_calls_total", "op" => op.as_str(), "answer" => answer_text(answer))
                 .increment(1);
             state.record_with(step, op, answer, &said);
-            if let Some(s) = state.steps.get_mut(step) {
-                if answer == Answer::Success {
-                    s.last_error.clear();
-                } else {
-                    s.last_error = said.clone();
-                }
+            if answer != Answer::Success
+                && let Some(s) = state.steps.get_mut(step)
+            {
+                s.last_error = said.clone();
             }
             if answer == Answer::Retry {
                 let attempts = state.steps.get(step).map_or(1, |s| s.attempts);
