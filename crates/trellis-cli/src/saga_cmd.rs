@@ -34,14 +34,20 @@ pub enum SagaCommand {
 /// A saga's state, on the command line.
 #[derive(Clone, Copy, ValueEnum)]
 pub enum State {
+    /// A message prepared, not yet submitted.
+    Prepared,
     /// Running its steps forward.
     Running,
+    /// TCC: confirming.
+    Confirming,
     /// Undoing them.
     Compensating,
     /// Every step succeeded.
     Succeeded,
     /// Undone.
     Compensated,
+    /// A message whose local transaction did not commit.
+    Aborted,
 }
 
 /// Where the coordinator is.
@@ -92,7 +98,10 @@ pub async fn run(command: SagaCommand) -> Result<(), String> {
         } => {
             let status = match state {
                 None => Status::Unspecified,
+                Some(State::Prepared) => Status::Prepared,
                 Some(State::Running) => Status::Running,
+                Some(State::Confirming) => Status::Confirming,
+                Some(State::Aborted) => Status::Aborted,
                 Some(State::Compensating) => Status::Compensating,
                 Some(State::Succeeded) => Status::Succeeded,
                 Some(State::Compensated) => Status::Compensated,
@@ -125,7 +134,10 @@ pub async fn run(command: SagaCommand) -> Result<(), String> {
 
 fn status_name(status: i32) -> &'static str {
     match Status::try_from(status) {
+        Ok(Status::Prepared) => "prepared",
         Ok(Status::Running) => "running",
+        Ok(Status::Confirming) => "confirming",
+        Ok(Status::Aborted) => "aborted",
         Ok(Status::Compensating) => "compensating",
         Ok(Status::Succeeded) => "succeeded",
         Ok(Status::Compensated) => "compensated",
@@ -165,8 +177,13 @@ fn list(sagas: &[Saga]) -> String {
 
 /// `show`'s report.
 fn show(s: &Saga) -> String {
+    let kind = match trellis_saga::api::v1::Kind::try_from(s.kind) {
+        Ok(trellis_saga::api::v1::Kind::Tcc) => "tcc",
+        Ok(trellis_saga::api::v1::Kind::Msg) => "msg",
+        _ => "saga",
+    };
     let mut out = format!(
-        "saga     {}\nstatus   {}\ncreated  {}\nupdated  {}\n",
+        "saga     {} ({kind})\nstatus   {}\ncreated  {}\nupdated  {}\n",
         s.gid,
         status_name(s.status),
         time(s.create_time.as_ref()),
@@ -189,11 +206,12 @@ fn show(s: &Saga) -> String {
         "STEP", "STATE", "ATTEMPTS", "LAST ATTEMPT", "LAST ERROR"
     ));
     for st in &s.steps {
-        let state = match (st.called, st.succeeded, st.compensated) {
-            (_, _, true) => "compensated",
-            (_, true, false) => "succeeded",
-            (true, false, false) => "called",
-            (false, false, false) => "not called",
+        let state = match (st.called, st.succeeded, st.confirmed, st.compensated) {
+            (_, _, _, true) => "compensated",
+            (_, _, true, false) => "confirmed",
+            (_, true, false, false) => "succeeded",
+            (true, false, false, false) => "called",
+            (false, false, false, false) => "not called",
         };
         out.push_str(&format!(
             "{:<16} {:<12} {:>8}  {:<27} {}\n",

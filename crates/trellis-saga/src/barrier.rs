@@ -372,6 +372,65 @@ where
     }
 }
 
+/// The branch id of a two-phase message's local transaction.
+pub const MSG_BRANCH: &str = "msg";
+
+/// The branch a two-phase message's local transaction runs as: wrap the
+/// local transaction in [`run`] with it, between the message's prepare and
+/// its submit. If the coordinator checked back first and found nothing
+/// committed, [`run`] skips the late transaction ([`Skip::Hanging`]) —
+/// the caller must then not submit, and report failure.
+pub fn msg_branch(gid: impl Into<String>) -> Branch {
+    Branch::new(gid, MSG_BRANCH, Op::Action)
+}
+
+/// Answers a coordinator checking back on a prepared message: whether its
+/// local transaction ([`msg_branch`]) committed. When it did not (yet), a
+/// row is written in its place, so a local transaction committing later is
+/// skipped instead of running unannounced.
+pub async fn query_prepared(pool: &Pool, gid: &str) -> Result<bool, sqlx::Error> {
+    let branch = msg_branch(gid);
+    let mut tx = pool.begin().await?;
+    let now = trellis_store::now_ms();
+    with_tx!(&mut tx, c => sqlx::query(INSERT)
+        .bind(&branch.gid)
+        .bind(&branch.branch_id)
+        .bind(Op::Action.as_str())
+        .bind("rollback")
+        .bind(now)
+        .execute(&mut **c)
+        .await
+        .map(drop))?;
+    let reason = reason_of(&mut tx, &branch).await?;
+    tx.commit().await?;
+    Ok(reason.as_deref() == Some(Op::Action.as_str()))
+}
+
+/// [`query_prepared`] as a gRPC method's answer: OK when the local
+/// transaction committed, ABORTED (reason MSG_ROLLED_BACK) when it did not,
+/// UNAVAILABLE when the database failed, INVALID_ARGUMENT without the
+/// `trellis-saga-gid` header.
+pub async fn grpc_query(
+    pool: &Pool,
+    metadata: &tonic::metadata::MetadataMap,
+) -> Result<(), tonic::Status> {
+    let headers = metadata.clone().into_headers();
+    let branch = Branch::from_headers(&headers).map_err(trellis_core::Error::from)?;
+    match query_prepared(pool, &branch.gid).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(trellis_core::Error::new(
+            trellis_core::Code::Aborted,
+            "MSG_ROLLED_BACK",
+            format!(
+                "message {}: the local transaction did not commit",
+                branch.gid
+            ),
+        )
+        .into()),
+        Err(e) => Err(trellis_core::Error::unavailable(format!("saga barrier: {e}")).into()),
+    }
+}
+
 /// Who wrote this operation's row: itself, or the compensation that
 /// claimed it first.
 async fn reason_of(tx: &mut Tx, branch: &Branch) -> Result<Option<String>, sqlx::Error> {

@@ -95,8 +95,81 @@ impl Saga {
             action: Some(endpoint_to_proto(&action)),
             compensate: Some(endpoint_to_proto(&compensate)),
             payload: payload.into(),
+            confirm: None,
         });
         self
+    }
+
+    /// A TCC transaction with global id `gid`: add its branches with
+    /// [`add_tcc`](Self::add_tcc).
+    pub fn tcc(gid: impl Into<String>) -> Saga {
+        let mut saga = Saga::new(gid);
+        saga.request.kind = v1::Kind::Tcc as i32;
+        saga
+    }
+
+    /// Adds a TCC branch: `try_` reserves, `confirm` makes it final once
+    /// every branch's Try succeeded, `cancel` releases it when one failed.
+    pub fn add_tcc(
+        mut self,
+        name: impl Into<String>,
+        try_: Endpoint,
+        confirm: Endpoint,
+        cancel: Endpoint,
+        payload: impl Into<Vec<u8>>,
+    ) -> Saga {
+        self.request.steps.push(v1::Step {
+            name: name.into(),
+            action: Some(endpoint_to_proto(&try_)),
+            compensate: Some(endpoint_to_proto(&cancel)),
+            payload: payload.into(),
+            confirm: Some(endpoint_to_proto(&confirm)),
+        });
+        self
+    }
+
+    /// A two-phase message with global id `gid`, checked back at `query`
+    /// (which answers with [`barrier::grpc_query`](crate::barrier::grpc_query)
+    /// or [`barrier::query_prepared`](crate::barrier::query_prepared)): add
+    /// its branches with [`add_msg`](Self::add_msg), [`prepare`](Self::prepare)
+    /// it, run the local transaction in
+    /// [`barrier::msg_branch`](crate::barrier::msg_branch), then
+    /// [`submit`](Self::submit).
+    pub fn msg(gid: impl Into<String>, query: Endpoint) -> Saga {
+        let mut saga = Saga::new(gid);
+        saga.request.kind = v1::Kind::Msg as i32;
+        saga.request.query = Some(endpoint_to_proto(&query));
+        saga
+    }
+
+    /// Adds a message branch: `action`, retried until it succeeds.
+    pub fn add_msg(
+        mut self,
+        name: impl Into<String>,
+        action: Endpoint,
+        payload: impl Into<Vec<u8>>,
+    ) -> Saga {
+        self.request.steps.push(v1::Step {
+            name: name.into(),
+            action: Some(endpoint_to_proto(&action)),
+            compensate: None,
+            payload: payload.into(),
+            confirm: None,
+        });
+        self
+    }
+
+    /// Records a message as prepared (before its local transaction); then
+    /// [`submit`](Self::submit) it once the local transaction committed.
+    pub async fn prepare<T>(&self, client: &mut SagaServiceClient<T>) -> Result<(), tonic::Status>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        <T::ResponseBody as http_body::Body>::Error:
+            Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    {
+        client.prepare(self.request.clone()).await.map(drop)
     }
 
     /// How long forward steps may keep failing retryably before the saga

@@ -1,9 +1,10 @@
 //! The coordinator's loop: claim due sagas from the [`SagaLog`], drive each
-//! through the [`machine`](crate::machine) — persisting before every call
-//! and after every answer — and schedule retries with exponential backoff
-//! and jitter. Because every step is persisted first, a coordinator killed
-//! at any moment leaves sagas another one (or itself, restarted) resumes
-//! where they stood; the participants' barriers absorb the repeated calls.
+//! through the [`machine`](crate::machine) — persisting every answer (the
+//! last one and the saga's end in one write) — and schedule retries with
+//! exponential backoff and jitter. A coordinator killed at any moment
+//! leaves sagas another one (or itself, restarted) resumes from their last
+//! answer: it calls the unanswered operation again, and the participants'
+//! barriers absorb the repeated calls.
 //!
 //! Branches are called through a [`Caller`]: [`HttpCaller`] POSTs the
 //! step's payload with the branch headers (`trellis-saga-gid`, `-branch`,
@@ -413,6 +414,12 @@ impl Driver {
         &self.inner.log
     }
 
+    /// Looks for due sagas at once (one was made due: a message
+    /// submitted after it was prepared).
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
     /// A free place to drive one more saga, if there is one.
     pub fn slot(&self) -> Option<Slot> {
         self.inner
@@ -545,9 +552,14 @@ impl Driver {
         let definition = claimed.record.definition.clone();
         let gid = claimed.record.gid.clone();
         let mut state = claimed.record.state.clone();
+        let corrupt = |reason: String| LogError::Corrupt {
+            gid: gid.clone(),
+            what: "definition",
+            reason,
+        };
         loop {
             // A forward step retried past the saga's timeout_to_fail turns
-            // the saga round.
+            // the saga round (sagas and TCC; messages are never given up).
             let age = trellis_store::now_ms().saturating_sub(claimed.record.create_time_ms);
             if age > i64::try_from(definition.timeout_to_fail_ms).unwrap_or(i64::MAX) {
                 state.time_out(&format!(
@@ -555,84 +567,124 @@ impl Driver {
                     definition.timeout_to_fail_ms
                 ));
             }
-            let (step, op) = match state.next() {
-                Next::Done(status) => {
-                    log.save(&mut claimed, owner, &state, i64::MAX, lease)
-                        .await?;
-                    metrics::counter!("saga_finished_total", "status" => crate::log::status_text(status))
-                        .increment(1);
-                    return log.release(&claimed, owner).await;
+            let before = state.next();
+            let (name, endpoint, payload, op, step) = match before {
+                Next::Done(status) => return self.finish(&mut claimed, &state, status).await,
+                Next::Query => {
+                    let Some(query) = &definition.query else {
+                        return Err(corrupt(
+                            "a prepared message without a query endpoint".into(),
+                        ));
+                    };
+                    ("query", query, &[][..], Op::Action, None)
                 }
-                Next::Call { step, op } => (step, op),
+                Next::Call { step, op } => {
+                    let Some(def) = definition.steps.get(step) else {
+                        return Err(corrupt(format!("no step {step}")));
+                    };
+                    let endpoint = match op {
+                        Op::Action | Op::Try => &def.action,
+                        Op::Compensate | Op::Cancel => &def.compensate,
+                        Op::Confirm => def
+                            .confirm
+                            .as_ref()
+                            .ok_or_else(|| corrupt(format!("step {} has no confirm", def.name)))?,
+                    };
+                    (
+                        def.name.as_str(),
+                        endpoint,
+                        &def.payload[..],
+                        op,
+                        Some(step),
+                    )
+                }
             };
-            let Some(def) = definition.steps.get(step) else {
-                return Err(LogError::Corrupt {
-                    gid,
-                    what: "definition",
-                    reason: format!("no step {step}"),
-                });
-            };
-            // Persisted before the call: after a crash here the step counts
-            // as possibly done, and is compensated if the saga turns round.
-            state.calling(step, op);
-            if let Some(s) = state.steps.get_mut(step) {
-                s.last_attempt_ms = trellis_store::now_ms();
+            // Not persisted before the call: after a crash the saga resumes
+            // by calling this same operation again (the barrier absorbs the
+            // repeat), and a forward step given up on is compensated
+            // whether or not its calls were recorded (`Saga::time_out`).
+            if let Some(step) = step {
+                state.calling(step, op);
+                if let Some(s) = state.steps.get_mut(step) {
+                    s.last_attempt_ms = trellis_store::now_ms();
+                }
             }
-            log.save(&mut claimed, owner, &state, 0, lease).await?;
             let mut headers = http::HeaderMap::new();
-            match Branch::new(&gid, &def.name, op).headers() {
-                Ok(branch) => headers.extend(branch),
-                Err(e) => {
-                    return Err(LogError::Corrupt {
-                        gid,
-                        what: "definition",
-                        reason: e.to_string(),
-                    });
-                }
-            }
-            if let (Op::Compensate, Some((_, why))) = (op, &state.failure) {
+            headers.extend(
+                Branch::new(&gid, name, op)
+                    .headers()
+                    .map_err(|e| corrupt(e.to_string()))?,
+            );
+            if let (Op::Compensate | Op::Cancel, Some((_, why))) = (op, &state.failure) {
                 headers.insert(crate::barrier::REASON, crate::barrier::reason_value(why));
             }
-            let endpoint = if op == Op::Action {
-                &def.action
-            } else {
-                &def.compensate
-            };
             let started = std::time::Instant::now();
             let span = tracing::info_span!(
                 "saga.branch",
-                otel.name = %format_args!("saga.{} {}", op.as_str(), def.name),
-                saga.step = %def.name,
+                otel.name = %format_args!("saga.{} {}", op.as_str(), name),
+                saga.step = %name,
                 saga.op = op.as_str(),
             );
             let (answer, said) = {
                 use tracing::Instrument as _;
                 self.inner
                     .caller
-                    .call(endpoint, &headers, &def.payload, config.call_timeout)
+                    .call(endpoint, &headers, payload, config.call_timeout)
                     .instrument(span)
                     .await
             };
-            metrics::histogram!("saga_branch_duration_seconds", "op" => op.as_str())
+            let op_label = if step.is_some() { op.as_str() } else { "query" };
+            metrics::histogram!("saga_branch_duration_seconds", "op" => op_label)
                 .record(started.elapsed().as_secs_f64());
-            metrics::counter!("saga_branch_calls_total", "op" => op.as_str(), "answer" => answer_text(answer))
+            metrics::counter!("saga_branch_calls_total", "op" => op_label, "answer" => answer_text(answer))
                 .increment(1);
-            state.record_with(step, op, answer, &said);
-            if answer != Answer::Success
-                && let Some(s) = state.steps.get_mut(step)
-            {
-                s.last_error = said.clone();
+            match step {
+                Some(step) => {
+                    state.record_with(step, op, answer, &said);
+                    if answer != Answer::Success
+                        && let Some(s) = state.steps.get_mut(step)
+                    {
+                        s.last_error = said.clone();
+                    }
+                }
+                None => state.record_query(answer),
             }
-            if answer == Answer::Retry {
-                let attempts = state.steps.get(step).map_or(1, |s| s.attempts);
+            // No progress — a retryable answer, or a refusal of something
+            // that is only retried (a compensation, a confirmation, a
+            // message's branch): again later, backing off.
+            if state.next() == before {
+                let attempts = step
+                    .and_then(|s| state.steps.get(s))
+                    .map_or(1, |s| s.attempts);
                 let delay = backoff(config.backoff, config.max_backoff, attempts);
-                tracing::debug!(%gid, step = %def.name, op = op.as_str(), %said, ?delay, "branch to retry");
+                tracing::debug!(%gid, step = %name, op = op.as_str(), %said, ?delay, "branch to retry");
                 let due = trellis_store::now_ms().saturating_add(ms(delay));
-                log.save(&mut claimed, owner, &state, due, lease).await?;
-                return log.release(&claimed, owner).await;
+                return log.save_released(&mut claimed, owner, &state, due).await;
+            }
+            // The last answer and the end are one write.
+            if let Next::Done(status) = state.next() {
+                return self.finish(&mut claimed, &state, status).await;
             }
             log.save(&mut claimed, owner, &state, 0, lease).await?;
         }
+    }
+}
+
+impl Driver {
+    /// Writes the saga's end and gives it back, in one write.
+    async fn finish(
+        &self,
+        claimed: &mut Claimed,
+        state: &crate::machine::Saga,
+        status: crate::machine::Status,
+    ) -> Result<(), LogError> {
+        self.inner
+            .log
+            .save_released(claimed, &self.inner.config.owner, state, i64::MAX)
+            .await?;
+        metrics::counter!("saga_finished_total", "status" => crate::log::status_text(status))
+            .increment(1);
+        Ok(())
     }
 }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use trellis_store::{Failure, Pool, with_pool, with_tx};
 
-use crate::machine::{Saga, Status};
+use crate::machine::{Kind, Saga, Status};
 
 /// The log's schema, for the coordinator's migrator.
 pub fn migrator() -> sqlx::migrate::Migrator {
@@ -65,8 +65,11 @@ pub struct StepDefinition {
     pub name: String,
     /// The forward operation.
     pub action: Endpoint,
-    /// Its compensation.
+    /// Its compensation (TCC: Cancel); unused by messages.
     pub compensate: Endpoint,
+    /// TCC: its Confirm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm: Option<Endpoint>,
     /// The request body both are sent (protobuf or JSON bytes, base64 in
     /// the log).
     #[serde(with = "base64_bytes")]
@@ -76,6 +79,12 @@ pub struct StepDefinition {
 /// A saga as submitted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Definition {
+    /// Saga, TCC or message.
+    #[serde(default)]
+    pub kind: Kind,
+    /// A message's check-back endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<Endpoint>,
     /// Its steps, in order.
     pub steps: Vec<StepDefinition>,
     /// How long a forward step may keep failing retryably before it counts
@@ -167,10 +176,13 @@ pub(crate) fn ms(d: Duration) -> i64 {
 /// `compensated`).
 pub fn status_text(status: Status) -> &'static str {
     match status {
+        Status::Prepared => "prepared",
         Status::Running => "running",
+        Status::Confirming => "confirming",
         Status::Compensating => "compensating",
         Status::Succeeded => "succeeded",
         Status::Compensated => "compensated",
+        Status::Aborted => "aborted",
     }
 }
 
@@ -178,6 +190,136 @@ pub fn status_text(status: Status) -> &'static str {
 #[derive(Debug, Clone)]
 pub struct SagaLog {
     pool: Pool,
+    /// With group commit: where writes queue for the committing task.
+    batch: Option<tokio::sync::mpsc::Sender<Queued>>,
+}
+
+/// One write of a saga's row. Neither kind can fail on a conflict (an
+/// insert of a used gid changes nothing, a fenced update matches no row),
+/// so many of them share a transaction without one spoiling the others.
+#[derive(Debug)]
+enum Write {
+    Insert {
+        gid: String,
+        status: &'static str,
+        definition: String,
+        state: String,
+        now: i64,
+        due: i64,
+        owner: Option<String>,
+        until: i64,
+    },
+    Update {
+        gid: String,
+        status: &'static str,
+        state: String,
+        now: i64,
+        next_attempt_ms: i64,
+        /// The renewed lease; `None` gives the saga back.
+        until: Option<i64>,
+        owner: String,
+        fence: i64,
+    },
+}
+
+#[derive(Debug)]
+struct Queued {
+    write: Write,
+    done: tokio::sync::oneshot::Sender<Result<u64, String>>,
+}
+
+const INSERT: &str = "INSERT INTO saga_transactions (gid, status, definition, state, create_time_ms, update_time_ms, next_attempt_ms, lease_owner, lease_until_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (gid) DO NOTHING";
+const UPDATE: &str = "UPDATE saga_transactions SET status = $1, state = $2, update_time_ms = $3, next_attempt_ms = $4, lease_owner = $5, lease_until_ms = $6 WHERE gid = $7 AND lease_owner = $8 AND lease_until_ms = $9";
+
+/// Runs one write in `tx`; the rows it changed.
+async fn execute(tx: &mut trellis_store::Tx, write: &Write) -> Result<u64, sqlx::Error> {
+    match write {
+        Write::Insert {
+            gid,
+            status,
+            definition,
+            state,
+            now,
+            due,
+            owner,
+            until,
+        } => Ok(with_tx!(tx, c => sqlx::query(INSERT)
+            .bind(gid)
+            .bind(*status)
+            .bind(definition)
+            .bind(state)
+            .bind(now)
+            .bind(now)
+            .bind(due)
+            .bind(owner)
+            .bind(until)
+            .execute(&mut **c)
+            .await?
+            .rows_affected())),
+        Write::Update {
+            gid,
+            status,
+            state,
+            now,
+            next_attempt_ms,
+            until,
+            owner,
+            fence,
+        } => Ok(with_tx!(tx, c => sqlx::query(UPDATE)
+            .bind(*status)
+            .bind(state)
+            .bind(now)
+            .bind(next_attempt_ms)
+            .bind(until.map(|_| owner.as_str()))
+            .bind(until.unwrap_or(0))
+            .bind(gid)
+            .bind(owner)
+            .bind(fence)
+            .execute(&mut **c)
+            .await?
+            .rows_affected())),
+    }
+}
+
+/// Commits queued writes together: takes what is waiting (up to `max`),
+/// runs it in one transaction, commits once, answers each. Under load a
+/// batch forms while the previous commit is on the disk; alone, a write is
+/// committed at once.
+async fn commit_batches(pool: Pool, mut queue: tokio::sync::mpsc::Receiver<Queued>, max: usize) {
+    let mut batch = Vec::with_capacity(max);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        while batch.len() < max {
+            match queue.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        metrics::histogram!("saga_log_batch_writes").record(batch.len() as f64);
+        let outcome: Result<Vec<u64>, sqlx::Error> = async {
+            let mut tx = pool.begin().await?;
+            let mut rows = Vec::with_capacity(batch.len());
+            for queued in &batch {
+                rows.push(execute(&mut tx, &queued.write).await?);
+            }
+            tx.commit().await?;
+            Ok(rows)
+        }
+        .await;
+        match outcome {
+            Ok(rows) => {
+                for (queued, n) in batch.drain(..).zip(rows) {
+                    let _ = queued.done.send(Ok(n));
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                for queued in batch.drain(..) {
+                    let _ = queued.done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
 }
 
 const COLUMNS: &str =
@@ -210,15 +352,95 @@ where
 }
 
 impl SagaLog {
-    /// A log in `pool` (migrated with [`migrator`]).
+    /// A log in `pool` (migrated with [`migrator`]), each write its own
+    /// transaction.
     pub fn new(pool: Pool) -> SagaLog {
-        SagaLog { pool }
+        SagaLog { pool, batch: None }
+    }
+
+    /// A log in `pool` with group commit: sagas' writes that arrive while
+    /// a commit is under way share the next one (up to `max_batch`), so
+    /// the disk's flushes, not the sagas, bound the rate. Needs a Tokio
+    /// runtime (it spawns the committing task, which ends with the last
+    /// clone of the log).
+    pub fn batched(pool: Pool, max_batch: usize) -> SagaLog {
+        let max = max_batch.max(1);
+        let (tx, rx) = tokio::sync::mpsc::channel(max.saturating_mul(4));
+        tokio::spawn(commit_batches(pool.clone(), rx, max));
+        SagaLog {
+            pool,
+            batch: Some(tx),
+        }
+    }
+
+    /// Runs `write`, through the batch when there is one; the rows it
+    /// changed.
+    async fn write(&self, write: Write) -> Result<u64, LogError> {
+        match &self.batch {
+            None => {
+                let mut tx = self.pool.begin().await?;
+                let rows = execute(&mut tx, &write).await?;
+                tx.commit().await?;
+                Ok(rows)
+            }
+            Some(queue) => {
+                let (done, answer) = tokio::sync::oneshot::channel();
+                let closed =
+                    || LogError::Store(Failure::Unavailable("the log's committer stopped".into()));
+                queue
+                    .send(Queued { write, done })
+                    .await
+                    .map_err(|_| closed())?;
+                answer
+                    .await
+                    .map_err(|_| closed())?
+                    .map_err(|e| LogError::Store(Failure::Unavailable(e)))
+            }
+        }
     }
 
     /// Records a new saga, durably, due at once. [`LogError::Duplicate`] if
     /// the gid was used.
     pub async fn submit(&self, gid: &str, definition: &Definition) -> Result<(), LogError> {
-        self.insert(gid, definition, None).await.map(drop)
+        self.insert(gid, definition, None, false).await.map(drop)
+    }
+
+    /// Records a two-phase message as prepared: due for a check-back
+    /// after its `timeout_to_fail` unless [`promote`](Self::promote)d
+    /// first. [`LogError::Duplicate`] if the gid was used.
+    pub async fn prepare(&self, gid: &str, definition: &Definition) -> Result<(), LogError> {
+        self.insert(gid, definition, None, true).await.map(drop)
+    }
+
+    /// A prepared message was submitted (its local transaction
+    /// committed): it runs at once. Whether it was prepared and not held
+    /// by a coordinator (one checking it back finds it committed anyway).
+    pub async fn promote(&self, gid: &str) -> Result<bool, LogError> {
+        let Some(record) = self.get(gid).await? else {
+            return Ok(false);
+        };
+        if record.state.status != Status::Prepared {
+            return Ok(false);
+        }
+        let mut state = record.state;
+        state.submitted();
+        let text = serde_json::to_string(&state).map_err(|e| LogError::Corrupt {
+            gid: gid.to_owned(),
+            what: "state",
+            reason: e.to_string(),
+        })?;
+        let now = trellis_store::now_ms();
+        let rows = with_pool!(&self.pool, p => sqlx::query("UPDATE saga_transactions SET status = $1, state = $2, update_time_ms = $3, next_attempt_ms = $4 WHERE gid = $5 AND status = 'prepared' AND lease_until_ms < $6")
+            .bind(status_text(state.status))
+            .bind(&text)
+            .bind(now)
+            .bind(now)
+            .bind(gid)
+            .bind(now)
+            .execute(p)
+            .await?
+            .rows_affected());
+        Ok(rows == 1)
     }
 
     /// [`submit`](Self::submit), with the saga claimed by `owner` for
@@ -231,7 +453,8 @@ impl SagaLog {
         owner: &str,
         lease: Duration,
     ) -> Result<Claimed, LogError> {
-        self.insert(gid, definition, Some((owner, lease))).await
+        self.insert(gid, definition, Some((owner, lease)), false)
+            .await
     }
 
     async fn insert(
@@ -239,9 +462,21 @@ impl SagaLog {
         gid: &str,
         definition: &Definition,
         claim: Option<(&str, Duration)>,
+        prepared: bool,
     ) -> Result<Claimed, LogError> {
         let now = trellis_store::now_ms();
-        let state = Saga::new(definition.steps.len());
+        let state = if prepared {
+            Saga::prepared(definition.steps.len())
+        } else {
+            Saga::of(definition.kind, definition.steps.len())
+        };
+        // A prepared message is first due when it should have been
+        // submitted by.
+        let due = if prepared {
+            now.saturating_add(i64::try_from(definition.timeout_to_fail_ms).unwrap_or(i64::MAX))
+        } else {
+            now
+        };
         let definition_text = serde_json::to_string(definition).map_err(|e| LogError::Corrupt {
             gid: gid.to_owned(),
             what: "definition",
@@ -253,37 +488,35 @@ impl SagaLog {
             reason: e.to_string(),
         })?;
         let (owner, until) = match claim {
-            Some((owner, lease)) => (Some(owner), now.saturating_add(ms(lease))),
+            Some((owner, lease)) => (Some(owner.to_owned()), now.saturating_add(ms(lease))),
             None => (None, 0),
         };
-        let done = with_pool!(&self.pool, p => sqlx::query("INSERT INTO saga_transactions (gid, status, definition, state, create_time_ms, update_time_ms, next_attempt_ms, lease_owner, lease_until_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
-            .bind(gid)
-            .bind(status_text(state.status))
-            .bind(&definition_text)
-            .bind(&state_text)
-            .bind(now)
-            .bind(now)
-            .bind(now)
-            .bind(owner)
-            .bind(until)
-            .execute(p)
-            .await
-            .map(drop));
-        match done.map_err(Failure::from) {
-            Ok(()) => Ok(Claimed {
-                record: Record {
-                    gid: gid.to_owned(),
-                    definition: definition.clone(),
-                    state,
-                    create_time_ms: now,
-                    update_time_ms: now,
-                    next_attempt_ms: now,
-                    lease_until_ms: until,
-                },
-            }),
-            Err(Failure::Duplicate) => Err(LogError::Duplicate(gid.to_owned())),
-            Err(other) => Err(other.into()),
+        let rows = self
+            .write(Write::Insert {
+                gid: gid.to_owned(),
+                status: status_text(state.status),
+                definition: definition_text,
+                state: state_text,
+                now,
+                due,
+                owner,
+                until,
+            })
+            .await?;
+        if rows == 0 {
+            return Err(LogError::Duplicate(gid.to_owned()));
         }
+        Ok(Claimed {
+            record: Record {
+                gid: gid.to_owned(),
+                definition: definition.clone(),
+                state,
+                create_time_ms: now,
+                update_time_ms: now,
+                next_attempt_ms: due,
+                lease_until_ms: until,
+            },
+        })
     }
 
     /// Claims up to `limit` sagas that are due and not leased, for `lease`,
@@ -303,7 +536,7 @@ impl SagaLog {
             ""
         };
         let select = format!(
-            "SELECT {COLUMNS} FROM saga_transactions WHERE status IN ('running', 'compensating') AND next_attempt_ms <= $1 AND lease_until_ms < $2 ORDER BY next_attempt_ms LIMIT $3{lock}"
+            "SELECT {COLUMNS} FROM saga_transactions WHERE status IN ('prepared', 'running', 'confirming', 'compensating') AND next_attempt_ms <= $1 AND lease_until_ms < $2 ORDER BY next_attempt_ms LIMIT $3{lock}"
         );
         let mut tx = self.pool.begin().await?;
         let rows = with_tx!(&mut tx, c => {
@@ -359,20 +592,58 @@ impl SagaLog {
         let until = now
             .saturating_add(ms(lease))
             .max(claimed.record.lease_until_ms.saturating_add(1));
-        let rows = with_pool!(&self.pool, p => sqlx::query("UPDATE saga_transactions SET status = $1, state = $2, update_time_ms = $3, next_attempt_ms = $4, lease_until_ms = $5 WHERE gid = $6 AND lease_owner = $7 AND lease_until_ms = $8")
-            .bind(status_text(state.status))
-            .bind(&text)
-            .bind(now)
-            .bind(next_attempt_ms)
-            .bind(until)
-            .bind(&gid)
-            .bind(owner)
-            .bind(claimed.record.lease_until_ms)
-            .execute(p)
-            .await?
-            .rows_affected());
+        let rows = self
+            .write(Write::Update {
+                gid: gid.clone(),
+                status: status_text(state.status),
+                state: text,
+                now,
+                next_attempt_ms,
+                until: Some(until),
+                owner: owner.to_owned(),
+                fence: claimed.record.lease_until_ms,
+            })
+            .await?;
         if rows == 1 {
             claimed.record.lease_until_ms = until;
+            claimed.record.state = state.clone();
+            Ok(())
+        } else {
+            Err(LogError::LeaseLost(gid))
+        }
+    }
+
+    /// Writes `state` for a saga this coordinator holds, due again at
+    /// `next_attempt_ms`, and gives it back in the same write (a saga that
+    /// ended, or waits for a retry) — unless the lease was lost.
+    pub async fn save_released(
+        &self,
+        claimed: &mut Claimed,
+        owner: &str,
+        state: &Saga,
+        next_attempt_ms: i64,
+    ) -> Result<(), LogError> {
+        let gid = claimed.record.gid.clone();
+        let text = serde_json::to_string(state).map_err(|e| LogError::Corrupt {
+            gid: gid.clone(),
+            what: "state",
+            reason: e.to_string(),
+        })?;
+        let now = trellis_store::now_ms();
+        let rows = self
+            .write(Write::Update {
+                gid: gid.clone(),
+                status: status_text(state.status),
+                state: text,
+                now,
+                next_attempt_ms,
+                until: None,
+                owner: owner.to_owned(),
+                fence: claimed.record.lease_until_ms,
+            })
+            .await?;
+        if rows == 1 {
+            claimed.record.lease_until_ms = 0;
             claimed.record.state = state.clone();
             Ok(())
         } else {

@@ -1,21 +1,30 @@
-//! The saga state machine, pure: what to call next given what is known,
-//! and what an answer changes. The coordinator persists [`Saga`] after
-//! every [`Saga::record`] and asks [`Saga::next`] again after a crash, so
+//! The transaction state machine, pure: what to call next given what is
+//! known, and what an answer changes. The coordinator persists [`Saga`]
+//! after every answer and asks [`Saga::next`] again after a crash, so
 //! everything it does is a function of this state — which is what the
 //! property test drives, with random answers and crash points.
 //!
-//! The rules, as in dtm:
-//! - steps run forward in order; a step's success moves on;
-//! - a **definite failure** (gRPC ABORTED / FAILED_PRECONDITION, HTTP 409)
+//! Three kinds of transaction, as in dtm:
+//! - **Saga**: steps run forward in order; a step's success moves on; a
+//!   **definite failure** (gRPC ABORTED / FAILED_PRECONDITION, HTTP 409)
 //!   turns the saga round: every step that was called — the failed one
 //!   included, since its effect may have happened before the failure was
 //!   known — is compensated, last first (the participant's barrier makes
-//!   compensating a step that never ran a no-op);
-//! - anything else (timeouts, UNAVAILABLE, 5xx) is **retried**: the state
-//!   does not change except for the attempt count, until `timeout_to_fail`
-//!   turns a forward step's retries into a definite failure;
-//! - compensations are retried until they succeed (they must not fail
-//!   definitively; one that does is recorded and retried too).
+//!   compensating a step that never ran a no-op); anything else (timeouts,
+//!   UNAVAILABLE, 5xx) is **retried** until `timeout_to_fail` turns a
+//!   forward step's retries into a definite failure. Compensations are
+//!   retried until they succeed.
+//! - **TCC**: every branch's *Try* runs in order, as a saga's actions; when
+//!   all succeeded, every *Confirm* runs (retried until it succeeds: a
+//!   confirmation must not fail); a definite failure of a Try *Cancels*
+//!   every Try called, last first.
+//! - **Two-phase message**: a local transaction and a guaranteed
+//!   follow-up. Prepared first; the submitter commits its local
+//!   transaction, then submits; the branches then run in order, each
+//!   retried until it succeeds (nothing is undone). A message prepared but
+//!   never submitted is **checked back**: the coordinator asks the
+//!   submitter's query endpoint whether the local transaction committed
+//!   (run the branches) or not (abort).
 //!
 //! ```
 //! use trellis_saga::machine::{Answer, Next, Saga, Status};
@@ -35,28 +44,68 @@ use serde::{Deserialize, Serialize};
 
 use crate::barrier::Op;
 
-/// Where a saga is.
+/// Which kind of transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Ordered steps with compensations.
+    #[default]
+    Saga,
+    /// Try / Confirm / Cancel.
+    Tcc,
+    /// A two-phase message: a local transaction and a guaranteed follow-up.
+    Msg,
+}
+
+impl Kind {
+    /// The forward operation of its branches.
+    pub fn forward(self) -> Op {
+        match self {
+            Kind::Tcc => Op::Try,
+            Kind::Saga | Kind::Msg => Op::Action,
+        }
+    }
+
+    /// The operation that undoes a forward one (none for messages).
+    pub fn backward(self) -> Op {
+        match self {
+            Kind::Tcc => Op::Cancel,
+            Kind::Saga | Kind::Msg => Op::Compensate,
+        }
+    }
+}
+
+/// Where a transaction is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
+    /// A message whose local transaction has not been reported committed.
+    Prepared,
     /// Running its steps forward.
     Running,
+    /// TCC: every Try succeeded; confirming them.
+    Confirming,
     /// A step failed: undoing the steps called, last first.
     Compensating,
-    /// Every step succeeded.
+    /// Every step succeeded (and, for TCC, was confirmed).
     Succeeded,
     /// A step failed and every step called was compensated.
     Compensated,
+    /// A message whose local transaction did not commit: nothing ran.
+    Aborted,
 }
 
 impl Status {
     /// Whether nothing more will happen to it.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Status::Succeeded | Status::Compensated)
+        matches!(
+            self,
+            Status::Succeeded | Status::Compensated | Status::Aborted
+        )
     }
 }
 
-/// A branch's answer, sorted by what it means for the saga.
+/// A branch's answer, sorted by what it means for the transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Answer {
@@ -71,13 +120,17 @@ pub enum Answer {
 /// One step's state.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Step {
-    /// Its action was called at least once (so it may have had an effect).
+    /// Its forward operation was called at least once (so it may have had
+    /// an effect).
     pub called: bool,
-    /// Its action succeeded.
+    /// Its forward operation succeeded.
     pub succeeded: bool,
-    /// Its compensation succeeded.
+    /// TCC: its Confirm succeeded.
+    #[serde(default)]
+    pub confirmed: bool,
+    /// Its compensation (Cancel) succeeded.
     pub compensated: bool,
-    /// Calls made, both operations.
+    /// Calls made, every operation.
     pub attempts: u32,
     /// What the last call that did not succeed said (the coordinator
     /// keeps it for `trellis saga show`; the machine ignores it).
@@ -95,16 +148,22 @@ pub enum Next {
     Call {
         /// The step's index.
         step: usize,
-        /// Action or compensation.
+        /// Which operation.
         op: Op,
     },
-    /// The saga is over.
+    /// A prepared message: ask the submitter whether its local
+    /// transaction committed ([`Saga::record_query`]).
+    Query,
+    /// It is over.
     Done(Status),
 }
 
-/// A saga's state.
+/// A transaction's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Saga {
+    /// Which kind.
+    #[serde(default)]
+    pub kind: Kind,
     /// Where it is.
     pub status: Status,
     /// Its steps, in order.
@@ -116,12 +175,29 @@ pub struct Saga {
 impl Saga {
     /// A saga of `steps` steps, about to run the first.
     pub fn new(steps: usize) -> Saga {
+        Saga::of(Kind::Saga, steps)
+    }
+
+    /// A transaction of `kind` with `steps` steps, about to run the first
+    /// (a message: submitted, its local transaction committed; see
+    /// [`Saga::prepared`]).
+    pub fn of(kind: Kind, steps: usize) -> Saga {
+        let mut saga = Saga {
+            kind,
+            status: Status::Running,
+            steps: vec![Step::default(); steps],
+            failure: None,
+        };
+        saga.settle();
+        saga
+    }
+
+    /// A prepared message of `steps` steps: waiting for its submit, or to
+    /// be checked back.
+    pub fn prepared(steps: usize) -> Saga {
         Saga {
-            status: if steps == 0 {
-                Status::Succeeded
-            } else {
-                Status::Running
-            },
+            kind: Kind::Msg,
+            status: Status::Prepared,
             steps: vec![Step::default(); steps],
             failure: None,
         }
@@ -129,19 +205,20 @@ impl Saga {
 
     /// What to do next.
     pub fn next(&self) -> Next {
+        let forward = self.kind.forward();
         match self.status {
+            Status::Prepared => Next::Query,
             Status::Running => match self.steps.iter().position(|s| !s.succeeded) {
-                Some(step) => Next::Call {
-                    step,
-                    op: Op::Action,
-                },
+                Some(step) => Next::Call { step, op: forward },
+                None if self.kind == Kind::Tcc => self.confirming(),
                 None => Next::Done(Status::Succeeded),
             },
+            Status::Confirming => self.confirming(),
             Status::Compensating => {
                 match self.steps.iter().rposition(|s| s.called && !s.compensated) {
                     Some(step) => Next::Call {
                         step,
-                        op: Op::Compensate,
+                        op: self.kind.backward(),
                     },
                     None => Next::Done(Status::Compensated),
                 }
@@ -150,11 +227,22 @@ impl Saga {
         }
     }
 
-    /// Marks that `op` of `step` is about to be called (persist before the
-    /// call: after a crash the step counts as possibly done).
+    fn confirming(&self) -> Next {
+        match self.steps.iter().position(|s| !s.confirmed) {
+            Some(step) => Next::Call {
+                step,
+                op: Op::Confirm,
+            },
+            None => Next::Done(Status::Succeeded),
+        }
+    }
+
+    /// Marks that `op` of `step` is about to be called (counts the
+    /// attempt; a forward step called counts as possibly done).
     pub fn calling(&mut self, step: usize, op: Op) {
+        let forward = self.kind.forward();
         if let Some(s) = self.steps.get_mut(step) {
-            if op == Op::Action {
+            if op == forward {
                 s.called = true;
             }
             s.attempts = s.attempts.saturating_add(1);
@@ -168,37 +256,72 @@ impl Saga {
     }
 
     /// [`record`](Self::record), keeping `error` as the reason when the
-    /// answer turns the saga round.
+    /// answer turns the transaction round.
     pub fn record_with(&mut self, step: usize, op: Op, answer: Answer, error: &str) {
+        let (forward, backward) = (self.kind.forward(), self.kind.backward());
+        let kind = self.kind;
         let Some(s) = self.steps.get_mut(step) else {
             return;
         };
-        match (self.status, op, answer) {
-            (Status::Running, Op::Action, Answer::Success) => {
+        match (self.status, answer) {
+            (Status::Running, Answer::Success) if op == forward => {
                 s.called = true;
                 s.succeeded = true;
             }
-            (Status::Running, Op::Action, Answer::Failure) => {
+            // A message's branches are retried until they succeed.
+            (Status::Running, Answer::Failure) if op == forward && kind == Kind::Msg => {
+                s.called = true;
+            }
+            (Status::Running, Answer::Failure) if op == forward => {
                 s.called = true;
                 self.status = Status::Compensating;
                 self.failure = Some((step, error.to_owned()));
             }
-            (Status::Running, Op::Action, Answer::Retry) => s.called = true,
-            (Status::Compensating, Op::Compensate, Answer::Success) => s.compensated = true,
+            (Status::Running, Answer::Retry) if op == forward => s.called = true,
+            (Status::Running | Status::Confirming, Answer::Success) if op == Op::Confirm => {
+                s.confirmed = true;
+                self.status = Status::Confirming;
+            }
+            (Status::Compensating, Answer::Success) if op == backward => s.compensated = true,
             _ => {}
         }
         self.settle();
     }
 
+    /// A prepared message's check-back answered: committed (Success) runs
+    /// its branches, not committed (Failure) aborts it, anything else asks
+    /// again later.
+    pub fn record_query(&mut self, answer: Answer) {
+        if self.status != Status::Prepared {
+            return;
+        }
+        match answer {
+            Answer::Success => {
+                self.status = Status::Running;
+                self.settle();
+            }
+            Answer::Failure => self.status = Status::Aborted,
+            Answer::Retry => {}
+        }
+    }
+
+    /// A prepared message was submitted: its local transaction committed.
+    pub fn submitted(&mut self) {
+        self.record_query(Answer::Success);
+    }
+
     /// Gives up on the forward step now running (its `timeout_to_fail`
-    /// passed): the saga compensates, with `reason`.
+    /// passed): the saga or TCC compensates, with `reason`. Messages are
+    /// not given up on.
     pub fn time_out(&mut self, reason: &str) {
-        if let Next::Call {
-            step,
-            op: Op::Action,
-        } = self.next()
+        if self.kind == Kind::Msg {
+            return;
+        }
+        if let Next::Call { step, op } = self.next()
+            && op == self.kind.forward()
+            && self.status == Status::Running
         {
-            self.record_with(step, Op::Action, Answer::Failure, reason);
+            self.record_with(step, op, Answer::Failure, reason);
         }
     }
 
@@ -224,29 +347,41 @@ mod tests {
         ]
     }
 
+    fn kind() -> impl Strategy<Value = Kind> {
+        prop_oneof![Just(Kind::Saga), Just(Kind::Tcc), Just(Kind::Msg)]
+    }
+
     /// A participant that applies each operation's effect at most once —
     /// what the barrier guarantees — and tracks what is in effect.
-    #[derive(Default)]
+    #[derive(Debug, Default)]
     struct Ledger {
         applied: Vec<bool>,
         compensated: Vec<bool>,
+        confirmed: Vec<bool>,
     }
 
     proptest! {
-        /// Random answers (a definite failure stands for that delivery
-        /// only; compensations may fail transiently) and crashes (the
-        /// state is persisted before and after each call; a crash between
-        /// a call's effect and the recording of its answer loses the
-        /// answer): the saga always ends, and ends consistent — every step
-        /// in effect when it succeeds, none in effect when compensated.
+        /// Random kinds, answers (a definite failure stands for that
+        /// delivery only; compensations, cancellations and confirmations
+        /// may fail transiently) and crashes (the state is persisted after
+        /// each answer only; a crash between a call's effect and the
+        /// recording of its answer loses the call and the answer): the
+        /// transaction always ends, and ends consistent — every step in
+        /// effect (and confirmed, for TCC) when it succeeds, none in effect
+        /// or confirmed when compensated; a message always succeeds.
         #[test]
-        fn every_saga_ends_consistent(
+        fn every_transaction_ends_consistent(
+            kind in kind(),
             steps in 1usize..6,
             answers in proptest::collection::vec(answer(), 1..200),
             crashes in proptest::collection::vec(proptest::bool::weighted(0.3), 1..200),
         ) {
-            let mut persisted = Saga::new(steps);
-            let mut ledger = Ledger { applied: vec![false; steps], compensated: vec![false; steps] };
+            let mut persisted = Saga::of(kind, steps);
+            let mut ledger = Ledger {
+                applied: vec![false; steps],
+                compensated: vec![false; steps],
+                confirmed: vec![false; steps],
+            };
             // Past the drawn ones, answers succeed and nothing crashes: a
             // coordinator that crashes forever never finishes anything.
             let mut answers = answers.into_iter().chain(std::iter::repeat(Answer::Success));
@@ -262,33 +397,39 @@ mod tests {
                         prop_assert!(status.is_terminal());
                         match status {
                             Status::Succeeded => {
-                                prop_assert!(ledger.applied.iter().all(|a| *a));
-                                prop_assert!(ledger.compensated.iter().all(|c| !c));
+                                prop_assert!(ledger.applied.iter().all(|a| *a), "{ledger:?}");
+                                prop_assert!(ledger.compensated.iter().all(|c| !c), "{ledger:?}");
+                                if kind == Kind::Tcc {
+                                    prop_assert!(ledger.confirmed.iter().all(|c| *c), "{ledger:?}");
+                                }
                             }
                             _ => {
-                                for (a, c) in ledger.applied.iter().zip(&ledger.compensated) {
-                                    prop_assert!(!a || *c, "a step left in effect: {ledger:?}", ledger = (&ledger.applied, &ledger.compensated));
+                                prop_assert!(kind != Kind::Msg, "a message ended {status:?}");
+                                for i in 0..steps {
+                                    prop_assert!(!ledger.applied[i] || ledger.compensated[i], "a step left in effect: {ledger:?}");
+                                    prop_assert!(!ledger.confirmed[i], "a cancelled TCC confirmed: {ledger:?}");
                                 }
                             }
                         }
                         break;
                     }
+                    Next::Query => unreachable!("submitted transactions are not queried"),
                     Next::Call { step, op } => (step, op),
                 };
+                // Not persisted: the coordinator writes only answers, so a
+                // crash during the call forgets that it was made.
                 saga.calling(step, op);
-                persisted = saga.clone();
-                // Compensations are not refused for good: treat a drawn
-                // failure as a transient one.
+                // Only forward operations are refused for good: treat a
+                // drawn failure of any other as a transient one.
                 let mut answer = answers.next().unwrap_or(Answer::Success);
-                if op == Op::Compensate && answer == Answer::Failure {
+                if op != kind.forward() && answer == Answer::Failure {
                     answer = Answer::Retry;
                 }
                 // The participant, behind its barrier.
                 match (op, answer) {
-                    (Op::Action, Answer::Success) if !ledger.compensated[step] => ledger.applied[step] = true,
-                    (Op::Compensate, Answer::Success) => {
-                        ledger.compensated[step] = true;
-                    }
+                    (Op::Action | Op::Try, Answer::Success) if !ledger.compensated[step] => ledger.applied[step] = true,
+                    (Op::Compensate | Op::Cancel, Answer::Success) => ledger.compensated[step] = true,
+                    (Op::Confirm, Answer::Success) => ledger.confirmed[step] = true,
                     _ => {}
                 }
                 if crashes.next().unwrap_or(false) {
@@ -298,6 +439,89 @@ mod tests {
                 persisted = saga;
             }
         }
+    }
+
+    #[test]
+    fn tcc_confirms_after_every_try_or_cancels_the_tried() {
+        let mut tcc = Saga::of(Kind::Tcc, 2);
+        assert_eq!(
+            tcc.next(),
+            Next::Call {
+                step: 0,
+                op: Op::Try
+            }
+        );
+        tcc.record(0, Op::Try, Answer::Success);
+        tcc.record(1, Op::Try, Answer::Success);
+        assert_eq!(
+            tcc.next(),
+            Next::Call {
+                step: 0,
+                op: Op::Confirm
+            }
+        );
+        tcc.record(0, Op::Confirm, Answer::Failure); // confirmations only retry
+        assert_eq!(
+            tcc.next(),
+            Next::Call {
+                step: 0,
+                op: Op::Confirm
+            }
+        );
+        tcc.record(0, Op::Confirm, Answer::Success);
+        assert_eq!(tcc.status, Status::Confirming);
+        tcc.time_out("late"); // a confirming TCC is not given up on
+        assert_eq!(
+            tcc.next(),
+            Next::Call {
+                step: 1,
+                op: Op::Confirm
+            }
+        );
+        tcc.record(1, Op::Confirm, Answer::Success);
+        assert_eq!(tcc.status, Status::Succeeded);
+
+        let mut tcc = Saga::of(Kind::Tcc, 3);
+        tcc.record(0, Op::Try, Answer::Success);
+        tcc.record(1, Op::Try, Answer::Failure);
+        assert_eq!(
+            tcc.next(),
+            Next::Call {
+                step: 1,
+                op: Op::Cancel
+            }
+        );
+        tcc.record(1, Op::Cancel, Answer::Success);
+        tcc.record(0, Op::Cancel, Answer::Success);
+        assert_eq!(tcc.status, Status::Compensated);
+    }
+
+    #[test]
+    fn messages_are_checked_back_and_never_undone() {
+        let mut msg = Saga::prepared(2);
+        assert_eq!(msg.next(), Next::Query);
+        msg.record_query(Answer::Retry);
+        assert_eq!(msg.status, Status::Prepared);
+        msg.record_query(Answer::Failure);
+        assert_eq!(msg.next(), Next::Done(Status::Aborted));
+
+        let mut msg = Saga::prepared(2);
+        msg.submitted();
+        assert_eq!(
+            msg.next(),
+            Next::Call {
+                step: 0,
+                op: Op::Action
+            }
+        );
+        msg.record(0, Op::Action, Answer::Failure); // retried, not undone
+        msg.time_out("late");
+        assert_eq!(msg.status, Status::Running);
+        msg.record(0, Op::Action, Answer::Success);
+        msg.record(1, Op::Action, Answer::Success);
+        assert_eq!(msg.status, Status::Succeeded);
+        msg.record_query(Answer::Failure); // a late check-back changes nothing
+        assert_eq!(msg.status, Status::Succeeded);
     }
 
     #[test]

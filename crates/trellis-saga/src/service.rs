@@ -29,7 +29,7 @@ use crate::{
     api::v1::{self, saga_service_server::SagaServiceServer},
     driver::{Callers, Channels, Driver, DriverConfig, GrpcCaller, GrpcChannel, HttpCaller},
     log::{Definition, Endpoint, LogError, Record, SagaLog, StepDefinition},
-    machine::Status as SagaStatus,
+    machine::{Kind, Status as SagaStatus},
 };
 
 /// The coordinator's name: in the registry and `trellis serve saga`.
@@ -48,13 +48,14 @@ pub const SERVICE: &str = "saga";
 /// max_backoff = "10s"
 /// timeout_to_fail = "60s"  # default for sagas that set none
 /// max_in_flight = 1024     # sagas driven at once
+/// log_batch = 256          # log writes sharing one commit, at most
 ///
 /// [participants.tls]       # mutual TLS to the branches' services
 /// ca_file = "ca.pem"
 /// cert_file = "saga.pem"
 /// key_file = "saga-key.pem"
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SagaSettings {
     /// Server limits and timeouts.
@@ -69,6 +70,24 @@ pub struct SagaSettings {
     pub driver: DriverSettings,
     /// How branches' gRPC services are reached.
     pub participants: ParticipantSettings,
+}
+
+impl Default for SagaSettings {
+    fn default() -> Self {
+        let mut server = ServerSettings::default();
+        // A submit waits for the log's commit (an fsync, shared by the
+        // sagas committing with it): callers queue on the disk by design.
+        // Shed only a queue that stands far longer than a commit.
+        server.shedding.queue_delay = Some(Duration::from_millis(250));
+        SagaSettings {
+            server,
+            log: LogSettings::default(),
+            otlp: OtlpSettings::default(),
+            database: DatabaseSettings::default(),
+            driver: DriverSettings::default(),
+            participants: ParticipantSettings::default(),
+        }
+    }
 }
 
 /// How sagas are driven (see [`DriverConfig`]).
@@ -98,6 +117,10 @@ pub struct DriverSettings {
     pub batch: u32,
     /// Sagas driven at once. Default 1024.
     pub max_in_flight: usize,
+    /// Log writes committed together at most (group commit: writes that
+    /// arrive during a commit share the next). 1 commits each alone.
+    /// Default 256.
+    pub log_batch: usize,
 }
 
 impl Default for DriverSettings {
@@ -112,6 +135,7 @@ impl Default for DriverSettings {
             poll: Duration::from_secs(1),
             batch: d.batch,
             max_in_flight: d.max_in_flight,
+            log_batch: 256,
         }
     }
 }
@@ -170,6 +194,12 @@ impl Validate for SagaSettings {
         between("driver.poll", d.poll, ms(10), Duration::from_secs(60))?;
         if !(1..=10_000).contains(&d.batch) {
             return Err(Invalid::new("driver.batch", "must be between 1 and 10000"));
+        }
+        if !(1..=10_000).contains(&d.log_batch) {
+            return Err(Invalid::new(
+                "driver.log_batch",
+                "must be between 1 and 10000",
+            ));
         }
         if !(1..=1_000_000).contains(&d.max_in_flight) {
             return Err(Invalid::new(
@@ -244,7 +274,11 @@ impl Service for Coordinator {
             batch: d.batch,
             max_in_flight: d.max_in_flight,
         };
-        let driver = Driver::new(SagaLog::new(pool.clone()), Arc::new(callers), config);
+        let driver = Driver::new(
+            SagaLog::batched(pool.clone(), d.log_batch),
+            Arc::new(callers),
+            config,
+        );
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let driving = tokio::spawn(driver.clone().run(d.poll, async move {
             let _ = stopped.wait_for(|s| *s).await;
@@ -433,6 +467,23 @@ pub fn definition_from(
             format!("must be above 0 and at most {MAX_TIMEOUT_TO_FAIL:?}"),
         ));
     }
+    let kind = match v1::Kind::try_from(request.kind) {
+        Ok(v1::Kind::Saga) => Kind::Saga,
+        Ok(v1::Kind::Tcc) => Kind::Tcc,
+        Ok(v1::Kind::Msg) => Kind::Msg,
+        Err(_) => return Err(Error::invalid_argument("kind", "saga, tcc or msg")),
+    };
+    let query = match (kind, request.query) {
+        (Kind::Msg, Some(q)) => Some(endpoint_from("query", Some(q))?),
+        (Kind::Msg, None) => None,
+        (_, Some(_)) => {
+            return Err(Error::invalid_argument(
+                "query",
+                "only messages are checked back",
+            ));
+        }
+        (_, None) => None,
+    };
     let mut steps = Vec::with_capacity(request.steps.len());
     for (i, step) in request.steps.into_iter().enumerate() {
         let field = format!("steps[{i}]");
@@ -457,9 +508,39 @@ pub fn definition_from(
                 format!("at most {MAX_PAYLOAD_BYTES} bytes"),
             ));
         }
+        let action = endpoint_from(&format!("{field}.action"), step.action)?;
+        let (compensate, confirm) = match kind {
+            Kind::Saga | Kind::Tcc => {
+                let compensate = endpoint_from(&format!("{field}.compensate"), step.compensate)?;
+                let confirm = match (kind, step.confirm) {
+                    (Kind::Tcc, confirm) => {
+                        Some(endpoint_from(&format!("{field}.confirm"), confirm)?)
+                    }
+                    (_, Some(_)) => {
+                        return Err(Error::invalid_argument(
+                            format!("{field}.confirm"),
+                            "only TCC branches are confirmed",
+                        ));
+                    }
+                    (_, None) => None,
+                };
+                (compensate, confirm)
+            }
+            Kind::Msg => {
+                if step.compensate.is_some() || step.confirm.is_some() {
+                    return Err(Error::invalid_argument(
+                        format!("{field}.compensate"),
+                        "a message's branches are not undone or confirmed",
+                    ));
+                }
+                // Never called: a message is not compensated.
+                (action.clone(), None)
+            }
+        };
         steps.push(StepDefinition {
-            action: endpoint_from(&format!("{field}.action"), step.action)?,
-            compensate: endpoint_from(&format!("{field}.compensate"), step.compensate)?,
+            action,
+            compensate,
+            confirm,
             name: step.name,
             payload: step.payload,
         });
@@ -467,6 +548,8 @@ pub fn definition_from(
     Ok((
         request.gid,
         Definition {
+            kind,
+            query,
             steps,
             timeout_to_fail_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             traceparent,
@@ -483,10 +566,13 @@ fn timestamp(ms: i64) -> prost_types::Timestamp {
 
 fn status_to_proto(status: SagaStatus) -> v1::Status {
     match status {
+        SagaStatus::Prepared => v1::Status::Prepared,
         SagaStatus::Running => v1::Status::Running,
+        SagaStatus::Confirming => v1::Status::Confirming,
         SagaStatus::Compensating => v1::Status::Compensating,
         SagaStatus::Succeeded => v1::Status::Succeeded,
         SagaStatus::Compensated => v1::Status::Compensated,
+        SagaStatus::Aborted => v1::Status::Aborted,
     }
 }
 
@@ -518,6 +604,7 @@ pub fn saga_to_proto(record: &Record) -> v1::Saga {
                 called: s.called,
                 succeeded: s.succeeded,
                 compensated: s.compensated,
+                confirmed: s.confirmed,
                 attempts: s.attempts,
                 last_error: s.last_error.clone(),
                 last_attempt_time: (s.last_attempt_ms > 0).then(|| timestamp(s.last_attempt_ms)),
@@ -528,6 +615,11 @@ pub fn saga_to_proto(record: &Record) -> v1::Saga {
         create_time: Some(timestamp(record.create_time_ms)),
         update_time: Some(timestamp(record.update_time_ms)),
         next_attempt_time: (!terminal).then(|| timestamp(record.next_attempt_ms)),
+        kind: match record.definition.kind {
+            Kind::Saga => v1::Kind::Saga,
+            Kind::Tcc => v1::Kind::Tcc,
+            Kind::Msg => v1::Kind::Msg,
+        } as i32,
     }
 }
 
@@ -541,6 +633,17 @@ fn log_error(e: LogError) -> Error {
             Error::internal("the saga log failed; see the coordinator's log")
         }
     }
+}
+
+/// The caller's `traceparent`: its span is the saga's parent, so the
+/// branches join the caller's trace.
+fn traceparent<T>(request: &Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128)
+        .map(str::to_owned)
 }
 
 /// The API over the log and the driver.
@@ -561,6 +664,8 @@ impl Handler {
             .map_err(log_error)?
             .ok_or_else(|| Error::unavailable(format!("saga {gid}: submitted concurrently")))?;
         let same = logged.definition.steps == definition.steps
+            && logged.definition.kind == definition.kind
+            && logged.definition.query == definition.query
             && logged.definition.timeout_to_fail_ms == definition.timeout_to_fail_ms;
         if same {
             Ok(())
@@ -579,20 +684,26 @@ impl v1::saga_service_server::SagaService for Handler {
         &self,
         request: Request<v1::SubmitRequest>,
     ) -> Result<Response<v1::SubmitResponse>, Status> {
-        // The caller's span is the saga's parent: its branches join the
-        // caller's trace.
-        let traceparent = request
-            .metadata()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| v.len() <= 128)
-            .map(str::to_owned);
+        let traceparent = traceparent(&request);
         let (gid, definition) = definition_from(
             request.into_inner(),
             self.default_timeout_to_fail,
             traceparent,
         )?;
         let log = self.driver.log();
+        // A message prepared before: its local transaction committed, so
+        // it runs now.
+        if definition.kind == Kind::Msg
+            && let Some(logged) = log.get(&gid).await.map_err(log_error)?
+        {
+            self.resubmitted(&gid, &definition).await?;
+            if logged.state.status == SagaStatus::Prepared
+                && log.promote(&gid).await.map_err(log_error)?
+            {
+                self.driver.wake();
+            }
+            return Ok(Response::new(v1::SubmitResponse { gid }));
+        }
         let submitted = match self.driver.slot() {
             Some(slot) => {
                 let config = self.driver.config();
@@ -604,6 +715,34 @@ impl v1::saga_service_server::SagaService for Handler {
             None => log.submit(&gid, &definition).await,
         };
         match submitted {
+            Ok(()) => metrics::counter!("saga_started_total").increment(1),
+            Err(LogError::Duplicate(_)) => self.resubmitted(&gid, &definition).await?,
+            Err(e) => return Err(log_error(e).into()),
+        }
+        Ok(Response::new(v1::SubmitResponse { gid }))
+    }
+
+    async fn prepare(
+        &self,
+        request: Request<v1::SubmitRequest>,
+    ) -> Result<Response<v1::SubmitResponse>, Status> {
+        let traceparent = traceparent(&request);
+        let (gid, definition) = definition_from(
+            request.into_inner(),
+            self.default_timeout_to_fail,
+            traceparent,
+        )?;
+        if definition.kind != Kind::Msg {
+            return Err(Error::invalid_argument("kind", "only messages are prepared").into());
+        }
+        if definition.query.is_none() {
+            return Err(Error::invalid_argument(
+                "query",
+                "a prepared message needs a query endpoint to be checked back",
+            )
+            .into());
+        }
+        match self.driver.log().prepare(&gid, &definition).await {
             Ok(()) => metrics::counter!("saga_started_total").increment(1),
             Err(LogError::Duplicate(_)) => self.resubmitted(&gid, &definition).await?,
             Err(e) => return Err(log_error(e).into()),
@@ -629,10 +768,13 @@ impl v1::saga_service_server::SagaService for Handler {
         let req = request.into_inner();
         let status = match v1::Status::try_from(req.status) {
             Ok(v1::Status::Unspecified) => None,
+            Ok(v1::Status::Prepared) => Some(SagaStatus::Prepared),
             Ok(v1::Status::Running) => Some(SagaStatus::Running),
+            Ok(v1::Status::Confirming) => Some(SagaStatus::Confirming),
             Ok(v1::Status::Compensating) => Some(SagaStatus::Compensating),
             Ok(v1::Status::Succeeded) => Some(SagaStatus::Succeeded),
             Ok(v1::Status::Compensated) => Some(SagaStatus::Compensated),
+            Ok(v1::Status::Aborted) => Some(SagaStatus::Aborted),
             Err(_) => {
                 return Err(Error::invalid_argument("status", "not a saga status").into());
             }
@@ -678,6 +820,7 @@ mod tests {
                 "http://127.0.0.1:1/undo",
             ))),
             payload: vec![1, 2, 3],
+            confirm: None,
         }
     }
 
@@ -692,6 +835,7 @@ mod tests {
             gid: "order-1".into(),
             steps: vec![step("reserve"), step("charge")],
             timeout_to_fail: None,
+            ..Default::default()
         };
         let (gid, def) = definition_from(ok.clone(), Duration::from_secs(60), None).unwrap();
         assert_eq!(gid, "order-1");

@@ -171,16 +171,20 @@ fn checkout(addr: SocketAddr, amount: i64) -> Definition {
                 action: http("/reserve"),
                 compensate: http("/release"),
                 payload: Vec::new(),
+                confirm: None,
             },
             StepDefinition {
                 name: "charge".into(),
                 action: http("/charge"),
                 compensate: http("/refund"),
                 payload: amount.to_string().into_bytes(),
+                confirm: None,
             },
         ],
         timeout_to_fail_ms: 60_000,
         traceparent: None,
+        kind: Default::default(),
+        query: None,
     }
 }
 
@@ -352,9 +356,12 @@ async fn grpc_branches_succeed_and_retry_until_the_saga_times_out() {
             action: endpoint.clone(),
             compensate: endpoint.clone(),
             payload,
+            confirm: None,
         }],
         timeout_to_fail_ms,
         traceparent: None,
+        kind: Default::default(),
+        query: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let log = SagaLog::new(

@@ -25,10 +25,13 @@ fn definition(steps: usize) -> Definition {
                     url: "http://inventory/v1/release".into(),
                 },
                 payload: vec![0, 1, 2, 255],
+                confirm: None,
             })
             .collect(),
         timeout_to_fail_ms: 30_000,
         traceparent: None,
+        kind: Default::default(),
+        query: None,
     }
 }
 
@@ -40,8 +43,21 @@ async fn log(url: &str) -> SagaLog {
     )
 }
 
-async fn the_log_on(url: &str) {
-    let log = log(url).await;
+async fn batched_log(url: &str) -> SagaLog {
+    SagaLog::batched(
+        Pool::open(url, 8, Duration::from_secs(10), &migrator())
+            .await
+            .unwrap(),
+        64,
+    )
+}
+
+async fn the_log_on(url: &str, batched: bool) {
+    let log = if batched {
+        batched_log(url).await
+    } else {
+        log(url).await
+    };
     log.submit("g1", &definition(2)).await.unwrap();
     assert!(matches!(
         log.submit("g1", &definition(2)).await,
@@ -109,22 +125,48 @@ async fn the_log_on(url: &str) {
         ["g2"]
     );
     assert_eq!(log.list(None, 10).await.unwrap().len(), 2);
+
+    // Many writers at once (with group commit, they share commits): each
+    // answered for its own write; a gid submitted twice at once is taken
+    // by exactly one.
+    let mut writers = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let log = log.clone();
+        writers.spawn(async move { log.submit(&format!("c{}", i % 200), &definition(1)).await });
+    }
+    let (mut ok, mut duplicate) = (0, 0);
+    while let Some(done) = writers.join_next().await {
+        match done.unwrap() {
+            Ok(()) => ok += 1,
+            Err(LogError::Duplicate(_)) => duplicate += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((ok, duplicate), (200, 100));
+    assert_eq!(log.list(None, 1000).await.unwrap().len(), 202);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    the_log_on(&format!(
-        "sqlite://{}",
-        dir.path().join("saga.db").display()
-    ))
-    .await;
+    for batched in [false, true] {
+        the_log_on(
+            &format!(
+                "sqlite://{}",
+                dir.path().join(format!("saga-{batched}.db")).display()
+            ),
+            batched,
+        )
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_on_postgres() {
-    let pg = trellis_testkit::Postgres::start().unwrap();
-    the_log_on(&pg.url()).await;
+    for batched in [false, true] {
+        let pg = trellis_testkit::Postgres::start().unwrap();
+        the_log_on(&pg.url(), batched).await;
+    }
 }
 
 /// Two coordinators claiming concurrently from one PostgreSQL: every saga
