@@ -168,6 +168,183 @@ async fn up_serves_the_shop_and_exits_zero_on_sigterm() {
     assert_eq!(status.code(), Some(0), "stderr: {}", trellis.stderr());
 }
 
+/// A call through the gateway with a bearer token.
+async fn authed(
+    gateway: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<&str>,
+) -> http::Response {
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: shop\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    http::raw(gateway, request.as_bytes(), Duration::from_secs(10))
+        .await
+        .unwrap()
+}
+
+/// Places an order through the gateway and waits for its checkout to end;
+/// the order as GetOrder shows it.
+async fn checkout(gateway: SocketAddr, token: &str, lines: &str) -> serde_json::Value {
+    let placed = authed(gateway, "POST", "/v1/orders", token, Some(lines)).await;
+    assert_eq!(placed.status, 200, "{}", placed.body);
+    let placed: serde_json::Value = serde_json::from_str(&placed.body).unwrap();
+    let id = placed["id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = authed(gateway, "GET", &format!("/v1/orders/{id}"), token, None).await;
+        assert_eq!(got.status, 200, "{}", got.body);
+        let order: serde_json::Value = serde_json::from_str(&got.body).unwrap();
+        if order["status"] != "ORDER_STATUS_PENDING" {
+            return order;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "order {id} still pending: {order}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_checks_out_orders_with_sagas_behind_the_gateway() {
+    let data = tempfile::tempdir().unwrap();
+    let mut trellis = support::spawn(&[
+        "up",
+        "--base-port",
+        "0",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+    ]);
+    let front = trellis.line_starting_with("gateway");
+    let gateway: SocketAddr = front.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let row = trellis.line_starting_with("saga");
+    let coordinator: SocketAddr = row.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let token = &support::token_through(gateway, "cy@example.com").await;
+
+    // The catalogue is public; the coordinator is not routed at all.
+    let products = http::poll_until(
+        gateway,
+        "/v1/products/teapot",
+        Duration::from_secs(20),
+        |r| r.status != 503,
+    )
+    .await
+    .unwrap();
+    assert_eq!(products.status, 200, "{}", products.body);
+    assert!(
+        products.body.contains(r#""stock":"10""#),
+        "{}",
+        products.body
+    );
+    assert_eq!(
+        authed(gateway, "GET", "/v1/sagas", token, None)
+            .await
+            .status,
+        404
+    );
+
+    // Two teas: reserved, charged, committed, confirmed.
+    let tea = checkout(gateway, token, r#"{"lines":[{"sku":"tea","quantity":2}]}"#).await;
+    assert_eq!(tea["status"], "ORDER_STATUS_CONFIRMED", "{tea}");
+    assert_eq!(tea["totalCents"], "900");
+    assert_eq!(tea["saga"]["status"], "STATUS_SUCCEEDED", "{tea}");
+    // Two teapots cost more than is left: the charge is refused, the
+    // stock released, the order failed with the reason.
+    let pots = checkout(
+        gateway,
+        token,
+        r#"{"lines":[{"sku":"teapot","quantity":2}]}"#,
+    )
+    .await;
+    assert_eq!(pots["status"], "ORDER_STATUS_FAILED", "{pots}");
+    assert!(
+        pots["failureReason"]
+            .as_str()
+            .unwrap()
+            .contains("insufficient funds"),
+        "{pots}"
+    );
+    assert_eq!(pots["saga"]["status"], "STATUS_COMPENSATED", "{pots}");
+    assert_eq!(pots["saga"]["failedStep"], "charge", "{pots}");
+    let teapot = http::get(gateway, "/v1/products/teapot").await.unwrap();
+    assert!(
+        teapot.body.contains(r#""stock":"10""#),
+        "released: {}",
+        teapot.body
+    );
+    let user = tea["userId"].as_str().unwrap();
+    let account = authed(gateway, "GET", &format!("/v1/accounts/{user}"), token, None).await;
+    assert!(
+        account.body.contains(r#""balanceCents":"9100""#),
+        "{}",
+        account.body
+    );
+    // The orders are the caller's own.
+    let mine = authed(gateway, "GET", "/v1/orders", token, None).await;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&mine.body).unwrap()["orders"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
+        "{}",
+        mine.body
+    );
+    let other = support::token_through(gateway, "dee@example.com").await;
+    let theirs = authed(
+        gateway,
+        "GET",
+        &format!("/v1/orders/{}", tea["id"].as_str().unwrap()),
+        &other,
+        None,
+    )
+    .await;
+    assert_eq!(theirs.status, 404, "{}", theirs.body);
+
+    // The operator's view.
+    let ls = std::process::Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["saga", "ls", "--coordinator", &coordinator.to_string()])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&ls.stdout);
+    assert!(
+        ls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ls.stderr)
+    );
+    assert!(
+        listed.contains("compensated") && listed.contains("succeeded"),
+        "{listed}"
+    );
+    let gid = pots["saga"]["gid"].as_str().unwrap();
+    let show = std::process::Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "saga",
+            "show",
+            gid,
+            "--coordinator",
+            &coordinator.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(shown.contains("failed   at charge"), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("reserve") && l.contains("compensated")),
+        "{shown}"
+    );
+
+    trellis.signal(libc::SIGTERM);
+    let status = trellis.wait(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "stderr: {}", trellis.stderr());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_runs_one_service_and_exits_zero_on_sigint() {
     let data = tempfile::tempdir().unwrap();
