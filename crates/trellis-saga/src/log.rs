@@ -281,6 +281,134 @@ async fn execute(tx: &mut trellis_store::Tx, write: &Write) -> Result<u64, sqlx:
     }
 }
 
+/// Rows per multi-row statement (SQLite allows 32766 parameters; an
+/// update row takes 9).
+const ROWS_PER_STATEMENT: usize = 512;
+
+/// Runs a batch's writes in few statements — one multi-row INSERT, one
+/// UPDATE … FROM (VALUES …) per chunk — instead of a round trip each; the
+/// rows each write changed, in order. A batch holds at most one write per
+/// saga but for submits of the same gid, which the first of them takes.
+async fn execute_many(
+    tx: &mut trellis_store::Tx,
+    batch: &[Queued],
+) -> Result<Vec<u64>, sqlx::Error> {
+    use std::collections::{HashMap, HashSet};
+    let mut changed: HashMap<usize, u64> = HashMap::new();
+    let inserts: Vec<(usize, &Write)> = {
+        let mut seen = HashSet::new();
+        batch
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| matches!(q.write, Write::Insert { .. }))
+            .filter(|(i, q)| {
+                let Write::Insert { gid, .. } = &q.write else {
+                    return false;
+                };
+                let first = seen.insert(gid.as_str());
+                if !first {
+                    changed.insert(*i, 0);
+                }
+                first
+            })
+            .map(|(i, q)| (i, &q.write))
+            .collect()
+    };
+    let updates: Vec<(usize, &Write)> = batch
+        .iter()
+        .enumerate()
+        .filter(|(_, q)| matches!(q.write, Write::Update { .. }))
+        .map(|(i, q)| (i, &q.write))
+        .collect();
+    for chunk in inserts.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = String::from(
+            "INSERT INTO saga_transactions (gid, status, definition, state, create_time_ms, update_time_ms, next_attempt_ms, lease_owner, lease_until_ms) VALUES ",
+        );
+        for n in 0..chunk.len() {
+            let b = n * 9;
+            sql.push_str(&format!(
+                "{}(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                if n == 0 { "" } else { ", " },
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 8,
+                b + 9
+            ));
+        }
+        sql.push_str(" ON CONFLICT (gid) DO NOTHING RETURNING gid");
+        let inserted: Vec<String> = with_tx!(tx, c => {
+            let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.as_str()));
+            for (_, w) in chunk {
+                if let Write::Insert { gid, status, definition, state, now, due, owner, until } = w {
+                    q = q.bind(gid).bind(*status).bind(definition).bind(state).bind(now).bind(now).bind(due).bind(owner).bind(until);
+                }
+            }
+            q.fetch_all(&mut **c).await?
+        });
+        let inserted: HashSet<String> = inserted.into_iter().collect();
+        for (i, w) in chunk {
+            if let Write::Insert { gid, .. } = w {
+                changed.insert(*i, u64::from(inserted.contains(gid)));
+            }
+        }
+    }
+    for chunk in updates.chunks(ROWS_PER_STATEMENT) {
+        // VALUES columns are column1.. on both engines.
+        let mut sql = String::from(
+            "UPDATE saga_transactions SET status = v.column2, state = v.column3, update_time_ms = v.column4, next_attempt_ms = v.column5, lease_owner = v.column6, lease_until_ms = v.column7 FROM (VALUES ",
+        );
+        for n in 0..chunk.len() {
+            let b = n * 9;
+            sql.push_str(&format!(
+                "{}(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                if n == 0 { "" } else { ", " },
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 8,
+                b + 9
+            ));
+        }
+        sql.push_str(") AS v WHERE saga_transactions.gid = v.column1 AND saga_transactions.lease_owner = v.column8 AND saga_transactions.lease_until_ms = v.column9 RETURNING gid");
+        let updated: Vec<String> = with_tx!(tx, c => {
+            let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.as_str()));
+            for (_, w) in chunk {
+                if let Write::Update { gid, status, state, now, next_attempt_ms, until, owner, fence } = w {
+                    q = q
+                        .bind(gid)
+                        .bind(*status)
+                        .bind(state)
+                        .bind(now)
+                        .bind(next_attempt_ms)
+                        .bind(until.map(|_| owner.as_str()))
+                        .bind(until.unwrap_or(0))
+                        .bind(owner)
+                        .bind(fence);
+                }
+            }
+            q.fetch_all(&mut **c).await?
+        });
+        let updated: HashSet<String> = updated.into_iter().collect();
+        for (i, w) in chunk {
+            if let Write::Update { gid, .. } = w {
+                changed.insert(*i, u64::from(updated.contains(gid)));
+            }
+        }
+    }
+    Ok((0..batch.len())
+        .map(|i| changed.get(&i).copied().unwrap_or(0))
+        .collect())
+}
+
 /// Commits queued writes together: takes what is waiting (up to `max`),
 /// runs it in one transaction, commits once, answers each. Under load a
 /// batch forms while the previous commit is on the disk; alone, a write is
@@ -298,10 +426,11 @@ async fn commit_batches(pool: Pool, mut queue: tokio::sync::mpsc::Receiver<Queue
         metrics::histogram!("saga_log_batch_writes").record(batch.len() as f64);
         let outcome: Result<Vec<u64>, sqlx::Error> = async {
             let mut tx = pool.begin().await?;
-            let mut rows = Vec::with_capacity(batch.len());
-            for queued in &batch {
-                rows.push(execute(&mut tx, &queued.write).await?);
-            }
+            let rows = if batch.len() == 1 {
+                vec![execute(&mut tx, &batch[0].write).await?]
+            } else {
+                execute_many(&mut tx, &batch).await?
+            };
             tx.commit().await?;
             Ok(rows)
         }

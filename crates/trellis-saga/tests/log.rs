@@ -144,6 +144,36 @@ async fn the_log_on(url: &str, batched: bool) {
     }
     assert_eq!((ok, duplicate), (200, 100));
     assert_eq!(log.list(None, 1000).await.unwrap().len(), 202);
+
+    // Many saves at once, each fenced by its own lease: every one lands,
+    // and one naming a stale lease (among them) is refused alone.
+    let claimed = log.claim("d", Duration::from_secs(60), 500).await.unwrap();
+    assert_eq!(claimed.len(), 201, "g2 and the 200 c*");
+    let mut savers = tokio::task::JoinSet::new();
+    for (i, mut c) in claimed.into_iter().enumerate() {
+        let log = log.clone();
+        savers.spawn(async move {
+            let mut state = c.record.state.clone();
+            state.calling(0, Op::Action);
+            state.record(0, Op::Action, Answer::Success);
+            if i == 7 {
+                c.record.lease_until_ms -= 1; // not the lease it holds
+            }
+            (
+                i,
+                log.save(&mut c, "d", &state, 0, Duration::from_secs(60))
+                    .await,
+            )
+        });
+    }
+    while let Some(done) = savers.join_next().await {
+        match done.unwrap() {
+            (7, saved) => assert!(matches!(saved, Err(LogError::LeaseLost(_))), "{saved:?}"),
+            (_, saved) => saved.unwrap(),
+        }
+    }
+    let finished = log.list(Some(Status::Succeeded), 1000).await.unwrap();
+    assert_eq!(finished.len(), 1 + 200, "g1 and all but one of the 201");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -277,11 +277,14 @@ impl Tx {
 }
 
 impl Pool {
-    /// Starts a transaction.
+    /// Starts a transaction. On SQLite it takes the write lock at once
+    /// (`BEGIN IMMEDIATE`): a transaction that reads and then writes would
+    /// otherwise find the lock taken at its first write and fail or back
+    /// off, where waiting at the start is fair and cheap.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
             #[cfg(feature = "sqlite")]
-            Pool::Sqlite(pool) => Tx::Sqlite(pool.begin().await?),
+            Pool::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
             #[cfg(feature = "postgres")]
             Pool::Postgres(pool) => Tx::Postgres(pool.begin().await?),
         })
