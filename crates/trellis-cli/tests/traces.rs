@@ -324,3 +324,124 @@ retries = {{ attempts = 2, budget = 1.0 }}
         "attempts per request: {attempts:?}"
     );
 }
+
+/// One trace from an order to every branch of its checkout: the order's
+/// CreateOrder (the caller's trace), the coordinator's `saga.drive` (the
+/// trace stored with the saga), and each branch the coordinator called,
+/// served by inventory, payment and the order service — all in `trellis
+/// up`, exported to one collector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_is_one_trace_from_the_order_to_every_branch() {
+    use shop_order::api::v1::{
+        CreateOrderRequest, GetOrderRequest, OrderLine, OrderStatus,
+        order_service_client::OrderServiceClient,
+    };
+
+    let receiver = OtlpReceiver::start().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "up",
+            "--base-port",
+            "0",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "info")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = Trellis::from_child(child);
+    let row = up.line_starting_with("order");
+    let order_addr: SocketAddr = row.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let channel = trellis::transport::connect(&order_addr.to_string(), &Default::default())
+        .await
+        .unwrap();
+    let mut orders = OrderServiceClient::new(channel);
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = Request::new(CreateOrderRequest {
+        lines: vec![OrderLine {
+            sku: "tea".into(),
+            quantity: 1,
+            price_cents: 0,
+        }],
+        user_id: "trace-user".into(),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        MetadataValue::try_from(format!("00-{trace_id}-b7ad6b7169203331-01")).unwrap(),
+    );
+    // The services find each other through the registry as they become
+    // ready: the first order may come before inventory is found.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let placed = loop {
+        match orders
+            .create_order(Request::from_parts(
+                request.metadata().clone(),
+                Default::default(),
+                request.get_ref().clone(),
+            ))
+            .await
+        {
+            Ok(placed) => break placed.into_inner(),
+            Err(status) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no order placed: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    loop {
+        let got = orders
+            .get_order(GetOrderRequest {
+                id: placed.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if got.status == OrderStatus::Confirmed as i32 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not confirmed: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    up.signal(libc::SIGTERM);
+    assert_eq!(up.wait(Duration::from_secs(15)).code(), Some(0));
+    let wanted = [
+        "shop.order.v1.OrderService/CreateOrder",
+        "saga.drive",
+        "shop.order.v1.OrderBranches/Accept",
+        "shop.inventory.v1.StockBranches/Reserve",
+        "shop.payment.v1.PaymentBranches/Charge",
+        "shop.inventory.v1.StockBranches/Commit",
+        "shop.order.v1.OrderBranches/Confirm",
+    ];
+    let (found, spans) = receiver
+        .wait_for(Duration::from_secs(10), |s| {
+            wanted.iter().all(|name| {
+                s.iter()
+                    .any(|s| s.trace_id() == trace_id && s.name() == *name)
+            })
+        })
+        .await;
+    let mine: Vec<&str> = spans
+        .iter()
+        .filter(|s| s.trace_id() == trace_id)
+        .map(|s| s.name())
+        .collect();
+    assert!(
+        found,
+        "missing from the trace {trace_id}: {:?}; it has {mine:?}",
+        wanted
+            .iter()
+            .filter(|w| !mine.contains(w))
+            .collect::<Vec<_>>()
+    );
+}
