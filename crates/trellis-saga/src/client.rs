@@ -96,7 +96,25 @@ impl Saga {
             compensate: Some(endpoint_to_proto(&compensate)),
             payload: payload.into(),
             confirm: None,
+            after: Vec::new(),
         });
+        self
+    }
+
+    /// Runs the steps concurrently: each starts once the steps named in
+    /// its [`after`](Self::after) succeeded (at once when none), and is
+    /// undone after the steps that waited for it.
+    pub fn concurrent(mut self) -> Saga {
+        self.request.concurrent = true;
+        self
+    }
+
+    /// The last step added waits for these earlier ones (concurrent
+    /// transactions).
+    pub fn after(mut self, steps: &[&str]) -> Saga {
+        if let Some(last) = self.request.steps.last_mut() {
+            last.after = steps.iter().map(|s| (*s).to_owned()).collect();
+        }
         self
     }
 
@@ -124,6 +142,7 @@ impl Saga {
             compensate: Some(endpoint_to_proto(&cancel)),
             payload: payload.into(),
             confirm: Some(endpoint_to_proto(&confirm)),
+            after: Vec::new(),
         });
         self
     }
@@ -155,6 +174,7 @@ impl Saga {
             compensate: None,
             payload: payload.into(),
             confirm: None,
+            after: Vec::new(),
         });
         self
     }

@@ -567,97 +567,91 @@ impl Driver {
                     definition.timeout_to_fail_ms
                 ));
             }
-            let before = state.next();
-            let (name, endpoint, payload, op, step) = match before {
+            let round: Vec<(Option<usize>, Op)> = match state.next() {
                 Next::Done(status) => return self.finish(&mut claimed, &state, status).await,
-                Next::Query => {
-                    let Some(query) = &definition.query else {
-                        return Err(corrupt(
-                            "a prepared message without a query endpoint".into(),
-                        ));
-                    };
-                    ("query", query, &[][..], Op::Action, None)
-                }
-                Next::Call { step, op } => {
-                    let Some(def) = definition.steps.get(step) else {
-                        return Err(corrupt(format!("no step {step}")));
-                    };
-                    let endpoint = match op {
-                        Op::Action | Op::Try => &def.action,
-                        Op::Compensate | Op::Cancel => &def.compensate,
-                        Op::Confirm => def
-                            .confirm
-                            .as_ref()
-                            .ok_or_else(|| corrupt(format!("step {} has no confirm", def.name)))?,
-                    };
-                    (
-                        def.name.as_str(),
-                        endpoint,
-                        &def.payload[..],
-                        op,
-                        Some(step),
-                    )
-                }
+                Next::Query => vec![(None, Op::Action)],
+                // Every call whose turn it is (one, unless the steps are
+                // concurrent), made at once.
+                Next::Call { .. } => state
+                    .ready()
+                    .into_iter()
+                    .map(|(s, op)| (Some(s), op))
+                    .collect(),
             };
-            // Not persisted before the call: after a crash the saga resumes
-            // by calling this same operation again (the barrier absorbs the
-            // repeat), and a forward step given up on is compensated
-            // whether or not its calls were recorded (`Saga::time_out`).
-            if let Some(step) = step {
-                state.calling(step, op);
-                if let Some(s) = state.steps.get_mut(step) {
-                    s.last_attempt_ms = trellis_store::now_ms();
-                }
-            }
-            let mut headers = http::HeaderMap::new();
-            headers.extend(
-                Branch::new(&gid, name, op)
-                    .headers()
-                    .map_err(|e| corrupt(e.to_string()))?,
-            );
-            if let (Op::Compensate | Op::Cancel, Some((_, why))) = (op, &state.failure) {
-                headers.insert(crate::barrier::REASON, crate::barrier::reason_value(why));
-            }
-            let started = std::time::Instant::now();
-            let span = tracing::info_span!(
-                "saga.branch",
-                otel.name = %format_args!("saga.{} {}", op.as_str(), name),
-                saga.step = %name,
-                saga.op = op.as_str(),
-            );
-            let (answer, said) = {
-                use tracing::Instrument as _;
-                self.inner
-                    .caller
-                    .call(endpoint, &headers, payload, config.call_timeout)
-                    .instrument(span)
-                    .await
-            };
-            let op_label = if step.is_some() { op.as_str() } else { "query" };
-            metrics::histogram!("saga_branch_duration_seconds", "op" => op_label)
-                .record(started.elapsed().as_secs_f64());
-            metrics::counter!("saga_branch_calls_total", "op" => op_label, "answer" => answer_text(answer))
-                .increment(1);
-            match step {
-                Some(step) => {
-                    state.record_with(step, op, answer, &said);
-                    if answer != Answer::Success
-                        && let Some(s) = state.steps.get_mut(step)
-                    {
-                        s.last_error = said.clone();
+            let mut calls = Vec::with_capacity(round.len());
+            for &(step, op) in &round {
+                let (name, endpoint, payload) = match step {
+                    None => {
+                        let query = definition.query.as_ref().ok_or_else(|| {
+                            corrupt("a prepared message without a query endpoint".into())
+                        })?;
+                        ("query", query, &[][..])
                     }
+                    Some(step) => {
+                        let def = definition
+                            .steps
+                            .get(step)
+                            .ok_or_else(|| corrupt(format!("no step {step}")))?;
+                        let endpoint = match op {
+                            Op::Action | Op::Try => &def.action,
+                            Op::Compensate | Op::Cancel => &def.compensate,
+                            Op::Confirm => def.confirm.as_ref().ok_or_else(|| {
+                                corrupt(format!("step {} has no confirm", def.name))
+                            })?,
+                        };
+                        // Not persisted before the call: after a crash the
+                        // round is made again (the barrier absorbs the
+                        // repeats), and a step given up on is compensated
+                        // whether or not its call was recorded.
+                        state.calling(step, op);
+                        if let Some(s) = state.steps.get_mut(step) {
+                            s.last_attempt_ms = trellis_store::now_ms();
+                        }
+                        (def.name.as_str(), endpoint, &def.payload[..])
+                    }
+                };
+                let mut headers = http::HeaderMap::new();
+                headers.extend(
+                    Branch::new(&gid, name, op)
+                        .headers()
+                        .map_err(|e| corrupt(e.to_string()))?,
+                );
+                if let (Op::Compensate | Op::Cancel, Some((_, why))) = (op, &state.failure) {
+                    headers.insert(crate::barrier::REASON, crate::barrier::reason_value(why));
                 }
-                None => state.record_query(answer),
+                calls.push(self.call(step, op, name, endpoint, headers, payload));
             }
-            // No progress — a retryable answer, or a refusal of something
-            // that is only retried (a compensation, a confirmation, a
-            // message's branch): again later, backing off.
-            if state.next() == before {
-                let attempts = step
-                    .and_then(|s| state.steps.get(s))
-                    .map_or(1, |s| s.attempts);
+            let answers = futures_util::future::join_all(calls).await;
+            let before = progress(&state);
+            let mut said_last = String::new();
+            for ((step, op), (answer, said)) in round.iter().copied().zip(answers) {
+                match step {
+                    Some(step) => {
+                        state.record_with(step, op, answer, &said);
+                        if answer != Answer::Success
+                            && let Some(s) = state.steps.get_mut(step)
+                        {
+                            s.last_error = said.clone();
+                        }
+                    }
+                    None => state.record_query(answer),
+                }
+                if answer != Answer::Success {
+                    said_last = said;
+                }
+            }
+            // No progress — retryable answers, or refusals of what is only
+            // retried (a compensation, a confirmation, a message's branch):
+            // again later, backing off.
+            if progress(&state) == before {
+                let attempts = round
+                    .iter()
+                    .filter_map(|(s, _)| s.and_then(|s| state.steps.get(s)))
+                    .map(|s| s.attempts)
+                    .max()
+                    .unwrap_or(1);
                 let delay = backoff(config.backoff, config.max_backoff, attempts);
-                tracing::debug!(%gid, step = %name, op = op.as_str(), %said, ?delay, "branch to retry");
+                tracing::debug!(%gid, said = %said_last, ?delay, "branches to retry");
                 let due = trellis_store::now_ms().saturating_add(ms(delay));
                 return log.save_released(&mut claimed, owner, &state, due).await;
             }
@@ -668,6 +662,50 @@ impl Driver {
             log.save(&mut claimed, owner, &state, 0, lease).await?;
         }
     }
+
+    /// One branch call, in its span, measured.
+    async fn call(
+        &self,
+        step: Option<usize>,
+        op: Op,
+        name: &str,
+        endpoint: &Endpoint,
+        headers: http::HeaderMap,
+        payload: &[u8],
+    ) -> (Answer, String) {
+        use tracing::Instrument as _;
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!(
+            "saga.branch",
+            otel.name = %format_args!("saga.{} {}", op.as_str(), name),
+            saga.step = %name,
+            saga.op = op.as_str(),
+        );
+        let (answer, said) = self
+            .inner
+            .caller
+            .call(endpoint, &headers, payload, self.inner.config.call_timeout)
+            .instrument(span)
+            .await;
+        let op_label = if step.is_some() { op.as_str() } else { "query" };
+        metrics::histogram!("saga_branch_duration_seconds", "op" => op_label)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("saga_branch_calls_total", "op" => op_label, "answer" => answer_text(answer))
+            .increment(1);
+        (answer, said)
+    }
+}
+
+/// What a round can change: the status and each step's outcomes.
+fn progress(state: &crate::machine::Saga) -> (crate::machine::Status, Vec<(bool, bool, bool)>) {
+    (
+        state.status,
+        state
+            .steps
+            .iter()
+            .map(|s| (s.succeeded, s.confirmed, s.compensated))
+            .collect(),
+    )
 }
 
 impl Driver {

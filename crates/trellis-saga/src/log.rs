@@ -70,6 +70,9 @@ pub struct StepDefinition {
     /// TCC: its Confirm.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirm: Option<Endpoint>,
+    /// Concurrent transactions: the earlier steps (indices) it waits for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<usize>,
     /// The request body both are sent (protobuf or JSON bytes, base64 in
     /// the log).
     #[serde(with = "base64_bytes")]
@@ -85,6 +88,9 @@ pub struct Definition {
     /// A message's check-back endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<Endpoint>,
+    /// Steps run concurrently, each after its `after` steps.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub concurrent: bool,
     /// Its steps, in order.
     pub steps: Vec<StepDefinition>,
     /// How long a forward step may keep failing retryably before it counts
@@ -596,6 +602,11 @@ impl SagaLog {
         let now = trellis_store::now_ms();
         let state = if prepared {
             Saga::prepared(definition.steps.len())
+        } else if definition.concurrent {
+            Saga::concurrent(
+                definition.kind,
+                definition.steps.iter().map(|s| s.after.clone()).collect(),
+            )
         } else {
             Saga::of(definition.kind, definition.steps.len())
         };

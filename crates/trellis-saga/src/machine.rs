@@ -170,6 +170,10 @@ pub struct Saga {
     pub steps: Vec<Step>,
     /// Why it turned round, if it did: the failed step and its error.
     pub failure: Option<(usize, String)>,
+    /// Concurrent steps: the steps each waits for (all earlier). `None`:
+    /// one after another, each after the previous.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Vec<Vec<usize>>>,
 }
 
 impl Saga {
@@ -187,9 +191,81 @@ impl Saga {
             status: Status::Running,
             steps: vec![Step::default(); steps],
             failure: None,
+            after: None,
         };
         saga.settle();
         saga
+    }
+
+    /// A saga or TCC whose steps run concurrently, each once the steps in
+    /// its `after` list (earlier steps' indices; others are ignored)
+    /// succeeded, and are undone each after the steps that waited for it.
+    pub fn concurrent(kind: Kind, after: Vec<Vec<usize>>) -> Saga {
+        let after: Vec<Vec<usize>> = after
+            .into_iter()
+            .enumerate()
+            .map(|(i, deps)| deps.into_iter().filter(|d| *d < i).collect())
+            .collect();
+        let mut saga = Saga {
+            kind,
+            status: Status::Running,
+            steps: vec![Step::default(); after.len()],
+            failure: None,
+            after: Some(after),
+        };
+        saga.settle();
+        saga
+    }
+
+    /// Whether step `i` waits for step `j`.
+    fn waits_for(&self, i: usize, j: usize) -> bool {
+        match &self.after {
+            None => j + 1 == i,
+            Some(after) => after.get(i).is_some_and(|deps| deps.contains(&j)),
+        }
+    }
+
+    /// Every call that may be made now (one for sequential transactions;
+    /// for concurrent ones, every step whose turn it is).
+    pub fn ready(&self) -> Vec<(usize, Op)> {
+        let n = self.steps.len();
+        let all = |f: &dyn Fn(usize) -> bool| (0..n).filter(|i| f(*i)).collect::<Vec<_>>();
+        let calls: Vec<usize> = match self.status {
+            Status::Running if self.steps.iter().all(|s| s.succeeded) => {
+                if self.kind == Kind::Tcc {
+                    all(&|i| !self.steps[i].confirmed)
+                } else {
+                    Vec::new()
+                }
+            }
+            Status::Running => all(&|i| {
+                !self.steps[i].succeeded
+                    && (0..n).all(|j| !self.waits_for(i, j) || self.steps[j].succeeded)
+            }),
+            Status::Confirming => all(&|i| !self.steps[i].confirmed),
+            Status::Compensating => all(&|i| {
+                let s = &self.steps[i];
+                s.called
+                    && !s.compensated
+                    && (0..n).all(|j| {
+                        !self.waits_for(j, i) || !self.steps[j].called || self.steps[j].compensated
+                    })
+            }),
+            _ => Vec::new(),
+        };
+        let op = match self.status {
+            Status::Compensating => self.kind.backward(),
+            Status::Confirming => Op::Confirm,
+            _ if self.steps.iter().all(|s| s.succeeded) => Op::Confirm,
+            _ => self.kind.forward(),
+        };
+        let calls = calls.into_iter().map(|i| (i, op));
+        match (&self.after, self.status) {
+            // One at a time: the first (last, compensating) whose turn it is.
+            (None, Status::Compensating) => calls.rev().take(1).collect(),
+            (None, _) => calls.take(1).collect(),
+            (Some(_), _) => calls.collect(),
+        }
     }
 
     /// A prepared message of `steps` steps: waiting for its submit, or to
@@ -200,41 +276,24 @@ impl Saga {
             status: Status::Prepared,
             steps: vec![Step::default(); steps],
             failure: None,
+            after: None,
         }
     }
 
-    /// What to do next.
+    /// What to do next (for concurrent transactions, the first of
+    /// [`ready`](Self::ready)).
     pub fn next(&self) -> Next {
-        let forward = self.kind.forward();
-        match self.status {
-            Status::Prepared => Next::Query,
-            Status::Running => match self.steps.iter().position(|s| !s.succeeded) {
-                Some(step) => Next::Call { step, op: forward },
-                None if self.kind == Kind::Tcc => self.confirming(),
-                None => Next::Done(Status::Succeeded),
-            },
-            Status::Confirming => self.confirming(),
-            Status::Compensating => {
-                match self.steps.iter().rposition(|s| s.called && !s.compensated) {
-                    Some(step) => Next::Call {
-                        step,
-                        op: self.kind.backward(),
-                    },
-                    None => Next::Done(Status::Compensated),
-                }
-            }
-            done => Next::Done(done),
+        if self.status == Status::Prepared {
+            return Next::Query;
         }
-    }
-
-    fn confirming(&self) -> Next {
-        match self.steps.iter().position(|s| !s.confirmed) {
-            Some(step) => Next::Call {
-                step,
-                op: Op::Confirm,
-            },
-            None => Next::Done(Status::Succeeded),
+        if let Some(&(step, op)) = self.ready().first() {
+            return Next::Call { step, op };
         }
+        Next::Done(match self.status {
+            Status::Running | Status::Confirming => Status::Succeeded,
+            Status::Compensating => Status::Compensated,
+            done => done,
+        })
     }
 
     /// Marks that `op` of `step` is about to be called (counts the
@@ -314,12 +373,24 @@ impl Saga {
     /// passed): the saga or TCC compensates, with `reason`. Messages are
     /// not given up on.
     pub fn time_out(&mut self, reason: &str) {
-        if self.kind == Kind::Msg {
+        if self.kind == Kind::Msg || self.status != Status::Running {
             return;
         }
-        if let Next::Call { step, op } = self.next()
-            && op == self.kind.forward()
-            && self.status == Status::Running
+        let forward = self.kind.forward();
+        let ready = self.ready();
+        // Every step whose turn it is may have been called (a round lost
+        // to a crash is not in the log): all count as called, and are
+        // compensated (the barrier makes that a no-op for those that never
+        // ran).
+        for &(step, op) in &ready {
+            if op == forward
+                && let Some(s) = self.steps.get_mut(step)
+            {
+                s.called = true;
+            }
+        }
+        if let Some(&(step, op)) = ready.first()
+            && op == forward
         {
             self.record_with(step, op, Answer::Failure, reason);
         }
@@ -373,10 +444,20 @@ mod tests {
         fn every_transaction_ends_consistent(
             kind in kind(),
             steps in 1usize..6,
+            concurrent in proptest::bool::ANY,
+            deps in proptest::collection::vec(proptest::collection::vec(0usize..6, 0..3), 6),
+            picks in proptest::collection::vec(0usize..6, 1..200),
             answers in proptest::collection::vec(answer(), 1..200),
             crashes in proptest::collection::vec(proptest::bool::weighted(0.3), 1..200),
         ) {
-            let mut persisted = Saga::of(kind, steps);
+            // Concurrent sagas and TCCs take their ready calls in any order.
+            let concurrent = concurrent && kind != Kind::Msg;
+            let mut persisted = if concurrent {
+                Saga::concurrent(kind, deps[..steps].to_vec())
+            } else {
+                Saga::of(kind, steps)
+            };
+            let mut picks = picks.into_iter().chain(std::iter::repeat(0));
             let mut ledger = Ledger {
                 applied: vec![false; steps],
                 compensated: vec![false; steps],
@@ -392,7 +473,7 @@ mod tests {
                 prop_assert!(guard < 10_000, "never ended: {persisted:?}");
                 // After a crash the coordinator starts from what it persisted.
                 let mut saga = persisted.clone();
-                let (step, op) = match saga.next() {
+                match saga.next() {
                     Next::Done(status) => {
                         prop_assert!(status.is_terminal());
                         match status {
@@ -414,31 +495,87 @@ mod tests {
                         break;
                     }
                     Next::Query => unreachable!("submitted transactions are not queried"),
-                    Next::Call { step, op } => (step, op),
-                };
-                // Not persisted: the coordinator writes only answers, so a
-                // crash during the call forgets that it was made.
-                saga.calling(step, op);
-                // Only forward operations are refused for good: treat a
-                // drawn failure of any other as a transient one.
-                let mut answer = answers.next().unwrap_or(Answer::Success);
-                if op != kind.forward() && answer == Answer::Failure {
-                    answer = Answer::Retry;
+                    Next::Call { .. } => {}
                 }
-                // The participant, behind its barrier.
-                match (op, answer) {
-                    (Op::Action | Op::Try, Answer::Success) if !ledger.compensated[step] => ledger.applied[step] = true,
-                    (Op::Compensate | Op::Cancel, Answer::Success) => ledger.compensated[step] = true,
-                    (Op::Confirm, Answer::Success) => ledger.confirmed[step] = true,
-                    _ => {}
+                // A round: every ready call, made in any order (at once);
+                // the answers recorded together after the last. A crash
+                // anywhere in it loses the whole round.
+                let mut round = saga.ready();
+                let start = picks.next().unwrap_or(0) % round.len();
+                round.rotate_left(start);
+                let mut answered = Vec::new();
+                let mut crashed = false;
+                for &(step, op) in &round {
+                    // Order is kept: forward after what the step waits
+                    // for, undone after what waited for it.
+                    for j in 0..steps {
+                        if op == kind.forward() && saga.waits_for(step, j) {
+                            prop_assert!(ledger.applied[j], "step {step} called before {j}: {saga:?}");
+                        }
+                        if op == kind.backward() && saga.waits_for(j, step) {
+                            prop_assert!(!ledger.applied[j] || ledger.compensated[j], "step {step} undone before {j}: {saga:?}");
+                        }
+                    }
+                    // Not persisted: the coordinator writes only answers,
+                    // so a crash during the round forgets its calls.
+                    saga.calling(step, op);
+                    // Only forward operations are refused for good: treat
+                    // a drawn failure of any other as a transient one.
+                    let mut answer = answers.next().unwrap_or(Answer::Success);
+                    if op != kind.forward() && answer == Answer::Failure {
+                        answer = Answer::Retry;
+                    }
+                    // The participant, behind its barrier.
+                    match (op, answer) {
+                        (Op::Action | Op::Try, Answer::Success) if !ledger.compensated[step] => ledger.applied[step] = true,
+                        (Op::Compensate | Op::Cancel, Answer::Success) => ledger.compensated[step] = true,
+                        (Op::Confirm, Answer::Success) => ledger.confirmed[step] = true,
+                        _ => {}
+                    }
+                    if crashes.next().unwrap_or(false) {
+                        crashed = true; // the round's answers are lost; it is made again
+                        break;
+                    }
+                    answered.push((step, op, answer));
                 }
-                if crashes.next().unwrap_or(false) {
-                    continue; // the answer is lost; the call will be made again
+                if crashed {
+                    continue;
                 }
-                saga.record(step, op, answer);
+                for (step, op, answer) in answered {
+                    saga.record(step, op, answer);
+                }
                 persisted = saga;
             }
         }
+    }
+
+    #[test]
+    fn concurrent_steps_wait_for_theirs_and_are_undone_after_their_dependents() {
+        // a, b at once; c after both.
+        let mut saga = Saga::concurrent(Kind::Saga, vec![vec![], vec![], vec![0, 1]]);
+        assert_eq!(saga.ready(), [(0, Op::Action), (1, Op::Action)]);
+        saga.calling(0, Op::Action);
+        saga.calling(1, Op::Action);
+        saga.record(0, Op::Action, Answer::Success);
+        assert_eq!(saga.ready(), [(1, Op::Action)], "c waits for b");
+        saga.record(1, Op::Action, Answer::Success);
+        assert_eq!(saga.ready(), [(2, Op::Action)]);
+        saga.calling(2, Op::Action);
+        saga.record(2, Op::Action, Answer::Failure);
+        // c first (it waited for a and b), then a and b together.
+        assert_eq!(saga.ready(), [(2, Op::Compensate)]);
+        saga.record(2, Op::Compensate, Answer::Success);
+        assert_eq!(saga.ready(), [(0, Op::Compensate), (1, Op::Compensate)]);
+        saga.record(0, Op::Compensate, Answer::Success);
+        saga.record(1, Op::Compensate, Answer::Success);
+        assert_eq!(saga.status, Status::Compensated);
+
+        // Given up on while a round's calls are unrecorded: every step
+        // whose turn it was counts as called, and is compensated.
+        let mut saga = Saga::concurrent(Kind::Saga, vec![vec![], vec![], vec![]]);
+        saga.time_out("late");
+        assert_eq!(saga.status, Status::Compensating);
+        assert_eq!(saga.ready().len(), 3, "{saga:?}");
     }
 
     #[test]

@@ -484,6 +484,12 @@ pub fn definition_from(
         }
         (_, None) => None,
     };
+    if request.concurrent && kind == Kind::Msg {
+        return Err(Error::invalid_argument(
+            "concurrent",
+            "a message's branches run one after another",
+        ));
+    }
     let mut steps = Vec::with_capacity(request.steps.len());
     for (i, step) in request.steps.into_iter().enumerate() {
         let field = format!("steps[{i}]");
@@ -537,10 +543,27 @@ pub fn definition_from(
                 (action.clone(), None)
             }
         };
+        let mut after = Vec::with_capacity(step.after.len());
+        for (k, name) in step.after.iter().enumerate() {
+            let Some(index) = steps.iter().position(|s: &StepDefinition| &s.name == name) else {
+                return Err(Error::invalid_argument(
+                    format!("{field}.after[{k}]"),
+                    format!("{name:?} is not an earlier step"),
+                ));
+            };
+            after.push(index);
+        }
+        if !after.is_empty() && !request.concurrent {
+            return Err(Error::invalid_argument(
+                format!("{field}.after"),
+                "only the steps of a concurrent transaction wait for others",
+            ));
+        }
         steps.push(StepDefinition {
             action,
             compensate,
             confirm,
+            after,
             name: step.name,
             payload: step.payload,
         });
@@ -550,6 +573,7 @@ pub fn definition_from(
         Definition {
             kind,
             query,
+            concurrent: request.concurrent,
             steps,
             timeout_to_fail_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             traceparent,
@@ -666,6 +690,7 @@ impl Handler {
         let same = logged.definition.steps == definition.steps
             && logged.definition.kind == definition.kind
             && logged.definition.query == definition.query
+            && logged.definition.concurrent == definition.concurrent
             && logged.definition.timeout_to_fail_ms == definition.timeout_to_fail_ms;
         if same {
             Ok(())
@@ -821,6 +846,7 @@ mod tests {
             ))),
             payload: vec![1, 2, 3],
             confirm: None,
+            after: Vec::new(),
         }
     }
 

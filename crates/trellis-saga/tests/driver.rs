@@ -172,6 +172,7 @@ fn checkout(addr: SocketAddr, amount: i64) -> Definition {
                 compensate: http("/release"),
                 payload: Vec::new(),
                 confirm: None,
+                after: Vec::new(),
             },
             StepDefinition {
                 name: "charge".into(),
@@ -179,12 +180,14 @@ fn checkout(addr: SocketAddr, amount: i64) -> Definition {
                 compensate: http("/refund"),
                 payload: amount.to_string().into_bytes(),
                 confirm: None,
+                after: Vec::new(),
             },
         ],
         timeout_to_fail_ms: 60_000,
         traceparent: None,
         kind: Default::default(),
         query: None,
+        concurrent: false,
     }
 }
 
@@ -357,11 +360,13 @@ async fn grpc_branches_succeed_and_retry_until_the_saga_times_out() {
             compensate: endpoint.clone(),
             payload,
             confirm: None,
+            after: Vec::new(),
         }],
         timeout_to_fail_ms,
         traceparent: None,
         kind: Default::default(),
         query: None,
+        concurrent: false,
     };
     let dir = tempfile::tempdir().unwrap();
     let log = SagaLog::new(

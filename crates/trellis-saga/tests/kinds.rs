@@ -303,6 +303,37 @@ async fn kinds_on(participant_url: &str, log_url: Option<String>) {
     assert_eq!(kept, 0, "the late local transaction left nothing");
     assert_eq!(holds(&pool, "a").await, (111, 0, 3));
 
+    // Concurrent: a and b at once, c once both succeeded; c is refused, so
+    // c (a null compensation), then b and a are undone.
+    let concurrent = Saga::new("par-1")
+        .concurrent()
+        .add("a", at("try"), at("cancel"), "a:1")
+        .add("b", at("try"), at("cancel"), "b:1")
+        .add("c", at("try"), at("cancel"), "b:100")
+        .after(&["a", "b"]);
+    concurrent.submit(client).await.unwrap();
+    let saga = ended(client, "par-1").await;
+    assert_eq!(saga.status, Status::Compensated as i32, "{saga:?}");
+    assert_eq!(saga.failed_step, "c");
+    assert!(
+        saga.steps.iter().all(|s| s.called && s.compensated),
+        "{saga:?}"
+    );
+    assert_eq!(holds(&pool, "a").await, (111, 0, 3));
+    assert_eq!(holds(&pool, "b").await, (2, 0, 3));
+    let chained = Saga::new("par-2")
+        .concurrent()
+        .add("a", at("try"), at("cancel"), "a:1")
+        .add("b", at("try"), at("cancel"), "b:1")
+        .after(&["a"]);
+    chained.submit(client).await.unwrap();
+    assert_eq!(
+        ended(client, "par-2").await.status,
+        Status::Succeeded as i32
+    );
+    assert_eq!(holds(&pool, "a").await, (110, 1, 3));
+    assert_eq!(holds(&pool, "b").await, (1, 1, 3));
+
     // Bad requests are refused, naming the field.
     let bad = Saga::tcc("tcc-bad").add("a", at("try"), at("cancel"), "a:1");
     let refused = bad.submit(client).await.unwrap_err();

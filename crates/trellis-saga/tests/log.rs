@@ -26,12 +26,14 @@ fn definition(steps: usize) -> Definition {
                 },
                 payload: vec![0, 1, 2, 255],
                 confirm: None,
+                after: Vec::new(),
             })
             .collect(),
         timeout_to_fail_ms: 30_000,
         traceparent: None,
         kind: Default::default(),
         query: None,
+        concurrent: false,
     }
 }
 
