@@ -99,6 +99,23 @@ impl Invalid {
             message: message.into(),
         }
     }
+
+    /// Checks that `value` at `key` lies in `min..=max` (durations, counts).
+    pub fn check_range<T: PartialOrd + std::fmt::Debug>(
+        key: &str,
+        value: T,
+        min: T,
+        max: T,
+    ) -> Result<(), Invalid> {
+        if min <= value && value <= max {
+            Ok(())
+        } else {
+            Err(Invalid::new(
+                key,
+                format!("must be between {min:?} and {max:?}, not {value:?}"),
+            ))
+        }
+    }
 }
 
 /// Why a configuration could not be loaded or an update was rejected.

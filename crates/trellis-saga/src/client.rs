@@ -68,6 +68,24 @@ pub fn endpoint_to_proto(endpoint: &Endpoint) -> v1::Endpoint {
     }
 }
 
+/// One step in its wire form.
+fn step(
+    name: impl Into<String>,
+    action: &Endpoint,
+    compensate: Option<&Endpoint>,
+    confirm: Option<&Endpoint>,
+    payload: impl Into<Vec<u8>>,
+) -> v1::Step {
+    v1::Step {
+        name: name.into(),
+        action: Some(endpoint_to_proto(action)),
+        compensate: compensate.map(endpoint_to_proto),
+        payload: payload.into(),
+        confirm: confirm.map(endpoint_to_proto),
+        after: Vec::new(),
+    }
+}
+
 impl Saga {
     /// A saga with global id `gid`: choose it so that a retried submit
     /// names the same saga (the order's id, say); the coordinator accepts
@@ -90,14 +108,9 @@ impl Saga {
         compensate: Endpoint,
         payload: impl Into<Vec<u8>>,
     ) -> Saga {
-        self.request.steps.push(v1::Step {
-            name: name.into(),
-            action: Some(endpoint_to_proto(&action)),
-            compensate: Some(endpoint_to_proto(&compensate)),
-            payload: payload.into(),
-            confirm: None,
-            after: Vec::new(),
-        });
+        self.request
+            .steps
+            .push(step(name, &action, Some(&compensate), None, payload));
         self
     }
 
@@ -136,14 +149,9 @@ impl Saga {
         cancel: Endpoint,
         payload: impl Into<Vec<u8>>,
     ) -> Saga {
-        self.request.steps.push(v1::Step {
-            name: name.into(),
-            action: Some(endpoint_to_proto(&try_)),
-            compensate: Some(endpoint_to_proto(&cancel)),
-            payload: payload.into(),
-            confirm: Some(endpoint_to_proto(&confirm)),
-            after: Vec::new(),
-        });
+        self.request
+            .steps
+            .push(step(name, &try_, Some(&cancel), Some(&confirm), payload));
         self
     }
 
@@ -168,14 +176,9 @@ impl Saga {
         action: Endpoint,
         payload: impl Into<Vec<u8>>,
     ) -> Saga {
-        self.request.steps.push(v1::Step {
-            name: name.into(),
-            action: Some(endpoint_to_proto(&action)),
-            compensate: None,
-            payload: payload.into(),
-            confirm: None,
-            after: Vec::new(),
-        });
+        self.request
+            .steps
+            .push(step(name, &action, None, None, payload));
         self
     }
 

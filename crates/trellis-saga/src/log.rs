@@ -722,35 +722,8 @@ impl SagaLog {
         next_attempt_ms: i64,
         lease: Duration,
     ) -> Result<(), LogError> {
-        let gid = claimed.record.gid.clone();
-        let text = serde_json::to_string(state).map_err(|e| LogError::Corrupt {
-            gid: gid.clone(),
-            what: "state",
-            reason: e.to_string(),
-        })?;
-        let now = trellis_store::now_ms();
-        let until = now
-            .saturating_add(ms(lease))
-            .max(claimed.record.lease_until_ms.saturating_add(1));
-        let rows = self
-            .write(Write::Update {
-                gid: gid.clone(),
-                status: status_text(state.status),
-                state: text,
-                now,
-                next_attempt_ms,
-                until: Some(until),
-                owner: owner.to_owned(),
-                fence: claimed.record.lease_until_ms,
-            })
-            .await?;
-        if rows == 1 {
-            claimed.record.lease_until_ms = until;
-            claimed.record.state = state.clone();
-            Ok(())
-        } else {
-            Err(LogError::LeaseLost(gid))
-        }
+        self.update(claimed, owner, state, next_attempt_ms, Some(lease))
+            .await
     }
 
     /// Writes `state` for a saga this coordinator holds, due again at
@@ -763,6 +736,20 @@ impl SagaLog {
         state: &Saga,
         next_attempt_ms: i64,
     ) -> Result<(), LogError> {
+        self.update(claimed, owner, state, next_attempt_ms, None)
+            .await
+    }
+
+    /// The fenced write behind [`save`](Self::save) (`lease`: renewed for
+    /// that long) and [`save_released`](Self::save_released) (`None`).
+    async fn update(
+        &self,
+        claimed: &mut Claimed,
+        owner: &str,
+        state: &Saga,
+        next_attempt_ms: i64,
+        lease: Option<Duration>,
+    ) -> Result<(), LogError> {
         let gid = claimed.record.gid.clone();
         let text = serde_json::to_string(state).map_err(|e| LogError::Corrupt {
             gid: gid.clone(),
@@ -770,6 +757,12 @@ impl SagaLog {
             reason: e.to_string(),
         })?;
         let now = trellis_store::now_ms();
+        // A renewed lease is always a new one, so a write fenced by the
+        // old one cannot land after it.
+        let until = lease.map(|lease| {
+            now.saturating_add(ms(lease))
+                .max(claimed.record.lease_until_ms.saturating_add(1))
+        });
         let rows = self
             .write(Write::Update {
                 gid: gid.clone(),
@@ -777,13 +770,13 @@ impl SagaLog {
                 state: text,
                 now,
                 next_attempt_ms,
-                until: None,
+                until,
                 owner: owner.to_owned(),
                 fence: claimed.record.lease_until_ms,
             })
             .await?;
         if rows == 1 {
-            claimed.record.lease_until_ms = 0;
+            claimed.record.lease_until_ms = until.unwrap_or(0);
             claimed.record.state = state.clone();
             Ok(())
         } else {

@@ -19,7 +19,7 @@ use trellis::{
     config::{Invalid, Validate},
     core::BoxError,
     registry::ServiceRegistry,
-    service::{Context, Service, ServiceSettings},
+    service::{Context, Service},
     settings::{LogSettings, OtlpSettings, ServerSettings},
     transport::GrpcHttpServerBuilder,
 };
@@ -148,29 +148,16 @@ pub struct ParticipantSettings {
     pub tls: Option<trellis::stack::ClientTlsSettings>,
 }
 
-fn between(key: &str, value: Duration, min: Duration, max: Duration) -> Result<(), Invalid> {
-    if (min..=max).contains(&value) {
-        Ok(())
-    } else {
-        Err(Invalid::new(
-            key,
-            format!("must be between {min:?} and {max:?}, not {value:?}"),
-        ))
-    }
-}
-
 /// The longest `timeout_to_fail` accepted.
 pub const MAX_TIMEOUT_TO_FAIL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Validate for SagaSettings {
     fn validate(&self) -> Result<(), Invalid> {
-        self.server.validate("server")?;
-        self.otlp
-            .check()
-            .map_err(|(key, message)| Invalid::new(format!("otlp.{key}"), message))?;
+        trellis::service::check_common(&self.server, &self.otlp)?;
         self.database.validate("database")?;
         let d = &self.driver;
         let ms = Duration::from_millis;
+        let between = Invalid::check_range::<Duration>;
         between(
             "driver.lease",
             d.lease,
@@ -192,38 +179,13 @@ impl Validate for SagaSettings {
             MAX_TIMEOUT_TO_FAIL,
         )?;
         between("driver.poll", d.poll, ms(10), Duration::from_secs(60))?;
-        if !(1..=10_000).contains(&d.batch) {
-            return Err(Invalid::new("driver.batch", "must be between 1 and 10000"));
-        }
-        if !(1..=10_000).contains(&d.log_batch) {
-            return Err(Invalid::new(
-                "driver.log_batch",
-                "must be between 1 and 10000",
-            ));
-        }
-        if !(1..=1_000_000).contains(&d.max_in_flight) {
-            return Err(Invalid::new(
-                "driver.max_in_flight",
-                "must be between 1 and 1000000",
-            ));
-        }
-        Ok(())
+        Invalid::check_range("driver.batch", d.batch, 1, 10_000)?;
+        Invalid::check_range("driver.log_batch", d.log_batch, 1, 10_000)?;
+        Invalid::check_range("driver.max_in_flight", d.max_in_flight, 1, 1_000_000)
     }
 }
 
-impl ServiceSettings for SagaSettings {
-    fn server(&self) -> &ServerSettings {
-        &self.server
-    }
-
-    fn log(&self) -> &LogSettings {
-        &self.log
-    }
-
-    fn otlp(&self) -> &OtlpSettings {
-        &self.otlp
-    }
-}
+trellis::service_settings!(SagaSettings);
 
 /// The coordinator, while it runs.
 pub struct Coordinator {
@@ -677,6 +639,19 @@ struct Handler {
 }
 
 impl Handler {
+    /// The request's saga, checked, with the caller's trace.
+    fn definition(
+        &self,
+        request: Request<v1::SubmitRequest>,
+    ) -> Result<(String, Definition), Error> {
+        let traceparent = traceparent(&request);
+        definition_from(
+            request.into_inner(),
+            self.default_timeout_to_fail,
+            traceparent,
+        )
+    }
+
     /// A gid submitted again: accepted when the definition is the one
     /// logged (a retried submit), refused otherwise.
     async fn resubmitted(&self, gid: &str, definition: &Definition) -> Result<(), Error> {
@@ -709,12 +684,7 @@ impl v1::saga_service_server::SagaService for Handler {
         &self,
         request: Request<v1::SubmitRequest>,
     ) -> Result<Response<v1::SubmitResponse>, Status> {
-        let traceparent = traceparent(&request);
-        let (gid, definition) = definition_from(
-            request.into_inner(),
-            self.default_timeout_to_fail,
-            traceparent,
-        )?;
+        let (gid, definition) = self.definition(request)?;
         let log = self.driver.log();
         // A message prepared before: its local transaction committed, so
         // it runs now.
@@ -751,12 +721,7 @@ impl v1::saga_service_server::SagaService for Handler {
         &self,
         request: Request<v1::SubmitRequest>,
     ) -> Result<Response<v1::SubmitResponse>, Status> {
-        let traceparent = traceparent(&request);
-        let (gid, definition) = definition_from(
-            request.into_inner(),
-            self.default_timeout_to_fail,
-            traceparent,
-        )?;
+        let (gid, definition) = self.definition(request)?;
         if definition.kind != Kind::Msg {
             return Err(Error::invalid_argument("kind", "only messages are prepared").into());
         }

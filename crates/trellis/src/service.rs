@@ -80,7 +80,7 @@ use std::{
 
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::watch;
-use trellis_config::{Config, ConfigError, Validate};
+use trellis_config::{Config, ConfigError, Invalid, Validate};
 use trellis_core::BoxError;
 use trellis_registry::ServiceRegistry;
 use trellis_transport::{GrpcHttpServer, GrpcHttpServerBuilder, ServerConfig, TransportError};
@@ -103,6 +103,39 @@ pub trait ServiceSettings: DeserializeOwned + Serialize + Validate + Send + Sync
     fn log(&self) -> &LogSettings;
     /// OTLP export and trace sampling.
     fn otlp(&self) -> &OtlpSettings;
+}
+
+/// Checks the sections every service's settings have: `server` and
+/// `otlp` (named by those keys).
+pub fn check_common(server: &ServerSettings, otlp: &OtlpSettings) -> Result<(), Invalid> {
+    server.validate("server")?;
+    otlp.check()
+        .map_err(|(key, message)| Invalid::new(format!("otlp.{key}"), message))
+}
+
+/// Implements [`ServiceSettings`] for a settings struct whose `server`,
+/// `log` and `otlp` fields are the shared sections:
+///
+/// ```ignore
+/// trellis::service_settings!(UserSettings);
+/// ```
+#[macro_export]
+macro_rules! service_settings {
+    ($settings:ty) => {
+        impl $crate::service::ServiceSettings for $settings {
+            fn server(&self) -> &$crate::settings::ServerSettings {
+                &self.server
+            }
+
+            fn log(&self) -> &$crate::settings::LogSettings {
+                &self.log
+            }
+
+            fn otlp(&self) -> &$crate::settings::OtlpSettings {
+                &self.otlp
+            }
+        }
+    };
 }
 
 /// What a service's [`Service::build`] is given.

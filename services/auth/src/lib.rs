@@ -56,7 +56,7 @@ use trellis::{
     auth::audit::{AuditSettings, Recorder},
     config::{Invalid, Secret, Validate},
     core::BoxError,
-    service::{Context, Service, ServiceSettings},
+    service::{Context, Service},
     settings::{LogSettings, OtlpSettings, ServerSettings},
     transport::GrpcHttpServerBuilder,
 };
@@ -262,22 +262,12 @@ pub struct UsersSettings {
 }
 
 fn between(key: &str, value: Duration, min: Duration, max: Duration) -> Result<(), Invalid> {
-    if (min..=max).contains(&value) {
-        Ok(())
-    } else {
-        Err(Invalid::new(
-            key,
-            format!("must be between {min:?} and {max:?}"),
-        ))
-    }
+    Invalid::check_range(key, value, min, max)
 }
 
 impl Validate for AuthSettings {
     fn validate(&self) -> Result<(), Invalid> {
-        self.server.validate("server")?;
-        self.otlp
-            .check()
-            .map_err(|(key, message)| Invalid::new(format!("otlp.{key}"), message))?;
+        trellis::service::check_common(&self.server, &self.otlp)?;
         self.database.validate("database")?;
         let t = &self.tokens;
         if t.issuer.is_empty() {
@@ -369,19 +359,7 @@ impl Validate for AuthSettings {
     }
 }
 
-impl ServiceSettings for AuthSettings {
-    fn server(&self) -> &ServerSettings {
-        &self.server
-    }
-
-    fn log(&self) -> &LogSettings {
-        &self.log
-    }
-
-    fn otlp(&self) -> &OtlpSettings {
-        &self.otlp
-    }
-}
+trellis::service_settings!(AuthSettings);
 
 /// The service's name: in the registry, on its spans and log lines.
 pub const SERVICE: &str = "auth";

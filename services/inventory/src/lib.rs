@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use trellis::{
     config::{Invalid, Validate},
     core::BoxError,
-    service::{Context, Service, ServiceSettings},
+    service::{Context, Service},
     settings::{LogSettings, OtlpSettings, ServerSettings},
     transport::GrpcHttpServerBuilder,
 };
@@ -99,10 +99,7 @@ impl Default for InventorySettings {
 
 impl Validate for InventorySettings {
     fn validate(&self) -> Result<(), Invalid> {
-        self.server.validate("server")?;
-        self.otlp
-            .check()
-            .map_err(|(key, message)| Invalid::new(format!("otlp.{key}"), message))?;
+        trellis::service::check_common(&self.server, &self.otlp)?;
         self.database.validate("database")?;
         for (i, p) in self.seed.iter().enumerate() {
             if !biz::valid_sku(&p.sku) {
@@ -122,19 +119,7 @@ impl Validate for InventorySettings {
     }
 }
 
-impl ServiceSettings for InventorySettings {
-    fn server(&self) -> &ServerSettings {
-        &self.server
-    }
-
-    fn log(&self) -> &LogSettings {
-        &self.log
-    }
-
-    fn otlp(&self) -> &OtlpSettings {
-        &self.otlp
-    }
-}
+trellis::service_settings!(InventorySettings);
 
 /// The service's name: in the registry, on spans and log lines.
 pub const SERVICE: &str = "inventory";

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use trellis::{
     config::{Invalid, Validate},
     core::BoxError,
-    service::{Context, Service, ServiceSettings},
+    service::{Context, Service},
     settings::{ClientSettings, LogSettings, OtlpSettings, ServerSettings},
     transport::GrpcHttpServerBuilder,
 };
@@ -91,22 +91,10 @@ impl Default for OrderSettings {
 
 impl Validate for OrderSettings {
     fn validate(&self) -> Result<(), Invalid> {
-        self.server.validate("server")?;
-        self.otlp
-            .check()
-            .map_err(|(key, message)| Invalid::new(format!("otlp.{key}"), message))?;
+        trellis::service::check_common(&self.server, &self.otlp)?;
         self.database.validate("database")?;
         self.client.validate("client")?;
-        let within = |key: &str, d: Duration, min: Duration, max: Duration| {
-            if (min..=max).contains(&d) {
-                Ok(())
-            } else {
-                Err(Invalid::new(
-                    key,
-                    format!("must be between {min:?} and {max:?}, not {d:?}"),
-                ))
-            }
-        };
+        let within = Invalid::check_range::<Duration>;
         within(
             "checkout_timeout",
             self.checkout_timeout,
@@ -122,19 +110,7 @@ impl Validate for OrderSettings {
     }
 }
 
-impl ServiceSettings for OrderSettings {
-    fn server(&self) -> &ServerSettings {
-        &self.server
-    }
-
-    fn log(&self) -> &LogSettings {
-        &self.log
-    }
-
-    fn otlp(&self) -> &OtlpSettings {
-        &self.otlp
-    }
-}
+trellis::service_settings!(OrderSettings);
 
 /// The service's name: in the registry, on spans and log lines.
 pub const SERVICE: &str = "order";

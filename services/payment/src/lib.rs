@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use trellis::{
     config::{Invalid, Validate},
     core::BoxError,
-    service::{Context, Service, ServiceSettings},
+    service::{Context, Service},
     settings::{LogSettings, OtlpSettings, ServerSettings},
     transport::GrpcHttpServerBuilder,
 };
@@ -72,10 +72,7 @@ impl Default for PaymentSettings {
 
 impl Validate for PaymentSettings {
     fn validate(&self) -> Result<(), Invalid> {
-        self.server.validate("server")?;
-        self.otlp
-            .check()
-            .map_err(|(key, message)| Invalid::new(format!("otlp.{key}"), message))?;
+        trellis::service::check_common(&self.server, &self.otlp)?;
         self.database.validate("database")?;
         if !(0..=biz::MAX_AMOUNT_CENTS).contains(&self.opening_balance_cents) {
             return Err(Invalid::new(
@@ -87,19 +84,7 @@ impl Validate for PaymentSettings {
     }
 }
 
-impl ServiceSettings for PaymentSettings {
-    fn server(&self) -> &ServerSettings {
-        &self.server
-    }
-
-    fn log(&self) -> &LogSettings {
-        &self.log
-    }
-
-    fn otlp(&self) -> &OtlpSettings {
-        &self.otlp
-    }
-}
+trellis::service_settings!(PaymentSettings);
 
 /// The service's name: in the registry, on spans and log lines.
 pub const SERVICE: &str = "payment";

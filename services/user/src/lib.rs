@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use trellis::{
     config::{Invalid, Validate},
     core::BoxError,
-    service::{Context, Service, ServiceSettings},
+    service::{Context, Service},
     settings::{LogSettings, OtlpSettings, ServerSettings},
     transport::GrpcHttpServerBuilder,
 };
@@ -78,28 +78,13 @@ pub struct UserSettings {
 
 impl Validate for UserSettings {
     fn validate(&self) -> Result<(), Invalid> {
-        self.server.validate("server")?;
-        self.otlp
-            .check()
-            .map_err(|(key, message)| Invalid::new(format!("otlp.{key}"), message))?;
+        trellis::service::check_common(&self.server, &self.otlp)?;
         self.database.validate("database")?;
         Ok(())
     }
 }
 
-impl ServiceSettings for UserSettings {
-    fn server(&self) -> &ServerSettings {
-        &self.server
-    }
-
-    fn log(&self) -> &LogSettings {
-        &self.log
-    }
-
-    fn otlp(&self) -> &OtlpSettings {
-        &self.otlp
-    }
-}
+trellis::service_settings!(UserSettings);
 
 /// The service's name: in the registry, on its spans and log lines.
 pub const SERVICE: &str = "user";
