@@ -291,6 +291,22 @@ async fn execute(tx: &mut trellis_store::Tx, write: &Write) -> Result<u64, sqlx:
 /// update row takes 9).
 const ROWS_PER_STATEMENT: usize = 512;
 
+/// `($1, …, $k), ($k+1, …), …` for `rows` rows of `columns` values.
+fn placeholders(rows: usize, columns: usize) -> String {
+    let mut out = String::with_capacity(rows * columns * 5);
+    for r in 0..rows {
+        out.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..columns {
+            if c > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(&format!("${}", r * columns + c + 1));
+        }
+        out.push(')');
+    }
+    out
+}
+
 /// Runs a batch's writes in few statements — one multi-row INSERT, one
 /// UPDATE … FROM (VALUES …) per chunk — instead of a round trip each; the
 /// rows each write changed, in order. A batch holds at most one write per
@@ -330,22 +346,7 @@ async fn execute_many(
         let mut sql = String::from(
             "INSERT INTO saga_transactions (gid, status, definition, state, create_time_ms, update_time_ms, next_attempt_ms, lease_owner, lease_until_ms) VALUES ",
         );
-        for n in 0..chunk.len() {
-            let b = n * 9;
-            sql.push_str(&format!(
-                "{}(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                if n == 0 { "" } else { ", " },
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7,
-                b + 8,
-                b + 9
-            ));
-        }
+        sql.push_str(&placeholders(chunk.len(), 9));
         sql.push_str(" ON CONFLICT (gid) DO NOTHING RETURNING gid");
         let inserted: Vec<String> = with_tx!(tx, c => {
             let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.as_str()));
@@ -368,22 +369,7 @@ async fn execute_many(
         let mut sql = String::from(
             "UPDATE saga_transactions SET status = v.column2, state = v.column3, update_time_ms = v.column4, next_attempt_ms = v.column5, lease_owner = v.column6, lease_until_ms = v.column7 FROM (VALUES ",
         );
-        for n in 0..chunk.len() {
-            let b = n * 9;
-            sql.push_str(&format!(
-                "{}(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                if n == 0 { "" } else { ", " },
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7,
-                b + 8,
-                b + 9
-            ));
-        }
+        sql.push_str(&placeholders(chunk.len(), 9));
         sql.push_str(") AS v WHERE saga_transactions.gid = v.column1 AND saga_transactions.lease_owner = v.column8 AND saga_transactions.lease_until_ms = v.column9 RETURNING gid");
         let updated: Vec<String> = with_tx!(tx, c => {
             let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.as_str()));
@@ -821,5 +807,14 @@ impl SagaLog {
                 .await?;
             rows.iter().map(record_from_row).collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placeholders_number_every_value() {
+        assert_eq!(super::placeholders(1, 2), "($1, $2)");
+        assert_eq!(super::placeholders(2, 3), "($1, $2, $3), ($4, $5, $6)");
     }
 }
