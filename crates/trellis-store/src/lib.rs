@@ -29,6 +29,9 @@
 
 #![warn(missing_docs)]
 
+#[cfg(not(any(feature = "sqlite", feature = "postgres")))]
+compile_error!("trellis-store needs an engine: enable its `sqlite` or `postgres` feature");
+
 use std::{borrow::Cow, path::Path, time::Duration};
 
 use serde::{Deserialize, Serialize};
