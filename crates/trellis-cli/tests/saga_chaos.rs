@@ -1,6 +1,7 @@
 //! The checkout saga under crashes: the coordinator, order, inventory and
 //! payment as four `trellis serve` processes (etcd as their registry) on
-//! SQLite and on PostgreSQL, N concurrent checkouts, and a chaos driver
+//! SQLite and on PostgreSQL (there with a second coordinator sharing the
+//! log), N concurrent checkouts, and a chaos driver
 //! that kills (SIGKILL) and restarts each process at random moments and
 //! pauses them (SIGSTOP past the coordinator's call deadline, so calls
 //! time out and arrive late, or twice). Afterwards every saga is terminal
@@ -32,6 +33,15 @@ use trellis_store::{Pool, with_pool};
 use trellis_testkit::{Etcd, Postgres};
 
 const SERVICES: [&str; 4] = ["saga", "inventory", "payment", "order"];
+
+/// The service a process runs: `saga-2` is a second coordinator.
+fn service_of(process: &'static str) -> &'static str {
+    if process.starts_with("saga") {
+        "saga"
+    } else {
+        process
+    }
+}
 const OPENING_BALANCE: i64 = 20_000;
 const PRODUCTS: [(&str, i64, i64); 3] = [
     ("tea", 450, 100_000),
@@ -57,6 +67,9 @@ impl Rng {
 }
 
 struct Shop {
+    /// The processes: the four services, and on PostgreSQL a second
+    /// coordinator sharing the first one's log.
+    processes: Vec<&'static str>,
     etcd: Etcd,
     root: PathBuf,
     ports: HashMap<&'static str, u16>,
@@ -91,9 +104,10 @@ impl Shop {
         file
     }
 
-    fn start(&mut self, service: &'static str) {
-        let listen = format!("127.0.0.1:{}", self.ports[service]);
-        let data = self.root.join(service);
+    fn start(&mut self, process: &'static str) {
+        let service = service_of(process);
+        let listen = format!("127.0.0.1:{}", self.ports[process]);
+        let data = self.root.join(process);
         std::fs::create_dir_all(&data).unwrap();
         let config = self.config(service);
         let registry = format!("etcd://{}?ttl=2s", self.etcd.addr());
@@ -112,9 +126,9 @@ impl Shop {
         if let Some(url) = self.databases.get(service) {
             args.extend(["--database-url", url.as_str()]);
         }
-        let mut process = support::spawn_with_log(&args, Some("warn"));
-        process.line_starting_with(&format!("{service} serving"));
-        self.running.insert(service, process);
+        let mut child = support::spawn_with_log(&args, Some("warn"));
+        child.line_starting_with(&format!("{service} serving"));
+        self.running.insert(process, child);
     }
 
     fn kill(&mut self, service: &'static str) {
@@ -125,7 +139,7 @@ impl Shop {
     }
 
     fn stop_all(&mut self) {
-        for service in SERVICES {
+        for service in self.processes.clone() {
             if let Some(mut p) = self.running.remove(service) {
                 p.signal(libc::SIGTERM);
                 let status = p.wait(Duration::from_secs(20));
@@ -220,7 +234,8 @@ async fn chaos(
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Chaos {
     let mut done = Chaos::default();
-    let mut round: Vec<&'static str> = SERVICES.to_vec();
+    let processes = shop.processes.clone();
+    let mut round: Vec<&'static str> = processes.clone();
     for i in (1..round.len()).rev() {
         round.swap(i, rng.below(i as u64 + 1) as usize);
     }
@@ -237,7 +252,7 @@ async fn chaos(
         if rng.below(3) == 0 {
             // Paused past the coordinator's call deadline: its calls time
             // out, are retried, and the paused ones land late.
-            let service = SERVICES[rng.below(SERVICES.len() as u64) as usize];
+            let service = processes[rng.below(processes.len() as u64) as usize];
             if let Some(p) = shop.running.get(service) {
                 p.signal(libc::SIGSTOP);
                 tokio::time::sleep(Duration::from_millis(500 + rng.below(700))).await;
@@ -247,7 +262,7 @@ async fn chaos(
         } else {
             let service = round
                 .pop()
-                .unwrap_or_else(|| SERVICES[rng.below(SERVICES.len() as u64) as usize]);
+                .unwrap_or_else(|| processes[rng.below(processes.len() as u64) as usize]);
             shop.kill(service);
             tokio::time::sleep(Duration::from_millis(rng.below(300))).await;
             // Starting blocks on the child's first line.
@@ -453,7 +468,10 @@ async fn audit(urls: &HashMap<&'static str, String>) -> (usize, usize) {
     (confirmed, failed)
 }
 
-async fn run(databases: impl FnOnce(&Path) -> HashMap<&'static str, String>) {
+async fn run(
+    processes: &[&'static str],
+    databases: impl FnOnce(&Path) -> HashMap<&'static str, String>,
+) {
     let n: usize = std::env::var("TRELLIS_SAGA_CHAOS_N")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -473,17 +491,18 @@ async fn run(databases: impl FnOnce(&Path) -> HashMap<&'static str, String>) {
     let root = tempfile::tempdir().unwrap();
     let databases = databases(root.path());
     let mut shop = Shop {
+        processes: processes.to_vec(),
         etcd: Etcd::start().unwrap(),
         root: root.path().to_owned(),
-        ports: SERVICES
+        ports: processes
             .iter()
             .map(|s| (*s, trellis_testkit::free_port().unwrap()))
             .collect(),
         databases: databases.clone(),
         running: HashMap::new(),
     };
-    for service in SERVICES {
-        shop.start(service);
+    for process in processes {
+        shop.start(process);
     }
     let order_port = shop.ports["order"];
     let load = tokio::spawn(place_orders(order_port, n, 16, seed));
@@ -500,9 +519,9 @@ async fn run(databases: impl FnOnce(&Path) -> HashMap<&'static str, String>) {
     let (refused, chaos) = chaos_run.await;
     eprintln!("saga chaos: {chaos:?}; {refused} order requests refused and retried");
     // Everything up again: the shop finishes what it started.
-    for service in SERVICES {
-        if !shop.running.contains_key(service) {
-            shop.start(service);
+    for process in processes {
+        if !shop.running.contains_key(process) {
+            shop.start(process);
         }
     }
     let urls: HashMap<&'static str, String> = SERVICES
@@ -554,7 +573,7 @@ async fn run(databases: impl FnOnce(&Path) -> HashMap<&'static str, String>) {
         "both outcomes should occur: {confirmed} confirmed, {failed} failed"
     );
     assert!(
-        SERVICES.iter().all(|s| chaos.kills.contains_key(s)),
+        processes.iter().all(|s| chaos.kills.contains_key(s)),
         "every process is killed at least once: {chaos:?}"
     );
     assert!(retried > 0, "no saga retried a step: the chaos hit nothing");
@@ -562,11 +581,11 @@ async fn run(databases: impl FnOnce(&Path) -> HashMap<&'static str, String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkouts_stay_consistent_while_processes_crash_on_sqlite() {
-    run(|_| HashMap::new()).await;
+    run(&SERVICES, |_| HashMap::new()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checkouts_stay_consistent_while_processes_crash_on_postgres() {
+async fn checkouts_stay_consistent_while_processes_crash_on_postgres_with_two_coordinators() {
     let pg = Postgres::start().unwrap();
     let admin = open(&pg.url()).await;
     for s in SERVICES {
@@ -575,12 +594,17 @@ async fn checkouts_stay_consistent_while_processes_crash_on_postgres() {
     admin.close().await;
     let base = pg.url();
     let base = base.trim_end_matches("/postgres").to_owned();
-    run(move |_| {
-        SERVICES
-            .iter()
-            .map(|s| (*s, format!("{base}/shop_{s}")))
-            .collect()
-    })
+    // Two coordinators share the log, each claiming with leases; either
+    // may be killed.
+    run(
+        &["saga", "saga-2", "inventory", "payment", "order"],
+        move |_| {
+            SERVICES
+                .iter()
+                .map(|s| (*s, format!("{base}/shop_{s}")))
+                .collect()
+        },
+    )
     .await;
     drop(pg);
 }
