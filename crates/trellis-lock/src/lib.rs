@@ -30,9 +30,12 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `redis` | no | `RedisLocks` |
+//! | `sqlite`, `postgres` | no | `fence`: the storage-side token check |
 
 #![warn(missing_docs)]
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub mod fence;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis_backend;
