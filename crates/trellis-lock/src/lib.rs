@@ -11,8 +11,9 @@
 //!
 //! Backends: [`MemoryLocks`] (in process, the default: one process's
 //! tasks) and, with feature `redis`, `RedisLocks` (one Redis instance:
-//! `SET NX PX` and compare-and-delete in Lua; the token from a per-resource
-//! counter in the same script).
+//! `SET NX PX` and compare-and-delete in Lua; the token from a counter in
+//! the same script) and `RedlockLocks` (a majority of N independent
+//! instances, within the lease less a drift allowance).
 //!
 //! ```
 //! # async fn run() -> Result<(), trellis_lock::LockError> {
@@ -29,7 +30,7 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `redis` | no | `RedisLocks` |
+//! | `redis` | no | `RedisLocks`, `RedlockLocks` (a majority of N instances) |
 //! | `sqlite`, `postgres` | no | `fence`: the storage-side token check |
 
 #![warn(missing_docs)]
@@ -39,6 +40,8 @@ pub mod fence;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis_backend;
+#[cfg(feature = "redis")]
+mod redlock;
 
 use std::{sync::Arc, time::Duration};
 
@@ -47,6 +50,8 @@ use futures_util::future::BoxFuture;
 pub use memory::MemoryLocks;
 #[cfg(feature = "redis")]
 pub use redis_backend::RedisLocks;
+#[cfg(feature = "redis")]
+pub use redlock::RedlockLocks;
 
 /// The longest resource name accepted.
 pub const MAX_RESOURCE_BYTES: usize = 256;

@@ -70,20 +70,32 @@ impl RedisLocks {
         })
     }
 
-    fn key(&self, resource: &str) -> String {
+    pub(crate) fn key(&self, resource: &str) -> String {
         format!("{}lock:{resource}", self.prefix)
     }
 
+    pub(crate) fn tokens_key(&self) -> String {
+        format!("{}lock-tokens", self.prefix)
+    }
+
     async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Result<i64, LockError> {
+        self.run_within(invocation, self.timeout).await
+    }
+
+    pub(crate) async fn run_within(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+        timeout: Duration,
+    ) -> Result<i64, LockError> {
         let mut connection = self.connection.clone();
-        tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
+        tokio::time::timeout(timeout, invocation.invoke_async(&mut connection))
             .await
-            .map_err(|_| LockError::Backend(format!("redis: no answer within {:?}", self.timeout)))?
+            .map_err(|_| LockError::Backend(format!("redis: no answer within {timeout:?}")))?
             .map_err(|e| LockError::Backend(format!("redis: {e}")))
     }
 }
 
-fn millis(d: Duration) -> u64 {
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
@@ -97,7 +109,7 @@ impl Backend for RedisLocks {
         Box::pin(async move {
             let mut invocation = self.acquire.key(self.key(resource));
             invocation
-                .key(format!("{}lock-tokens", self.prefix))
+                .key(self.tokens_key())
                 .arg(holder)
                 .arg(millis(ttl));
             let token = self.run(invocation).await?;

@@ -54,3 +54,52 @@ async fn redis_down_refuses_and_held_leases_are_lost() {
         "{err:?}"
     );
 }
+
+fn redlock(instances: &[Redis], config: LockConfig) -> Locks {
+    let urls: Vec<String> = instances.iter().map(|r| r.url()).collect();
+    Locks::with_config(
+        trellis_lock::RedlockLocks::connect(&urls, "test:").unwrap(),
+        config,
+    )
+}
+
+fn three() -> Vec<Redis> {
+    (0..3).map(|_| Redis::start().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_excludes_and_fences() {
+    let instances = three();
+    suite::mutual_exclusion(redlock(&instances, LockConfig::default())).await;
+    suite::try_lock_and_timeouts(redlock(&instances, LockConfig::default())).await;
+    suite::a_lost_lease_is_known_and_fenced(|config| redlock(&instances, config)).await;
+}
+
+/// One of three instances down: a majority still grants, and the tokens
+/// still grow. Two down: refused, naming the instances that did not
+/// answer. Fewer than three instances: refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_needs_a_majority() {
+    let mut instances = three();
+    let locks = redlock(&instances, LockConfig::default());
+    let before = locks.try_lock("r").await.unwrap().expect("free");
+    let first = before.token();
+    assert!(before.release().await.unwrap());
+    instances[0].engine().kill();
+    let granted = locks
+        .try_lock("r")
+        .await
+        .unwrap()
+        .expect("two of three grant");
+    assert!(granted.token() > first, "{} after {first}", granted.token());
+    assert!(locks.try_lock("r").await.unwrap().is_none(), "and exclude");
+    assert!(granted.release().await.unwrap());
+    instances[1].engine().kill();
+    let refused = locks.try_lock("r").await.unwrap_err();
+    assert!(
+        matches!(refused, LockError::Backend(ref m) if m.contains("2 of 3")),
+        "{refused:?}"
+    );
+    let urls: Vec<String> = instances.iter().take(2).map(|r| r.url()).collect();
+    assert!(trellis_lock::RedlockLocks::connect(&urls, "test:").is_err());
+}
