@@ -31,10 +31,13 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `redis` | no | `RedisLocks`, `RedlockLocks` (a majority of N instances) |
+//! | `etcd` | no | `EtcdLocks` (a lease; the write's revision as the token) |
 //! | `sqlite`, `postgres` | no | `fence`: the storage-side token check |
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "etcd")]
+mod etcd_backend;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod fence;
 mod memory;
@@ -47,6 +50,8 @@ use std::{sync::Arc, time::Duration};
 
 use futures_util::future::BoxFuture;
 
+#[cfg(feature = "etcd")]
+pub use etcd_backend::EtcdLocks;
 pub use memory::MemoryLocks;
 #[cfg(feature = "redis")]
 pub use redis_backend::RedisLocks;
