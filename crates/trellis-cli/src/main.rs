@@ -144,6 +144,11 @@ enum Command {
         #[command(subcommand)]
         command: AuthCommand,
     },
+    /// Inspect distributed locks.
+    Lock {
+        #[command(subcommand)]
+        command: LockCommand,
+    },
     /// Inspect the saga coordinator's transactions.
     Saga {
         #[command(subcommand)]
@@ -168,6 +173,20 @@ enum Command {
         /// Write to this file instead of stdout.
         #[arg(long, short)]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LockCommand {
+    /// The locks held now: resource, holder, lease left.
+    Ls {
+        /// Where the locks are: etcd://host:port[,host:port][?ca_file=…],
+        /// redis://host:port (rediss:// for TLS), redlock://h1:p,h2:p,h3:p.
+        #[arg(long)]
+        locks: String,
+        /// The key prefix the services lock under.
+        #[arg(long, default_value = "trellis/")]
+        prefix: String,
     },
 }
 
@@ -409,6 +428,9 @@ async fn main() -> ExitCode {
         } => registry_ls(service.as_deref(), &registry).await,
         Command::Config { command } => config_cmd::run(command).await,
         Command::Saga { command } => saga_cmd::run(command).await,
+        Command::Lock {
+            command: LockCommand::Ls { locks, prefix },
+        } => lock_ls(&locks, &prefix).await,
         Command::Audit { command } => audit(command).await,
         Command::Auth {
             command:
@@ -813,6 +835,23 @@ async fn auth_keys(
 }
 
 /// Milliseconds since the epoch as an RFC 3339 UTC time.
+/// `trellis lock ls`.
+async fn lock_ls(url: &str, prefix: &str) -> Result<(), String> {
+    let locks = trellis_lock::connect(url, prefix, Default::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let held = locks.list().await.map_err(|e| e.to_string())?;
+    println!("{:<40} {:<38} {:>10}", "RESOURCE", "HOLDER", "LEASE LEFT");
+    for h in held {
+        let left = h
+            .expires_in
+            .map(|d| format!("{:.1}s", d.as_secs_f64()))
+            .unwrap_or_else(|| "-".into());
+        println!("{:<40} {:<38} {:>10}", h.resource, h.holder, left);
+    }
+    Ok(())
+}
+
 fn rfc3339(ms: i64) -> String {
     trellis::telemetry::rfc3339(ms.div_euclid(1000), (ms.rem_euclid(1000) * 1000) as u32)
 }

@@ -12,10 +12,10 @@
 
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 use futures_util::future::BoxFuture;
 
-use crate::{Backend, Grant, LockError};
+use crate::{Backend, Grant, Held, LockError, MAX_LISTED};
 
 /// Locks in an etcd cluster.
 #[derive(Clone)]
@@ -82,6 +82,45 @@ fn seconds(ttl: Duration) -> i64 {
 }
 
 impl Backend for EtcdLocks {
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Held>, LockError>> {
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let prefix = format!("{}lock/", self.prefix);
+            let listing = client
+                .get(
+                    prefix.as_str(),
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_limit(MAX_LISTED as i64),
+                    ),
+                )
+                .await
+                .map_err(backend)?;
+            let mut held = Vec::new();
+            for kv in listing.kvs() {
+                let ttl = match kv.lease() {
+                    0 => None,
+                    lease => client
+                        .lease_time_to_live(lease, None)
+                        .await
+                        .ok()
+                        .and_then(|t| u64::try_from(t.ttl()).ok())
+                        .map(Duration::from_secs),
+                };
+                held.push(Held {
+                    resource: String::from_utf8_lossy(kv.key())
+                        .strip_prefix(&prefix)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    holder: String::from_utf8_lossy(kv.value()).into_owned(),
+                    expires_in: ttl,
+                });
+            }
+            Ok(held)
+        })
+    }
+
     fn try_acquire<'a>(
         &'a self,
         resource: &'a str,

@@ -88,9 +88,30 @@ pub struct Grant {
     pub token: u64,
 }
 
+/// A lock as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The resource.
+    pub resource: String,
+    /// Who holds it (the grant's random holder id).
+    pub holder: String,
+    /// How long its lease has left, as the backend knows it.
+    pub expires_in: Option<Duration>,
+}
+
+/// Locks listed at most.
+pub const MAX_LISTED: usize = 10_000;
+
 /// What a lock backend does; [`Locks`] adds waiting, keep-alive and the
 /// guard.
 pub trait Backend: Send + Sync + 'static {
+    /// The locks held now (at most [`MAX_LISTED`]), for operators.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Held>, LockError>> {
+        Box::pin(std::future::ready(Err(LockError::Backend(
+            "this backend does not list its locks".into(),
+        ))))
+    }
+
     /// Takes `resource` for `holder` for `ttl` if nobody holds it.
     fn try_acquire<'a>(
         &'a self,
@@ -116,8 +137,87 @@ pub trait Backend: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<bool, LockError>>;
 }
 
+/// Locks at `url`, keys under `prefix`: `memory://` (this process),
+/// `redis://host:port` or `rediss://…?ca_file=…` (feature `redis`),
+/// `redlock://host:port,host:port,host:port` (feature `redis`; N ≥ 3
+/// independent instances), `etcd://host:port[,host:port][?ca_file=…&cert_file=…&key_file=…]`
+/// (feature `etcd`).
+#[cfg_attr(not(any(feature = "redis", feature = "etcd")), allow(unused_variables))]
+pub async fn connect(url: &str, prefix: &str, config: LockConfig) -> Result<Locks, LockError> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| LockError::Backend(format!("{url:?}: expected scheme://…")))?;
+    match scheme {
+        "memory" => Ok(Locks::with_config(MemoryLocks::default(), config)),
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" => Ok(Locks::with_config(
+            RedisLocks::connect(url, prefix)?,
+            config,
+        )),
+        #[cfg(feature = "redis")]
+        "redlock" => {
+            let urls: Vec<String> = rest
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("redis://{h}"))
+                .collect();
+            Ok(Locks::with_config(
+                RedlockLocks::connect(&urls, prefix)?,
+                config,
+            ))
+        }
+        #[cfg(feature = "etcd")]
+        "etcd" => {
+            let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let mut tls = trellis_etcd::EtcdTls::default();
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                match pair.split_once('=') {
+                    Some((k, v)) if tls.take(k, v) => {}
+                    _ => {
+                        return Err(LockError::Backend(format!(
+                            "{pair:?}: known options are ca_file, cert_file, key_file"
+                        )));
+                    }
+                }
+            }
+            let endpoints: Vec<String> = hosts
+                .trim_end_matches('/')
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("{}://{h}", tls.scheme()))
+                .collect();
+            if endpoints.is_empty() {
+                return Err(LockError::Backend(
+                    "no etcd endpoint; expected etcd://host:port".into(),
+                ));
+            }
+            Ok(Locks::with_config(
+                EtcdLocks::connect(&endpoints, prefix, &tls).await?,
+                config,
+            ))
+        }
+        other => Err(LockError::Backend(format!(
+            "{other}:// is not a lock backend here (memory://{}{})",
+            if cfg!(feature = "redis") {
+                ", redis://, redlock://"
+            } else {
+                ""
+            },
+            if cfg!(feature = "etcd") {
+                ", etcd://"
+            } else {
+                ""
+            },
+        ))),
+    }
+}
+
 /// One backend shared by several [`Locks`] (different leases, say).
 impl<B: Backend> Backend for Arc<B> {
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Held>, LockError>> {
+        (**self).list()
+    }
+
     fn try_acquire<'a>(
         &'a self,
         resource: &'a str,
@@ -200,6 +300,11 @@ impl Locks {
             backend: Arc::new(backend),
             config,
         }
+    }
+
+    /// The locks held now, as the backend knows them.
+    pub async fn list(&self) -> Result<Vec<Held>, LockError> {
+        self.backend.list().await
     }
 
     /// Takes `resource` if it is free now.

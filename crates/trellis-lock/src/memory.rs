@@ -14,7 +14,7 @@ use std::{
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
-use crate::{Backend, Grant, LockError};
+use crate::{Backend, Grant, Held, LockError, MAX_LISTED};
 
 /// Locks among one process's tasks (the embedded default).
 #[derive(Debug, Default)]
@@ -34,6 +34,22 @@ impl MemoryLocks {
 }
 
 impl Backend for MemoryLocks {
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Held>, LockError>> {
+        let now = Instant::now();
+        let held = self.with(|map| {
+            map.iter()
+                .filter(|(_, (_, until))| *until > now)
+                .take(MAX_LISTED)
+                .map(|(resource, (holder, until))| Held {
+                    resource: resource.clone(),
+                    holder: holder.clone(),
+                    expires_in: Some(*until - now),
+                })
+                .collect()
+        });
+        Box::pin(std::future::ready(Ok(held)))
+    }
+
     fn try_acquire<'a>(
         &'a self,
         resource: &'a str,

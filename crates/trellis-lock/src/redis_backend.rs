@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use redis::{Script, aio::ConnectionManager};
 
-use crate::{Backend, Grant, LockError};
+use crate::{Backend, Grant, Held, LockError, MAX_LISTED};
 
 const ACQUIRE: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -100,6 +100,49 @@ pub(crate) fn millis(d: Duration) -> u64 {
 }
 
 impl Backend for RedisLocks {
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Held>, LockError>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let pattern = format!("{}lock:*", self.prefix);
+            let strip = format!("{}lock:", self.prefix);
+            let mut held = Vec::new();
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(500)
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(|e| LockError::Backend(format!("redis: {e}")))?;
+                for key in keys {
+                    if held.len() >= MAX_LISTED {
+                        return Ok(held);
+                    }
+                    let (holder, ttl): (Option<String>, i64) = redis::pipe()
+                        .get(&key)
+                        .pttl(&key)
+                        .query_async(&mut connection)
+                        .await
+                        .map_err(|e| LockError::Backend(format!("redis: {e}")))?;
+                    if let Some(holder) = holder {
+                        held.push(Held {
+                            resource: key.strip_prefix(&strip).unwrap_or(&key).to_owned(),
+                            holder,
+                            expires_in: u64::try_from(ttl).ok().map(Duration::from_millis),
+                        });
+                    }
+                }
+                if next == 0 {
+                    return Ok(held);
+                }
+                cursor = next;
+            }
+        })
+    }
+
     fn try_acquire<'a>(
         &'a self,
         resource: &'a str,

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::{BoxFuture, join_all};
 use redis::Script;
 
-use crate::{Backend, Grant, LockError, RedisLocks};
+use crate::{Backend, Grant, Held, LockError, RedisLocks};
 
 const ACQUIRE: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -83,6 +83,32 @@ impl RedlockLocks {
 }
 
 impl Backend for RedlockLocks {
+    /// The locks a majority of the instances show, each with the shortest
+    /// lease left among them.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Held>, LockError>> {
+        Box::pin(async move {
+            let lists = join_all(self.instances.iter().map(|i| i.list())).await;
+            let mut seen: std::collections::BTreeMap<(String, String), (usize, Option<Duration>)> =
+                Default::default();
+            for held in lists.into_iter().flatten().flatten() {
+                let entry = seen
+                    .entry((held.resource, held.holder))
+                    .or_insert((0, held.expires_in));
+                entry.0 += 1;
+                entry.1 = entry.1.min(held.expires_in);
+            }
+            Ok(seen
+                .into_iter()
+                .filter(|(_, (n, _))| *n >= self.quorum())
+                .map(|((resource, holder), (_, expires_in))| Held {
+                    resource,
+                    holder,
+                    expires_in,
+                })
+                .collect())
+        })
+    }
+
     fn try_acquire<'a>(
         &'a self,
         resource: &'a str,

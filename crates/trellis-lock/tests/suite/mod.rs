@@ -76,8 +76,23 @@ pub async fn try_lock_and_timeouts(locks: Locks) {
         matches!(err, LockError::Timeout { ref resource, .. } if resource == "stock:tea"),
         "{err:?}"
     );
+    let listed = locks.list().await.unwrap();
+    let mut names: Vec<&str> = listed.iter().map(|h| h.resource.as_str()).collect();
+    names.sort_unstable();
+    assert!(names.contains(&"stock:tea"), "{listed:?}");
+    assert!(
+        listed.iter().all(|h| h
+            .expires_in
+            .is_some_and(|e| e <= std::time::Duration::from_secs(11))),
+        "{listed:?}"
+    );
     let first = held.token();
     assert!(held.release().await.unwrap());
+    let after = locks.list().await.unwrap();
+    assert!(
+        after.iter().all(|h| h.resource != "stock:tea"),
+        "released: {after:?}"
+    );
     let again = locks
         .try_lock("stock:tea")
         .await
