@@ -16,7 +16,8 @@ use redis::{Script, aio::ConnectionManager};
 
 use crate::{Backend, Grant, Held, LockError, MAX_LISTED};
 
-const ACQUIRE: &str = r"
+/// Takes the lock if free and counts the grant (the token), atomically.
+pub(crate) const ACQUIRE: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('INCR', KEYS[2])
 end

@@ -22,13 +22,6 @@ use redis::Script;
 
 use crate::{Backend, Grant, Held, LockError, RedisLocks};
 
-const ACQUIRE: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return redis.call('INCR', KEYS[2])
-end
-return 0
-";
-
 const RAISE: &str = r"
 local n = tonumber(redis.call('GET', KEYS[1]) or '0')
 if n < tonumber(ARGV[1]) then
@@ -63,7 +56,7 @@ impl RedlockLocks {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(RedlockLocks {
             instances,
-            acquire: Script::new(ACQUIRE),
+            acquire: Script::new(crate::redis_backend::ACQUIRE),
             raise: Script::new(RAISE),
             per_instance: Duration::from_millis(50),
         })
