@@ -69,7 +69,7 @@ pub struct CoordinatorArg {
 impl CoordinatorArg {
     fn client(&self) -> Result<SagaServiceClient<tonic::transport::Channel>, String> {
         let mut config = trellis::transport::ClientConfig::default();
-        let mut target = self.coordinator.clone();
+        let target = self.coordinator.clone();
         if let Some(ca) = &self.ca_file {
             let tls = trellis::stack::ClientTlsSettings {
                 ca_file: ca.clone(),
@@ -77,10 +77,8 @@ impl CoordinatorArg {
                 key_file: self.key_file.clone(),
                 reload_interval: std::time::Duration::from_secs(3600),
             };
+            // The TLS connector speaks TLS whatever the scheme says.
             config.tls = Some(tls.follow().map_err(|e| e.to_string())?);
-            if !target.contains("://") {
-                target = format!("https://{target}");
-            }
         }
         let channel =
             trellis::transport::connect_lazy(&target, &config).map_err(|e| e.to_string())?;

@@ -104,6 +104,8 @@ async fn up_with_tls_runs_the_token_flow_over_mutual_tls() {
     let user_row = trellis.line_starting_with("user");
     let user: SocketAddr = user_row.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(user_row.contains("https://"), "{user_row}");
+    let saga_row = trellis.line_starting_with("saga");
+    let coordinator = saga_row.split_whitespace().nth(1).unwrap().to_owned();
     let certs = data.path().join("certs");
     let public = tls_config(&certs, None);
 
@@ -189,6 +191,31 @@ async fn up_with_tls_runs_the_token_flow_over_mutual_tls() {
         refused.is_err(),
         "served without a client certificate: {refused:?}"
     );
+
+    // The operator's saga listing over mutual TLS: with a shop
+    // certificate it answers, without one it cannot connect.
+    let cert = |name: &str| certs.join(name).to_str().unwrap().to_owned();
+    let saga_ls = |tls: &[String]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_trellis"))
+            .args(["saga", "ls", "--coordinator", &coordinator])
+            .args(tls)
+            .output()
+            .unwrap()
+    };
+    let listed = saga_ls(&[
+        "--ca-file".into(),
+        cert("ca.pem"),
+        "--cert-file".into(),
+        cert("saga.pem"),
+        "--key-file".into(),
+        cert("saga-key.pem"),
+    ]);
+    assert!(
+        listed.status.success() && String::from_utf8_lossy(&listed.stdout).starts_with("GID"),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert!(!saga_ls(&[]).status.success(), "listed without TLS");
 
     trellis.signal(libc::SIGTERM);
     let status = trellis.wait(Duration::from_secs(15));
