@@ -11,7 +11,7 @@
 //! Run by `scripts/bench/saga.sh`.
 
 use std::{
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -130,7 +130,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let base = trellis_testkit::free_port()?;
     let trellis = std::env::var("TRELLIS_BIN").unwrap_or_else(|_| "target/release/trellis".into());
-    let mut up = Command::new("taskset")
+    let mut command = Command::new("taskset");
+    command
         .args([
             "-c",
             &cpus,
@@ -145,45 +146,39 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .arg(&conf)
         .arg("--admin-listen")
         .arg("127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+        .env("RUST_LOG", "warn");
+    // Killed when dropped, here or on a panic.
+    let up = trellis_testkit::Program::spawn(command)?;
     let coordinator = format!("http://127.0.0.1:{}", base + 3);
     let channel = tonic::transport::Endpoint::from_shared(coordinator)?.connect_lazy();
     let mut client = SagaServiceClient::new(channel);
-    let ready = Instant::now();
-    while client
-        .clone()
-        .list_sagas(ListSagasRequest::default())
-        .await
-        .is_err()
-    {
-        if ready.elapsed() > Duration::from_secs(60) {
-            let _ = up.kill();
-            return Err("the shop did not start".into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let within = Duration::from_secs(60);
+    trellis_testkit::eventually(within, "the shop started", || {
+        let mut client = client.clone();
+        async move { client.list_sagas(ListSagasRequest::default()).await }
+    })
+    .await;
     // One saga through first: inventory and payment registered, the
     // coordinator's channels to them made.
     saga(usize::MAX).submit(&mut client).await?;
-    loop {
-        let probe = client
-            .get_saga(trellis_saga::api::v1::GetSagaRequest {
-                gid: format!("bench-{}", usize::MAX),
-            })
-            .await?
-            .into_inner();
-        if probe.status == Status::Succeeded as i32 {
-            break;
+    trellis_testkit::eventually(within, "the first saga finished", || {
+        let mut client = client.clone();
+        async move {
+            let probe = client
+                .get_saga(trellis_saga::api::v1::GetSagaRequest {
+                    gid: format!("bench-{}", usize::MAX),
+                })
+                .await
+                .map_err(|s| format!("{s:?}"))?
+                .into_inner();
+            if probe.status == Status::Succeeded as i32 {
+                Ok(())
+            } else {
+                Err(format!("{probe:?}"))
+            }
         }
-        if ready.elapsed() > Duration::from_secs(60) {
-            let _ = up.kill();
-            return Err(format!("the first saga did not finish: {probe:?}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
@@ -208,24 +203,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         submits.extend(done??);
     }
     let submitted_in = started.elapsed();
-    loop {
-        let mut open = 0;
-        for status in [Status::Running, Status::Compensating] {
-            open += client
-                .list_sagas(ListSagasRequest {
-                    status: status as i32,
-                    page_size: 1,
-                })
-                .await?
-                .into_inner()
-                .sagas
-                .len();
+    trellis_testkit::eventually(Duration::from_secs(600), "every saga ended", || {
+        let mut client = client.clone();
+        async move {
+            let mut open = 0;
+            for status in [Status::Running, Status::Compensating] {
+                open += client
+                    .list_sagas(ListSagasRequest {
+                        status: status as i32,
+                        page_size: 1,
+                    })
+                    .await
+                    .map_err(|s| format!("{s:?}"))?
+                    .into_inner()
+                    .sagas
+                    .len();
+            }
+            if open == 0 {
+                Ok(())
+            } else {
+                Err("sagas still open".to_owned())
+            }
         }
-        if open == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let log_url = urls
         .get("saga")
         .cloned()
@@ -239,8 +240,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .await?;
     let rows: Vec<(String, i64, i64)> = with_pool!(&log, p => sqlx::query_as("SELECT status, create_time_ms, update_time_ms FROM saga_transactions WHERE gid <> $1").bind(format!("bench-{}", usize::MAX)).fetch_all(p).await)?;
     log.close().await;
-    let _ = up.kill();
-    let _ = up.wait();
+    drop(up);
 
     let succeeded = rows.iter().filter(|r| r.0 == "succeeded").count();
     let first = rows.iter().map(|r| r.1).min().unwrap_or(0);

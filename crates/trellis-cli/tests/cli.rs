@@ -193,20 +193,17 @@ async fn checkout(gateway: SocketAddr, token: &str, lines: &str) -> serde_json::
     assert_eq!(placed.status, 200, "{}", placed.body);
     let placed: serde_json::Value = serde_json::from_str(&placed.body).unwrap();
     let id = placed["id"].as_str().unwrap().to_owned();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    trellis_testkit::eventually(Duration::from_secs(20), "the checkout ended", || async {
         let got = authed(gateway, "GET", &format!("/v1/orders/{id}"), token, None).await;
         assert_eq!(got.status, 200, "{}", got.body);
         let order: serde_json::Value = serde_json::from_str(&got.body).unwrap();
-        if order["status"] != "ORDER_STATUS_PENDING" {
-            return order;
+        if order["status"] == "ORDER_STATUS_PENDING" {
+            Err(order)
+        } else {
+            Ok(order)
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "order {id} still pending: {order}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@ mod support;
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use shop_order::api::v1::{
@@ -195,20 +195,18 @@ async fn place_orders(port: u16, n: usize, concurrency: usize, seed: u64) -> usi
                 };
                 // Retried until accepted: a lost answer may leave an order
                 // the test never heard of, which the books must show too.
-                let deadline = Instant::now() + Duration::from_secs(120);
-                loop {
-                    match client.clone().create_order(request.clone()).await {
-                        Ok(_) => break,
-                        Err(status) => {
+                trellis_testkit::eventually(Duration::from_secs(120), "an order accepted", || {
+                    let (mut client, request, failed) =
+                        (client.clone(), request.clone(), failed.clone());
+                    async move {
+                        let placed = client.create_order(request).await;
+                        if placed.is_err() {
                             failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            assert!(
-                                Instant::now() < deadline,
-                                "orders refused for two minutes: {status:?}"
-                            );
-                            tokio::time::sleep(Duration::from_millis(50)).await;
                         }
+                        placed.map(drop).map_err(|s| format!("{s:?}"))
                     }
-                }
+                })
+                .await;
             }
         });
     }
@@ -275,35 +273,35 @@ async fn chaos(
 /// Waits until the coordinator has no saga left running or compensating
 /// and the order store no pending order.
 async fn settle(shop: &Shop, orders: &Pool) {
-    let mut sagas = SagaServiceClient::new(channel(shop.ports["saga"]).await);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let mut seen = String::new();
-    while Instant::now() < deadline {
-        let mut open = 0;
-        for status in [Status::Running, Status::Compensating] {
-            if let Ok(r) = sagas
-                .list_sagas(ListSagasRequest {
-                    status: status as i32,
-                    page_size: 1000,
-                })
+    let sagas = SagaServiceClient::new(channel(shop.ports["saga"]).await);
+    trellis_testkit::eventually(Duration::from_secs(180), "the shop settled", || {
+        let mut sagas = sagas.clone();
+        async move {
+            let mut open = 0;
+            for status in [Status::Running, Status::Compensating] {
+                open += sagas
+                    .list_sagas(ListSagasRequest {
+                        status: status as i32,
+                        page_size: 1000,
+                    })
+                    .await
+                    .map_err(|s| format!("the coordinator: {s:?}"))?
+                    .into_inner()
+                    .sagas
+                    .len();
+            }
+            let pending: i64 = with_pool!(orders, p => sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE status = 'pending'")
+                .fetch_one(p)
                 .await
-            {
-                open += r.into_inner().sagas.len();
+                .map_err(|e| e.to_string())?);
+            if open == 0 && pending == 0 {
+                Ok(())
             } else {
-                open += 1;
+                Err(format!("{open} sagas open, {pending} orders pending"))
             }
         }
-        let pending: i64 = with_pool!(orders, p => sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE status = 'pending'")
-            .fetch_one(p)
-            .await
-            .unwrap());
-        if open == 0 && pending == 0 {
-            return;
-        }
-        seen = format!("{open} sagas open, {pending} orders pending");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("the shop never settled: {seen}");
+    })
+    .await;
 }
 
 async fn open(url: &str) -> Pool {

@@ -359,7 +359,7 @@ async fn a_checkout_is_one_trace_from_the_order_to_every_branch() {
     let channel = trellis::transport::connect(&order_addr.to_string(), &Default::default())
         .await
         .unwrap();
-    let mut orders = OrderServiceClient::new(channel);
+    let orders = OrderServiceClient::new(channel);
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let mut request = Request::new(CreateOrderRequest {
         lines: vec![OrderLine {
@@ -375,43 +375,33 @@ async fn a_checkout_is_one_trace_from_the_order_to_every_branch() {
     );
     // The services find each other through the registry as they become
     // ready: the first order may come before inventory is found.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let placed = loop {
-        match orders
-            .create_order(Request::from_parts(
-                request.metadata().clone(),
-                Default::default(),
-                request.get_ref().clone(),
-            ))
-            .await
-        {
-            Ok(placed) => break placed.into_inner(),
-            Err(status) => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "no order placed: {status:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    let placed = trellis_testkit::eventually(Duration::from_secs(20), "an order placed", || {
+        let mut orders = orders.clone();
+        let request = Request::from_parts(
+            request.metadata().clone(),
+            Default::default(),
+            request.get_ref().clone(),
+        );
+        async move { orders.create_order(request).await.map(|r| r.into_inner()) }
+    })
+    .await;
+    trellis_testkit::eventually(Duration::from_secs(20), "the order confirmed", || {
+        let mut orders = orders.clone();
+        let id = placed.id.clone();
+        async move {
+            let got = orders
+                .get_order(GetOrderRequest { id })
+                .await
+                .map_err(|s| format!("{s:?}"))?
+                .into_inner();
+            if got.status == OrderStatus::Confirmed as i32 {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
             }
         }
-    };
-    loop {
-        let got = orders
-            .get_order(GetOrderRequest {
-                id: placed.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if got.status == OrderStatus::Confirmed as i32 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not confirmed: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     up.signal(libc::SIGTERM);
     assert_eq!(up.wait(Duration::from_secs(15)).code(), Some(0));
     let wanted = [

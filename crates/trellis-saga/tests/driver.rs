@@ -221,7 +221,7 @@ async fn finish(driver: &Driver, log: &SagaLog, gid: &str) -> Status {
             tokio::time::Instant::now() < deadline,
             "{gid} still {status:?}"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        until_due(log, gid).await;
     }
 }
 

@@ -168,25 +168,25 @@ async fn coordinator(dir: &std::path::Path, database: Option<String>) -> Running
 
 /// Waits until the saga is terminal; its last view.
 async fn ended(client: &mut SagaServiceClient<tonic::transport::Channel>, gid: &str) -> SagaView {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let saga = client
-            .get_saga(GetSagaRequest { gid: gid.into() })
-            .await
-            .unwrap()
-            .into_inner();
-        let terminal = [Status::Succeeded, Status::Compensated, Status::Aborted]
-            .iter()
-            .any(|s| *s as i32 == saga.status);
-        if terminal {
-            return saga;
+    trellis_testkit::eventually(Duration::from_secs(20), &format!("{gid} ended"), || {
+        let mut client = client.clone();
+        async move {
+            let saga = client
+                .get_saga(GetSagaRequest { gid: gid.into() })
+                .await
+                .map_err(|s| format!("{s:?}"))?
+                .into_inner();
+            let terminal = [Status::Succeeded, Status::Compensated, Status::Aborted]
+                .iter()
+                .any(|s| *s as i32 == saga.status);
+            if terminal {
+                Ok(saga)
+            } else {
+                Err(format!("{saga:?}"))
+            }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{gid} never ended: {saga:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 async fn kinds_on(participant_url: &str, log_url: Option<String>) {

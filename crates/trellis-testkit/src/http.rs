@@ -36,7 +36,8 @@ impl Response {
 ///
 /// For state that lives in another process (a child's readiness, a
 /// gateway that has yet to see an instance in the registry): asking is
-/// the only way to observe it, so this asks every 20 ms until the deadline.
+/// the only way to observe it, so this asks every
+/// [`POLL_INTERVAL`](crate::wait::POLL_INTERVAL) until the deadline.
 /// Within one process, wait on the event itself instead.
 pub async fn poll_until(
     addr: SocketAddr,
@@ -52,7 +53,7 @@ pub async fn poll_until(
             return answer;
         }
         tokio::time::sleep_until(
-            (tokio::time::Instant::now() + Duration::from_millis(20)).min(deadline),
+            (tokio::time::Instant::now() + crate::wait::POLL_INTERVAL).min(deadline),
         )
         .await;
     }

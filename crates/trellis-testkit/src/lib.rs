@@ -41,6 +41,7 @@ pub mod load;
 #[cfg(feature = "otlp")]
 mod otlp;
 mod program;
+pub mod wait;
 
 pub use engine::{Engine, TestkitError, find_binary, free_port};
 pub use engines::{Etcd, Nats, Postgres, Prometheus, Redis};
@@ -50,3 +51,4 @@ pub use opentelemetry_proto;
 #[cfg(feature = "otlp")]
 pub use otlp::{OtlpReceiver, ReceivedLog, ReceivedPoint, ReceivedSpan};
 pub use program::Program;
+pub use wait::eventually;
