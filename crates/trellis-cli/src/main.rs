@@ -63,6 +63,8 @@ enum Command {
         #[arg(long)]
         tls: bool,
         #[command(flatten)]
+        engines: EnginesArg,
+        #[command(flatten)]
         config_source: ConfigSourceArg,
         #[command(flatten)]
         registry: RegistryArg,
@@ -95,6 +97,8 @@ enum Command {
         /// postgres://user@host:5432/db.
         #[arg(long, env = "TRELLIS_DATABASE_URL")]
         database_url: Option<String>,
+        #[command(flatten)]
+        engines: EnginesArg,
         /// The service's config: a TOML/YAML/JSON file or a directory of them.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -302,6 +306,16 @@ impl RegistryArg {
 }
 
 #[derive(clap::Args, Clone)]
+struct EnginesArg {
+    /// Redis for what instances share beyond one process: idempotency keys
+    /// (`server.idempotency.store`), the user cache's second level and its
+    /// invalidations, and the shop's locks. redis://host:port, or
+    /// rediss://host:port?ca_file=… for TLS.
+    #[arg(long, env = "TRELLIS_REDIS")]
+    redis: Option<String>,
+}
+
+#[derive(clap::Args, Clone)]
 struct ConfigSourceArg {
     /// A remote config layer: etcd://host:port[,host:port]/prefix; each
     /// service reads {prefix}/{service}/, watched.
@@ -350,6 +364,7 @@ async fn main() -> ExitCode {
             admin_listen,
             config,
             tls,
+            engines,
             config_source,
             registry,
             shutdown,
@@ -363,6 +378,7 @@ async fn main() -> ExitCode {
                 admin_base,
                 config,
                 tls,
+                engines,
                 config_source,
                 registry,
                 shutdown,
@@ -378,6 +394,7 @@ async fn main() -> ExitCode {
             admin_listen,
             data_dir,
             database_url,
+            engines,
             config,
             config_source,
             registry,
@@ -395,6 +412,9 @@ async fn main() -> ExitCode {
                     .set
                     .push(("--database-url".into(), "database.url".into(), url));
             }
+            sources
+                .set
+                .extend(services::engine_settings(service, &engines.redis));
             let listen = listen.unwrap_or_else(|| loopback(services::port(service, 8080)));
             let server = ServerConfig {
                 listen,
@@ -521,6 +541,7 @@ async fn up(
     admin_base: SocketAddr,
     config: Option<PathBuf>,
     tls: bool,
+    engines: EnginesArg,
     config_source: ConfigSourceArg,
     registry: RegistryArg,
     shutdown: ShutdownArgs,
@@ -542,6 +563,9 @@ async fn up(
         if let Some(certs) = &certs {
             sources.set.extend(services::tls_settings(service, certs));
         }
+        sources
+            .set
+            .extend(services::engine_settings(service, &engines.redis));
         let server = ServerConfig {
             listen: SocketAddr::new(host, port),
             admin_listen: Some(SocketAddr::new(admin_base.ip(), admin_port)),

@@ -117,6 +117,23 @@ pub fn dev_certs(data_dir: &Path) -> Result<std::path::PathBuf, String> {
     Ok(dir)
 }
 
+/// For `--redis URL`: the settings that move `service`'s shared state to
+/// that Redis.
+pub fn engine_settings(
+    service: &dyn Definition,
+    redis: &Option<String>,
+) -> Vec<(String, String, String)> {
+    let Some(url) = redis else {
+        return Vec::new();
+    };
+    let _ = service;
+    vec![(
+        "--redis".to_owned(),
+        "server.idempotency.store".to_owned(),
+        url.clone(),
+    )]
+}
+
 /// For `up --tls`: the settings that put `service` on mutual TLS with the
 /// certificates in `certs` — its server, and the clients it has.
 pub fn tls_settings(service: &dyn Definition, certs: &Path) -> Vec<(String, String, String)> {

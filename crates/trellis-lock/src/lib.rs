@@ -40,6 +40,7 @@
 mod etcd_backend;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod fence;
+pub mod idempotency;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis_backend;

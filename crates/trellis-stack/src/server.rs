@@ -71,6 +71,10 @@ pub struct ServerSettings {
     /// TLS. Restart to turn on; certificate files are followed. Default:
     /// none (plaintext).
     pub tls: Option<crate::ServerTlsSettings>,
+    /// Idempotent routes (`Idempotency-Key`, fingerprints) and where keys
+    /// live (`server.idempotency.routes`, `.store`; see docs/idempotency.md).
+    /// Restart. Default: no route.
+    pub idempotency: trellis_lock::idempotency::IdempotencySettings,
 }
 
 /// A local rate limit (GCRA) in front of the service's own routes.
@@ -189,6 +193,7 @@ impl Default for ServerSettings {
             reflection: true,
             auth: None,
             tls: None,
+            idempotency: Default::default(),
         }
     }
 }
@@ -208,6 +213,8 @@ impl ServerSettings {
 
     /// Checks ranges; `prefix` is where these settings sit (e.g. `server`).
     pub fn validate(&self, prefix: &str) -> Result<(), Invalid> {
+        self.idempotency
+            .validate(&format!("{prefix}.idempotency"))?;
         if let Some(tls) = &self.tls {
             tls.validate(&format!("{prefix}.tls"))?;
         }

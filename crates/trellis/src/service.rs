@@ -165,6 +165,11 @@ pub trait Service: Sized + Send + 'static {
     const DESCRIPTORS: &'static [u8];
     /// The full names of the gRPC services it serves (`shop.user.v1.UserService`).
     const GRPC_SERVICES: &'static [&'static str];
+    /// The methods (`/pkg.Service/Method`, covering their REST face too)
+    /// that honour an `Idempotency-Key`: a repeated request gets the first
+    /// answer instead of running again. `server.idempotency.routes` adds
+    /// more; `server.idempotency.store` says where keys live.
+    const IDEMPOTENT: &'static [&'static str] = &[];
 
     /// Opens what the service needs (stores, clients) and adds its gRPC
     /// services and HTTP routes to `server`.
@@ -268,9 +273,33 @@ pub async fn bind_with<S: Service>(
         Some(auth) => Some(auth.layer().map_err(|e| StartError::Build(e.into()))?),
         None => None,
     };
+    // Idempotent routes, inside auth: keys are scoped to the caller.
+    let mut idempotency = settings.server().idempotency.clone();
+    idempotency
+        .routes
+        .extend(S::IDEMPOTENT.iter().map(|r| (*r).to_owned()));
+    let idempotency = if idempotency.enabled() {
+        let store = trellis_lock::idempotency::connect(idempotency.store.expose(), data_dir)
+            .await
+            .map_err(|e| StartError::Build(format!("server.idempotency.store: {e}").into()))?;
+        let layer = trellis_lock::idempotency::IdempotencyLayer::new(S::NAME, store, &idempotency)
+            .route_with(rpc_of)
+            .principal_with(principal_of);
+        Some(tower::layer::util::Stack::new(
+            layer,
+            tower::util::MapResponseLayer::new(
+                |r: http::Response<trellis_lock::idempotency::Replayable<axum::body::Body>>| {
+                    r.map(axum::body::Body::new)
+                },
+            ),
+        ))
+    } else {
+        None
+    };
     let server = builder
         .layer(stack)
         .layer(tower::util::option_layer(auth))
+        .layer(tower::util::option_layer(idempotency))
         .bind()
         .await?;
     crate::settings::follow_request_timeout(&config, server_of::<S>, server.request_timeout());
@@ -280,6 +309,29 @@ pub async fn bind_with<S: Service>(
         server,
         config,
     })
+}
+
+/// A request's route for idempotency: the gRPC method its REST face calls,
+/// or its path.
+fn rpc_of(parts: &http::request::Parts) -> std::borrow::Cow<'_, str> {
+    match parts.extensions.get::<trellis_transcode::MatchedRoute>() {
+        Some(route) => format!(
+            "/{}/{}",
+            route.rpc().parent_service().full_name(),
+            route.rpc().name()
+        )
+        .into(),
+        None => parts.uri.path().into(),
+    }
+}
+
+/// Who is calling, for idempotency keys: the token's subject, else the
+/// gateway's `x-user-id` or the mutual TLS peer.
+fn principal_of(parts: &http::request::Parts) -> Option<String> {
+    match parts.extensions.get::<trellis_auth::Claims>() {
+        Some(claims) => Some(format!("sub:{}", claims.sub)),
+        None => trellis_lock::idempotency::default_principal(parts),
+    }
 }
 
 fn server_of<S: Service>(settings: &S::Settings) -> &ServerSettings {

@@ -129,6 +129,7 @@ impl Service for OrderService {
     // The saga branches (`OrderBranches`) are served, not routed: the
     // gateway publishes only these.
     const GRPC_SERVICES: &'static [&'static str] = &["shop.order.v1.OrderService"];
+    const IDEMPOTENT: &'static [&'static str] = &["/shop.order.v1.OrderService/CreateOrder"];
 
     /// Opens (and migrates) the store, follows inventory and the
     /// coordinator through the registry, and adds both gRPC services.

@@ -133,7 +133,13 @@ pub async fn charge(
         .execute(&mut **c)
         .await
         .map(drop)
-        .map_err(unavailable)?);
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => Error::already_exists(
+                "ALREADY_CHARGED",
+                format!("order {order_id} is already charged"),
+            ),
+            _ => unavailable(e),
+        })?);
     Ok(())
 }
 

@@ -102,6 +102,7 @@ impl Service for PaymentService {
     // The saga branches (`PaymentBranches`) are served, not routed: the
     // gateway publishes only these.
     const GRPC_SERVICES: &'static [&'static str] = &["shop.payment.v1.PaymentService"];
+    const IDEMPOTENT: &'static [&'static str] = &["/shop.payment.v1.PaymentBranches/Charge"];
 
     /// Opens (and migrates) the store and adds both gRPC services.
     async fn build(

@@ -50,6 +50,19 @@ impl PaymentBranches for PaymentHandler {
         biz::amount(r.amount_cents)?;
         let (order, user, amount) = (r.order_id.clone(), r.user_id.clone(), r.amount_cents);
         let opening = self.store.opening_balance_cents();
+        if request.metadata().get("trellis-saga-gid").is_none() {
+            // A direct charge, outside a saga: once per order (a repeat
+            // is ALREADY_EXISTS, or with an Idempotency-Key the first
+            // answer, replayed by the server's idempotency layer).
+            let mut tx = self.store.pool().begin().await.map_err(|e| {
+                Status::from(trellis::Error::unavailable(format!("payment store: {e}")))
+            })?;
+            data::charge(&mut tx, opening, &order, &user, amount).await?;
+            tx.commit().await.map_err(|e| {
+                Status::from(trellis::Error::unavailable(format!("payment store: {e}")))
+            })?;
+            return Ok(Response::new(()));
+        }
         trellis_saga::barrier::grpc(self.store.pool(), request.metadata(), |tx| {
             Box::pin(async move { data::charge(tx, opening, &order, &user, amount).await })
         })

@@ -100,6 +100,7 @@ impl Service for UserService {
     const PORT_OFFSET: u16 = 2;
     const DESCRIPTORS: &'static [u8] = api::FILE_DESCRIPTOR_SET;
     const GRPC_SERVICES: &'static [&'static str] = &["shop.user.v1.UserService"];
+    const IDEMPOTENT: &'static [&'static str] = &["/shop.user.v1.UserService/CreateUser"];
 
     /// Opens (and migrates) the store — `database.url`, or SQLite in the
     /// data dir — and adds the gRPC service.
