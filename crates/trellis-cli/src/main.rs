@@ -412,9 +412,11 @@ async fn main() -> ExitCode {
                     .set
                     .push(("--database-url".into(), "database.url".into(), url));
             }
-            sources
-                .set
-                .extend(services::engine_settings(service, &engines.redis));
+            sources.set.extend(services::engine_settings(
+                service,
+                &engines.redis,
+                &registry.registry,
+            ));
             let listen = listen.unwrap_or_else(|| loopback(services::port(service, 8080)));
             let server = ServerConfig {
                 listen,
@@ -546,6 +548,7 @@ async fn up(
     registry: RegistryArg,
     shutdown: ShutdownArgs,
 ) -> Result<(), String> {
+    let registry_url = registry.registry.clone();
     let (signal, registry) = prepare(&registry).await?;
     let certs = match tls {
         true => Some(services::dev_certs(&data_dir)?),
@@ -563,9 +566,11 @@ async fn up(
         if let Some(certs) = &certs {
             sources.set.extend(services::tls_settings(service, certs));
         }
-        sources
-            .set
-            .extend(services::engine_settings(service, &engines.redis));
+        sources.set.extend(services::engine_settings(
+            service,
+            &engines.redis,
+            &registry_url,
+        ));
         let server = ServerConfig {
             listen: SocketAddr::new(host, port),
             admin_listen: Some(SocketAddr::new(admin_base.ip(), admin_port)),

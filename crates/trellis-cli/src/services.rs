@@ -119,19 +119,43 @@ pub fn dev_certs(data_dir: &Path) -> Result<std::path::PathBuf, String> {
 
 /// For `--redis URL`: the settings that move `service`'s shared state to
 /// that Redis.
+///
+/// For `--registry etcd://…` (and no `--redis`): the order sweep's lock in
+/// that etcd.
 pub fn engine_settings(
     service: &dyn Definition,
     redis: &Option<String>,
+    registry: &str,
 ) -> Vec<(String, String, String)> {
-    let Some(url) = redis else {
-        return Vec::new();
-    };
-    let _ = service;
-    vec![(
-        "--redis".to_owned(),
-        "server.idempotency.store".to_owned(),
-        url.clone(),
-    )]
+    let mut set = Vec::new();
+    if let Some(url) = redis {
+        set.push(("--redis", "server.idempotency.store", url.clone()));
+        if service.name() == shop_user::SERVICE {
+            set.push(("--redis", "cache.redis", url.clone()));
+        }
+        if service.name() == shop_order::SERVICE {
+            set.push(("--redis", "locks", url.clone()));
+        }
+    } else if registry.starts_with("etcd://") && service.name() == shop_order::SERVICE {
+        // The registry's endpoints and TLS options, without its own (ttl).
+        let (hosts, query) = registry.split_once('?').unwrap_or((registry, ""));
+        let tls: Vec<&str> = query
+            .split('&')
+            .filter(|p| {
+                p.starts_with("ca_file=")
+                    || p.starts_with("cert_file=")
+                    || p.starts_with("key_file=")
+            })
+            .collect();
+        let url = match tls.is_empty() {
+            true => hosts.to_owned(),
+            false => format!("{hosts}?{}", tls.join("&")),
+        };
+        set.push(("--registry", "locks", url));
+    }
+    set.into_iter()
+        .map(|(flag, key, value)| (flag.to_owned(), key.to_owned(), value))
+        .collect()
 }
 
 /// For `up --tls`: the settings that put `service` on mutual TLS with the
@@ -167,4 +191,43 @@ pub fn tls_settings(service: &dyn Definition, certs: &Path) -> Vec<(String, Stri
         .chain(keys)
         .map(|(k, v)| ("--tls".to_owned(), k, v))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engines_move_shared_state() {
+        let find = |name| ALL.iter().copied().find(|s| s.name() == name).unwrap();
+        let keys = |set: Vec<(String, String, String)>| -> Vec<(String, String)> {
+            set.into_iter().map(|(_, k, v)| (k, v)).collect()
+        };
+        let redis = Some("redis://r:6379".to_owned());
+        assert_eq!(
+            keys(engine_settings(find("user"), &redis, "memory://")),
+            [
+                ("server.idempotency.store".into(), "redis://r:6379".into()),
+                ("cache.redis".into(), "redis://r:6379".into())
+            ]
+        );
+        assert!(
+            keys(engine_settings(find("order"), &redis, "memory://"))
+                .contains(&("locks".into(), "redis://r:6379".into()))
+        );
+        // Without Redis the sweep's lock goes to the etcd registry, with
+        // its TLS options and without its own.
+        assert_eq!(
+            keys(engine_settings(
+                find("order"),
+                &None,
+                "etcd://e1:2379,e2:2379?ttl=5s&ca_file=/c.pem"
+            )),
+            [(
+                "locks".into(),
+                "etcd://e1:2379,e2:2379?ca_file=/c.pem".into()
+            )]
+        );
+        assert!(engine_settings(find("user"), &None, "etcd://e1:2379").is_empty());
+    }
 }

@@ -29,6 +29,7 @@ fn migrator() -> sqlx::migrate::Migrator {
                 CREATE INDEX orders_unsubmitted ON orders (saga_submitted, create_time_ms);",
             ),
             trellis_saga::barrier::MIGRATION,
+            trellis_lock::fence::MIGRATION,
         ],
     )
 }
@@ -114,6 +115,34 @@ impl Orders {
             .await
             .map(drop)
             .map_err(unavailable))
+    }
+
+    /// [`submitted`](Self::submitted) by the holder of the lock `resource`
+    /// with fencing `token`: refused (ABORTED, reason LOCK_LOST) when a
+    /// later holder has written, so a sweeper that was paused past its
+    /// lease cannot act on what it read before.
+    pub async fn submitted_fenced(
+        &self,
+        id: &str,
+        resource: &str,
+        token: u64,
+    ) -> Result<(), Error> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        trellis_lock::fence::check(&mut tx, resource, token)
+            .await
+            .map_err(|e| match e {
+                trellis_lock::fence::FenceError::Stale { .. } => {
+                    Error::new(trellis::Code::Aborted, "LOCK_LOST", e.to_string())
+                }
+                other => Error::unavailable(format!("order store: {other}")),
+            })?;
+        with_tx!(&mut tx, c => sqlx::query("UPDATE orders SET saga_submitted = 1 WHERE id = $1")
+            .bind(id)
+            .execute(&mut **c)
+            .await
+            .map(drop)
+            .map_err(unavailable))?;
+        tx.commit().await.map_err(unavailable)
     }
 
     /// Orders placed before `before_ms` whose saga was not yet submitted

@@ -49,6 +49,8 @@ use trellis::{
 /// [database]
 /// url = "postgres://order:${DB_PASSWORD}@db:5432/shop"   # default: SQLite in the data dir
 ///
+/// locks = "memory://"          # the resubmit sweep's lock: redis://, etcd://, redlock://
+///
 /// [client]                   # to inventory and the saga coordinator
 /// timeout = "5s"
 /// ```
@@ -73,6 +75,10 @@ pub struct OrderSettings {
     /// The client to inventory and to the coordinator: timeout, retries,
     /// breaker, balancer, TLS.
     pub client: ClientSettings,
+    /// Where the resubmit sweep's lock lives: `memory://` (one process;
+    /// the default), `redis://…`, `redlock://h1,h2,h3`, `etcd://…`
+    /// (`trellis up/serve --redis` or `--registry etcd://` set it).
+    pub locks: trellis::core::Secret<String>,
 }
 
 impl Default for OrderSettings {
@@ -85,6 +91,7 @@ impl Default for OrderSettings {
             checkout_timeout: Duration::from_secs(60),
             resubmit_after: Duration::from_secs(10),
             client: ClientSettings::default(),
+            locks: trellis::core::Secret::new("memory://".into()),
         }
     }
 }
@@ -114,6 +121,9 @@ trellis::service_settings!(OrderSettings);
 
 /// The service's name: in the registry, on spans and log lines.
 pub const SERVICE: &str = "order";
+
+/// The lock the resubmit sweep holds (one instance sweeps at a time).
+pub const RESUBMIT_LOCK: &str = "order:resubmit";
 
 /// The order service: its store and the resubmitting task, while it runs.
 pub struct OrderService {
@@ -158,17 +168,36 @@ impl Service for OrderService {
             service::OrderHandler::new(store.clone(), inventory, saga, settings.checkout_timeout);
         let every = settings.resubmit_after;
         let sweeper = handler.clone();
+        let locks = trellis_lock::connect(
+            settings.locks.expose(),
+            "shop:",
+            trellis_lock::LockConfig::default(),
+        )
+        .await
+        .map_err(|e| format!("locks: {e}"))?;
         let resubmitting = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                match sweeper.resubmit(every).await {
+                // One instance sweeps; the others find the lock taken.
+                let guard = match locks.try_lock(RESUBMIT_LOCK).await {
+                    Ok(Some(guard)) => guard,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "resubmit sweep skipped: locks unavailable");
+                        continue;
+                    }
+                };
+                match sweeper.resubmit(every, &guard).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(orders = n, "checkout sagas submitted late"),
                     Err(e) => {
                         tracing::debug!(error = %e.message(), "checkout sagas still not submitted")
                     }
+                }
+                if let Err(e) = guard.release().await {
+                    tracing::debug!(error = %e, "resubmit lock not released: it expires");
                 }
             }
         });

@@ -65,11 +65,27 @@ impl OrderHandler {
     /// failed; how many were submitted now. Submitting is idempotent, so an
     /// order whose first submit landed but whose answer was lost is
     /// harmless here.
-    pub async fn resubmit(&self, age: Duration) -> Result<usize, Status> {
+    ///
+    /// One instance sweeps at a time: the caller holds `guard`, and each
+    /// order is noted under its fencing token — a sweeper whose lease ran
+    /// out mid-sweep (paused, partitioned) stops at its next write.
+    pub async fn resubmit(
+        &self,
+        age: Duration,
+        guard: &trellis_lock::Guard,
+    ) -> Result<usize, Status> {
         let before = trellis_store::now_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
         let mut n = 0;
         for order in self.orders.unsubmitted(before, 100).await? {
-            self.submit(&order).await?;
+            if guard.is_lost() {
+                break;
+            }
+            biz::checkout(&order, self.timeout_to_fail)
+                .submit(&mut self.saga.clone())
+                .await?;
+            self.orders
+                .submitted_fenced(&order.id, guard.resource(), guard.token())
+                .await?;
             n += 1;
         }
         Ok(n)

@@ -6,7 +6,7 @@ use std::future::Future;
 use trellis::{Code, Error};
 
 /// A stored user.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct User {
     /// UUIDv7, so ids sort by creation time.
     pub id: String,
@@ -21,7 +21,7 @@ pub struct User {
 }
 
 /// What a repository can fail with; [`Users`] turns these into API errors.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RepoError {
     /// A unique constraint (the email) was violated.
     #[error("duplicate key")]

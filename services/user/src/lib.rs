@@ -32,6 +32,7 @@
 
 pub mod api;
 pub mod biz;
+pub mod cached;
 pub mod data;
 pub mod service;
 
@@ -74,12 +75,16 @@ pub struct UserSettings {
     pub otlp: OtlpSettings,
     /// Where users are stored.
     pub database: trellis_store::DatabaseSettings,
+    /// GetUser's two-level cache (`cache.redis` shares it across
+    /// instances and broadcasts invalidations).
+    pub cache: trellis_cache::CacheSettings,
 }
 
 impl Validate for UserSettings {
     fn validate(&self) -> Result<(), Invalid> {
         trellis::service::check_common(&self.server, &self.otlp)?;
         self.database.validate("database")?;
+        self.cache.validate("cache")?;
         Ok(())
     }
 }
@@ -110,7 +115,12 @@ impl Service for UserService {
     ) -> Result<(UserService, GrpcHttpServerBuilder), BoxError> {
         let store =
             data::SqlUserRepo::open(&ctx.settings.database, &ctx.data_dir.join("user.db")).await?;
-        let handler = service::UserServiceHandler::new(biz::Users::new(store.clone()));
+        let cache = match ctx.settings.cache.enabled {
+            true => Some(trellis_cache::Cache::new(SERVICE, &ctx.settings.cache).await?),
+            false => None,
+        };
+        let repo = cached::CachedRepo::new(store.clone(), cache);
+        let handler = service::UserServiceHandler::new(biz::Users::new(repo));
         let server = server.grpc_service(api::v1::user_service_server::UserServiceServer::new(
             handler,
         ));
