@@ -34,14 +34,9 @@ pub(crate) struct Remote {
 
 impl Remote {
     pub(crate) fn connect(url: &str, name: &str) -> Result<Remote, CacheError> {
-        let client =
-            trellis_resilience::redis_client(url).map_err(|e| CacheError::Redis(e.to_string()))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_millis(500)))
-            .set_number_of_retries(1);
-        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| CacheError::Redis(e.to_string()))?;
+        let (client, connection) =
+            trellis_resilience::redis_connection(url, Duration::from_millis(500))
+                .map_err(|e| CacheError::Redis(e.to_string()))?;
         Ok(Remote {
             client,
             connection,

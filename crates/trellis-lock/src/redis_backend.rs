@@ -53,13 +53,7 @@ impl RedisLocks {
     /// Locks under keys starting with `prefix` in the Redis at `url`
     /// (connected lazily, reconnected as needed).
     pub fn connect(url: &str, prefix: &str) -> Result<RedisLocks, LockError> {
-        let client =
-            trellis_resilience::redis_client(url).map_err(|e| LockError::Backend(e.to_string()))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_millis(500)))
-            .set_number_of_retries(1);
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
+        let (_, connection) = trellis_resilience::redis_connection(url, Duration::from_millis(500))
             .map_err(|e| LockError::Backend(e.to_string()))?;
         Ok(RedisLocks {
             connection,

@@ -57,7 +57,7 @@ pub use rate_limit::{
     Decision, KeyBy, Limiter, LocalLimiter, PeerAddr, Quota, RateLimit, RateLimitLayer,
 };
 #[cfg(feature = "redis")]
-pub use redis_limit::{RedisFallback, RedisLimiter, redis_client};
+pub use redis_limit::{RedisFallback, RedisLimiter, redis_client, redis_connection};
 pub use retry::{Backoff, Retry, RetryBudget, RetryLayer, RetryPolicy};
 pub use trellis_core::future::EitherFuture;
 

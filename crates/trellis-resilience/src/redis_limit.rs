@@ -59,6 +59,24 @@ pub struct RedisLimiter {
     skip_until_ms: AtomicU64,
 }
 
+/// A lazily connected, self-reconnecting connection to the Redis at `url`
+/// (as [`redis_client`] reads it) with bounded waits: `timeout` to connect
+/// and per answer, one retry. Shared by the rate limiter, the locks, the
+/// idempotency store and the cache.
+pub fn redis_connection(
+    url: &str,
+    timeout: Duration,
+) -> Result<(redis::Client, ConnectionManager), redis::RedisError> {
+    let client = redis_client(url)?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+    Ok((client, connection))
+}
+
 /// A Redis client for `url`. `rediss://` speaks TLS (rustls on aws-lc-rs),
 /// trusting the system's roots, or with `?ca_file=PATH` the authorities in
 /// that PEM file; `&cert_file=PATH&key_file=PATH` add a client certificate
@@ -126,13 +144,7 @@ impl RedisLimiter {
         quota: Quota,
         fallback: RedisFallback,
     ) -> Result<Self, redis::RedisError> {
-        let client = redis_client(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(200)))
-            .set_response_timeout(Some(Duration::from_millis(200)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
+        let (_, connection) = redis_connection(url, Duration::from_millis(200))?;
         Ok(RedisLimiter {
             connection,
             script: Script::new(GCRA),

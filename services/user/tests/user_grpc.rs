@@ -399,6 +399,9 @@ async fn a_postgres_restart_under_load_is_unavailable_then_recovers() {
         ("database.max_connections", "4"),
         // Calls wait this long for PostgreSQL before failing UNAVAILABLE.
         ("database.acquire_timeout", "200ms"),
+        // Reads reach the database (the cache would answer them while it
+        // is down).
+        ("cache.enabled", "false"),
     ])
     .await;
     let mut client = service.client().await;

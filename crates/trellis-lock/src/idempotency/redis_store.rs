@@ -8,6 +8,7 @@ use futures_util::future::BoxFuture;
 use redis::{Script, aio::ConnectionManager};
 
 use super::{Begin, Record, Store, StoreError, decode, encode};
+use crate::redis_backend::millis;
 
 const BEGIN: &str = r"
 local v = redis.call('GET', KEYS[1])
@@ -51,21 +52,11 @@ fn pending(fingerprint: &str, owner: &str) -> Vec<u8> {
     [b"P", fingerprint.as_bytes(), owner.as_bytes()].concat()
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
 impl RedisStore {
     /// The store in the Redis at `url` (connected lazily, reconnected as
     /// needed).
     pub fn connect(url: &str) -> Result<RedisStore, StoreError> {
-        let client =
-            trellis_resilience::redis_client(url).map_err(|e| StoreError(e.to_string()))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_millis(500)))
-            .set_number_of_retries(1);
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
+        let (_, connection) = trellis_resilience::redis_connection(url, Duration::from_millis(500))
             .map_err(|e| StoreError(e.to_string()))?;
         Ok(RedisStore {
             connection,
