@@ -5,8 +5,6 @@ mod support;
 
 use std::{net::SocketAddr, process::Command, time::Duration};
 
-use trellis_testkit::http;
-
 fn redis_cli(redis: &trellis_testkit::Redis, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
         .args(["-p", &redis.addr().port().to_string()])
@@ -14,26 +12,6 @@ fn redis_cli(redis: &trellis_testkit::Redis, args: &[&str]) -> String {
         .output()
         .expect("redis-cli runs (apt-get install redis-tools)");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-async fn call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> http::Response {
-    let extra: String = headers
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}\r\n"))
-        .collect();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: shop\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    http::raw(addr, request.as_bytes(), Duration::from_secs(20))
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,9 +47,9 @@ async fn up_with_redis_keeps_keys_cache_and_locks_there() {
     // A keyed order: its key and answer are in Redis, and the repeat is
     // answered from there.
     let lines = r#"{"lines":[{"sku":"tea","quantity":1}]}"#;
-    let first = call(gateway, "POST", "/v1/orders", &auth, lines).await;
+    let first = support::call(gateway, "POST", "/v1/orders", &auth, lines).await;
     assert_eq!(first.status, 200, "{}", first.body);
-    let again = call(gateway, "POST", "/v1/orders", &auth, lines).await;
+    let again = support::call(gateway, "POST", "/v1/orders", &auth, lines).await;
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(again.body, first.body);
     assert_eq!(
@@ -82,7 +60,7 @@ async fn up_with_redis_keeps_keys_cache_and_locks_there() {
     );
 
     // A user read twice: loaded once, kept in Redis for other instances.
-    let created = call(
+    let created = support::call(
         gateway,
         "POST",
         "/v1/users",
@@ -96,7 +74,7 @@ async fn up_with_redis_keeps_keys_cache_and_locks_there() {
         .unwrap()
         .to_owned();
     for _ in 0..2 {
-        let got = call(gateway, "GET", &format!("/v1/users/{id}"), &auth[..1], "").await;
+        let got = support::call(gateway, "GET", &format!("/v1/users/{id}"), &auth[..1], "").await;
         assert_eq!(got.status, 200, "{}", got.body);
     }
     let cached = redis_cli(&redis, &["GET", &format!("cache:user:{id}")]);

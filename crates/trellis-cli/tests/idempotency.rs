@@ -14,17 +14,7 @@ async fn post(
     headers: &[(&str, &str)],
     body: &str,
 ) -> http::Response {
-    let extra: String = headers
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}\r\n"))
-        .collect();
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: shop\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    http::raw(addr, request.as_bytes(), Duration::from_secs(20))
-        .await
-        .unwrap()
+    support::call(addr, "POST", path, headers, body).await
 }
 
 /// 50 copies of one request at once; the answers.

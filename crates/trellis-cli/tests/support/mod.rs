@@ -65,3 +65,26 @@ pub async fn token_through(gateway: std::net::SocketAddr, email: &str) -> String
     let tokens: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
     tokens["access_token"].as_str().unwrap().to_owned()
 }
+
+/// `METHOD path` with `headers` and a JSON `body`, on a connection of its
+/// own; the answer.
+#[allow(dead_code)]
+pub async fn call(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> trellis_testkit::http::Response {
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: shop\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    trellis_testkit::http::raw(addr, request.as_bytes(), std::time::Duration::from_secs(20))
+        .await
+        .unwrap()
+}
