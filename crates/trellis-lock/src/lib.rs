@@ -28,11 +28,15 @@
 //! # Ok(()) }
 //! ```
 //!
+//! The same crate holds [`idempotency`]: the layer that makes a repeated
+//! request (same `Idempotency-Key`, or same fingerprint) get the first
+//! answer instead of running again, over the same engines.
+//!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `redis` | no | `RedisLocks`, `RedlockLocks` (a majority of N instances) |
+//! | `redis` | no | `RedisLocks`, `RedlockLocks` (a majority of N instances); the Redis idempotency store |
 //! | `etcd` | no | `EtcdLocks` (a lease; the write's revision as the token) |
-//! | `sqlite`, `postgres` | no | `fence`: the storage-side token check |
+//! | `sqlite`, `postgres` | no | `fence`: the storage-side token check; the SQL idempotency store |
 
 #![warn(missing_docs)]
 
