@@ -168,6 +168,7 @@ impl Etcd {
 /// A NATS server with JetStream enabled.
 pub struct Nats {
     engine: Engine,
+    bin: std::path::PathBuf,
     client: SocketAddr,
     monitor: SocketAddr,
 }
@@ -196,23 +197,52 @@ impl Nats {
         with_retries(|| {
             let dir = temp_dir("nats")?;
             let (client, monitor) = (loopback(free_port()?), loopback(free_port()?));
-            let mut cmd = Command::new(&bin);
-            cmd.args(["-a", "127.0.0.1", "-js"])
-                .args(["-p", &client.port().to_string()])
-                .args(["-m", &monitor.port().to_string()])
-                .arg("-sd")
-                .arg(dir.path().join("jetstream"));
+            let cmd = Self::command(&bin, dir.path(), client, monitor);
             let mut engine = Engine::spawn("nats-server", cmd, dir)?;
-            engine.wait_ready(READY_TIMEOUT, |_| {
-                http_get_blocking(monitor, "/healthz?js-enabled-only=true")
-                    .is_some_and(|(s, _)| s == 200)
-            })?;
+            Self::wait_healthy(&mut engine, monitor)?;
             Ok(Nats {
                 engine,
+                bin: bin.clone(),
                 client,
                 monitor,
             })
         })
+    }
+
+    fn command(
+        bin: &std::path::Path,
+        dir: &std::path::Path,
+        client: SocketAddr,
+        monitor: SocketAddr,
+    ) -> Command {
+        let mut cmd = Command::new(bin);
+        cmd.args(["-a", "127.0.0.1", "-js"])
+            .args(["-p", &client.port().to_string()])
+            .args(["-m", &monitor.port().to_string()])
+            .arg("-sd")
+            .arg(dir.join("jetstream"));
+        cmd
+    }
+
+    fn wait_healthy(engine: &mut Engine, monitor: SocketAddr) -> Result<(), TestkitError> {
+        engine.wait_ready(READY_TIMEOUT, |_| {
+            http_get_blocking(monitor, "/healthz?js-enabled-only=true")
+                .is_some_and(|(s, _)| s == 200)
+        })
+    }
+
+    /// Kills the server (SIGKILL), leaving its JetStream store;
+    /// [`Nats::restart`] brings it back.
+    pub fn stop(&mut self) {
+        self.engine.kill();
+    }
+
+    /// Starts the server again on the same ports with its JetStream store
+    /// (streams, consumers and their acknowledged state survive).
+    pub fn restart(&mut self) -> Result<(), TestkitError> {
+        let command = Self::command(&self.bin, self.engine.dir(), self.client, self.monitor);
+        self.engine.respawn(command)?;
+        Self::wait_healthy(&mut self.engine, self.monitor)
     }
 
     /// The client URL, `nats://127.0.0.1:PORT`.
