@@ -15,11 +15,13 @@
 //! loop {
 //!     let delivery = sub.next().await?;
 //!     inbox::handle(&pool, "mailer", delivery, |mut tx, event| async move {
-//!         with_tx!(&mut tx, c => sqlx::query("INSERT INTO mails (event_id) VALUES ($1)")
-//!             .bind(&event.id)
-//!             .execute(&mut **c)
-//!             .await
-//!             .map_err(|e| HandleError::Retry(e.to_string()))?);
+//!         with_tx!(&mut tx, c => {
+//!             sqlx::query("INSERT INTO mails (event_id) VALUES ($1)")
+//!                 .bind(&event.id)
+//!                 .execute(&mut **c)
+//!                 .await
+//!                 .map_err(|e| HandleError::Retry(e.to_string()))?;
+//!         });
 //!         Ok(tx)
 //!     })
 //!     .await?;
