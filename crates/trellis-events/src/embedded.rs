@@ -559,19 +559,34 @@ pub(crate) struct Reader {
 
 impl Reader {
     pub(crate) async fn next(&mut self) -> Result<Stored, EventsError> {
+        loop {
+            if let Some(stored) = self.next_until(i64::MAX as u64).await? {
+                return Ok(stored);
+            }
+            tokio::select! {
+                _ = self.changes.changed() => {}
+                _ = tokio::time::sleep(self.log.inner.poll) => {}
+            }
+        }
+    }
+
+    /// The next event at or before `last`; none when the log has no more.
+    pub(crate) async fn next_until(&mut self, last: u64) -> Result<Option<Stored>, EventsError> {
         if let Some(start) = self.start.take() {
             self.cursor = self.log.cursor_for(start).await?;
         }
+        let last = i64::try_from(last).unwrap_or(i64::MAX);
         loop {
             if let Some(stored) = self.buffer.pop_front() {
-                return Ok(stored);
+                return Ok(Some(stored));
             }
             self.changes.borrow_and_update();
             let rows = sqlx::query(
                 "SELECT seq, subject, time_ms, attributes, data FROM trellis_events \
-                 WHERE seq > $1 ORDER BY seq LIMIT $2",
+                 WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
             )
             .bind(self.cursor)
+            .bind(last)
             .bind(PAGE)
             .fetch_all(&self.log.inner.pool)
             .await
@@ -590,10 +605,7 @@ impl Reader {
             if !self.buffer.is_empty() || rows.len() as i64 == PAGE {
                 continue;
             }
-            tokio::select! {
-                _ = self.changes.changed() => {}
-                _ = tokio::time::sleep(self.log.inner.poll) => {}
-            }
+            return Ok(None);
         }
     }
 }

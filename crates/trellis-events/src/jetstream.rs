@@ -228,11 +228,15 @@ impl Js {
             })
             .await
             .map_err(|e| unavailable("ordered consumer", e))?;
+        let pending = consumer.cached_info().num_pending;
         let messages = consumer
             .messages()
             .await
             .map_err(|e| unavailable("ordered consumer", e))?;
-        Ok(Reader { messages })
+        Ok(Reader {
+            messages,
+            caught_up: pending == 0,
+        })
     }
 }
 
@@ -366,26 +370,59 @@ pub(crate) async fn ack(acker: &Acker, kind: AckKind) -> Result<(), EventsError>
 /// An ordered read of the stream (an ordered consumer).
 pub(crate) struct Reader {
     messages: pull::Ordered,
+    /// No message matching the filter was pending after the last one read.
+    caught_up: bool,
 }
 
 impl Reader {
     pub(crate) async fn next(&mut self) -> Result<Stored, EventsError> {
         loop {
+            if let Some(stored) = self.read(None).await? {
+                return Ok(stored);
+            }
+        }
+    }
+
+    /// The next event at or before `last`; none once the stream has no
+    /// more (as the server counted when the last one was delivered).
+    pub(crate) async fn next_until(&mut self, last: u64) -> Result<Option<Stored>, EventsError> {
+        if self.caught_up {
+            return Ok(None);
+        }
+        match self.read(Some(last)).await? {
+            Some(stored) if stored.seq <= last => Ok(Some(stored)),
+            _ => {
+                self.caught_up = true;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn read(&mut self, last: Option<u64>) -> Result<Option<Stored>, EventsError> {
+        loop {
             match self.messages.next().await {
                 Some(Ok(message)) => {
                     let info = message.info().map_err(|e| unavailable("message info", e))?;
                     let (seq, published) = (info.stream_sequence, published_ms(&info));
+                    if last.is_some() {
+                        self.caught_up = info.pending == 0;
+                    }
                     match event_of(&message) {
                         Ok(event) => {
-                            return Ok(Stored {
+                            return Ok(Some(Stored {
                                 seq,
                                 subject: message.subject.to_string(),
                                 published_ms: published,
                                 event,
-                            });
+                            }));
                         }
                         Err(e) => {
-                            tracing::warn!(seq, error = %e, "skipping a message that is not a CloudEvent")
+                            tracing::warn!(seq, error = %e, "skipping a message that is not a CloudEvent");
+                            if last.is_some_and(|last| seq >= last)
+                                || (last.is_some() && self.caught_up)
+                            {
+                                return Ok(None);
+                            }
                         }
                     }
                 }

@@ -61,6 +61,7 @@ pub mod inbox;
 #[cfg(feature = "nats")]
 mod jetstream;
 pub mod outbox;
+pub mod projection;
 mod subject;
 
 use std::{path::Path, sync::Arc, time::Duration};
@@ -581,6 +582,17 @@ impl Reader {
             ReadFrom::Embedded(r) => r.next().await,
             #[cfg(feature = "nats")]
             ReadFrom::JetStream(r) => r.next().await,
+        }
+    }
+
+    /// The next event at or before stream sequence `last`, without
+    /// waiting for new ones: none once the stream has no more (for
+    /// catching up to a known point, as rebuilds do).
+    pub async fn next_until(&mut self, last: u64) -> Result<Option<Stored>, EventsError> {
+        match &mut self.0 {
+            ReadFrom::Embedded(r) => r.next_until(last).await,
+            #[cfg(feature = "nats")]
+            ReadFrom::JetStream(r) => r.next_until(last).await,
         }
     }
 }

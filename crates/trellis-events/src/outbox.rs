@@ -69,7 +69,8 @@ const SQLITE: &[(i64, &str, &str)] = &[(
         handled_ms BIGINT NOT NULL,
         PRIMARY KEY (consumer, event_id)
     );
-    CREATE INDEX trellis_inbox_handled ON trellis_inbox (handled_ms);",
+    CREATE INDEX trellis_inbox_handled ON trellis_inbox (handled_ms);
+    CREATE TABLE trellis_projections (name TEXT PRIMARY KEY, checkpoint BIGINT NOT NULL);",
 )];
 
 const POSTGRES: &[(i64, &str, &str)] = &[(
@@ -89,10 +90,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[(
         handled_ms BIGINT NOT NULL,
         PRIMARY KEY (consumer, event_id)
     );
-    CREATE INDEX trellis_inbox_handled ON trellis_inbox (handled_ms);",
+    CREATE INDEX trellis_inbox_handled ON trellis_inbox (handled_ms);
+    CREATE TABLE trellis_projections (name TEXT PRIMARY KEY, checkpoint BIGINT NOT NULL);",
 )];
 
-/// Creates the outbox and inbox tables in a service's store (their own
+/// Creates the outbox, inbox and projection checkpoint tables in a service's store (their own
 /// migrations table, `_trellis_events_migrations`); call once after
 /// opening it.
 pub async fn migrate(pool: &Pool) -> Result<(), sqlx::migrate::MigrateError> {
