@@ -3,6 +3,7 @@
 //! and the config centre.
 
 mod config_cmd;
+mod events_cmd;
 mod logging;
 mod saga_cmd;
 mod services;
@@ -147,6 +148,11 @@ enum Command {
     Auth {
         #[command(subcommand)]
         command: AuthCommand,
+    },
+    /// Follow the event bus, and rebuild projections from it.
+    Events {
+        #[command(subcommand)]
+        command: events_cmd::EventsCommand,
     },
     /// Inspect distributed locks.
     Lock {
@@ -313,6 +319,11 @@ struct EnginesArg {
     /// rediss://host:port?ca_file=… for TLS.
     #[arg(long, env = "TRELLIS_REDIS")]
     redis: Option<String>,
+    /// The event bus the order, inventory and payment outboxes publish to
+    /// (and the order history reads): nats://host:port (tls://… for TLS)
+    /// for NATS JetStream; default the embedded log, DATA_DIR/events.db.
+    #[arg(long, env = "TRELLIS_EVENTS")]
+    events: Option<String>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -415,6 +426,7 @@ async fn main() -> ExitCode {
             sources.set.extend(services::engine_settings(
                 service,
                 &engines.redis,
+                &engines.events,
                 &registry.registry,
             ));
             let listen = listen.unwrap_or_else(|| loopback(services::port(service, 8080)));
@@ -450,6 +462,7 @@ async fn main() -> ExitCode {
         } => registry_ls(service.as_deref(), &registry).await,
         Command::Config { command } => config_cmd::run(command).await,
         Command::Saga { command } => saga_cmd::run(command).await,
+        Command::Events { command } => events_cmd::run(command).await,
         Command::Lock {
             command: LockCommand::Ls { locks, prefix },
         } => lock_ls(&locks, &prefix).await,
@@ -569,6 +582,7 @@ async fn up(
         sources.set.extend(services::engine_settings(
             service,
             &engines.redis,
+            &engines.events,
             &registry_url,
         ));
         let server = ServerConfig {

@@ -117,17 +117,30 @@ pub fn dev_certs(data_dir: &Path) -> Result<std::path::PathBuf, String> {
     Ok(dir)
 }
 
-/// For `--redis URL`: the settings that move `service`'s shared state to
-/// that Redis.
-///
-/// For `--registry etcd://…` (and no `--redis`): the order sweep's lock in
-/// that etcd.
+/// The services with an outbox (and so `events` settings).
+pub const EVENTFUL: &[&str] = &[
+    shop_order::SERVICE,
+    shop_inventory::SERVICE,
+    shop_payment::SERVICE,
+];
+
+/// The settings that move `service`'s shared state to the engines the
+/// flags name: for `--redis URL`, idempotency keys, the user cache and the
+/// order sweep's lock in that Redis; for `--events URL`, the outboxes'
+/// bus (and the order history's source); for `--registry etcd://…` (and
+/// no `--redis`), the order sweep's lock in that etcd.
 pub fn engine_settings(
     service: &dyn Definition,
     redis: &Option<String>,
+    events: &Option<String>,
     registry: &str,
 ) -> Vec<(String, String, String)> {
     let mut set = Vec::new();
+    if let Some(url) = events
+        && EVENTFUL.contains(&service.name())
+    {
+        set.push(("--events", "events.url", url.clone()));
+    }
     if let Some(url) = redis {
         set.push(("--redis", "server.idempotency.store", url.clone()));
         if service.name() == shop_user::SERVICE {
@@ -205,14 +218,14 @@ mod tests {
         };
         let redis = Some("redis://r:6379".to_owned());
         assert_eq!(
-            keys(engine_settings(find("user"), &redis, "memory://")),
+            keys(engine_settings(find("user"), &redis, &None, "memory://")),
             [
                 ("server.idempotency.store".into(), "redis://r:6379".into()),
                 ("cache.redis".into(), "redis://r:6379".into())
             ]
         );
         assert!(
-            keys(engine_settings(find("order"), &redis, "memory://"))
+            keys(engine_settings(find("order"), &redis, &None, "memory://"))
                 .contains(&("locks".into(), "redis://r:6379".into()))
         );
         // Without Redis the sweep's lock goes to the etcd registry, with
@@ -221,6 +234,7 @@ mod tests {
             keys(engine_settings(
                 find("order"),
                 &None,
+                &None,
                 "etcd://e1:2379,e2:2379?ttl=5s&ca_file=/c.pem"
             )),
             [(
@@ -228,6 +242,15 @@ mod tests {
                 "etcd://e1:2379,e2:2379?ca_file=/c.pem".into()
             )]
         );
-        assert!(engine_settings(find("user"), &None, "etcd://e1:2379").is_empty());
+        assert!(engine_settings(find("user"), &None, &None, "etcd://e1:2379").is_empty());
+        let nats = Some("nats://n:4222".to_owned());
+        for service in ["order", "inventory", "payment"] {
+            assert_eq!(
+                keys(engine_settings(find(service), &None, &nats, "memory://")),
+                vec![("events.url".into(), "nats://n:4222".into())],
+                "{service}"
+            );
+        }
+        assert!(engine_settings(find("user"), &None, &nats, "memory://").is_empty());
     }
 }

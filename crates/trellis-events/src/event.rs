@@ -15,6 +15,8 @@ pub const MAX_DATA_BYTES: usize = 1024 * 1024;
 pub const MAX_ATTRIBUTE_CHARS: usize = 1024;
 /// The most extension attributes on one event.
 pub const MAX_EXTENSIONS: usize = 16;
+/// The content type of protobuf data ([`Event::proto`]).
+pub const PROTOBUF_CONTENT_TYPE: &str = "application/protobuf";
 /// The content type of structured mode.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
 
@@ -64,7 +66,7 @@ impl Event {
             source: source.into(),
             ty: ty.into(),
             subject: None,
-            time: Some(rfc3339(now_ms())),
+            time: Some(rfc3339_micros(now_micros())),
             content_type: None,
             data_schema: None,
             data: data.into(),
@@ -80,6 +82,26 @@ impl Event {
     ) -> Result<Event, EventError> {
         let data = serde_json::to_vec(value).map_err(|e| invalid(format!("data: {e}")))?;
         Ok(Event::new(source, ty, data).with_content_type("application/json"))
+    }
+
+    /// An event whose data is an encoded protobuf message
+    /// (`application/protobuf`), its schema `proto:{message}` (the
+    /// message's full name, e.g. `shop.order.v1.OrderPlaced`).
+    pub fn proto(
+        source: impl Into<String>,
+        ty: impl Into<String>,
+        message: &str,
+        data: impl Into<Bytes>,
+    ) -> Event {
+        Event::new(source, ty, data)
+            .with_content_type(PROTOBUF_CONTENT_TYPE)
+            .with_schema(format!("proto:{message}"))
+    }
+
+    /// The protobuf message's full name when the data is one
+    /// ([`Event::proto`]).
+    pub fn proto_message(&self) -> Option<&str> {
+        self.data_schema.as_deref()?.strip_prefix("proto:")
     }
 
     /// Sets `subject` (the aggregate this event is about).
@@ -104,6 +126,11 @@ impl Event {
     pub fn with_extension(mut self, name: impl Into<String>, value: impl Into<String>) -> Event {
         self.extensions.insert(name.into(), value.into());
         self
+    }
+
+    /// `time` as microseconds since the Unix epoch, when set and valid.
+    pub fn time_micros(&self) -> Option<i64> {
+        parse_rfc3339(self.time.as_deref()?)
     }
 
     /// The data read as JSON.
@@ -409,26 +436,93 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// `ms` since the Unix epoch as RFC 3339 in UTC, millisecond precision.
-pub fn rfc3339(ms: i64) -> String {
-    let (days, rest) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rest / 3_600_000,
-        rest / 60_000 % 60,
-        rest / 1000 % 60,
-        rest % 1000
-    )
+/// Microseconds since the Unix epoch.
+pub(crate) fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// `micros` since the Unix epoch as RFC 3339 in UTC.
+pub(crate) fn rfc3339_micros(micros: i64) -> String {
+    let fraction = u32::try_from(micros.rem_euclid(1_000_000)).unwrap_or(0);
+    trellis_telemetry::rfc3339(micros.div_euclid(1_000_000), fraction)
+}
+
+/// Reads an RFC 3339 timestamp (`2026-11-30T23:40:01.120Z`, an offset
+/// instead of `Z`, any number of fraction digits) as microseconds since
+/// the Unix epoch.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |from: usize, to: usize| -> Option<i64> {
+        text.get(from..to)?.bytes().try_fold(0i64, |n, d| {
+            d.is_ascii_digit().then(|| n * 10 + i64::from(d - b'0'))
+        })
+    };
+    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut rest = &text[19..];
+    let mut micros = 0i64;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        for (i, d) in fraction.bytes().take(digits).enumerate() {
+            if i < 6 {
+                micros += i64::from(d - b'0') * 10i64.pow(5 - i as u32);
+            }
+        }
+        rest = &fraction[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let sign = match rest.as_bytes().first()? {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            if rest.len() != 6 || rest.as_bytes()[3] != b':' {
+                return None;
+            }
+            let part = |from: usize| -> Option<i64> {
+                let two = rest.get(from..from + 2)?;
+                two.bytes()
+                    .all(|d| d.is_ascii_digit())
+                    .then(|| two.parse().ok())?
+            };
+            sign * (part(1)? * 3600 + part(4)? * 60)
+        }
+    };
+    // Days since 1970-01-01 from the civil date (H. Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset;
+    Some(seconds * 1_000_000 + micros)
 }
 
 #[cfg(test)]
@@ -438,9 +532,26 @@ mod tests {
 
     #[test]
     fn times() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(rfc3339(1_798_761_599_999), "2026-12-31T23:59:59.999Z");
+        let micros = 951_782_400_123_456;
+        assert_eq!(rfc3339_micros(micros), "2000-02-29T00:00:00.123456Z");
+        assert_eq!(parse_rfc3339(&rfc3339_micros(micros)), Some(micros));
+        assert_eq!(
+            parse_rfc3339("2000-02-29T01:30:00.123456+01:30"),
+            Some(micros)
+        );
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00.5Z"), Some(500_000));
+        for bad in [
+            "",
+            "2000-13-01T00:00:00Z",
+            "2000-01-01T00:00:00",
+            "2000-01-01T00:00:00.Z",
+            "x000-01-01T00:00:00Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+        let now = now_micros();
+        assert_eq!(parse_rfc3339(&rfc3339_micros(now)), Some(now));
     }
 
     #[test]
@@ -517,7 +628,7 @@ mod tests {
                 (Bytes::from(data), Some("application/octet-stream".to_owned()))
             };
             let event = Event {
-                id, source, ty, subject, time: Some(rfc3339(now_ms())), content_type,
+                id, source, ty, subject, time: Some(rfc3339_micros(now_micros())), content_type,
                 data_schema: schema, data, extensions,
             };
             prop_assert_eq!(Event::from_structured(&event.to_structured()), Ok(event.clone()));

@@ -315,10 +315,9 @@ impl Sub {
                     if matches!(e.kind(), K::ConsumerDeleted) {
                         return Err(EventsError::Closed(e.to_string()));
                     }
-                    if matches!(e.kind(), K::MissingHeartbeat | K::NoResponders) {
-                        // Keep the stream: it pulls again by itself.
-                        continue;
-                    }
+                    // Missing heartbeats (the server restarted or the
+                    // connection broke) or a failed pull: the pull requests
+                    // in flight are gone; start pulling afresh.
                     self.messages = None;
                 }
                 None => self.messages = None,

@@ -56,6 +56,7 @@
 compile_error!("trellis-events needs its `sqlite` feature (the embedded bus)");
 
 mod embedded;
+pub mod es;
 mod event;
 pub mod inbox;
 #[cfg(feature = "nats")]
@@ -70,7 +71,10 @@ use serde::{Deserialize, Serialize};
 use trellis_config::Invalid;
 use trellis_core::Secret;
 
-pub use event::{Event, EventError, MAX_DATA_BYTES, STRUCTURED_CONTENT_TYPE, rfc3339};
+pub use event::{
+    Event, EventError, MAX_DATA_BYTES, PROTOBUF_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE,
+    parse_rfc3339,
+};
 pub use outbox::migrate;
 pub use subject::{check_filter, check_subject, matches};
 

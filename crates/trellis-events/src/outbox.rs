@@ -52,10 +52,34 @@ use trellis_store::{Pool, Tx, with_pool, with_tx};
 
 use crate::{Bus, Event, EventsError, check_subject, event::now_ms};
 
-const SQLITE: &[(i64, &str, &str)] = &[(
-    1,
-    "outbox and inbox",
-    "CREATE TABLE trellis_outbox (
+/// The event store's tables (the same on both engines).
+const EVENT_STORE: (i64, &str, &str) = (
+    2,
+    "event store",
+    "CREATE TABLE trellis_es_events (
+        aggregate_type TEXT NOT NULL,
+        aggregate_id TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        schema_version BIGINT NOT NULL,
+        data TEXT NOT NULL,
+        time_us BIGINT NOT NULL,
+        PRIMARY KEY (aggregate_type, aggregate_id, version)
+    );
+    CREATE TABLE trellis_es_snapshots (
+        aggregate_type TEXT NOT NULL,
+        aggregate_id TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        schema_version BIGINT NOT NULL,
+        state TEXT NOT NULL,
+        PRIMARY KEY (aggregate_type, aggregate_id)
+    );",
+);
+
+const SQLITE: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "outbox and inbox",
+        "CREATE TABLE trellis_outbox (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         subject TEXT NOT NULL,
         attributes TEXT NOT NULL,
@@ -71,12 +95,15 @@ const SQLITE: &[(i64, &str, &str)] = &[(
     );
     CREATE INDEX trellis_inbox_handled ON trellis_inbox (handled_ms);
     CREATE TABLE trellis_projections (name TEXT PRIMARY KEY, checkpoint BIGINT NOT NULL);",
-)];
+    ),
+    EVENT_STORE,
+];
 
-const POSTGRES: &[(i64, &str, &str)] = &[(
-    1,
-    "outbox and inbox",
-    "CREATE TABLE trellis_outbox (
+const POSTGRES: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "outbox and inbox",
+        "CREATE TABLE trellis_outbox (
         id BIGSERIAL PRIMARY KEY,
         subject TEXT NOT NULL,
         attributes TEXT NOT NULL,
@@ -92,9 +119,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[(
     );
     CREATE INDEX trellis_inbox_handled ON trellis_inbox (handled_ms);
     CREATE TABLE trellis_projections (name TEXT PRIMARY KEY, checkpoint BIGINT NOT NULL);",
-)];
+    ),
+    EVENT_STORE,
+];
 
-/// Creates the outbox, inbox and projection checkpoint tables in a service's store (their own
+/// Creates the outbox, inbox, projection checkpoint and event store tables in a service's store (their own
 /// migrations table, `_trellis_events_migrations`); call once after
 /// opening it.
 pub async fn migrate(pool: &Pool) -> Result<(), sqlx::migrate::MigrateError> {
@@ -112,6 +141,15 @@ pub enum OutboxError {
     /// The database failed.
     #[error("outbox: {0}")]
     Store(#[from] sqlx::Error),
+}
+
+impl From<OutboxError> for trellis_core::Error {
+    fn from(e: OutboxError) -> Self {
+        match e {
+            OutboxError::Events(e) => e.into(),
+            OutboxError::Store(e) => trellis_core::Error::unavailable(format!("outbox: {e}")),
+        }
+    }
 }
 
 /// Writes `event` for `subject` into the outbox in `tx`. With a
@@ -291,5 +329,57 @@ impl Relay {
     pub async fn backlog(&self) -> Result<u64, sqlx::Error> {
         let n: i64 = with_pool!(&self.pool, p => sqlx::query_scalar("SELECT COUNT(*) FROM trellis_outbox").fetch_one(p).await?);
         Ok(n as u64)
+    }
+}
+
+/// A service's outbox while it runs: the bus its settings name, the
+/// outbox tables in its store, and the relay between them.
+pub struct Outbox {
+    bus: Bus,
+    relay: Relay,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Outbox {
+    /// Connects the bus (`events` settings; the embedded log in
+    /// `data_dir` by default), creates the outbox tables in `pool` and
+    /// starts relaying.
+    pub async fn start(
+        pool: &Pool,
+        settings: &crate::EventsSettings,
+        data_dir: &std::path::Path,
+    ) -> Result<Outbox, EventsError> {
+        let bus = Bus::connect(settings, data_dir).await?;
+        migrate(pool)
+            .await
+            .map_err(|e| EventsError::Unavailable(format!("outbox tables: {e}")))?;
+        let relay = Relay::new(
+            pool.clone(),
+            bus.clone(),
+            RelaySettings {
+                poll: Duration::from_millis(100),
+                ..RelaySettings::default()
+            },
+        );
+        let task = tokio::spawn({
+            let relay = relay.clone();
+            async move { relay.run(std::future::pending()).await }
+        });
+        Ok(Outbox { bus, relay, task })
+    }
+
+    /// The bus.
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// The relay (to [`wake`](Relay::wake) after a commit).
+    pub fn relay(&self) -> &Relay {
+        &self.relay
+    }
+
+    /// Stops relaying (what is left is published on the next start).
+    pub fn stop(self) {
+        self.task.abort();
     }
 }

@@ -443,7 +443,12 @@ async fn nats_restart_under_load_loses_and_repeats_nothing() {
         if n >= WRITERS * EACH {
             Ok(())
         } else {
-            Err(format!("{n} of {} applied", WRITERS * EACH))
+            let backlog = relay.backlog().await.map_err(|e| e.to_string())?;
+            let published = bus.last_seq().await.map_err(|e| e.to_string())?;
+            Err(format!(
+                "{n} of {} applied; outbox backlog {backlog}, stream last seq {published}",
+                WRITERS * EACH
+            ))
         }
     })
     .await;

@@ -7,9 +7,16 @@
 //! the initial stock of a product equals its stock plus the quantities of
 //! its reservations that are `reserved` or `committed`.
 
+use prost::Message;
 use sqlx::Row;
 use trellis::{Code, Error};
+use trellis_events::{Event, outbox};
 use trellis_store::{Pool, StoreError, Tx, with_pool, with_tx};
+
+use crate::api::v1::{StockCommitted, StockReleased, StockReserved};
+
+/// The `source` of the inventory service's events.
+pub const SOURCE: &str = "/shop/inventory";
 
 use crate::biz::{Line, Product};
 
@@ -185,6 +192,44 @@ pub async fn reserve(tx: &mut Tx, order_id: &str, lines: &[Line]) -> Result<(), 
             .map(drop)
             .map_err(unavailable)?);
     }
+    let reserved = StockReserved {
+        order_id: order_id.to_owned(),
+        lines: lines.iter().map(proto_line).collect(),
+    };
+    emit(
+        tx,
+        "reserved",
+        "StockReserved",
+        order_id,
+        reserved.encode_to_vec(),
+    )
+    .await
+}
+
+fn proto_line(line: &Line) -> crate::api::v1::Line {
+    crate::api::v1::Line {
+        sku: line.sku.clone(),
+        quantity: i32::try_from(line.quantity).unwrap_or(i32::MAX),
+    }
+}
+
+/// Appends an inventory event about `order_id` to the outbox in `tx`
+/// (`events.inventory.{what}`, type `shop.inventory.{what}.v1`).
+async fn emit(
+    tx: &mut Tx,
+    what: &str,
+    message: &str,
+    order_id: &str,
+    data: Vec<u8>,
+) -> Result<(), Error> {
+    let event = Event::proto(
+        SOURCE,
+        format!("shop.inventory.{what}.v1"),
+        &format!("shop.inventory.v1.{message}"),
+        data,
+    )
+    .with_subject(format!("order/{order_id}"));
+    outbox::append(tx, &format!("events.inventory.{what}"), &event).await?;
     Ok(())
 }
 
@@ -195,10 +240,10 @@ pub async fn release(tx: &mut Tx, order_id: &str) -> Result<(), Error> {
         .fetch_all(&mut **c)
         .await
         .map_err(unavailable)?);
-    for (sku, quantity) in held {
+    for (sku, quantity) in &held {
         with_tx!(tx, c => sqlx::query("UPDATE products SET stock = stock + $1 WHERE sku = $2")
             .bind(quantity)
-            .bind(&sku)
+            .bind(sku)
             .execute(&mut **c)
             .await
             .map(drop)
@@ -210,16 +255,46 @@ pub async fn release(tx: &mut Tx, order_id: &str) -> Result<(), Error> {
         .await
         .map(drop)
         .map_err(unavailable)?);
-    Ok(())
+    if held.is_empty() {
+        return Ok(());
+    }
+    let released = StockReleased {
+        order_id: order_id.to_owned(),
+        lines: held
+            .into_iter()
+            .map(|(sku, quantity)| proto_line(&Line { sku, quantity }))
+            .collect(),
+    };
+    emit(
+        tx,
+        "released",
+        "StockReleased",
+        order_id,
+        released.encode_to_vec(),
+    )
+    .await
 }
 
 /// Makes `order_id`'s reservation final.
 pub async fn commit(tx: &mut Tx, order_id: &str) -> Result<(), Error> {
-    with_tx!(tx, c => sqlx::query("UPDATE reservations SET state = 'committed' WHERE order_id = $1 AND state = 'reserved'")
+    let committed = with_tx!(tx, c => sqlx::query("UPDATE reservations SET state = 'committed' WHERE order_id = $1 AND state = 'reserved'")
         .bind(order_id)
         .execute(&mut **c)
         .await
-        .map(drop)
-        .map_err(unavailable)?);
-    Ok(())
+        .map_err(unavailable)?
+        .rows_affected());
+    if committed == 0 {
+        return Ok(());
+    }
+    let event = StockCommitted {
+        order_id: order_id.to_owned(),
+    };
+    emit(
+        tx,
+        "committed",
+        "StockCommitted",
+        order_id,
+        event.encode_to_vec(),
+    )
+    .await
 }

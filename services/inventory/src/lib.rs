@@ -60,6 +60,8 @@ pub struct InventorySettings {
     /// Products added when the store has none. Default: three teas and
     /// tea things, for `trellis up`.
     pub seed: Vec<SeedProduct>,
+    /// The event bus its outbox publishes to (default: the embedded log).
+    pub events: trellis_events::EventsSettings,
 }
 
 /// A product of the seed catalogue.
@@ -88,6 +90,7 @@ impl Default for InventorySettings {
             log: LogSettings::default(),
             otlp: OtlpSettings::default(),
             database: Default::default(),
+            events: Default::default(),
             seed: vec![
                 seed("tea", "Green tea, 100 g", 450, 100),
                 seed("cups", "Set of four cups", 2400, 50),
@@ -101,6 +104,7 @@ impl Validate for InventorySettings {
     fn validate(&self) -> Result<(), Invalid> {
         trellis::service::check_common(&self.server, &self.otlp)?;
         self.database.validate("database")?;
+        self.events.validate("events")?;
         for (i, p) in self.seed.iter().enumerate() {
             if !biz::valid_sku(&p.sku) {
                 return Err(Invalid::new(
@@ -124,9 +128,10 @@ trellis::service_settings!(InventorySettings);
 /// The service's name: in the registry, on spans and log lines.
 pub const SERVICE: &str = "inventory";
 
-/// The inventory service: its store, open while it runs.
+/// The inventory service: its store and outbox, open while it runs.
 pub struct InventoryService {
     store: data::Inventory,
+    outbox: trellis_events::outbox::Outbox,
 }
 
 impl Service for InventoryService {
@@ -159,6 +164,9 @@ impl Service for InventoryService {
             })
             .collect();
         store.seed(&seed).await?;
+        let outbox =
+            trellis_events::outbox::Outbox::start(store.pool(), &ctx.settings.events, ctx.data_dir)
+                .await?;
         let handler = service::InventoryHandler::new(store.clone());
         let server = server
             .grpc_service(
@@ -167,11 +175,12 @@ impl Service for InventoryService {
             .grpc_service(api::v1::stock_branches_server::StockBranchesServer::new(
                 handler,
             ));
-        Ok((InventoryService { store }, server))
+        Ok((InventoryService { store, outbox }, server))
     }
 
-    /// Closes the store.
+    /// Stops the relay and closes the store.
     async fn stop(self) {
+        self.outbox.stop();
         self.store.close().await;
     }
 }

@@ -1,9 +1,16 @@
 //! Orders in SQLite or PostgreSQL, with the saga barrier's table beside
 //! them.
 
+use prost::Message;
 use sqlx::Row;
 use trellis::Error;
+use trellis_events::{Event, outbox};
 use trellis_store::{Pool, StoreError, Tx, with_pool, with_tx};
+
+use crate::api::v1::{OrderConfirmed, OrderFailed, OrderLine, OrderPlaced};
+
+/// The `source` of the order service's events.
+pub const SOURCE: &str = "/shop/order";
 
 use crate::biz::{Line, Order, Status};
 
@@ -27,6 +34,18 @@ fn migrator() -> sqlx::migrate::Migrator {
                 );
                 CREATE INDEX orders_by_user ON orders (user_id, create_time_ms);
                 CREATE INDEX orders_unsubmitted ON orders (saga_submitted, create_time_ms);",
+            ),
+            (
+                2,
+                "order history",
+                "CREATE TABLE order_history (
+                    order_id  TEXT NOT NULL,
+                    seq       BIGINT NOT NULL,
+                    type      TEXT NOT NULL,
+                    source    TEXT NOT NULL,
+                    time_us   BIGINT NOT NULL,
+                    PRIMARY KEY (order_id, seq)
+                );",
             ),
             trellis_saga::barrier::MIGRATION,
             trellis_lock::fence::MIGRATION,
@@ -88,11 +107,13 @@ impl Orders {
         &self.pool
     }
 
-    /// Records a new order, its saga not yet submitted.
+    /// Records a new order, its saga not yet submitted, and its
+    /// `events.order.placed` event in the same transaction.
     pub async fn insert(&self, order: &Order) -> Result<(), Error> {
         let lines = serde_json::to_string(&order.lines)
             .map_err(|e| Error::internal(format!("order lines: {e}")))?;
-        with_pool!(&self.pool, p => sqlx::query("INSERT INTO orders (id, user_id, status, lines, total_cents, failure_reason, saga_submitted, create_time_ms, update_time_ms) VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8)")
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        with_tx!(&mut tx, c => sqlx::query("INSERT INTO orders (id, user_id, status, lines, total_cents, failure_reason, saga_submitted, create_time_ms, update_time_ms) VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8)")
             .bind(&order.id)
             .bind(&order.user_id)
             .bind(order.status.as_str())
@@ -101,10 +122,49 @@ impl Orders {
             .bind(&order.failure_reason)
             .bind(order.create_time_ms)
             .bind(order.update_time_ms)
-            .execute(p)
+            .execute(&mut **c)
             .await
             .map(drop)
-            .map_err(unavailable))
+            .map_err(unavailable))?;
+        let placed = OrderPlaced {
+            order_id: order.id.clone(),
+            user_id: order.user_id.clone(),
+            lines: order
+                .lines
+                .iter()
+                .map(|l| OrderLine {
+                    sku: l.sku.clone(),
+                    quantity: i32::try_from(l.quantity).unwrap_or(i32::MAX),
+                    price_cents: l.price_cents,
+                })
+                .collect(),
+            total_cents: order.total_cents,
+        };
+        emit(
+            &mut tx,
+            "placed",
+            "OrderPlaced",
+            &order.id,
+            placed.encode_to_vec(),
+        )
+        .await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    /// An order's history (the projection's rows: stream sequence, type,
+    /// source, time in µs), in the order the events happened.
+    pub async fn history(&self, id: &str) -> Result<Vec<(u64, String, String, i64)>, Error> {
+        let rows: Vec<(i64, String, String, i64)> = with_pool!(&self.pool, p => sqlx::query_as(
+            "SELECT seq, type, source, time_us FROM order_history WHERE order_id = $1 ORDER BY time_us, seq LIMIT 1000"
+        )
+        .bind(id)
+        .fetch_all(p)
+        .await
+        .map_err(unavailable)?);
+        Ok(rows
+            .into_iter()
+            .map(|(seq, ty, source, time)| (seq as u64, ty, source, time))
+            .collect())
     }
 
     /// Notes that the order's saga is in the coordinator's log.
@@ -196,26 +256,61 @@ impl Orders {
     }
 }
 
-/// PENDING → CONFIRMED, in the branch's transaction.
+/// PENDING → CONFIRMED, in the branch's transaction (with its event).
 pub async fn confirm(tx: &mut Tx, id: &str) -> Result<(), Error> {
-    with_tx!(tx, c => sqlx::query("UPDATE orders SET status = 'confirmed', update_time_ms = $1 WHERE id = $2 AND status = 'pending'")
+    let changed = with_tx!(tx, c => sqlx::query("UPDATE orders SET status = 'confirmed', update_time_ms = $1 WHERE id = $2 AND status = 'pending'")
         .bind(trellis_store::now_ms())
         .bind(id)
         .execute(&mut **c)
         .await
-        .map(drop)
-        .map_err(unavailable))
+        .map_err(unavailable)?
+        .rows_affected());
+    if changed == 0 {
+        return Ok(());
+    }
+    let event = OrderConfirmed {
+        order_id: id.to_owned(),
+    };
+    emit(tx, "confirmed", "OrderConfirmed", id, event.encode_to_vec()).await
 }
 
 /// → FAILED with `reason`, in the branch's transaction (the first reason
-/// stays).
+/// stays; with its event).
 pub async fn fail(tx: &mut Tx, id: &str, reason: &str) -> Result<(), Error> {
-    with_tx!(tx, c => sqlx::query("UPDATE orders SET status = 'failed', failure_reason = $1, update_time_ms = $2 WHERE id = $3 AND status <> 'failed'")
+    let changed = with_tx!(tx, c => sqlx::query("UPDATE orders SET status = 'failed', failure_reason = $1, update_time_ms = $2 WHERE id = $3 AND status <> 'failed'")
         .bind(reason)
         .bind(trellis_store::now_ms())
         .bind(id)
         .execute(&mut **c)
         .await
-        .map(drop)
-        .map_err(unavailable))
+        .map_err(unavailable)?
+        .rows_affected());
+    if changed == 0 {
+        return Ok(());
+    }
+    let event = OrderFailed {
+        order_id: id.to_owned(),
+        reason: reason.to_owned(),
+    };
+    emit(tx, "failed", "OrderFailed", id, event.encode_to_vec()).await
+}
+
+/// Appends an order event about `order_id` to the outbox in `tx`
+/// (`events.order.{what}`, type `shop.order.{what}.v1`).
+async fn emit(
+    tx: &mut Tx,
+    what: &str,
+    message: &str,
+    order_id: &str,
+    data: Vec<u8>,
+) -> Result<(), Error> {
+    let event = Event::proto(
+        SOURCE,
+        format!("shop.order.{what}.v1"),
+        &format!("shop.order.v1.{message}"),
+        data,
+    )
+    .with_subject(format!("order/{order_id}"));
+    outbox::append(tx, &format!("events.order.{what}"), &event).await?;
+    Ok(())
 }

@@ -1,6 +1,8 @@
 //! The shop's order service: places orders and checks each out with a saga
 //! across inventory and payment, over gRPC and REST, in SQLite (the
-//! embedded default) or PostgreSQL.
+//! embedded default) or PostgreSQL; publishes its events through a
+//! transactional outbox and keeps every order's history, a projection of
+//! the shop's events ([`history`]).
 //!
 //! Laid out like the other shop services: [`api`] is generated from
 //! `proto/shop/order/v1/order.proto`, [`service`] adapts gRPC to the
@@ -27,6 +29,7 @@
 pub mod api;
 pub mod biz;
 pub mod data;
+pub mod history;
 pub mod service;
 
 use std::time::Duration;
@@ -53,6 +56,9 @@ use trellis::{
 ///
 /// [client]                   # to inventory and the saga coordinator
 /// timeout = "5s"
+///
+/// [events]                   # the outbox's bus, the order history's source
+/// url = "nats://nats:4222"   # default: the embedded log in the data dir
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -79,6 +85,9 @@ pub struct OrderSettings {
     /// the default), `redis://…`, `redlock://h1,h2,h3`, `etcd://…`
     /// (`trellis up/serve --redis` or `--registry etcd://` set it).
     pub locks: trellis::core::Secret<String>,
+    /// The event bus: its outbox publishes to it, the order history is
+    /// fed from it (default: the embedded log in the data dir).
+    pub events: trellis_events::EventsSettings,
 }
 
 impl Default for OrderSettings {
@@ -92,6 +101,7 @@ impl Default for OrderSettings {
             resubmit_after: Duration::from_secs(10),
             client: ClientSettings::default(),
             locks: trellis::core::Secret::new("memory://".into()),
+            events: Default::default(),
         }
     }
 }
@@ -100,6 +110,7 @@ impl Validate for OrderSettings {
     fn validate(&self) -> Result<(), Invalid> {
         trellis::service::check_common(&self.server, &self.otlp)?;
         self.database.validate("database")?;
+        self.events.validate("events")?;
         self.client.validate("client")?;
         let within = Invalid::check_range::<Duration>;
         within(
@@ -125,10 +136,13 @@ pub const SERVICE: &str = "order";
 /// The lock the resubmit sweep holds (one instance sweeps at a time).
 pub const RESUBMIT_LOCK: &str = "order:resubmit";
 
-/// The order service: its store and the resubmitting task, while it runs.
+/// The order service: its store, outbox, and the resubmitting and
+/// history tasks, while it runs.
 pub struct OrderService {
     store: data::Orders,
+    outbox: trellis_events::outbox::Outbox,
     resubmitting: tokio::task::JoinHandle<()>,
+    history: tokio::task::JoinHandle<()>,
 }
 
 impl Service for OrderService {
@@ -152,6 +166,21 @@ impl Service for OrderService {
             .discovery
             .ok_or("the order service finds inventory and the saga coordinator through a registry; none was given")?;
         let store = data::Orders::open(&settings.database, &ctx.data_dir.join("order.db")).await?;
+        let outbox =
+            trellis_events::outbox::Outbox::start(store.pool(), &settings.events, ctx.data_dir)
+                .await?;
+        let history = tokio::spawn({
+            let (pool, bus) = (store.pool().clone(), outbox.bus().clone());
+            async move {
+                trellis_events::projection::run(
+                    &pool,
+                    &bus,
+                    &history::OrderHistory,
+                    std::future::pending(),
+                )
+                .await
+            }
+        });
         let inventory = trellis::resilient_client_with(
             discovery.as_ref(),
             shop_inventory::SERVICE,
@@ -211,15 +240,19 @@ impl Service for OrderService {
         Ok((
             OrderService {
                 store,
+                outbox,
                 resubmitting,
+                history,
             },
             server,
         ))
     }
 
-    /// Stops resubmitting and closes the store.
+    /// Stops resubmitting, relaying and projecting, and closes the store.
     async fn stop(self) {
         self.resubmitting.abort();
+        self.history.abort();
+        self.outbox.stop();
         self.store.close().await;
     }
 }

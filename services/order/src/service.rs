@@ -10,9 +10,9 @@ use trellis_saga::api::v1::{GetSagaRequest, saga_service_client::SagaServiceClie
 
 use crate::{
     api::v1::{
-        CreateOrderRequest, GetOrderRequest, ListOrdersRequest, ListOrdersResponse, Order,
-        OrderLine, OrderRef, OrderStatus, order_branches_server::OrderBranches,
-        order_service_server::OrderService,
+        CreateOrderRequest, GetOrderHistoryRequest, GetOrderRequest, ListOrdersRequest,
+        ListOrdersResponse, Order, OrderEvent, OrderHistory, OrderLine, OrderRef, OrderStatus,
+        order_branches_server::OrderBranches, order_service_server::OrderService,
     },
     biz,
     data::{self, Orders},
@@ -218,6 +218,39 @@ impl OrderService for OrderHandler {
             }
         }
         Ok(Response::new(order))
+    }
+
+    async fn get_order_history(
+        &self,
+        request: Request<GetOrderHistoryRequest>,
+    ) -> Result<Response<OrderHistory>, Status> {
+        let caller = request
+            .metadata()
+            .get(USER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let id = &request.get_ref().id;
+        let not_found = || Error::not_found("ORDER_NOT_FOUND", format!("no order {id}"));
+        let order = self.orders.get(id).await?.ok_or_else(not_found)?;
+        if caller.is_some_and(|c| c != order.user_id) {
+            return Err(not_found().into());
+        }
+        let events = self
+            .orders
+            .history(id)
+            .await?
+            .into_iter()
+            .map(|(seq, ty, source, micros)| OrderEvent {
+                r#type: ty,
+                source,
+                time: Some(Timestamp {
+                    seconds: micros.div_euclid(1_000_000),
+                    nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
+                }),
+                seq,
+            })
+            .collect();
+        Ok(Response::new(OrderHistory { events }))
     }
 
     async fn list_orders(

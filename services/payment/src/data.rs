@@ -4,8 +4,15 @@
 //! plus its charges that were not refunded; a balance never goes below
 //! zero (checked by the update and by the table).
 
+use prost::Message;
 use trellis::{Code, Error};
+use trellis_events::{Event, outbox};
 use trellis_store::{Pool, StoreError, Tx, with_pool, with_tx};
+
+use crate::api::v1::{PaymentCharged, PaymentRefunded};
+
+/// The `source` of the payment service's events.
+pub const SOURCE: &str = "/shop/payment";
 
 fn migrator() -> sqlx::migrate::Migrator {
     trellis_store::migrator(
@@ -140,6 +147,38 @@ pub async fn charge(
             ),
             _ => unavailable(e),
         })?);
+    let charged = PaymentCharged {
+        order_id: order_id.to_owned(),
+        user_id: user_id.to_owned(),
+        amount_cents: amount,
+    };
+    emit(
+        tx,
+        "charged",
+        "PaymentCharged",
+        order_id,
+        charged.encode_to_vec(),
+    )
+    .await
+}
+
+/// Appends a payment event about `order_id` to the outbox in `tx`
+/// (`events.payment.{what}`, type `shop.payment.{what}.v1`).
+async fn emit(
+    tx: &mut Tx,
+    what: &str,
+    message: &str,
+    order_id: &str,
+    data: Vec<u8>,
+) -> Result<(), Error> {
+    let event = Event::proto(
+        SOURCE,
+        format!("shop.payment.{what}.v1"),
+        &format!("shop.payment.v1.{message}"),
+        data,
+    )
+    .with_subject(format!("order/{order_id}"));
+    outbox::append(tx, &format!("events.payment.{what}"), &event).await?;
     Ok(())
 }
 
@@ -166,5 +205,17 @@ pub async fn refund(tx: &mut Tx, order_id: &str) -> Result<(), Error> {
         .await
         .map(drop)
         .map_err(unavailable)?);
-    Ok(())
+    let refunded = PaymentRefunded {
+        order_id: order_id.to_owned(),
+        user_id,
+        amount_cents: amount,
+    };
+    emit(
+        tx,
+        "refunded",
+        "PaymentRefunded",
+        order_id,
+        refunded.encode_to_vec(),
+    )
+    .await
 }

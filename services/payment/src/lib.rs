@@ -56,6 +56,8 @@ pub struct PaymentSettings {
     /// What an account starts with when it is first used, in cents (the
     /// shop's seed funds). Default 10000.
     pub opening_balance_cents: i64,
+    /// The event bus its outbox publishes to (default: the embedded log).
+    pub events: trellis_events::EventsSettings,
 }
 
 impl Default for PaymentSettings {
@@ -66,6 +68,7 @@ impl Default for PaymentSettings {
             otlp: OtlpSettings::default(),
             database: Default::default(),
             opening_balance_cents: 10_000,
+            events: Default::default(),
         }
     }
 }
@@ -74,6 +77,7 @@ impl Validate for PaymentSettings {
     fn validate(&self) -> Result<(), Invalid> {
         trellis::service::check_common(&self.server, &self.otlp)?;
         self.database.validate("database")?;
+        self.events.validate("events")?;
         if !(0..=biz::MAX_AMOUNT_CENTS).contains(&self.opening_balance_cents) {
             return Err(Invalid::new(
                 "opening_balance_cents",
@@ -89,9 +93,10 @@ trellis::service_settings!(PaymentSettings);
 /// The service's name: in the registry, on spans and log lines.
 pub const SERVICE: &str = "payment";
 
-/// The payment service: its store, open while it runs.
+/// The payment service: its store and outbox, open while it runs.
 pub struct PaymentService {
     store: data::Payments,
+    outbox: trellis_events::outbox::Outbox,
 }
 
 impl Service for PaymentService {
@@ -115,17 +120,21 @@ impl Service for PaymentService {
             ctx.settings.opening_balance_cents,
         )
         .await?;
+        let outbox =
+            trellis_events::outbox::Outbox::start(store.pool(), &ctx.settings.events, ctx.data_dir)
+                .await?;
         let handler = service::PaymentHandler::new(store.clone());
         let server = server
             .grpc_service(api::v1::payment_service_server::PaymentServiceServer::new(
                 handler.clone(),
             ))
             .grpc_service(api::v1::payment_branches_server::PaymentBranchesServer::new(handler));
-        Ok((PaymentService { store }, server))
+        Ok((PaymentService { store, outbox }, server))
     }
 
-    /// Closes the store.
+    /// Stops the relay and closes the store.
     async fn stop(self) {
+        self.outbox.stop();
         self.store.close().await;
     }
 }
