@@ -119,14 +119,7 @@ impl Log {
     }
 
     fn held(&self, subject: &str) -> Result<(), EventsError> {
-        if self.inner.subjects.iter().any(|f| matches(f, subject)) {
-            Ok(())
-        } else {
-            Err(EventsError::NoStream {
-                subject: subject.to_owned(),
-                subjects: self.inner.subjects.join(", "),
-            })
-        }
+        crate::held(&self.inner.subjects, subject)
     }
 
     async fn append(

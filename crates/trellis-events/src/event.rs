@@ -150,12 +150,7 @@ impl Event {
             }
             check_value(name, value)?;
         }
-        for (name, value) in [
-            ("subject", &self.subject),
-            ("time", &self.time),
-            ("datacontenttype", &self.content_type),
-            ("dataschema", &self.data_schema),
-        ] {
+        for (name, value) in self.optional() {
             if let Some(value) = value {
                 check_value(name, value)?;
             }
@@ -177,6 +172,16 @@ impl Event {
             check_value(name, value)?;
         }
         Ok(())
+    }
+
+    /// The optional attributes with their names.
+    fn optional(&self) -> [(&'static str, &Option<String>); 4] {
+        [
+            ("subject", &self.subject),
+            ("time", &self.time),
+            ("datacontenttype", &self.content_type),
+            ("dataschema", &self.data_schema),
+        ]
     }
 
     fn is_json(&self) -> bool {
@@ -204,12 +209,7 @@ impl Event {
         doc.insert("id".into(), self.id.clone().into());
         doc.insert("source".into(), self.source.clone().into());
         doc.insert("type".into(), self.ty.clone().into());
-        for (name, value) in [
-            ("subject", &self.subject),
-            ("time", &self.time),
-            ("datacontenttype", &self.content_type),
-            ("dataschema", &self.data_schema),
-        ] {
+        for (name, value) in self.optional() {
             if let Some(value) = value {
                 doc.insert(name.into(), value.clone().into());
             }

@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 
 use crate::{
     AckKind, Acker as Settle, ConsumerSettings, Event, EventsError, EventsSettings, Published, Raw,
-    STRUCTURED_CONTENT_TYPE, StartAt, Stored, matches,
+    STRUCTURED_CONTENT_TYPE, StartAt, Stored,
 };
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> EventsError {
@@ -75,14 +75,7 @@ impl Js {
     }
 
     fn held(&self, subject: &str) -> Result<(), EventsError> {
-        if self.subjects.iter().any(|f| matches(f, subject)) {
-            Ok(())
-        } else {
-            Err(EventsError::NoStream {
-                subject: subject.to_owned(),
-                subjects: self.subjects.join(", "),
-            })
-        }
+        crate::held(&self.subjects, subject)
     }
 
     fn message(msg_id: &str, event: &Event, expected: Option<u64>) -> PublishMessage {

@@ -230,6 +230,18 @@ pub enum EventsError {
     Closed(String),
 }
 
+/// `Ok` when one of the stream's `subjects` filters holds `subject`.
+pub(crate) fn held(subjects: &[String], subject: &str) -> Result<(), EventsError> {
+    if subjects.iter().any(|f| matches(f, subject)) {
+        Ok(())
+    } else {
+        Err(EventsError::NoStream {
+            subject: subject.to_owned(),
+            subjects: subjects.join(", "),
+        })
+    }
+}
+
 impl From<EventsError> for trellis_core::Error {
     fn from(e: EventsError) -> Self {
         use trellis_core::Code;

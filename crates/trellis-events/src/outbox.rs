@@ -75,26 +75,36 @@ const EVENT_STORE: (i64, &str, &str) = (
     );",
 );
 
+/// The outbox, inbox and projection tables, with the engine's spelling of
+/// an auto-incremented key and of bytes.
+macro_rules! outbox_tables {
+    ($serial:literal, $bytes:literal) => {
+        concat!(
+            "CREATE TABLE trellis_outbox (
+                id ", $serial, ",
+                subject TEXT NOT NULL,
+                attributes TEXT NOT NULL,
+                data ", $bytes, " NOT NULL,
+                created_ms BIGINT NOT NULL
+            );
+            CREATE TABLE trellis_outbox_sequences (aggregate TEXT PRIMARY KEY, seq BIGINT NOT NULL);
+            CREATE TABLE trellis_inbox (
+                consumer TEXT NOT NULL,
+                event_id TEXT NOT NULL,
+                handled_ms BIGINT NOT NULL,
+                PRIMARY KEY (consumer, event_id)
+            );
+            CREATE INDEX trellis_inbox_handled ON trellis_inbox (handled_ms);
+            CREATE TABLE trellis_projections (name TEXT PRIMARY KEY, checkpoint BIGINT NOT NULL);"
+        )
+    };
+}
+
 const SQLITE: &[(i64, &str, &str)] = &[
     (
         1,
         "outbox and inbox",
-        "CREATE TABLE trellis_outbox (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        subject TEXT NOT NULL,
-        attributes TEXT NOT NULL,
-        data BLOB NOT NULL,
-        created_ms BIGINT NOT NULL
-    );
-    CREATE TABLE trellis_outbox_sequences (aggregate TEXT PRIMARY KEY, seq BIGINT NOT NULL);
-    CREATE TABLE trellis_inbox (
-        consumer TEXT NOT NULL,
-        event_id TEXT NOT NULL,
-        handled_ms BIGINT NOT NULL,
-        PRIMARY KEY (consumer, event_id)
-    );
-    CREATE INDEX trellis_inbox_handled ON trellis_inbox (handled_ms);
-    CREATE TABLE trellis_projections (name TEXT PRIMARY KEY, checkpoint BIGINT NOT NULL);",
+        outbox_tables!("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB"),
     ),
     EVENT_STORE,
 ];
@@ -103,22 +113,7 @@ const POSTGRES: &[(i64, &str, &str)] = &[
     (
         1,
         "outbox and inbox",
-        "CREATE TABLE trellis_outbox (
-        id BIGSERIAL PRIMARY KEY,
-        subject TEXT NOT NULL,
-        attributes TEXT NOT NULL,
-        data BYTEA NOT NULL,
-        created_ms BIGINT NOT NULL
-    );
-    CREATE TABLE trellis_outbox_sequences (aggregate TEXT PRIMARY KEY, seq BIGINT NOT NULL);
-    CREATE TABLE trellis_inbox (
-        consumer TEXT NOT NULL,
-        event_id TEXT NOT NULL,
-        handled_ms BIGINT NOT NULL,
-        PRIMARY KEY (consumer, event_id)
-    );
-    CREATE INDEX trellis_inbox_handled ON trellis_inbox (handled_ms);
-    CREATE TABLE trellis_projections (name TEXT PRIMARY KEY, checkpoint BIGINT NOT NULL);",
+        outbox_tables!("BIGSERIAL PRIMARY KEY", "BYTEA"),
     ),
     EVENT_STORE,
 ];
@@ -186,6 +181,57 @@ pub async fn append(tx: &mut Tx, subject: &str, event: &Event) -> Result<u64, Ou
         .await?;
     });
     Ok(sequence)
+}
+
+/// A service's conventions for its events, to append them in one call:
+/// bus subject `{subjects}.{what}`, type `{types}.{what}.v1`, data the
+/// protobuf message `{package}.{message}`, CloudEvents `subject`
+/// `{aggregate}{id}`, `source` the service's.
+///
+/// ```
+/// # use trellis_events::outbox::Emitter;
+/// const EVENTS: Emitter = Emitter {
+///     source: "/shop/order",
+///     subjects: "events.order",
+///     types: "shop.order",
+///     package: "shop.order.v1",
+///     aggregate: "order/",
+/// };
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Emitter {
+    /// The CloudEvents `source`.
+    pub source: &'static str,
+    /// The bus subjects' prefix.
+    pub subjects: &'static str,
+    /// The types' prefix.
+    pub types: &'static str,
+    /// The protobuf package of the data.
+    pub package: &'static str,
+    /// What goes before the id in the CloudEvents `subject`.
+    pub aggregate: &'static str,
+}
+
+impl Emitter {
+    /// Appends event `what` about aggregate `id`, with `data` an encoded
+    /// `message`, to the outbox in `tx`; its number within the aggregate.
+    pub async fn emit(
+        &self,
+        tx: &mut Tx,
+        what: &str,
+        message: &str,
+        id: &str,
+        data: Vec<u8>,
+    ) -> Result<u64, OutboxError> {
+        let event = Event::proto(
+            self.source,
+            format!("{}.{what}.v1", self.types),
+            &format!("{}.{message}", self.package),
+            data,
+        )
+        .with_subject(format!("{}{id}", self.aggregate));
+        append(tx, &format!("{}.{what}", self.subjects), &event).await
+    }
 }
 
 /// How the relay runs.

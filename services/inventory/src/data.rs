@@ -10,13 +10,19 @@
 use prost::Message;
 use sqlx::Row;
 use trellis::{Code, Error};
-use trellis_events::{Event, outbox};
+use trellis_events::outbox;
 use trellis_store::{Pool, StoreError, Tx, with_pool, with_tx};
 
 use crate::api::v1::{StockCommitted, StockReleased, StockReserved};
 
-/// The `source` of the inventory service's events.
-pub const SOURCE: &str = "/shop/inventory";
+/// The inventory service's events (docs/events.md#in-the-shop).
+pub const EVENTS: outbox::Emitter = outbox::Emitter {
+    source: "/shop/inventory",
+    subjects: "events.inventory",
+    types: "shop.inventory",
+    package: "shop.inventory.v1",
+    aggregate: "order/",
+};
 
 use crate::biz::{Line, Product};
 
@@ -196,14 +202,16 @@ pub async fn reserve(tx: &mut Tx, order_id: &str, lines: &[Line]) -> Result<(), 
         order_id: order_id.to_owned(),
         lines: lines.iter().map(proto_line).collect(),
     };
-    emit(
-        tx,
-        "reserved",
-        "StockReserved",
-        order_id,
-        reserved.encode_to_vec(),
-    )
-    .await
+    EVENTS
+        .emit(
+            tx,
+            "reserved",
+            "StockReserved",
+            order_id,
+            reserved.encode_to_vec(),
+        )
+        .await?;
+    Ok(())
 }
 
 fn proto_line(line: &Line) -> crate::api::v1::Line {
@@ -211,26 +219,6 @@ fn proto_line(line: &Line) -> crate::api::v1::Line {
         sku: line.sku.clone(),
         quantity: i32::try_from(line.quantity).unwrap_or(i32::MAX),
     }
-}
-
-/// Appends an inventory event about `order_id` to the outbox in `tx`
-/// (`events.inventory.{what}`, type `shop.inventory.{what}.v1`).
-async fn emit(
-    tx: &mut Tx,
-    what: &str,
-    message: &str,
-    order_id: &str,
-    data: Vec<u8>,
-) -> Result<(), Error> {
-    let event = Event::proto(
-        SOURCE,
-        format!("shop.inventory.{what}.v1"),
-        &format!("shop.inventory.v1.{message}"),
-        data,
-    )
-    .with_subject(format!("order/{order_id}"));
-    outbox::append(tx, &format!("events.inventory.{what}"), &event).await?;
-    Ok(())
 }
 
 /// Puts `order_id`'s reserved or committed units back.
@@ -265,14 +253,16 @@ pub async fn release(tx: &mut Tx, order_id: &str) -> Result<(), Error> {
             .map(|(sku, quantity)| proto_line(&Line { sku, quantity }))
             .collect(),
     };
-    emit(
-        tx,
-        "released",
-        "StockReleased",
-        order_id,
-        released.encode_to_vec(),
-    )
-    .await
+    EVENTS
+        .emit(
+            tx,
+            "released",
+            "StockReleased",
+            order_id,
+            released.encode_to_vec(),
+        )
+        .await?;
+    Ok(())
 }
 
 /// Makes `order_id`'s reservation final.
@@ -289,12 +279,14 @@ pub async fn commit(tx: &mut Tx, order_id: &str) -> Result<(), Error> {
     let event = StockCommitted {
         order_id: order_id.to_owned(),
     };
-    emit(
-        tx,
-        "committed",
-        "StockCommitted",
-        order_id,
-        event.encode_to_vec(),
-    )
-    .await
+    EVENTS
+        .emit(
+            tx,
+            "committed",
+            "StockCommitted",
+            order_id,
+            event.encode_to_vec(),
+        )
+        .await?;
+    Ok(())
 }

@@ -4,13 +4,19 @@
 use prost::Message;
 use sqlx::Row;
 use trellis::Error;
-use trellis_events::{Event, outbox};
+use trellis_events::outbox;
 use trellis_store::{Pool, StoreError, Tx, with_pool, with_tx};
 
 use crate::api::v1::{OrderConfirmed, OrderFailed, OrderLine, OrderPlaced};
 
-/// The `source` of the order service's events.
-pub const SOURCE: &str = "/shop/order";
+/// The order service's events (docs/events.md#in-the-shop).
+pub const EVENTS: outbox::Emitter = outbox::Emitter {
+    source: "/shop/order",
+    subjects: "events.order",
+    types: "shop.order",
+    package: "shop.order.v1",
+    aggregate: "order/",
+};
 
 use crate::biz::{Line, Order, Status};
 
@@ -140,14 +146,15 @@ impl Orders {
                 .collect(),
             total_cents: order.total_cents,
         };
-        emit(
-            &mut tx,
-            "placed",
-            "OrderPlaced",
-            &order.id,
-            placed.encode_to_vec(),
-        )
-        .await?;
+        EVENTS
+            .emit(
+                &mut tx,
+                "placed",
+                "OrderPlaced",
+                &order.id,
+                placed.encode_to_vec(),
+            )
+            .await?;
         tx.commit().await.map_err(unavailable)
     }
 
@@ -271,7 +278,10 @@ pub async fn confirm(tx: &mut Tx, id: &str) -> Result<(), Error> {
     let event = OrderConfirmed {
         order_id: id.to_owned(),
     };
-    emit(tx, "confirmed", "OrderConfirmed", id, event.encode_to_vec()).await
+    EVENTS
+        .emit(tx, "confirmed", "OrderConfirmed", id, event.encode_to_vec())
+        .await?;
+    Ok(())
 }
 
 /// → FAILED with `reason`, in the branch's transaction (the first reason
@@ -292,25 +302,8 @@ pub async fn fail(tx: &mut Tx, id: &str, reason: &str) -> Result<(), Error> {
         order_id: id.to_owned(),
         reason: reason.to_owned(),
     };
-    emit(tx, "failed", "OrderFailed", id, event.encode_to_vec()).await
-}
-
-/// Appends an order event about `order_id` to the outbox in `tx`
-/// (`events.order.{what}`, type `shop.order.{what}.v1`).
-async fn emit(
-    tx: &mut Tx,
-    what: &str,
-    message: &str,
-    order_id: &str,
-    data: Vec<u8>,
-) -> Result<(), Error> {
-    let event = Event::proto(
-        SOURCE,
-        format!("shop.order.{what}.v1"),
-        &format!("shop.order.v1.{message}"),
-        data,
-    )
-    .with_subject(format!("order/{order_id}"));
-    outbox::append(tx, &format!("events.order.{what}"), &event).await?;
+    EVENTS
+        .emit(tx, "failed", "OrderFailed", id, event.encode_to_vec())
+        .await?;
     Ok(())
 }

@@ -32,6 +32,23 @@ pub struct OrderHandler {
 }
 
 impl OrderHandler {
+    /// Order `id`, when the caller (`x-user-id`, set by the gateway) may
+    /// see it: NOT_FOUND (ORDER_NOT_FOUND) for another user's order, as
+    /// for a missing one. Calls inside the mesh carry no caller.
+    async fn owned(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        id: &str,
+    ) -> Result<biz::Order, Error> {
+        let not_found = || Error::not_found("ORDER_NOT_FOUND", format!("no order {id}"));
+        let order = self.orders.get(id).await?.ok_or_else(not_found)?;
+        let caller = metadata.get(USER_HEADER).and_then(|v| v.to_str().ok());
+        if caller.is_some_and(|c| c != order.user_id) {
+            return Err(not_found());
+        }
+        Ok(order)
+    }
+
     /// A handler over `orders`, pricing through `inventory` and checking
     /// out through the coordinator `saga`.
     pub fn new(
@@ -195,17 +212,8 @@ impl OrderService for OrderHandler {
         &self,
         request: Request<GetOrderRequest>,
     ) -> Result<Response<Order>, Status> {
-        let caller = request
-            .metadata()
-            .get(USER_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
         let id = &request.get_ref().id;
-        let not_found = || Error::not_found("ORDER_NOT_FOUND", format!("no order {id}"));
-        let order = self.orders.get(id).await?.ok_or_else(not_found)?;
-        if caller.is_some_and(|c| c != order.user_id) {
-            return Err(not_found().into());
-        }
+        let order = self.owned(request.metadata(), id).await?;
         let gid = biz::gid(&order.id);
         let mut order = to_proto(order);
         // The saga as the coordinator shows it; the order without it when
@@ -224,17 +232,8 @@ impl OrderService for OrderHandler {
         &self,
         request: Request<GetOrderHistoryRequest>,
     ) -> Result<Response<OrderHistory>, Status> {
-        let caller = request
-            .metadata()
-            .get(USER_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
         let id = &request.get_ref().id;
-        let not_found = || Error::not_found("ORDER_NOT_FOUND", format!("no order {id}"));
-        let order = self.orders.get(id).await?.ok_or_else(not_found)?;
-        if caller.is_some_and(|c| c != order.user_id) {
-            return Err(not_found().into());
-        }
+        self.owned(request.metadata(), id).await?;
         let events = self
             .orders
             .history(id)

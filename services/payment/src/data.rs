@@ -6,13 +6,19 @@
 
 use prost::Message;
 use trellis::{Code, Error};
-use trellis_events::{Event, outbox};
+use trellis_events::outbox;
 use trellis_store::{Pool, StoreError, Tx, with_pool, with_tx};
 
 use crate::api::v1::{PaymentCharged, PaymentRefunded};
 
-/// The `source` of the payment service's events.
-pub const SOURCE: &str = "/shop/payment";
+/// The payment service's events (docs/events.md#in-the-shop).
+pub const EVENTS: outbox::Emitter = outbox::Emitter {
+    source: "/shop/payment",
+    subjects: "events.payment",
+    types: "shop.payment",
+    package: "shop.payment.v1",
+    aggregate: "order/",
+};
 
 fn migrator() -> sqlx::migrate::Migrator {
     trellis_store::migrator(
@@ -152,33 +158,15 @@ pub async fn charge(
         user_id: user_id.to_owned(),
         amount_cents: amount,
     };
-    emit(
-        tx,
-        "charged",
-        "PaymentCharged",
-        order_id,
-        charged.encode_to_vec(),
-    )
-    .await
-}
-
-/// Appends a payment event about `order_id` to the outbox in `tx`
-/// (`events.payment.{what}`, type `shop.payment.{what}.v1`).
-async fn emit(
-    tx: &mut Tx,
-    what: &str,
-    message: &str,
-    order_id: &str,
-    data: Vec<u8>,
-) -> Result<(), Error> {
-    let event = Event::proto(
-        SOURCE,
-        format!("shop.payment.{what}.v1"),
-        &format!("shop.payment.v1.{message}"),
-        data,
-    )
-    .with_subject(format!("order/{order_id}"));
-    outbox::append(tx, &format!("events.payment.{what}"), &event).await?;
+    EVENTS
+        .emit(
+            tx,
+            "charged",
+            "PaymentCharged",
+            order_id,
+            charged.encode_to_vec(),
+        )
+        .await?;
     Ok(())
 }
 
@@ -210,12 +198,14 @@ pub async fn refund(tx: &mut Tx, order_id: &str) -> Result<(), Error> {
         user_id,
         amount_cents: amount,
     };
-    emit(
-        tx,
-        "refunded",
-        "PaymentRefunded",
-        order_id,
-        refunded.encode_to_vec(),
-    )
-    .await
+    EVENTS
+        .emit(
+            tx,
+            "refunded",
+            "PaymentRefunded",
+            order_id,
+            refunded.encode_to_vec(),
+        )
+        .await?;
+    Ok(())
 }
