@@ -127,6 +127,24 @@ pub async fn migrate(pool: &Pool) -> Result<(), sqlx::migrate::MigrateError> {
     with_pool!(pool, p => migrator.run(p).await)
 }
 
+/// Opens a service's store as [`Pool::open_settings`] does and adds the
+/// outbox, inbox, projection and event store tables ([`migrate`]): for
+/// stores whose writes append events.
+pub async fn open_store(
+    settings: &trellis_store::DatabaseSettings,
+    default_file: &std::path::Path,
+    migrations: &sqlx::migrate::Migrator,
+) -> Result<Pool, trellis_store::StoreError> {
+    let pool = Pool::open_settings(settings, default_file, migrations).await?;
+    migrate(&pool)
+        .await
+        .map_err(|source| trellis_store::StoreError::Migrate {
+            url: trellis_core::redact_url(&settings.url_or(default_file)),
+            source,
+        })?;
+    Ok(pool)
+}
+
 /// Why an event could not be written to, or relayed from, the outbox.
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {

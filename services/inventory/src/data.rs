@@ -83,7 +83,7 @@ impl Inventory {
         default_file: &std::path::Path,
     ) -> Result<Inventory, StoreError> {
         Ok(Inventory {
-            pool: Pool::open_settings(settings, default_file, &migrator()).await?,
+            pool: outbox::open_store(settings, default_file, &migrator()).await?,
         })
     }
 

@@ -104,7 +104,7 @@ impl Orders {
         default_file: &std::path::Path,
     ) -> Result<Orders, StoreError> {
         Ok(Orders {
-            pool: Pool::open_settings(settings, default_file, &migrator()).await?,
+            pool: outbox::open_store(settings, default_file, &migrator()).await?,
         })
     }
 

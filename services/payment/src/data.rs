@@ -63,7 +63,7 @@ impl Payments {
         opening_balance_cents: i64,
     ) -> Result<Payments, StoreError> {
         Ok(Payments {
-            pool: Pool::open_settings(settings, default_file, &migrator()).await?,
+            pool: outbox::open_store(settings, default_file, &migrator()).await?,
             opening_balance_cents,
         })
     }
