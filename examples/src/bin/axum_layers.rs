@@ -35,11 +35,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .merge(trellis::telemetry::metrics_router(metrics));
 
     let listener = tokio::net::TcpListener::bind(&listen).await?;
+    // Listen for SIGTERM/SIGINT before saying we are up: a signal that
+    // arrives right after must shut down gracefully, not kill.
+    let signal = trellis::ShutdownSignal::install()?;
     println!("axum-layers on {}", listener.local_addr()?);
     axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = trellis::shutdown_signal().await;
-        })
+        .with_graceful_shutdown(async move { signal.recv().await })
         .await?;
     Ok(())
 }
