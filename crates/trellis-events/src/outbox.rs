@@ -406,17 +406,15 @@ pub struct Outbox {
 
 impl Outbox {
     /// Connects the bus (`events` settings; the embedded log in
-    /// `data_dir` by default), creates the outbox tables in `pool` and
-    /// starts relaying.
+    /// `data_dir` by default) and starts relaying `pool`'s outbox (its
+    /// tables made when the store was opened: [`open_store`] or
+    /// [`migrate`]).
     pub async fn start(
         pool: &Pool,
         settings: &crate::EventsSettings,
         data_dir: &std::path::Path,
     ) -> Result<Outbox, EventsError> {
         let bus = Bus::connect(settings, data_dir).await?;
-        migrate(pool)
-            .await
-            .map_err(|e| EventsError::Unavailable(format!("outbox tables: {e}")))?;
         let relay = Relay::new(
             pool.clone(),
             bus.clone(),
