@@ -12,6 +12,7 @@ use async_nats::jetstream::{self, consumer::pull, context::PublishErrorKind, str
 use futures_util::StreamExt;
 use trellis_events::{
     Bus, ConsumerSettings, Event, EventsSettings, StartAt,
+    es::{Aggregate, EventStore},
     outbox::{self, Relay, RelaySettings},
 };
 use trellis_store::Pool;
@@ -41,7 +42,10 @@ async fn raw(url: &str) -> (Duration, Duration, Duration) {
     js.create_stream(stream::Config {
         name: "RAW".into(),
         subjects: vec!["raw.>".into()],
+        // As Trellis configures its stream.
         storage: stream::StorageType::File,
+        max_age: EventsSettings::default().max_age,
+        duplicate_window: EventsSettings::default().duplicate_window,
         ..Default::default()
     })
     .await
@@ -57,9 +61,11 @@ async fn raw(url: &str) -> (Duration, Duration, Duration) {
             .message_id(&e.id)
             .payload(e.data.clone())
     };
-    // One at a time, each ack awaited.
+    // One at a time, each ack awaited (other events: the same ids would be
+    // dropped as duplicates by the pipelined run).
+    let singles: Vec<Event> = (0..N / 4).map(event).collect();
     let started = Instant::now();
-    for e in &events[..N / 4] {
+    for e in &singles {
         js.send_publish("raw.sync", message(e))
             .await
             .unwrap()
@@ -102,8 +108,12 @@ async fn raw(url: &str) -> (Duration, Duration, Duration) {
         .await
         .unwrap();
     let started = Instant::now();
-    for _ in 0..N {
-        let m = messages.next().await.unwrap().unwrap();
+    for i in 0..N {
+        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .unwrap_or_else(|_| panic!("raw consumer: no message {i} within 10 s"))
+            .unwrap()
+            .unwrap();
         m.double_ack().await.unwrap();
     }
     (sync, pipelined, started.elapsed())
@@ -111,8 +121,9 @@ async fn raw(url: &str) -> (Duration, Duration, Duration) {
 
 async fn trellis(bus: &Bus, prefix: &str) -> (Duration, Duration, Duration) {
     let events: Vec<Event> = (0..N).map(event).collect();
+    let singles: Vec<Event> = (0..N / 4).map(event).collect();
     let started = Instant::now();
-    for e in &events[..N / 4] {
+    for e in &singles {
         bus.publish(&format!("{prefix}.sync"), e).await.unwrap();
     }
     let sync = started.elapsed() * 4;
@@ -226,8 +237,20 @@ async fn main() {
         .await
         .unwrap();
 
-    let (raw_sync, raw_pipe, raw_consume) = raw(&url).await;
-    let (t_sync, t_pipe, t_consume) = trellis(&js, "events.bench").await;
+    // Three rounds, alternating which goes first; the median of each.
+    let (mut raws, mut ours) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        let prefix = format!("events.bench{round}");
+        if round % 2 == 0 {
+            raws.push(raw(&url).await);
+            ours.push(trellis(&js, &prefix).await);
+        } else {
+            ours.push(trellis(&js, &prefix).await);
+            raws.push(raw(&url).await);
+        }
+    }
+    let (raw_sync, raw_pipe, raw_consume) = median(raws);
+    let (t_sync, t_pipe, t_consume) = median(ours);
     let (e_sync, e_pipe, e_consume) = trellis(&embedded, "events.bench").await;
     println!(
         "| {N} events, ~100 B | publish, ack awaited each | publish, pipelined ({WINDOW}) | consume + double ack |"
@@ -261,4 +284,88 @@ async fn main() {
     println!();
     relay(&js, dir.path(), "JetStream").await;
     relay(&embedded, dir.path(), "embedded").await;
+    println!();
+    event_store(dir.path()).await;
+}
+
+type Times = (Duration, Duration, Duration);
+
+fn median(mut runs: Vec<Times>) -> Times {
+    let mid = runs.len() / 2;
+    let mut pick = |f: fn(&Times) -> Duration| {
+        runs.sort_by_key(f);
+        f(&runs[mid])
+    };
+    (pick(|t| t.0), pick(|t| t.1), pick(|t| t.2))
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct Counter {
+    value: i64,
+}
+
+impl Aggregate for Counter {
+    const TYPE: &'static str = "counter";
+    type Command = i64;
+    type Event = i64;
+    fn decide(&self, add: &i64) -> Result<Vec<i64>, String> {
+        Ok(vec![*add])
+    }
+    fn evolve(mut self, add: &i64) -> Self {
+        self.value += add;
+        self
+    }
+}
+
+/// Commands appended one at a time (load, decide, append, commit), on
+/// 100 aggregates; then loads of an aggregate of 1 000 events, with a
+/// snapshot every 100 and without.
+async fn event_store(dir: &std::path::Path) {
+    let pool = Pool::open(
+        &format!("sqlite://{}", dir.join("es.db").display()),
+        4,
+        Duration::from_secs(5),
+        &trellis_store::migrator("_bench", &[]),
+    )
+    .await
+    .unwrap();
+    trellis_events::migrate(&pool).await.unwrap();
+    let store = EventStore::new(pool.clone()).snapshot_every(100);
+    let n = 5_000;
+    let started = Instant::now();
+    for i in 0..n {
+        store
+            .execute::<Counter>(&format!("c-{}", i % 100), &1, None)
+            .await
+            .unwrap();
+    }
+    let appended = started.elapsed();
+    for _ in 0..1_000 {
+        store.execute::<Counter>("long", &1, None).await.unwrap();
+    }
+    let loads = 500;
+    let started = Instant::now();
+    for _ in 0..loads {
+        store.load::<Counter>("long").await.unwrap();
+    }
+    let snapshot = started.elapsed();
+    let started = Instant::now();
+    for _ in 0..loads {
+        store.replay::<Counter>("long").await.unwrap();
+    }
+    let replay = started.elapsed();
+    println!("| event store (SQLite) | rate |");
+    println!("|---|---|");
+    println!(
+        "| execute (load + decide + append + commit) | {} |",
+        rate(n, appended)
+    );
+    println!(
+        "| load 1 000 events, snapshot every 100 | {} |",
+        rate(loads, snapshot)
+    );
+    println!(
+        "| load 1 000 events, full replay | {} |",
+        rate(loads, replay)
+    );
 }

@@ -134,6 +134,19 @@ pub struct Publish<'a> {
     pub source: &'a str,
 }
 
+/// One event of an aggregate's history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded<E> {
+    /// Its version: 1 for the aggregate's first event, gapless.
+    pub version: u64,
+    /// The schema version it was written at (before upcasting).
+    pub schema_version: u32,
+    /// When it was appended, in microseconds since the Unix epoch.
+    pub time_us: i64,
+    /// The event, upcast to the current version.
+    pub event: E,
+}
+
 /// The event store over a service's pool (tables from
 /// [`migrate`](crate::migrate)).
 #[derive(Debug, Clone)]
@@ -147,8 +160,10 @@ fn codec(e: impl std::fmt::Display) -> EsError {
     EsError::Codec(e.to_string())
 }
 
-fn is_conflict(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+/// Another writer took the version this one meant to append (the events
+/// table's key).
+fn is_conflict(e: &EsError) -> bool {
+    matches!(e, EsError::Store(sqlx::Error::Database(db)) if db.is_unique_violation())
 }
 
 impl EventStore {
@@ -246,18 +261,20 @@ impl EventStore {
         publish: Option<Publish<'_>>,
     ) -> Result<Vec<A::Event>, EsError> {
         for attempt in 1..=self.attempts {
-            match self.try_execute::<A>(id, command, publish).await {
-                Err(EsError::Store(e)) if is_conflict(&e) && attempt < self.attempts => {
-                    metrics::counter!("es_conflicts_total", "aggregate" => A::TYPE).increment(1);
+            let mut tx = self.pool.begin().await?;
+            match self.append::<A>(&mut tx, id, command, publish).await {
+                Ok(events) => {
+                    tx.commit().await?;
+                    return Ok(events);
                 }
-                Err(EsError::Store(e)) if is_conflict(&e) => {
-                    metrics::counter!("es_conflicts_total", "aggregate" => A::TYPE).increment(1);
-                    return Err(EsError::Conflict {
-                        aggregate: format!("{}/{id}", A::TYPE),
-                        attempts: self.attempts,
-                    });
+                Err(e) => {
+                    // Rolled back on drop too; said here so that the
+                    // connection is clean before the next attempt.
+                    let _ = tx.rollback().await;
+                    if !is_conflict(&e) || attempt == self.attempts {
+                        return Err(self.conflict::<A>(e, id));
+                    }
                 }
-                other => return other,
             }
         }
         Err(EsError::Conflict {
@@ -266,20 +283,50 @@ impl EventStore {
         })
     }
 
-    async fn try_execute<A: Aggregate>(
+    /// [`execute`](Self::execute) inside the caller's transaction, for a
+    /// command whose events must commit with other rows (a saga branch's
+    /// barrier, an order index): one attempt. On [`EsError::Conflict`] the
+    /// transaction is spent (PostgreSQL aborts it) — roll it back and run
+    /// the whole unit of work again.
+    pub async fn execute_in<A: Aggregate>(
         &self,
+        tx: &mut Tx,
         id: &str,
         command: &A::Command,
         publish: Option<Publish<'_>>,
     ) -> Result<Vec<A::Event>, EsError> {
-        let mut tx = self.pool.begin().await?;
-        let (mut state, loaded) = Self::load_in::<A>(&mut tx, id, true).await?;
+        self.append::<A>(tx, id, command, publish)
+            .await
+            .map_err(|e| self.conflict::<A>(e, id))
+    }
+
+    /// A lost race counted, and said as [`EsError::Conflict`].
+    fn conflict<A: Aggregate>(&self, e: EsError, id: &str) -> EsError {
+        if !is_conflict(&e) {
+            return e;
+        }
+        metrics::counter!("es_conflicts_total", "aggregate" => A::TYPE).increment(1);
+        EsError::Conflict {
+            aggregate: format!("{}/{id}", A::TYPE),
+            attempts: self.attempts,
+        }
+    }
+
+    /// Load, decide, append and snapshot in `tx`.
+    async fn append<A: Aggregate>(
+        &self,
+        tx: &mut Tx,
+        id: &str,
+        command: &A::Command,
+        publish: Option<Publish<'_>>,
+    ) -> Result<Vec<A::Event>, EsError> {
+        let (mut state, loaded) = Self::load_in::<A>(tx, id, true).await?;
         let events = state.decide(command).map_err(EsError::Refused)?;
         let mut version = loaded;
         for event in &events {
             version += 1;
             let data = serde_json::to_string(event).map_err(codec)?;
-            with_tx!(&mut tx, c => {
+            with_tx!(tx, c => {
                 sqlx::query(
                     "INSERT INTO trellis_es_events (aggregate_type, aggregate_id, version, schema_version, data, time_us) \
                      VALUES ($1, $2, $3, $4, $5, $6)",
@@ -299,7 +346,7 @@ impl EventStore {
                         .with_content_type("application/json")
                         .with_subject(format!("{}/{id}", A::TYPE))
                         .with_extension("aggregateversion", version.to_string());
-                outbox::append(&mut tx, publish.subject, &published).await?;
+                outbox::append(tx, publish.subject, &published).await?;
             }
             state = state.evolve(event);
         }
@@ -308,7 +355,7 @@ impl EventStore {
             && loaded / self.snapshot_every != version / self.snapshot_every;
         if due {
             let json = serde_json::to_string(&state).map_err(codec)?;
-            with_tx!(&mut tx, c => {
+            with_tx!(tx, c => {
                 sqlx::query(
                     "INSERT INTO trellis_es_snapshots (aggregate_type, aggregate_id, version, schema_version, state) \
                      VALUES ($1, $2, $3, $4, $5) \
@@ -324,26 +371,40 @@ impl EventStore {
                 .await?;
             });
         }
-        tx.commit().await?;
         Ok(events)
     }
 
-    /// Every event of aggregate `id` as stored (version, schema version,
-    /// JSON), for inspection.
+    /// Up to `limit` of aggregate `id`'s events after version `after`
+    /// (0: from the first), oldest first, upcast to the current version,
+    /// with when each was appended: its history, a page at a time.
     pub async fn history<A: Aggregate>(
         &self,
         id: &str,
-    ) -> Result<Vec<(u64, u32, String)>, EsError> {
-        let rows: Vec<(i64, i64, String)> = with_pool!(&self.pool, p => sqlx::query_as(
-            "SELECT version, schema_version, data FROM trellis_es_events WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY version"
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<Recorded<A::Event>>, EsError> {
+        let rows: Vec<(i64, i64, String, i64)> = with_pool!(&self.pool, p => sqlx::query_as(
+            "SELECT version, schema_version, data, time_us FROM trellis_es_events \
+             WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3 ORDER BY version LIMIT $4"
         )
         .bind(A::TYPE)
         .bind(id)
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
         .fetch_all(p)
         .await?);
-        Ok(rows
-            .into_iter()
-            .map(|(v, s, d)| (v as u64, u32::try_from(s).unwrap_or(0), d))
-            .collect())
+        rows.into_iter()
+            .map(|(version, schema, data, time_us)| {
+                let schema_version = u32::try_from(schema).unwrap_or(0);
+                let value: serde_json::Value = serde_json::from_str(&data).map_err(codec)?;
+                let value = A::upcast(schema_version, value).map_err(EsError::Codec)?;
+                Ok(Recorded {
+                    version: version as u64,
+                    schema_version,
+                    time_us,
+                    event: serde_json::from_value(value).map_err(codec)?,
+                })
+            })
+            .collect()
     }
 }

@@ -127,21 +127,29 @@ pub async fn migrate(pool: &Pool) -> Result<(), sqlx::migrate::MigrateError> {
     with_pool!(pool, p => migrator.run(p).await)
 }
 
-/// Opens a service's store as [`Pool::open_settings`] does and adds the
-/// outbox, inbox, projection and event store tables ([`migrate`]): for
-/// stores whose writes append events.
+/// Opens a service's store as [`Pool::open_settings`] does, with the
+/// outbox, inbox, projection and event store tables ([`migrate`]) created
+/// before the service's own `migrations` run — so that those may move a
+/// service's rows into the event store: for stores whose writes append
+/// events.
 pub async fn open_store(
     settings: &trellis_store::DatabaseSettings,
     default_file: &std::path::Path,
     migrations: &sqlx::migrate::Migrator,
 ) -> Result<Pool, trellis_store::StoreError> {
-    let pool = Pool::open_settings(settings, default_file, migrations).await?;
-    migrate(&pool)
-        .await
-        .map_err(|source| trellis_store::StoreError::Migrate {
-            url: trellis_core::redact_url(&settings.url_or(default_file)),
+    let url = settings.url_or(default_file);
+    let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    let ours = trellis_store::migrator(
+        "_trellis_events_migrations",
+        if postgres { POSTGRES } else { SQLITE },
+    );
+    let pool = Pool::open_settings(settings, default_file, &ours).await?;
+    with_pool!(&pool, p => migrations.run(p).await).map_err(|source| {
+        trellis_store::StoreError::Migrate {
+            url: trellis_core::redact_url(&url),
             source,
-        })?;
+        }
+    })?;
     Ok(pool)
 }
 

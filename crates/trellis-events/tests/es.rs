@@ -149,11 +149,11 @@ async fn concurrent_commands_keep_the_rules(pool: Pool) {
         (account, version)
     );
     let versions: Vec<u64> = store
-        .history::<Account>("shared")
+        .history::<Account>("shared", 0, 1000)
         .await
         .expect("history")
         .iter()
-        .map(|h| h.0)
+        .map(|h| h.version)
         .collect();
     assert_eq!(
         versions,
@@ -268,11 +268,11 @@ async fn old_events_are_upcast_on_load_and_snapshots_of_old_versions_ignored() {
         525
     );
     let schemas: Vec<u32> = v2
-        .history::<AccountV2>("old")
+        .history::<AccountV2>("old", 0, 100)
         .await
         .expect("history")
         .iter()
-        .map(|h| h.1)
+        .map(|h| h.schema_version)
         .collect();
     assert_eq!(schemas, vec![1, 1, 1, 2], "old rows stay as written");
 }

@@ -3,9 +3,10 @@
 //!
 //! Laid out like the other shop services: [`api`] is generated from
 //! `proto/shop/payment/v1/payment.proto`, [`service`] adapts gRPC to the
-//! domain, [`biz`] holds the rules, [`data`] the store. Balances move only
-//! in the checkout saga's branches (`PaymentBranches`: Charge, Refund),
-//! each run once per saga behind `trellis_saga::barrier`.
+//! domain, [`biz`] holds the rules, [`ledger`] the event-sourced account,
+//! [`data`] the store. Balances move only in the checkout saga's branches
+//! (`PaymentBranches`: Charge, Refund), each run once per saga behind
+//! `trellis_saga::barrier`, or in a direct Charge, once per order.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -23,6 +24,7 @@
 pub mod api;
 pub mod biz;
 pub mod data;
+pub mod ledger;
 pub mod service;
 
 use serde::{Deserialize, Serialize};
