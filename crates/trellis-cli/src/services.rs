@@ -117,8 +117,10 @@ pub fn dev_certs(data_dir: &Path) -> Result<std::path::PathBuf, String> {
     Ok(dir)
 }
 
-/// The services with an outbox (and so `events` settings).
+/// The services on the event bus (and so with `events` settings): the
+/// outboxes' publishers and the user service's notifications consumer.
 pub const EVENTFUL: &[&str] = &[
+    shop_user::SERVICE,
     shop_order::SERVICE,
     shop_inventory::SERVICE,
     shop_payment::SERVICE,
@@ -127,7 +129,7 @@ pub const EVENTFUL: &[&str] = &[
 /// The settings that move `service`'s shared state to the engines the
 /// flags name: for `--redis URL`, idempotency keys, the user cache and the
 /// order sweep's lock in that Redis; for `--events URL`, the outboxes'
-/// bus (and the order history's source); for `--registry etcd://…` (and
+/// bus (and the order history's and the notifications' source); for `--registry etcd://…` (and
 /// no `--redis`), the order sweep's lock in that etcd.
 pub fn engine_settings(
     service: &dyn Definition,
@@ -244,13 +246,13 @@ mod tests {
         );
         assert!(engine_settings(find("user"), &None, &None, "etcd://e1:2379").is_empty());
         let nats = Some("nats://n:4222".to_owned());
-        for service in ["order", "inventory", "payment"] {
+        for service in ["user", "order", "inventory", "payment"] {
             assert_eq!(
                 keys(engine_settings(find(service), &None, &nats, "memory://")),
                 vec![("events.url".into(), "nats://n:4222".into())],
                 "{service}"
             );
         }
-        assert!(engine_settings(find("user"), &None, &nats, "memory://").is_empty());
+        assert!(engine_settings(find("auth"), &None, &nats, "memory://").is_empty());
     }
 }

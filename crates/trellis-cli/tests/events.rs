@@ -2,7 +2,8 @@
 //! outboxes — on the embedded log under `trellis up`, on NATS JetStream
 //! with `--events nats://…` — the order history projection follows them,
 //! `trellis events tail` shows them decoded and `trellis events replay`
-//! rebuilds the projection.
+//! rebuilds the projection; the user service's notifications consumer tells
+//! the buyer, and the payment ledger (event-sourced) shows the charge.
 
 mod support;
 
@@ -36,6 +37,7 @@ async fn checkout(gateway: SocketAddr) -> (String, Vec<String>) {
     assert_eq!(placed.status, 200, "{}", placed.body);
     let order: serde_json::Value = serde_json::from_str(&placed.body).expect("order");
     let id = order["id"].as_str().expect("id").to_owned();
+    let user = order["userId"].as_str().expect("userId").to_owned();
     let path = format!("/v1/orders/{id}/history");
     let types = eventually(
         Duration::from_secs(30),
@@ -76,6 +78,63 @@ async fn checkout(gateway: SocketAddr) -> (String, Vec<String>) {
     )
     .await;
     assert_eq!(hidden.status, 404, "{}", hidden.body);
+
+    // The buyer is told, once (a durable consumer of the order's events in
+    // the user service, through its inbox).
+    let notifications = format!("/v1/users/{user}/notifications");
+    let told = eventually(
+        Duration::from_secs(30),
+        "the confirmation among the notifications",
+        || {
+            let path = notifications.clone();
+            async move {
+                let answer = support::call(gateway, "GET", &path, &auth, "").await;
+                if answer.body.contains("order_confirmed") {
+                    Ok(answer.body)
+                } else {
+                    Err(format!("{} {}", answer.status, answer.body))
+                }
+            }
+        },
+    )
+    .await;
+    let told: serde_json::Value = serde_json::from_str(&told).expect("json");
+    let told = told["notifications"].as_array().expect("notifications");
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0]["orderId"], id.as_str());
+    let theirs = support::call(
+        gateway,
+        "GET",
+        &notifications,
+        &[("Authorization", bearer.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(theirs.status, 403, "{}", theirs.body);
+
+    // The account's ledger: opened, then charged for this order.
+    let ledger = support::call(
+        gateway,
+        "GET",
+        &format!("/v1/accounts/{user}/ledger"),
+        &auth,
+        "",
+    )
+    .await;
+    assert_eq!(ledger.status, 200, "{}", ledger.body);
+    let ledger: serde_json::Value = serde_json::from_str(&ledger.body).expect("json");
+    let entries: Vec<(&str, &str)> = ledger["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap_or_default(),
+                e["amountCents"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(entries, [("opened", "10000"), ("charged", "900")]);
     (id, types)
 }
 

@@ -265,18 +265,18 @@ impl Orders {
 
 /// PENDING → CONFIRMED, in the branch's transaction (with its event).
 pub async fn confirm(tx: &mut Tx, id: &str) -> Result<(), Error> {
-    let changed = with_tx!(tx, c => sqlx::query("UPDATE orders SET status = 'confirmed', update_time_ms = $1 WHERE id = $2 AND status = 'pending'")
+    let changed: Option<String> = with_tx!(tx, c => sqlx::query_scalar("UPDATE orders SET status = 'confirmed', update_time_ms = $1 WHERE id = $2 AND status = 'pending' RETURNING user_id")
         .bind(trellis_store::now_ms())
         .bind(id)
-        .execute(&mut **c)
+        .fetch_optional(&mut **c)
         .await
-        .map_err(unavailable)?
-        .rows_affected());
-    if changed == 0 {
+        .map_err(unavailable)?);
+    let Some(user_id) = changed else {
         return Ok(());
-    }
+    };
     let event = OrderConfirmed {
         order_id: id.to_owned(),
+        user_id,
     };
     EVENTS
         .emit(tx, "confirmed", "OrderConfirmed", id, event.encode_to_vec())
@@ -287,20 +287,20 @@ pub async fn confirm(tx: &mut Tx, id: &str) -> Result<(), Error> {
 /// → FAILED with `reason`, in the branch's transaction (the first reason
 /// stays; with its event).
 pub async fn fail(tx: &mut Tx, id: &str, reason: &str) -> Result<(), Error> {
-    let changed = with_tx!(tx, c => sqlx::query("UPDATE orders SET status = 'failed', failure_reason = $1, update_time_ms = $2 WHERE id = $3 AND status <> 'failed'")
+    let changed: Option<String> = with_tx!(tx, c => sqlx::query_scalar("UPDATE orders SET status = 'failed', failure_reason = $1, update_time_ms = $2 WHERE id = $3 AND status <> 'failed' RETURNING user_id")
         .bind(reason)
         .bind(trellis_store::now_ms())
         .bind(id)
-        .execute(&mut **c)
+        .fetch_optional(&mut **c)
         .await
-        .map_err(unavailable)?
-        .rows_affected());
-    if changed == 0 {
+        .map_err(unavailable)?);
+    let Some(user_id) = changed else {
         return Ok(());
-    }
+    };
     let event = OrderFailed {
         order_id: id.to_owned(),
         reason: reason.to_owned(),
+        user_id,
     };
     EVENTS
         .emit(tx, "failed", "OrderFailed", id, event.encode_to_vec())

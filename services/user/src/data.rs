@@ -15,7 +15,23 @@ fn migrator() -> sqlx::migrate::Migrator {
     // sqlx's default table, as before there were other services.
     trellis_store::migrator(
         "_sqlx_migrations",
-        &[(1, "users", include_str!("../migrations/0001_users.sql"))],
+        &[
+            (1, "users", include_str!("../migrations/0001_users.sql")),
+            (
+                2,
+                "notifications",
+                "CREATE TABLE notifications (
+                    user_id        TEXT NOT NULL,
+                    id             TEXT NOT NULL,
+                    kind           TEXT NOT NULL,
+                    order_id       TEXT NOT NULL,
+                    text           TEXT NOT NULL,
+                    create_time_ms BIGINT NOT NULL,
+                    PRIMARY KEY (user_id, id)
+                );
+                CREATE INDEX notifications_by_time ON notifications (user_id, create_time_ms);",
+            ),
+        ],
     )
 }
 
@@ -25,14 +41,20 @@ pub struct SqlUserRepo(Pool);
 
 impl SqlUserRepo {
     /// Opens the store `settings` name (SQLite at `default_file` when they
-    /// name none) and applies migrations.
+    /// name none) and applies migrations (with the inbox's tables, for
+    /// [`crate::notify`]).
     pub async fn open(
         settings: &trellis_store::DatabaseSettings,
         default_file: &std::path::Path,
     ) -> Result<SqlUserRepo, StoreError> {
         Ok(SqlUserRepo(
-            Pool::open_settings(settings, default_file, &migrator()).await?,
+            trellis_events::outbox::open_store(settings, default_file, &migrator()).await?,
         ))
+    }
+
+    /// The pool (notifications are kept beside the users).
+    pub fn pool(&self) -> &Pool {
+        &self.0
     }
 
     /// Closes the pool, waiting for connections in use to be returned.

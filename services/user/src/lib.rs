@@ -34,6 +34,7 @@ pub mod api;
 pub mod biz;
 pub mod cached;
 pub mod data;
+pub mod notify;
 pub mod service;
 
 use serde::{Deserialize, Serialize};
@@ -78,6 +79,9 @@ pub struct UserSettings {
     /// GetUser's two-level cache (`cache.redis` shares it across
     /// instances and broadcasts invalidations).
     pub cache: trellis_cache::CacheSettings,
+    /// The event bus the notifications are read from (default: the
+    /// embedded log).
+    pub events: trellis_events::EventsSettings,
 }
 
 impl Validate for UserSettings {
@@ -85,6 +89,7 @@ impl Validate for UserSettings {
         trellis::service::check_common(&self.server, &self.otlp)?;
         self.database.validate("database")?;
         self.cache.validate("cache")?;
+        self.events.validate("events")?;
         Ok(())
     }
 }
@@ -94,9 +99,11 @@ trellis::service_settings!(UserSettings);
 /// The service's name: in the registry, on its spans and log lines.
 pub const SERVICE: &str = "user";
 
-/// The user service: its store, open while it runs.
+/// The user service: its store and its notifications consumer, while it
+/// runs.
 pub struct UserService {
     store: data::SqlUserRepo,
+    notifications: tokio::task::JoinHandle<()>,
 }
 
 impl Service for UserService {
@@ -108,7 +115,8 @@ impl Service for UserService {
     const IDEMPOTENT: &'static [&'static str] = &["/shop.user.v1.UserService/CreateUser"];
 
     /// Opens (and migrates) the store — `database.url`, or SQLite in the
-    /// data dir — and adds the gRPC service.
+    /// data dir —, starts the notifications consumer on the bus and adds
+    /// the gRPC service.
     async fn build(
         ctx: Context<'_, UserSettings>,
         server: GrpcHttpServerBuilder,
@@ -119,16 +127,26 @@ impl Service for UserService {
             true => Some(trellis_cache::Cache::new(SERVICE, &ctx.settings.cache).await?),
             false => None,
         };
+        let bus = trellis_events::Bus::connect(&ctx.settings.events, ctx.data_dir).await?;
+        let notifications = tokio::spawn(notify::run(store.pool().clone(), bus));
         let repo = cached::CachedRepo::new(store.clone(), cache);
-        let handler = service::UserServiceHandler::new(biz::Users::new(repo));
+        let handler = service::UserServiceHandler::new(biz::Users::new(repo))
+            .with_notifications(store.pool().clone());
         let server = server.grpc_service(api::v1::user_service_server::UserServiceServer::new(
             handler,
         ));
-        Ok((UserService { store }, server))
+        Ok((
+            UserService {
+                store,
+                notifications,
+            },
+            server,
+        ))
     }
 
-    /// Closes the store.
+    /// Stops the consumer and closes the store.
     async fn stop(self) {
+        self.notifications.abort();
         self.store.close().await;
     }
 }

@@ -7,22 +7,38 @@ use trellis::Error;
 
 use crate::{
     api::v1::{
-        CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUsersRequest, ListUsersResponse,
+        CreateUserRequest, DeleteUserRequest, GetUserRequest, ListNotificationsRequest,
+        ListNotificationsResponse, ListUsersRequest, ListUsersResponse, Notification,
         UpdateUserRequest, User, user_service_server::UserService,
     },
     biz::{self, UserChanges, UserRepo, Users},
+    notify,
 };
+
+/// The header the gateway puts the token's subject in.
+pub const USER_HEADER: &str = "x-user-id";
 
 /// Implements `shop.user.v1.UserService` over the [`Users`] use cases.
 #[derive(Debug, Clone)]
 pub struct UserServiceHandler<R> {
     users: Users<R>,
+    notifications: Option<trellis_store::Pool>,
 }
 
 impl<R: UserRepo> UserServiceHandler<R> {
-    /// A handler over `users`.
+    /// A handler over `users` (without notifications: ListNotifications is
+    /// UNIMPLEMENTED).
     pub fn new(users: Users<R>) -> Self {
-        UserServiceHandler { users }
+        UserServiceHandler {
+            users,
+            notifications: None,
+        }
+    }
+
+    /// Serves the notifications [`notify::run`] keeps in `pool`.
+    pub fn with_notifications(mut self, pool: trellis_store::Pool) -> Self {
+        self.notifications = Some(pool);
+        self
     }
 }
 
@@ -117,6 +133,51 @@ impl<R: UserRepo> UserService for UserServiceHandler<R> {
     ) -> Result<Response<()>, Status> {
         self.users.delete(&request.get_ref().id).await?;
         Ok(Response::new(()))
+    }
+
+    async fn list_notifications(
+        &self,
+        request: Request<ListNotificationsRequest>,
+    ) -> Result<Response<ListNotificationsResponse>, Status> {
+        let Some(pool) = &self.notifications else {
+            return Err(Status::unimplemented("notifications are not kept here"));
+        };
+        let r = request.get_ref();
+        let user_id = &r.user_id;
+        if user_id.is_empty()
+            || user_id.len() > 128
+            || !user_id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(
+                Error::invalid_argument("user_id", "1 to 128 visible ASCII characters").into(),
+            );
+        }
+        let caller = request.metadata().get(USER_HEADER).map(|v| v.as_bytes());
+        if caller.is_some_and(|c| c != user_id.as_bytes()) {
+            return Err(Error::new(
+                trellis::Code::PermissionDenied,
+                "NOT_YOUR_NOTIFICATIONS",
+                "notifications are visible to their user only",
+            )
+            .into());
+        }
+        let limit = match r.page_size {
+            0 => 20,
+            n @ 1..=100 => n as u32,
+            _ => return Err(Error::invalid_argument("page_size", "0 to 100").into()),
+        };
+        let notifications = notify::list(pool, user_id, limit)
+            .await?
+            .into_iter()
+            .map(|n| Notification {
+                id: n.id,
+                kind: n.kind,
+                order_id: n.order_id,
+                text: n.text,
+                create_time: Some(timestamp(n.create_time_ms)),
+            })
+            .collect();
+        Ok(Response::new(ListNotificationsResponse { notifications }))
     }
 }
 

@@ -22,8 +22,8 @@ use http_body_util::BodyExt;
 use shop_user::{
     UserService, UserSettings,
     api::v1::{
-        CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUsersRequest, ListUsersResponse,
-        UpdateUserRequest, User,
+        CreateUserRequest, DeleteUserRequest, GetUserRequest, ListNotificationsRequest,
+        ListNotificationsResponse, ListUsersRequest, ListUsersResponse, UpdateUserRequest, User,
         user_service_client::UserServiceClient,
         user_service_server::{UserService as UserApi, UserServiceServer},
     },
@@ -130,6 +130,13 @@ impl UserApi for Edge {
     }
 
     async fn delete_user(&self, _: Request<DeleteUserRequest>) -> Result<Response<()>, Status> {
+        Err(Status::unimplemented("edge only reads"))
+    }
+
+    async fn list_notifications(
+        &self,
+        _: Request<ListNotificationsRequest>,
+    ) -> Result<Response<ListNotificationsResponse>, Status> {
         Err(Status::unimplemented("edge only reads"))
     }
 }
