@@ -7,8 +7,9 @@
 //!   acknowledgement, negative acknowledgement with a delay, redelivery
 //!   with backoff after `ack_wait`, a dead-letter subject after
 //!   `max_deliver` attempts, replay from a sequence or a time, and
-//!   back-pressure (`max_ack_pending`). The embedded engine is a log in a
-//!   SQLite file (every service of `trellis up` in one process, or
+//!   back-pressure (`max_ack_pending`); [`Subscription::keyed`] keeps each
+//!   key's events (their `subject`) in order across redeliveries. The
+//!   embedded engine is a log in a SQLite file (every service of `trellis up` in one process, or
 //!   processes on one machine, share it); NATS JetStream is chosen by a
 //!   `nats://` URL, with the stream and durable pull consumers created
 //!   from config, `Nats-Msg-Id` from the event id (duplicates dropped
@@ -61,6 +62,7 @@ mod event;
 pub mod inbox;
 #[cfg(feature = "nats")]
 mod jetstream;
+mod keyed;
 pub mod outbox;
 pub mod projection;
 mod subject;
@@ -75,6 +77,7 @@ pub use event::{
     Event, EventError, MAX_DATA_BYTES, PROTOBUF_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE,
     parse_rfc3339,
 };
+pub use keyed::KeyedSubscription;
 pub use outbox::migrate;
 pub use subject::{check_filter, check_subject, matches};
 
@@ -567,6 +570,7 @@ impl Bus {
             bus: self.clone(),
             settings: Arc::new(settings.clone()),
             source,
+            dead_lettered: None,
         })
     }
 
@@ -624,6 +628,9 @@ pub struct Subscription {
     bus: Bus,
     settings: Arc<ConsumerSettings>,
     source: Source,
+    /// Told of events dead-lettered here for too many deliveries (the
+    /// keyed layer waits for them otherwise).
+    dead_lettered: Option<tokio::sync::mpsc::UnboundedSender<(String, u64, bool)>>,
 }
 
 /// What an engine delivered.
@@ -678,14 +685,19 @@ impl Subscription {
                 acker: raw.acker,
                 settings: self.settings.clone(),
                 bus: self.bus.clone(),
+                settle: None,
             };
             if delivery.delivered > self.settings.max_deliver {
+                let (seq, key) = (delivery.seq, delivery.event.subject.clone());
                 delivery
                     .dead_letter(&format!(
                         "not acknowledged after {} deliveries",
                         self.settings.max_deliver
                     ))
                     .await?;
+                if let (Some(to), Some(key)) = (&self.dead_lettered, key) {
+                    let _ = to.send((key, seq, true));
+                }
                 continue;
             }
             metrics::counter!("events_delivered_total", "consumer" => consumer).increment(1);
@@ -733,6 +745,15 @@ pub struct Delivery {
     acker: Acker,
     settings: Arc<ConsumerSettings>,
     bus: Bus,
+    /// Set when handed out by a [`KeyedSubscription`].
+    settle: Option<keyed::Settle>,
+}
+
+impl Drop for Delivery {
+    /// Unsettled, it comes back after `ack_wait`: its key waits for it.
+    fn drop(&mut self) {
+        self.settled(false);
+    }
 }
 
 impl std::fmt::Debug for Delivery {
@@ -756,10 +777,19 @@ impl Delivery {
     /// Done: the event is not delivered to this consumer again. Returns
     /// once the engine confirmed it (JetStream's double acknowledgement),
     /// so an acknowledged event is not redelivered after a crash.
-    pub async fn ack(self) -> Result<(), EventsError> {
-        ack(&self.acker, AckKind::Ack).await?;
+    pub async fn ack(mut self) -> Result<(), EventsError> {
+        let done = ack(&self.acker, AckKind::Ack).await;
+        self.settled(done.is_ok());
+        done?;
         count(&self.settings.durable, "ack");
         Ok(())
+    }
+
+    /// Tells a [`KeyedSubscription`] how this one ended.
+    fn settled(&mut self, finished: bool) {
+        if let Some(settle) = self.settle.take() {
+            settle.send(self.seq, finished);
+        }
     }
 
     /// Failed, try again after the consumer's backoff for this attempt —
@@ -774,7 +804,8 @@ impl Delivery {
 
     /// Deliver it again after `delay` (no dead-letter check: see
     /// [`retry`](Self::retry)).
-    pub async fn nak(self, delay: Duration) -> Result<(), EventsError> {
+    pub async fn nak(mut self, delay: Duration) -> Result<(), EventsError> {
+        self.settled(false);
         ack(&self.acker, AckKind::Nak(delay)).await?;
         count(&self.settings.durable, "nak");
         Ok(())
@@ -786,8 +817,10 @@ impl Delivery {
     }
 
     /// Never deliver it again to this consumer, without handling it.
-    pub async fn term(self) -> Result<(), EventsError> {
-        ack(&self.acker, AckKind::Term).await?;
+    pub async fn term(mut self) -> Result<(), EventsError> {
+        let done = ack(&self.acker, AckKind::Term).await;
+        self.settled(done.is_ok());
+        done?;
         count(&self.settings.durable, "term");
         Ok(())
     }
@@ -796,7 +829,7 @@ impl Delivery {
     /// `dlqsubject`, `dlqseq`, `dlqconsumer` and `dlqreason` extensions)
     /// and terminates it here. Without a dead-letter subject it is dropped
     /// with a warning.
-    pub async fn dead_letter(self, reason: &str) -> Result<(), EventsError> {
+    pub async fn dead_letter(mut self, reason: &str) -> Result<(), EventsError> {
         let consumer = &self.settings.durable;
         match &self.settings.dead_letter {
             Some(dlq) => {
@@ -828,8 +861,10 @@ impl Delivery {
                 );
             }
         }
-        ack(&self.acker, AckKind::Term).await?;
-        count(consumer, "dead_letter");
+        let done = ack(&self.acker, AckKind::Term).await;
+        self.settled(done.is_ok());
+        done?;
+        count(&self.settings.durable, "dead_letter");
         Ok(())
     }
 }

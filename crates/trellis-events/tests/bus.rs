@@ -423,6 +423,80 @@ async fn refuses_bad_subjects_and_events(bus: Bus) {
     assert_eq!(next(&mut sub).await.event.id, wanted.id);
 }
 
+async fn keeps_order_per_key_across_redeliveries(bus: Bus) {
+    let mut labels = std::collections::HashMap::new();
+    for (label, key) in [
+        ("a1", "k1"),
+        ("a2", "k1"),
+        ("b1", "k2"),
+        ("a3", "k1"),
+        ("c1", "k3"),
+        ("c2", "k3"),
+    ] {
+        let e = Event::json("/test", "test.happened.v1", &serde_json::json!({}))
+            .expect("event")
+            .with_subject(key);
+        labels.insert(e.id.clone(), label);
+        bus.publish("events.test.keyed", &e).await.expect("publish");
+    }
+    let label = |d: &Delivery| labels[&d.event.id];
+    // Without keys the second event of k1 goes out while the first is
+    // being handled.
+    let mut plain = bus
+        .subscribe(&consumer("unkeyed", "events.test.keyed"))
+        .await
+        .expect("subscribe");
+    let (first, second) = (next(&mut plain).await, next(&mut plain).await);
+    assert_eq!((label(&first), label(&second)), ("a1", "a2"));
+
+    let settings = ConsumerSettings {
+        ack_wait: Duration::from_millis(300),
+        max_deliver: 3,
+        ..consumer("keyed", "events.test.keyed")
+    };
+    let mut sub = bus.subscribe(&settings).await.expect("subscribe").keyed();
+    let mut next = async || {
+        tokio::time::timeout(WITHIN, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("no delivery within {WITHIN:?}"))
+            .expect("delivery")
+    };
+    let a1 = next().await;
+    assert_eq!(label(&a1), "a1");
+    let b1 = next().await;
+    assert_eq!(label(&b1), "b1", "a2 waits for a1; k2 goes on");
+    b1.ack().await.expect("ack");
+    // a1 fails and comes back after more than twice ack_wait: a2, held
+    // meanwhile, is kept alive (not redelivered, not counted).
+    a1.nak(Duration::from_millis(700)).await.expect("nak");
+    let c1 = next().await;
+    assert_eq!(label(&c1), "c1", "k3 goes on while k1 waits");
+    let again = next().await;
+    assert_eq!((label(&again), again.delivered), ("a1", 2));
+    again.ack().await.expect("ack");
+    let a2 = next().await;
+    assert_eq!(
+        (label(&a2), a2.delivered),
+        ("a2", 1),
+        "a2 after a1 finished, delivered once"
+    );
+    a2.ack().await.expect("ack");
+    let a3 = next().await;
+    assert_eq!(label(&a3), "a3");
+    a3.ack().await.expect("ack");
+    // c1's handler dies on every attempt: after max_deliver it is
+    // dead-lettered, and c2 is let through.
+    drop(c1);
+    for attempt in 2..=3 {
+        let c1 = next().await;
+        assert_eq!((label(&c1), c1.delivered), ("c1", attempt));
+        drop(c1);
+    }
+    let c2 = next().await;
+    assert_eq!(label(&c2), "c2");
+    c2.ack().await.expect("ack");
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -456,6 +530,7 @@ suite!(
     holds_back_past_max_ack_pending,
     publishes_only_after_the_expected_sequence,
     refuses_bad_subjects_and_events,
+    keeps_order_per_key_across_redeliveries,
 );
 
 /// A producer that is not Trellis, publishing structured mode with plain
