@@ -160,6 +160,19 @@ fn codec(e: impl std::fmt::Display) -> EsError {
     EsError::Codec(e.to_string())
 }
 
+/// A lost race, counted and said as [`EsError::Conflict`] after `attempts`
+/// tries; other errors as they are.
+fn conflict<A: Aggregate>(e: EsError, id: &str, attempts: u32) -> EsError {
+    if !is_conflict(&e) {
+        return e;
+    }
+    metrics::counter!("es_conflicts_total", "aggregate" => A::TYPE).increment(1);
+    EsError::Conflict {
+        aggregate: format!("{}/{id}", A::TYPE),
+        attempts,
+    }
+}
+
 /// Another writer took the version this one meant to append (the events
 /// table's key).
 fn is_conflict(e: &EsError) -> bool {
@@ -272,8 +285,9 @@ impl EventStore {
                     // connection is clean before the next attempt.
                     let _ = tx.rollback().await;
                     if !is_conflict(&e) || attempt == self.attempts {
-                        return Err(self.conflict::<A>(e, id));
+                        return Err(conflict::<A>(e, id, attempt));
                     }
+                    metrics::counter!("es_conflicts_total", "aggregate" => A::TYPE).increment(1);
                 }
             }
         }
@@ -297,19 +311,7 @@ impl EventStore {
     ) -> Result<Vec<A::Event>, EsError> {
         self.append::<A>(tx, id, command, publish)
             .await
-            .map_err(|e| self.conflict::<A>(e, id))
-    }
-
-    /// A lost race counted, and said as [`EsError::Conflict`].
-    fn conflict<A: Aggregate>(&self, e: EsError, id: &str) -> EsError {
-        if !is_conflict(&e) {
-            return e;
-        }
-        metrics::counter!("es_conflicts_total", "aggregate" => A::TYPE).increment(1);
-        EsError::Conflict {
-            aggregate: format!("{}/{id}", A::TYPE),
-            attempts: self.attempts,
-        }
+            .map_err(|e| conflict::<A>(e, id, 1))
     }
 
     /// Load, decide, append and snapshot in `tx`.

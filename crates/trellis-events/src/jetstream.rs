@@ -297,7 +297,16 @@ impl Sub {
         let mut backoff = Duration::from_millis(50);
         loop {
             let next = match self.messages.as_mut() {
-                Some(messages) => messages.next().await,
+                // Cancel-safe: a message not yet taken stays in the stream.
+                Some(messages) => match tokio::time::timeout(IDLE, messages.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        if self.stalled().await {
+                            self.messages = None;
+                        }
+                        continue;
+                    }
+                },
                 None => None,
             };
             match next {
@@ -329,7 +338,36 @@ impl Sub {
             }
         }
     }
+
+    /// After [`IDLE`] without a message: whether the pull looks lost — the
+    /// server holds no pull request of this consumer (a server restart can
+    /// drop them without the client's stream noticing), or it has events
+    /// ready that nobody was given. Unreachable counts as lost too: the
+    /// pull is restarted with backoff.
+    async fn stalled(&mut self) -> bool {
+        match self.consumer.info().await {
+            Ok(info) => {
+                let stalled = info.num_waiting == 0 || info.num_pending > 0;
+                if stalled {
+                    tracing::debug!(
+                        waiting = info.num_waiting,
+                        pending = info.num_pending,
+                        "JetStream pull idle and stalled: pulling afresh"
+                    );
+                }
+                stalled
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "JetStream consumer info");
+                true
+            }
+        }
+    }
 }
+
+/// How long a subscription waits for a message before it checks that its
+/// pull is still alive on the server.
+const IDLE: Duration = Duration::from_secs(10);
 
 fn raw(message: Message) -> Result<Raw, EventsError> {
     let info = message.info().map_err(|e| unavailable("message info", e))?;

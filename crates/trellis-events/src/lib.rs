@@ -9,9 +9,9 @@
 //!   `max_deliver` attempts, replay from a sequence or a time, and
 //!   back-pressure (`max_ack_pending`); [`Subscription::keyed`] keeps each
 //!   key's events (their `subject`) in order across redeliveries. The
-//!   embedded engine is a log in a SQLite file (every service of `trellis up` in one process, or
-//!   processes on one machine, share it); NATS JetStream is chosen by a
-//!   `nats://` URL, with the stream and durable pull consumers created
+//!   embedded engine is a log in a SQLite file (every service of `trellis
+//!   up` in one process, or processes on one machine, share it); NATS
+//!   JetStream is chosen by a `nats://` URL, with the stream and durable pull consumers created
 //!   from config, `Nats-Msg-Id` from the event id (duplicates dropped
 //!   within the stream's window), double acknowledgement, and
 //!   `Nats-Expected-Last-Subject-Sequence` for per-subject optimistic

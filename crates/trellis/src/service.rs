@@ -113,6 +113,34 @@ pub fn check_common(server: &ServerSettings, otlp: &OtlpSettings) -> Result<(), 
         .map_err(|(key, message)| Invalid::new(format!("otlp.{key}"), message))
 }
 
+/// The header the gateway puts the verified token's subject in.
+pub const USER_HEADER: &str = "x-user-id";
+
+/// The caller the gateway vouches for ([`USER_HEADER`]); `None` for calls
+/// inside the mesh, which carry none (or a value that is not text).
+pub fn caller(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
+    metadata.get(USER_HEADER).and_then(|v| v.to_str().ok())
+}
+
+/// Lets a call through only if its caller ([`caller`]) is `owner`, or it
+/// has none (inside the mesh); else PERMISSION_DENIED with `reason` and
+/// `message`.
+pub fn owner_only(
+    metadata: &tonic::metadata::MetadataMap,
+    owner: &str,
+    reason: &'static str,
+    message: &str,
+) -> Result<(), trellis_core::Error> {
+    match metadata.get(USER_HEADER) {
+        Some(caller) if caller.as_bytes() != owner.as_bytes() => Err(trellis_core::Error::new(
+            trellis_core::Code::PermissionDenied,
+            reason,
+            message,
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Implements [`ServiceSettings`] for a settings struct whose `server`,
 /// `log` and `otlp` fields are the shared sections:
 ///

@@ -18,8 +18,7 @@ use crate::{
     data::{self, Orders},
 };
 
-/// The header the gateway puts the token's subject in.
-pub const USER_HEADER: &str = "x-user-id";
+pub use trellis::service::USER_HEADER;
 
 /// Implements `OrderService` and `OrderBranches`.
 #[derive(Clone)]
@@ -42,8 +41,7 @@ impl OrderHandler {
     ) -> Result<biz::Order, Error> {
         let not_found = || Error::not_found("ORDER_NOT_FOUND", format!("no order {id}"));
         let order = self.orders.get(id).await?.ok_or_else(not_found)?;
-        let caller = metadata.get(USER_HEADER).and_then(|v| v.to_str().ok());
-        if caller.is_some_and(|c| c != order.user_id) {
+        if trellis::service::caller(metadata).is_some_and(|c| c != order.user_id) {
             return Err(not_found());
         }
         Ok(order)

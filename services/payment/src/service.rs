@@ -16,9 +16,6 @@ use crate::{
     ledger::Entry,
 };
 
-/// The header the gateway puts the token's subject in.
-pub const USER_HEADER: &str = "x-user-id";
-
 /// How many times a charge or refund that lost a race for its account runs
 /// before the caller is told to retry (UNAVAILABLE). Each loss means
 /// another charge or refund of the account committed, so this many
@@ -42,15 +39,12 @@ impl PaymentHandler {
 /// is its owner; calls inside the mesh carry no caller.
 fn own_account<T>(request: &Request<T>, user_id: &str) -> Result<(), Error> {
     biz::id("user_id", user_id)?;
-    let caller = request.metadata().get(USER_HEADER).map(|v| v.as_bytes());
-    if caller.is_some_and(|c| c != user_id.as_bytes()) {
-        return Err(Error::new(
-            trellis::Code::PermissionDenied,
-            "NOT_YOUR_ACCOUNT",
-            "an account is visible to its owner only",
-        ));
-    }
-    Ok(())
+    trellis::service::owner_only(
+        request.metadata(),
+        user_id,
+        "NOT_YOUR_ACCOUNT",
+        "an account is visible to its owner only",
+    )
 }
 
 /// Runs a charge or refund, each time in a new transaction, until it did

@@ -1,6 +1,7 @@
 //! Notifications: the user service tells users what became of their
 //! orders. It consumes the order service's events on a durable consumer
-//! (`user-notifications`, subjects `events.order.*`) and records each
+//! (`user-notifications`, subjects `events.order.*`, in order per order:
+//! [`trellis_events::Subscription::keyed`]) and records each
 //! confirmed or failed order as a notification through the inbox
 //! ([`trellis_events::inbox::handle`]): the inbox row and the notification
 //! commit together, so an event delivered again — after a lost
@@ -142,7 +143,9 @@ async fn consume(
     bus: &Bus,
     settings: &ConsumerSettings,
 ) -> Result<(), trellis_events::EventsError> {
-    let mut subscription = bus.subscribe(settings).await?;
+    // An order's notifications in the order its events happened, even
+    // when one of them is retried.
+    let mut subscription = bus.subscribe(settings).await?.keyed();
     loop {
         let delivery = subscription.next().await?;
         match notification(&delivery.event) {

@@ -15,9 +15,6 @@ use crate::{
     notify,
 };
 
-/// The header the gateway puts the token's subject in.
-pub const USER_HEADER: &str = "x-user-id";
-
 /// Implements `shop.user.v1.UserService` over the [`Users`] use cases.
 #[derive(Debug, Clone)]
 pub struct UserServiceHandler<R> {
@@ -152,15 +149,12 @@ impl<R: UserRepo> UserService for UserServiceHandler<R> {
                 Error::invalid_argument("user_id", "1 to 128 visible ASCII characters").into(),
             );
         }
-        let caller = request.metadata().get(USER_HEADER).map(|v| v.as_bytes());
-        if caller.is_some_and(|c| c != user_id.as_bytes()) {
-            return Err(Error::new(
-                trellis::Code::PermissionDenied,
-                "NOT_YOUR_NOTIFICATIONS",
-                "notifications are visible to their user only",
-            )
-            .into());
-        }
+        trellis::service::owner_only(
+            request.metadata(),
+            user_id,
+            "NOT_YOUR_NOTIFICATIONS",
+            "notifications are visible to their user only",
+        )?;
         let limit = match r.page_size {
             0 => 20,
             n @ 1..=100 => n as u32,
