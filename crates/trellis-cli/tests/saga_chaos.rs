@@ -445,9 +445,21 @@ async fn audit(urls: &HashMap<&'static str, String>) -> (usize, usize) {
         );
     }
 
-    // Money: opening = balance + charged (not refunded).
-    let balances = rows2(&payment, "SELECT user_id, balance_cents FROM accounts").await;
-    for (user, balance) in balances {
+    // Money: opening = balance + charged (not refunded), each balance the
+    // fold of the account's ledger.
+    let users: Vec<String> = with_pool!(&payment, p => sqlx::query_scalar("SELECT DISTINCT aggregate_id FROM trellis_es_events WHERE aggregate_type = 'account'").fetch_all(p).await.unwrap());
+    let ledger = shop_payment::data::Payments::open(
+        &trellis_store::DatabaseSettings {
+            url: Some(trellis::core::Secret::new(urls["payment"].clone())),
+            ..Default::default()
+        },
+        Path::new("/nonexistent"),
+        OPENING_BALANCE,
+    )
+    .await
+    .unwrap();
+    for user in users {
+        let balance = ledger.balance(&user).await.unwrap();
         assert!(balance >= 0, "{user} is overdrawn: {balance}");
         let charged: i64 = charges
             .iter()
@@ -460,6 +472,7 @@ async fn audit(urls: &HashMap<&'static str, String>) -> (usize, usize) {
             "{user}: balance {balance} + charged {charged}"
         );
     }
+    ledger.close().await;
     inventory.close().await;
     payment.close().await;
     orders.close().await;
